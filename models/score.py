@@ -1,0 +1,101 @@
+"""Scorers: the interface the pipeline calls, and the documented placeholder rule.
+
+A scorer maps a feature table to three independent probabilities (P(real),
+P(extragalactic), P(fast)) plus per-alert contributions for the explanation. The
+placeholder is *not a model*: annotations it produces carry ``model_version "none"``.
+
+Placeholder rule (until trained scorers are loaded):
+
+* P(real) = the survey's own real/bogus score (ZTF drb, else rb; Rubin reliability);
+* P(extragalactic) = 0.15 if a PS1 source within 1.5″ looks like a star
+  (sgscore > 0.5) or a Gaia source lies within 1.5″, 0.6 otherwise;
+* P(fast) = 0.6 if the object brightened by more than 0.5 mag/day, else 0.2 (0.4 when
+  no rise could be measured).
+
+Alerts with no real/bogus score are ``unscored``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+SCORES = ("p_real", "p_extragalactic", "p_fast")
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores for a batch, aligned with the feature table rows.
+
+    ``contributions[score]`` is an (n, n_features) array of signed log-odds
+    contributions (the bias column dropped), or None.
+    """
+
+    p_real: np.ndarray
+    p_extragalactic: np.ndarray
+    p_fast: np.ndarray
+    feature_names: tuple
+    contributions: dict
+    model_version: str
+
+
+def _logit(p):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+class PlaceholderScorer:
+    """The documented rule above; ``model_version`` is ``"none"``."""
+
+    model_version = "none"
+
+    def score(self, X: pd.DataFrame) -> ScoreBatch:
+        n = len(X)
+        rb = X["real_bogus"].to_numpy(float)
+        p_real = np.clip(rb, 0.0, 1.0)
+        star = ((X["star_galaxy"] > 0.5) & (X["ps1_distance"] < 1.5)) | (X["gaia_distance"] < 1.5)
+        p_x = np.where(star.to_numpy(), 0.15, 0.6)
+        rise = X["rise_rate"].to_numpy(float)
+        p_f = np.where(np.isnan(rise), 0.4, np.where(rise > 0.5, 0.6, 0.2))
+        p_x = np.where(np.isnan(p_real), np.nan, p_x)
+        p_f = np.where(np.isnan(p_real), np.nan, p_f)
+        names = ("real_bogus", "star_galaxy", "rise_rate")
+        contrib = {
+            "p_real": np.column_stack([_logit(p_real), np.zeros(n), np.zeros(n)]),
+            "p_extragalactic": np.column_stack([np.zeros(n), _logit(p_x), np.zeros(n)]),
+            "p_fast": np.column_stack([np.zeros(n), np.zeros(n), _logit(p_f)]),
+        }
+        return ScoreBatch(p_real, p_x, p_f, names, contrib, self.model_version)
+
+
+_LABELS = {"p_real": "P(real)", "p_extragalactic": "P(extragalactic)", "p_fast": "P(fast)"}
+
+
+def explain(batch: ScoreBatch, X: pd.DataFrame, i: int, k: int = 3):
+    """Top-``k`` signed contributions per score for row ``i``.
+
+    Returns
+    -------
+    items : list of (score, feature, value, contribution)
+    text : dict score → one sentence, e.g. ``"P(real)=0.91: real_bogus=0.97 raises it; snr=5.1 lowers it"``.
+    """
+    items, text = [], {}
+    for s in SCORES:
+        p = float(getattr(batch, s)[i])
+        c = batch.contributions.get(s) if batch.contributions else None
+        if c is None or not np.isfinite(p):
+            continue
+        row = c[i]
+        top = np.argsort(-np.abs(row))[:k]
+        parts = []
+        for j in top:
+            if row[j] == 0 or not np.isfinite(row[j]):
+                continue
+            name = batch.feature_names[j]
+            val = float(X[name].iat[i]) if name in X.columns else float("nan")
+            items.append((s, name, val, float(row[j])))
+            parts.append(f"{name}={val:.3g} {'raises' if row[j] > 0 else 'lowers'} it")
+        text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
+    return items, text

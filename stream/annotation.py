@@ -1,0 +1,178 @@
+"""Vigil's own output record and its versioned Avro schema.
+
+Every output path (JSONL/Parquet files, the Kafka annotation topic, the eyeball
+queue) writes :meth:`Annotation.to_record`, which validates against
+``schemas/vigil.annotation.v1.avsc``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import fastavro
+
+ANNOTATION_SCHEMA_VERSION = "1.0"
+_SCHEMA_FILE = "vigil.annotation.v1.avsc"
+MJD_UNIX_EPOCH = 40587.0
+
+
+def code_version() -> str:
+    """Installed Vigil version (``importlib.metadata``), or ``"dev"``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vigil")
+    except PackageNotFoundError:
+        return "dev"
+
+
+@lru_cache(maxsize=1)
+def annotation_schema() -> dict:
+    """The parsed annotation schema (fastavro)."""
+    text = resources.files("stream").joinpath("schemas", _SCHEMA_FILE).read_text()
+    return fastavro.parse_schema(json.loads(text))
+
+
+def mjd_to_unix_ms(mjd: float) -> int:
+    return int(round((mjd - MJD_UNIX_EPOCH) * 86400000.0))
+
+
+def _num(x):
+    """float or None (NaN/inf become None so JSON stays valid)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class HSRDiagnostics:
+    """What half-sibling regression did to one alert's light curve."""
+
+    mode: str = "off"
+    n_train: int = 0
+    n_siblings: int = 0
+    overfit_alarm: bool = False
+    rms_before: float | None = None
+    rms_after: float | None = None
+    flux_raw: float | None = None
+    flux_corrected: float | None = None
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One feature's signed contribution to one score (log-odds units)."""
+
+    score: str
+    feature: str
+    value: float | None
+    contribution: float
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Vigil's verdict on one alert. See the Avro schema for field meanings."""
+
+    alert_id: int
+    object_id: str
+    survey: str
+    survey_schema_version: str
+    ra: float
+    dec: float
+    band: str
+    exposure: int
+    event_mjd: float
+    event_time_scale: str
+    processing_time_ms: int
+    status: str
+    p_real: float | None
+    p_extragalactic: float | None
+    p_fast: float | None
+    priority: float | None
+    stage: str
+    explanation: tuple = ()
+    explanation_text: dict = field(default_factory=dict)
+    hsr: HSRDiagnostics = HSRDiagnostics()
+    n_detections: int = 0
+    n_nondetections: int = 0
+    n_forced: int = 0
+    first_mjd: float | None = None
+    mag: float | None = None
+    peak_flux: float | None = None
+    features: dict = field(default_factory=dict)
+    model_version: str = "none"
+    code_version: str = "dev"
+    source_topic: str = ""
+    source_partition: int = -1
+    source_offset: int = -1
+
+    def to_record(self) -> dict:
+        """The Avro/JSON record (schema ``vigil.v1.annotation``)."""
+        h = self.hsr
+        return {
+            "annotation_schema_version": ANNOTATION_SCHEMA_VERSION,
+            "alert_id": int(self.alert_id),
+            "object_id": self.object_id,
+            "survey": self.survey,
+            "survey_schema_version": self.survey_schema_version,
+            "ra": float(self.ra),
+            "dec": float(self.dec),
+            "band": self.band,
+            "exposure": int(self.exposure),
+            "event_mjd": float(self.event_mjd),
+            "event_time_scale": self.event_time_scale,
+            "event_time_ms": mjd_to_unix_ms(self.event_mjd),
+            "processing_time_ms": int(self.processing_time_ms),
+            "status": self.status,
+            "p_real": _num(self.p_real),
+            "p_extragalactic": _num(self.p_extragalactic),
+            "p_fast": _num(self.p_fast),
+            "priority": _num(self.priority),
+            "stage": self.stage,
+            "explanation": [
+                {"score": c.score, "feature": c.feature, "value": _num(c.value),
+                 "contribution": float(c.contribution)}
+                for c in self.explanation
+            ],
+            "explanation_text": dict(self.explanation_text),
+            "hsr": {
+                "mode": h.mode, "n_train": int(h.n_train), "n_siblings": int(h.n_siblings),
+                "overfit_alarm": bool(h.overfit_alarm), "rms_before": _num(h.rms_before),
+                "rms_after": _num(h.rms_after), "flux_raw": _num(h.flux_raw),
+                "flux_corrected": _num(h.flux_corrected),
+            },
+            "lightcurve": {
+                "n_detections": int(self.n_detections), "n_nondetections": int(self.n_nondetections),
+                "n_forced": int(self.n_forced), "first_mjd": _num(self.first_mjd), "mag": _num(self.mag),
+                "peak_flux": _num(self.peak_flux),
+            },
+            "features": {k: _num(v) for k, v in self.features.items()},
+            "model_version": self.model_version,
+            "code_version": self.code_version,
+            "source": {"topic": self.source_topic, "partition": int(self.source_partition),
+                       "offset": int(self.source_offset)},
+        }
+
+
+def encode_annotation(record: dict) -> bytes:
+    """Schemaless Avro bytes of an annotation record (the Kafka message value)."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, annotation_schema(), record)
+    return buf.getvalue()
+
+
+def decode_annotation(data: bytes) -> dict:
+    """Inverse of :func:`encode_annotation`."""
+    return fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(), None)
+
+
+def validate_annotation(record: dict) -> bool:
+    """Raise ``fastavro.validation.ValidationError`` unless ``record`` fits the schema."""
+    from fastavro.validation import validate
+
+    return validate(record, annotation_schema(), raise_errors=True)

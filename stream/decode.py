@@ -1,0 +1,573 @@
+"""Bytes → :class:`~stream.alert.Alert` or :class:`~stream.alert.Rejected`.
+
+Three wire formats are recognised:
+
+* Avro object-container files (magic ``Obj\\x01``): the writer schema travels with the
+  payload, so any ZTF schema version (3.0 … 4.02) and any record naming (e.g. files
+  re-written by Spark as ``topLevelRecord``) decode. Rubin alerts in containers too.
+* Confluent wire format: byte 0, a 4-byte big-endian schema id, then schemaless Avro.
+  Rubin uses id = major·100 + minor; the schema comes from a user-given directory of
+  ``.avsc`` files (:class:`SchemaRegistry`).
+* Schemaless ZTF Avro, decoded with a schema the user provides.
+
+All survey column names live in this module. Every failure becomes a ``Rejected``
+with one of the stable reason codes in :data:`REASONS`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import struct
+from pathlib import Path
+
+import fastavro
+import numpy as np
+from fastavro.schema import load_schema, load_schema_ordered, parse_schema
+
+from stream.alert import (
+    DETECTION,
+    FORCED,
+    NONDETECTION,
+    PREVIOUS,
+    Alert,
+    Context,
+    Envelope,
+    LightCurve,
+    Rejected,
+    mag_to_ujy,
+)
+
+#: Stable rejection reasons (part of the dead-letter contract).
+REASONS = {
+    "empty_payload": "zero-length message",
+    "oversize": "message larger than the configured limit",
+    "bad_magic_byte": "neither an Avro container, nor Confluent-framed, nor decodable schemaless",
+    "unknown_schema_id": "Confluent schema id not in the schema directory",
+    "truncated": "payload ends before the Avro record does",
+    "corrupt_avro": "bytes do not decode with the schema",
+    "trailing_bytes": "schemaless record decoded but bytes were left over",
+    "unknown_survey": "record is neither a ZTF nor a Rubin alert",
+    "missing_field": "a field Vigil requires is absent or null",
+    "bad_coordinates": "ra/dec non-finite or out of range",
+    "bad_time": "observation time non-finite or implausible",
+    "bad_value": "a field has an unusable value",
+    "internal_error": "Vigil failed on a decoded alert (a bug: counted against the error budget)",
+}
+
+CONTAINER_MAGIC = b"Obj\x01"
+ZTF_BANDS = {1: "g", 2: "r", 3: "i"}
+JD_MJD = 2400000.5
+# MJD 40000 (1968) .. 100000 (2132): anything outside is not a survey observation.
+MJD_RANGE = (40000.0, 100000.0)
+ZTF_FP_BAD = -99999.0
+
+
+class DecodeError(Exception):
+    """Raised inside the decoder; turned into a :class:`Rejected` at the boundary."""
+
+    def __init__(self, reason: str, detail: str, alert_id=None, object_id=None):
+        super().__init__(detail)
+        assert reason in REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        self.alert_id = alert_id
+        self.object_id = object_id
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class SchemaRegistry:
+    """Schema id → parsed Avro schema, loaded from a directory of ``.avsc`` files.
+
+    Rubin alert schemas are found by their namespace ``lsst.vMAJOR_MINOR`` and get
+    id ``MAJOR*100 + MINOR``; named sub-schemas are resolved from sibling files as
+    in ``lsst/alert_packet``. Other schemas can be added with :meth:`add`.
+    """
+
+    _LSST = re.compile(r"lsst\.v(\d+)_(\d+)")
+
+    def __init__(self):
+        self._schemas: dict[int, dict] = {}
+
+    @classmethod
+    def from_dir(cls, path) -> "SchemaRegistry":
+        """Load every ``*.alert.avsc`` under ``path`` (recursively)."""
+        reg = cls()
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"schema directory not found: {root}")
+        for f in sorted(root.rglob("*.avsc")):
+            m = cls._LSST.search(f.name)
+            if not m or not f.name.endswith(".alert.avsc"):
+                continue
+            reg.add(int(m.group(1)) * 100 + int(m.group(2)), load_schema(str(f)))
+        return reg
+
+    def add(self, schema_id: int, schema) -> None:
+        """Register ``schema`` (a dict/JSON or parsed schema) under ``schema_id``."""
+        if not isinstance(schema, dict) or "__fastavro_parsed" not in schema:
+            schema = parse_schema(schema)
+        self._schemas[int(schema_id)] = schema
+
+    def get(self, schema_id: int):
+        return self._schemas.get(schema_id)
+
+    def ids(self) -> list[int]:
+        return sorted(self._schemas)
+
+    def __len__(self) -> int:
+        return len(self._schemas)
+
+
+def load_ztf_schema(path):
+    """Load a ZTF alert schema for schemaless decoding.
+
+    ``path`` may be a single ``.avsc``/``.json`` file with the whole schema, or a
+    directory with the official split files (cutout, candidate, prv_candidate,
+    fp_hist, alert), which are loaded in dependency order.
+    """
+    p = Path(path)
+    if p.is_dir():
+        order = ["cutout", "candidate", "prv_candidate", "fp_hist", "alert"]
+        files = [str(p / f"{n}.avsc") for n in order if (p / f"{n}.avsc").exists()]
+        if not files:
+            raise FileNotFoundError(f"no ZTF .avsc files in {p}")
+        return load_schema_ordered(files)
+    return parse_schema(json.loads(p.read_text()))
+
+
+def frame_confluent(schema_id: int, body: bytes) -> bytes:
+    """Prefix schemaless Avro ``body`` with the Confluent wire header."""
+    return b"\x00" + struct.pack(">I", schema_id) + body
+
+
+def encode_schemaless(record: dict, schema) -> bytes:
+    """Schemaless Avro encoding of ``record`` with ``schema``."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, record)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class Decoder:
+    """Turn an :class:`Envelope` into alerts and rejections.
+
+    Parameters
+    ----------
+    schemas : SchemaRegistry, optional
+        Schemas for Confluent-framed messages (Rubin).
+    ztf_schema : parsed schema, optional
+        Schema for schemaless ZTF messages; without it only containers and
+        Confluent frames are understood.
+    max_message_bytes : int
+        Larger payloads are rejected as ``oversize`` (the embedded broker has no
+        limit of its own).
+    keep_cutouts : bool
+        Keep the FITS stamps on the ``Alert`` (the eyeball queue needs them).
+    """
+
+    def __init__(self, schemas: SchemaRegistry | None = None, ztf_schema=None,
+                 max_message_bytes: int = 16 * 2**20, keep_cutouts: bool = True):
+        self.schemas = schemas or SchemaRegistry()
+        self.ztf_schema = ztf_schema
+        self.max_message_bytes = max_message_bytes
+        self.keep_cutouts = keep_cutouts
+
+    def decode(self, env: Envelope) -> list:
+        """Decode one envelope into a list of ``Alert`` and ``Rejected`` (never empty)."""
+        try:
+            records, version = self._records(env.payload)
+        except DecodeError as e:
+            return [Rejected(env, "decode", e.reason, e.detail)]
+        out = []
+        for rec in records:
+            if isinstance(rec, DecodeError):  # container broke after some good records
+                out.append(Rejected(env, "decode", rec.reason, rec.detail))
+                continue
+            out.append(self.to_alert(rec, env, version))
+        return out
+
+    def to_alert(self, rec: dict, env: Envelope, version: str = ""):
+        """Map one decoded Avro record to an ``Alert`` (or ``Rejected``)."""
+        try:
+            if not isinstance(rec, dict):
+                raise DecodeError("unknown_survey", f"record is a {type(rec).__name__}, not a record")
+            if "candidate" in rec:
+                return _ztf_alert(rec, self.keep_cutouts)
+            if "diaSource" in rec:
+                return _rubin_alert(rec, version, self.keep_cutouts)
+            raise DecodeError("unknown_survey", f"record fields {sorted(rec)[:8]} match no survey")
+        except DecodeError as e:
+            return Rejected(env, "validate", e.reason, e.detail, e.alert_id, e.object_id)
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+            # A field of the wrong shape (e.g. a string where a number belongs).
+            return Rejected(env, "validate", "bad_value", f"{type(e).__name__}: {e}",
+                            *_ids_of(rec))
+
+    # -- framing -------------------------------------------------------------
+
+    def _records(self, payload: bytes):
+        if not payload:
+            raise DecodeError("empty_payload", "empty message")
+        if len(payload) > self.max_message_bytes:
+            raise DecodeError("oversize", f"{len(payload)} bytes > limit {self.max_message_bytes}")
+        if payload[:4] == CONTAINER_MAGIC:
+            return self._container(payload)
+        if payload[0] == 0 and len(payload) >= 5 and (len(self.schemas) or self.ztf_schema is None):
+            (schema_id,) = struct.unpack(">I", payload[1:5])
+            schema = self.schemas.get(schema_id)
+            if schema is None:
+                known = ",".join(map(str, self.schemas.ids())) or "none: no schema directory given"
+                raise DecodeError("unknown_schema_id", f"schema id {schema_id} not known (known: {known})")
+            rec = _schemaless(payload[5:], schema)
+            return [rec], _version_of_id(schema_id)
+        if self.ztf_schema is not None:
+            return [_schemaless(payload, self.ztf_schema)], ""
+        raise DecodeError(
+            "bad_magic_byte",
+            f"first bytes {payload[:5]!r}: not an Avro container, not Confluent-framed "
+            "(magic 0x00), and no ZTF schemaless schema configured",
+        )
+
+    def _container(self, payload: bytes):
+        buf = io.BytesIO(payload)
+        try:
+            reader = fastavro.reader(buf)
+        except EOFError as e:
+            raise DecodeError("truncated", f"container header: {e}") from None
+        except Exception as e:  # fastavro raises many types for a bad header
+            raise DecodeError("corrupt_avro", f"container header: {type(e).__name__}: {e}") from None
+        version = _container_version(reader.writer_schema)
+        records = []
+        try:
+            for rec in reader:
+                records.append(rec)
+        except (EOFError, StopIteration) as e:
+            records.append(DecodeError("truncated", f"after {len(records)} records: {e or 'EOF'}"))
+        except Exception as e:  # corrupt block: keep what decoded, reject the rest
+            records.append(DecodeError("corrupt_avro", f"after {len(records)} records: {type(e).__name__}: {e}"))
+        if not records:
+            raise DecodeError("truncated", "container holds no records")
+        return records, version
+
+
+def _schemaless(body: bytes, schema) -> dict:
+    buf = io.BytesIO(body)
+    try:
+        rec = fastavro.schemaless_reader(buf, schema, None)
+    except (EOFError, StopIteration) as e:
+        raise DecodeError("truncated", f"schemaless record: {e or 'EOF'}") from None
+    except Exception as e:  # UnicodeDecodeError, IndexError, ValueError, MemoryError...
+        raise DecodeError("corrupt_avro", f"schemaless record: {type(e).__name__}: {e}") from None
+    left = len(body) - buf.tell()
+    if left:
+        raise DecodeError("trailing_bytes", f"{left} bytes left after the record")
+    return rec
+
+
+def _version_of_id(schema_id: int) -> str:
+    return f"{schema_id // 100}.{schema_id % 100}"
+
+
+def _container_version(schema) -> str:
+    if isinstance(schema, dict):
+        if schema.get("version"):
+            return str(schema["version"])
+        m = re.search(r"lsst\.v(\d+)_(\d+)", schema.get("namespace", "") or schema.get("name", ""))
+        if m:
+            return f"{m.group(1)}.{m.group(2)}"
+    return ""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _ids_of(rec) -> tuple:
+    if not isinstance(rec, dict):
+        return None, None
+    if "candid" in rec:
+        return rec.get("candid"), rec.get("objectId")
+    src = rec.get("diaSource") or {}
+    if isinstance(src, dict):
+        obj = src.get("diaObjectId")
+        return src.get("diaSourceId"), None if obj is None else str(obj)
+    return None, None
+
+
+def _first(d: dict, *names, default=None):
+    for n in names:
+        v = d.get(n)
+        if v is not None:
+            return v
+    return default
+
+
+def _req(d: dict, where: str, *names, ids=(None, None)):
+    v = _first(d, *names)
+    if v is None:
+        raise DecodeError("missing_field", f"{where}.{names[0]} is missing or null", *ids)
+    return v
+
+
+def _f(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _fs(v) -> float:
+    """Like ``_f`` but maps ZTF's -999 / -99 "no value" sentinels to NaN."""
+    x = _f(v)
+    return float("nan") if x <= -99.0 else x
+
+
+def _check_position(ra, dec, ids):
+    ra, dec = float(ra), float(dec)
+    if not (math.isfinite(ra) and math.isfinite(dec)) or not (0.0 <= ra < 360.0) or abs(dec) > 90.0:
+        raise DecodeError("bad_coordinates", f"ra={ra!r} dec={dec!r}", *ids)
+    return ra, dec
+
+
+def _check_mjd(mjd, ids):
+    mjd = float(mjd)
+    if not math.isfinite(mjd) or not MJD_RANGE[0] < mjd < MJD_RANGE[1]:
+        raise DecodeError("bad_time", f"MJD {mjd!r} outside {MJD_RANGE}", *ids)
+    return mjd
+
+
+class _Rows:
+    """Accumulates light-curve rows column by column, then builds a LightCurve."""
+
+    def __init__(self):
+        self.cols = {c: [] for c in LightCurve.COLUMNS}
+
+    def add(self, **kw):
+        for c, lst in self.cols.items():
+            lst.append(kw.get(c, np.nan))
+
+    def build(self) -> LightCurve:
+        c = self.cols
+        mjd = np.asarray(c["mjd"], dtype=float)
+        order = np.argsort(mjd, kind="stable")
+        arrays = {}
+        for name, vals in c.items():
+            if name == "band":
+                arr = np.asarray(vals, dtype="<U2")
+            elif name in ("kind",):
+                arr = np.asarray(vals, dtype=np.int8)
+            elif name in ("exposure", "field", "chip"):
+                arr = np.asarray([-1 if v is None or v != v else v for v in vals], dtype=np.int64)
+            else:
+                arr = np.asarray(vals, dtype=float)
+            arrays[name] = arr[order]
+        return LightCurve(**arrays)
+
+
+def _mag_flux(mag, magerr, isdiffpos):
+    """Signed µJy flux and 1σ error from a calibrated PSF magnitude."""
+    sign = -1.0 if str(isdiffpos).lower() in ("f", "0", "false") else 1.0
+    flux = float(mag_to_ujy(mag))
+    return sign * flux, flux * float(magerr) * math.log(10) / 2.5
+
+
+# --------------------------------------------------------------------------- ZTF
+
+
+def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
+    ids = (rec.get("candid"), rec.get("objectId"))
+    cand = rec.get("candidate")
+    if not isinstance(cand, dict):
+        raise DecodeError("missing_field", "candidate is missing or null", *ids)
+    object_id = _req(rec, "alert", "objectId", ids=ids)
+    alert_id = int(_req(rec, "alert", "candid", ids=ids))
+    ids = (alert_id, object_id)
+    ra, dec = _check_position(_req(cand, "candidate", "ra", ids=ids), _req(cand, "candidate", "dec", ids=ids), ids)
+    mjd = _check_mjd(float(_req(cand, "candidate", "jd", ids=ids)) - JD_MJD, ids)
+    fid = int(_req(cand, "candidate", "fid", ids=ids))
+    pid = int(_req(cand, "candidate", "pid", ids=ids))
+    mag = float(_req(cand, "candidate", "magpsf", ids=ids))
+    magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
+    isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
+    if not (math.isfinite(mag) and math.isfinite(magerr)):
+        raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
+
+    rows = _Rows()
+    flux, err = _mag_flux(mag, magerr, isdiffpos)
+    rows.add(**_ztf_row_meta(cand), mjd=mjd, band=ZTF_BANDS.get(fid, "?"), flux=flux, flux_err=err,
+             kind=DETECTION)
+    for p in rec.get("prv_candidates") or ():
+        jd = p.get("jd")
+        if jd is None:
+            continue  # a history row with no time cannot be placed; the survey never sends one
+        band = ZTF_BANDS.get(p.get("fid"), "?")
+        if p.get("magpsf") is not None and p.get("sigmapsf") is not None:
+            f, e = _mag_flux(p["magpsf"], p["sigmapsf"], p.get("isdiffpos"))
+            rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=f, flux_err=e, kind=PREVIOUS)
+        elif p.get("diffmaglim") is not None and p["diffmaglim"] > 0:
+            lim = float(mag_to_ujy(p["diffmaglim"]))
+            rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=np.nan, flux_err=lim / 5.0,
+                     kind=NONDETECTION)
+    for p in rec.get("fp_hists") or ():
+        fl, fe, zp, jd = (p.get("forcediffimflux"), p.get("forcediffimfluxunc"), p.get("magzpsci"), p.get("jd"))
+        if None in (fl, fe, zp, jd) or fl <= ZTF_FP_BAD or fe <= 0:
+            continue  # the survey's own "no measurement" marker (procstatus != 0)
+        scale = 10.0 ** (-0.4 * (zp - 23.9))  # DN → µJy
+        meta = _ztf_row_meta(p)
+        meta["seeing"] = _f(p.get("sciinpseeing"))
+        meta["background"] = _f(p.get("scibckgnd"))
+        rows.add(**meta, mjd=jd - JD_MJD, band=ZTF_BANDS.get(p.get("fid"), "?"), flux=fl * scale,
+                 flux_err=fe * scale, kind=FORCED)
+
+    drb = cand.get("drb")
+    ctx = Context(
+        real_bogus=_fs(drb if drb is not None else cand.get("rb")),
+        real_bogus_version=str(cand.get("drbversion") if drb is not None else cand.get("rbversion") or ""),
+        star_galaxy=_fs(cand.get("sgscore1")),
+        ps1_distance=_fs(cand.get("distpsnr1")),
+        ps1_mag_r=_fs(cand.get("srmag1")),
+        gaia_distance=_fs(cand.get("neargaia")),
+        gaia_mag=_fs(cand.get("maggaia")),
+        ref_mag=_fs(cand.get("magnr")),
+        ref_distance=_fs(cand.get("distnr")),
+        ss_distance=_fs(cand.get("ssdistnr")),
+        ss_mag=_fs(cand.get("ssmagnr")),
+        n_det_history=int(_first(cand, "ndethist", default=-1)),
+        n_cover_history=int(_first(cand, "ncovhist", default=-1)),
+        first_det_mjd=_fs(cand.get("jdstarthist")) - JD_MJD,
+        fwhm=_fs(cand.get("fwhm")),
+        elongation=_fs(cand.get("elong")),
+        n_bad_pixels=_fs(cand.get("nbad")),
+        n_negative_pixels=_fs(cand.get("nneg")),
+        snr=1.0857 / magerr if magerr > 0 else np.nan,
+        zp=_fs(cand.get("magzpsci")),
+        zp_rms=_fs(cand.get("magzpscirms")),
+        colour_coeff=_fs(cand.get("clrcoeff")),
+        limit_mag=_fs(cand.get("diffmaglim")),
+        exptime=_fs(cand.get("exptime")),
+        mag=mag if flux > 0 else np.nan,
+        mag_err=magerr,
+        program=int(_first(cand, "programid", default=-1)),
+    )
+    cutouts = {}
+    if keep_cutouts:
+        for key, name in (("cutoutScience", "science"), ("cutoutTemplate", "template"),
+                          ("cutoutDifference", "difference")):
+            c = rec.get(key)
+            data = c.get("stampData") if isinstance(c, dict) else c
+            if data:
+                cutouts[name] = bytes(data)
+    return Alert(
+        survey="ztf", schema_version=str(rec.get("schemavsn") or ""), alert_id=alert_id,
+        object_id=str(object_id), ra=ra, dec=dec, mjd=mjd, time_scale="utc",
+        band=ZTF_BANDS.get(fid, "?"), exposure=pid, field=int(_first(cand, "field", default=-1)),
+        chip=int(_first(cand, "rcid", default=-1)), lightcurve=rows.build(), context=ctx,
+        cutouts=cutouts,
+    )
+
+
+def _ztf_row_meta(p: dict) -> dict:
+    magnr = p.get("magnr")
+    return {
+        "exposure": p.get("pid"),
+        "field": p.get("field"),
+        "chip": p.get("rcid"),
+        "zp": _f(p.get("magzpsci")),
+        "zp_rms": _f(p.get("magzpscirms")),
+        "colour_coeff": _f(p.get("clrcoeff")),
+        "limit_mag": _f(p.get("diffmaglim")),
+        "ref_flux": float(mag_to_ujy(magnr)) if magnr is not None and magnr > 0 else np.nan,
+    }
+
+
+# --------------------------------------------------------------------------- Rubin
+
+NJY_TO_UJY = 1e-3
+
+
+def _rubin_exposure(s: dict):
+    visit, det = s.get("visit"), s.get("detector")
+    if visit is not None and det is not None:
+        return int(visit) * 1000 + int(det), int(visit), int(det)
+    ccd = s.get("ccdVisitId")
+    if ccd is not None:
+        return int(ccd), -1, -1
+    return -1, -1, -1
+
+
+def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
+    src = rec.get("diaSource")
+    if not isinstance(src, dict):
+        raise DecodeError("missing_field", "diaSource is missing or null")
+    alert_id = int(_req(src, "diaSource", "diaSourceId"))
+    obj = src.get("diaObjectId")
+    if obj in (None, 0):
+        ss = src.get("ssObjectId")
+        if ss in (None, 0):
+            raise DecodeError("missing_field", "diaSource.diaObjectId and ssObjectId are both null", alert_id)
+        object_id = f"ss{ss}"
+    else:
+        object_id = str(obj)
+    ids = (alert_id, object_id)
+    ra, dec = _check_position(_req(src, "diaSource", "ra", ids=ids), _req(src, "diaSource", "dec", "decl", ids=ids),
+                              ids)
+    mjd = _check_mjd(_req(src, "diaSource", "midpointMjdTai", "midPointTai", ids=ids), ids)
+    flux = float(_req(src, "diaSource", "psfFlux", "psFlux", ids=ids)) * NJY_TO_UJY
+    ferr = _f(_first(src, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY
+    if not math.isfinite(flux):
+        raise DecodeError("bad_value", f"psfFlux={flux}", *ids)
+    band = str(_first(src, "band", "filterName", default="?"))
+    exposure, visit, det = _rubin_exposure(src)
+
+    rows = _Rows()
+
+    def add_source(s, kind):
+        e, v, d = _rubin_exposure(s)
+        fl = _first(s, "psfFlux", "psFlux")
+        t = _first(s, "midpointMjdTai", "midPointTai")
+        if fl is None or t is None:
+            return
+        rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=float(fl) * NJY_TO_UJY,
+                 flux_err=_f(_first(s, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY, kind=kind, exposure=e, field=v,
+                 chip=d)
+
+    add_source(src, DETECTION)
+    for s in rec.get("prvDiaSources") or ():
+        add_source(s, PREVIOUS)
+    for s in rec.get("prvDiaForcedSources") or ():
+        add_source(s, FORCED)
+    for s in rec.get("prvDiaNondetectionLimits") or ():
+        t, noise = _first(s, "midpointMjdTai", "midPointTai"), s.get("diaNoise")
+        if t is None or noise is None:
+            continue
+        e, _, _ = _rubin_exposure(s)
+        rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=np.nan,
+                 flux_err=float(noise) * NJY_TO_UJY, kind=NONDETECTION, exposure=e)
+
+    dobj = rec.get("diaObject") or {}
+    snr = _first(src, "snr")
+    ctx = Context(
+        real_bogus=_f(_first(src, "reliability")),
+        real_bogus_version="reliability" if src.get("reliability") is not None else "",
+        ps1_distance=_f(dobj.get("nearbyObj1Dist")),
+        extendedness=_f(src.get("extendedness")),
+        snr=_f(snr) if snr is not None else (abs(flux) / ferr if ferr > 0 else np.nan),
+        n_det_history=int(_first(dobj, "nDiaSources", default=-1)),
+        first_det_mjd=_f(_first(dobj, "firstDiaSourceMjdTai")),
+        mag=float(23.9 - 2.5 * math.log10(flux)) if flux > 0 else np.nan,
+        mag_err=1.0857 * ferr / abs(flux) if flux else np.nan,
+    )
+    cutouts = {}
+    if keep_cutouts:
+        for key, name in (("cutoutScience", "science"), ("cutoutTemplate", "template"),
+                          ("cutoutDifference", "difference")):
+            if rec.get(key):
+                cutouts[name] = bytes(rec[key])
+    return Alert(
+        survey="rubin", schema_version=version or str(rec.get("lsst_schema_version") or ""), alert_id=alert_id,
+        object_id=object_id, ra=ra, dec=dec, mjd=mjd, time_scale="tai", band=band, exposure=exposure, field=visit,
+        chip=det, lightcurve=rows.build(), context=ctx, cutouts=cutouts,
+    )

@@ -1,0 +1,108 @@
+"""File sinks: annotations as JSON Lines or Parquet, rejections as JSON Lines.
+
+A sink has ``write(items)``, ``flush()`` (after which what was written is durable)
+and ``close()``. Kafka and queue sinks live in :mod:`stream.kafka` and the queue store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class JsonlSink:
+    """One JSON object per line; ``records`` are already-built dicts."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w", encoding="utf-8")
+
+    def write(self, records) -> None:
+        for r in records:
+            self._fh.write(json.dumps(r, separators=(",", ":"), allow_nan=False))
+            self._fh.write("\n")
+
+    def flush(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush()
+            self._fh.close()
+
+
+def flatten_annotation(r: dict) -> dict:
+    """A flat row for tables: nested records become prefixed columns, lists/maps JSON text."""
+    flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+    for prefix in ("hsr", "lightcurve", "source"):
+        for k, v in r[prefix].items():
+            flat[f"{prefix}_{k}"] = v
+    flat["explanation"] = json.dumps(r["explanation"])
+    flat["explanation_text"] = json.dumps(r["explanation_text"])
+    flat["features"] = json.dumps(r["features"])
+    return flat
+
+
+def _arrow_schema():
+    """Flat Arrow schema derived from the annotation Avro schema (so all-null batches still type)."""
+    from importlib import resources
+
+    import pyarrow as pa
+
+    prim = {"string": pa.string(), "long": pa.int64(), "int": pa.int32(), "double": pa.float64(),
+            "boolean": pa.bool_(), "float": pa.float32()}
+
+    def arrow(t):
+        if isinstance(t, list):
+            return arrow([x for x in t if x != "null"][0])
+        if isinstance(t, dict):
+            if t["type"] == "enum":
+                return pa.string()
+            if t["type"] in ("array", "map"):
+                return pa.string()
+            return arrow(t["type"])
+        return prim[t]
+
+    avsc = json.loads(resources.files("stream").joinpath("schemas", "vigil.annotation.v1.avsc").read_text())
+    fields = []
+    for f in avsc["fields"]:
+        t = f["type"]
+        if isinstance(t, dict) and t.get("type") == "record":
+            fields += [pa.field(f"{f['name']}_{g['name']}", arrow(g["type"])) for g in t["fields"]]
+        else:
+            fields.append(pa.field(f["name"], arrow(t)))
+    return pa.schema(fields)
+
+
+class ParquetSink:
+    """Annotations as a Parquet file, one row group per flush."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows: list[dict] = []
+        self._writer = None
+
+    def write(self, records) -> None:
+        self._rows.extend(flatten_annotation(r) for r in records)
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows:
+            return
+        if self._writer is None:
+            self._schema = _arrow_schema()
+            self._writer = pq.ParquetWriter(self.path, self._schema)
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
+        self._rows = []
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
