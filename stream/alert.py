@@ -7,7 +7,6 @@ name appears outside :mod:`stream.decode`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -51,7 +50,7 @@ class Envelope:
     partition: int = -1
     offset: int = -1
     timestamp_ms: int = -1
-    key: Optional[bytes] = None
+    key: bytes | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,8 +227,8 @@ class Rejected:
     stage: str
     reason: str
     detail: str
-    alert_id: Optional[int] = None
-    object_id: Optional[str] = None
+    alert_id: int | None = None
+    object_id: str | None = None
 
     def to_record(self) -> dict:
         """JSON-serialisable summary (without the payload bytes)."""

@@ -167,8 +167,12 @@ def encode_annotation(record: dict) -> bytes:
 
 
 def decode_annotation(data: bytes) -> dict:
-    """Inverse of :func:`encode_annotation`."""
-    return fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(), None)
+    """Inverse of :func:`encode_annotation` (timestamps come back as Unix milliseconds)."""
+    rec = fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(), None)
+    for k in ("event_time_ms", "processing_time_ms"):
+        if hasattr(rec[k], "timestamp"):
+            rec[k] = round(rec[k].timestamp() * 1000)
+    return rec
 
 
 def validate_annotation(record: dict) -> bool:

@@ -94,7 +94,7 @@ class SchemaRegistry:
         self._schemas: dict[int, dict] = {}
 
     @classmethod
-    def from_dir(cls, path) -> "SchemaRegistry":
+    def from_dir(cls, path) -> SchemaRegistry:
         """Load every ``*.alert.avsc`` under ``path`` (recursively)."""
         reg = cls()
         root = Path(path)
@@ -242,6 +242,8 @@ class Decoder:
         except EOFError as e:
             raise DecodeError("truncated", f"container header: {e}") from None
         except Exception as e:  # fastavro raises many types for a bad header
+            if isinstance(e.__context__, EOFError):  # header cut short, e.g. a partial download
+                raise DecodeError("truncated", f"container header: {e.__context__}") from None
             raise DecodeError("corrupt_avro", f"container header: {type(e).__name__}: {e}") from None
         version = _container_version(reader.writer_schema)
         records = []
@@ -498,12 +500,25 @@ def _rubin_exposure(s: dict):
     return -1, -1, -1
 
 
+def _rubin_time(s: dict, ids=(None, None)) -> float:
+    """MJD (TAI) of a Rubin source.
+
+    Schemas up to v4 call it ``midPointTai`` without fixing the unit, and the
+    sample alerts of v3–v6 carry Unix seconds even where the name says MJD; a value
+    above 1e7 cannot be an MJD (year ~29000), so it is read as Unix seconds.
+    """
+    t = float(_req(s, "diaSource", "midpointMjdTai", "midPointTai", ids=ids))
+    return t / 86400.0 + 40587.0 if t > 1e7 else t
+
+
 def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     src = rec.get("diaSource")
     if not isinstance(src, dict):
         raise DecodeError("missing_field", "diaSource is missing or null")
     alert_id = int(_req(src, "diaSource", "diaSourceId"))
     obj = src.get("diaObjectId")
+    if obj in (None, 0) and isinstance(rec.get("diaObject"), dict):
+        obj = rec["diaObject"].get("diaObjectId")  # early schemas fill only the object record
     if obj in (None, 0):
         ss = src.get("ssObjectId")
         if ss in (None, 0):
@@ -514,7 +529,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     ids = (alert_id, object_id)
     ra, dec = _check_position(_req(src, "diaSource", "ra", ids=ids), _req(src, "diaSource", "dec", "decl", ids=ids),
                               ids)
-    mjd = _check_mjd(_req(src, "diaSource", "midpointMjdTai", "midPointTai", ids=ids), ids)
+    mjd = _check_mjd(_rubin_time(src, ids), ids)
     flux = float(_req(src, "diaSource", "psfFlux", "psFlux", ids=ids)) * NJY_TO_UJY
     ferr = _f(_first(src, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY
     if not math.isfinite(flux):
@@ -527,9 +542,9 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     def add_source(s, kind):
         e, v, d = _rubin_exposure(s)
         fl = _first(s, "psfFlux", "psFlux")
-        t = _first(s, "midpointMjdTai", "midPointTai")
-        if fl is None or t is None:
+        if fl is None or _first(s, "midpointMjdTai", "midPointTai") is None:
             return
+        t = _rubin_time(s)
         rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=float(fl) * NJY_TO_UJY,
                  flux_err=_f(_first(s, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY, kind=kind, exposure=e, field=v,
                  chip=d)
@@ -540,9 +555,10 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     for s in rec.get("prvDiaForcedSources") or ():
         add_source(s, FORCED)
     for s in rec.get("prvDiaNondetectionLimits") or ():
-        t, noise = _first(s, "midpointMjdTai", "midPointTai"), s.get("diaNoise")
-        if t is None or noise is None:
+        noise = s.get("diaNoise")
+        if _first(s, "midpointMjdTai", "midPointTai") is None or noise is None:
             continue
+        t = _rubin_time(s)
         e, _, _ = _rubin_exposure(s)
         rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=np.nan,
                  flux_err=float(noise) * NJY_TO_UJY, kind=NONDETECTION, exposure=e)

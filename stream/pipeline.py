@@ -121,7 +121,7 @@ class Pipeline:
         t_ms = int(time.time() * 1000)
         anns = []
         feats = X.to_dict("records")
-        for i, (a, env) in enumerate(zip(alerts, envelopes)):
+        for i, (a, env) in enumerate(zip(alerts, envelopes, strict=True)):
             scores = (sb.p_real[i], sb.p_extragalactic[i], sb.p_fast[i])
             scored = all(np.isfinite(s) for s in scores)
             items, text = explain(sb, X, i) if scored else ([], {})
