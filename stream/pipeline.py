@@ -30,6 +30,7 @@ class BatchResult:
     annotations: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
     alerts: list = field(default_factory=list)  # the decoded alerts, aligned with annotations
+    envelopes: list = field(default_factory=list)  # their envelopes, aligned with annotations
 
     @property
     def n_read(self) -> int:
@@ -93,12 +94,14 @@ class Pipeline:
                 anns = self.annotate([a for a, _ in good], [e for _, e in good])
                 out.annotations.extend(anns)
                 out.alerts.extend(a for a, _ in good)
+                out.envelopes.extend(e for _, e in good)
             except Exception as exc:  # isolate the culprit: retry one by one
                 self.errors.spend(exc)
                 for a, e in good:
                     try:
                         out.annotations.extend(self.annotate([a], [e]))
                         out.alerts.append(a)
+                        out.envelopes.append(e)
                     except Exception as exc1:
                         self.errors.spend(exc1)
                         out.rejected.append(Rejected(e, "process", "internal_error", f"{type(exc1).__name__}: {exc1}",

@@ -35,3 +35,29 @@ def rubin_files():
 def exposure_files():
     """100 real ZTF alerts from one exposure (field 639, two quadrants)."""
     return avro_files("ztf_ampel", "alerts_2021720_programid1_nocutouts")
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real Kafka-protocol broker (Tansu, memory-only) on a free port for the whole session."""
+    from stream.broker import EmbeddedBroker
+
+    try:
+        b = EmbeddedBroker().start()
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded broker unavailable: {e}")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def topics(request, broker):
+    """Fresh topic names for one test: (alerts, annotations, deadletter)."""
+    import re
+
+    from stream.broker import create_topics
+
+    base = re.sub(r"[^a-zA-Z0-9]", "-", request.node.name)[:60]
+    names = (f"{base}.alerts", f"{base}.annotations", f"{base}.deadletter")
+    create_topics(broker.bootstrap, names, partitions=4)
+    return names

@@ -1,0 +1,176 @@
+"""One strict configuration: TOML → frozen dataclasses.
+
+* Unknown keys are errors that name the key (``source.bootstrap_server: unknown key``).
+* ``[source.kafka]`` and ``[output.kafka]`` hold librdkafka settings and pass through
+  untouched (SASL/SSL for the ZTF and Rubin community brokers).
+* Secrets never live in the file: a secret setting (e.g. ``sasl.password``) must be
+  written ``{ env = "VARIABLE" }`` and is read from the environment at load time.
+
+Example: see ``deploy/*.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "ssl.keystore.password",
+               "token")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where alerts come from."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics: tuple = ("ztf_alerts",)
+    group_id: str = "vigil"
+    schema_dir: str = ""  # .avsc directory for Confluent-framed (Rubin) messages
+    ztf_schema: str = ""  # schema for schemaless ZTF messages
+    batch_size: int = 500
+    batch_timeout_s: float = 1.0
+    max_message_bytes: int = 16 * 2**20
+    auto_offset_reset: str = "earliest"
+    kafka: dict = field(default_factory=dict)  # librdkafka consumer settings, passed through
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Replay a topic between two times under its own group and output namespace."""
+
+    start: str = "earliest"  # "earliest" or an ISO-8601 time (offsets_for_times)
+    end: str = "end"  # "end" (end of partitions) or an ISO-8601 time
+    group_id: str = "vigil-replay"
+    namespace: str = "replay"  # output topics get this suffix: <topic>.<namespace>
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where annotations, dead letters and the eyeball queue go."""
+
+    annotations_topic: str = "vigil.annotations"
+    dead_letter_topic: str = "vigil.deadletter"
+    queue_db: str = ""  # SQLite path of the eyeball queue; "" disables
+    kafka: dict = field(default_factory=dict)  # librdkafka producer settings, passed through
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Process behaviour."""
+
+    metrics_port: int = 0  # Prometheus text endpoint on 127.0.0.1; 0 disables
+    metrics_host: str = "127.0.0.1"
+    log_interval_s: float = 30.0
+    error_budget: int = 100  # unexpected exceptions tolerated before the service stops
+    clock: str = "wall"  # "wall" for live streams, "stream" to rank by event time
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of ``vigil run``."""
+
+    source: SourceConfig = SourceConfig()
+    output: OutputConfig = OutputConfig()
+    service: ServiceConfig = ServiceConfig()
+    replay: ReplayConfig | None = None
+
+
+def _resolve_secrets(table: dict, where: str) -> dict:
+    out = {}
+    for k, v in table.items():
+        key = f"{where}.{k}"
+        if isinstance(v, dict):
+            if set(v) != {"env"}:
+                raise ConfigError(f"{key}: librdkafka settings must be scalars or {{ env = \"VAR\" }}")
+            var = v["env"]
+            if var not in os.environ:
+                raise ConfigError(f"{key}: environment variable {var} is not set")
+            out[k] = os.environ[var]
+        elif k in SECRET_KEYS:
+            raise ConfigError(f"{key}: secrets must come from the environment: write {k} = {{ env = \"VAR\" }}")
+        elif isinstance(v, (str, int, float, bool)):
+            out[k] = v
+        else:
+            raise ConfigError(f"{key}: expected a string, number or boolean, got {type(v).__name__}")
+    return out
+
+
+def _build(cls, table, where: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in table:
+        if k not in names:
+            raise ConfigError(f"{where}.{k}: unknown key (known: {', '.join(sorted(names))})")
+    kw = {}
+    for k, v in table.items():
+        key, t = f"{where}.{k}", hints[k]
+        if k == "kafka":
+            kw[k] = _resolve_secrets(v, key) if isinstance(v, dict) else _fail(key, "a table")
+        elif t is tuple:
+            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                _fail(key, "a list of strings")
+            kw[k] = tuple(v)
+        elif t is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                _fail(key, "a number")
+            kw[k] = float(v)
+        elif t in (int, str, bool):
+            if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+                _fail(key, f"a {t.__name__}")
+            kw[k] = v
+        else:
+            raise ConfigError(f"{key}: unsupported type")
+    return cls(**kw)
+
+
+def _fail(key, what):
+    raise ConfigError(f"{key}: expected {what}")
+
+
+_SECTIONS = {"source": SourceConfig, "output": OutputConfig, "service": ServiceConfig, "replay": ReplayConfig}
+
+
+def parse_config(data: dict, where: str = "config") -> Config:
+    """Build a :class:`Config` from a parsed TOML table."""
+    kw = {}
+    for k, v in data.items():
+        if k not in _SECTIONS:
+            raise ConfigError(f"{k}: unknown section (known: {', '.join(_SECTIONS)})")
+        kw[k] = _build(_SECTIONS[k], v, k)
+    cfg = Config(**kw)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.source.batch_size < 1:
+        raise ConfigError("source.batch_size: must be ≥ 1")
+    if not cfg.source.topics:
+        raise ConfigError("source.topics: at least one topic")
+    if cfg.service.clock not in ("wall", "stream"):
+        raise ConfigError("service.clock: must be 'wall' or 'stream'")
+    for k in ("group.id", "enable.auto.offset.store", "bootstrap.servers"):
+        if k in cfg.source.kafka:
+            raise ConfigError(f"source.kafka.{k}: set by Vigil (use source.group_id / source.bootstrap_servers)")
+
+
+def load_config(path) -> Config:
+    """Load and validate a TOML config file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return parse_config(data)

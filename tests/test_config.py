@@ -1,0 +1,59 @@
+"""Strict configuration: every deploy file loads, unknown keys and literal secrets are named errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+from stream.config import ConfigError, load_config, parse_config
+
+DEPLOY = sorted((ROOT / "deploy").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", DEPLOY, ids=[p.name for p in DEPLOY])
+def test_every_deploy_config_loads(path, monkeypatch):
+    monkeypatch.setenv("VIGIL_KAFKA_USERNAME", "user")
+    monkeypatch.setenv("VIGIL_KAFKA_PASSWORD", "s3cret")
+    cfg = load_config(path)
+    assert cfg.source.topics and cfg.output.annotations_topic
+    if "sasl.password" in cfg.source.kafka:
+        assert cfg.source.kafka["sasl.password"] == "s3cret"  # resolved from the environment
+
+
+def test_there_are_deploy_configs():
+    assert {"demo.toml", "local.toml", "rubin.toml", "ztf.toml"} <= {p.name for p in DEPLOY}
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"source": {"bootstrap_server": "x"}}, "source.bootstrap_server: unknown key"),
+    ({"sources": {}}, "sources: unknown section"),
+    ({"output": {"queue": "x"}}, "output.queue: unknown key"),
+    ({"source": {"batch_size": "10"}}, "source.batch_size: expected a int"),
+    ({"source": {"topics": "t"}}, "source.topics: expected a list of strings"),
+    ({"source": {"kafka": {"sasl.password": "literal"}}}, "source.kafka.sasl.password: secrets must come from"),
+    ({"source": {"kafka": {"sasl.password": {"env": "VIGIL_NOT_SET_ANYWHERE"}}}},
+     "source.kafka.sasl.password: environment variable VIGIL_NOT_SET_ANYWHERE is not set"),
+    ({"source": {"kafka": {"group.id": "x"}}}, "source.kafka.group.id: set by Vigil"),
+    ({"service": {"clock": "moon"}}, "service.clock"),
+    ({"replay": {"start": "earliest", "stop": "end"}}, "replay.stop: unknown key"),
+])
+def test_config_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert key in str(e.value)
+
+
+def test_librdkafka_settings_pass_through_untouched():
+    cfg = parse_config({"source": {"kafka": {"security.protocol": "SASL_SSL", "fetch.max.bytes": 1024,
+                                             "ssl.endpoint.identification.algorithm": "https"}}})
+    assert cfg.source.kafka == {"security.protocol": "SASL_SSL", "fetch.max.bytes": 1024,
+                                "ssl.endpoint.identification.algorithm": "https"}
+
+
+def test_cli_reports_config_error_by_key(tmp_path, capsys):
+    from stream.cli import main
+
+    p = tmp_path / "bad.toml"
+    p.write_text('[source]\ntopic = ["x"]\n')
+    assert main(["run", "--config", str(p)]) == 2
+    assert "source.topic: unknown key" in capsys.readouterr().err
