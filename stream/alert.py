@@ -64,7 +64,8 @@ class LightCurve:
     ``field``/``chip`` the pointing and detector section. ``zp``, ``zp_rms``,
     ``colour_coeff``, ``limit_mag``, ``seeing`` and ``background`` are image-level
     metadata (NaN where the survey does not provide them); ``ref_flux`` is the flux
-    of the reference-image source (µJy, NaN if none).
+    of the reference-image source (µJy, NaN if none); ``ra``/``dec`` the measured
+    position of detections (NaN for non-detections and forced photometry).
     """
 
     mjd: np.ndarray
@@ -82,10 +83,12 @@ class LightCurve:
     seeing: np.ndarray
     background: np.ndarray
     ref_flux: np.ndarray
+    ra: np.ndarray
+    dec: np.ndarray
 
     COLUMNS = (
         "mjd", "band", "flux", "flux_err", "kind", "exposure", "field", "chip", "zp",
-        "zp_rms", "colour_coeff", "limit_mag", "seeing", "background", "ref_flux",
+        "zp_rms", "colour_coeff", "limit_mag", "seeing", "background", "ref_flux", "ra", "dec",
     )
 
     def __len__(self) -> int:

@@ -94,7 +94,8 @@ class EmbeddedBroker:
             except Exception:  # KafkaException until the listener is up
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"broker on {self.bootstrap} not ready after {self.startup_timeout_s} s") from None
+                    msg = f"broker on {self.bootstrap} not ready after {self.startup_timeout_s} s"
+                    raise TimeoutError(msg) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -400,7 +400,7 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     rows = _Rows()
     flux, err = _mag_flux(mag, magerr, isdiffpos)
     rows.add(**_ztf_row_meta(cand), mjd=mjd, band=ZTF_BANDS.get(fid, "?"), flux=flux, flux_err=err,
-             kind=DETECTION)
+             kind=DETECTION, ra=ra, dec=dec)
     for p in rec.get("prv_candidates") or ():
         jd = p.get("jd")
         if jd is None:
@@ -408,7 +408,8 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
         band = ZTF_BANDS.get(p.get("fid"), "?")
         if p.get("magpsf") is not None and p.get("sigmapsf") is not None:
             f, e = _mag_flux(p["magpsf"], p["sigmapsf"], p.get("isdiffpos"))
-            rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=f, flux_err=e, kind=PREVIOUS)
+            rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=f, flux_err=e, kind=PREVIOUS,
+                     ra=_f(p.get("ra")), dec=_f(p.get("dec")))
         elif p.get("diffmaglim") is not None and p["diffmaglim"] > 0:
             lim = float(mag_to_ujy(p["diffmaglim"]))
             rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=np.nan, flux_err=lim / 5.0,
@@ -547,7 +548,8 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         t = _rubin_time(s)
         rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=float(fl) * NJY_TO_UJY,
                  flux_err=_f(_first(s, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY, kind=kind, exposure=e, field=v,
-                 chip=d)
+                 chip=d, ra=_f(s.get("ra")) if kind != FORCED else np.nan,
+                 dec=_f(_first(s, "dec", "decl")) if kind != FORCED else np.nan)
 
     add_source(src, DETECTION)
     for s in rec.get("prvDiaSources") or ():
