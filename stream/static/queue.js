@@ -1,0 +1,116 @@
+// Keyboard vetting and the "new alerts" poll for the Vigil eyeball queue. No libraries.
+(function () {
+  "use strict";
+  var body = document.body;
+  var page = body.dataset.page;
+  var csrf = body.dataset.csrf;
+  var KEYS = { r: "real", b: "bogus", g: "galactic", x: "extragalactic", f: "follow_up", n: "no_follow_up", s: "snooze" };
+  var LABEL = { real: "real", bogus: "bogus", galactic: "galactic", extragalactic: "extragal.",
+                follow_up: "follow-up", no_follow_up: "no f-up", snooze: "snoozed" };
+
+  function toast(msg, err) {
+    var t = document.getElementById("toast");
+    if (!t) return;
+    t.textContent = msg;
+    t.className = "show" + (err ? " err" : "");
+    clearTimeout(toast.timer);
+    toast.timer = setTimeout(function () { t.className = ""; }, 1600);
+  }
+
+  function decide(objectId, alertId, action) {
+    return fetch("/api/decision", {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
+      body: JSON.stringify({ object_id: objectId, alert_id: alertId, action: action })
+    }).then(function (r) {
+      return r.json().then(function (j) {
+        if (!r.ok) throw new Error(j.error || r.statusText);
+        return j;
+      });
+    }).then(function (j) {
+      toast(objectId + ": " + action.replace(/_/g, " "));
+      return j;
+    }, function (e) { toast("not saved: " + e.message, true); throw e; });
+  }
+
+  function typing(ev) {
+    var t = ev.target;
+    return t && (t.tagName === "INPUT" || t.tagName === "SELECT" || t.tagName === "TEXTAREA" || t.isContentEditable);
+  }
+
+  if (page === "list") {
+    var rows = Array.prototype.slice.call(document.querySelectorAll("#queue tbody tr[data-object-id]"));
+    var cur = rows.length ? 0 : -1;
+    function show() {
+      rows.forEach(function (r, i) { r.classList.toggle("cursor", i === cur); });
+      if (cur >= 0) rows[cur].scrollIntoView({ block: "nearest" });
+    }
+    rows.forEach(function (r, i) { r.addEventListener("click", function (ev) { if (ev.target.tagName !== "A") { cur = i; show(); } }); });
+    show();
+    document.addEventListener("keydown", function (ev) {
+      if (typing(ev) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+      var k = ev.key;
+      if (k === "j") {
+        if (cur < rows.length - 1) { cur++; show(); } else { var n = document.getElementById("next-page"); if (n) location = n.href; }
+      } else if (k === "k") {
+        if (cur > 0) { cur--; show(); } else { var p = document.getElementById("prev-page"); if (p) location = p.href; }
+      } else if ((k === "o" || k === "Enter") && cur >= 0) {
+        location = rows[cur].dataset.href;
+      } else if (KEYS[k] && cur >= 0) {
+        var row = rows[cur], action = KEYS[k];
+        decide(row.dataset.objectId, row.dataset.alertId, action).then(function () {
+          var cell = row.querySelector("td.vet");
+          var span = document.createElement("span");
+          span.className = "lab" + (action === "real" || action === "follow_up" ? " yes" : action === "bogus" ? " no" : "");
+          span.textContent = LABEL[action];
+          cell.appendChild(span);
+          if (action === "snooze") row.classList.add("snoozed");
+        }, function () {});
+      } else { return; }
+      ev.preventDefault();
+    });
+    // Poll for objects written by `vigil run` since this page was rendered.
+    var since = body.dataset.loadedMs;
+    setInterval(function () {
+      fetch("/api/changes?since=" + since, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (j) {
+          if (!j || !j.changed) return;
+          document.getElementById("nchanged").textContent = j.changed;
+          document.getElementById("banner").hidden = false;
+        }, function () {});
+    }, 10000);
+  }
+
+  if (page === "object") {
+    var oid = body.dataset.objectId, aid = body.dataset.alertId;
+    document.querySelectorAll(".vetbar form").forEach(function (f) {
+      f.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        var btn = f.querySelector("button");
+        act(btn.dataset.action);
+      });
+    });
+    function act(action) {
+      decide(oid, aid, action).then(function (j) {
+        var btn = document.querySelector('.vetbar button[data-action="' + action + '"]');
+        if (btn) btn.classList.add("done");
+        var ul = document.getElementById("decisions");
+        var li = document.createElement("li");
+        li.textContent = action.replace(/_/g, " ") + " by " + j.vetter + " just now";
+        var none = ul.querySelector(".muted"); if (none) none.remove();
+        ul.insertBefore(li, ul.firstChild);
+      }, function () {});
+    }
+    document.addEventListener("keydown", function (ev) {
+      if (typing(ev) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+      var k = ev.key;
+      if (k === "j" && body.dataset.next) location = body.dataset.next;
+      else if (k === "k" && body.dataset.prev) location = body.dataset.prev;
+      else if (k === "u" || k === "Escape") location = body.dataset.list;
+      else if (KEYS[k]) act(KEYS[k]);
+      else return;
+      ev.preventDefault();
+    });
+  }
+})();

@@ -1,0 +1,597 @@
+"""The eyeball-queue web app: ranked list, object pages and vetting, server-rendered.
+
+Built with Flask (imported lazily by ``vigil queue serve``). Plots are inline SVG
+drawn here and cutouts are PNGs rendered here from the FITS stamps, so the pages
+need no JavaScript library and no network. A little vanilla JS (``static/queue.js``)
+adds keyboard shortcuts and the "new alerts" poll.
+
+Authentication: one shared token. Browsers log in through a form (vetter name +
+token) that sets a signed session cookie; scripts send ``Authorization: Bearer
+<token>`` (and optionally ``X-Vetter``). Nothing but ``GET /health`` and the login
+page is served without it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import io
+import math
+import secrets
+import struct
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from urllib.parse import urlencode
+
+import numpy as np
+
+from stream.queue import ACTIONS, SORTS, STAGES, ListQuery, QueueStore, analyze
+
+MJD_UNIX_EPOCH = 40587.0
+BAND_COLOURS = {"u": "#7b3fb5", "g": "#1f9e3a", "r": "#d62728", "i": "#e07b00", "z": "#8c564b", "y": "#333333"}
+KEYS = {"r": "real", "b": "bogus", "g": "galactic", "x": "extragalactic", "f": "follow_up", "n": "no_follow_up",
+        "s": "snooze"}
+
+
+# ----------------------------------------------------------------------------------- images: FITS -> PNG
+
+
+def png_encode(img: np.ndarray) -> bytes:
+    """Encode a 2-D ``uint8`` array as an 8-bit greyscale PNG (zlib only, no Pillow).
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        Shape ``(height, width)``, dtype ``uint8``; row 0 is the top of the image.
+
+    Returns
+    -------
+    bytes
+    """
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    h, w = img.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = np.hstack([np.zeros((h, 1), np.uint8), img]).tobytes()  # filter byte 0 ("none") per row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def fits_image(data: bytes) -> np.ndarray:
+    """The first 2-D image in a FITS stamp (gunzipped first if needed), as float."""
+    from astropy.io import fits
+
+    if data[:2] == b"\x1f\x8b":  # ZTF stamps are gzipped FITS
+        data = gzip.decompress(data)
+    # Some survey stamps have slightly non-standard headers; astropy reads them but warns per file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        with fits.open(io.BytesIO(data), memmap=False) as hdus:
+            for hdu in hdus:
+                arr = getattr(hdu, "data", None)
+                if arr is not None and getattr(arr, "ndim", 0) >= 2:
+                    arr = np.asarray(arr, dtype=float)
+                    while arr.ndim > 2:
+                        arr = arr[0]
+                    return arr
+    raise ValueError("no image in FITS stamp")
+
+
+def stretch(arr: np.ndarray, symmetric: bool = False, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
+    """Linear percentile stretch to ``uint8``; ``symmetric`` centres zero (difference images)."""
+    a = np.asarray(arr, dtype=float)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    v = a[finite]
+    if symmetric:
+        hi = float(np.percentile(np.abs(v), hi_pct)) or 1.0
+        lo = -hi
+    else:
+        lo, hi = (float(x) for x in np.percentile(v, [lo_pct, hi_pct]))
+        if hi <= lo:
+            hi = lo + 1.0
+    a = np.where(finite, a, lo)
+    return (np.clip((a - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+@lru_cache(maxsize=512)
+def _cutout_png_cached(data: bytes, kind: str) -> bytes:
+    img = stretch(fits_image(data), symmetric=(kind == "difference"))
+    return png_encode(np.flipud(img))  # FITS row 0 is the bottom; PNG row 0 is the top
+
+
+def cutout_png(data: bytes, kind: str) -> bytes:
+    """PNG of one FITS stamp (north up as stored, y flipped to screen order)."""
+    return _cutout_png_cached(bytes(data), kind)  # the stamp bytes themselves are the cache key
+
+
+# ----------------------------------------------------------------------------------- plots: inline SVG
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list:
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    start = math.ceil(lo / step) * step
+    return [round(start + i * step, 10) for i in range(int((hi - start) / step) + 1)]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 10 or v == 0 else f"{v:.3g}"
+
+
+def lightcurve_svg(lc: dict | None, which: str = "raw", width: int = 620, height: int = 250,
+                   trigger_mjd: float | None = None) -> str:
+    """A light-curve plot as an SVG string.
+
+    Parameters
+    ----------
+    lc : dict or None
+        Columns ``mjd, band, flux, flux_err, kind`` and optionally ``flux_corrected``
+        (lists, None for missing), as stored by :class:`stream.queue.QueueSink`.
+    which : {"raw", "corrected"}
+        Which flux to plot. Non-detections (kind 2) are drawn as downward triangles
+        at their 5σ limit (``5 × flux_err``); forced photometry as open circles.
+    width, height : int
+    trigger_mjd : float, optional
+        Marks the alert's own epoch with a vertical line.
+
+    Returns
+    -------
+    str
+        ``<svg>`` markup (safe: built from numbers and escaped band names only).
+    """
+    from markupsafe import escape
+
+    head = (f'<svg class="lc" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}" role="img" aria-label="light curve ({which})">')
+    if not lc or (which == "corrected" and lc.get("flux_corrected") is None):
+        msg = "no light curve stored" if not lc else "no per-point HSR correction stored for this alert"
+        height = 56  # a short placeholder, not a big empty plot
+        head = (f'<svg class="lc empty" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+                f'width="{width}" height="{height}" role="img" aria-label="light curve ({which})">')
+        return (head + f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa" stroke="#ddd"/>'
+                f'<text x="{width / 2}" y="{height / 2 + 4}" text-anchor="middle" fill="#777">{msg}</text></svg>')
+    t = np.array([np.nan if v is None else v for v in lc["mjd"]], dtype=float)
+    fcol = lc["flux_corrected"] if which == "corrected" else lc["flux"]
+    f = np.array([np.nan if v is None else v for v in fcol], dtype=float)
+    e = np.array([np.nan if v is None else v for v in lc["flux_err"]], dtype=float)
+    k = np.array(lc["kind"], dtype=int)
+    band = np.array(lc["band"], dtype=str)
+    nd = k == 2
+    ylim = np.where(nd, 5 * e, np.nan)  # 5σ upper limit
+    ys = np.concatenate([(f - np.nan_to_num(e))[~nd], (f + np.nan_to_num(e))[~nd], ylim[nd], [0.0]])
+    ys = ys[np.isfinite(ys)]
+    ts = t[np.isfinite(t)]
+    if not len(ts):
+        return head + "</svg>"
+    t0 = float(np.floor(ts.min()))
+    x_lo, x_hi = ts.min() - t0, ts.max() - t0
+    pad = max((x_hi - x_lo) * 0.04, 0.5)
+    x_lo, x_hi = x_lo - pad, x_hi + pad
+    y_lo, y_hi = float(ys.min()), float(ys.max())
+    ypad = max((y_hi - y_lo) * 0.08, 1.0)
+    y_lo, y_hi = y_lo - ypad, y_hi + ypad
+    L, R, T, B = 58, 12, 26, 36  # the legend sits in the top margin, off the data
+    pw, ph = width - L - R, height - T - B
+
+    def X(v):
+        return L + (v - t0 - x_lo) / (x_hi - x_lo) * pw
+
+    def Y(v):
+        return T + (y_hi - v) / (y_hi - y_lo) * ph
+
+    out = [head, f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#fff" stroke="#bbb"/>']
+    for v in _ticks(y_lo, y_hi):
+        y = Y(v)
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+                   f'<text x="{L - 5}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(v)}</text>')
+    for v in _ticks(x_lo, x_hi, 6):
+        x = L + (v - x_lo) / (x_hi - x_lo) * pw
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{T}" y2="{T + ph}" stroke="#f2f2f2"/>'
+                   f'<text x="{x:.1f}" y="{T + ph + 14}" text-anchor="middle" class="tick">{_fmt(v)}</text>')
+    if y_lo < 0 < y_hi:
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{Y(0):.1f}" y2="{Y(0):.1f}" stroke="#999" '
+                   'stroke-dasharray="4 3"/>')
+    if trigger_mjd is not None and math.isfinite(trigger_mjd):
+        x = X(trigger_mjd)
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{T}" y2="{T + ph}" stroke="#5b8def" stroke-width="1" '
+                   'stroke-dasharray="2 2"/>')
+    out.append(f'<text x="{L + pw / 2}" y="{height - 4}" text-anchor="middle" class="axis">MJD − {t0:.0f}</text>')
+    out.append(f'<text x="12" y="{T + ph / 2}" text-anchor="middle" class="axis" '
+               f'transform="rotate(-90 12 {T + ph / 2})">flux (µJy)</text>')
+    bands_present = []
+    for b in sorted(set(band), key=lambda s: "ugrizy".find(s) if s in "ugrizy" else 9):
+        col = BAND_COLOURS.get(b, "#555")
+        sel = band == b
+        bands_present.append((b, col))
+        for i in np.flatnonzero(sel):
+            if not math.isfinite(t[i]):
+                continue
+            x = X(t[i])
+            if k[i] == 2:
+                if math.isfinite(ylim[i]):
+                    y = Y(ylim[i])
+                    out.append(f'<path d="M{x - 4:.1f},{y - 3:.1f} L{x + 4:.1f},{y - 3:.1f} L{x:.1f},{y + 4:.1f} Z" '
+                               f'fill="none" stroke="{col}" opacity="0.6" class="ul"><title>{escape(b)} '
+                               f'MJD {t[i]:.3f}: 5σ limit {ylim[i]:.1f} µJy</title></path>')
+                continue
+            if not math.isfinite(f[i]):
+                continue
+            y = Y(f[i])
+            if math.isfinite(e[i]):
+                out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{Y(f[i] - e[i]):.1f}" y2="{Y(f[i] + e[i]):.1f}" '
+                           f'stroke="{col}" opacity="0.7"/>')
+            tip = (f'<title>{escape(b)} MJD {t[i]:.3f}: {f[i]:.1f} ± {e[i]:.1f} µJy '
+                   f'({["detection", "previous", "limit", "forced"][k[i]]})</title>')
+            if k[i] == 3:
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#fff" stroke="{col}" class="fp">{tip}'
+                           '</circle>')
+            else:
+                r, stroke = (5, ' stroke="#000" stroke-width="1.2"') if k[i] == 0 else (3.5, "")
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{col}"{stroke} class="det">{tip}'
+                           '</circle>')
+    lx = L + 4
+    for b, col in bands_present:
+        out.append(f'<circle cx="{lx}" cy="{T - 12}" r="4" fill="{col}"/>'
+                   f'<text x="{lx + 7}" y="{T - 8}" class="legend">{escape(b)}</text>')
+        lx += 30
+    out.append(f'<text x="{lx + 4}" y="{T - 8}" class="legend">● detection (black ring: this alert)   ○ forced   '
+               '▽ 5σ upper limit</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def sparkline_svg(spark_json: str | None, width: int = 80, height: int = 20) -> str:
+    """The list's tiny light curve from the pre-computed points (see ``sparkline_points``)."""
+    import json
+
+    from markupsafe import escape
+
+    pts = json.loads(spark_json) if spark_json else {}
+    out = [f'<svg class="spark" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}">']
+    for b, p in pts.items():
+        col = BAND_COLOURS.get(b, "#555")
+        if " " in p:
+            out.append(f'<polyline points="{escape(p)}" fill="none" stroke="{col}" stroke-width="1.2"/>')
+        for xy in p.split(" ")[-1:] if " " in p else p.split(" "):
+            x, y = xy.split(",")
+            out.append(f'<circle cx="{escape(x)}" cy="{escape(y)}" r="1.8" fill="{col}"/>')
+    if not pts:
+        out.append(f'<text x="{width / 2}" y="{height / 2 + 3}" text-anchor="middle" class="tick">—</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def archive_links(ra: float, dec: float, object_id: str, survey: str) -> list:
+    """``(name, url)`` pairs for external archives at these coordinates (plain links)."""
+    from urllib.parse import quote
+
+    links = [
+        ("Legacy Survey", f"https://www.legacysurvey.org/viewer?ra={ra:.6f}&dec={dec:.6f}&layer=ls-dr10&zoom=16"
+                          f"&mark={ra:.6f},{dec:.6f}"),
+        ("SIMBAD", f"https://simbad.cds.unistra.fr/simbad/sim-coo?Coord={ra:.6f}%20{dec:+.6f}&CooFrame=ICRS"
+                   "&Radius=10&Radius.unit=arcsec"),
+        ("TNS", f"https://www.wis-tns.org/search?ra={ra:.6f}&decl={dec:.6f}&radius=10&coords_unit=arcsec"),
+        ("PS1", f"https://ps1images.stsci.edu/cgi-bin/ps1cutouts?pos={ra:.6f}%20{dec:+.6f}&filter=color"),
+        ("NED", f"https://ned.ipac.caltech.edu/conesearch?coordinates={ra:.6f}d%20{dec:+.6f}d&radius=0.25"),
+    ]
+    if survey == "ztf":
+        links += [("ALeRCE", f"https://alerce.online/object/{quote(object_id)}"),
+                  ("Fink", f"https://fink-portal.org/{quote(object_id)}")]
+    return links
+
+
+def mjd_to_iso(mjd: float | None) -> str:
+    """``YYYY-MM-DD HH:MM`` (UTC, leap seconds ignored) of an MJD, or an em dash."""
+    if mjd is None:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime((mjd - MJD_UNIX_EPOCH) * 86400.0))
+
+
+def query_from_args(args) -> ListQuery:
+    """Build a :class:`ListQuery` from request arguments (invalid values are ignored)."""
+
+    def flt(name):
+        try:
+            v = float(args.get(name, ""))
+        except ValueError:
+            return None
+        return v if math.isfinite(v) else None
+
+    def intg(name, default):
+        try:
+            return int(args.get(name, default))
+        except ValueError:
+            return default
+
+    return ListQuery(
+        stage=args.get("stage") if args.get("stage") in STAGES else None,
+        min_p_real=flt("min_p_real"), min_p_extragalactic=flt("min_p_extragalactic"), min_p_fast=flt("min_p_fast"),
+        sky=args.get("sky") if args.get("sky") in ("galactic", "extragalactic") else "all",
+        sky_by="score" if args.get("sky_by") == "score" else "latitude",
+        b_cut=flt("b_cut") if flt("b_cut") is not None else 15.0,
+        sort=args.get("sort") if args.get("sort") in SORTS else "priority",
+        show_snoozed=args.get("show_snoozed") == "1", hide_vetted=args.get("hide_vetted") == "1",
+        page=max(1, intg("page", 1)), per_page=min(200, max(5, intg("per_page", 50))),
+    )
+
+
+def query_args(q: ListQuery, **override) -> dict:
+    """Inverse of :func:`query_from_args`: the non-default values, for links."""
+    default = ListQuery()
+    out = {}
+    for f in fields(ListQuery):
+        v = override.get(f.name, getattr(q, f.name))
+        if v == getattr(default, f.name) or v is None:
+            continue
+        out[f.name] = ("1" if v else "0") if isinstance(v, bool) else v
+    return out
+
+
+def is_default_view(q: ListQuery) -> bool:
+    """True for the unfiltered priority list (the only view whose ranks are remembered)."""
+    return query_args(q, page=1, per_page=ListQuery().per_page) == {}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the app was started with."""
+
+    db: str
+    token: str
+    clock: str = "stream"
+
+
+# ----------------------------------------------------------------------------------- the app
+
+
+def create_app(db, token: str, clock: str = "stream"):
+    """The Flask application.
+
+    Parameters
+    ----------
+    db : str or Path
+        Queue SQLite file (created empty if absent, so the app can start before the service).
+    token : str
+        Shared access token (required, non-empty).
+    clock : {"stream", "wall"}
+        Ages relative to the newest alert in the store, or to the wall clock.
+
+    Returns
+    -------
+    flask.Flask
+    """
+    import json
+
+    from flask import Flask, Response, abort, g, jsonify, redirect, render_template, request, session, url_for
+    from markupsafe import Markup
+
+    if not token:
+        raise ValueError("the queue web app needs an access token")
+    settings = Settings(str(db), token, clock)
+    first = QueueStore(settings.db)  # create the schema now, not on the first request
+    analyze(first.conn)  # fresh planner statistics for whatever is already in the store
+    first.close()
+
+    app = Flask(__name__)
+    # Derived from the token: sessions survive a restart, and changing the token logs everyone out.
+    app.secret_key = hashlib.sha256(b"vigil-queue-session\0" + token.encode()).digest()
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+                      SESSION_COOKIE_NAME="vigil_queue", VIGIL=settings)
+    token_tag = hashlib.sha256(b"tag\0" + token.encode()).hexdigest()[:16]
+
+    def store() -> QueueStore:
+        if "store" not in g:
+            g.store = QueueStore(settings.db)
+        return g.store
+
+    @app.teardown_appcontext
+    def _close(_exc):
+        s = g.pop("store", None)
+        if s is not None:
+            s.close()
+
+    def bearer_ok() -> bool:
+        h = request.headers.get("Authorization", "")
+        return h.startswith("Bearer ") and hmac.compare_digest(h[7:].strip().encode(), token.encode())
+
+    @app.before_request
+    def _auth():
+        if request.endpoint in ("health", "login"):
+            return None
+        if bearer_ok():
+            g.vetter = (request.headers.get("X-Vetter") or "api").strip()[:80] or "api"
+            g.via_bearer = True
+            return None
+        if session.get("auth") == token_tag and session.get("vetter"):
+            g.vetter = session["vetter"]
+            g.via_bearer = False
+            if request.method == "POST":  # cookie-authenticated writes must prove they came from our pages
+                sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf", "")
+                if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()):
+                    abort(403)
+            return None
+        if request.path.startswith("/api/") or request.path.startswith("/cutout/") or request.method != "GET" \
+                or "application/json" in request.headers.get("Accept", ""):
+            return Response(json.dumps({"error": "authentication required"}), 401,
+                            {"WWW-Authenticate": 'Bearer realm="vigil-queue"', "Content-Type": "application/json"})
+        return redirect(url_for("login", next=request.full_path.rstrip("?")))
+
+    @app.context_processor
+    def _ctx():
+        return {"vetter": g.get("vetter"), "csrf": session.get("csrf", ""), "keys": KEYS}
+
+    @app.template_filter("score")
+    def _score(v):
+        return Markup('<span class="unscored">unscored</span>') if v is None else f"{v:.2f}"
+
+    @app.template_filter("num")
+    def _numf(v, fmt="{:.2f}"):
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+    @app.template_filter("ms_iso")
+    def _ms_iso(ms):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000.0))
+
+    app.jinja_env.globals.update(sparkline_svg=lambda s: Markup(sparkline_svg(s)), mjd_to_iso=mjd_to_iso,
+                                 SORTS=SORTS, STAGES=STAGES)
+
+    def now_mjd() -> float:
+        if settings.clock == "wall":
+            return time.time() / 86400.0 + MJD_UNIX_EPOCH
+        return store().newest_mjd() or (time.time() / 86400.0 + MJD_UNIX_EPOCH)
+
+    @app.get("/health")
+    def health():
+        try:
+            n = QueueStore(settings.db)
+            n.conn.execute("SELECT 1").fetchone()
+            n.close()
+        except Exception as exc:  # noqa: BLE001 - health must answer, whatever went wrong
+            return jsonify(status="error", detail=type(exc).__name__), 503
+        return jsonify(status="ok")
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login():
+        error = None
+        nxt = request.values.get("next") or "/"
+        if not nxt.startswith("/") or nxt.startswith("//"):  # no open redirects
+            nxt = "/"
+        if request.method == "POST":
+            name = (request.form.get("vetter") or "").strip()[:80]
+            given = (request.form.get("token") or "").strip()
+            if not name:
+                error = "Please give your name (it is recorded with your decisions)."
+            elif not hmac.compare_digest(given.encode(), token.encode()):
+                error = "Wrong token."
+            else:
+                session.clear()
+                session.update(auth=token_tag, vetter=name, csrf=secrets.token_urlsafe(16),
+                               login_ms=int(time.time() * 1000))
+                session.permanent = True
+                return redirect(nxt)
+        return render_template("login.html", error=error, next=nxt), (401 if error else 200)
+
+    @app.post("/logout")
+    def logout():
+        session.clear()
+        return redirect(url_for("login"))
+
+    @app.get("/")
+    def index():
+        q = query_from_args(request.args)
+        page = store().list_objects(q, vetter=g.vetter)
+        now = now_mjd()
+        default_view = is_default_view(q)
+        rows = []
+        for i, r in enumerate(page.rows):
+            rank = (page.page - 1) * page.per_page + i + 1
+            seen = page.seen.get(r["object_id"])
+            flag, moved = "", None
+            if seen is None:
+                flag = "new"
+            elif seen["seen_alert_id"] != r["latest_alert_id"]:
+                flag = "new data"
+            if seen is not None and default_view and seen["seen_rank"]:
+                moved = seen["seen_rank"] - rank  # > 0: moved up
+            dprio = None
+            if seen is not None and seen["seen_priority"] is not None and r["priority"] is not None:
+                dprio = r["priority"] - seen["seen_priority"]
+            rows.append(dict(r, rank=rank, flag=flag, moved=moved, dprio=dprio,
+                             age=(now - r["first_mjd"]) if r["first_mjd"] is not None else None,
+                             since_last=now - r["latest_mjd"]))
+        store().record_views(g.vetter, page.rows, first_rank=(page.page - 1) * page.per_page + 1,
+                             with_rank=default_view)
+        base = query_args(q, page=1)
+        qs = urlencode(base)
+        return render_template("list.html", page=page, rows=rows, q=q, qs=qs, base=base,
+                               prev_url=(url_for("index", **query_args(q, page=page.page - 1))
+                                         if page.page > 1 else None),
+                               next_url=(url_for("index", **query_args(q, page=page.page + 1))
+                                         if page.page < page.n_pages else None),
+                               loaded_ms=int(time.time() * 1000), now_mjd=now, clock=settings.clock)
+
+    @app.get("/object/<object_id>")
+    def object_page(object_id):
+        obj = store().get_object(object_id)
+        if obj is None:
+            abort(404)
+        q = query_from_args(request.args)
+        qs = urlencode(query_args(q, page=1))
+        nxt, prv = store().neighbour(object_id, q, 1), store().neighbour(object_id, q, -1)
+        store().record_views(g.vetter, [obj], with_rank=False)
+        rec = obj["record"] or {}
+        feats = rec.get("features") or {}
+        lc = obj["lightcurve"]
+        trig = rec.get("event_mjd")
+        explanation_text = rec.get("explanation_text") or {}
+        return render_template(
+            "object.html", obj=obj, rec=rec, feats=feats, qs=qs,
+            svg_raw=Markup(lightcurve_svg(lc, "raw", trigger_mjd=trig)),
+            svg_corr=Markup(lightcurve_svg(lc, "corrected", trigger_mjd=trig)),
+            explanation_text=explanation_text, links=archive_links(obj["ra"], obj["dec"], object_id, obj["survey"]),
+            next_url=url_for("object_page", object_id=nxt) + (f"?{qs}" if qs else "") if nxt else None,
+            prev_url=url_for("object_page", object_id=prv) + (f"?{qs}" if qs else "") if prv else None,
+            list_url=url_for("index") + (f"?{qs}" if qs else ""), now_mjd=now_mjd(),
+            feature_rows=sorted(feats.items()),
+        )
+
+    @app.get("/cutout/<int:alert_id>/<kind>.png")
+    def cutout(alert_id, kind):
+        if kind not in ("science", "template", "difference"):
+            abort(404)
+        data = store().cutout(alert_id, kind)
+        if data is None:
+            abort(404)
+        try:
+            png = cutout_png(data, kind)
+        except (OSError, ValueError, TypeError) as exc:
+            app.logger.warning("cutout %s/%s unreadable: %r", alert_id, kind, exc)
+            abort(415)
+        return Response(png, mimetype="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.post("/api/decision")
+    def decision():
+        body = request.get_json(silent=True) or request.form
+        object_id = body.get("object_id", "")
+        action = body.get("action", "")
+        alert_id = body.get("alert_id")
+        try:
+            alert_id = int(alert_id) if alert_id not in (None, "") else None
+            d = store().record_decision(object_id, action, g.vetter, alert_id, str(body.get("note", "")))
+        except (KeyError, ValueError) as exc:
+            return jsonify(error=str(exc).strip("'\"")), 400
+        if request.is_json:
+            return jsonify(decision_id=d.decision_id, object_id=d.object_id, alert_id=d.alert_id, vetter=d.vetter,
+                           decided_ms=d.decided_ms, action=d.action)
+        back = body.get("back") or url_for("object_page", object_id=object_id)
+        return redirect(back if back.startswith("/") and not back.startswith("//") else "/")
+
+    @app.get("/api/changes")
+    def changes():
+        try:
+            since = int(request.args.get("since", "0"))
+        except ValueError:
+            since = 0
+        return jsonify(changed=store().changes_since(since), objects=store().n_objects(),
+                       now_ms=int(time.time() * 1000))
+
+    @app.get("/api/actions")
+    def actions():
+        return jsonify(actions=sorted(ACTIONS), keys=KEYS)
+
+    return app

@@ -1,0 +1,408 @@
+"""The eyeball queue: store, sink, decisions, labels export and the web app's auth and pages.
+
+Real alerts from ``tests/data`` (or ``../shared/data``) go through the real pipeline and
+the real sink into a real SQLite file in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sqlite3
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DATA, SHARED
+
+from stream.alert import Envelope
+from stream.pipeline import Pipeline
+from stream.queue import (
+    LIST_COLUMNS,
+    ListQuery,
+    QueueSink,
+    QueueStore,
+    export_labels,
+    sparkline_points,
+)
+
+TOKEN = "test-token-123"
+
+
+def _alert_files() -> list:
+    files = sorted(p for d in ("ztf_fink", "ztf_ampel", "rubin_fink") for p in (DATA / d).rglob("*.avro"))
+    if not files:
+        files = sorted((SHARED / "ztf_alerts_fink_broker").rglob("*.avro"))[:200]
+    return files
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """(BatchResult, records) for every sample alert: one real pipeline batch."""
+    files = _alert_files()
+    if not files:
+        pytest.skip(f"no real alerts in {DATA} or {SHARED / 'ztf_alerts_fink_broker'}")
+    result = Pipeline().process([Envelope(p.read_bytes(), str(p)) for p in files])
+    assert result.annotations, "the sample alerts should decode"
+    return result, [a.to_record() for a in result.annotations]
+
+
+@pytest.fixture
+def db(tmp_path, batch):
+    result, records = batch
+    path = tmp_path / "queue.sqlite"
+    with QueueSink(path) as sink:
+        sink.write_result(result, records)
+        sink.flush()
+    return path
+
+
+def _counts(path) -> dict:
+    c = sqlite3.connect(path)
+    try:
+        return {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("objects", "annotations", "lightcurves", "cutouts", "decisions")}
+    finally:
+        c.close()
+
+
+def _unscored(record: dict, object_id: str, alert_id: int) -> dict:
+    r = copy.deepcopy(record)
+    r.update(object_id=object_id, alert_id=alert_id, status="unscored", p_real=None, p_extragalactic=None,
+             p_fast=None, priority=None, explanation=[], explanation_text={})
+    return r
+
+
+# ------------------------------------------------------------------------------------------ store and sink
+
+
+def test_upsert_is_idempotent(tmp_path, batch, db):
+    result, records = batch
+    before = _counts(db)
+    assert before["annotations"] == len(records)
+    assert before["objects"] == len({r["object_id"] for r in records})
+    assert before["lightcurves"] == len(records)
+    assert before["cutouts"] == sum(len([k for k in a.cutouts if a.cutouts[k]]) for a in result.alerts)
+    assert before["cutouts"] > 0
+    n_alerts = dict(sqlite3.connect(db).execute("SELECT object_id, n_alerts FROM objects").fetchall())
+    # Redelivery: the same batch again, in a new sink (a restarted service), and twice in one transaction.
+    with QueueSink(db) as sink:
+        sink.write_result(result, records)
+        sink.write_result(result, records)
+        sink.flush()
+    assert _counts(db) == before
+    assert dict(sqlite3.connect(db).execute("SELECT object_id, n_alerts FROM objects").fetchall()) == n_alerts
+
+
+def test_sink_plugs_into_drive(tmp_path):
+    from stream.service import drive
+    from stream.sources import MemorySource
+
+    files = _alert_files()[:20]
+    if not files:
+        pytest.skip("no real alerts")
+    path = tmp_path / "q.sqlite"
+    source = MemorySource([p.read_bytes() for p in files], batch_size=7)
+    counts = drive(source, Pipeline(), [QueueSink(path)])
+    assert counts.annotated == _counts(path)["annotations"] > 0
+    assert len(source.acked) == len(files)
+
+
+def test_list_is_ordered_by_priority_and_unscored_last(tmp_path, batch, db):
+    _, records = batch
+    with QueueSink(db) as sink:
+        sink.write([_unscored(records[0], "UNSCORED-1", 1)])
+        sink.flush()
+    store = QueueStore(db)
+    page = store.list_objects(ListQuery(per_page=500))
+    prio = [r["priority"] for r in page.rows]
+    scored = [p for p in prio if p is not None]
+    assert scored == sorted(scored, reverse=True)
+    assert prio[-1] is None and page.rows[-1]["object_id"] == "UNSCORED-1"
+    # The object row carries its latest alert's priority.
+    latest = {}
+    for r in records:
+        cur = latest.get(r["object_id"])
+        if cur is None or (r["event_mjd"], r["alert_id"]) > (cur["event_mjd"], cur["alert_id"]):
+            latest[r["object_id"]] = r
+    top = page.rows[0]
+    assert top["priority"] == pytest.approx(max(r["priority"] for r in latest.values()))
+    assert top["latest_alert_id"] == latest[top["object_id"]]["alert_id"]
+    # Unscored objects never pass a score threshold and never get a priority of 0.
+    assert all(r["object_id"] != "UNSCORED-1" for r in store.list_objects(ListQuery(min_p_real=0.0)).rows)
+    store.close()
+
+
+def test_filters_and_paging(db, batch):
+    store = QueueStore(db)
+    everything = store.list_objects(ListQuery(per_page=500)).rows
+    for stage in ("first", "longterm"):
+        rows = store.list_objects(ListQuery(stage=stage, per_page=500)).rows
+        assert rows and {r["stage"] for r in rows} == {stage}
+    hi = store.list_objects(ListQuery(min_p_real=0.5, per_page=500)).rows
+    assert all(r["p_real"] >= 0.5 for r in hi) and len(hi) < len(everything)
+    xgal = store.list_objects(ListQuery(sky="extragalactic", b_cut=20, per_page=500)).rows
+    gal = store.list_objects(ListQuery(sky="galactic", b_cut=20, per_page=500)).rows
+    assert all(abs(r["gal_b"]) >= 20 for r in xgal) and all(abs(r["gal_b"]) < 20 for r in gal)
+    assert len(xgal) + len(gal) == len(everything)
+    by_score = store.list_objects(ListQuery(sky="extragalactic", sky_by="score", per_page=500)).rows
+    assert all(r["p_extragalactic"] >= 0.5 for r in by_score)
+    mags = [r["mag"] for r in store.list_objects(ListQuery(sort="mag", per_page=500)).rows if r["mag"] is not None]
+    assert mags == sorted(mags)
+    p1 = store.list_objects(ListQuery(per_page=10, page=1))
+    p2 = store.list_objects(ListQuery(per_page=10, page=2))
+    assert p1.total == len(everything) and p1.n_pages == -(-len(everything) // 10)
+    assert not {r["object_id"] for r in p1.rows} & {r["object_id"] for r in p2.rows}
+    # j/k navigation follows the same order.
+    ids = [r["object_id"] for r in everything]
+    assert store.neighbour(ids[0], ListQuery()) == ids[1]
+    assert store.neighbour(ids[5], ListQuery(), -1) == ids[4]
+    assert store.neighbour(ids[-1], ListQuery()) is None
+    store.close()
+
+
+def test_list_query_reads_objects_only_through_an_index(db):
+    store = QueueStore(db)
+    q = ListQuery(stage="first", min_p_real=0.2)
+    where, args = q.where()
+    plan = " ".join(r[-1] for r in store.conn.execute(
+        f"EXPLAIN QUERY PLAN SELECT {LIST_COLUMNS} FROM objects WHERE {where} ORDER BY {q.order()} LIMIT 50",
+        args))
+    assert "annotations" not in plan and "USE TEMP B-TREE" not in plan, plan
+    store.close()
+
+
+def test_older_alert_redelivered_late_does_not_roll_the_object_back(tmp_path, batch):
+    _, records = batch
+    base = records[0]
+    new = dict(copy.deepcopy(base), object_id="OBJ", alert_id=20, event_mjd=base["event_mjd"] + 1, priority=0.9)
+    old = dict(copy.deepcopy(base), object_id="OBJ", alert_id=10, event_mjd=base["event_mjd"], priority=0.1)
+    path = tmp_path / "q.sqlite"
+    with QueueSink(path) as sink:
+        sink.write([new])
+        sink.flush()
+        sink.write([old])
+        sink.flush()
+    row = sqlite3.connect(path).execute("SELECT latest_alert_id, priority, n_alerts FROM objects").fetchone()
+    assert row == (20, 0.9, 2)
+
+
+def test_decision_stores_snapshot_and_snooze_waits_for_new_data(db, batch):
+    _, records = batch
+    store = QueueStore(db)
+    top = store.list_objects(ListQuery(per_page=1)).rows[0]
+    rec = next(r for r in records if r["alert_id"] == top["latest_alert_id"])
+    d = store.record_decision(top["object_id"], "real", "alice")
+    row = dict(store.conn.execute("SELECT * FROM decisions WHERE decision_id = ?", (d.decision_id,)).fetchone())
+    assert (row["vetter"], row["action"], row["is_real"], row["alert_id"]) == ("alice", "real", 1, rec["alert_id"])
+    assert row["is_extragalactic"] is None and row["follow_up"] is None
+    assert row["p_real"] == pytest.approx(rec["p_real"]) and row["priority"] == pytest.approx(rec["priority"])
+    assert row["model_version"] == rec["model_version"] and row["stage"] == rec["stage"]
+    assert json.loads(row["features"]) == rec["features"]
+    assert store.get_object(top["object_id"])["vet_real"] == 1
+    with pytest.raises(KeyError):
+        store.record_decision(top["object_id"], "maybe", "alice")
+    with pytest.raises(KeyError):
+        store.record_decision("no-such-object", "real", "alice")
+
+    store.record_decision(top["object_id"], "snooze", "alice")
+    visible = {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
+    assert top["object_id"] not in visible
+    assert top["object_id"] in {r["object_id"] for r in store.list_objects(ListQuery(show_snoozed=True,
+                                                                                     per_page=500)).rows}
+    newer = dict(copy.deepcopy(rec), alert_id=rec["alert_id"] + 1, event_mjd=rec["event_mjd"] + 0.5)
+    with QueueSink(db) as sink:
+        sink.write([newer])
+        sink.flush()
+    assert top["object_id"] in {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
+    store.close()
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_export_labels(tmp_path, db, batch, suffix):
+    from models.features import FEATURES
+
+    _, records = batch
+    store = QueueStore(db)
+    rows = store.list_objects(ListQuery(per_page=3)).rows
+    store.record_decision(rows[0]["object_id"], "bogus", "bob")
+    store.record_decision(rows[1]["object_id"], "extragalactic", "carol")
+    store.record_decision(rows[1]["object_id"], "follow_up", "carol")
+    store.close()
+    out = tmp_path / f"labels{suffix}"
+    from stream.cli import main
+
+    assert main(["queue", "export-labels", "--db", str(db), "--out", str(out)]) == 0
+    df = pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
+    assert len(df) == 3
+    assert list(df["action"]) == ["bogus", "extragalactic", "follow_up"]
+    assert list(df["vetter"]) == ["bob", "carol", "carol"]
+    assert df.loc[0, "is_real"] == 0 and pd.isna(df.loc[0, "is_extragalactic"])
+    assert df.loc[1, "is_extragalactic"] == 1 and df.loc[2, "follow_up"] == 1
+    assert list(df["object_id"].astype(str)) == [rows[0]["object_id"], rows[1]["object_id"], rows[1]["object_id"]]
+    assert set(FEATURES) <= set(df.columns)
+    rec = next(r for r in records if r["alert_id"] == rows[0]["latest_alert_id"])
+    for f in FEATURES:
+        v = rec["features"][f]
+        assert (np.isnan(df.loc[0, f]) if v is None else df.loc[0, f] == pytest.approx(v)), f
+    assert df.loc[0, "p_real"] == pytest.approx(rec["p_real"])
+    assert int(df.loc[0, "alert_id"]) == rec["alert_id"]
+    with pytest.raises(ValueError):
+        export_labels(db, tmp_path / "labels.xlsx")
+
+
+def test_sparkline_points_scale_into_the_box():
+    pts = sparkline_points([1, 2, 3, 4], ["g", "g", "r", "g"], [np.nan, 10, 20, 5], [2, 0, 1, 1], 80, 20)
+    assert set(pts) == {"g", "r"}
+    xy = [tuple(map(float, p.split(","))) for s in pts.values() for p in s.split()]
+    assert len(xy) == 3 and all(0 <= x <= 80 and 0 <= y <= 20 for x, y in xy)
+    assert sparkline_points([1], ["g"], [np.nan], [2]) == {}
+
+
+# ------------------------------------------------------------------------------------------ web app
+
+
+@pytest.fixture
+def client(db):
+    from stream.web import create_app
+
+    app = create_app(db, token=TOKEN)
+    app.config["TESTING"] = True
+    return app.test_client()
+
+
+def _login(client, name="vera"):
+    r = client.post("/login", data={"vetter": name, "token": TOKEN, "next": "/"})
+    assert r.status_code == 302
+    with client.session_transaction() as session:  # without loading a page: that would mark objects seen
+        return session["csrf"]
+
+
+def test_auth_required_except_health(client, db):
+    assert client.get("/health").status_code == 200
+    assert client.get("/health").get_json() == {"status": "ok"}
+    r = client.get("/")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    oid = sqlite3.connect(db).execute("SELECT object_id FROM objects LIMIT 1").fetchone()[0]
+    assert client.get(f"/object/{oid}").status_code == 302
+    assert client.get("/api/changes").status_code == 401
+    assert client.get("/cutout/1/science.png").status_code == 401
+    assert client.get("/static/queue.js").status_code == 302
+    assert client.post("/api/decision", json={"object_id": oid, "action": "real"}).status_code == 401
+    assert client.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 302
+    assert client.get("/api/changes", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    bad = client.post("/login", data={"vetter": "eve", "token": "nope"})
+    assert bad.status_code == 401 and client.get("/").status_code == 302
+    csrf = _login(client)
+    assert client.get("/").status_code == 200
+    # Cookie-authenticated writes need the CSRF token; bearer clients do not.
+    assert client.post("/api/decision", json={"object_id": oid, "action": "real"}).status_code == 403
+    ok = client.post("/api/decision", json={"object_id": oid, "action": "real"}, headers={"X-CSRF-Token": csrf})
+    assert ok.status_code == 200 and ok.get_json()["vetter"] == "vera"
+    api = client.post("/api/decision", json={"object_id": oid, "action": "bogus"},
+                      headers={"Authorization": f"Bearer {TOKEN}", "X-Vetter": "script"})
+    assert api.status_code == 200 and api.get_json()["vetter"] == "script"
+    assert client.get("/login?next=//evil.example").status_code == 200
+    r = client.post("/login", data={"vetter": "v", "token": TOKEN, "next": "//evil.example"})
+    assert r.headers["Location"] == "/"
+
+
+def test_list_page_order_flags_and_polling(client, db, batch):
+    _, records = batch
+    _login(client)
+    html = client.get("/?per_page=200").get_data(as_text=True)
+    ids = re.findall(r'<tr data-object-id="([^"]+)"', html)
+    expect = [r[0] for r in sqlite3.connect(db).execute(
+        "SELECT object_id FROM objects ORDER BY COALESCE(priority, -1.0) DESC, object_id")]
+    assert ids == expect[:200]
+    assert html.count('class="badge new"') == len(ids)  # first look: everything is new
+    assert "<svg class=\"spark\"" in html
+    html2 = client.get("/?per_page=200").get_data(as_text=True)
+    assert 'class="badge new"' not in html2  # seen now
+    t0 = client.get("/api/changes?since=0").get_json()
+    assert t0["changed"] == len(expect)
+    since = t0["now_ms"]
+    assert client.get(f"/api/changes?since={since}").get_json()["changed"] == 0
+    # The service writes a newer alert of a listed object and an unscored new object; the app sees both.
+    rec = next(r for r in records if r["object_id"] == ids[-1])
+    newer = dict(copy.deepcopy(rec), alert_id=rec["alert_id"] + 7, event_mjd=rec["event_mjd"] + 1.0, priority=0.99)
+    with QueueSink(db) as sink:
+        sink.write([newer, _unscored(records[0], "NEWOBJ", 5)])
+        sink.flush()
+    assert client.get(f"/api/changes?since={since}").get_json()["changed"] == 2
+    html3 = client.get("/?per_page=200").get_data(as_text=True)
+    ids3 = re.findall(r'<tr data-object-id="([^"]+)"', html3)
+    assert ids3[0] == ids[-1] and ids3[-1] == "NEWOBJ"
+    assert "new data" in html3 and "▲" in html3
+    assert "unscored" in html3
+
+
+def test_object_page_plots_cutouts_and_vetting_form(client, db, batch):
+    from stream.web import fits_image
+
+    result, _ = batch
+    _login(client)
+    with_cutouts = {a.object_id: a for a in result.alerts if a.cutouts.get("science") and a.survey == "ztf"}
+    marks = ",".join("?" * len(with_cutouts))
+    obj = sqlite3.connect(db).execute(
+        f"SELECT object_id, latest_alert_id FROM objects WHERE object_id IN ({marks}) ORDER BY priority DESC LIMIT 1",
+        list(with_cutouts)).fetchone()
+    assert obj, "the sample should have ZTF alerts with cutouts"
+    html = client.get(f"/object/{obj[0]}").get_data(as_text=True)
+    assert html.count('<svg class="lc') == 2
+    assert "<circle" in html
+    assert "simbad" in html.lower() and "legacysurvey" in html and "wis-tns" in html
+    assert "P(real)=" in html  # explanation sentence
+    for kind in ("science", "template", "difference"):
+        assert f"/cutout/{obj[1]}/{kind}.png" in html
+        png = client.get(f"/cutout/{obj[1]}/{kind}.png")
+        assert png.status_code == 200 and png.mimetype == "image/png"
+        w, h = struct.unpack(">II", png.data[16:24])
+        alert = next(a for a in result.alerts if a.alert_id == obj[1])
+        assert (h, w) == fits_image(alert.cutouts[kind]).shape
+    assert client.get("/object/does-not-exist").status_code == 404
+    assert client.get(f"/cutout/{obj[1]}/bogus.png").status_code == 404
+
+
+def test_png_encoder_roundtrip():
+    from stream.web import png_encode
+
+    img = (np.arange(12 * 7) % 256).astype(np.uint8).reshape(7, 12)
+    data = png_encode(img)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (12, 7)
+    n = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
+    raw = np.frombuffer(zlib.decompress(data[41:41 + n]), np.uint8).reshape(7, 13)
+    assert (raw[:, 0] == 0).all() and (raw[:, 1:] == img).all()
+
+
+def test_lightcurve_svg_marks_limits_and_handles_missing_correction():
+    from stream.web import lightcurve_svg
+
+    lc = {"mjd": [1.0, 2.0, 3.0, 4.0], "band": ["g", "r", "g", "r"], "flux": [None, 10.0, 20.0, 5.0],
+          "flux_err": [4.0, 1.0, 1.0, 2.0], "kind": [2, 1, 0, 3], "flux_corrected": None}
+    raw = lightcurve_svg(lc, "raw", trigger_mjd=3.0)
+    assert raw.startswith("<svg") and raw.endswith("</svg>")
+    assert 'class="ul"' in raw and 'class="fp"' in raw and raw.count('class="det"') == 2
+    assert "no per-point HSR correction" in lightcurve_svg(lc, "corrected")
+    corr = lightcurve_svg(dict(lc, flux_corrected=[None, 9.0, 18.0, 4.0]), "corrected")
+    assert corr.count('class="det"') == 2
+
+
+def test_web_reads_while_the_service_holds_a_batch_open(client, db, batch):
+    """WAL: the list serves the last committed state while a batch is being written."""
+    _, records = batch
+    with QueueSink(db) as sink:
+        sink.write([_unscored(records[0], "IN-FLIGHT", 3)])  # transaction open, not committed
+        r = client.get("/?per_page=500", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and "IN-FLIGHT" not in r.get_data(as_text=True)
+        sink.flush()
+    r = client.get("/?per_page=500", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert "IN-FLIGHT" in r.get_data(as_text=True)
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -1,0 +1,153 @@
+"""The eyeball queue in a real headless Chromium: log in, ranked list, object page, keyboard vetting.
+
+Needs the system Chromium (``apt-get install chromium``) and the Python ``playwright``
+package; the browser bundled by ``playwright install`` is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import DATA, SHARED
+
+from stream.alert import Envelope
+from stream.pipeline import Pipeline
+from stream.queue import QueueSink
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("VIGIL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "browser-test-token"
+SHOTS = Path(os.environ.get("VIGIL_SCREENSHOTS", "/tmp"))
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # optional test dependency
+    sync_playwright = None
+
+if sync_playwright is None:
+    pytest.skip("python package 'playwright' is not installed (pip install playwright)", allow_module_level=True)
+if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set VIGIL_CHROMIUM)",
+                allow_module_level=True)
+
+
+def _alert_files() -> list:
+    files = sorted(p for d in ("ztf_fink", "ztf_ampel", "rubin_fink") for p in (DATA / d).rglob("*.avro"))
+    return files or sorted((SHARED / "ztf_alerts_fink_broker").rglob("*.avro"))[:200]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A store filled from real alerts, served by the real app on a free port."""
+    from werkzeug.serving import make_server
+
+    from stream.web import create_app
+
+    files = _alert_files()
+    if not files:
+        pytest.skip("no real alerts in tests/data or ../shared/data")
+    db = tmp_path_factory.mktemp("queue") / "queue.sqlite"
+    result = Pipeline().process([Envelope(p.read_bytes(), str(p)) for p in files])
+    with QueueSink(db) as sink:
+        sink.write_result(result, [a.to_record() for a in result.annotations])
+        sink.flush()
+    srv = make_server("127.0.0.1", 0, create_app(db, token=TOKEN), threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}", db
+    srv.shutdown()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _decisions(db) -> list:
+    c = sqlite3.connect(db)
+    try:
+        return c.execute("SELECT object_id, action, vetter FROM decisions ORDER BY decision_id").fetchall()
+    finally:
+        c.close()
+
+
+def test_vetting_session_in_chromium(server, browser, tmp_path):
+    base, db = server
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # Not logged in: the list redirects to the login form.
+    page.goto(base + "/")
+    assert "/login" in page.url
+    page.fill("#vetter", "Vera")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#queue tbody tr[data-object-id]")
+
+    # Ranked by priority, as in the store.
+    shown = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
+    expect = [r[0] for r in sqlite3.connect(db).execute(
+        "SELECT object_id FROM objects ORDER BY COALESCE(priority, -1.0) DESC, object_id LIMIT 50")]
+    assert shown == expect
+    prios = page.eval_on_selector_all("#queue tbody tr td.prio", "ts => ts.map(t => t.textContent.trim())")
+    values = [float(p.split()[0]) for p in prios if p[:1].isdigit()]
+    assert values == sorted(values, reverse=True)
+    assert page.locator("svg.spark").count() == len(shown)
+    page.screenshot(path=str(SHOTS / "vigil_queue_list.png"), full_page=False)
+
+    # Keyboard vetting on the list: j moves the cursor to row 2, b marks it bogus.
+    page.keyboard.press("j")
+    assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == shown[1]
+    page.keyboard.press("b")
+    page.wait_for_selector("tr.cursor td.vet .lab.no")
+    assert (shown[1], "bogus", "Vera") in _decisions(db)
+
+    # Object page of the top object with a cutout: plots and stamps load.
+    top_with_stamps = sqlite3.connect(db).execute(
+        "SELECT o.object_id FROM objects o WHERE EXISTS (SELECT 1 FROM cutouts c WHERE c.alert_id = o.latest_alert_id"
+        " AND c.kind = 'science') ORDER BY COALESCE(o.priority, -1.0) DESC, o.object_id LIMIT 1").fetchone()[0]
+    page.goto(f"{base}/object/{top_with_stamps}")
+    page.wait_for_load_state("load")
+    assert page.locator("svg.lc").count() == 2
+    assert page.locator("#lc-raw svg.lc circle.det").count() >= 1
+    widths = page.eval_on_selector_all("img.cutout", "is => is.map(i => i.complete ? i.naturalWidth : -1)")
+    assert len(widths) == 3 and all(w > 0 for w in widths), widths
+    assert "P(real)=" in page.inner_text(".scores")
+    page.screenshot(path=str(SHOTS / "vigil_queue_object.png"), full_page=True)
+
+    # Keyboard vetting on the object page: r (real), x (extragalactic), f (follow-up); j moves on.
+    for key in ("r", "x", "f"):
+        page.keyboard.press(key)
+    page.wait_for_function("document.querySelectorAll('#decisions li:not(.muted)').length >= 3")
+    mine = [(a, v) for o, a, v in _decisions(db) if o == top_with_stamps]
+    assert mine == [("real", "Vera"), ("extragalactic", "Vera"), ("follow_up", "Vera")]
+    url = page.url
+    page.keyboard.press("j")
+    page.wait_for_url(lambda u: u != url)
+    assert "/object/" in page.url
+    assert not errors, errors
+
+    # The decisions are in the exported labels.
+    from stream.cli import main
+
+    out = tmp_path / "labels.parquet"
+    assert main(["queue", "export-labels", "--db", str(db), "--out", str(out)]) == 0
+    labels = pd.read_parquet(out)
+    got = list(zip(labels["object_id"], labels["action"], labels["vetter"], strict=True))
+    assert got == _decisions(db)
+    row = labels[(labels["object_id"] == top_with_stamps) & (labels["action"] == "real")].iloc[0]
+    assert row["is_real"] == 1 and row["p_real"] > 0 and "real_bogus" in labels.columns
