@@ -341,32 +341,67 @@ def _check_mjd(mjd, ids):
     return mjd
 
 
+def _arr(rows, key) -> np.ndarray:
+    """Column ``key`` of a list of records as floats (None → NaN)."""
+    return np.array([r.get(key) for r in rows], dtype=float)
+
+
+def _iarr(rows, key) -> np.ndarray:
+    return np.array([-1 if r.get(key) is None else r[key] for r in rows], dtype=np.int64)
+
+
+_INT_COLS = ("exposure", "field", "chip")
+
+
 class _Rows:
-    """Accumulates light-curve rows column by column, then builds a LightCurve."""
+    """Accumulates light-curve rows in column blocks, then builds one sorted LightCurve."""
 
     def __init__(self):
-        self.cols = {c: [] for c in LightCurve.COLUMNS}
+        self.blocks: list[tuple[int, dict]] = []
 
     def add(self, **kw):
-        for c, lst in self.cols.items():
-            lst.append(kw.get(c, np.nan))
+        self.add_block(1, **{k: np.atleast_1d(v) for k, v in kw.items()})
+
+    def add_block(self, n: int, **cols):
+        if n:
+            self.blocks.append((n, cols))
 
     def build(self) -> LightCurve:
-        c = self.cols
-        mjd = np.asarray(c["mjd"], dtype=float)
-        order = np.argsort(mjd, kind="stable")
         arrays = {}
-        for name, vals in c.items():
+        for name in LightCurve.COLUMNS:
+            parts = []
+            for n, cols in self.blocks:
+                v = cols.get(name)
+                if v is None:
+                    v = np.full(n, -1 if name in _INT_COLS else ("" if name == "band" else np.nan))
+                parts.append(np.broadcast_to(np.asarray(v), (n,)))
+            arr = np.concatenate(parts) if parts else np.array([])
             if name == "band":
-                arr = np.asarray(vals, dtype="<U2")
-            elif name in ("kind",):
-                arr = np.asarray(vals, dtype=np.int8)
-            elif name in ("exposure", "field", "chip"):
-                arr = np.asarray([-1 if v is None or v != v else v for v in vals], dtype=np.int64)
+                arrays[name] = arr.astype("<U2")
+            elif name == "kind":
+                arrays[name] = arr.astype(np.int8)
+            elif name in _INT_COLS:
+                arrays[name] = np.nan_to_num(arr.astype(float), nan=-1).astype(np.int64)
             else:
-                arr = np.asarray(vals, dtype=float)
-            arrays[name] = arr[order]
-        return LightCurve(**arrays)
+                arrays[name] = arr.astype(float)
+        order = np.argsort(arrays["mjd"], kind="stable")
+        return LightCurve(**{k: v[order] for k, v in arrays.items()})
+
+
+_BAND_ARRAY = np.array(["?", "g", "r", "i"], dtype="<U2")
+
+
+def _ztf_bands(fid: np.ndarray) -> np.ndarray:
+    return _BAND_ARRAY[np.where((fid >= 1) & (fid <= 3), fid, 0)]
+
+
+def _ztf_meta_block(rows) -> dict:
+    magnr = _arr(rows, "magnr")
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = np.where(magnr > 0, mag_to_ujy(np.where(magnr > 0, magnr, 99.0)), np.nan)
+    return {"exposure": _iarr(rows, "pid"), "field": _iarr(rows, "field"), "chip": _iarr(rows, "rcid"),
+            "zp": _arr(rows, "magzpsci"), "zp_rms": _arr(rows, "magzpscirms"),
+            "colour_coeff": _arr(rows, "clrcoeff"), "limit_mag": _arr(rows, "diffmaglim"), "ref_flux": ref}
 
 
 def _mag_flux(mag, magerr, isdiffpos):
@@ -401,29 +436,38 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     flux, err = _mag_flux(mag, magerr, isdiffpos)
     rows.add(**_ztf_row_meta(cand), mjd=mjd, band=ZTF_BANDS.get(fid, "?"), flux=flux, flux_err=err,
              kind=DETECTION, ra=ra, dec=dec)
-    for p in rec.get("prv_candidates") or ():
-        jd = p.get("jd")
-        if jd is None:
-            continue  # a history row with no time cannot be placed; the survey never sends one
-        band = ZTF_BANDS.get(p.get("fid"), "?")
-        if p.get("magpsf") is not None and p.get("sigmapsf") is not None:
-            f, e = _mag_flux(p["magpsf"], p["sigmapsf"], p.get("isdiffpos"))
-            rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=f, flux_err=e, kind=PREVIOUS,
-                     ra=_f(p.get("ra")), dec=_f(p.get("dec")))
-        elif p.get("diffmaglim") is not None and p["diffmaglim"] > 0:
-            lim = float(mag_to_ujy(p["diffmaglim"]))
-            rows.add(**_ztf_row_meta(p), mjd=jd - JD_MJD, band=band, flux=np.nan, flux_err=lim / 5.0,
-                     kind=NONDETECTION)
-    for p in rec.get("fp_hists") or ():
-        fl, fe, zp, jd = (p.get("forcediffimflux"), p.get("forcediffimfluxunc"), p.get("magzpsci"), p.get("jd"))
-        if None in (fl, fe, zp, jd) or fl <= ZTF_FP_BAD or fe <= 0:
-            continue  # the survey's own "no measurement" marker (procstatus != 0)
-        scale = 10.0 ** (-0.4 * (zp - 23.9))  # DN → µJy
-        meta = _ztf_row_meta(p)
-        meta["seeing"] = _f(p.get("sciinpseeing"))
-        meta["background"] = _f(p.get("scibckgnd"))
-        rows.add(**meta, mjd=jd - JD_MJD, band=ZTF_BANDS.get(p.get("fid"), "?"), flux=fl * scale,
-                 flux_err=fe * scale, kind=FORCED)
+    prv = [p for p in rec.get("prv_candidates") or () if p.get("jd") is not None]
+    if prv:
+        meta = _ztf_meta_block(prv)
+        jd, mag, sig, lim = _arr(prv, "jd"), _arr(prv, "magpsf"), _arr(prv, "sigmapsf"), _arr(prv, "diffmaglim")
+        neg = np.array([str(p.get("isdiffpos")).lower() in ("f", "0", "false") for p in prv])
+        band = _ztf_bands(_iarr(prv, "fid"))
+        det = np.isfinite(mag) & np.isfinite(sig)
+        lim_ok = ~det & (lim > 0)
+        pflux = mag_to_ujy(np.where(det, mag, 99.0))
+        for sel, kind in ((det, PREVIOUS), (lim_ok, NONDETECTION)):
+            if not sel.any():
+                continue
+            blk = {k: v[sel] for k, v in meta.items()}
+            if kind == PREVIOUS:
+                f = pflux[sel]
+                blk.update(flux=np.where(neg[sel], -f, f), flux_err=f * sig[sel] * math.log(10) / 2.5,
+                           ra=_arr(prv, "ra")[sel], dec=_arr(prv, "dec")[sel])
+            else:
+                blk.update(flux=np.full(sel.sum(), np.nan), flux_err=mag_to_ujy(lim[sel]) / 5.0)
+            rows.add_block(int(sel.sum()), mjd=jd[sel] - JD_MJD, band=band[sel], kind=np.full(sel.sum(), kind),
+                           **blk)
+    fps = rec.get("fp_hists") or ()
+    if fps:
+        fl, fe, zp, jd = (_arr(fps, k) for k in ("forcediffimflux", "forcediffimfluxunc", "magzpsci", "jd"))
+        # The survey's own "no measurement" marker is forcediffimflux = -99999 (procstatus != 0).
+        good = np.isfinite(fl) & np.isfinite(fe) & np.isfinite(zp) & np.isfinite(jd) & (fl > ZTF_FP_BAD) & (fe > 0)
+        if good.any():
+            scale = np.power(10.0, -0.4 * (zp[good] - 23.9))  # DN → µJy
+            meta = {k: v[good] for k, v in _ztf_meta_block(fps).items()}
+            rows.add_block(int(good.sum()), **meta, mjd=jd[good] - JD_MJD, band=_ztf_bands(_iarr(fps, "fid"))[good],
+                           flux=fl[good] * scale, flux_err=fe[good] * scale, kind=np.full(good.sum(), FORCED),
+                           seeing=_arr(fps, "sciinpseeing")[good], background=_arr(fps, "scibckgnd")[good])
 
     drb = cand.get("drb")
     ctx = Context(

@@ -1,0 +1,582 @@
+"""Half-sibling regression (HSR): remove what the instrument did to a light curve.
+
+Model (Schölkopf et al. 2015, 2016): a target's measured flux is Y = Q + f(N), where
+Q is its astrophysics and N the unobserved systematics of each exposure. *Siblings* X
+share N but cannot share Q (other objects in the same exposure, image-level
+calibration). Q̂ = Y − E[Y | X] recovers Q up to a constant, with an error equal to
+the part of f(N) the siblings cannot explain.
+
+Two pieces (science.md §1):
+
+:class:`SiblingStore`
+    Streaming, bounded-memory state per exposure (ZTF ``pid``; Rubin visit·1000 +
+    detector). From every alert's forced-photometry and history rows it keeps, per
+    exposure, weighted least-squares sums of quiescent sibling fluxes against their
+    reference fluxes, ``f_j = a_e + s_e·F_ref,j`` (exact fixed-point integers, so
+    leave-one-out subtraction is bit-identical to never having seen the target), plus
+    image-level metadata (zero point, its rms, colour coefficient, depth, seeing,
+    background) and, for the current exposure, the FWHM of every alert that arrived.
+
+:class:`HalfSiblingRegressor`
+    Per target, a ridge regression of its signed flux on a small standardised sibling
+    vector ``[â_e, ŝ_e·F, ΔZP·F, (seeing ratio − 1)·F, (airmass − 1)·F, ZP rms·F,
+    colour coeff·F, per-band intercepts]`` shrunk toward the loadings physics predicts
+    (1 on the sibling offset and scale, 0 elsewhere), trained only on epochs before
+    ``t − exclusion_days`` and before first detection − ``pre_detection_days``.
+
+Hygiene rules (each has a unit test): R1 sibling statistics are leave-one-out w.r.t.
+the target (and its neighbours within ``exclusion_arcsec``); R2 siblings contribute
+only epochs before their own first detection minus a margin — chosen by time, never
+by their measured value; R3 nothing measured on the target (fwhm, rb, ...) enters the
+sibling vector; R4 the current exposure uses only alerts that have arrived for it;
+R5 ingesting the same rows twice leaves the state unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS
+from stream.annotation import HSRDiagnostics
+
+# Observatory sites (deg): used for airmass, an exposure-level sibling variable.
+SITES = {"ztf": (33.3563, -116.8650), "rubin": (-30.2446, -70.7494)}
+
+# Fixed-point scales for the exact per-exposure sums (see SiblingStore._quantise).
+# Per row: w·[1, F, G, F², F·G, G², f, f·F, f·G, 1/w] with G = F·(colour − 0.6): the upper triangle
+# of the weighted normal equations of f = a + s·F + c·G, and a count. Weights are bounded by the
+# model-scatter term, so 2^32 leaves ample headroom in int64.
+_NSUM = 10
+_SCALES = np.array([2.0**32] * 9 + [1.0])
+_COLOUR0 = 0.6
+_MAX_Q = 2.0**52  # a row whose quantised contribution exceeds this is dropped (sums stay far from overflow)
+_MAX_FLUX = 2.0e5  # µJy (mag 10.6): brighter siblings are saturated anyway
+_MIN_ERR = 1.0  # µJy: caps a sibling's weight
+_MODEL_SCATTER = 0.01
+
+
+def _obj_hash(object_id: str) -> int:
+    # Stable across processes (Python's hash() is salted): CRC32 of the id, with the length mixed in.
+    b = object_id.encode()
+    return (zlib.crc32(b) << 16) ^ len(b)
+
+
+def airmass(ra, dec, mjd, survey: str) -> np.ndarray:
+    """Plane-parallel airmass from pointing and time at the survey's site (no network)."""
+    lat, lon = SITES.get(survey, SITES["ztf"])
+    gmst = 280.46061837 + 360.98564736629 * (np.asarray(mjd, dtype=float) - 51544.5)
+    ha = np.radians(gmst + lon - np.asarray(ra, dtype=float))
+    d, p = np.radians(np.asarray(dec, dtype=float)), math.radians(lat)
+    sin_alt = np.sin(p) * np.sin(d) + np.cos(p) * np.cos(d) * np.cos(ha)
+    with np.errstate(divide="ignore"):
+        return np.where(sin_alt > 0.05, 1.0 / np.maximum(sin_alt, 0.05), np.nan)
+
+
+def source_colour(lc) -> float:
+    """g − r of the reference-image source from its reference fluxes (NaN if not both bands)."""
+    out = []
+    for b in ("g", "r"):
+        v = lc.ref_flux[(lc.band == b) & np.isfinite(lc.ref_flux)]
+        out.append(float(np.median(v)) if len(v) else np.nan)
+    g, r = out
+    return float(-2.5 * np.log10(g / r)) if g > 0 and r > 0 else np.nan
+
+
+class SiblingStore:
+    """Per-exposure sibling state, bounded by a retention window.
+
+    Parameters
+    ----------
+    retention_days : float
+        Exposures older than the newest ingested time minus this are forgotten.
+    quiet_margin_days : float
+        A sibling row counts only if taken this long before the sibling's first detection (R2).
+    exclusion_arcsec : float
+        Objects this close to a target are not its siblings (they may share its host).
+    """
+
+    _META = ("mjd", "zp", "zp_rms", "colour_coeff", "limit_mag", "seeing", "background")
+
+    def __init__(self, retention_days: float = 45.0, quiet_margin_days: float = 2.0,
+                 exclusion_arcsec: float = 60.0):
+        self.retention_days = retention_days
+        self.quiet_margin_days = quiet_margin_days
+        self.exclusion_arcsec = exclusion_arcsec
+        self._slot: dict[int, int] = {}  # exposure key → slot
+        self._cap = 0
+        self.sums = np.zeros((0, _NSUM), dtype=np.int64)  # see _SCALES
+        self.meta = np.zeros((0, len(self._META)))
+        self.group = np.zeros(0, dtype=np.int64)  # hash of (field, chip, band): ZP anomaly reference
+        self._free: list[int] = []
+        self._rows: dict[tuple[int, int], np.ndarray] = {}  # (exposure, object) → its quantised sums row
+        self._exp_objects: dict[int, list[int]] = {}  # exposure → objects with a row there (for eviction)
+        self._fwhm: dict[int, dict[int, float]] = {}  # exposure → object → fwhm of its alert there (R4)
+        self._first_det: dict[int, float] = {}  # object → earliest known detection (MJD)
+        self._pos: dict[int, tuple[float, float]] = {}
+        self._cells: dict[tuple[int, int], set[int]] = {}
+        self.newest_mjd = -np.inf
+        self._since_evict = 0
+        self._zp_median: dict[int, float] = {}
+
+    # -- storage ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self._rows)
+
+    def nbytes(self) -> int:
+        """Approximate memory held (numpy arrays + per-row dict entries)."""
+        return int(self.sums.nbytes + self.meta.nbytes + self.group.nbytes + 150 * len(self._rows)
+                   + 100 * len(self._pos))
+
+    def _slot_of(self, exposure: int) -> int:
+        s = self._slot.get(exposure)
+        if s is not None:
+            return s
+        if self._free:
+            s = self._free.pop()
+        else:
+            s = len(self._slot)
+            if s >= self._cap:
+                self._cap = max(1024, 2 * self._cap)
+                self.sums = np.resize(self.sums, (self._cap, _NSUM))
+                self.meta = np.resize(self.meta, (self._cap, len(self._META)))
+                self.group = np.resize(self.group, self._cap)
+        self.sums[s] = 0
+        self.meta[s] = np.nan
+        self.group[s] = 0
+        self._slot[exposure] = s
+        return s
+
+    @staticmethod
+    def _quantise(F, f, err, colour=np.nan) -> np.ndarray:
+        """Exact integer contributions of sibling rows (so sums subtract exactly)."""
+        F = np.clip(np.nan_to_num(F, nan=0.0), 0.0, _MAX_FLUX)
+        f = np.clip(f, -_MAX_FLUX, _MAX_FLUX)
+        # Weights include a 1 % model scatter ∝ F: sources respond to the same exposure with
+        # different loadings (colour, PSF), so bright siblings are not infinitely precise.
+        w = 1.0 / (np.maximum(err, _MIN_ERR) ** 2 + (_MODEL_SCATTER * F) ** 2)
+        G = F * (np.nan_to_num(colour, nan=_COLOUR0) - _COLOUR0)
+        c = np.column_stack([w, w * F, w * G, w * F * F, w * F * G, w * G * G, w * f, w * f * F, w * f * G,
+                             np.ones_like(w)]) * _SCALES
+        c[~(np.abs(c) < _MAX_Q).all(axis=1)] = 0.0
+        return np.rint(c).astype(np.int64)
+
+    # -- ingestion ------------------------------------------------------------
+
+    def ingest(self, alerts) -> None:
+        """Add the sibling information carried by a batch of alerts (idempotent, R5)."""
+        for a in alerts:
+            self._ingest_one(a)
+        self._since_evict += len(alerts)
+        if self._since_evict >= 2000:
+            self.evict()
+
+    def _ingest_one(self, a) -> None:
+        lc, obj = a.lightcurve, _obj_hash(a.object_id)
+        det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
+        first = np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd))
+        if obj in self._first_det:
+            first = min(first, self._first_det[obj])
+        self._first_det[obj] = first
+        if obj not in self._pos:
+            self._pos[obj] = (a.ra, a.dec)
+            self._cells.setdefault(self._cell(a.ra, a.dec), set()).add(obj)
+        self.newest_mjd = max(self.newest_mjd, float(lc.mjd.max()))
+        # Image-level metadata from every row that names an exposure (first seen wins).
+        ok = lc.exposure >= 0
+        if ok.any():
+            n_before = len(self._slot)
+            slots = np.array([self._slot_of(int(e)) for e in lc.exposure[ok]])
+            if len(self._slot) != n_before:
+                self._zp_median = {}  # new exposures: the per-group reference changes
+            rows = np.column_stack([lc.mjd[ok], lc.zp[ok], lc.zp_rms[ok], lc.colour_coeff[ok], lc.limit_mag[ok],
+                                    lc.seeing[ok], lc.background[ok]])
+            m = self.meta[slots]
+            fill = np.isnan(m) & np.isfinite(rows)
+            m[fill] = rows[fill]
+            self.meta[slots] = m
+            band = np.array([ord(b[0]) if b else 0 for b in lc.band[ok]], dtype=np.int64)
+            grp = (lc.field[ok] << 24) ^ (lc.chip[ok] << 8) ^ band | (1 << 62)
+            unset = self.group[slots] == 0
+            self.group[slots[unset]] = grp[unset]
+        # The current detection's FWHM: the exposure's seeing for the *other* alerts (R3, R4).
+        if np.isfinite(a.context.fwhm) and a.exposure >= 0:
+            self._fwhm.setdefault(a.exposure, {})[obj] = a.context.fwhm
+        # Sibling rows, chosen by time only (R2): a transient (first detected inside this light
+        # curve) gives its epochs before first detection − margin; a long-lived source (detected
+        # since before the window) gives every epoch, de-meaned per band so that its constant
+        # reference mismatch does not leak into the exposure offsets.
+        usable = np.isfinite(lc.flux) & ok & (lc.flux_err > 0) & (lc.kind != NONDETECTION)
+        long_lived = first <= float(lc.mjd.min()) + self.quiet_margin_days
+        q = usable if long_lived else usable & (lc.kind == FORCED) & (lc.mjd < first - self.quiet_margin_days)
+        if q.sum() < 3:
+            return
+        # Forced photometry first, so that it wins over a detection of the same exposure (R5 dedup).
+        idx = np.flatnonzero(q)
+        idx = idx[np.argsort(lc.kind[idx] != FORCED, kind="stable")]
+        f = lc.flux[idx].astype(float)
+        w = 1.0 / np.maximum(lc.flux_err[idx], _MIN_ERR) ** 2
+        band = lc.band[idx]
+        keep = np.ones(len(idx), dtype=bool)
+        for b in np.unique(band):
+            sel = band == b
+            if sel.sum() < 3:
+                keep &= ~sel
+            else:
+                f[sel] -= np.sum(w[sel] * f[sel]) / np.sum(w[sel])
+        idx, f = idx[keep], f[keep]
+        contrib = self._quantise(lc.ref_flux[idx], f, lc.flux_err[idx], source_colour(lc))
+        for e, c in zip(lc.exposure[idx], contrib, strict=True):
+            key = (int(e), obj)
+            if key in self._rows:  # R5: the same history row from a later alert
+                continue
+            s = self._slot_of(int(e))
+            self.sums[s] += c
+            self._rows[key] = c
+            self._exp_objects.setdefault(int(e), []).append(obj)
+
+    def evict(self) -> int:
+        """Forget exposures older than the retention window; returns how many."""
+        self._since_evict = 0
+        cutoff = self.newest_mjd - self.retention_days
+        old = [e for e, s in self._slot.items() if self.meta[s, 0] < cutoff]
+        if old:
+            self._zp_median = {}
+        for e in old:
+            s = self._slot.pop(e)
+            self._free.append(s)
+            for obj in self._exp_objects.pop(e, ()):
+                self._rows.pop((e, obj), None)
+            self._fwhm.pop(e, None)
+        return len(old)
+
+    # -- queries ------------------------------------------------------------
+
+    @staticmethod
+    def _cell(ra, dec):
+        return int(math.floor(dec / 0.02)), int(math.floor(ra * max(math.cos(math.radians(dec)), 0.01) / 0.02))
+
+    def neighbours(self, object_id: str, ra: float, dec: float) -> list[int]:
+        """Known objects within ``exclusion_arcsec`` of (ra, dec), the target included."""
+        me = _obj_hash(object_id)
+        out = [me]
+        c0, c1 = self._cell(ra, dec)
+        lim = self.exclusion_arcsec / 3600.0
+        for i in (-1, 0, 1):
+            for j in (-1, 0, 1):
+                for o in self._cells.get((c0 + i, c1 + j), ()):
+                    if o == me:
+                        continue
+                    ora, odec = self._pos[o]
+                    dra = (ora - ra + 180.0) % 360.0 - 180.0
+                    if (dra * math.cos(math.radians(dec))) ** 2 + (odec - dec) ** 2 < lim * lim:
+                        out.append(o)
+        return out
+
+    def sibling_vector(self, exposures, exclude=()) -> dict:
+        """Leave-one-out sibling statistics for a target's exposures (R1).
+
+        Parameters
+        ----------
+        exposures : array of int
+        exclude : object hashes whose rows are removed (the target and its neighbours)
+
+        Returns
+        -------
+        dict of arrays aligned with ``exposures``: ``a`` (offset, µJy), ``s`` (fractional
+        scale), ``c`` (colour scale, per mag of g − r), ``n`` (number of siblings), ``zp_anom``,
+        ``zp_rms``, ``colour_coeff``, ``seeing``, ``background``, ``limit_mag``, ``mjd``.
+        """
+        exposures = np.asarray(exposures, dtype=np.int64)
+        slots = np.array([self._slot.get(int(e), -1) for e in exposures])
+        have = slots >= 0
+        sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
+        sums[have] = self.sums[slots[have]]
+        for i, e in enumerate(exposures):
+            if not have[i]:
+                continue
+            for o in exclude:
+                c = self._rows.get((int(e), o))
+                if c is not None:
+                    sums[i] -= c
+        S = sums / _SCALES
+        n = S[:, 9]
+        M = np.empty((len(exposures), 3, 3))
+        M[:, 0, 0], M[:, 0, 1], M[:, 0, 2] = S[:, 0], S[:, 1], S[:, 2]
+        M[:, 1, 1], M[:, 1, 2], M[:, 2, 2] = S[:, 3], S[:, 4], S[:, 5]
+        M[:, 1, 0], M[:, 2, 0], M[:, 2, 1] = S[:, 1], S[:, 2], S[:, 4]
+        r = S[:, 6:9].copy()
+        # A whisper of ridge on scale and colour keeps exposures with few or colourless siblings
+        # solvable (those terms then go to zero instead of blowing up).
+        M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
+        M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
+        ok = n >= 3
+        coef = np.zeros((len(exposures), 3))
+        if ok.any():
+            coef[ok] = np.linalg.solve(M[ok], r[ok][:, :, None])[:, :, 0]
+        one = (n >= 1) & ~ok
+        coef[one, 0] = S[one, 6] / np.where(S[one, 0] > 0, S[one, 0], 1.0)
+        a, s, c = coef[:, 0], coef[:, 1], coef[:, 2]
+        meta = np.full((len(exposures), len(self._META)), np.nan)
+        meta[have] = self.meta[slots[have]]
+        out = {"a": a, "s": s, "c": c, "n": n.astype(int)}
+        for k, name in enumerate(self._META):
+            out[name] = meta[:, k]
+        # Current-exposure seeing from other alerts' FWHM, leave-one-out (R1, R3, R4).
+        ex = set(exclude)
+        for i, e in enumerate(exposures):
+            if np.isnan(out["seeing"][i]):
+                vals = [v for o, v in self._fwhm.get(int(e), {}).items() if o not in ex]
+                if vals:
+                    out["seeing"][i] = float(np.median(vals))
+        out["zp_anom"] = self._zp_anomaly(exposures, slots, out["zp"])
+        return out
+
+    def _zp_anomaly(self, exposures, slots, zp) -> np.ndarray:
+        """Zero point minus the median of its (field, chip, band) over the stored exposures."""
+        out = np.full(len(exposures), np.nan)
+        live = None
+        for i, s in enumerate(slots):
+            if s < 0 or not np.isfinite(zp[i]):
+                continue
+            g = int(self.group[s])
+            med = self._zp_median.get(g)
+            if med is None:  # cached until new exposures arrive
+                if live is None:
+                    live = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
+                    groups = self.group[live]
+                ref = self.meta[live[groups == g], 1]
+                ref = ref[np.isfinite(ref)]
+                med = self._zp_median[g] = float(np.median(ref)) if len(ref) >= 3 else np.nan
+            out[i] = zp[i] - med
+        return out
+
+
+@dataclass(frozen=True)
+class TargetFit:
+    """The result of correcting one light curve."""
+
+    corrected: np.ndarray  # corrected flux aligned with the light curve (NaN where no flux)
+    systematic: np.ndarray  # the subtracted systematic estimate (0 where nothing was known)
+    diagnostics: HSRDiagnostics
+    train: np.ndarray  # boolean mask of training epochs
+
+
+FULL_TERMS = ("a", "sF", "zpF", "seeingF", "airmassF", "zprmsF", "colourF")
+REDUCED_TERMS = ("a", "sF")
+PRIOR = {"a": 1.0, "sF": 1.0}  # physics: the target follows its siblings' offset and scale
+
+
+class HalfSiblingRegressor:
+    """Per-target ridge regression on the sibling vector (scikit-learn estimator contract).
+
+    Parameters
+    ----------
+    alpha : float
+        Ridge strength toward the physical prior, in units of the number of training points.
+    exclusion_days : float
+        Epochs within this of the current time are never training points.
+    pre_detection_days : float
+        Transients train only on epochs this long before their first detection.
+    min_points_reduced : int
+        Below this many training points, only the prior loadings are used.
+    full_factor : int
+        The full vector needs ``full_factor × p`` training points; otherwise the reduced one.
+
+    Attributes
+    ----------
+    coef_ : ndarray
+        Fitted loadings (unstandardised) of the last :meth:`fit`.
+    terms_ : tuple of str
+    mode_ : str
+        ``prior``, ``reduced`` or ``full``.
+    """
+
+    def __init__(self, alpha: float = 0.3, exclusion_days: float = 3.0, pre_detection_days: float = 2.0,
+                 min_points_reduced: int = 8, full_factor: int = 3):
+        self.alpha = alpha
+        self.exclusion_days = exclusion_days
+        self.pre_detection_days = pre_detection_days
+        self.min_points_reduced = min_points_reduced
+        self.full_factor = full_factor
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {k: getattr(self, k) for k in ("alpha", "exclusion_days", "pre_detection_days",
+                                              "min_points_reduced", "full_factor")}
+
+    def set_params(self, **params):
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    # The design: one column per term, plus per-band intercepts.
+    @staticmethod
+    def design(sib: dict, F_target, airmass_: np.ndarray, colour: float = np.nan) -> dict:
+        F = np.where(np.isfinite(F_target) & (np.asarray(F_target) > 0), F_target, 0.0)
+        dcol = colour - _COLOUR0 if np.isfinite(colour) else 0.0
+        seeing = sib["seeing"]
+        med_seeing = np.nanmedian(seeing) if np.isfinite(seeing).any() else np.nan
+        cols = {
+            "a": sib["a"],
+            "sF": sib["s"] * F + sib["c"] * F * dcol,  # the siblings' scale at the target's colour
+            "zpF": sib["zp_anom"] * F,
+            "seeingF": (seeing / med_seeing - 1.0) * F,
+            "airmassF": (airmass_ - 1.0) * F,
+            "zprmsF": sib["zp_rms"] * F,
+            "colourF": sib["colour_coeff"] * F,
+        }
+        return {k: np.nan_to_num(np.asarray(v, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
+                for k, v in cols.items()}
+
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight=None, prior=None, groups=None):
+        """Ridge toward ``prior`` on standardised columns, per-group (band) intercepts.
+
+        Parameters
+        ----------
+        X : (n, p) array of sibling terms; y : (n,) target flux; sample_weight : (n,)
+        prior : (p,) expected loadings (unstandardised); groups : (n,) intercept labels
+        """
+        X = np.asarray(X, dtype=float)
+        y = np.asarray(y, dtype=float)
+        n, p = X.shape
+        w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        prior = np.zeros(p) if prior is None else np.asarray(prior, dtype=float)
+        groups = np.zeros(n, dtype=int) if groups is None else np.asarray(groups)
+        ug, gi = np.unique(groups, return_inverse=True)
+        G = np.eye(len(ug))[gi]
+        mu = (w @ X) / w.sum()
+        sd = np.sqrt((w @ (X - mu) ** 2) / w.sum())
+        sd = np.where(sd > 0, sd, 1.0)
+        Z = (X - mu) / sd
+        A = np.hstack([Z, G])
+        b0 = np.concatenate([prior * sd, np.zeros(len(ug))])
+        pen = np.concatenate([np.full(p, self.alpha * w.sum()), np.zeros(len(ug))])
+        # Intercepts unpenalised; the prior pulls loadings toward physics, not toward zero.
+        lhs = A.T @ (A * w[:, None]) + np.diag(pen) + 1e-9 * np.eye(A.shape[1])
+        rhs = A.T @ (w * y) + pen * b0
+        beta = np.linalg.solve(lhs, rhs)
+        self.coef_ = beta[:p] / sd
+        self.x_mean_ = mu
+        self.intercepts_ = dict(zip(ug.tolist(), beta[p:], strict=True))  # of the centred design
+        self._A, self._w, self._lhs, self._beta, self._sd, self._mu = A, w, lhs, beta, sd, mu
+        return self
+
+    def loo_residuals(self, y) -> np.ndarray:
+        """Leave-one-out residuals of the last fit (closed form for ridge)."""
+        A, w = self._A, self._w
+        H_diag = np.einsum("ij,jk,ik->i", A * w[:, None], np.linalg.inv(self._lhs), A)
+        r = y - A @ self._beta
+        return r / np.clip(1.0 - H_diag, 1e-6, None)
+
+    def systematic(self, X) -> np.ndarray:
+        """The systematic part of the prediction (no intercepts): what gets subtracted."""
+        return (np.asarray(X, dtype=float) - self.x_mean_) @ self.coef_
+
+    def correct(self, lc, sib: dict, now_mjd: float, first_det_mjd: float, ra: float, dec: float,
+                survey: str, n_siblings_now: int = 0, max_train: int | None = None) -> TargetFit:
+        """Correct one light curve given its leave-one-out sibling vector (aligned with ``lc``)."""
+        flux = lc.flux.astype(float)
+        has = np.isfinite(flux) & (lc.exposure >= 0) & (lc.kind != NONDETECTION)
+        # Transients (first detected inside this light curve) train before first detection − margin;
+        # long-lived sources (variables, AGN, stars) on everything before now − exclusion.
+        transient = np.isfinite(first_det_mjd) and first_det_mjd > float(lc.mjd.min()) + self.pre_detection_days
+        t_cut = min(now_mjd - self.exclusion_days, first_det_mjd - self.pre_detection_days) if transient \
+            else now_mjd - self.exclusion_days
+        known = sib["n"] > 0
+        train = has & known & (lc.mjd < t_cut)
+        if max_train is not None and train.sum() > max_train:
+            idx = np.flatnonzero(train)[-max_train:] if max_train > 0 else np.array([], dtype=int)
+            train = np.zeros_like(train)
+            train[idx] = True
+        # The target's reference flux in each row's own band (g and r differ by the colour).
+        F = np.zeros(len(lc))
+        for b in np.unique(lc.band):
+            sel = lc.band == b
+            v = lc.ref_flux[sel & np.isfinite(lc.ref_flux)]
+            F[sel] = float(np.median(v)) if len(v) else 0.0
+        cols = self.design(sib, F, airmass(np.full(len(lc), ra), np.full(len(lc), dec), lc.mjd, survey),
+                           source_colour(lc))
+        n_train = int(train.sum())
+        p_full = len(FULL_TERMS) + len(np.unique(lc.band[train])) if n_train else len(FULL_TERMS)
+        if n_train >= max(self.full_factor * p_full, self.min_points_reduced):
+            mode, terms = "full", FULL_TERMS
+        elif n_train >= self.min_points_reduced:
+            mode, terms = "reduced", REDUCED_TERMS
+        else:
+            mode, terms = "prior", REDUCED_TERMS
+        X = np.column_stack([cols[t] for t in terms])
+        prior = np.array([PRIOR.get(t, 0.0) for t in terms])
+        sys_ = np.zeros(len(lc))
+        alarm, rms_b, rms_a = False, None, None
+        if mode == "prior":
+            sys_[known] = X[known] @ prior
+            if n_train >= 2:
+                rms_b = float(np.std(flux[train]))
+                rms_a = float(np.std(flux[train] - sys_[train]))
+            self.coef_, self.terms_, self.mode_ = prior, terms, mode
+        else:
+            err = np.where(lc.flux_err > 0, lc.flux_err, np.nan)
+            w = 1.0 / np.nan_to_num(err[train], nan=np.nanmedian(err)) ** 2
+            w = w / w.mean()
+            self.fit(X[train], flux[train], w, prior, lc.band[train])
+            self.terms_, self.mode_ = terms, mode
+            sys_[known] = self.systematic(X[known])
+            r_in = flux[train] - self._A @ self._beta
+            r_loo = self.loo_residuals(flux[train])
+            alarm = bool(3.0 * np.std(r_in) < np.std(r_loo))
+            rms_b = float(np.std(flux[train]))
+            rms_a = float(np.std(flux[train] - sys_[train]))
+        corrected = np.where(has, flux - sys_, np.nan)
+        det = lc.kind == DETECTION
+        diag = HSRDiagnostics(
+            mode=mode, n_train=n_train, n_siblings=int(n_siblings_now), overfit_alarm=alarm,
+            rms_before=rms_b, rms_after=rms_a,
+            flux_raw=float(flux[det][0]) if det.any() else None,
+            flux_corrected=float(corrected[det][0]) if det.any() else None,
+        )
+        return TargetFit(corrected, sys_, diag, train)
+
+
+class HSR:
+    """What the pipeline calls: ingest a batch into the store, then correct each alert.
+
+    Parameters
+    ----------
+    store : SiblingStore, optional
+    regressor : HalfSiblingRegressor, optional
+    """
+
+    def __init__(self, store: SiblingStore | None = None, regressor: HalfSiblingRegressor | None = None):
+        self.store = store or SiblingStore()
+        self.regressor = regressor or HalfSiblingRegressor()
+
+    def fit_one(self, a, max_train: int | None = None) -> TargetFit:
+        lc = a.lightcurve
+        excl = self.store.neighbours(a.object_id, a.ra, a.dec)
+        sib = self.store.sibling_vector(lc.exposure, exclude=excl)
+        det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
+        first = np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd))
+        now_i = np.flatnonzero(lc.kind == DETECTION)
+        n_now = int(sib["n"][now_i[0]]) if len(now_i) else 0
+        n_now = max(n_now, len(self.store._fwhm.get(a.exposure, {})) - 1)  # other alerts of this exposure
+        return self.regressor.correct(lc, sib, a.mjd, first, a.ra, a.dec, a.survey, n_now, max_train)
+
+    def correct(self, alerts):
+        """Ingest ``alerts`` (R4: the batch's own exposures become known), then correct each.
+
+        Returns
+        -------
+        fluxes : list of ndarray (corrected flux per light-curve row)
+        diagnostics : list of HSRDiagnostics
+        """
+        self.store.ingest(alerts)
+        fits = [self.fit_one(a) for a in alerts]
+        return [f.corrected for f in fits], [f.diagnostics for f in fits]
