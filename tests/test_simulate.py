@@ -1,0 +1,267 @@
+"""Simulator: determinism, truth ↔ alert join, official-schema validity, decoder round trip,
+sibling density, label-selection bias, tarball output."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import defaultdict
+
+import fastavro
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED
+
+from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert
+from stream.decode import Decoder
+from stream.simulate import simulate, ujy
+from stream.sources import iter_envelopes
+
+OFFICIAL = SHARED / "ztf_avro_schema_official" / "schema"
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """One quadrant, one alert night, dense, 12 days of history (short packets keep tests fast)."""
+    out = tmp_path_factory.mktemp("dense")
+    return simulate(11, out, nights=1, quadrants=1, mode="dense", history_days=12), out
+
+
+@pytest.fixture(scope="module")
+def sparse():
+    return simulate(11, nights=2, quadrants=2, mode="sparse")
+
+
+def _tree_digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _records(paths):
+    for env in iter_envelopes(paths):
+        yield from fastavro.reader(io.BytesIO(env.payload))
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = simulate(5, tmp_path / "a", nights=1, quadrants=1, mode="sparse")
+    simulate(5, tmp_path / "b", nights=1, quadrants=1, mode="sparse")
+    simulate(6, tmp_path / "c", nights=1, quadrants=1, mode="sparse")
+    assert len(a.truth) > 5
+    for name in ("truth.parquet", "exposures.parquet", "objects.parquet", "photometry.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert _tree_digest(tmp_path / "a" / "alerts") == _tree_digest(tmp_path / "b" / "alerts")
+    assert (tmp_path / "a" / "truth.parquet").read_bytes() != (tmp_path / "c" / "truth.parquet").read_bytes()
+
+
+def test_truth_joins_alerts_one_to_one(dense):
+    res, out = dense
+    truth = pd.read_parquet(out / "truth.parquet")
+    recs = list(_records([out / "alerts"]))
+    assert len(recs) == len(truth) > 300
+    assert truth["candid"].is_unique
+    by_id = truth.set_index("candid")
+    assert set(by_id.index) == {r["candid"] for r in recs}
+    for r in recs:
+        t = by_id.loc[r["candid"]]
+        c = r["candidate"]
+        assert r["objectId"] == t["objectId"] and c["pid"] == t["pid"] and c["fid"] == t["fid"]
+        assert c["candid"] == r["candid"] and c["isdiffpos"] == t["isdiffpos"]
+        assert len(r["prv_candidates"]) == t["n_prv_det"] + t["n_prv_nondet"]
+        assert len(r["fp_hists"]) == t["n_fp"]
+    # Every prv detection candid is unique per detection across the whole stream.
+    seen = defaultdict(set)
+    for r in recs:
+        for p in r["prv_candidates"]:
+            if p["candid"] is not None:
+                seen[p["candid"]].add((p["pid"], r["objectId"]))
+    assert all(len(v) == 1 for v in seen.values())
+    assert set(truth["class"]) >= {"constant", "bogus"}
+    assert truth.loc[truth["class"] == "bogus", "is_real"].eq(False).all()
+    assert truth.loc[truth["class"] != "bogus", "is_real"].all()
+
+
+def test_fast_encoder_matches_fastavro(dense):
+    res, _ = dense
+    pay = dict(res.payloads())
+    for k, rec in enumerate(res.alerts()):
+        if k % 25:
+            continue
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, res.schema, rec)
+        body = buf.getvalue()
+        assert body in pay[rec["candid"]]
+        (back,) = fastavro.reader(io.BytesIO(pay[rec["candid"]]))
+        assert back["candid"] == rec["candid"] and len(back["fp_hists"]) == len(rec["fp_hists"])
+
+
+@pytest.mark.skipif(not (OFFICIAL / "alert.avsc").is_file(),
+                    reason=f"official ZTF schema not found at {OFFICIAL} (set VIGIL_SHARED_DATA)")
+def test_alerts_validate_against_official_schema(dense):
+    from fastavro.schema import load_schema_ordered
+    from fastavro.validation import validate
+
+    _, out = dense
+    official = load_schema_ordered([str(OFFICIAL / f"{n}.avsc")
+                                    for n in ("cutout", "candidate", "prv_candidate", "fp_hist", "alert")])
+    truth = pd.read_parquet(out / "truth.parquet")
+    # A few alerts (a constant star, a bogus, the last one) keep the slow pure-Python validator quick.
+    first = truth.groupby("class")["candid"].first()
+    want = {first["constant"], first["bogus"], truth["candid"].iloc[-1]}
+    checked = 0
+    for rec in _records([out / "alerts"]):
+        if rec["candid"] in want:
+            assert validate(rec, official, raise_errors=True)
+            buf = io.BytesIO()
+            fastavro.schemaless_writer(buf, official, rec)  # the official schema encodes it too
+            checked += 1
+    assert checked == len(want)
+
+
+def test_decoder_round_trip(dense):
+    res, out = dense
+    truth = res.truth.set_index("candid")
+    dec = Decoder()
+    pulls, n = [], 0
+    for k, env in enumerate(iter_envelopes([out / "alerts"])):
+        if k % 3:
+            continue  # a third of the stream is plenty
+        (a,) = dec.decode(env)
+        assert isinstance(a, Alert), a
+        rec = next(iter(fastavro.reader(io.BytesIO(env.payload))))
+        t = truth.loc[a.alert_id]
+        lc = a.lightcurve
+        assert a.object_id == t["objectId"] and a.exposure == t["pid"] and a.schema_version == "4.02"
+        assert (lc.kind == DETECTION).sum() == 1
+        assert (lc.kind == PREVIOUS).sum() == t["n_prv_det"]
+        assert (lc.kind == NONDETECTION).sum() == t["n_prv_nondet"]
+        assert (lc.kind == FORCED).sum() == sum(p["procstatus"] == "0" for p in rec["fp_hists"])
+        f = lc.flux[lc.kind == DETECTION][0]
+        assert f == pytest.approx(t["meas_flux_ujy"], rel=1e-5)
+        # Decoded flux minus the known truth is pure noise of the stated size.
+        pulls.append((f - t["true_flux_ujy"] - t["sys_flux_ujy"] - t["nuisance_flux_ujy"]) / t["flux_err_ujy"])
+        assert a.lightcurve.flux_err[lc.kind == DETECTION][0] == pytest.approx(t["flux_err_ujy"], rel=1e-3)
+        n += 1
+    assert n > 100
+    pulls = np.array(pulls)
+    assert abs(pulls.mean()) < 0.2 and 0.85 < pulls.std() < 1.15
+
+
+def test_forced_photometry_matches_truth(dense):
+    res, _ = dense
+    phot = res.photometry.set_index(["objectId", "pid"])
+    checked = 0
+    for k, rec in enumerate(res.alerts()):
+        if k % 50:
+            continue
+        for p in rec["fp_hists"]:
+            t = phot.loc[(rec["objectId"], p["pid"])]
+            if p["procstatus"] != "0":
+                assert t["fp_flagged"] and p["forcediffimflux"] == -99999.0
+                continue
+            flux = p["forcediffimflux"] * 10 ** (-0.4 * (p["magzpsci"] - 23.9))
+            assert flux == pytest.approx(t["meas_flux_ujy"], rel=1e-4, abs=1e-3)
+            checked += 1
+    assert checked > 100
+
+
+def test_noise_consistent_with_diffmaglim():
+    res = simulate(3, nights=1, quadrants=1, mode="sparse", sys_scale=0.0)
+    ph = res.photometry.merge(res.exposures[["pid", "diffmaglim"]], on="pid")
+    empty = ph[(ph["ref_flux_ujy"] == 0) & (ph["true_flux_ujy"] == 0)]  # empty sky: bogus positions
+    assert len(empty) > 20
+    np.testing.assert_allclose(empty["flux_err_ujy"], ujy(empty["diffmaglim"]) / 5.0, rtol=1e-9)
+    assert (res.truth["sys_flux_ujy"] == 0).all()
+    r = res.photometry
+    pull = (r["meas_flux_ujy"] - r["true_flux_ujy"] - r["nuisance_flux_ujy"]) / r["flux_err_ujy"]
+    assert 0.95 < pull.std() < 1.05
+
+
+def test_systematics_shared_within_exposure(dense):
+    res, _ = dense
+    ph = res.photometry.merge(res.objects[["object_index", "class", "loading"]], on="object_index")
+    const = ph[ph["class"] == "constant"]
+    ex = res.exposures.set_index("pid")
+    # Injected systematic of a constant star = F_pos·(10^(-0.4 δ) − 1) + b_e with δ built from the pid's terms.
+    row = const.iloc[len(const) // 2]
+    e = ex.loc[row["pid"]]
+    assert row["sys_mag"] == pytest.approx(
+        e["sys_zp_mag"] + row["loading"] * e["sys_seeing_mag"]
+        + (res.objects.set_index("object_index").loc[row["object_index"], "colour"] - 0.6) * e["sys_colour_mag"])
+    # Relative systematics of stars are strongly correlated within one exposure (what siblings exploit).
+    rel = const.assign(s=const["sys_flux_ujy"] / const["ref_flux_ujy"]).groupby("pid")["s"]
+    assert rel.mean().std() > 3 * rel.std().median() / np.sqrt(rel.size().median())
+    assert 0.01 < np.sqrt((const["sys_mag"] ** 2).mean()) < 0.06
+
+
+def _recovered_sources(records):
+    per_pid = defaultdict(set)
+    for r in records:
+        obj = r["objectId"]
+        per_pid[r["candidate"]["pid"]].add(obj)
+        for p in r["prv_candidates"]:
+            if p["magpsf"] is not None:
+                per_pid[p["pid"]].add(obj)
+        for p in r["fp_hists"]:
+            if p["procstatus"] == "0":
+                per_pid[p["pid"]].add(obj)
+    return pd.Series({k: len(v) for k, v in per_pid.items()})
+
+
+def test_sibling_density_dense_vs_sparse(dense, sparse):
+    res, _ = dense
+    d = _recovered_sources(res.alerts())
+    s = _recovered_sources(sparse.alerts())
+    # The fast matrix count used in the summary agrees with counting the records.
+    pd.testing.assert_series_equal(res.sibling_counts().loc[d.index].sort_index(), d.sort_index(), check_names=False)
+    # Every exposure within 30 days of the alerts has ≥ 100 recoverable sources.
+    lo = max(res.config.start_jd, res.truth["jd"].min() - 29)
+    ex = res.exposures.set_index("pid")
+    recent = d[ex.loc[d.index, "jd"].to_numpy() >= lo]
+    assert len(recent) > 20 and recent.min() >= 100
+    assert 3 <= s.median() <= 25
+    assert s.max() < 60
+
+
+def test_label_selection_is_biased(dense):
+    res, _ = dense
+    t = res.truth
+    assert 0.02 < t["vetted"].mean() < 0.5
+    assert t["propensity"].between(0.002, 0.98).all()
+    q1, q3 = t["magpsf"].quantile([0.25, 0.75])
+    bright, faint = t[t["magpsf"] < q1], t[t["magpsf"] > q3]
+    assert q3 - q1 > 0.5 and len(bright) > 30
+    assert bright["vetted"].mean() > 3 * faint["vetted"].mean()
+    # Vetted labels over-represent transients relative to the stream (selection shifts the class mix).
+    frac_real_tr = t["is_extragalactic"].mean()
+    assert t.loc[t["vetted"], "is_extragalactic"].mean() > frac_real_tr
+
+
+def test_tarballs_and_cli(tmp_path, capsys):
+    from stream.cli import main
+
+    out = tmp_path / "tar"
+    rc = main(["simulate", "--seed", "4", "--out", str(out), "--nights", "2", "--quadrants", "1", "--mode", "sparse",
+               "--format", "tarballs"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "injected systematic RMS" in printed and "class mix" in printed
+    tars = sorted((out / "alerts").glob("ztf_public_*.tar.gz"))
+    assert len(tars) == 2
+    truth = pd.read_parquet(out / "truth.parquet")
+    envs = list(iter_envelopes([out / "alerts"]))
+    assert len(envs) == len(truth)
+    assert all("!" in e.source and e.source.endswith(".avro") for e in envs)
+    dec = Decoder()
+    ids = [dec.decode(e)[0].alert_id for e in envs]
+    assert sorted(ids) == sorted(truth["candid"])
+
+
+def test_n_alerts_cut_is_exact():
+    res = simulate(2, nights=1, mode="sparse", n_alerts=150)
+    assert len(res.truth) == 150 == sum(1 for _ in res.alerts())
+    assert res.truth["jd"].is_monotonic_increasing
