@@ -439,12 +439,12 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     prv = [p for p in rec.get("prv_candidates") or () if p.get("jd") is not None]
     if prv:
         meta = _ztf_meta_block(prv)
-        jd, mag, sig, lim = _arr(prv, "jd"), _arr(prv, "magpsf"), _arr(prv, "sigmapsf"), _arr(prv, "diffmaglim")
+        jd, pmag, sig, lim = _arr(prv, "jd"), _arr(prv, "magpsf"), _arr(prv, "sigmapsf"), _arr(prv, "diffmaglim")
         neg = np.array([str(p.get("isdiffpos")).lower() in ("f", "0", "false") for p in prv])
         band = _ztf_bands(_iarr(prv, "fid"))
-        det = np.isfinite(mag) & np.isfinite(sig)
+        det = np.isfinite(pmag) & np.isfinite(sig)
         lim_ok = ~det & (lim > 0)
-        pflux = mag_to_ujy(np.where(det, mag, 99.0))
+        pflux = mag_to_ujy(np.where(det, pmag, 99.0))
         for sel, kind in ((det, PREVIOUS), (lim_ok, NONDETECTION)):
             if not sel.any():
                 continue

@@ -65,6 +65,8 @@ def test_ztf_values_match_source(name):
         assert (lc.kind == NONDETECTION).sum() == n_prv_lim
         lim = lc.flux_err[lc.kind == NONDETECTION]
         assert np.all(np.isnan(lc.flux[lc.kind == NONDETECTION])) and np.all(lim > 0)
+        if a.flux > 0:
+            assert a.context.mag == pytest.approx(c["magpsf"]) and isinstance(a.context.mag, float)
         expected_rb = c.get("drb") if c.get("drb") is not None else c["rb"]
         assert a.context.real_bogus == pytest.approx(expected_rb)
         assert a.context.ref_mag == pytest.approx(c["magnr"]) if c["magnr"] > 0 else True
