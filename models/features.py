@@ -23,10 +23,20 @@ FEATURES = (
     # light-curve shape on (corrected) fluxes
     "peak_flux", "flux_now_over_peak", "amplitude_mag", "rise_rate", "decline_rate", "colour_gr",
     "frac_negative",
+    # positional scatter of the detections (arcsec)
+    "pos_scatter", "pos_offset_now",
+    # observing conditions of the alert's exposure (see :func:`conditions`); limit_mag above is the depth
+    "seeing", "airmass", "moon_illumination", "moon_separation",
 )
 
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
-CONDITIONS = ("seeing", "airmass", "limit_mag_cond", "moon_illumination")
+#: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit
+#: fraction (0 when the Moon is below the horizon), ``moon_separation`` in degrees.
+CONDITIONS = ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separation")
+
+#: Observatory sites (geodetic lat, lon in degrees east, height in m) and pixel scales (arcsec).
+SITES = {"ztf": (33.3563, -116.8650, 1712.0), "rubin": (-30.2446, -70.7494, 2663.0)}
+PIXEL_SCALE = {"ztf": 1.012, "rubin": 0.2}
 
 
 def galactic_latitude(ra, dec) -> np.ndarray:
@@ -99,6 +109,148 @@ def lightcurve_features(lc, now_mjd: float, first_det_mjd: float, flux=None) -> 
     return out
 
 
+def position_features(lc) -> dict:
+    """Positional scatter of the detections (arcsec).
+
+    ``pos_scatter``: RMS distance of the detections from their mean position (≥ 2
+    detections); ``pos_offset_now``: distance of the triggering detection from the mean
+    of the earlier ones (≥ 1 earlier). Moving or dipole-subtracted stars and artefacts
+    scatter more than a static point source of the same S/N.
+    """
+    from stream.alert import DETECTION, PREVIOUS
+
+    det = ((lc.kind == DETECTION) | (lc.kind == PREVIOUS)) & np.isfinite(lc.ra) & np.isfinite(lc.dec)
+    out = {"pos_scatter": np.nan, "pos_offset_now": np.nan}
+    if det.sum() < 2:
+        return out
+    ra, dec, now = lc.ra[det], lc.dec[det], lc.kind[det] == DETECTION
+    dec0 = float(np.mean(dec))
+    dra = (ra - ra[0] + 180.0) % 360.0 - 180.0  # wrap-safe offsets from the first detection
+    x, y = dra * np.cos(np.radians(dec0)) * 3600.0, (dec - dec0) * 3600.0
+    out["pos_scatter"] = float(np.sqrt(np.mean((x - x.mean()) ** 2 + (y - y.mean()) ** 2)))
+    if now.any() and (~now).any():
+        xi, yi = x[now][-1], y[now][-1]
+        out["pos_offset_now"] = float(np.hypot(xi - x[~now].mean(), yi - y[~now].mean()))
+    return out
+
+
+def _loo_median(values: np.ndarray, keys: np.ndarray, min_others: int) -> np.ndarray:
+    """Per row, the median of the finite ``values`` of the *other* rows with the same key (R1)."""
+    out = np.full(len(values), np.nan)
+    order = np.argsort(keys, kind="stable")
+    ks = keys[order]
+    starts = np.r_[0, np.flatnonzero(ks[1:] != ks[:-1]) + 1]
+    for a, b in zip(starts, np.r_[starts[1:], len(ks)], strict=True):
+        idx = order[a:b]
+        if b - a <= min_others:
+            continue
+        vals = values[idx]
+        for j, i in enumerate(idx):
+            rest = np.delete(vals, j)
+            rest = rest[np.isfinite(rest)]
+            if len(rest) >= min_others:
+                out[i] = float(np.median(rest))
+    return out
+
+
+def _exposure_seeing(alerts) -> np.ndarray:
+    """Seeing (arcsec) of each alert's exposure, from image-level data where possible.
+
+    In order: the forced-photometry image seeing of the alert's own exposure; the median
+    PSF width of the *other* alerts of the same whole exposure (same field and time, all
+    detector sections; ≥ 3 of them) in the batch, else of the same detector section
+    (≥ 2) — an exposure-level quantity (science.md §1); pooling the whole exposure keeps
+    its noise small, which matters because noise in z dilutes the adjustment
+    (regression towards zero); the alert's own PSF width as the last resort.
+    """
+    n = len(alerts)
+    own = np.array([a.context.fwhm * PIXEL_SCALE.get(a.survey, 1.0) for a in alerts], dtype=float)
+    fp = np.full(n, np.nan)
+    for i, a in enumerate(alerts):
+        lc = a.lightcurve
+        sel = (lc.exposure == a.exposure) & np.isfinite(lc.seeing)
+        if sel.any():
+            fp[i] = float(np.median(lc.seeing[sel])) * PIXEL_SCALE.get(a.survey, 1.0)
+    section = np.array([f"{a.survey}:{a.exposure}" for a in alerts])
+    whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" for a in alerts])
+    est = _loo_median(own, whole, 3)
+    est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))
+    return np.where(np.isfinite(fp), fp, np.where(np.isfinite(est), est, own))
+
+
+def conditions(alerts) -> pd.DataFrame:
+    """Observing conditions of each alert's exposure, columns :data:`CONDITIONS`.
+
+    Airmass and Moon geometry come from (ra, dec, mjd) at the survey's site with astropy,
+    vectorised over the batch; IERS downloads are disabled (a degraded UT1 is irrelevant
+    at the precision an airmass needs), so this works offline.
+    """
+    n = len(alerts)
+    out = pd.DataFrame({c: np.full(n, np.nan) for c in CONDITIONS})
+    if n == 0:
+        return out
+    out["seeing"] = _exposure_seeing(alerts)
+    out["limit_mag"] = [a.context.limit_mag for a in alerts]
+    surveys = np.array([a.survey for a in alerts])
+    for survey in np.unique(surveys):
+        if survey not in SITES:
+            continue
+        idx = np.flatnonzero(surveys == survey)
+        sub = [alerts[i] for i in idx]
+        geo = sky_geometry(np.array([a.ra for a in sub]), np.array([a.dec for a in sub]),
+                           np.array([a.mjd for a in sub]), SITES[survey], scale=sub[0].time_scale)
+        for c in ("airmass", "moon_illumination", "moon_separation"):
+            out.loc[idx, c] = geo[c]
+    return out
+
+
+def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
+    """Airmass of the target, Moon illumination (0 below the horizon) and Moon separation (deg).
+
+    Astropy supplies the sidereal time and the Sun and Moon positions, once per *distinct*
+    time (all alerts of an exposure share one); altitudes then follow from the hour angle
+    with the catalogue (J2000) coordinates. Ignoring precession and the Moon's parallax
+    (≤ 1°) changes an airmass by well under a per cent — plenty for a feature — and keeps
+    the cost far below the per-alert budget.
+    """
+    import warnings
+
+    import astropy.units as u
+    from astropy.coordinates import get_body
+    from astropy.time import Time
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False  # no network in the stream path
+    iers.conf.iers_degraded_accuracy = "ignore"
+    lat, lon, _ = site
+    ra, dec, mjd = (np.asarray(v, dtype=float) for v in (ra, dec, mjd))
+    if len(mjd) == 0:
+        return {"airmass": np.array([]), "moon_illumination": np.array([]), "moon_separation": np.array([])}
+    tu, inv = np.unique(np.round(mjd, 6), return_inverse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degraded-accuracy / ERFA "dubious year" warnings
+        t = Time(tu, format="mjd", scale=scale)
+        lst = t.sidereal_time("mean", longitude=lon * u.deg).deg
+        moon = get_body("moon", t)
+        sun = get_body("sun", t)
+        elong = sun.separation(moon).rad
+        m_ra, m_dec = moon.ra.deg, moon.dec.deg
+
+    def alt(r, d, lst_deg):
+        ha, d, phi = np.radians(lst_deg - r), np.radians(d), np.radians(lat)
+        return np.degrees(np.arcsin(np.clip(np.sin(phi) * np.sin(d) + np.cos(phi) * np.cos(d) * np.cos(ha), -1, 1)))
+
+    a = alt(ra, dec, lst[inv])
+    moon_alt = alt(m_ra, m_dec, lst)[inv]
+    r1, d1, r2, d2 = (np.radians(v) for v in (ra, dec, m_ra[inv], m_dec[inv]))
+    sep = np.degrees(np.arccos(np.clip(np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2), -1, 1)))
+    # Kasten & Young (1989) airmass: finite down to the horizon.
+    am = 1.0 / (np.sin(np.radians(a)) + 0.50572 * np.power(np.clip(a + 6.07995, 1e-3, None), -1.6364))
+    illum = ((1.0 - np.cos(elong)) / 2.0)[inv]  # phase angle ≈ π − elongation
+    return {"airmass": np.where(a > 0, am, np.nan), "moon_illumination": np.where(moon_alt > 0, illum, 0.0),
+            "moon_separation": sep}
+
+
 def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
     """Feature table for a batch of alerts.
 
@@ -126,8 +278,14 @@ def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
             "n_det_history": c.n_det_history if c.n_det_history >= 0 else np.nan,
         }
         row.update(lightcurve_features(a.lightcurve, a.mjd, c.first_det_mjd, flux))
+        row.update(position_features(a.lightcurve))
         rows.append(row)
-    df = pd.DataFrame(rows, columns=[f for f in FEATURES if f != "galactic_latitude"])
+    cond = conditions(alerts)
+    df = pd.DataFrame(rows, columns=[f for f in FEATURES if f not in ("galactic_latitude",) + CONDITIONS
+                                     or f == "limit_mag"])
     df.insert(FEATURES.index("galactic_latitude"), "galactic_latitude",
               galactic_latitude([a.ra for a in alerts], [a.dec for a in alerts]) if len(alerts) else [])
-    return df.astype(float)
+    for c in CONDITIONS:
+        if c != "limit_mag":
+            df[c] = cond[c].to_numpy()
+    return df[list(FEATURES)].astype(float)

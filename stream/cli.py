@@ -9,7 +9,7 @@ import sys
 log = logging.getLogger("vigil")
 
 #: Modules that add subcommands (see ``register`` in each).
-PLUGIN_MODULES: tuple = ("stream.queue",)
+PLUGIN_MODULES: tuple = ("stream.queue", "stream.simulate", "models.train")
 
 
 def _decoder(args):
@@ -40,7 +40,12 @@ def cmd_replay(args) -> int:
     from stream.sinks import JsonlSink
     from stream.sources import FileSource, count_files
 
-    pipeline = Pipeline(_decoder(args), clock="stream")
+    scorer = None
+    if args.model:
+        from models.scorer import AlertScorer
+
+        scorer = AlertScorer.load(args.model)
+    pipeline = Pipeline(_decoder(args), scorer=scorer, clock="stream")
     sinks = _annotation_sinks(args.out)
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rejected", help="rejections as JSON Lines")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--model", help="scorer model directory (default: the shipped models/default_model)")
     _add_decoder_args(p)
     p.set_defaults(func=cmd_replay)
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from models.features import alert_features
 from models.rank import priority, stage_of
-from models.score import PlaceholderScorer, explain
+from models.score import explain
+from models.scorer import default_scorer
 from stream.alert import Alert, Envelope, Rejected
 from stream.annotation import Annotation, HSRDiagnostics, code_version
 from stream.decode import Decoder
@@ -60,7 +61,8 @@ class Pipeline:
     Parameters
     ----------
     decoder : Decoder
-    scorer : object with ``score(features) -> ScoreBatch``; default the placeholder rule.
+    scorer : object with ``score(features) -> ScoreBatch``; default the shipped model
+        (:func:`models.scorer.default_scorer`; the placeholder rule if it is missing).
     hsr : object with ``correct(alerts) -> (fluxes, diagnostics)``, optional
         Half-sibling regression; without it annotations say ``hsr.mode = "off"``.
     clock : {"stream", "wall"}
@@ -72,7 +74,7 @@ class Pipeline:
     def __init__(self, decoder: Decoder | None = None, scorer=None, hsr=None, clock: str = "stream",
                  error_budget: ErrorBudget | None = None):
         self.decoder = decoder or Decoder()
-        self.scorer = scorer or PlaceholderScorer()
+        self.scorer = scorer or default_scorer()
         self.hsr = hsr
         self.clock = clock
         self.errors = error_budget or ErrorBudget()

@@ -1,0 +1,505 @@
+"""Calibrated XGBoost scorers: the estimator, the alert scorer the pipeline calls, model IO.
+
+* :class:`XGBBinaryScorer` — one calibrated binary XGBoost model with the scikit-learn
+  estimator contract (``fit(X, y, sample_weight=None)``, ``predict_proba``).
+  Probabilities are calibrated by a Platt or isotonic map fitted on out-of-fold margins
+  (with the same sample weights, i.e. the inverse-propensity weights), so calibration
+  is judged on data the booster did not see.
+* :class:`AlertScorer` — the three independent scores P(real), P(extragalactic),
+  P(fast). The intrinsic scores read condition-sensitive features residualised on the
+  observing conditions (:class:`causal.adjust.ConditionResidualiser`) and never the
+  conditions themselves; P(real) reads the raw features *and* the conditions (bad
+  seeing really makes bogus detections). One ``score(X)`` call per micro-batch:
+  ``inplace_predict`` on a float32 array, plus ``pred_contribs`` on one DMatrix per
+  score for the explanations.
+* :class:`TableScorer` — a single calibrated score on the numeric columns of a labelled
+  feature table (e.g. the ATLAS vetting features), for ``vigil train/score --table``.
+
+Model directory layout (never pickled)::
+
+    metadata.json        format, kind, version, created, feature names and order, classes,
+                         training-data hash, calibrators, residualiser, IPW audit
+    <score>.ubj          one XGBoost booster per score (UBJSON)
+
+:func:`load` refuses a directory whose format is unknown or whose feature names/order
+differ from the running code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from models.features import CONDITIONS, FEATURES
+from models.score import SCORES, ScoreBatch
+
+log = logging.getLogger(__name__)
+
+#: On-disk format of a model directory; :func:`load` refuses anything else.
+FORMAT = "vigil-scorer/1"
+SUPPORTED_FORMATS = (FORMAT,)
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+#: Scores that must not move under do(conditions) (science.md §2).
+INTRINSIC = ("p_extragalactic", "p_fast")
+
+#: Features whose distribution the observing conditions shift, with the transform in which
+#: that shift is (close to) additive: PSF width and S/N scale with seeing and depth, the
+#: survey's real/bogus score degrades in bad seeing, astrometric scatter grows as seeing/S/N.
+CONDITION_SENSITIVE = (
+    ("fwhm", "log"), ("snr", "log"), ("real_bogus", "logit"), ("elongation", "log"),
+    ("pos_scatter", "log"), ("pos_offset_now", "log"),
+)
+#: How the conditions enter the residualiser's regression.
+CONDITION_TRANSFORMS = (("seeing", "log"), ("airmass", "identity"), ("limit_mag", "identity"),
+                        ("moon_illumination", "identity"), ("moon_separation", "identity"))
+
+#: Inputs of the intrinsic scorers: every feature except the conditions themselves.
+INTRINSIC_FEATURES = tuple(f for f in FEATURES if f not in CONDITIONS)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=float)))
+
+
+def _as_float32(X, names=None) -> np.ndarray:
+    if isinstance(X, pd.DataFrame):
+        X = X[list(names)] if names is not None else X
+        return np.ascontiguousarray(X.to_numpy(dtype=np.float32, na_value=np.nan))
+    return np.ascontiguousarray(np.asarray(X, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """Monotone map from a booster margin to a probability, stored as plain numbers.
+
+    ``method`` is ``"platt"`` (``params = {"a", "b"}``: p = σ(a·margin + b)),
+    ``"isotonic"`` (``params = {"x", "y"}``: piecewise-linear in σ(margin)) or
+    ``"identity"`` (p = σ(margin)).
+    """
+
+    method: str
+    params: dict = field(default_factory=dict)
+
+    def __call__(self, margin) -> np.ndarray:
+        m = np.asarray(margin, dtype=float)
+        if self.method == "platt":
+            return _sigmoid(self.params["a"] * m + self.params["b"])
+        if self.method == "isotonic":
+            return np.interp(_sigmoid(m), self.params["x"], self.params["y"])
+        return _sigmoid(m)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "params": {k: (list(v) if isinstance(v, (list, tuple, np.ndarray)) else v)
+                                                  for k, v in self.params.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Calibrator:
+        if d["method"] not in ("platt", "isotonic", "identity"):
+            raise ValueError(f"unknown calibration method {d['method']!r}")
+        return cls(d["method"], {k: (tuple(float(x) for x in v) if isinstance(v, list) else float(v))
+                                 for k, v in d["params"].items()})
+
+
+def fit_calibrator(margin, y, sample_weight=None, method: str = "platt") -> Calibrator:
+    """Fit a :class:`Calibrator` on held-out margins (weighted)."""
+    m, y = np.asarray(margin, float), np.asarray(y, int)
+    w = np.ones(len(m)) if sample_weight is None else np.asarray(sample_weight, float)
+    if method == "identity" or len(np.unique(y)) < 2:
+        return Calibrator("identity")
+    if method == "platt":
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(C=1e4, max_iter=1000).fit(m[:, None], y, sample_weight=w)
+        return Calibrator("platt", {"a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0])})
+    if method == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        ir = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(_sigmoid(m), y, sample_weight=w)
+        return Calibrator("isotonic", {"x": tuple(float(v) for v in ir.X_thresholds_),
+                                       "y": tuple(float(v) for v in ir.y_thresholds_)})
+    raise ValueError(f"unknown calibration method {method!r} (platt, isotonic or identity)")
+
+
+# --------------------------------------------------------------------------- binary estimator
+
+
+class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
+    """Calibrated binary XGBoost classifier (scikit-learn estimator contract).
+
+    Parameters
+    ----------
+    n_estimators, max_depth, learning_rate, subsample, colsample_bytree, min_child_weight, reg_lambda
+        XGBoost booster settings (``xgb.train`` with ``binary:logistic``, ``hist`` trees).
+    calibration : {"platt", "isotonic", "identity"}
+        Map fitted on out-of-fold margins.
+    calibration_folds : int
+        Folds for those out-of-fold margins (stratified, or grouped when ``groups`` is
+        given to :meth:`fit`).
+    random_state : int
+    n_jobs : int
+        XGBoost threads.
+
+    Attributes
+    ----------
+    booster_ : xgboost.Booster
+        Trained on all rows.
+    calibrator_ : Calibrator
+    classes_ : ndarray
+        ``[0, 1]``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when fitted on a DataFrame.
+    """
+
+    def __init__(self, n_estimators: int = 300, max_depth: int = 4, learning_rate: float = 0.05,
+                 subsample: float = 0.8, colsample_bytree: float = 0.8, min_child_weight: float = 1.0,
+                 reg_lambda: float = 1.0, calibration: str = "platt", calibration_folds: int = 5,
+                 random_state: int = 0, n_jobs: int = 2):
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.calibration = calibration
+        self.calibration_folds = calibration_folds
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def _params(self) -> dict:
+        return {"objective": "binary:logistic", "eval_metric": "logloss", "tree_method": "hist",
+                "max_depth": self.max_depth, "eta": self.learning_rate, "subsample": self.subsample,
+                "colsample_bytree": self.colsample_bytree, "min_child_weight": self.min_child_weight,
+                "lambda": self.reg_lambda, "seed": self.random_state, "nthread": self.n_jobs}
+
+    def _train(self, X, y, w):
+        import xgboost as xgb
+
+        names = list(getattr(self, "feature_names_in_", [])) or None
+        d = xgb.DMatrix(X, label=y, weight=w, feature_names=names, missing=np.nan)
+        return xgb.train(self._params(), d, num_boost_round=self.n_estimators)
+
+    def fit(self, X, y, sample_weight=None, groups=None):
+        """Fit the booster on all rows and the calibrator on out-of-fold margins.
+
+        Parameters
+        ----------
+        X : DataFrame or array, shape (n, p)
+        y : array of {0, 1} or bool
+        sample_weight : array, optional
+            E.g. inverse-propensity weights; used by the booster *and* the calibrator.
+        groups : array, optional
+            Group ids (e.g. object ids) so that out-of-fold margins never share a group.
+        """
+        from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+        if isinstance(X, pd.DataFrame):
+            self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        Xa = _as_float32(X)
+        y = np.asarray(y).astype(int)
+        if set(np.unique(y)) - {0, 1}:
+            raise ValueError("y must be binary (0/1)")
+        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = Xa.shape[1]
+        k = min(self.calibration_folds, int(np.bincount(y, minlength=2).min()))
+        if self.calibration != "identity" and k >= 2:
+            oof = np.full(len(y), np.nan)
+            if groups is not None:
+                splits = GroupKFold(n_splits=min(k, len(np.unique(groups)))).split(Xa, y, groups)
+            else:
+                splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=self.random_state).split(Xa, y)
+            for tr, te in splits:
+                b = self._train(Xa[tr], y[tr], w[tr])
+                oof[te] = b.inplace_predict(Xa[te], predict_type="margin")
+            self.calibrator_ = fit_calibrator(oof, y, w, self.calibration)
+        else:
+            self.calibrator_ = Calibrator("identity")
+        self.booster_ = self._train(Xa, y, w)
+        return self
+
+    def _check_X(self, X) -> np.ndarray:
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "booster_")
+        names = getattr(self, "feature_names_in_", None)
+        if isinstance(X, pd.DataFrame) and names is not None:
+            missing = [n for n in names if n not in X.columns]
+            if missing:
+                raise ValueError(f"missing feature columns: {missing}")
+            Xa = _as_float32(X, names)
+        else:
+            Xa = _as_float32(X)
+        if Xa.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Xa.shape[1]} features, the model expects {self.n_features_in_}")
+        return Xa
+
+    def decision_function(self, X) -> np.ndarray:
+        """Raw booster margin (log-odds before calibration)."""
+        Xa = self._check_X(X)
+        return self.booster_.inplace_predict(Xa, predict_type="margin")
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Calibrated probabilities, shape (n, 2)."""
+        margin = self.decision_function(X)
+        p = self.calibrator_(margin)
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X) -> np.ndarray:
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+
+    def contributions(self, X) -> np.ndarray:
+        """Per-row signed feature contributions to the margin (XGBoost ``pred_contribs``), bias dropped."""
+        import xgboost as xgb
+
+        Xa = self._check_X(X)
+        names = list(getattr(self, "feature_names_in_", [])) or None
+        c = self.booster_.predict(xgb.DMatrix(Xa, feature_names=names, missing=np.nan), pred_contribs=True)
+        return np.asarray(c[:, :-1], dtype=float)
+
+
+# --------------------------------------------------------------------------- persistence helpers
+
+
+def data_hash(*frames) -> str:
+    """SHA-256 (first 16 hex) of the training arrays, for the model's provenance record."""
+    h = hashlib.sha256()
+    for f in frames:
+        a = f.to_numpy(dtype=float, na_value=np.nan) if isinstance(f, (pd.DataFrame, pd.Series)) \
+            else np.asarray(f, dtype=float)
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_scorer(est: XGBBinaryScorer, path: Path) -> dict:
+    est.booster_.save_model(str(path))
+    return {"file": path.name, "calibrator": est.calibrator_.to_json(), "params": est.get_params(),
+            "n_features": int(est.n_features_in_)}
+
+
+def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
+    import xgboost as xgb
+
+    est = XGBBinaryScorer(**d.get("params", {}))
+    booster = xgb.Booster()
+    booster.load_model(str(directory / d["file"]))
+    est.booster_ = booster
+    est.calibrator_ = Calibrator.from_json(d["calibrator"])
+    est.classes_ = np.array([0, 1])
+    est.n_features_in_ = int(d["n_features"])
+    if names is not None:
+        est.feature_names_in_ = np.asarray(names, dtype=object)
+    if booster.num_features() != est.n_features_in_:
+        raise ValueError(f"{d['file']}: booster has {booster.num_features()} features, metadata says "
+                         f"{est.n_features_in_}")
+    return est
+
+
+def _read_metadata(directory) -> dict:
+    directory = Path(directory)
+    meta_path = directory / "metadata.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no model at {directory} (metadata.json missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") not in SUPPORTED_FORMATS:
+        raise ValueError(f"{directory}: unknown model format {meta.get('format')!r} "
+                         f"(this code reads {', '.join(SUPPORTED_FORMATS)})")
+    return meta
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# --------------------------------------------------------------------------- alert scorer
+
+
+class AlertScorer:
+    """The trained three-score model the pipeline calls once per micro-batch.
+
+    Parameters
+    ----------
+    scorers : dict
+        ``score name → fitted XGBBinaryScorer``, for every name in :data:`models.score.SCORES`.
+    residualiser : causal.adjust.ConditionResidualiser
+        Fitted; applied to the intrinsic scores' inputs.
+    version : str
+        Goes into every annotation as ``model_version``.
+    metadata : dict
+        Provenance and training diagnostics (saved with the model).
+    """
+
+    def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None):
+        missing = [s for s in SCORES if s not in scorers]
+        if missing:
+            raise ValueError(f"scorers missing for {missing}")
+        self.scorers = scorers
+        self.residualiser = residualiser
+        self.model_version = version
+        self.metadata = metadata or {}
+        self._cols = {s: (INTRINSIC_FEATURES if s in INTRINSIC else FEATURES) for s in SCORES}
+        self._index = {s: np.array([FEATURES.index(f) for f in self._cols[s]]) for s in SCORES}
+
+    def design(self, X: pd.DataFrame) -> dict:
+        """Per-score input tables: raw features for P(real), residualised ones for the intrinsic scores."""
+        missing = [f for f in FEATURES if f not in X.columns]
+        if missing:
+            raise ValueError(f"feature table lacks {missing}")
+        R = self.residualiser.transform(X[list(FEATURES)])
+        return {s: (R if s in INTRINSIC else X)[list(self._cols[s])] for s in SCORES}
+
+    def score(self, X: pd.DataFrame, contributions: bool = True) -> ScoreBatch:
+        """Scores (and, by default, contributions) for one batch of feature rows."""
+        n = len(X)
+        D = self.design(X)
+        probs, contrib = {}, {}
+        for s in SCORES:
+            est = self.scorers[s]
+            A = _as_float32(D[s])
+            probs[s] = est.calibrator_(est.booster_.inplace_predict(A, predict_type="margin")) if n \
+                else np.zeros(0)
+            if contributions:
+                # Contributions live in the FEATURES space for every score so one explanation
+                # routine serves all; a residualised input keeps its feature's name.
+                full = np.zeros((n, len(FEATURES)))
+                if n:
+                    full[:, self._index[s]] = est.contributions(A)
+                contrib[s] = full
+        return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
+                          self.model_version)
+
+    def save(self, directory) -> Path:
+        """Write boosters (UBJSON) and ``metadata.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.metadata)
+        meta.update({
+            "format": FORMAT, "kind": "alert", "version": self.model_version,
+            "created": meta.get("created") or _now(), "features": list(FEATURES),
+            "conditions": list(CONDITIONS), "intrinsic_features": list(INTRINSIC_FEATURES),
+            "scores": {s: _save_scorer(self.scorers[s], directory / f"{s}.ubj") for s in SCORES},
+            "classes": {"p_real": ["bogus", "real"], "p_extragalactic": ["galactic", "extragalactic"],
+                        "p_fast": ["slow", "fast"]},
+            "residualiser": self.residualiser.to_json(),
+        })
+        (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> AlertScorer:
+        """Read a model directory, refusing unknown formats and feature mismatches."""
+        from causal.adjust import ConditionResidualiser
+
+        directory = Path(directory)
+        meta = _read_metadata(directory)
+        if meta.get("kind") != "alert":
+            raise ValueError(f"{directory}: a {meta.get('kind')!r} model, not an alert scorer")
+        if tuple(meta.get("features", ())) != tuple(FEATURES):
+            theirs, ours = meta.get("features", []), list(FEATURES)
+            diff = sorted(set(theirs) ^ set(ours)) or "same names, different order"
+            raise ValueError(f"{directory}: model features do not match this code's FEATURES ({diff}); "
+                             "retrain with `vigil train`")
+        if tuple(meta.get("intrinsic_features", ())) != tuple(INTRINSIC_FEATURES):
+            raise ValueError(f"{directory}: intrinsic-score inputs differ from this code's; retrain")
+        scorers = {s: _load_scorer(meta["scores"][s], directory,
+                                   INTRINSIC_FEATURES if s in INTRINSIC else FEATURES) for s in SCORES}
+        return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load(directory):
+    """Load any Vigil model directory (alert scorer or table scorer)."""
+    meta = _read_metadata(directory)
+    return TableScorer.load(directory) if meta.get("kind") == "table" else AlertScorer.load(directory)
+
+
+def default_scorer():
+    """The shipped default model, or the placeholder rule (with a warning) if it is missing or stale."""
+    from models.score import PlaceholderScorer
+
+    try:
+        return AlertScorer.load(DEFAULT_MODEL_DIR)
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("default model unavailable (%s); using the placeholder rule", e)
+        return PlaceholderScorer()
+
+
+# --------------------------------------------------------------------------- table scorer
+
+
+class TableScorer:
+    """One calibrated score on the numeric columns of a labelled feature table.
+
+    Parameters
+    ----------
+    estimator : XGBBinaryScorer
+        Fitted on a DataFrame (its ``feature_names_in_`` are the table columns used).
+    version : str
+    metadata : dict
+    """
+
+    def __init__(self, estimator: XGBBinaryScorer, version: str, metadata: dict | None = None):
+        self.estimator = estimator
+        self.model_version = version
+        self.metadata = metadata or {}
+
+    @property
+    def features(self) -> tuple:
+        return tuple(self.estimator.feature_names_in_)
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        """Calibrated probability of the positive class for each row."""
+        missing = [c for c in self.features if c not in table.columns]
+        if missing:
+            raise ValueError(f"table lacks the model's feature columns {missing}")
+        return self.estimator.predict_proba(numeric_table(table[list(self.features)]))[:, 1]
+
+    def save(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.metadata)
+        meta.update({"format": FORMAT, "kind": "table", "version": self.model_version,
+                     "created": meta.get("created") or _now(), "features": list(self.features),
+                     "scores": {"score": _save_scorer(self.estimator, directory / "score.ubj")}})
+        (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> TableScorer:
+        directory = Path(directory)
+        meta = _read_metadata(directory)
+        if meta.get("kind") != "table":
+            raise ValueError(f"{directory}: a {meta.get('kind')!r} model, not a table scorer")
+        est = _load_scorer(meta["scores"]["score"], directory, meta["features"])
+        return cls(est, meta["version"], meta)
+
+
+def numeric_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Numeric view of a feature table: booleans become 0/1, everything as float."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == bool or str(out[c].dtype) == "boolean":
+            out[c] = out[c].astype(float)
+    return out.astype(float)

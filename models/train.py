@@ -1,0 +1,677 @@
+"""Training, evaluation and causal validation of the scorers, and their CLI commands.
+
+Commands added to ``vigil`` (see :func:`register`):
+
+* ``vigil train --simulate --seed S --out DIR`` — the three alert scores from a simulated
+  stream with truth (labels only for the simulator's ``vetted`` subset, inverse-propensity
+  weighted; intrinsic scores on condition-residualised features);
+* ``vigil train --table CSV --label-column L --positive a,b --negative c,d --out DIR`` —
+  one calibrated score from a labelled feature table (e.g. ATLAS vetting data);
+* ``vigil score --table CSV --model DIR --out scores.csv``;
+* ``vigil evaluate`` — ROC AUC, recall at rank K and its area (AuRaK) against a baseline
+  ordering, ECE; grouped cross-validation with a HistGradientBoosting baseline on tables;
+  on simulated data also the do(seeing) invariance test and the IPW effective sample size;
+* ``vigil validate causal [--json]`` — the science.md §3 checks for the adjusted scorer.
+
+Metrics
+-------
+*Recall at rank K* is the fraction of all positives found in the top K of a list sorted
+by decreasing score; *AuRaK* is the area under that curve over K = 1…N divided by the
+area of the perfect list (all positives first), so 1 is a perfect ranking and a random
+one scores about N / (2N − P + 1). Tied scores count as if their order were random
+(expected recall), so a constant column gets no credit for the input order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: Target seeing values (arcsec) of the two interventions contrasted by the invariance test;
+#: both lie inside the simulator's seeing distribution (median 2.0″).
+DO_SEEING = (1.8, 2.8)
+
+TARGETS = {"p_real": "is_real", "p_extragalactic": "is_extragalactic", "p_fast": "is_fast"}
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def recall_at_rank(y, score) -> np.ndarray:
+    """Recall at rank K for K = 1…N (expected value over random order within ties).
+
+    Parameters
+    ----------
+    y : array of {0, 1}
+    score : array
+        Higher = earlier in the list. NaN scores go last.
+
+    Returns
+    -------
+    ndarray, shape (N,)
+    """
+    y = np.asarray(y, float)
+    s = np.nan_to_num(np.asarray(score, float), nan=-np.inf)
+    n, p = len(y), y.sum()
+    if n == 0 or p == 0:
+        return np.full(n, np.nan)
+    order = np.argsort(-s, kind="stable")
+    ys, ss = y[order], s[order]
+    # Tie groups: spread each group's positives evenly over its ranks.
+    starts = np.r_[0, np.flatnonzero(np.diff(ss) != 0) + 1]
+    ends = np.r_[starts[1:], n]
+    cum = np.empty(n)
+    before = 0.0
+    for a, b in zip(starts, ends, strict=True):
+        k = ys[a:b].sum()
+        cum[a:b] = before + k * np.arange(1, b - a + 1) / (b - a)
+        before += k
+    return cum / p
+
+
+def aurak(y, score) -> float:
+    """Area under the recall-at-rank-K curve relative to the perfect list's (1 = perfect)."""
+    y = np.asarray(y, float)
+    r = recall_at_rank(y, score)
+    if not len(r) or not np.isfinite(r).all():
+        return float("nan")
+    ideal = recall_at_rank(y, y)
+    return float(np.sum(r) / np.sum(ideal))
+
+
+def roc_auc(y, score, sample_weight=None) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, int)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, np.nan_to_num(np.asarray(score, float), nan=-1e9), sample_weight=sample_weight))
+
+
+def expected_calibration_error(y, p, n_bins: int = 10, sample_weight=None) -> float:
+    """ECE with equal-width probability bins: Σ_b (n_b/N)·|mean(y)_b − mean(p)_b|."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+    b = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
+    tot = w.sum()
+    e = 0.0
+    for k in range(n_bins):
+        m = b == k
+        if m.any() and w[m].sum() > 0:
+            e += w[m].sum() / tot * abs(np.average(y[m], weights=w[m]) - np.average(p[m], weights=w[m]))
+    return float(e)
+
+
+def calibration_in_the_large(y, p) -> float:
+    """Mean predicted probability minus the observed rate."""
+    return float(np.mean(p) - np.mean(y))
+
+
+# --------------------------------------------------------------------------- labelled tables
+
+
+@dataclass(frozen=True)
+class LabelledTable:
+    """A feature table reduced to a binary task."""
+
+    X: pd.DataFrame  # numeric feature columns only
+    y: np.ndarray  # 1 = positive
+    ids: np.ndarray  # group ids (object ids), or the row number
+    frame: pd.DataFrame  # the selected input rows, all columns
+    features: tuple
+
+
+def _split_list(s) -> list:
+    return [v.strip() for v in str(s).split(",") if v.strip()] if s else []
+
+
+def feature_columns(df: pd.DataFrame, exclude=()) -> list:
+    """Numeric (or boolean) columns that are not ids, labels or split markers."""
+    out = []
+    for c in df.columns:
+        if c in exclude or "split" in c.lower():
+            continue
+        if pd.api.types.is_bool_dtype(df[c]) or pd.api.types.is_numeric_dtype(df[c]):
+            out.append(c)
+    return out
+
+
+def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_column: str | None = None,
+                   exclude=()) -> LabelledTable:
+    """Select the rows whose label is in ``positive`` or ``negative`` and build X, y, ids."""
+    from models.scorer import numeric_table
+
+    if label_column not in df.columns:
+        raise ValueError(f"label column {label_column!r} not in the table (columns: {list(df.columns)})")
+    if id_column and id_column not in df.columns:
+        raise ValueError(f"id column {id_column!r} not in the table")
+    pos, neg = set(_split_list(positive)), set(_split_list(negative))
+    if not pos or not neg or pos & neg:
+        raise ValueError("need non-empty, disjoint --positive and --negative label lists")
+    lab = df[label_column].astype(str)
+    unknown = sorted(set(lab) - pos - neg)
+    if unknown:
+        log.info("ignoring rows with labels %s", unknown)
+    keep = lab.isin(pos | neg).to_numpy()
+    sub = df.loc[keep].reset_index(drop=True)
+    feats = feature_columns(sub, exclude={label_column, id_column, *exclude})
+    if not feats:
+        raise ValueError("no numeric feature columns in the table")
+    ids = sub[id_column].to_numpy() if id_column else np.arange(len(sub))
+    return LabelledTable(numeric_table(sub[feats]), sub[label_column].astype(str).isin(pos).to_numpy().astype(int),
+                         ids, sub, tuple(feats))
+
+
+def _table_estimator(random_state: int = 0):
+    from models.scorer import XGBBinaryScorer
+
+    # Small data (~10³ rows): shallow trees, strong subsampling, many small steps.
+    return XGBBinaryScorer(n_estimators=400, max_depth=4, learning_rate=0.03, subsample=0.8, colsample_bytree=0.7,
+                           min_child_weight=2.0, reg_lambda=2.0, calibration="platt", random_state=random_state)
+
+
+def train_table(t: LabelledTable, source: str = "", id_column: str | None = None, random_state: int = 0):
+    """Fit a :class:`models.scorer.TableScorer` on a labelled table."""
+    from models.scorer import TableScorer, data_hash
+
+    est = _table_estimator(random_state).fit(t.X, t.y, groups=t.ids)
+    h = data_hash(t.X, t.y)
+    meta = {"training_data_hash": h, "training_source": str(source), "n_train": int(len(t.y)),
+            "n_positive": int(t.y.sum()), "id_column": id_column}
+    return TableScorer(est, f"xgb-table-{h[:8]}", meta)
+
+
+def _hgb(random_state: int = 0):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return HistGradientBoostingClassifier(random_state=random_state)
+
+
+@dataclass(frozen=True)
+class CVReport:
+    """Out-of-fold scores of a grouped cross-validation, and their metrics."""
+
+    n: int
+    n_positive: int
+    folds: int
+    scores: dict  # name → out-of-fold scores (array)
+    metrics: dict  # name → {"auc", "aurak", "ece"}
+
+    def lines(self) -> list:
+        out = [f"grouped {self.folds}-fold CV: {self.n} rows, {self.n_positive} positive"]
+        out.append(f"{'ordering':<28} {'ROC AUC':>8} {'AuRaK':>8} {'ECE':>8}")
+        for name, m in self.metrics.items():
+            ece = f"{m['ece']:8.4f}" if np.isfinite(m["ece"]) else f"{'n/a':>8}"
+            out.append(f"{name:<28} {m['auc']:8.4f} {m['aurak']:8.4f} {ece}")
+        return out
+
+
+def cross_validate_table(t: LabelledTable, folds: int = 5, baseline: str | None = "hgb",
+                         baseline_column: str | None = None, random_state: int = 0) -> CVReport:
+    """Grouped K-fold CV (GroupKFold on ids) of Vigil's scorer, optionally beside an HGB baseline.
+
+    Both models see the same folds and columns; ``baseline_column`` (e.g. the survey's
+    real/bogus score) is also reported as an ordering of its own.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    scores = {"vigil (xgboost, calibrated)": np.full(len(t.y), np.nan)}
+    if baseline == "hgb":
+        scores["baseline: sklearn HGB"] = np.full(len(t.y), np.nan)
+    for tr, te in GroupKFold(n_splits=folds).split(t.X, t.y, t.ids):
+        est = _table_estimator(random_state).fit(t.X.iloc[tr], t.y[tr], groups=t.ids[tr])
+        scores["vigil (xgboost, calibrated)"][te] = est.predict_proba(t.X.iloc[te])[:, 1]
+        if baseline == "hgb":
+            h = _hgb(random_state).fit(t.X.iloc[tr], t.y[tr])
+            scores["baseline: sklearn HGB"][te] = h.predict_proba(t.X.iloc[te])[:, 1]
+    if baseline_column:
+        if baseline_column not in t.frame.columns:
+            raise ValueError(f"baseline column {baseline_column!r} not in the table")
+        scores[f"survey score: {baseline_column}"] = t.frame[baseline_column].to_numpy(float)
+    metrics = {}
+    for name, s in scores.items():
+        is_prob = not name.startswith("survey score")
+        metrics[name] = {"auc": roc_auc(t.y, s), "aurak": aurak(t.y, s),
+                         "ece": expected_calibration_error(t.y, s) if is_prob else float("nan")}
+    return CVReport(len(t.y), int(t.y.sum()), folds, scores, metrics)
+
+
+# --------------------------------------------------------------------------- simulated streams
+
+
+@dataclass(frozen=True)
+class SimTable:
+    """Features of a simulated stream with its truth, aligned row by row.
+
+    ``selection`` holds the covariates of label selection (observables, including
+    later data): what the propensity model conditions on.
+    """
+
+    X: pd.DataFrame
+    truth: pd.DataFrame
+    selection: pd.DataFrame
+    seed: int
+    config: dict = field(default_factory=dict)
+
+
+#: Simulation used for training and validation: the sparse field mode has a class mix rich
+#: in transients (the dense mode is ~85 % constant stars) with ~10 alerts per exposure; six
+#: alert nights so that the conditions z span several nights (two nights give ĝ(z) two
+#: clusters of seeing to learn from, and do(seeing) then extrapolates).
+SIM_DEFAULTS = {"mode": "sparse", "fields": 1, "quadrants": 24, "nights": 6}
+
+
+def simulated_table(seed: int, **sim_kwargs) -> SimTable:
+    """Simulate a stream, decode it like the pipeline does, and compute features and truth."""
+    from models.features import alert_features
+    from stream.alert import Alert, Envelope
+    from stream.decode import Decoder
+    from stream.simulate import simulate
+
+    kw = dict(SIM_DEFAULTS, **sim_kwargs)
+    res = simulate(seed, **kw)
+    dec = Decoder(keep_cutouts=False)
+    env = Envelope(b"", f"sim:{seed}")
+    alerts = [a for a in (dec.to_alert(rec, env) for rec in res.alerts()) if isinstance(a, Alert)]
+    X = alert_features(alerts)
+    truth = res.truth.set_index("candid").loc[[a.alert_id for a in alerts]].reset_index()
+    # Later data: detections of the same object in the next 3 days (known after the fact).
+    obj = np.array([a.object_id for a in alerts])
+    mjd = np.array([a.mjd for a in alerts])
+    n_later = np.zeros(len(alerts))
+    for o in np.unique(obj):
+        idx = np.flatnonzero(obj == o)
+        if len(idx) > 1:
+            t = mjd[idx]
+            n_later[idx] = [np.sum((t > ti) & (t <= ti + 3.0)) for ti in t]
+    flux = np.array([abs(a.flux) for a in alerts])
+    with np.errstate(divide="ignore"):
+        det_mag = np.where(flux > 0, 23.9 - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+    catalogued = np.array([(a.context.star_galaxy > 0.8) & (a.context.ps1_distance < 0.5)
+                           & (a.context.ps1_mag_r < 18.5) for a in alerts], dtype=float)
+    V = pd.DataFrame({"det_mag": det_mag, "seeing": X["seeing"].to_numpy(), "airmass": X["airmass"].to_numpy(),
+                      "limit_mag": X["limit_mag"].to_numpy(), "n_later": n_later, "catalogued_star": catalogued})
+    return SimTable(X, truth, V, seed, kw)
+
+
+def _sim_estimator(random_state: int = 0):
+    from models.scorer import XGBBinaryScorer
+
+    return XGBBinaryScorer(n_estimators=250, max_depth=4, learning_rate=0.05, subsample=0.8, colsample_bytree=0.8,
+                           min_child_weight=2.0, reg_lambda=2.0, calibration="platt", random_state=random_state)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """Diagnostics of one alert-model training run."""
+
+    n_alerts: int
+    n_labelled: int
+    ipw: dict
+    positives: dict
+
+
+def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, random_state: int = 0):
+    """Train the three-score :class:`models.scorer.AlertScorer` on a simulated stream.
+
+    Parameters
+    ----------
+    sim : SimTable
+    adjust : bool
+        Residualise the intrinsic scores' inputs on the conditions (False gives the
+        *naive* scorer: raw features with the conditions as plain inputs).
+    weight : bool
+        Inverse-propensity weights for the label selection.
+
+    Returns
+    -------
+    (AlertScorer, TrainReport)
+    """
+    from causal.adjust import ConditionResidualiser, PropensityWeighter
+    from models.features import FEATURES
+    from models.score import SCORES
+    from models.scorer import CONDITION_SENSITIVE, CONDITION_TRANSFORMS, INTRINSIC, AlertScorer, data_hash
+
+    X = sim.X[list(FEATURES)]
+    lab = sim.truth["vetted"].to_numpy(bool)
+    groups = sim.truth["objectId"].to_numpy()
+    # Linear in (log seeing, airmass, depth, moon): the PSF width and S/N scale as powers of
+    # seeing, and a straight line extrapolates sanely at the edges of the seeing range.
+    res = ConditionResidualiser(CONDITION_SENSITIVE if adjust else (), CONDITION_TRANSFORMS, degree=1,
+                                random_state=random_state)
+    R = res.fit_transform(X)  # cross-fitted on all alerts, labelled or not
+    pw = PropensityWeighter().fit(sim.selection, lab)
+    w = pw.weights(sim.selection[lab]) if weight else np.ones(int(lab.sum()))
+    diag = pw.diagnostics(sim.selection, lab)
+    scorers, positives = {}, {}
+    for s in SCORES:
+        cols = [c for c in FEATURES if not (adjust and s in INTRINSIC and c in _conditions())]
+        D = (R if s in INTRINSIC else X)[cols]
+        y = sim.truth[TARGETS[s]].to_numpy(int)
+        positives[s] = int(y[lab].sum())
+        scorers[s] = _sim_estimator(random_state).fit(D[lab], y[lab], sample_weight=w, groups=groups[lab])
+    h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted"]].astype(float))
+    version = f"xgb-sim{sim.seed}-{h[:8]}" + ("" if adjust else "-naive")
+    meta = {"training_data_hash": h, "training_source": f"stream.simulate seed={sim.seed} {sim.config}",
+            "n_alerts": len(X), "n_labelled": int(lab.sum()), "positives_labelled": positives,
+            "ipw": diag.to_json(), "propensity_model": pw.to_json(), "adjusted": adjust}
+    model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else AlertScorer(scorers, res, version, meta)
+    return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives)
+
+
+def _conditions():
+    from models.features import CONDITIONS
+
+    return CONDITIONS
+
+
+class _NaiveAlertScorer:
+    """The unadjusted comparison scorer: every score reads the raw features and the conditions.
+
+    Only for validation (it is what giving z to XGBoost "as a plain feature" means); it
+    is never saved or shipped.
+    """
+
+    def __init__(self, scorers, residualiser, version, metadata):
+        self.scorers, self.residualiser, self.model_version, self.metadata = scorers, residualiser, version, metadata
+
+    def score(self, X, contributions: bool = False):
+        from models.features import FEATURES
+        from models.score import ScoreBatch
+
+        A = X[list(FEATURES)]
+        p = {s: e.predict_proba(A)[:, 1] for s, e in self.scorers.items()}
+        return ScoreBatch(p["p_real"], p["p_extragalactic"], p["p_fast"], tuple(FEATURES), {}, self.model_version)
+
+
+# --------------------------------------------------------------------------- do(seeing)
+
+
+def intervene_seeing(X: pd.DataFrame, truth: pd.DataFrame, seeing: float) -> pd.DataFrame:
+    """Features of the same alerts had their exposures been taken at ``seeing`` arcsec.
+
+    Implements do(seeing) for the *current* exposure by propagating the simulator's
+    generative model (stream/simulate.py) to every feature it makes seeing-dependent;
+    the population of alerts, their histories and everything not caused by the
+    current seeing stay as they were:
+
+    * PSF width ``fwhm`` and the image-level ``seeing`` estimate scale with seeing;
+    * depth ``limit_mag`` changes by −2.5 log10(s′/s);
+    * the noise of a real detection is σ² = σ_bg² + g·F + (0.003 F)² with σ_bg ∝ seeing at
+      fixed sky (5σ depth), so ``snr`` follows at fixed flux F; artefacts (bogus) keep
+      their S/N (the simulator draws it relative to the noise);
+    * the survey score (ZTF ``drb``) of a real detection degrades as
+      1 − drb ∝ 1 + 0.5·max(s − 2″, 0); artefacts keep theirs;
+    * astrometric scatter of the current detection ∝ seeing / S/N: ``pos_offset_now``
+      scales with it and ``pos_scatter`` gets the current epoch's share of the change.
+    """
+    from stream.simulate import NOISE_FLOOR, PHOTON_GAIN_UJY, SEEING_MEDIAN
+
+    out = X.copy()
+    s0 = truth["seeing_arcsec"].to_numpy(float)
+    r = seeing / s0
+    real = truth["is_real"].to_numpy(bool)
+    out["fwhm"] = X["fwhm"] * r
+    out["seeing"] = X["seeing"] * r
+    out["limit_mag"] = X["limit_mag"] - 2.5 * np.log10(r)
+    snr = X["snr"].to_numpy(float)
+    sig_bg = 10 ** (-0.4 * (X["limit_mag"].to_numpy(float) - 23.9)) / 5.0
+    # Solve F²/snr² = σ_bg² + gF + (cF)² for the flux F behind the measured S/N.
+    a = 1.0 / snr**2 - NOISE_FLOOR**2
+    disc = PHOTON_GAIN_UJY**2 + 4 * a * sig_bg**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        F = np.where(a > 0, (PHOTON_GAIN_UJY + np.sqrt(disc)) / (2 * a), np.nan)
+        snr_new = F / np.sqrt((sig_bg * r) ** 2 + PHOTON_GAIN_UJY * F + (NOISE_FLOOR * F) ** 2)
+    snr_new = np.where(real & np.isfinite(snr_new), snr_new, snr)
+    out["snr"] = snr_new
+    rb = X["real_bogus"].to_numpy(float)
+    f = (1 + 0.5 * np.clip(seeing - SEEING_MEDIAN, 0, None)) / (1 + 0.5 * np.clip(s0 - SEEING_MEDIAN, 0, None))
+    out["real_bogus"] = np.where(real, np.clip(1 - (1 - rb) * f, 0, 1), rb)
+    k = np.where(real, r * np.maximum(snr, 1) / np.maximum(snr_new, 1), r)
+    pon = X["pos_offset_now"].to_numpy(float)
+    out["pos_offset_now"] = pon * k
+    nd = np.maximum(X["n_det"].to_numpy(float), 1)
+    ps = X["pos_scatter"].to_numpy(float)
+    out["pos_scatter"] = np.sqrt(np.clip(ps**2 + (k**2 - 1) * np.nan_to_num(pon) ** 2 / nd, 0, None))
+    return out
+
+
+def invariance_shift(model, sim: SimTable, scores=("p_extragalactic", "p_fast")) -> dict:
+    """Mean score under do(seeing = DO_SEEING[1]) minus under do(seeing = DO_SEEING[0])."""
+    lo = model.score(intervene_seeing(sim.X, sim.truth, DO_SEEING[0]), contributions=False)
+    hi = model.score(intervene_seeing(sim.X, sim.truth, DO_SEEING[1]), contributions=False)
+    return {s: float(np.mean(getattr(hi, s)) - np.mean(getattr(lo, s))) for s in scores}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of ``vigil validate``: a figure, its target and whether it passed."""
+
+    name: str
+    value: float
+    target: str
+    passed: bool
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name:<52} {self.value:9.4f}   target {self.target}"
+
+
+def validate_causal(train_seed: int = 1, test_seed: int = 2, **sim_kwargs) -> list:
+    """science.md §3 checks of the adjusted scorer on simulated streams (train on one seed, test on another)."""
+    train = simulated_table(train_seed, **sim_kwargs)
+    test = simulated_table(test_seed, **sim_kwargs)
+    adj, rep = train_alert_model(train, adjust=True)
+    naive, _ = train_alert_model(train, adjust=False)
+    checks = []
+    d_adj, d_naive = invariance_shift(adj, test), invariance_shift(naive, test)
+    sa, sn = adj.score(test.X, contributions=False), naive.score(test.X, contributions=False)
+    lo, hi = DO_SEEING
+    for s in ("p_extragalactic", "p_fast"):
+        checks.append(Check(f"{s}: adjusted |Δ mean| do(seeing {lo}→{hi}″)", abs(d_adj[s]), "≤ 0.03",
+                            abs(d_adj[s]) <= 0.03))
+        checks.append(Check(f"{s}: naive |Δ mean| (power of the test)", abs(d_naive[s]), "≥ 0.05",
+                            abs(d_naive[s]) >= 0.05))
+    for s in ("p_real", "p_extragalactic", "p_fast"):
+        y, p = test.truth[TARGETS[s]].to_numpy(int), getattr(sa, s)
+        e = expected_calibration_error(y, p)
+        citl = calibration_in_the_large(y, p)
+        checks.append(Check(f"{s}: ECE, whole test stream", e, "≤ 0.05", e <= 0.05))
+        checks.append(Check(f"{s}: calibration-in-the-large |mean p − rate|", abs(citl), "≤ 0.05", abs(citl) <= 0.05))
+    # P(real) is not invariant but must be calibrated within strata of conditions.
+    see = test.X["seeing"].to_numpy(float)
+    edges = np.nanquantile(see, [1 / 3, 2 / 3])
+    strata = np.digitize(np.nan_to_num(see, nan=float(np.nanmedian(see))), edges)
+    worst = max(expected_calibration_error(test.truth["is_real"].to_numpy(int)[strata == k], sa.p_real[strata == k])
+                for k in range(3))
+    checks.append(Check("p_real: worst ECE within seeing terciles", worst, "≤ 0.05", worst <= 0.05))
+    for s in ("p_extragalactic", "p_fast"):
+        y = test.truth[TARGETS[s]].to_numpy(int)
+        cost = roc_auc(y, getattr(sn, s)) - roc_auc(y, getattr(sa, s))
+        checks.append(Check(f"{s}: AUC cost of adjustment (naive − adjusted)", cost, "≤ 0.01", cost <= 0.01))
+    frac = rep.ipw["ess_fraction"]
+    checks.append(Check(f"IPW effective sample size / labelled (n={rep.n_labelled})", frac, "≥ 0.20", frac >= 0.20))
+    return checks
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _write_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    print()
+
+
+def cmd_train(args) -> int:
+    if bool(args.simulate) == bool(args.table):
+        raise ValueError("give exactly one of --simulate or --table")
+    if args.table:
+        t = labelled_table(pd.read_csv(args.table), args.label_column, args.positive, args.negative,
+                           args.id_column)
+        model = train_table(t, source=args.table, id_column=args.id_column, random_state=args.seed)
+        model.save(args.out)
+        print(f"trained {model.model_version} on {len(t.y)} rows ({int(t.y.sum())} positive), "
+              f"{len(t.features)} features: {', '.join(t.features)}")
+        print(f"saved to {args.out}")
+        return 0
+    sim = simulated_table(args.seed, **_sim_kwargs(args))
+    model, rep = train_alert_model(sim)
+    model.save(args.out)
+    print(f"trained {model.model_version} on {rep.n_alerts} simulated alerts, {rep.n_labelled} labelled "
+          f"(positives: {rep.positives})")
+    print(f"IPW: ESS {rep.ipw['ess']:.1f} = {rep.ipw['ess_fraction']:.1%} of labelled; "
+          f"{rep.ipw['n_extrapolated']} alerts with ê < 0.01; max weight {rep.ipw['max_weight']:.2f}")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from models.scorer import TableScorer
+
+    model = TableScorer.load(args.model)
+    df = pd.read_csv(args.table)
+    p = model.predict(df)
+    idc = args.id_column or model.metadata.get("id_column")
+    out = pd.DataFrame({idc: df[idc]} if idc and idc in df.columns else {"row": np.arange(len(df))})
+    out["score"] = p
+    out.to_csv(args.out, index=False)
+    print(f"scored {len(out)} rows with {model.model_version} → {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    if args.simulate:
+        return _evaluate_sim(args)
+    if not args.table:
+        raise ValueError("give --table CSV or --simulate")
+    df = pd.read_csv(args.table)
+    t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column)
+    bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)
+    if args.model:
+        from models.scorer import TableScorer
+
+        model = TableScorer.load(args.model)
+        p = model.predict(t.frame)
+        print(f"{model.model_version} on {len(t.y)} rows ({int(t.y.sum())} positive)")
+        print(f"{'ordering':<28} {'ROC AUC':>8} {'AuRaK':>8} {'ECE':>8}")
+        print(f"{'vigil':<28} {roc_auc(t.y, p):8.4f} {aurak(t.y, p):8.4f} {expected_calibration_error(t.y, p):8.4f}")
+        if bcol:
+            b = t.frame[bcol].to_numpy(float)
+            print(f"{'survey score: ' + bcol:<28} {roc_auc(t.y, b):8.4f} {aurak(t.y, b):8.4f} {'n/a':>8}")
+        return 0
+    rep = cross_validate_table(t, folds=args.cv, baseline=args.baseline, baseline_column=bcol)
+    if args.json:
+        _write_json({"n": rep.n, "n_positive": rep.n_positive, "folds": rep.folds, "metrics": rep.metrics})
+    else:
+        print("\n".join(rep.lines()))
+    return 0
+
+
+def _evaluate_sim(args) -> int:
+    from causal.adjust import PropensityWeighter
+    from models.scorer import AlertScorer, default_scorer
+
+    model = AlertScorer.load(args.model) if args.model else default_scorer()
+    sim = simulated_table(args.seed, **_sim_kwargs(args))
+    sb = model.score(sim.X, contributions=False)
+    rb = sim.X["real_bogus"].to_numpy(float)
+    print(f"{model.model_version} on simulated seed {args.seed}: {len(sim.X)} alerts")
+    print(f"{'score':<16} {'ROC AUC':>8} {'AuRaK':>8} {'AuRaK rb':>9} {'ECE':>8} {'mean p−rate':>12}")
+    for s, tcol in TARGETS.items():
+        y, p = sim.truth[tcol].to_numpy(int), getattr(sb, s)
+        print(f"{s:<16} {roc_auc(y, p):8.4f} {aurak(y, p):8.4f} {aurak(y, rb):9.4f} "
+              f"{expected_calibration_error(y, p):8.4f} {calibration_in_the_large(y, p):12.4f}")
+    d = invariance_shift(model, sim)
+    lo, hi = DO_SEEING
+    for s, v in d.items():
+        print(f"do(seeing {lo}→{hi}″): Δ mean {s} = {v:+.4f}  (target |Δ| ≤ 0.03)")
+    lab = sim.truth["vetted"].to_numpy(bool)
+    diag = PropensityWeighter().fit(sim.selection, lab).diagnostics(sim.selection, lab)
+    print(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} labelled; "
+          f"{diag.n_extrapolated} alerts with ê < 0.01")
+    return 0
+
+
+def cmd_validate_causal(args) -> int:
+    checks = validate_causal(args.train_seed, args.test_seed, **_sim_kwargs(args))
+    if args.json:
+        _write_json([{"check": c.name, "value": c.value, "target": c.target, "pass": c.passed} for c in checks])
+    else:
+        for c in checks:
+            print(c.line())
+        print(f"{sum(c.passed for c in checks)}/{len(checks)} checks passed")
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def _sim_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in ("mode", "fields", "quadrants", "nights") if getattr(args, k, None)}
+
+
+def _add_sim_args(p) -> None:
+    p.add_argument("--mode", choices=["dense", "sparse"], help=f"simulator field mode (default {SIM_DEFAULTS['mode']})")
+    p.add_argument("--fields", type=int, help=f"simulated fields (default {SIM_DEFAULTS['fields']})")
+    p.add_argument("--quadrants", type=int, help=f"quadrants per field (default {SIM_DEFAULTS['quadrants']})")
+    p.add_argument("--nights", type=int, help=f"alert nights (default {SIM_DEFAULTS['nights']})")
+
+
+def _add_table_args(p) -> None:
+    p.add_argument("--table", help="labelled feature table (CSV)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--positive", help="comma-separated labels of the positive class")
+    p.add_argument("--negative", help="comma-separated labels of the negative class")
+    p.add_argument("--id-column", help="object id column (grouping for cross-validation)")
+
+
+#: The ``vigil validate`` sub-parsers object, so other modules can add checks
+#: (``VALIDATE_SUBPARSERS.add_parser("hsr", ...)``); set by :func:`register`.
+VALIDATE_SUBPARSERS = None
+
+
+def register(subparsers) -> None:
+    """Add ``train``, ``score``, ``evaluate`` and ``validate causal`` to the ``vigil`` parser."""
+    global VALIDATE_SUBPARSERS
+
+    p = subparsers.add_parser("train", help="train scorers on simulated alerts or a labelled feature table")
+    p.add_argument("--simulate", action="store_true", help="train the alert model on a simulated stream")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True, help="model directory to write")
+    _add_table_args(p)
+    _add_sim_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("score", help="score a feature table with a table model")
+    p.add_argument("--table", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="CSV with the id column and a 'score' column")
+    p.add_argument("--id-column", help="id column to copy (default: the one used in training, if present)")
+    p.set_defaults(func=cmd_score)
+
+    p = subparsers.add_parser("evaluate", help="AUC, recall at rank K / AuRaK and calibration of a model")
+    _add_table_args(p)
+    p.add_argument("--model", help="trained model directory (default for --simulate: the shipped model)")
+    p.add_argument("--cv", type=int, default=5, help="grouped CV folds when no --model is given")
+    p.add_argument("--baseline", choices=["hgb", "none"], default="hgb", help="ML baseline trained the same way")
+    p.add_argument("--baseline-column", help="survey score column as baseline ordering (default: rb_pix if present)")
+    p.add_argument("--simulate", action="store_true", help="evaluate an alert model on a simulated stream")
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    _add_sim_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("validate", help="validation checks with targets (pass/fail)")
+    VALIDATE_SUBPARSERS = p.add_subparsers(dest="validate_command", required=True)
+    q = VALIDATE_SUBPARSERS.add_parser("causal", help="do(seeing) invariance, calibration, AUC cost, IPW ESS")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--train-seed", type=int, default=1)
+    q.add_argument("--test-seed", type=int, default=2)
+    _add_sim_args(q)
+    q.set_defaults(func=cmd_validate_causal)

@@ -1,0 +1,289 @@
+"""XGBoost scorers: estimator contract, calibration, model IO, metrics, CLI, and the pipeline default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED, avro_files
+
+from models.features import FEATURES
+from models.score import SCORES, explain
+from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load
+from models.train import (
+    SimTable,
+    aurak,
+    calibration_in_the_large,
+    expected_calibration_error,
+    recall_at_rank,
+    train_alert_model,
+)
+from stream.cli import main
+
+ATLAS_DAY1 = SHARED / "atlas_vra_labeled" / "dev" / "atlas_vra_day1_dev.csv"
+
+
+def _binary(n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 4)), columns=["a", "b", "c", "d"])
+    logit = 1.5 * X["a"] - 1.0 * X["b"] + 0.5 * X["a"] * X["c"]
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    return X, y
+
+
+def _fast(**kw):
+    return XGBBinaryScorer(n_estimators=40, max_depth=3, learning_rate=0.2, calibration_folds=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_sim():
+    """A synthetic 'simulated stream' in the FEATURES layout (no simulator needed)."""
+    rng = np.random.default_rng(7)
+    n = 900
+    X = pd.DataFrame(rng.normal(size=(n, len(FEATURES))), columns=list(FEATURES))
+    X["seeing"] = rng.lognormal(np.log(2), 0.2, n)
+    X["fwhm"] = X["seeing"] / 1.012 * rng.lognormal(0, 0.05, n)
+    X["snr"] = rng.lognormal(2.5, 0.6, n)
+    X["real_bogus"] = rng.uniform(0, 1, n)
+    for c in ("elongation", "pos_scatter", "pos_offset_now"):
+        X[c] = rng.lognormal(0, 0.3, n)
+    X.loc[rng.random(n) < 0.1, "star_galaxy"] = np.nan
+    real = X["real_bogus"] + rng.normal(0, 0.3, n) > 0.4
+    xgal = real & (X["star_galaxy"].fillna(0) < 0.2)
+    fast = real & (X["rise_rate"] > 0.8)
+    vetted = rng.random(n) < 1 / (1 + np.exp(-(0.5 - X["mag"])))
+    truth = pd.DataFrame({"is_real": real, "is_extragalactic": xgal, "is_fast": fast, "vetted": vetted,
+                          "objectId": [f"obj{i // 2}" for i in range(n)], "seeing_arcsec": X["seeing"]})
+    V = pd.DataFrame({"det_mag": X["mag"], "seeing": X["seeing"]})
+    return SimTable(X, truth, V, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_sim):
+    import models.train as mt
+
+    orig = mt._sim_estimator
+    mt._sim_estimator = lambda random_state=0: _fast(random_state=random_state)
+    try:
+        model, rep = train_alert_model(tiny_sim)
+    finally:
+        mt._sim_estimator = orig
+    return model
+
+
+# --------------------------------------------------------------------------- estimator contract
+
+
+def test_estimator_contract_clone_and_fitted_attributes():
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    est = _fast(random_state=3, calibration="isotonic")
+    c = clone(est)
+    assert c.get_params() == est.get_params()
+    assert not [k for k in vars(c) if k.endswith("_")]  # __init__ stores params only
+    X, y = _binary(600)
+    with pytest.raises(NotFittedError):
+        c.predict_proba(X)
+    c.fit(X, y)
+    fitted = {k for k in vars(c) if k.endswith("_") and not k.startswith("_")}
+    assert {"booster_", "calibrator_", "classes_", "n_features_in_", "feature_names_in_"} <= fitted
+    p = c.predict_proba(X)
+    assert p.shape == (600, 2) and np.allclose(p.sum(axis=1), 1) and ((p >= 0) & (p <= 1)).all()
+    assert list(c.feature_names_in_) == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="missing feature"):
+        c.predict_proba(X.drop(columns="c"))
+    assert c.get_params() == est.get_params()  # fit does not touch params
+
+
+def test_calibration_on_held_out_data():
+    X, y = _binary(6000, seed=1)
+    est = _fast().fit(X.iloc[:3000], y[:3000])
+    p = est.predict_proba(X.iloc[3000:])[:, 1]
+    assert expected_calibration_error(y[3000:], p) <= 0.05
+    assert abs(calibration_in_the_large(y[3000:], p)) <= 0.05
+    assert est.calibrator_.method == "platt"
+
+
+def test_sample_weights_change_the_fit():
+    X, y = _binary(800, seed=2)
+    w = np.where(X["a"] > 0, 5.0, 1.0)
+    a = _fast().fit(X, y).predict_proba(X)[:, 1]
+    b = _fast().fit(X, y, sample_weight=w).predict_proba(X)[:, 1]
+    assert not np.allclose(a, b)
+
+
+def test_contributions_sum_to_the_margin():
+    import xgboost as xgb
+
+    X, y = _binary(500, seed=3)
+    est = _fast().fit(X, y)
+    c = est.contributions(X)
+    assert c.shape == (500, 4)
+    bias = est.booster_.predict(xgb.DMatrix(X.astype(np.float32)), pred_contribs=True)[:, -1]
+    np.testing.assert_allclose(c.sum(axis=1) + bias, est.decision_function(X), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- alert scorer and IO
+
+
+def test_alert_scorer_scores_and_explains(tiny_sim, tiny_model):
+    X = tiny_sim.X.iloc[:50]
+    sb = tiny_model.score(X)
+    for s in SCORES:
+        p = getattr(sb, s)
+        assert p.shape == (50,) and np.isfinite(p).all()
+        assert sb.contributions[s].shape == (50, len(FEATURES))
+    # the intrinsic scores never read the conditions themselves
+    for s in ("p_extragalactic", "p_fast"):
+        for c in ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separation"):
+            assert (sb.contributions[s][:, FEATURES.index(c)] == 0).all()
+    items, text = explain(sb, X, 0)
+    assert set(text) == set(SCORES) and items
+    assert sb.model_version.startswith("xgb-sim7-")
+
+
+def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    assert meta["features"] == list(FEATURES) and meta["format"] == "vigil-scorer/1"
+    assert {"training_data_hash", "version", "created", "residualiser", "ipw"} <= set(meta)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["metadata.json", "p_extragalactic.ubj",
+                                                                  "p_fast.ubj", "p_real.ubj"]
+    back = load(tmp_path / "m")
+    assert isinstance(back, AlertScorer) and back.model_version == tiny_model.model_version
+    a, b = tiny_model.score(tiny_sim.X), back.score(tiny_sim.X)
+    for s in SCORES:
+        np.testing.assert_array_equal(getattr(a, s), getattr(b, s))
+        np.testing.assert_array_equal(a.contributions[s], b.contributions[s])
+
+
+def _edit_meta(path, fn):
+    meta = json.loads((path / "metadata.json").read_text())
+    fn(meta)
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_load_refuses_mismatched_features_and_unknown_format(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    for name, edit, match in [
+        ("order", lambda m: m.__setitem__("features", m["features"][1:] + m["features"][:1]), "order"),
+        ("renamed", lambda m: m["features"].__setitem__(0, "rb_old"), "rb_old"),
+        ("format", lambda m: m.__setitem__("format", "vigil-scorer/99"), "unknown model format"),
+    ]:
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "m", d)
+        _edit_meta(d, edit)
+        with pytest.raises(ValueError, match=match):
+            AlertScorer.load(d)
+    with pytest.raises(FileNotFoundError):
+        AlertScorer.load(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_recall_at_rank_and_aurak_hand_example():
+    y, s = [1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]
+    np.testing.assert_allclose(recall_at_rank(y, s), [0.5, 0.5, 1.0, 1.0])
+    assert aurak(y, s) == pytest.approx(3.0 / 3.5)  # perfect list: 0.5, 1, 1, 1
+    assert aurak(y, [0.1, 0.9, 0.8, 0.2]) == pytest.approx((0 + 0.5 + 0.5 + 1) / 3.5)
+    # ties count as random order: expected recall, whatever the input order
+    np.testing.assert_allclose(recall_at_rank([1, 0], [0.5, 0.5]), [0.5, 1.0])
+    assert aurak([0, 1], [0.5, 0.5]) == aurak([1, 0], [0.5, 0.5]) == pytest.approx(0.75)
+
+
+def test_expected_calibration_error_hand_example():
+    # two bins: p=0.2 with observed rate 0.5, p=0.9 with rate 1.0 → 0.5·0.3 + 0.5·0.1
+    assert expected_calibration_error([0, 1, 1, 1], [0.2, 0.2, 0.9, 0.9]) == pytest.approx(0.2)
+
+
+# --------------------------------------------------------------------------- table commands
+
+
+def _table_csv(path, n=240, seed=5):
+    rng = np.random.default_rng(seed)
+    lab = rng.choice(["garbage", "good", "pm", "galactic", "AGN"], n, p=[0.5, 0.2, 0.15, 0.1, 0.05])
+    real = lab != "garbage"
+    df = pd.DataFrame({
+        "ATLAS_ID": rng.integers(10**17, 10**18, n), "rb_pix": np.clip(0.3 + 0.4 * real + rng.normal(0, 0.25, n), 0, 1),
+        "magdet_std": rng.lognormal(0, 0.5, n) * np.where(real, 1, 2), "ebv_sfd": rng.uniform(0, 1, n),
+        "z": np.where(rng.random(n) < 0.8, np.nan, rng.uniform(0, 0.2, n)), "CV": rng.random(n) < 0.05,
+        "label": lab, "upstream_split": rng.choice(["train", "val"], n),
+    })
+    df.to_csv(path, index=False)
+    return df
+
+
+def _train_score(csv, tmp_path, capsys):
+    model, out = tmp_path / "model", tmp_path / "scores.csv"
+    assert main(["train", "--table", str(csv), "--label-column", "label", "--positive", "good,AGN,galactic,pm",
+                 "--negative", "garbage", "--id-column", "ATLAS_ID", "--out", str(model)]) == 0
+    assert main(["score", "--table", str(csv), "--model", str(model), "--out", str(out)]) == 0
+    capsys.readouterr()
+    return model, pd.read_csv(out)
+
+
+def test_table_train_and_score_commands(tmp_path, capsys):
+    df = _table_csv(tmp_path / "t.csv")
+    model, scores = _train_score(tmp_path / "t.csv", tmp_path, capsys)
+    m = TableScorer.load(model)
+    assert m.features == ("rb_pix", "magdet_std", "ebv_sfd", "z", "CV")  # no id, label or split columns
+    assert list(scores.columns) == ["ATLAS_ID", "score"] and len(scores) == len(df)
+    assert (scores["ATLAS_ID"] == df["ATLAS_ID"]).all() and scores["score"].between(0, 1).all()
+    real = (df["label"] != "garbage").to_numpy()
+    assert scores["score"][real].mean() > scores["score"][~real].mean() + 0.2
+    # a table without a model feature is refused with the column named
+    df.drop(columns="ebv_sfd").to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["score", "--table", str(tmp_path / "bad.csv"), "--model", str(model),
+                 "--out", str(tmp_path / "x.csv")]) == 2
+    assert "ebv_sfd" in capsys.readouterr().err
+
+
+def test_evaluate_prints_vigil_beside_hgb_baseline(tmp_path, capsys):
+    _table_csv(tmp_path / "t.csv", n=200)
+    assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive",
+                 "good,AGN,galactic,pm", "--negative", "garbage", "--id-column", "ATLAS_ID", "--cv", "2",
+                 "--baseline", "hgb", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["metrics"]) == {"vigil (xgboost, calibrated)", "baseline: sklearn HGB", "survey score: rb_pix"}
+    for m in rep["metrics"].values():
+        assert 0.5 < m["aurak"] <= 1.0 and 0.5 < m["auc"] <= 1.0
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not ATLAS_DAY1.is_file(), reason="ATLAS vetting data (../shared) not available")
+def test_table_commands_on_real_atlas_subset(tmp_path, capsys):
+    df = pd.read_csv(ATLAS_DAY1).sample(300, random_state=0)
+    df.to_csv(tmp_path / "atlas.csv", index=False)
+    _, scores = _train_score(tmp_path / "atlas.csv", tmp_path, capsys)
+    assert len(scores) == 300 and scores["score"].between(0, 1).all()
+    real = (df["label"] != "garbage").to_numpy()
+    assert aurak(real, scores["score"]) > aurak(real, df["rb_pix"])  # in-sample, but it must beat the survey score
+
+
+# --------------------------------------------------------------------------- the pipeline default
+
+
+def test_pipeline_default_model_scores_and_explains_real_alerts():
+    from stream.alert import Envelope
+    from stream.pipeline import Pipeline
+
+    assert (DEFAULT_MODEL_DIR / "metadata.json").is_file(), "the default model must ship with the package"
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 2 * 2**20
+    files = avro_files("ztf_fink") + avro_files("rubin_fink")
+    assert files
+    pipe = Pipeline()
+    assert isinstance(pipe.scorer, AlertScorer)
+    res = pipe.process([Envelope(f.read_bytes(), str(f)) for f in files])
+    assert not res.rejected and len(res.annotations) == len(files)
+    for a in res.annotations:
+        assert a.model_version == pipe.scorer.model_version != "none"
+        assert a.status == "scored"
+        assert all(0 <= p <= 1 for p in (a.p_real, a.p_extragalactic, a.p_fast))
+        assert a.priority is not None
+        assert set(a.explanation_text) == set(SCORES)
+        assert {c.score for c in a.explanation} == set(SCORES)
