@@ -53,6 +53,8 @@ SITES = {"ztf": (33.3563, -116.8650), "rubin": (-30.2446, -70.7494)}
 _NSUM = 10
 _SCALES = np.array([2.0**32] * 9 + [1.0])
 _COLOUR0 = 0.6
+MIN_SIB_SCALE, MIN_SIB_COLOUR = 6, 20
+VISIT_PRIOR_N = 30.0  # siblings a detector section needs before its own estimate outweighs its visit's
 _MAX_Q = 2.0**52  # a row whose quantised contribution exceeds this is dropped (sums stay far from overflow)
 _MAX_FLUX = 2.0e5  # µJy (mag 10.6): brighter siblings are saturated anyway
 _MIN_ERR = 1.0  # µJy: caps a sibling's weight
@@ -76,6 +78,33 @@ def airmass(ra, dec, mjd, survey: str) -> np.ndarray:
         return np.where(sin_alt > 0.05, 1.0 / np.maximum(sin_alt, 0.05), np.nan)
 
 
+def _solve(sums: np.ndarray):
+    """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings)."""
+    S = sums / _SCALES
+    n = S[:, 9]
+    M = np.empty((len(S), 3, 3))
+    M[:, 0, 0], M[:, 0, 1], M[:, 0, 2] = S[:, 0], S[:, 1], S[:, 2]
+    M[:, 1, 1], M[:, 1, 2], M[:, 2, 2] = S[:, 3], S[:, 4], S[:, 5]
+    M[:, 1, 0], M[:, 2, 0], M[:, 2, 1] = S[:, 1], S[:, 2], S[:, 4]
+    r = S[:, 6:9].copy()
+    # A whisper of ridge on scale and colour keeps exposures with colourless siblings solvable.
+    M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
+    M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
+    # Fewer siblings, fewer parameters: offset, scale and colour from ≥ MIN_SIB_COLOUR, offset and
+    # scale from ≥ MIN_SIB_SCALE, the offset alone below (a noisy scale times a bright target's
+    # flux would add more noise than it removes).
+    coef = np.zeros((len(S), 3))
+    full = n >= MIN_SIB_COLOUR
+    if full.any():
+        coef[full] = np.linalg.solve(M[full], r[full][:, :, None])[:, :, 0]
+    two = (n >= MIN_SIB_SCALE) & ~full
+    if two.any():
+        coef[two, :2] = np.linalg.solve(M[two][:, :2, :2], r[two][:, :2, None])[:, :, 0]
+    one = (n >= 1) & ~full & ~two
+    coef[one, 0] = S[one, 6] / np.where(S[one, 0] > 0, S[one, 0], 1.0)
+    return coef, n
+
+
 def source_colour(lc) -> float:
     """g − r of the reference-image source from its reference fluxes (NaN if not both bands)."""
     out = []
@@ -97,13 +126,17 @@ class SiblingStore:
         A sibling row counts only if taken this long before the sibling's first detection (R2).
     exclusion_arcsec : float
         Objects this close to a target are not its siblings (they may share its host).
+    quiet_chi2 : float
+        A long-lived source is a sibling only if its light curve follows the exposures'
+        common mode to within this reduced χ² (judged once, on its whole history).
     """
 
     _META = ("mjd", "zp", "zp_rms", "colour_coeff", "limit_mag", "seeing", "background")
 
     def __init__(self, retention_days: float = 45.0, quiet_margin_days: float = 2.0,
-                 exclusion_arcsec: float = 60.0):
+                 exclusion_arcsec: float = 60.0, quiet_chi2: float = 4.0):
         self.retention_days = retention_days
+        self.quiet_chi2 = quiet_chi2
         self.quiet_margin_days = quiet_margin_days
         self.exclusion_arcsec = exclusion_arcsec
         self._slot: dict[int, int] = {}  # exposure key → slot
@@ -121,6 +154,11 @@ class SiblingStore:
         self.newest_mjd = -np.inf
         self._since_evict = 0
         self._zp_median: dict[int, float] = {}
+        self._visit_of: dict[int, int] = {}  # exposure → visit key (same time and band)
+        self._visit_sums: dict[int, np.ndarray] = {}
+        self._visit_members: dict[int, set] = {}
+        self._visit_rows = 0
+        self._judged: dict[int, bool] = {}  # long-lived object → accepted as a sibling
 
     # -- storage ------------------------------------------------------------
 
@@ -172,9 +210,23 @@ class SiblingStore:
     # -- ingestion ------------------------------------------------------------
 
     def ingest(self, alerts) -> None:
-        """Add the sibling information carried by a batch of alerts (idempotent, R5)."""
+        """Add the sibling information carried by a batch of alerts (idempotent, R5).
+
+        Sibling rows are chosen by time only (R2): a transient (first detected inside its
+        light curve) gives its epochs before first detection − margin. A long-lived source
+        (detected since before its window) gives every epoch, de-meaned per band, but only if
+        the source as a whole is quiet: its de-meaned light curve must follow the common mode
+        of the exposures (the store's current estimate, else the batch's median) within
+        ``quiet_chi2``. That judgement is made once per object and on its whole history, so
+        no epoch is ever kept or dropped for its own value.
+        """
+        pending = []
         for a in alerts:
-            self._ingest_one(a)
+            cand = self._ingest_one(a)
+            if cand is not None:
+                pending.append(cand)
+        if pending:
+            self._judge(pending)
         self._since_evict += len(alerts)
         if self._since_evict >= 2000:
             self.evict()
@@ -207,18 +259,20 @@ class SiblingStore:
             grp = (lc.field[ok] << 24) ^ (lc.chip[ok] << 8) ^ band | (1 << 62)
             unset = self.group[slots] == 0
             self.group[slots[unset]] = grp[unset]
+            # Visit: all sections exposed at the same second in the same band (ZTF quadrants of one
+            # exposure; Rubin detectors of one visit).
+            vk = (np.rint(lc.mjd[ok] * 86400.0).astype(np.int64) << 8) ^ band | (1 << 62)
+            for e, v in zip(lc.exposure[ok].tolist(), vk.tolist(), strict=True):
+                self._visit_of.setdefault(e, v)
         # The current detection's FWHM: the exposure's seeing for the *other* alerts (R3, R4).
         if np.isfinite(a.context.fwhm) and a.exposure >= 0:
             self._fwhm.setdefault(a.exposure, {})[obj] = a.context.fwhm
-        # Sibling rows, chosen by time only (R2): a transient (first detected inside this light
-        # curve) gives its epochs before first detection − margin; a long-lived source (detected
-        # since before the window) gives every epoch, de-meaned per band so that its constant
-        # reference mismatch does not leak into the exposure offsets.
+        # Sibling rows, chosen by time only (R2; see ingest).
         usable = np.isfinite(lc.flux) & ok & (lc.flux_err > 0) & (lc.kind != NONDETECTION)
         long_lived = first <= float(lc.mjd.min()) + self.quiet_margin_days
         q = usable if long_lived else usable & (lc.kind == FORCED) & (lc.mjd < first - self.quiet_margin_days)
-        if q.sum() < 3:
-            return
+        if q.sum() < 3 or (long_lived and self._judged.get(obj) is False):
+            return None
         # Forced photometry first, so that it wins over a detection of the same exposure (R5 dedup).
         idx = np.flatnonzero(q)
         idx = idx[np.argsort(lc.kind[idx] != FORCED, kind="stable")]
@@ -233,8 +287,18 @@ class SiblingStore:
             else:
                 f[sel] -= np.sum(w[sel] * f[sel]) / np.sum(w[sel])
         idx, f = idx[keep], f[keep]
-        contrib = self._quantise(lc.ref_flux[idx], f, lc.flux_err[idx], source_colour(lc))
-        for e, c in zip(lc.exposure[idx], contrib, strict=True):
+        if not len(idx):
+            return None
+        cand = (obj, lc.exposure[idx], f, np.nan_to_num(lc.ref_flux[idx], nan=0.0), lc.flux_err[idx],
+                source_colour(lc))
+        if long_lived and obj not in self._judged:
+            return cand  # judged with the rest of the batch
+        self._add_rows(*cand)
+        return None
+
+    def _add_rows(self, obj, exposures, f, F, err, colour) -> None:
+        contrib = self._quantise(F, f, err, colour)
+        for e, c in zip(exposures, contrib, strict=True):
             key = (int(e), obj)
             if key in self._rows:  # R5: the same history row from a later alert
                 continue
@@ -242,6 +306,35 @@ class SiblingStore:
             self.sums[s] += c
             self._rows[key] = c
             self._exp_objects.setdefault(int(e), []).append(obj)
+            vk = self._visit_of.get(int(e))
+            if vk:
+                if vk not in self._visit_sums:
+                    self._visit_sums[vk] = np.zeros(_NSUM, dtype=np.int64)
+                self._visit_sums[vk] += c
+                self._visit_members.setdefault(vk, set()).add(int(e))
+                self._visit_rows += 1
+
+    def _judge(self, pending) -> None:
+        """Accept quiet long-lived sources as siblings (once per object, on the whole history)."""
+        by_exp: dict[int, list[float]] = {}
+        for _, exps, f, F, _, _ in pending:
+            for e, v in zip(exps.tolist(), (f / np.where(F > 0, F, np.nan)).tolist(), strict=True):
+                if v == v:
+                    by_exp.setdefault(e, []).append(v)
+        batch_mode = {e: float(np.median(v)) for e, v in by_exp.items() if len(v) >= 3}
+        for obj, exps, f, F, err, colour in pending:
+            sib = self.sibling_vector(exps, exclude=(obj,))
+            G = F * ((colour if np.isfinite(colour) else _COLOUR0) - _COLOUR0)
+            known = sib["n"] >= MIN_SIB_SCALE
+            pred = np.where(known, sib["a"] + sib["s"] * F + sib["c"] * G,
+                            F * np.array([batch_mode.get(int(e), 0.0) for e in exps]))
+            resid = f - pred
+            resid -= np.mean(resid)  # the de-meaning already removed the level
+            chi2 = float(np.mean(resid**2 / (np.maximum(err, _MIN_ERR) ** 2 + (_MODEL_SCATTER * F) ** 2)))
+            quiet = chi2 <= self.quiet_chi2
+            self._judged[obj] = quiet
+            if quiet:
+                self._add_rows(obj, exps, f, F, err, colour)
 
     def evict(self) -> int:
         """Forget exposures older than the retention window; returns how many."""
@@ -253,8 +346,17 @@ class SiblingStore:
         for e in old:
             s = self._slot.pop(e)
             self._free.append(s)
+            vk = self._visit_of.pop(e, None)
             for obj in self._exp_objects.pop(e, ()):
-                self._rows.pop((e, obj), None)
+                c = self._rows.pop((e, obj), None)
+                if c is not None and vk in self._visit_sums:
+                    self._visit_sums[vk] -= c
+                    self._visit_rows -= 1
+            if vk in self._visit_members:
+                self._visit_members[vk].discard(e)
+                if not self._visit_members[vk]:
+                    del self._visit_members[vk]
+                    self._visit_sums.pop(vk, None)
             self._fwhm.pop(e, None)
         return len(old)
 
@@ -307,23 +409,26 @@ class SiblingStore:
                 c = self._rows.get((int(e), o))
                 if c is not None:
                     sums[i] -= c
-        S = sums / _SCALES
-        n = S[:, 9]
-        M = np.empty((len(exposures), 3, 3))
-        M[:, 0, 0], M[:, 0, 1], M[:, 0, 2] = S[:, 0], S[:, 1], S[:, 2]
-        M[:, 1, 1], M[:, 1, 2], M[:, 2, 2] = S[:, 3], S[:, 4], S[:, 5]
-        M[:, 1, 0], M[:, 2, 0], M[:, 2, 1] = S[:, 1], S[:, 2], S[:, 4]
-        r = S[:, 6:9].copy()
-        # A whisper of ridge on scale and colour keeps exposures with few or colourless siblings
-        # solvable (those terms then go to zero instead of blowing up).
-        M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
-        M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
-        ok = n >= 3
-        coef = np.zeros((len(exposures), 3))
-        if ok.any():
-            coef[ok] = np.linalg.solve(M[ok], r[ok][:, :, None])[:, :, 0]
-        one = (n >= 1) & ~ok
-        coef[one, 0] = S[one, 6] / np.where(S[one, 0] > 0, S[one, 0], 1.0)
+        coef, n = _solve(sums)
+        # Exposures with few siblings borrow from the whole visit (every detector section read out
+        # at the same time shares the exposure's zero point, seeing and colour terms): a
+        # precision-weighted blend, so a well-populated section keeps its own estimate.
+        vkeys = np.array([self._visit_of.get(int(e), 0) for e in exposures])
+        if self._visit_rows:
+            vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
+            for i, vk in enumerate(vkeys):
+                if vk:
+                    vsums[i] = self._visit_sums.get(vk, 0)
+                    for o in exclude:
+                        for e2 in self._visit_members.get(vk, ()):
+                            c = self._rows.get((e2, o))
+                            if c is not None:
+                                vsums[i] -= c
+            vcoef, vn = _solve(vsums)
+            wt = (n / (n + VISIT_PRIOR_N))[:, None]
+            use = vn >= MIN_SIB_COLOUR
+            coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
+            n = np.where(use, np.maximum(n, vn), n)
         a, s, c = coef[:, 0], coef[:, 1], coef[:, 2]
         meta = np.full((len(exposures), len(self._META)), np.nan)
         meta[have] = self.meta[slots[have]]
@@ -365,6 +470,7 @@ class TargetFit:
     """The result of correcting one light curve."""
 
     corrected: np.ndarray  # corrected flux aligned with the light curve (NaN where no flux)
+    corrected_err: np.ndarray  # its 1σ error: photometric ⊕ the correction's residual scatter
     systematic: np.ndarray  # the subtracted systematic estimate (0 where nothing was known)
     diagnostics: HSRDiagnostics
     train: np.ndarray  # boolean mask of training epochs
@@ -381,7 +487,8 @@ class HalfSiblingRegressor:
     Parameters
     ----------
     alpha : float
-        Ridge strength toward the physical prior, in units of the number of training points.
+        Prior width of each loading, as a fraction of the siblings' systematic amplitude:
+        small values trust physics, large ones the target's own training epochs.
     exclusion_days : float
         Epochs within this of the current time are never training points.
     pre_detection_days : float
@@ -400,7 +507,7 @@ class HalfSiblingRegressor:
         ``prior``, ``reduced`` or ``full``.
     """
 
-    def __init__(self, alpha: float = 0.3, exclusion_days: float = 3.0, pre_detection_days: float = 2.0,
+    def __init__(self, alpha: float = 0.1, exclusion_days: float = 3.0, pre_detection_days: float = 2.0,
                  min_points_reduced: int = 8, full_factor: int = 3):
         self.alpha = alpha
         self.exclusion_days = exclusion_days
@@ -436,13 +543,19 @@ class HalfSiblingRegressor:
         return {k: np.nan_to_num(np.asarray(v, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
                 for k, v in cols.items()}
 
-    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight=None, prior=None, groups=None):
-        """Ridge toward ``prior`` on standardised columns, per-group (band) intercepts.
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight=None, prior=None, groups=None, prior_scale=None):
+        """Bayesian ridge toward ``prior`` on standardised columns, with per-group (band) intercepts.
+
+        The likelihood uses ``sample_weight`` (inverse variances) scaled by the residual
+        excess variance of a first pass, so that unmodelled astrophysical variability makes
+        the data *less* informative about the loadings instead of being fitted by them.
 
         Parameters
         ----------
-        X : (n, p) array of sibling terms; y : (n,) target flux; sample_weight : (n,)
+        X : (n, p) sibling terms; y : (n,) target flux (µJy); sample_weight : (n,) 1/σ²
         prior : (p,) expected loadings (unstandardised); groups : (n,) intercept labels
+        prior_scale : (p,) prior standard deviation of each standardised loading (µJy);
+            default ``alpha``-scaled column spread of the prior prediction.
         """
         X = np.asarray(X, dtype=float)
         y = np.asarray(y, dtype=float)
@@ -458,20 +571,27 @@ class HalfSiblingRegressor:
         Z = (X - mu) / sd
         A = np.hstack([Z, G])
         b0 = np.concatenate([prior * sd, np.zeros(len(ug))])
-        pen = np.concatenate([np.full(p, self.alpha * w.sum()), np.zeros(len(ug))])
+        if prior_scale is None:
+            prior_scale = np.full(p, max(float(np.std((X - mu) @ prior)), 1e-3) / max(self.alpha, 1e-6))
         # Intercepts unpenalised; the prior pulls loadings toward physics, not toward zero.
-        lhs = A.T @ (A * w[:, None]) + np.diag(pen) + 1e-9 * np.eye(A.shape[1])
-        rhs = A.T @ (w * y) + pen * b0
-        beta = np.linalg.solve(lhs, rhs)
+        prec = np.concatenate([1.0 / np.asarray(prior_scale, dtype=float) ** 2, np.zeros(len(ug))])
+        AtWA, AtWy = A.T @ (A * w[:, None]), A.T @ (w * y)
+        s2 = 1.0
+        for _ in range(2):  # second pass: residual excess variance from the first
+            lhs = AtWA / s2 + np.diag(prec) + 1e-9 * np.eye(A.shape[1])
+            beta = np.linalg.solve(lhs, AtWy / s2 + prec * b0)
+            r = y - A @ beta
+            s2 = max(float(np.sum(w * r * r)) / max(n - len(ug), 1), 1.0)
         self.coef_ = beta[:p] / sd
         self.x_mean_ = mu
+        self.noise_scale_ = float(np.sqrt(s2))
         self.intercepts_ = dict(zip(ug.tolist(), beta[p:], strict=True))  # of the centred design
-        self._A, self._w, self._lhs, self._beta, self._sd, self._mu = A, w, lhs, beta, sd, mu
+        self._A, self._w, self._lhs, self._beta, self._s2 = A, w, lhs, beta, s2
         return self
 
     def loo_residuals(self, y) -> np.ndarray:
         """Leave-one-out residuals of the last fit (closed form for ridge)."""
-        A, w = self._A, self._w
+        A, w = self._A, self._w / self._s2
         H_diag = np.einsum("ij,jk,ik->i", A * w[:, None], np.linalg.inv(self._lhs), A)
         r = y - A @ self._beta
         return r / np.clip(1.0 - H_diag, 1e-6, None)
@@ -525,8 +645,10 @@ class HalfSiblingRegressor:
         else:
             err = np.where(lc.flux_err > 0, lc.flux_err, np.nan)
             w = 1.0 / np.nan_to_num(err[train], nan=np.nanmedian(err)) ** 2
-            w = w / w.mean()
-            self.fit(X[train], flux[train], w, prior, lc.band[train])
+            # Each loading may move the prediction by about alpha × the siblings' systematic
+            # amplitude (their prior prediction), plus a floor of the photometric noise.
+            amp = float(np.std(X[train] @ prior)) + float(np.nanmedian(err[train]))
+            self.fit(X[train], flux[train], w, prior, lc.band[train], np.full(len(terms), self.alpha * amp))
             self.terms_, self.mode_ = terms, mode
             sys_[known] = self.systematic(X[known])
             r_in = flux[train] - self._A @ self._beta
@@ -535,6 +657,15 @@ class HalfSiblingRegressor:
             rms_b = float(np.std(flux[train]))
             rms_a = float(np.std(flux[train] - sys_[train]))
         corrected = np.where(has, flux - sys_, np.nan)
+        # What the correction could not remove shows up as excess scatter on the training
+        # epochs; it is added in quadrature to the photometric error of every corrected point.
+        excess = 0.0
+        if n_train >= 5:
+            r = flux[train] - sys_[train]
+            for b in np.unique(lc.band[train]):
+                r[lc.band[train] == b] -= np.mean(r[lc.band[train] == b])
+            excess = max(float(np.mean(r**2) - np.mean(lc.flux_err[train] ** 2)), 0.0)
+        corrected_err = np.where(has, np.sqrt(lc.flux_err**2 + excess), np.nan)
         det = lc.kind == DETECTION
         diag = HSRDiagnostics(
             mode=mode, n_train=n_train, n_siblings=int(n_siblings_now), overfit_alarm=alarm,
@@ -542,7 +673,7 @@ class HalfSiblingRegressor:
             flux_raw=float(flux[det][0]) if det.any() else None,
             flux_corrected=float(corrected[det][0]) if det.any() else None,
         )
-        return TargetFit(corrected, sys_, diag, train)
+        return TargetFit(corrected, corrected_err, sys_, diag, train)
 
 
 class HSR:

@@ -9,7 +9,7 @@ import sys
 log = logging.getLogger("vigil")
 
 #: Modules that add subcommands (see ``register`` in each).
-PLUGIN_MODULES: tuple = ("stream.queue", "stream.simulate", "models.train")
+PLUGIN_MODULES: tuple = ("stream.queue", "stream.simulate", "models.train", "causal.validate")
 
 
 def _decoder(args):

@@ -32,6 +32,7 @@ class BatchResult:
     rejected: list = field(default_factory=list)
     alerts: list = field(default_factory=list)  # the decoded alerts, aligned with annotations
     envelopes: list = field(default_factory=list)  # their envelopes, aligned with annotations
+    corrected_flux: list = field(default_factory=list)  # HSR-corrected flux per alert (None if off)
 
     @property
     def n_read(self) -> int:
@@ -63,8 +64,10 @@ class Pipeline:
     decoder : Decoder
     scorer : object with ``score(features) -> ScoreBatch``; default the shipped model
         (:func:`models.scorer.default_scorer`; the placeholder rule if it is missing).
-    hsr : object with ``correct(alerts) -> (fluxes, diagnostics)``, optional
-        Half-sibling regression; without it annotations say ``hsr.mode = "off"``.
+    hsr : object with ``correct(alerts) -> (fluxes, diagnostics)``, or False
+        Half-sibling regression (default: a fresh :class:`causal.hsr.HSR`, whose sibling
+        store then lives as long as the pipeline); ``False`` switches it off and
+        annotations say ``hsr.mode = "off"``.
     clock : {"stream", "wall"}
         What "now" is for freshness: the latest event time seen (replays rank as they
         would have live) or the wall clock (live service).
@@ -75,7 +78,11 @@ class Pipeline:
                  error_budget: ErrorBudget | None = None):
         self.decoder = decoder or Decoder()
         self.scorer = scorer or default_scorer()
-        self.hsr = hsr
+        if hsr is None:
+            from causal.hsr import HSR
+
+            hsr = HSR()
+        self.hsr = hsr or None
         self.clock = clock
         self.errors = error_budget or ErrorBudget()
         self.stream_mjd = 0.0
@@ -93,15 +100,18 @@ class Pipeline:
                     good.append((item, env))
         if good:
             try:
-                anns = self.annotate([a for a, _ in good], [e for _, e in good])
+                anns, fluxes = self.annotate([a for a, _ in good], [e for _, e in good])
                 out.annotations.extend(anns)
+                out.corrected_flux.extend(fluxes)
                 out.alerts.extend(a for a, _ in good)
                 out.envelopes.extend(e for _, e in good)
             except Exception as exc:  # isolate the culprit: retry one by one
                 self.errors.spend(exc)
                 for a, e in good:
                     try:
-                        out.annotations.extend(self.annotate([a], [e]))
+                        anns, fluxes = self.annotate([a], [e])
+                        out.annotations.extend(anns)
+                        out.corrected_flux.extend(fluxes)
                         out.alerts.append(a)
                         out.envelopes.append(e)
                     except Exception as exc1:
@@ -110,8 +120,12 @@ class Pipeline:
                                                      a.alert_id, a.object_id))
         return out
 
-    def annotate(self, alerts: list, envelopes: list) -> list:
-        """Annotations for decoded alerts (one batch: features and scores are vectorised)."""
+    def annotate(self, alerts: list, envelopes: list) -> tuple[list, list]:
+        """Annotations for decoded alerts (one batch: features and scores are vectorised).
+
+        Returns the annotations and, aligned with them, the HSR-corrected flux of each
+        alert's light curve (None when HSR is off).
+        """
         if self.hsr is not None:
             fluxes, diags = self.hsr.correct(alerts)
         else:
@@ -145,7 +159,7 @@ class Pipeline:
                 code_version=self.code_version, source_topic=env.source, source_partition=env.partition,
                 source_offset=env.offset,
             ))
-        return anns
+        return anns, (list(fluxes) if fluxes is not None else [None] * len(anns))
 
 
 def _contrib(t):
