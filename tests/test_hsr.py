@@ -1,0 +1,155 @@
+"""Half-sibling regression: the hygiene rules R1–R5 of science.md §1, and the estimator contract."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from causal.hsr import HSR, HalfSiblingRegressor, SiblingStore, _obj_hash
+from stream.decode import Decoder
+from stream.simulate import simulate
+
+
+@pytest.fixture(scope="module")
+def sim():
+    res = simulate(3, nights=1, quadrants=1, mode="dense", n_alerts=700)
+    dec = Decoder(keep_cutouts=False)
+    alerts = [dec.decode(e)[0] for e in res.envelopes()]
+    return res, alerts
+
+
+def _target(res, alerts, cls="constant"):
+    classes = res.truth.set_index("candid")["class"]
+    return [a for a in alerts if classes[a.alert_id] == cls][-1]
+
+
+def test_r1_leave_one_out_is_bit_identical(sim):
+    """Siblings of a target with the target ingested and left out == never ingested at all."""
+    res, alerts = sim
+    tgt = _target(res, alerts)
+    full, without = HSR(), HSR()
+    full.store.ingest(alerts)
+    without.store.ingest([a for a in alerts if a.object_id != tgt.object_id])
+    f1, f2 = full.fit_one(tgt), without.fit_one(tgt)
+    assert np.array_equal(f1.corrected, f2.corrected, equal_nan=True)
+    assert np.array_equal(f1.systematic, f2.systematic)
+    excl = full.store.neighbours(tgt.object_id, tgt.ra, tgt.dec)
+    v1 = full.store.sibling_vector(tgt.lightcurve.exposure, excl)
+    v2 = without.store.sibling_vector(tgt.lightcurve.exposure, excl)
+    for k in ("a", "s", "c", "n"):
+        assert np.array_equal(v1[k], v2[k]), k
+    # ... and leaving the target out matters: its own rows are in the full store.
+    v3 = full.store.sibling_vector(tgt.lightcurve.exposure, exclude=())
+    assert not np.array_equal(v1["n"], v3["n"])
+
+
+def test_r2_transient_siblings_only_before_first_detection(sim):
+    """A transient contributes only epochs before its first detection − margin, chosen by time."""
+    res, alerts = sim
+    classes = res.truth.set_index("candid")["class"]
+
+    def first_det(a):
+        lc = a.lightcurve
+        return min(lc.mjd[(lc.kind == 0) | (lc.kind == 1)].min(), a.context.first_det_mjd)
+
+    # A transient: first detected well inside its 30-day light curve.
+    tgt = next(a for a in alerts if classes[a.alert_id] in ("sn", "fast", "slow_sn")
+               and first_det(a) > a.lightcurve.mjd.min() + 10)
+    store = SiblingStore(quiet_margin_days=2.0)
+    store.ingest([tgt])
+    lc = tgt.lightcurve
+    first = first_det(tgt)
+    obj = _obj_hash(tgt.object_id)
+    used = {e for (e, o) in store._rows if o == obj}
+    assert used  # it does contribute its quiet past
+    mjd_of = dict(zip(lc.exposure.tolist(), lc.mjd.tolist(), strict=True))
+    assert max(mjd_of[e] for e in used) < first - 2.0
+    # Same times, but a huge flux on one early epoch: the set of rows does not change (no value cut).
+    flux = lc.flux.copy()
+    early = np.flatnonzero((lc.kind == 3) & (lc.mjd < first - 5))[0]
+    flux[early] = 1e4
+    lc2 = dataclasses.replace(lc, flux=flux)
+    store2 = SiblingStore(quiet_margin_days=2.0)
+    store2.ingest([dataclasses.replace(tgt, lightcurve=lc2)])
+    assert {e for (e, o) in store2._rows if o == obj} == used
+
+
+def test_r3_no_target_measured_field_in_the_sibling_vector(sim):
+    """Changing what the target measured about itself (fwhm, rb, ...) changes nothing in its correction."""
+    res, alerts = sim
+    tgt = _target(res, alerts)
+    hsr = HSR()
+    hsr.store.ingest(alerts)
+    before = hsr.fit_one(tgt)
+    ctx = dataclasses.replace(tgt.context, fwhm=9.9, real_bogus=0.01, elongation=3.0, snr=1.0)
+    after = hsr.fit_one(dataclasses.replace(tgt, context=ctx))
+    assert np.array_equal(before.corrected, after.corrected, equal_nan=True)
+
+
+def test_r4_current_exposure_uses_only_arrived_alerts(sim):
+    """Before other alerts of an exposure arrive, the target's current epoch has no siblings from them."""
+    res, alerts = sim
+    tgt = alerts[-1]
+    same = [a for a in alerts if a.exposure == tgt.exposure and a.object_id != tgt.object_id]
+    assert len(same) > 5
+    hsr = HSR()
+    hsr.store.ingest([tgt])
+    alone = hsr.store.sibling_vector([tgt.exposure], [_obj_hash(tgt.object_id)])
+    hsr.store.ingest(same)
+    later = hsr.store.sibling_vector([tgt.exposure], [_obj_hash(tgt.object_id)])
+    assert alone["n"][0] == 0 and later["n"][0] > 0
+
+
+def test_r5_ingesting_twice_leaves_state_unchanged(sim):
+    _, alerts = sim
+    store = SiblingStore()
+    store.ingest(alerts[:300])
+    snap = (store.sums.copy(), dict(store._rows), len(store), dict(store._judged))
+    store.ingest(alerts[:300])
+    store.ingest(alerts[100:200])
+    assert np.array_equal(store.sums, snap[0])
+    assert store._rows.keys() == snap[1].keys() and len(store) == snap[2] and store._judged == snap[3]
+
+
+def test_overfit_alarm_fires_when_it_should():
+    """Many noisy predictors and few points: in-sample residuals far below held-out ones."""
+    rng = np.random.default_rng(0)
+    reg = HalfSiblingRegressor(alpha=1e6)  # an (almost) unregularised fit
+    X = rng.normal(size=(12, 9))
+    y = rng.normal(size=12)
+    reg.fit(X, y, prior=np.zeros(9), prior_scale=np.full(9, 1e6))
+    r_in = y - reg._A @ reg._beta
+    r_loo = reg.loo_residuals(y)
+    assert 3 * np.std(r_in) < np.std(r_loo)
+    # A well-posed fit does not raise it.
+    X = rng.normal(size=(200, 2))
+    y = X @ [1.0, 0.5] + rng.normal(size=200)
+    reg.fit(X, y, prior=np.zeros(2))
+    assert not 3 * np.std(y - reg._A @ reg._beta) < np.std(reg.loo_residuals(y))
+
+
+def test_estimator_contract_and_prior_shrinkage():
+    reg = HalfSiblingRegressor(alpha=0.2, exclusion_days=4.0)
+    assert clone(reg).get_params() == reg.get_params()
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(30, 2))
+    y = X @ [2.0, 0.0] + rng.normal(scale=5.0, size=30)
+    tight = HalfSiblingRegressor().fit(X, y, prior=[1.0, 0.0], prior_scale=[1e-3, 1e-3])
+    loose = HalfSiblingRegressor().fit(X, y, prior=[1.0, 0.0], prior_scale=[1e3, 1e3])
+    assert tight.coef_ == pytest.approx([1.0, 0.0], abs=0.01)  # toward physics, not toward zero
+    assert abs(loose.coef_[0] - 2.0) < abs(tight.coef_[0] - 2.0)
+    assert hasattr(loose, "coef_") and not hasattr(HalfSiblingRegressor(), "coef_")
+
+
+def test_hsr_reduces_systematics_on_simulated_constant_stars(sim):
+    """A small version of `vigil validate hsr`: the correction removes most injected systematics."""
+    from causal import validate as V
+
+    res, alerts = sim
+    fits = V._stream(alerts, HSR())
+    df = V._rows(res, alerts, fits, classes={"constant"})
+    assert V.reduction(df, df["sys_hat"]) > 3.0
+    assert V.reduction(df, V.median_offset_baseline(res, df)) < 2.0
