@@ -280,7 +280,14 @@ def simulated_table(seed: int, **sim_kwargs) -> SimTable:
     dec = Decoder(keep_cutouts=False)
     env = Envelope(b"", f"sim:{seed}")
     alerts = [a for a in (dec.to_alert(rec, env) for rec in res.alerts()) if isinstance(a, Alert)]
-    X = alert_features(alerts)
+    # Features on HSR-corrected light curves, streamed in micro-batches as the pipeline does,
+    # so that the model sees what it will see in service.
+    from causal.hsr import HSR
+
+    hsr, fluxes = HSR(), []
+    for i in range(0, len(alerts), 500):
+        fluxes += hsr.correct(alerts[i:i + 500])[0]
+    X = alert_features(alerts, fluxes)
     truth = res.truth.set_index("candid").loc[[a.alert_id for a in alerts]].reset_index()
     # Later data: detections of the same object in the next 3 days (known after the fact).
     obj = np.array([a.object_id for a in alerts])

@@ -45,8 +45,12 @@ def cmd_replay(args) -> int:
         from models.scorer import AlertScorer
 
         scorer = AlertScorer.load(args.model)
-    pipeline = Pipeline(_decoder(args), scorer=scorer, clock="stream")
+    pipeline = Pipeline(_decoder(args), scorer=scorer, hsr=False if args.no_hsr else None, clock="stream")
     sinks = _annotation_sinks(args.out)
+    if args.queue:
+        from stream.queue import QueueSink
+
+        sinks.append(QueueSink(args.queue))
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
     counts = drive(FileSource(args.paths, args.batch_size), pipeline, sinks, rejected, progress)
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files, directories or .tar/.tar.gz archives")
     p.add_argument("--out", action="append", help="annotations: .jsonl or .parquet (repeatable)")
     p.add_argument("--rejected", help="rejections as JSON Lines")
+    p.add_argument("--queue", help="also fill this eyeball-queue store (SQLite file)")
+    p.add_argument("--no-hsr", action="store_true", help="switch half-sibling regression off")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--model", help="scorer model directory (default: the shipped models/default_model)")

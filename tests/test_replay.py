@@ -175,3 +175,16 @@ def test_replay_of_all_real_sample_alerts(tmp_path, capsys):
 def test_unknown_path_is_a_clear_error(capsys):
     assert main(["replay", "/no/such/dir"]) == 2
     assert "no such file or directory: /no/such/dir" in capsys.readouterr().err
+
+
+def test_replay_fills_the_queue_store(tmp_path, capsys):
+    import sqlite3
+
+    files = avro_files("ztf_fink")
+    q = tmp_path / "queue.sqlite"
+    assert main(["replay", str(DATA / "ztf_fink"), "--queue", str(q), "--no-progress"]) == 0
+    assert main(["replay", str(DATA / "ztf_fink"), "--queue", str(q), "--no-progress"]) == 0  # idempotent
+    with sqlite3.connect(q) as db:
+        n_obj = db.execute("select count(*) from objects").fetchone()[0]
+    objects = {fastavro.reader(open(f, "rb")).__next__()["objectId"] for f in files}
+    assert n_obj == len(objects)
