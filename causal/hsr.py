@@ -39,6 +39,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS
 from stream.annotation import HSRDiagnostics
@@ -481,7 +482,7 @@ REDUCED_TERMS = ("a", "sF")
 PRIOR = {"a": 1.0, "sF": 1.0}  # physics: the target follows its siblings' offset and scale
 
 
-class HalfSiblingRegressor:
+class HalfSiblingRegressor(BaseEstimator):
     """Per-target ridge regression on the sibling vector (scikit-learn estimator contract).
 
     Parameters
@@ -514,15 +515,6 @@ class HalfSiblingRegressor:
         self.pre_detection_days = pre_detection_days
         self.min_points_reduced = min_points_reduced
         self.full_factor = full_factor
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in ("alpha", "exclusion_days", "pre_detection_days",
-                                              "min_points_reduced", "full_factor")}
-
-    def set_params(self, **params):
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
 
     # The design: one column per term, plus per-band intercepts.
     @staticmethod
