@@ -18,7 +18,7 @@ from models.rank import priority, stage_of
 from models.score import explain
 from models.scorer import default_scorer
 from stream.alert import Alert, Envelope, Rejected
-from stream.annotation import Annotation, HSRDiagnostics, code_version
+from stream.annotation import Annotation, Contribution, HSRDiagnostics, code_version
 from stream.decode import Decoder
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Pipeline:
                 status="scored" if scored else "unscored",
                 p_real=scores[0] if scored else None, p_extragalactic=scores[1] if scored else None,
                 p_fast=scores[2] if scored else None, priority=float(prio[i]) if scored else None,
-                stage=str(stages[i]), explanation=tuple(_contrib(t) for t in items), explanation_text=text,
+                stage=str(stages[i]), explanation=tuple(Contribution(*t) for t in items), explanation_text=text,
                 hsr=diags[i], n_detections=lc.n_detections, n_nondetections=lc.n_nondetections,
                 n_forced=lc.n_forced, first_mjd=mjd[i] - feats[i]["days_since_first"], mag=a.context.mag,
                 peak_flux=feats[i]["peak_flux"], features=feats[i], model_version=sb.model_version,
@@ -160,9 +160,3 @@ class Pipeline:
                 source_offset=env.offset,
             ))
         return anns, (list(fluxes) if fluxes is not None else [None] * len(anns))
-
-
-def _contrib(t):
-    from stream.annotation import Contribution
-
-    return Contribution(*t)
