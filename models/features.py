@@ -204,6 +204,14 @@ def conditions(alerts) -> pd.DataFrame:
     return out
 
 
+#: Sidereal time, Moon (ra, dec) and Sun–Moon elongation per (longitude, time scale, MJD rounded to
+#: 1e-6 d): astropy computes them element by element, so a cached value is bit-identical to a fresh
+#: one, and every alert of an exposure (which live streams spread over several micro-batches) then
+#: costs one dictionary look-up instead of a share of two ``get_body`` calls per batch.
+_EPHEMERIS: dict = {}
+_EPHEMERIS_MAX = 100_000
+
+
 def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
     """Airmass of the target, Moon illumination (0 below the horizon) and Moon separation (deg).
 
@@ -227,14 +235,28 @@ def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
     if len(mjd) == 0:
         return {"airmass": np.array([]), "moon_illumination": np.array([]), "moon_separation": np.array([])}
     tu, inv = np.unique(np.round(mjd, 6), return_inverse=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # degraded-accuracy / ERFA "dubious year" warnings
-        t = Time(tu, format="mjd", scale=scale)
-        lst = t.sidereal_time("mean", longitude=lon * u.deg).deg
-        moon = get_body("moon", t)
-        sun = get_body("sun", t)
-        elong = sun.separation(moon).rad
-        m_ra, m_dec = moon.ra.deg, moon.dec.deg
+    keys = [(lon, scale, x) for x in tu.tolist()]
+    eph = np.empty((len(tu), 4))
+    todo = []
+    for i, k in enumerate(keys):
+        v = _EPHEMERIS.get(k)
+        if v is None:
+            todo.append(i)
+        else:
+            eph[i] = v
+    if todo:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # degraded-accuracy / ERFA "dubious year" warnings
+            t = Time(tu[todo], format="mjd", scale=scale)
+            lst = t.sidereal_time("mean", longitude=lon * u.deg).deg
+            moon = get_body("moon", t)
+            sun = get_body("sun", t)
+            eph[todo] = np.column_stack([lst, moon.ra.deg, moon.dec.deg, sun.separation(moon).rad])
+        if len(_EPHEMERIS) + len(todo) > _EPHEMERIS_MAX:
+            _EPHEMERIS.clear()
+        for i in todo:
+            _EPHEMERIS[keys[i]] = eph[i].copy()
+    lst, m_ra, m_dec, elong = eph.T
 
     def alt(r, d, lst_deg):
         ha, d, phi = np.radians(lst_deg - r), np.radians(d), np.radians(lat)

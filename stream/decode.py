@@ -367,23 +367,26 @@ class _Rows:
             self.blocks.append((n, cols))
 
     def build(self) -> LightCurve:
+        # One pre-filled array per column, blocks assigned into their slices: the same values
+        # (and casts) as concatenating the blocks, without a temporary per block and column.
+        total = sum(n for n, _ in self.blocks)
         arrays = {}
         for name in LightCurve.COLUMNS:
-            parts = []
+            if name == "band":
+                arr = np.full(total, "", dtype="<U2")
+            else:  # ints go through float like the survey values do (None → NaN → -1)
+                arr = np.full(total, -1.0 if name in _INT_COLS else np.nan)
+            lo = 0
             for n, cols in self.blocks:
                 v = cols.get(name)
-                if v is None:
-                    v = np.full(n, -1 if name in _INT_COLS else ("" if name == "band" else np.nan))
-                parts.append(np.broadcast_to(np.asarray(v), (n,)))
-            arr = np.concatenate(parts) if parts else np.array([])
-            if name == "band":
-                arrays[name] = arr.astype("<U2")
-            elif name == "kind":
-                arrays[name] = arr.astype(np.int8)
+                if v is not None:
+                    arr[lo:lo + n] = v
+                lo += n
+            if name == "kind":
+                arr = arr.astype(np.int8)
             elif name in _INT_COLS:
-                arrays[name] = np.nan_to_num(arr.astype(float), nan=-1).astype(np.int64)
-            else:
-                arrays[name] = arr.astype(float)
+                arr = np.nan_to_num(arr, nan=-1).astype(np.int64)
+            arrays[name] = arr
         order = np.argsort(arrays["mjd"], kind="stable")
         return LightCurve(**{k: v[order] for k, v in arrays.items()})
 
