@@ -146,9 +146,14 @@ class SiblingStore:
         self.meta = np.zeros((0, len(self._META)))
         self.group = np.zeros(0, dtype=np.int64)  # hash of (field, chip, band): ZP anomaly reference
         self._free: list[int] = []
-        self._rows: dict[tuple[int, int], np.ndarray] = {}  # (exposure, object) → its quantised sums row
+        # object → exposure → its quantised sums row; and object → visit → the sum of its rows there.
+        # Keyed by object first so that leave-one-out touches only the excluded objects' own rows.
+        self._obj_rows: dict[int, dict[int, np.ndarray]] = {}
+        self._obj_visit: dict[int, dict[int, np.ndarray]] = {}
+        self._n_rows = 0
         self._exp_objects: dict[int, list[int]] = {}  # exposure → objects with a row there (for eviction)
         self._fwhm: dict[int, dict[int, float]] = {}  # exposure → object → fwhm of its alert there (R4)
+        self._fwhm_median: dict[int, float] = {}
         self._first_det: dict[int, float] = {}  # object → earliest known detection (MJD)
         self._pos: dict[int, tuple[float, float]] = {}
         self._cells: dict[tuple[int, int], set[int]] = {}
@@ -168,11 +173,15 @@ class SiblingStore:
 
     @property
     def n_rows(self) -> int:
-        return len(self._rows)
+        return self._n_rows
+
+    def row_keys(self) -> set:
+        """(exposure, object hash) of every sibling row held (for audits and tests)."""
+        return {(e, o) for o, rows in self._obj_rows.items() for e in rows}
 
     def nbytes(self) -> int:
         """Approximate memory held (numpy arrays + per-row dict entries)."""
-        return int(self.sums.nbytes + self.meta.nbytes + self.group.nbytes + 150 * len(self._rows)
+        return int(self.sums.nbytes + self.meta.nbytes + self.group.nbytes + 150 * self._n_rows
                    + 100 * len(self._pos))
 
     def _slot_of(self, exposure: int) -> int:
@@ -268,6 +277,7 @@ class SiblingStore:
         # The current detection's FWHM: the exposure's seeing for the *other* alerts (R3, R4).
         if np.isfinite(a.context.fwhm) and a.exposure >= 0:
             self._fwhm.setdefault(a.exposure, {})[obj] = a.context.fwhm
+            self._fwhm_median.pop(a.exposure, None)
         # Sibling rows, chosen by time only (R2; see ingest).
         usable = np.isfinite(lc.flux) & ok & (lc.flux_err > 0) & (lc.kind != NONDETECTION)
         long_lived = first <= float(lc.mjd.min()) + self.quiet_margin_days
@@ -299,20 +309,23 @@ class SiblingStore:
 
     def _add_rows(self, obj, exposures, f, F, err, colour) -> None:
         contrib = self._quantise(F, f, err, colour)
-        for e, c in zip(exposures, contrib, strict=True):
-            key = (int(e), obj)
-            if key in self._rows:  # R5: the same history row from a later alert
+        mine = self._obj_rows.setdefault(obj, {})
+        mine_v = self._obj_visit.setdefault(obj, {})
+        for e, c in zip(exposures.tolist(), contrib, strict=True):
+            if e in mine:  # R5: the same history row from a later alert
                 continue
-            s = self._slot_of(int(e))
+            s = self._slot_of(e)
             self.sums[s] += c
-            self._rows[key] = c
-            self._exp_objects.setdefault(int(e), []).append(obj)
-            vk = self._visit_of.get(int(e))
+            mine[e] = c
+            self._n_rows += 1
+            self._exp_objects.setdefault(e, []).append(obj)
+            vk = self._visit_of.get(e)
             if vk:
                 if vk not in self._visit_sums:
                     self._visit_sums[vk] = np.zeros(_NSUM, dtype=np.int64)
                 self._visit_sums[vk] += c
-                self._visit_members.setdefault(vk, set()).add(int(e))
+                mine_v[vk] = mine_v[vk] + c if vk in mine_v else c.copy()
+                self._visit_members.setdefault(vk, set()).add(e)
                 self._visit_rows += 1
 
     def _judge(self, pending) -> None:
@@ -349,16 +362,24 @@ class SiblingStore:
             self._free.append(s)
             vk = self._visit_of.pop(e, None)
             for obj in self._exp_objects.pop(e, ()):
-                c = self._rows.pop((e, obj), None)
-                if c is not None and vk in self._visit_sums:
+                c = self._obj_rows.get(obj, {}).pop(e, None)
+                if c is None:
+                    continue
+                self._n_rows -= 1
+                if vk in self._visit_sums:
                     self._visit_sums[vk] -= c
+                    self._obj_visit[obj][vk] -= c
                     self._visit_rows -= 1
+                if not self._obj_rows[obj]:
+                    del self._obj_rows[obj]
+                    self._obj_visit.pop(obj, None)
             if vk in self._visit_members:
                 self._visit_members[vk].discard(e)
                 if not self._visit_members[vk]:
                     del self._visit_members[vk]
                     self._visit_sums.pop(vk, None)
             self._fwhm.pop(e, None)
+            self._fwhm_median.pop(e, None)
         return len(old)
 
     # -- queries ------------------------------------------------------------
@@ -399,32 +420,42 @@ class SiblingStore:
         ``zp_rms``, ``colour_coeff``, ``seeing``, ``background``, ``limit_mag``, ``mjd``.
         """
         exposures = np.asarray(exposures, dtype=np.int64)
-        slots = np.array([self._slot.get(int(e), -1) for e in exposures])
+        exp_list = exposures.tolist()
+        slots = np.array([self._slot.get(e, -1) for e in exp_list], dtype=np.int64)
         have = slots >= 0
         sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
         sums[have] = self.sums[slots[have]]
-        for i, e in enumerate(exposures):
-            if not have[i]:
-                continue
-            for o in exclude:
-                c = self._rows.get((int(e), o))
-                if c is not None:
+        where: dict[int, list[int]] = {}
+        for i, e in enumerate(exp_list):
+            where.setdefault(e, []).append(i)
+        for o in exclude:  # R1: take the excluded objects' own rows back out
+            for e, c in self._obj_rows.get(o, {}).items():
+                for i in where.get(e, ()):
                     sums[i] -= c
         coef, n = _solve(sums)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
         # precision-weighted blend, so a well-populated section keeps its own estimate.
-        vkeys = np.array([self._visit_of.get(int(e), 0) for e in exposures])
         if self._visit_rows:
             vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
-            for i, vk in enumerate(vkeys):
-                if vk:
-                    vsums[i] = self._visit_sums.get(vk, 0)
-                    for o in exclude:
-                        for e2 in self._visit_members.get(vk, ()):
-                            c = self._rows.get((e2, o))
-                            if c is not None:
-                                vsums[i] -= c
+            vwhere: dict[int, list[int]] = {}
+            zero = None
+            rows = []
+            for i, e in enumerate(exp_list):
+                vk = self._visit_of.get(e, 0)
+                v = self._visit_sums.get(vk) if vk else None
+                if v is None:
+                    if zero is None:
+                        zero = np.zeros(_NSUM, dtype=np.int64)
+                    v = zero
+                else:
+                    vwhere.setdefault(vk, []).append(i)
+                rows.append(v)
+            vsums[:] = np.stack(rows)
+            for o in exclude:
+                for vk, c in self._obj_visit.get(o, {}).items():
+                    for i in vwhere.get(vk, ()):
+                        vsums[i] -= c
             vcoef, vn = _solve(vsums)
             wt = (n / (n + VISIT_PRIOR_N))[:, None]
             use = vn >= MIN_SIB_COLOUR
@@ -438,9 +469,18 @@ class SiblingStore:
             out[name] = meta[:, k]
         # Current-exposure seeing from other alerts' FWHM, leave-one-out (R1, R3, R4).
         ex = set(exclude)
-        for i, e in enumerate(exposures):
-            if np.isnan(out["seeing"][i]):
-                vals = [v for o, v in self._fwhm.get(int(e), {}).items() if o not in ex]
+        for i in np.flatnonzero(np.isnan(out["seeing"])):
+            e = exp_list[i]
+            d = self._fwhm.get(e)
+            if not d:
+                continue
+            if ex.isdisjoint(d):  # the common case: the cached median is already leave-one-out
+                med = self._fwhm_median.get(e)
+                if med is None:
+                    med = self._fwhm_median[e] = float(np.median(list(d.values())))
+                out["seeing"][i] = med
+            else:
+                vals = [v for o, v in d.items() if o not in ex]
                 if vals:
                     out["seeing"][i] = float(np.median(vals))
         out["zp_anom"] = self._zp_anomaly(exposures, slots, out["zp"])
@@ -448,21 +488,19 @@ class SiblingStore:
 
     def _zp_anomaly(self, exposures, slots, zp) -> np.ndarray:
         """Zero point minus the median of its (field, chip, band) over the stored exposures."""
+        if self._zp_median is None or not self._zp_median:
+            # Recomputed in one pass whenever exposures were added or evicted.
+            import pandas as pd
+
+            live = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
+            z = pd.Series(self.meta[live, 1], index=self.group[live])
+            z = z[np.isfinite(z.to_numpy())]
+            g = z.groupby(level=0)
+            med = g.median()[g.size() >= 3]
+            self._zp_median = dict(zip(med.index.tolist(), med.to_numpy().tolist(), strict=True)) or {0: np.nan}
+        ok = slots >= 0
         out = np.full(len(exposures), np.nan)
-        live = None
-        for i, s in enumerate(slots):
-            if s < 0 or not np.isfinite(zp[i]):
-                continue
-            g = int(self.group[s])
-            med = self._zp_median.get(g)
-            if med is None:  # cached until new exposures arrive
-                if live is None:
-                    live = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
-                    groups = self.group[live]
-                ref = self.meta[live[groups == g], 1]
-                ref = ref[np.isfinite(ref)]
-                med = self._zp_median[g] = float(np.median(ref)) if len(ref) >= 3 else np.nan
-            out[i] = zp[i] - med
+        out[ok] = zp[ok] - np.array([self._zp_median.get(int(g), np.nan) for g in self.group[slots[ok]]])
         return out
 
 

@@ -63,7 +63,7 @@ def test_r2_transient_siblings_only_before_first_detection(sim):
     lc = tgt.lightcurve
     first = first_det(tgt)
     obj = _obj_hash(tgt.object_id)
-    used = {e for (e, o) in store._rows if o == obj}
+    used = {e for (e, o) in store.row_keys() if o == obj}
     assert used  # it does contribute its quiet past
     mjd_of = dict(zip(lc.exposure.tolist(), lc.mjd.tolist(), strict=True))
     assert max(mjd_of[e] for e in used) < first - 2.0
@@ -74,7 +74,7 @@ def test_r2_transient_siblings_only_before_first_detection(sim):
     lc2 = dataclasses.replace(lc, flux=flux)
     store2 = SiblingStore(quiet_margin_days=2.0)
     store2.ingest([dataclasses.replace(tgt, lightcurve=lc2)])
-    assert {e for (e, o) in store2._rows if o == obj} == used
+    assert {e for (e, o) in store2.row_keys() if o == obj} == used
 
 
 def test_r3_no_target_measured_field_in_the_sibling_vector(sim):
@@ -107,11 +107,11 @@ def test_r5_ingesting_twice_leaves_state_unchanged(sim):
     _, alerts = sim
     store = SiblingStore()
     store.ingest(alerts[:300])
-    snap = (store.sums.copy(), dict(store._rows), len(store), dict(store._judged))
+    snap = (store.sums.copy(), store.row_keys(), len(store), dict(store._judged))
     store.ingest(alerts[:300])
     store.ingest(alerts[100:200])
     assert np.array_equal(store.sums, snap[0])
-    assert store._rows.keys() == snap[1].keys() and len(store) == snap[2] and store._judged == snap[3]
+    assert store.row_keys() == snap[1] and len(store) == snap[2] and store._judged == snap[3]
 
 
 def test_overfit_alarm_fires_when_it_should():
