@@ -15,7 +15,7 @@ import numpy as np
 
 from models.features import alert_features
 from models.rank import priority, stage_of
-from models.score import explain
+from models.score import explain_batch
 from models.scorer import default_scorer
 from stream.alert import Alert, Envelope, Rejected
 from stream.annotation import Annotation, Contribution, HSRDiagnostics, code_version
@@ -140,10 +140,11 @@ class Pipeline:
         t_ms = int(time.time() * 1000)
         anns = []
         feats = X.to_dict("records")
+        explained = explain_batch(sb, X)
         for i, (a, env) in enumerate(zip(alerts, envelopes, strict=True)):
             scores = (sb.p_real[i], sb.p_extragalactic[i], sb.p_fast[i])
             scored = all(np.isfinite(s) for s in scores)
-            items, text = explain(sb, X, i) if scored else ([], {})
+            items, text = explained[i] if scored else ([], {})
             lc = a.lightcurve
             anns.append(Annotation(
                 alert_id=a.alert_id, object_id=a.object_id, survey=a.survey,
