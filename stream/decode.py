@@ -437,7 +437,7 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
 
     rows = _Rows()
     flux, err = _mag_flux(mag, magerr, isdiffpos)
-    rows.add(**_ztf_row_meta(cand), mjd=mjd, band=ZTF_BANDS.get(fid, "?"), flux=flux, flux_err=err,
+    rows.add(**_ztf_meta_block([cand]), mjd=mjd, band=ZTF_BANDS.get(fid, "?"), flux=flux, flux_err=err,
              kind=DETECTION, ra=ra, dec=dec)
     prv = [p for p in rec.get("prv_candidates") or () if p.get("jd") is not None]
     if prv:
@@ -517,20 +517,6 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
         chip=int(_first(cand, "rcid", default=-1)), lightcurve=rows.build(), context=ctx,
         cutouts=cutouts,
     )
-
-
-def _ztf_row_meta(p: dict) -> dict:
-    magnr = p.get("magnr")
-    return {
-        "exposure": p.get("pid"),
-        "field": p.get("field"),
-        "chip": p.get("rcid"),
-        "zp": _f(p.get("magzpsci")),
-        "zp_rms": _f(p.get("magzpscirms")),
-        "colour_coeff": _f(p.get("clrcoeff")),
-        "limit_mag": _f(p.get("diffmaglim")),
-        "ref_flux": float(mag_to_ujy(magnr)) if magnr is not None and magnr > 0 else np.nan,
-    }
 
 
 # --------------------------------------------------------------------------- Rubin
