@@ -41,11 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from models.features import SITES  # observatory (lat, lon, height): airmass is a sibling variable
 from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS
 from stream.annotation import HSRDiagnostics
-
-# Observatory sites (deg): used for airmass, an exposure-level sibling variable.
-SITES = {"ztf": (33.3563, -116.8650), "rubin": (-30.2446, -70.7494)}
 
 # Fixed-point scales for the exact per-exposure sums (see SiblingStore._quantise).
 # Per row: w·[1, F, G, F², F·G, G², f, f·F, f·G, 1/w] with G = F·(colour − 0.6): the upper triangle
@@ -70,7 +68,7 @@ def _obj_hash(object_id: str) -> int:
 
 def airmass(ra, dec, mjd, survey: str) -> np.ndarray:
     """Plane-parallel airmass from pointing and time at the survey's site (no network)."""
-    lat, lon = SITES.get(survey, SITES["ztf"])
+    lat, lon, _ = SITES.get(survey, SITES["ztf"])
     gmst = 280.46061837 + 360.98564736629 * (np.asarray(mjd, dtype=float) - 51544.5)
     ha = np.radians(gmst + lon - np.asarray(ra, dtype=float))
     d, p = np.radians(np.asarray(dec, dtype=float)), math.radians(lat)

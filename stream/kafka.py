@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from stream.alert import Envelope
-from stream.annotation import ANNOTATION_SCHEMA_VERSION, encode_annotation
+from stream.annotation import ANNOTATION_SCHEMA_VERSION, encode_annotation, mjd_to_unix_ms
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,6 @@ class Metrics:
             self.batch_seconds_sum += seconds
             self.batch_seconds_last = seconds
             if result.annotations:
-                from stream.annotation import mjd_to_unix_ms
-
                 self.e2e_seconds_last = now - max(mjd_to_unix_ms(a.event_mjd) for a in result.annotations) / 1000
                 ts = [e.timestamp_ms for e in result.envelopes if e.timestamp_ms > 0]
                 if ts:
