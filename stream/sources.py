@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stream.alert import Envelope
 
-AVRO_SUFFIXES = (".avro", ".avsc.bin", ".bin", ".msg", ".confluent")
+AVRO_SUFFIXES = (".avro", ".bin", ".msg", ".confluent")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
