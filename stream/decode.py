@@ -58,6 +58,12 @@ REASONS = {
 }
 
 CONTAINER_MAGIC = b"Obj\x01"
+# The Avro object-container header (Avro spec, "Object Container Files") and a bare long.
+_HEADER_SCHEMA = parse_schema({"type": "record", "name": "org.apache.avro.file.Header", "fields": [
+    {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+    {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+    {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
+_LONG_SCHEMA = parse_schema("long")
 ZTF_BANDS = {1: "g", 2: "r", 3: "i"}
 JD_MJD = 2400000.5
 # MJD 40000 (1968) .. 100000 (2132): anything outside is not a survey observation.
@@ -178,6 +184,7 @@ class Decoder:
         self.ztf_schema = ztf_schema
         self.max_message_bytes = max_message_bytes
         self.keep_cutouts = keep_cutouts
+        self._container_schemas: dict = {}  # writer-schema JSON → (parsed schema, version)
 
     def decode(self, env: Envelope) -> list:
         """Decode one envelope into a list of ``Alert`` and ``Rejected`` (never empty)."""
@@ -236,6 +243,9 @@ class Decoder:
         )
 
     def _container(self, payload: bytes):
+        fast = self._container_fast(payload)
+        if fast is not None:
+            return fast
         buf = io.BytesIO(payload)
         try:
             reader = fastavro.reader(buf)
@@ -257,6 +267,41 @@ class Decoder:
         if not records:
             raise DecodeError("truncated", "container holds no records")
         return records, version
+
+    def _container_fast(self, payload: bytes):
+        """Records of a well-formed, uncompressed container, or None to take the checked path.
+
+        ``fastavro.reader`` parses the writer schema of every container again; a stream
+        sends the same few schemas millions of times, so they are parsed once and kept
+        (keyed by their JSON text). Anything unusual — a codec, a bad sync marker, a block
+        whose decoded length differs from its declared size, any exception — returns None
+        and the message is decoded again by ``fastavro.reader``, which names the problem.
+        """
+        try:
+            buf = io.BytesIO(payload)
+            header = fastavro.schemaless_reader(buf, _HEADER_SCHEMA, None)
+            meta = header["meta"]
+            if meta.get("avro.codec", b"null") not in (b"null", b""):
+                return None
+            text = meta["avro.schema"]
+            cached = self._container_schemas.get(text)
+            if cached is None:
+                if len(self._container_schemas) >= 64:  # a stream of ever-new schemas: stay bounded
+                    self._container_schemas.clear()
+                writer = json.loads(text)
+                cached = self._container_schemas[text] = (parse_schema(writer), _container_version(writer))
+            parsed, version = cached
+            sync, end, records = header["sync"], len(payload), []
+            while buf.tell() < end:
+                count = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
+                size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
+                start = buf.tell()
+                records.extend(fastavro.schemaless_reader(buf, parsed, None) for _ in range(count))
+                if buf.tell() - start != size or buf.read(16) != sync:
+                    return None
+            return (records, version) if records else None
+        except Exception:  # the checked path decides what is wrong
+            return None
 
 
 def _schemaless(body: bytes, schema) -> dict:
@@ -398,13 +443,81 @@ def _ztf_bands(fid: np.ndarray) -> np.ndarray:
     return _BAND_ARRAY[np.where((fid >= 1) & (fid <= 3), fid, 0)]
 
 
-def _ztf_meta_block(rows) -> dict:
-    magnr = _arr(rows, "magnr")
+# ZTF light curves are assembled as one float matrix (a row per LightCurve column, band and
+# kind as codes): one list-of-lists read per history and one sort, instead of a numpy array
+# per field and block — the history is most of the decoding cost after fastavro itself.
+_LC = {name: i for i, name in enumerate(LightCurve.COLUMNS)}
+_ZTF_META = ("jd", "fid", "pid", "field", "rcid", "magzpsci", "magzpscirms", "clrcoeff", "diffmaglim", "magnr")
+_ZTF_PRV = _ZTF_META + ("magpsf", "sigmapsf", "ra", "dec")
+_ZTF_FP = _ZTF_META + ("forcediffimflux", "forcediffimfluxunc", "sciinpseeing", "scibckgnd")
+
+
+def _ztf_values(rows, keys) -> np.ndarray:
+    """``keys`` of ZTF history records as a (len(keys), n) float matrix (None → NaN)."""
+    return np.array([[r.get(k) for k in keys] for r in rows], dtype=float).reshape(len(rows), len(keys)).T
+
+
+def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
+    """LightCurve matrix of ZTF rows whose first fields are :data:`_ZTF_META`; flux columns NaN."""
+    m = np.full((len(_LC), v.shape[1]), np.nan)
+    jd, fid, pid, fld, rcid, zp, zp_rms, clr, lim, magnr = v[:10]
+    m[_LC["mjd"]] = jd - JD_MJD
+    m[_LC["band"]] = np.where((fid >= 1) & (fid <= 3), fid, 0)  # code into _BAND_ARRAY
+    m[_LC["kind"]] = kind
+    m[_LC["exposure"]], m[_LC["field"]], m[_LC["chip"]] = pid, fld, rcid
+    m[_LC["zp"]], m[_LC["zp_rms"]], m[_LC["colour_coeff"]], m[_LC["limit_mag"]] = zp, zp_rms, clr, lim
     with np.errstate(invalid="ignore", over="ignore"):
-        ref = np.where(magnr > 0, mag_to_ujy(np.where(magnr > 0, magnr, 99.0)), np.nan)
-    return {"exposure": _iarr(rows, "pid"), "field": _iarr(rows, "field"), "chip": _iarr(rows, "rcid"),
-            "zp": _arr(rows, "magzpsci"), "zp_rms": _arr(rows, "magzpscirms"),
-            "colour_coeff": _arr(rows, "clrcoeff"), "limit_mag": _arr(rows, "diffmaglim"), "ref_flux": ref}
+        m[_LC["ref_flux"]] = np.where(magnr > 0, mag_to_ujy(np.where(magnr > 0, magnr, 99.0)), np.nan)
+    return m
+
+
+def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, dec: float, prv, fps) -> LightCurve:
+    """The alert's detection, its history (detections, limits) and forced photometry, sorted by time.
+
+    Rows are stacked detection, earlier detections, limits, forced photometry, and a
+    stable sort by MJD keeps that order among equal times.
+    """
+    cur = _ztf_block(_ztf_values([cand], _ZTF_META), DETECTION)
+    cur[_LC["mjd"]], cur[_LC["flux"]], cur[_LC["flux_err"]] = mjd, flux, err
+    cur[_LC["ra"]], cur[_LC["dec"]] = ra, dec
+    blocks = [cur]
+    prv = [p for p in prv or () if p.get("jd") is not None]
+    if prv:
+        v = _ztf_values(prv, _ZTF_PRV)
+        pmag, sig, lim = v[10], v[11], v[8]
+        neg = np.array([str(p.get("isdiffpos")).lower() in ("f", "0", "false") for p in prv])
+        det = np.isfinite(pmag) & np.isfinite(sig)
+        lim_ok = ~det & (lim > 0)
+        if det.any():
+            b = _ztf_block(v[:, det], PREVIOUS)
+            f = mag_to_ujy(pmag[det])
+            b[_LC["flux"]], b[_LC["flux_err"]] = np.where(neg[det], -f, f), f * sig[det] * math.log(10) / 2.5
+            b[_LC["ra"]], b[_LC["dec"]] = v[12, det], v[13, det]
+            blocks.append(b)
+        if lim_ok.any():
+            b = _ztf_block(v[:, lim_ok], NONDETECTION)
+            b[_LC["flux_err"]] = mag_to_ujy(lim[lim_ok]) / 5.0
+            blocks.append(b)
+    if fps:
+        v = _ztf_values(fps, _ZTF_FP)
+        jd, zp, fl, fe = v[0], v[5], v[10], v[11]
+        # The survey's own "no measurement" marker is forcediffimflux = -99999 (procstatus != 0).
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(fl) & np.isfinite(fe) & np.isfinite(zp) & np.isfinite(jd) & (fl > ZTF_FP_BAD) & (fe > 0)
+        if good.any():
+            b = _ztf_block(v[:, good], FORCED)
+            scale = np.power(10.0, -0.4 * (zp[good] - 23.9))  # DN → µJy
+            b[_LC["flux"]], b[_LC["flux_err"]] = fl[good] * scale, fe[good] * scale
+            b[_LC["seeing"]], b[_LC["background"]] = v[12, good], v[13, good]
+            blocks.append(b)
+    m = np.concatenate(blocks, axis=1) if len(blocks) > 1 else cur
+    m = m[:, np.argsort(m[_LC["mjd"]], kind="stable")]
+    cols = {name: m[i] for name, i in _LC.items()}
+    cols["band"] = _BAND_ARRAY[cols["band"].astype(np.int64)]
+    cols["kind"] = cols["kind"].astype(np.int8)
+    for name in _INT_COLS:
+        cols[name] = np.nan_to_num(cols[name], nan=-1).astype(np.int64)
+    return LightCurve(**cols)
 
 
 def _mag_flux(mag, magerr, isdiffpos):
@@ -435,42 +548,8 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     if not (math.isfinite(mag) and math.isfinite(magerr)):
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 
-    rows = _Rows()
     flux, err = _mag_flux(mag, magerr, isdiffpos)
-    rows.add(**_ztf_meta_block([cand]), mjd=mjd, band=ZTF_BANDS.get(fid, "?"), flux=flux, flux_err=err,
-             kind=DETECTION, ra=ra, dec=dec)
-    prv = [p for p in rec.get("prv_candidates") or () if p.get("jd") is not None]
-    if prv:
-        meta = _ztf_meta_block(prv)
-        jd, pmag, sig, lim = _arr(prv, "jd"), _arr(prv, "magpsf"), _arr(prv, "sigmapsf"), _arr(prv, "diffmaglim")
-        neg = np.array([str(p.get("isdiffpos")).lower() in ("f", "0", "false") for p in prv])
-        band = _ztf_bands(_iarr(prv, "fid"))
-        det = np.isfinite(pmag) & np.isfinite(sig)
-        lim_ok = ~det & (lim > 0)
-        pflux = mag_to_ujy(np.where(det, pmag, 99.0))
-        for sel, kind in ((det, PREVIOUS), (lim_ok, NONDETECTION)):
-            if not sel.any():
-                continue
-            blk = {k: v[sel] for k, v in meta.items()}
-            if kind == PREVIOUS:
-                f = pflux[sel]
-                blk.update(flux=np.where(neg[sel], -f, f), flux_err=f * sig[sel] * math.log(10) / 2.5,
-                           ra=_arr(prv, "ra")[sel], dec=_arr(prv, "dec")[sel])
-            else:
-                blk.update(flux=np.full(sel.sum(), np.nan), flux_err=mag_to_ujy(lim[sel]) / 5.0)
-            rows.add_block(int(sel.sum()), mjd=jd[sel] - JD_MJD, band=band[sel], kind=np.full(sel.sum(), kind),
-                           **blk)
-    fps = rec.get("fp_hists") or ()
-    if fps:
-        fl, fe, zp, jd = (_arr(fps, k) for k in ("forcediffimflux", "forcediffimfluxunc", "magzpsci", "jd"))
-        # The survey's own "no measurement" marker is forcediffimflux = -99999 (procstatus != 0).
-        good = np.isfinite(fl) & np.isfinite(fe) & np.isfinite(zp) & np.isfinite(jd) & (fl > ZTF_FP_BAD) & (fe > 0)
-        if good.any():
-            scale = np.power(10.0, -0.4 * (zp[good] - 23.9))  # DN → µJy
-            meta = {k: v[good] for k, v in _ztf_meta_block(fps).items()}
-            rows.add_block(int(good.sum()), **meta, mjd=jd[good] - JD_MJD, band=_ztf_bands(_iarr(fps, "fid"))[good],
-                           flux=fl[good] * scale, flux_err=fe[good] * scale, kind=np.full(good.sum(), FORCED),
-                           seeing=_arr(fps, "sciinpseeing")[good], background=_arr(fps, "scibckgnd")[good])
+    lightcurve = _ztf_lightcurve(cand, mjd, flux, err, ra, dec, rec.get("prv_candidates"), rec.get("fp_hists"))
 
     drb = cand.get("drb")
     ctx = Context(
@@ -514,7 +593,7 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
         survey="ztf", schema_version=str(rec.get("schemavsn") or ""), alert_id=alert_id,
         object_id=str(object_id), ra=ra, dec=dec, mjd=mjd, time_scale="utc",
         band=ZTF_BANDS.get(fid, "?"), exposure=pid, field=int(_first(cand, "field", default=-1)),
-        chip=int(_first(cand, "rcid", default=-1)), lightcurve=rows.build(), context=ctx,
+        chip=int(_first(cand, "rcid", default=-1)), lightcurve=lightcurve, context=ctx,
         cutouts=cutouts,
     )
 

@@ -179,3 +179,73 @@ def test_container_with_two_records_gives_two_alerts():
     out = Decoder().decode(Envelope(buf.getvalue()))
     assert [type(x) for x in out] == [Alert, Alert]
     assert not any(isinstance(x, Rejected) for x in out)
+
+
+def _same(a, b) -> bool:
+    """Deep equality of decoded records, NaN equal to NaN."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (a != a and b != b)
+
+
+def test_cached_schema_container_path_matches_fastavro_reader():
+    """The fast container path (writer schema parsed once) returns what fastavro.reader does."""
+    dec = Decoder()
+    files = [f for f in sorted(DATA.rglob("*.avro")) if f.read_bytes()[:4] == b"Obj\x01"]
+    assert len(files) > 50
+    for f in files:
+        payload = f.read_bytes()
+        fast = dec._container_fast(payload)
+        assert fast is not None, f
+        ref = list(fastavro.reader(io.BytesIO(payload)))
+        assert _same(fast[0], ref), f
+    assert 1 <= len(dec._container_schemas) < len(files)  # schemas are shared and cached
+
+
+def test_cached_schema_container_path_declines_damaged_containers():
+    """A bad sync marker, a cut block or a codec leave the message to the checked path."""
+    payload = avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0].read_bytes()
+    dec = Decoder()
+    assert dec._container_fast(payload) is not None
+    bad_sync = payload[:-1] + bytes([payload[-1] ^ 0xFF])
+    assert dec._container_fast(bad_sync) is None
+    assert dec._container_fast(payload[:-40]) is None
+    schema, recs = _read(avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0])
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, recs, codec="deflate")
+    assert dec._container_fast(buf.getvalue()) is None
+    (alert,) = dec.decode(Envelope(buf.getvalue()))  # ... which still decodes a good one
+    assert isinstance(alert, Alert)
+    rej = dec.decode(Envelope(bad_sync))
+    assert isinstance(rej[-1], Rejected) and rej[-1].reason in ("corrupt_avro", "truncated")
+
+
+def test_sky_geometry_matches_astropy():
+    """The numpy ephemerides give airmass, Moon separation and illumination close to astropy's."""
+    import astropy.units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord, get_body
+    from astropy.time import Time
+    from astropy.utils import iers
+
+    from models.features import SITES, sky_geometry
+
+    iers.conf.auto_download = False
+    iers.conf.iers_degraded_accuracy = "ignore"
+    rng = np.random.default_rng(2)
+    ra, dec, mjd = rng.uniform(0, 360, 200), rng.uniform(-30, 80, 200), rng.uniform(59000, 61000, 200)
+    lat, lon, h = SITES["ztf"]
+    t = Time(mjd, format="mjd", scale="utc")
+    frame = AltAz(obstime=t, location=EarthLocation(lat=lat * u.deg, lon=lon * u.deg, height=h * u.m))
+    alt = SkyCoord(ra=ra, dec=dec, unit="deg").transform_to(frame).alt.deg
+    moon = get_body("moon", t)
+    sep = moon.separation(SkyCoord(ra=ra, dec=dec, unit="deg", frame="gcrs", obstime=t)).deg
+    illum = (1 - np.cos(get_body("sun", t).separation(moon).rad)) / 2
+    geo = sky_geometry(ra, dec, mjd, SITES["ztf"])
+    high = alt > 20  # airmass ≤ 3: refraction and precession stay small
+    am = 1 / np.sin(np.radians(alt[high]))
+    assert np.max(np.abs(geo["airmass"][high] - am) / am) < 0.02
+    assert np.median(np.abs(geo["moon_separation"] - sep)) < 0.5
+    lit = geo["moon_illumination"] > 0
+    assert np.median(np.abs(geo["moon_illumination"][lit] - illum[lit])) < 0.01
