@@ -181,9 +181,8 @@ def _exposure_seeing(alerts) -> np.ndarray:
 def conditions(alerts) -> pd.DataFrame:
     """Observing conditions of each alert's exposure, columns :data:`CONDITIONS`.
 
-    Airmass and Moon geometry come from (ra, dec, mjd) at the survey's site with astropy,
-    vectorised over the batch; IERS downloads are disabled (a degraded UT1 is irrelevant
-    at the precision an airmass needs), so this works offline.
+    Airmass and Moon geometry come from (ra, dec, mjd) at the survey's site
+    (:func:`sky_geometry`, vectorised over the batch, no network).
     """
     n = len(alerts)
     out = pd.DataFrame({c: np.full(n, np.nan) for c in CONDITIONS})
@@ -204,71 +203,40 @@ def conditions(alerts) -> pd.DataFrame:
     return out
 
 
-#: Sidereal time, Moon (ra, dec) and Sun–Moon elongation per (longitude, time scale, MJD rounded to
-#: 1e-6 d): astropy computes them element by element, so a cached value is bit-identical to a fresh
-#: one, and every alert of an exposure (which live streams spread over several micro-batches) then
-#: costs one dictionary look-up instead of a share of two ``get_body`` calls per batch.
-_EPHEMERIS: dict = {}
-_EPHEMERIS_MAX = 100_000
+#: TAI − UTC (s) since 2017: Rubin times are TAI, the ephemerides below want UT (UT1 ≈ UTC here).
+TAI_MINUS_UTC_S = 37.0
 
 
 def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
     """Airmass of the target, Moon illumination (0 below the horizon) and Moon separation (deg).
 
-    Astropy supplies the sidereal time and the Sun and Moon positions, once per *distinct*
-    time (all alerts of an exposure share one); altitudes then follow from the hour angle
-    with the catalogue (J2000) coordinates. Ignoring precession and the Moon's parallax
-    (≤ 1°) changes an airmass by well under a per cent — plenty for a feature — and keeps
-    the cost far below the per-alert budget.
+    Sidereal time, Sun and Moon come from the low-precision numpy series the simulator
+    uses (:mod:`stream.simulate`: Moon to ~0.3°, Sun to 0.01°), vectorised over the batch;
+    altitudes follow from the hour angle with the catalogue (J2000) coordinates. Ignoring
+    precession and the Moon's parallax (≤ 1°) changes an airmass by well under a per cent —
+    plenty for a feature. (astropy's ``get_body`` costs ~30 ms per call, more than the
+    rest of a 500-alert micro-batch's features when every alert has its own exposure time.)
     """
-    import warnings
+    from stream.simulate import _gmst_deg, moon_position, sun_position
 
-    import astropy.units as u
-    from astropy.coordinates import get_body
-    from astropy.time import Time
-    from astropy.utils import iers
-
-    iers.conf.auto_download = False  # no network in the stream path
-    iers.conf.iers_degraded_accuracy = "ignore"
     lat, lon, _ = site
     ra, dec, mjd = (np.asarray(v, dtype=float) for v in (ra, dec, mjd))
-    if len(mjd) == 0:
-        return {"airmass": np.array([]), "moon_illumination": np.array([]), "moon_separation": np.array([])}
-    tu, inv = np.unique(np.round(mjd, 6), return_inverse=True)
-    keys = [(lon, scale, x) for x in tu.tolist()]
-    eph = np.empty((len(tu), 4))
-    todo = []
-    for i, k in enumerate(keys):
-        v = _EPHEMERIS.get(k)
-        if v is None:
-            todo.append(i)
-        else:
-            eph[i] = v
-    if todo:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # degraded-accuracy / ERFA "dubious year" warnings
-            t = Time(tu[todo], format="mjd", scale=scale)
-            lst = t.sidereal_time("mean", longitude=lon * u.deg).deg
-            moon = get_body("moon", t)
-            sun = get_body("sun", t)
-            eph[todo] = np.column_stack([lst, moon.ra.deg, moon.dec.deg, sun.separation(moon).rad])
-        if len(_EPHEMERIS) + len(todo) > _EPHEMERIS_MAX:
-            _EPHEMERIS.clear()
-        for i in todo:
-            _EPHEMERIS[keys[i]] = eph[i].copy()
-    lst, m_ra, m_dec, elong = eph.T
+    jd = mjd + 2400000.5 - (TAI_MINUS_UTC_S / 86400.0 if scale == "tai" else 0.0)
+    lst = _gmst_deg(jd) + lon
+    m_ra, m_dec, m_lam, m_beta = moon_position(jd)
+    _, _, s_lam = sun_position(jd)
 
-    def alt(r, d, lst_deg):
-        ha, d, phi = np.radians(lst_deg - r), np.radians(d), np.radians(lat)
+    def alt(r, d):
+        ha, d, phi = np.radians(lst - r), np.radians(d), np.radians(lat)
         return np.degrees(np.arcsin(np.clip(np.sin(phi) * np.sin(d) + np.cos(phi) * np.cos(d) * np.cos(ha), -1, 1)))
 
-    a = alt(ra, dec, lst[inv])
-    moon_alt = alt(m_ra, m_dec, lst)[inv]
-    r1, d1, r2, d2 = (np.radians(v) for v in (ra, dec, m_ra[inv], m_dec[inv]))
+    a, moon_alt = alt(ra, dec), alt(m_ra, m_dec)
+    r1, d1, r2, d2 = (np.radians(v) for v in (ra, dec, m_ra, m_dec))
     sep = np.degrees(np.arccos(np.clip(np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2), -1, 1)))
     # Kasten & Young (1989) airmass: finite down to the horizon.
     am = 1.0 / (np.sin(np.radians(a)) + 0.50572 * np.power(np.clip(a + 6.07995, 1e-3, None), -1.6364))
-    illum = ((1.0 - np.cos(elong)) / 2.0)[inv]  # phase angle ≈ π − elongation
+    # Lit fraction from the Sun–Moon elongation (phase angle ≈ π − elongation).
+    illum = (1.0 - np.cos(np.radians(m_beta)) * np.cos(np.radians(m_lam - s_lam))) / 2.0
     return {"airmass": np.where(a > 0, am, np.nan), "moon_illumination": np.where(moon_alt > 0, illum, 0.0),
             "moon_separation": sep}
 
