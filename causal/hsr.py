@@ -51,6 +51,7 @@ from stream.annotation import HSRDiagnostics
 # model-scatter term, so 2^32 leaves ample headroom in int64.
 _NSUM = 10
 _SCALES = np.array([2.0**32] * 9 + [1.0])
+_COUNT = 9  # the column of the sums that counts sibling rows
 _COLOUR0 = 0.6
 MIN_SIB_SCALE, MIN_SIB_COLOUR = 6, 20
 VISIT_PRIOR_N = 30.0  # siblings a detector section needs before its own estimate outweighs its visit's
@@ -80,7 +81,7 @@ def airmass(ra, dec, mjd, survey: str) -> np.ndarray:
 def _solve(sums: np.ndarray):
     """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings)."""
     S = sums / _SCALES
-    n = S[:, 9]
+    n = S[:, _COUNT]
     M = np.empty((len(S), 3, 3))
     M[:, 0, 0], M[:, 0, 1], M[:, 0, 2] = S[:, 0], S[:, 1], S[:, 2]
     M[:, 1, 1], M[:, 1, 2], M[:, 2, 2] = S[:, 3], S[:, 4], S[:, 5]
@@ -335,7 +336,10 @@ class SiblingStore:
                     by_exp.setdefault(e, []).append(v)
         batch_mode = {e: float(np.median(v)) for e, v in by_exp.items() if len(v) >= 3}
         for obj, exps, f, F, err, colour in pending:
-            sib = self.sibling_vector(exps, exclude=(obj,))
+            if self.has_siblings(exps):
+                sib = self.sibling_vector(exps, exclude=(obj,))
+            else:  # nothing stored for these exposures: n = 0 everywhere
+                sib = dict.fromkeys(("a", "s", "c"), np.zeros(len(exps))) | {"n": np.zeros(len(exps), dtype=int)}
             G = F * ((colour if np.isfinite(colour) else _COLOUR0) - _COLOUR0)
             known = sib["n"] >= MIN_SIB_SCALE
             pred = np.where(known, sib["a"] + sib["s"] * F + sib["c"] * G,
@@ -402,6 +406,22 @@ class SiblingStore:
                     if (dra * math.cos(math.radians(dec))) ** 2 + (odec - dec) ** 2 < lim * lim:
                         out.append(o)
         return out
+
+    def has_siblings(self, exposures) -> bool:
+        """Whether any of ``exposures`` (or its visit) holds a sibling row at all.
+
+        When it does not, :meth:`sibling_vector` would give ``n = 0`` everywhere (R1 only takes
+        rows away), so callers skip it: on surveys or fields without forced photometry of
+        quiet sources that is every alert, and the check costs a few dictionary look-ups.
+        """
+        for e in set(np.asarray(exposures).tolist()):
+            s = self._slot.get(e)
+            if s is not None and self.sums[s, _COUNT] > 0:
+                return True
+            v = self._visit_sums.get(self._visit_of.get(e, 0))
+            if v is not None and v[_COUNT] > 0:
+                return True
+        return False
 
     def sibling_vector(self, exposures, exclude=()) -> dict:
         """Leave-one-out sibling statistics for a target's exposures (R1).
@@ -638,6 +658,9 @@ class HalfSiblingRegressor(BaseEstimator):
         transient = np.isfinite(first_det_mjd) and first_det_mjd > float(lc.mjd.min()) + self.pre_detection_days
         t_cut = min(now_mjd - self.exclusion_days, first_det_mjd - self.pre_detection_days) if transient \
             else now_mjd - self.exclusion_days
+        if sib is None:  # no sibling data for any epoch: nothing to learn or subtract
+            self.coef_, self.terms_, self.mode_ = np.array([PRIOR[t] for t in REDUCED_TERMS]), REDUCED_TERMS, "prior"
+            return self._unchanged(lc, flux, has, n_siblings_now)
         known = sib["n"] > 0
         train = has & known & (lc.mjd < t_cut)
         if max_train is not None and train.sum() > max_train:
@@ -703,6 +726,18 @@ class HalfSiblingRegressor(BaseEstimator):
         )
         return TargetFit(corrected, corrected_err, sys_, diag, train)
 
+    @staticmethod
+    def _unchanged(lc, flux, has, n_siblings_now: int) -> TargetFit:
+        """What :meth:`correct` gives when no epoch has siblings: the light curve as it came."""
+        corrected = np.where(has, flux, np.nan)
+        det = lc.kind == DETECTION
+        diag = HSRDiagnostics(mode="prior", n_train=0, n_siblings=int(n_siblings_now), overfit_alarm=False,
+                              rms_before=None, rms_after=None,
+                              flux_raw=float(flux[det][0]) if det.any() else None,
+                              flux_corrected=float(corrected[det][0]) if det.any() else None)
+        return TargetFit(corrected, np.where(has, np.sqrt(lc.flux_err**2 + 0.0), np.nan), np.zeros(len(lc)), diag,
+                         np.zeros(len(lc), dtype=bool))
+
 
 class HSR:
     """What the pipeline calls: ingest a batch into the store, then correct each alert.
@@ -719,12 +754,15 @@ class HSR:
 
     def fit_one(self, a, max_train: int | None = None) -> TargetFit:
         lc = a.lightcurve
-        excl = self.store.neighbours(a.object_id, a.ra, a.dec)
-        sib = self.store.sibling_vector(lc.exposure, exclude=excl)
+        if self.store.has_siblings(lc.exposure):
+            excl = self.store.neighbours(a.object_id, a.ra, a.dec)
+            sib = self.store.sibling_vector(lc.exposure, exclude=excl)
+        else:
+            sib = None  # the regressor's no-sibling answer, without building the vector
         det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
         first = np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd))
         now_i = np.flatnonzero(lc.kind == DETECTION)
-        n_now = int(sib["n"][now_i[0]]) if len(now_i) else 0
+        n_now = int(sib["n"][now_i[0]]) if len(now_i) and sib is not None else 0
         n_now = max(n_now, len(self.store._fwhm.get(a.exposure, {})) - 1)  # other alerts of this exposure
         return self.regressor.correct(lc, sib, a.mjd, first, a.ra, a.dec, a.survey, n_now, max_train)
 

@@ -153,3 +153,21 @@ def test_hsr_reduces_systematics_on_simulated_constant_stars(sim):
     df = V._rows(res, alerts, fits, classes={"constant"})
     assert V.reduction(df, df["sys_hat"]) > 3.0
     assert V.reduction(df, V.median_offset_baseline(res, df)) < 2.0
+
+
+def test_no_sibling_shortcut_equals_the_full_computation(sim):
+    """Alerts whose exposures hold no sibling rows skip the sibling vector with the same result."""
+    _, alerts = sim
+    h = HSR()
+    target = alerts[0]
+    assert not h.store.has_siblings(target.lightcurve.exposure)
+    short = h.fit_one(target)
+    sib = h.store.sibling_vector(target.lightcurve.exposure, exclude=())
+    assert not (sib["n"] > 0).any()
+    full = h.regressor.correct(target.lightcurve, sib, target.mjd, target.context.first_det_mjd, target.ra,
+                               target.dec, target.survey)
+    for k in ("corrected", "corrected_err", "systematic", "train"):
+        assert np.array_equal(getattr(short, k), getattr(full, k), equal_nan=True), k
+    assert short.diagnostics == full.diagnostics
+    h.store.ingest(alerts)
+    assert h.store.has_siblings(target.lightcurve.exposure)
