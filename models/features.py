@@ -58,79 +58,168 @@ def _mag(flux):
         return np.where(flux > 0, 23.9 - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
 
 
-def lightcurve_features(lc, now_mjd: float, first_det_mjd: float, flux=None) -> dict:
-    """Shape features from one light curve. ``flux`` overrides ``lc.flux`` (HSR-corrected)."""
+def _segments(key: np.ndarray):
+    """Start and end (exclusive) of each run of equal values in a sorted ``key``."""
+    if not len(key):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.r_[0, np.flatnonzero(key[1:] != key[:-1]) + 1]
+    return starts, np.r_[starts[1:], len(key)]
+
+
+def _first_where(values: np.ndarray, target: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per segment (given by ``starts``), the first index whose value equals the segment's ``target``."""
+    seg = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(values)]))
+    idx = np.where(values == target[seg], np.arange(len(values)), len(values))
+    return np.minimum.reduceat(idx, starts)
+
+
+def lightcurve_features(alerts, corrected_flux=None) -> dict:
+    """Light-curve shape and positional-scatter features of a batch, one array per feature.
+
+    All light curves are concatenated and every feature is a grouped reduction over the
+    flat arrays (no per-alert numpy calls). ``corrected_flux[i]`` (HSR) replaces alert
+    *i*'s ``lightcurve.flux`` when given. Per alert:
+
+    * counts of detections (finite flux), limits and forced points; days since the first
+      detection (the survey's own first-detection time if earlier) and since the last limit;
+    * on detections: the fraction with negative flux, the peak |flux| (first one on ties),
+      the latest flux over the peak, the magnitude range, and rise / decline rates in mag/day
+      (per band from its first point to its brightest and from the brightest to its last,
+      averaged over bands; positive = brightening for rise, fading for decline), g − r from
+      the latest g and r detections if within 1 day;
+    * ``pos_scatter``: RMS distance (arcsec) of the detections from their mean position
+      (≥ 2); ``pos_offset_now``: distance of the triggering detection from the mean of the
+      earlier ones. Moving or dipole-subtracted stars and artefacts scatter more than a
+      static point source of the same S/N.
+    """
     from stream.alert import DETECTION, NONDETECTION, PREVIOUS
 
-    f = lc.flux if flux is None else flux
-    det = ((lc.kind == DETECTION) | (lc.kind == PREVIOUS)) & np.isfinite(f)
-    out = {"n_det": int(det.sum()), "n_nondet": int((lc.kind == NONDETECTION).sum()),
-           "n_forced": int(len(lc) - det.sum() - (lc.kind == NONDETECTION).sum())}
-    t, fd, bands = lc.mjd[det], f[det], lc.band[det]
-    first = np.nanmin([first_det_mjd, t.min() if len(t) else np.nan]) if len(t) or np.isfinite(first_det_mjd) \
-        else np.nan
-    out["days_since_first"] = now_mjd - first if np.isfinite(first) else 0.0
-    nd = lc.mjd[(lc.kind == NONDETECTION) & (lc.mjd < now_mjd)]
-    out["days_since_last_nondet"] = now_mjd - nd.max() if len(nd) else np.nan
-    out["frac_negative"] = float((fd < 0).mean()) if len(fd) else np.nan
-    if len(fd) == 0:
-        out.update(peak_flux=np.nan, flux_now_over_peak=np.nan, amplitude_mag=np.nan, rise_rate=np.nan,
-                   decline_rate=np.nan, colour_gr=np.nan)
-        return out
-    ipk = int(np.argmax(np.abs(fd)))
-    peak = fd[ipk]
-    out["peak_flux"] = float(peak)
-    out["flux_now_over_peak"] = float(fd[-1] / peak) if peak else np.nan
-    m = _mag(np.abs(fd))
-    out["amplitude_mag"] = float(np.nanmax(m) - np.nanmin(m)) if np.isfinite(m).any() else np.nan
-    # Rates in mag/day (positive = brightening for rise, fading for decline), per band, averaged.
-    rise, dec = [], []
-    for b in np.unique(bands):
-        sel = bands == b
-        tb, mb = t[sel], m[sel]
-        ok = np.isfinite(mb)
-        tb, mb = tb[ok], mb[ok]
-        if len(tb) < 2:
-            continue
-        k = int(np.argmin(mb))
-        if k > 0 and tb[k] > tb[0]:
-            rise.append((mb[0] - mb[k]) / (tb[k] - tb[0]))
-        if k < len(tb) - 1 and tb[-1] > tb[k]:
-            dec.append((mb[-1] - mb[k]) / (tb[-1] - tb[k]))
-    out["rise_rate"] = float(np.mean(rise)) if rise else np.nan
-    out["decline_rate"] = float(np.mean(dec)) if dec else np.nan
-    # Colour g - r from the latest g and r detections within 1 day of each other.
-    g, r = bands == "g", bands == "r"
-    if g.any() and r.any():
-        tg, tr = t[g][-1], t[r][-1]
-        out["colour_gr"] = float(m[g][-1] - m[r][-1]) if abs(tg - tr) < 1.0 else np.nan
-    else:
-        out["colour_gr"] = np.nan
+    n = len(alerts)
+    lcs = [a.lightcurve for a in alerts]
+    sizes = np.array([len(lc) for lc in lcs], dtype=np.int64)
+    g = np.repeat(np.arange(n), sizes)
+
+    def cat(name):
+        return np.concatenate([getattr(lc, name) for lc in lcs]) if n else np.zeros(0)
+
+    mjd, kind, band, ra, dec = cat("mjd"), cat("kind"), cat("band"), cat("ra"), cat("dec")
+    fluxes = [lc.flux if corrected_flux is None or corrected_flux[i] is None else corrected_flux[i]
+              for i, lc in enumerate(lcs)]
+    f = np.concatenate(fluxes).astype(float) if n else np.zeros(0)
+    now = np.array([a.mjd for a in alerts], dtype=float)
+    first_known = np.array([a.context.first_det_mjd for a in alerts], dtype=float)
+    is_det = (kind == DETECTION) | (kind == PREVIOUS)
+    det = is_det & np.isfinite(f)
+    nondet = kind == NONDETECTION
+    n_det = np.bincount(g[det], minlength=n)
+    n_nondet = np.bincount(g[nondet], minlength=n)
+    out = {"n_det": n_det.astype(float), "n_nondet": n_nondet.astype(float),
+           "n_forced": (sizes - n_det - n_nondet).astype(float)}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tmin = np.full(n, np.inf)
+        np.minimum.at(tmin, g[det], mjd[det])
+        first = np.fmin(first_known, np.where(n_det > 0, tmin, np.nan))
+        out["days_since_first"] = np.where(np.isfinite(first), now - first, 0.0)
+        sel = nondet & (mjd < now[g])
+        tmax = np.full(n, -np.inf)
+        np.maximum.at(tmax, g[sel], mjd[sel])
+        out["days_since_last_nondet"] = np.where(np.isfinite(tmax), now - tmax, np.nan)
+        out["frac_negative"] = np.where(n_det > 0, np.bincount(g[det], weights=f[det] < 0, minlength=n) / n_det,
+                                        np.nan)
+    # Detections only, still grouped by alert and in time order.
+    gd, td, fd, bd = g[det], mjd[det], f[det], band[det]
+    has = n_det > 0
+    starts = np.searchsorted(gd, np.flatnonzero(has))
+    ends = np.r_[starts[1:], len(gd)]
+    for k in ("peak_flux", "flux_now_over_peak", "amplitude_mag", "rise_rate", "decline_rate", "colour_gr"):
+        out[k] = np.full(n, np.nan)
+    if len(starts):
+        absf = np.abs(fd)
+        ipk = _first_where(absf, np.maximum.reduceat(absf, starts), starts)
+        peak = fd[ipk]
+        out["peak_flux"][has] = peak
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["flux_now_over_peak"][has] = np.where(peak != 0, fd[ends - 1] / np.where(peak != 0, peak, 1.0),
+                                                      np.nan)
+        m = _mag(absf)
+        fin = np.isfinite(m)
+        mx = np.maximum.reduceat(np.where(fin, m, -np.inf), starts)
+        mn = np.minimum.reduceat(np.where(fin, m, np.inf), starts)
+        out["amplitude_mag"][has] = np.where(np.isfinite(mx), mx - mn, np.nan)
+        _rates(out, n, gd[fin], td[fin], m[fin], bd[fin])
+        _colour(out, n, gd, td, m, bd)
+    out.update(_positions(n, g, kind, ra, dec, is_det))
     return out
 
 
-def position_features(lc) -> dict:
-    """Positional scatter of the detections (arcsec).
+def _rates(out: dict, n: int, gd, td, m, bd) -> None:
+    """Rise and decline rates (mag/day) per (alert, band) with ≥ 2 points, averaged over bands."""
+    _, bcode = np.unique(bd, return_inverse=True)  # alphabetical: the order the bands are averaged in
+    key = gd * 64 + bcode
+    order = np.argsort(key, kind="stable")
+    gd, td, m = gd[order], td[order], m[order]
+    s, e = _segments(key[order])
+    if not len(s):
+        return
+    k = _first_where(m, np.minimum.reduceat(m, s), s)  # brightest point (first on ties)
+    two = (e - s) >= 2
+    s, e, k = s[two], e[two], k[two]
+    grp = gd[s]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rise_ok = (k > s) & (td[k] > td[s])
+        rise = (m[s] - m[k]) / (td[k] - td[s])
+        dec_ok = (k < e - 1) & (td[e - 1] > td[k])
+        decl = (m[e - 1] - m[k]) / (td[e - 1] - td[k])
+    for name, ok, v in (("rise_rate", rise_ok, rise), ("decline_rate", dec_ok, decl)):
+        cnt = np.bincount(grp[ok], minlength=n)
+        tot = np.bincount(grp[ok], weights=v[ok], minlength=n)
+        out[name] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
 
-    ``pos_scatter``: RMS distance of the detections from their mean position (≥ 2
-    detections); ``pos_offset_now``: distance of the triggering detection from the mean
-    of the earlier ones (≥ 1 earlier). Moving or dipole-subtracted stars and artefacts
-    scatter more than a static point source of the same S/N.
-    """
-    from stream.alert import DETECTION, PREVIOUS
 
-    det = ((lc.kind == DETECTION) | (lc.kind == PREVIOUS)) & np.isfinite(lc.ra) & np.isfinite(lc.dec)
-    out = {"pos_scatter": np.nan, "pos_offset_now": np.nan}
-    if det.sum() < 2:
+def _last_of(n: int, grp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per alert, the index of its last row where ``mask`` holds (−1 if none); rows grouped in order."""
+    last = np.full(n, -1)
+    idx = np.flatnonzero(mask)
+    last[grp[idx]] = idx  # later rows overwrite earlier ones
+    return last
+
+
+def _colour(out: dict, n: int, gd, td, m, bd) -> None:
+    """g − r from the latest g and r detections, if within 1 day of each other."""
+    ig, ir = _last_of(n, gd, bd == "g"), _last_of(n, gd, bd == "r")
+    both = (ig >= 0) & (ir >= 0)
+    ig, ir = ig[both], ir[both]
+    out["colour_gr"][both] = np.where(np.abs(td[ig] - td[ir]) < 1.0, m[ig] - m[ir], np.nan)
+
+
+def _positions(n: int, g, kind, ra, dec, is_det) -> dict:
+    """``pos_scatter`` and ``pos_offset_now`` (arcsec) of the detections with a position."""
+    from stream.alert import DETECTION
+
+    out = {"pos_scatter": np.full(n, np.nan), "pos_offset_now": np.full(n, np.nan)}
+    ok = is_det & np.isfinite(ra) & np.isfinite(dec)
+    cnt = np.bincount(g[ok], minlength=n)
+    ok &= (cnt >= 2)[g]
+    if not ok.any():
         return out
-    ra, dec, now = lc.ra[det], lc.dec[det], lc.kind[det] == DETECTION
-    dec0 = float(np.mean(dec))
-    dra = (ra - ra[0] + 180.0) % 360.0 - 180.0  # wrap-safe offsets from the first detection
-    x, y = dra * np.cos(np.radians(dec0)) * 3600.0, (dec - dec0) * 3600.0
-    out["pos_scatter"] = float(np.sqrt(np.mean((x - x.mean()) ** 2 + (y - y.mean()) ** 2)))
-    if now.any() and (~now).any():
-        xi, yi = x[now][-1], y[now][-1]
-        out["pos_offset_now"] = float(np.hypot(xi - x[~now].mean(), yi - y[~now].mean()))
+    gp, rp, dp, now = g[ok], ra[ok], dec[ok], kind[ok] == DETECTION
+    cnt = np.bincount(gp, minlength=n)
+    multi = cnt > 0
+    c = np.maximum(cnt, 1)
+    dec0 = np.bincount(gp, weights=dp, minlength=n) / c
+    first_ra = np.full(n, np.nan)
+    first_ra[gp[::-1]] = rp[::-1]  # earliest row wins
+    dra = (rp - first_ra[gp] + 180.0) % 360.0 - 180.0  # wrap-safe offsets from the first detection
+    x, y = dra * np.cos(np.radians(dec0[gp])) * 3600.0, (dp - dec0[gp]) * 3600.0
+    xm, ym = np.bincount(gp, weights=x, minlength=n) / c, np.bincount(gp, weights=y, minlength=n) / c
+    ss = np.bincount(gp, weights=(x - xm[gp]) ** 2 + (y - ym[gp]) ** 2, minlength=n)
+    out["pos_scatter"][multi] = np.sqrt(ss / c)[multi]
+    inow = _last_of(n, gp, now)
+    n_old = np.bincount(gp[~now], minlength=n)
+    use = (inow >= 0) & (n_old > 0)
+    xo = np.bincount(gp[~now], weights=x[~now], minlength=n) / np.maximum(n_old, 1)
+    yo = np.bincount(gp[~now], weights=y[~now], minlength=n) / np.maximum(n_old, 1)
+    out["pos_offset_now"][use] = np.hypot(x[inow[use]] - xo[use], y[inow[use]] - yo[use])
     return out
 
 
@@ -241,6 +330,11 @@ def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
             "moon_separation": sep}
 
 
+_CONTEXT_FEATURES = ["real_bogus", "star_galaxy", "ps1_distance", "gaia_distance", "gaia_mag", "ref_mag",
+                     "ref_distance", "ss_distance", "elongation", "fwhm", "n_bad_pixels", "n_negative_pixels", "snr",
+                     "extendedness", "mag", "limit_mag", "n_det_history"]
+
+
 def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
     """Feature table for a batch of alerts.
 
@@ -256,9 +350,8 @@ def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
         One row per alert, columns :data:`FEATURES`, index = position in ``alerts``.
     """
     rows = []
-    for i, a in enumerate(alerts):
+    for a in alerts:
         c = a.context
-        flux = None if corrected_flux is None else corrected_flux[i]
         row = {
             "real_bogus": c.real_bogus, "star_galaxy": c.star_galaxy, "ps1_distance": c.ps1_distance,
             "gaia_distance": c.gaia_distance, "gaia_mag": c.gaia_mag, "ref_mag": c.ref_mag,
@@ -267,12 +360,11 @@ def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
             "snr": c.snr, "extendedness": c.extendedness, "mag": c.mag, "limit_mag": c.limit_mag,
             "n_det_history": c.n_det_history if c.n_det_history >= 0 else np.nan,
         }
-        row.update(lightcurve_features(a.lightcurve, a.mjd, c.first_det_mjd, flux))
-        row.update(position_features(a.lightcurve))
         rows.append(row)
     cond = conditions(alerts)
-    df = pd.DataFrame(rows, columns=[f for f in FEATURES if f not in ("galactic_latitude",) + CONDITIONS
-                                     or f == "limit_mag"])
+    df = pd.DataFrame(rows, columns=_CONTEXT_FEATURES)
+    for k, v in lightcurve_features(alerts, corrected_flux).items():
+        df[k] = v
     df.insert(FEATURES.index("galactic_latitude"), "galactic_latitude",
               galactic_latitude([a.ra for a in alerts], [a.dec for a in alerts]) if len(alerts) else [])
     for c in CONDITIONS:
