@@ -105,6 +105,33 @@ def _solve(sums: np.ndarray):
     return coef, n
 
 
+def _take_out(sums: np.ndarray, rows_of: dict, exclude, where: dict) -> None:
+    """Subtract the excluded objects' own contributions from ``sums`` (rows located by ``where``).
+
+    Walks whichever is shorter, the object's rows or the target's keys, and subtracts
+    in one ``np.subtract.at`` (integers: the order does not matter, the result is exact).
+    """
+    idx, contrib = [], []
+    for o in exclude:
+        mine = rows_of.get(o)
+        if not mine:
+            continue
+        if len(mine) <= len(where):
+            for key, c in mine.items():
+                for i in where.get(key, ()):
+                    idx.append(i)
+                    contrib.append(c)
+        else:
+            for key, rows in where.items():
+                c = mine.get(key)
+                if c is not None:
+                    for i in rows:
+                        idx.append(i)
+                        contrib.append(c)
+    if idx:
+        np.subtract.at(sums, np.array(idx), np.array(contrib))
+
+
 def source_colour(lc) -> float:
     """g − r of the reference-image source from its reference fluxes (NaN if not both bands)."""
     out = []
@@ -446,10 +473,7 @@ class SiblingStore:
         where: dict[int, list[int]] = {}
         for i, e in enumerate(exp_list):
             where.setdefault(e, []).append(i)
-        for o in exclude:  # R1: take the excluded objects' own rows back out
-            for e, c in self._obj_rows.get(o, {}).items():
-                for i in where.get(e, ()):
-                    sums[i] -= c
+        _take_out(sums, self._obj_rows, exclude, where)  # R1: the excluded objects' own rows
         coef, n = _solve(sums)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
@@ -470,10 +494,7 @@ class SiblingStore:
                     vwhere.setdefault(vk, []).append(i)
                 rows.append(v)
             vsums[:] = np.stack(rows)
-            for o in exclude:
-                for vk, c in self._obj_visit.get(o, {}).items():
-                    for i in vwhere.get(vk, ()):
-                        vsums[i] -= c
+            _take_out(vsums, self._obj_visit, exclude, vwhere)
             vcoef, vn = _solve(vsums)
             wt = (n / (n + VISIT_PRIOR_N))[:, None]
             use = vn >= MIN_SIB_COLOUR
