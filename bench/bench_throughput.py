@@ -540,7 +540,7 @@ def rss_worker_main(args) -> int:
     from stream.service import drive
     from stream.sinks import JsonlSink
 
-    hsr = None
+    hsr = False  # Pipeline(hsr=None) would mean "the default", which is HSR on
     if args.hsr:
         from causal.hsr import HSR
 
@@ -590,8 +590,8 @@ def rss_worker_main(args) -> int:
     res = {"read": counts.read, "annotated": counts.annotated, "alerts_per_s": counts.read / dt, "n": args.n,
            "capped": counts.read < args.n, "cap_s": args.cap_s,
            "rss_start_mb": rss0, "peak_rss_mb": _proc_status("VmHWM"), "rss_end_mb": _proc_status("VmRSS"),
-           "rss_slope_mb_per_10k": slope, "samples": samples, "hsr": hsr is not None}
-    if hsr is not None:
+           "rss_slope_mb_per_10k": slope, "samples": samples, "hsr": bool(hsr)}
+    if hsr:
         st = hsr.store
         res["store"] = {"exposures": len(st), "rows": st.n_rows, "nbytes": st.nbytes()}
     print(json.dumps(res))
