@@ -105,33 +105,6 @@ def _solve(sums: np.ndarray):
     return coef, n
 
 
-def _take_out(sums: np.ndarray, rows_of: dict, exclude, where: dict) -> None:
-    """Subtract the excluded objects' own contributions from ``sums`` (rows located by ``where``).
-
-    Walks whichever is shorter, the object's rows or the target's keys, and subtracts
-    in one ``np.subtract.at`` (integers: the order does not matter, the result is exact).
-    """
-    idx, contrib = [], []
-    for o in exclude:
-        mine = rows_of.get(o)
-        if not mine:
-            continue
-        if len(mine) <= len(where):
-            for key, c in mine.items():
-                for i in where.get(key, ()):
-                    idx.append(i)
-                    contrib.append(c)
-        else:
-            for key, rows in where.items():
-                c = mine.get(key)
-                if c is not None:
-                    for i in rows:
-                        idx.append(i)
-                        contrib.append(c)
-    if idx:
-        np.subtract.at(sums, np.array(idx), np.array(contrib))
-
-
 def source_colour(lc) -> float:
     """g − r of the reference-image source from its reference fluxes (NaN if not both bands)."""
     out = []
@@ -172,10 +145,13 @@ class SiblingStore:
         self.meta = np.zeros((0, len(self._META)))
         self.group = np.zeros(0, dtype=np.int64)  # hash of (field, chip, band): ZP anomaly reference
         self._free: list[int] = []
-        # object → exposure → its quantised sums row; and object → visit → the sum of its rows there.
-        # Keyed by object first so that leave-one-out touches only the excluded objects' own rows.
-        self._obj_rows: dict[int, dict[int, np.ndarray]] = {}
-        self._obj_visit: dict[int, dict[int, np.ndarray]] = {}
+        # Per object, its sibling rows packed in arrays sorted by exposure: the exposure keys, the
+        # quantised sums row of each and its visit key (0: none). Keyed by object so that
+        # leave-one-out touches only the excluded objects' own rows, and packed because a dense
+        # field holds millions of rows (a dict entry with its own small array per row costs ~8×).
+        self._obj_exps: dict[int, np.ndarray] = {}
+        self._obj_sums: dict[int, np.ndarray] = {}
+        self._obj_vks: dict[int, np.ndarray] = {}
         self._n_rows = 0
         self._exp_objects: dict[int, list[int]] = {}  # exposure → objects with a row there (for eviction)
         self._fwhm: dict[int, dict[int, float]] = {}  # exposure → object → fwhm of its alert there (R4)
@@ -187,8 +163,9 @@ class SiblingStore:
         self._since_evict = 0
         self._zp_median: dict[int, float] = {}
         self._visit_of: dict[int, int] = {}  # exposure → visit key (same time and band)
-        self._visit_sums: dict[int, np.ndarray] = {}
-        self._visit_members: dict[int, set] = {}
+        self._vslot: dict[int, int] = {}  # visit key → row of vsums (sum of the visit's sibling rows)
+        self.vsums = np.zeros((0, _NSUM), dtype=np.int64)
+        self._vfree: list[int] = []
         self._visit_rows = 0
         self._judged: dict[int, bool] = {}  # long-lived object → accepted as a sibling
 
@@ -203,12 +180,13 @@ class SiblingStore:
 
     def row_keys(self) -> set:
         """(exposure, object hash) of every sibling row held (for audits and tests)."""
-        return {(e, o) for o, rows in self._obj_rows.items() for e in rows}
+        return {(e, o) for o, exps in self._obj_exps.items() for e in exps.tolist()}
 
     def nbytes(self) -> int:
-        """Approximate memory held (numpy arrays + per-row dict entries)."""
-        return int(self.sums.nbytes + self.meta.nbytes + self.group.nbytes + 150 * self._n_rows
-                   + 100 * len(self._pos))
+        """Approximate memory held (numpy arrays, plus per-row and per-object dictionary entries)."""
+        arrays = sum(a.nbytes for d in (self._obj_exps, self._obj_sums, self._obj_vks) for a in d.values())
+        return int(self.sums.nbytes + self.meta.nbytes + self.group.nbytes + self.vsums.nbytes + arrays
+                   + 16 * self._n_rows + 400 * len(self._obj_exps) + 100 * len(self._pos))
 
     def _slot_of(self, exposure: int) -> int:
         s = self._slot.get(exposure)
@@ -227,6 +205,20 @@ class SiblingStore:
         self.meta[s] = np.nan
         self.group[s] = 0
         self._slot[exposure] = s
+        return s
+
+    def _vslot_of(self, visit: int) -> int:
+        s = self._vslot.get(visit)
+        if s is not None:
+            return s
+        if self._vfree:
+            s = self._vfree.pop()
+        else:
+            s = len(self._vslot)
+            if s >= len(self.vsums):
+                self.vsums = np.resize(self.vsums, (max(1024, 2 * len(self.vsums)), _NSUM))
+        self.vsums[s] = 0
+        self._vslot[visit] = s
         return s
 
     @staticmethod
@@ -335,24 +327,34 @@ class SiblingStore:
 
     def _add_rows(self, obj, exposures, f, F, err, colour) -> None:
         contrib = self._quantise(F, f, err, colour)
-        mine = self._obj_rows.setdefault(obj, {})
-        mine_v = self._obj_visit.setdefault(obj, {})
-        for e, c in zip(exposures.tolist(), contrib, strict=True):
-            if e in mine:  # R5: the same history row from a later alert
-                continue
-            s = self._slot_of(e)
-            self.sums[s] += c
-            mine[e] = c
-            self._n_rows += 1
+        # One row per exposure (the first of the call wins), none that the object already has (R5).
+        exps, first = np.unique(np.asarray(exposures, dtype=np.int64), return_index=True)
+        contrib = contrib[first]
+        held = self._obj_exps.get(obj)
+        if held is not None:
+            new = ~np.isin(exps, held)
+            exps, contrib = exps[new], contrib[new]
+        if not len(exps):
+            return
+        exp_list = exps.tolist()
+        slots = [self._slot_of(e) for e in exp_list]  # (may grow self.sums: look it up afterwards)
+        self.sums[slots] += contrib  # exposures are unique here
+        vks = np.array([self._visit_of.get(e, 0) for e in exp_list], dtype=np.int64)
+        hv = vks != 0
+        if hv.any():
+            vslots = [self._vslot_of(v) for v in vks[hv].tolist()]
+            np.add.at(self.vsums, vslots, contrib[hv])  # one object may have two exposures in a visit
+            self._visit_rows += int(hv.sum())
+        for e in exp_list:
             self._exp_objects.setdefault(e, []).append(obj)
-            vk = self._visit_of.get(e)
-            if vk:
-                if vk not in self._visit_sums:
-                    self._visit_sums[vk] = np.zeros(_NSUM, dtype=np.int64)
-                self._visit_sums[vk] += c
-                mine_v[vk] = mine_v[vk] + c if vk in mine_v else c.copy()
-                self._visit_members.setdefault(vk, set()).add(e)
-                self._visit_rows += 1
+        self._n_rows += len(exps)
+        if held is not None:
+            exps = np.concatenate([held, exps])
+            order = np.argsort(exps, kind="stable")
+            exps = exps[order]
+            contrib = np.concatenate([self._obj_sums[obj], contrib])[order]
+            vks = np.concatenate([self._obj_vks[obj], vks])[order]
+        self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj] = exps, contrib, vks
 
     def _judge(self, pending) -> None:
         """Accept quiet long-lived sources as siblings (once per object, on the whole history)."""
@@ -384,31 +386,39 @@ class SiblingStore:
         self._since_evict = 0
         cutoff = self.newest_mjd - self.retention_days
         old = [e for e, s in self._slot.items() if self.meta[s, 0] < cutoff]
-        if old:
-            self._zp_median = {}
+        if not old:
+            return 0
+        self._zp_median = {}
+        affected: dict[int, None] = {}  # objects with rows in evicted exposures (insertion-ordered)
         for e in old:
-            s = self._slot.pop(e)
-            self._free.append(s)
-            vk = self._visit_of.pop(e, None)
-            for obj in self._exp_objects.pop(e, ()):
-                c = self._obj_rows.get(obj, {}).pop(e, None)
-                if c is None:
-                    continue
-                self._n_rows -= 1
-                if vk in self._visit_sums:
-                    self._visit_sums[vk] -= c
-                    self._obj_visit[obj][vk] -= c
-                    self._visit_rows -= 1
-                if not self._obj_rows[obj]:
-                    del self._obj_rows[obj]
-                    self._obj_visit.pop(obj, None)
-            if vk in self._visit_members:
-                self._visit_members[vk].discard(e)
-                if not self._visit_members[vk]:
-                    del self._visit_members[vk]
-                    self._visit_sums.pop(vk, None)
+            self._free.append(self._slot.pop(e))
+            self._visit_of.pop(e, None)
+            affected.update(dict.fromkeys(self._exp_objects.pop(e, ())))
             self._fwhm.pop(e, None)
             self._fwhm_median.pop(e, None)
+        old_arr = np.array(old, dtype=np.int64)
+        touched = set()
+        for obj in affected:
+            gone = np.isin(self._obj_exps[obj], old_arr)
+            vks, contrib = self._obj_vks[obj][gone], self._obj_sums[obj][gone]
+            hv = vks != 0
+            if hv.any():
+                np.subtract.at(self.vsums, [self._vslot[v] for v in vks[hv].tolist()], contrib[hv])
+                touched.update(vks[hv].tolist())
+                self._visit_rows -= int(hv.sum())
+            self._n_rows -= int(gone.sum())
+            if gone.all():
+                del self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj]
+            else:
+                keep = ~gone
+                self._obj_exps[obj] = self._obj_exps[obj][keep]
+                self._obj_sums[obj] = self._obj_sums[obj][keep]
+                self._obj_vks[obj] = self._obj_vks[obj][keep]
+        for v in touched:  # a visit with no rows left is forgotten (its sums are all zero then)
+            s = self._vslot[v]
+            if not self.vsums[s].any():
+                del self._vslot[v]
+                self._vfree.append(s)
         return len(old)
 
     # -- queries ------------------------------------------------------------
@@ -445,10 +455,38 @@ class SiblingStore:
             s = self._slot.get(e)
             if s is not None and self.sums[s, _COUNT] > 0:
                 return True
-            v = self._visit_sums.get(self._visit_of.get(e, 0))
-            if v is not None and v[_COUNT] > 0:
+            v = self._vslot.get(self._visit_of.get(e, 0))
+            if v is not None and self.vsums[v, _COUNT] > 0:
                 return True
         return False
+
+    def _take_out(self, sums: np.ndarray, exposures: np.ndarray, exclude) -> None:
+        """Subtract the excluded objects' own rows from per-exposure ``sums`` (aligned with ``exposures``)."""
+        for o in exclude:
+            held = self._obj_exps.get(o)
+            if held is None:
+                continue
+            pos = np.minimum(np.searchsorted(held, exposures), len(held) - 1)
+            hit = held[pos] == exposures
+            if hit.any():
+                sums[hit] -= self._obj_sums[o][pos[hit]]
+
+    def _take_out_visits(self, vsums: np.ndarray, vks: np.ndarray, exclude) -> None:
+        """The same for per-visit sums: each excluded object's rows summed per visit (``vks`` 0: none)."""
+        for o in exclude:
+            held = self._obj_vks.get(o)
+            if held is None:
+                continue
+            mine = held != 0
+            if not mine.any():
+                continue
+            uv, inv = np.unique(held[mine], return_inverse=True)
+            per_visit = np.zeros((len(uv), _NSUM), dtype=np.int64)
+            np.add.at(per_visit, inv, self._obj_sums[o][mine])
+            pos = np.minimum(np.searchsorted(uv, vks), len(uv) - 1)
+            hit = (uv[pos] == vks) & (vks != 0)
+            if hit.any():
+                vsums[hit] -= per_visit[pos[hit]]
 
     def sibling_vector(self, exposures, exclude=()) -> dict:
         """Leave-one-out sibling statistics for a target's exposures (R1).
@@ -470,31 +508,17 @@ class SiblingStore:
         have = slots >= 0
         sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
         sums[have] = self.sums[slots[have]]
-        where: dict[int, list[int]] = {}
-        for i, e in enumerate(exp_list):
-            where.setdefault(e, []).append(i)
-        _take_out(sums, self._obj_rows, exclude, where)  # R1: the excluded objects' own rows
+        self._take_out(sums, exposures, exclude)  # R1: the excluded objects' own rows
         coef, n = _solve(sums)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
         # precision-weighted blend, so a well-populated section keeps its own estimate.
         if self._visit_rows:
+            vks = np.array([self._visit_of.get(e, 0) for e in exp_list], dtype=np.int64)
+            vsl = np.array([self._vslot.get(v, -1) for v in vks.tolist()], dtype=np.int64)
             vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
-            vwhere: dict[int, list[int]] = {}
-            zero = None
-            rows = []
-            for i, e in enumerate(exp_list):
-                vk = self._visit_of.get(e, 0)
-                v = self._visit_sums.get(vk) if vk else None
-                if v is None:
-                    if zero is None:
-                        zero = np.zeros(_NSUM, dtype=np.int64)
-                    v = zero
-                else:
-                    vwhere.setdefault(vk, []).append(i)
-                rows.append(v)
-            vsums[:] = np.stack(rows)
-            _take_out(vsums, self._obj_visit, exclude, vwhere)
+            vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
+            self._take_out_visits(vsums, np.where(vsl >= 0, vks, 0), exclude)
             vcoef, vn = _solve(vsums)
             wt = (n / (n + VISIT_PRIOR_N))[:, None]
             use = vn >= MIN_SIB_COLOUR
