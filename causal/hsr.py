@@ -480,9 +480,11 @@ class SiblingStore:
             mine = held != 0
             if not mine.any():
                 continue
-            uv, inv = np.unique(held[mine], return_inverse=True)
-            per_visit = np.zeros((len(uv), _NSUM), dtype=np.int64)
-            np.add.at(per_visit, inv, self._obj_sums[o][mine])
+            uv, per_visit = held[mine], self._obj_sums[o][mine]
+            if len(uv) > 1 and not (uv[1:] > uv[:-1]).all():  # rows are sorted by exposure, which is
+                uv, inv = np.unique(uv, return_inverse=True)  # nearly always time order (= visit order)
+                per_visit = np.zeros((len(uv), _NSUM), dtype=np.int64)
+                np.add.at(per_visit, inv, self._obj_sums[o][mine])
             pos = np.minimum(np.searchsorted(uv, vks), len(uv) - 1)
             hit = (uv[pos] == vks) & (vks != 0)
             if hit.any():
