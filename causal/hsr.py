@@ -152,6 +152,7 @@ class SiblingStore:
         self._obj_exps: dict[int, np.ndarray] = {}
         self._obj_sums: dict[int, np.ndarray] = {}
         self._obj_vks: dict[int, np.ndarray] = {}
+        self._obj_visits: dict[int, tuple] = {}  # object → (visits, summed rows), if not in visit order
         self._n_rows = 0
         self._exp_objects: dict[int, list[int]] = {}  # exposure → objects with a row there (for eviction)
         self._fwhm: dict[int, dict[int, float]] = {}  # exposure → object → fwhm of its alert there (R4)
@@ -161,8 +162,10 @@ class SiblingStore:
         self._cells: dict[tuple[int, int], set[int]] = {}
         self.newest_mjd = -np.inf
         self._since_evict = 0
-        self._zp_median: dict[int, float] = {}
-        self._visit_of: dict[int, int] = {}  # exposure → visit key (same time and band)
+        self._zp_median = None  # (sorted groups, median zero point): rebuilt when exposures come or go
+        self.visit = np.zeros(0, dtype=np.int64)  # per slot: the exposure's visit key (same time and band)
+        self._idx = None  # sorted (exposure keys, slots): vectorised look-ups, rebuilt when slots change
+        self._vidx = None  # the same for visit key → vsums row
         self._vslot: dict[int, int] = {}  # visit key → row of vsums (sum of the visit's sibling rows)
         self.vsums = np.zeros((0, _NSUM), dtype=np.int64)
         self._vfree: list[int] = []
@@ -201,11 +204,47 @@ class SiblingStore:
                 self.sums = np.resize(self.sums, (self._cap, _NSUM))
                 self.meta = np.resize(self.meta, (self._cap, len(self._META)))
                 self.group = np.resize(self.group, self._cap)
+                self.visit = np.resize(self.visit, self._cap)
         self.sums[s] = 0
         self.meta[s] = np.nan
         self.group[s] = 0
+        self.visit[s] = 0
         self._slot[exposure] = s
+        self._idx = None
         return s
+
+    @staticmethod
+    def _find(index, keys) -> np.ndarray:
+        """Values of ``keys`` in a sorted (keys, values) index; −1 where absent."""
+        ks, vs = index
+        keys = np.asarray(keys, dtype=np.int64)
+        if not len(ks):
+            return np.full(len(keys), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(ks, keys), len(ks) - 1)
+        return np.where(ks[pos] == keys, vs[pos], -1)
+
+    @staticmethod
+    def _sorted_index(d: dict):
+        ks = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
+        vs = np.fromiter(d.values(), dtype=np.int64, count=len(d))
+        order = np.argsort(ks)
+        return ks[order], vs[order]
+
+    def _slots(self, exposures) -> np.ndarray:
+        """Slot of each exposure (−1: unknown), vectorised."""
+        if self._idx is None:
+            self._idx = self._sorted_index(self._slot)
+        return self._find(self._idx, exposures)
+
+    def _vslots(self, visits) -> np.ndarray:
+        """vsums row of each visit key (−1: none; key 0 means no visit)."""
+        if self._vidx is None:
+            self._vidx = self._sorted_index(self._vslot)
+        return self._find(self._vidx, visits)
+
+    def _visits_of(self, slots: np.ndarray) -> np.ndarray:
+        """Visit key of each slot (0 for −1)."""
+        return np.where(slots >= 0, self.visit[np.maximum(slots, 0)], 0)
 
     def _vslot_of(self, visit: int) -> int:
         s = self._vslot.get(visit)
@@ -219,6 +258,7 @@ class SiblingStore:
                 self.vsums = np.resize(self.vsums, (max(1024, 2 * len(self.vsums)), _NSUM))
         self.vsums[s] = 0
         self._vslot[visit] = s
+        self._vidx = None
         return s
 
     @staticmethod
@@ -248,6 +288,14 @@ class SiblingStore:
         ``quiet_chi2``. That judgement is made once per object and on its whole history, so
         no epoch is ever kept or dropped for its own value.
         """
+        # Every exposure the batch names gets its slot first (one look-up pass for the batch).
+        exps = np.concatenate([a.lightcurve.exposure for a in alerts]) if len(alerts) else np.zeros(0, np.int64)
+        new = np.unique(exps[exps >= 0])
+        new = new[self._slots(new) < 0]
+        if len(new):
+            self._zp_median = None  # new exposures: the per-group reference changes
+            for e in new.tolist():
+                self._slot_of(e)
         pending = []
         for a in alerts:
             cand = self._ingest_one(a)
@@ -273,10 +321,7 @@ class SiblingStore:
         # Image-level metadata from every row that names an exposure (first seen wins).
         ok = lc.exposure >= 0
         if ok.any():
-            n_before = len(self._slot)
-            slots = np.array([self._slot_of(int(e)) for e in lc.exposure[ok]])
-            if len(self._slot) != n_before:
-                self._zp_median = {}  # new exposures: the per-group reference changes
+            slots = self._slots(lc.exposure[ok])  # all known: ingest() made them
             rows = np.column_stack([lc.mjd[ok], lc.zp[ok], lc.zp_rms[ok], lc.colour_coeff[ok], lc.limit_mag[ok],
                                     lc.seeing[ok], lc.background[ok]])
             m = self.meta[slots]
@@ -290,8 +335,10 @@ class SiblingStore:
             # Visit: all sections exposed at the same second in the same band (ZTF quadrants of one
             # exposure; Rubin detectors of one visit).
             vk = (np.rint(lc.mjd[ok] * 86400.0).astype(np.int64) << 8) ^ band | (1 << 62)
-            for e, v in zip(lc.exposure[ok].tolist(), vk.tolist(), strict=True):
-                self._visit_of.setdefault(e, v)
+            unset = self.visit[slots] == 0
+            if unset.any():  # first seen wins (the first row of each exposure)
+                su, first_row = np.unique(slots[unset], return_index=True)
+                self.visit[su] = vk[unset][first_row]
         # The current detection's FWHM: the exposure's seeing for the *other* alerts (R3, R4).
         if np.isfinite(a.context.fwhm) and a.exposure >= 0:
             self._fwhm.setdefault(a.exposure, {})[obj] = a.context.fwhm
@@ -337,12 +384,14 @@ class SiblingStore:
         if not len(exps):
             return
         exp_list = exps.tolist()
-        slots = [self._slot_of(e) for e in exp_list]  # (may grow self.sums: look it up afterwards)
+        slots = self._slots(exps)  # every row's exposure has a slot (ingested with its light curve)
         self.sums[slots] += contrib  # exposures are unique here
-        vks = np.array([self._visit_of.get(e, 0) for e in exp_list], dtype=np.int64)
+        vks = self._visits_of(slots)
         hv = vks != 0
         if hv.any():
-            vslots = [self._vslot_of(v) for v in vks[hv].tolist()]
+            vslots = self._vslots(vks[hv])
+            for i in np.flatnonzero(vslots < 0):
+                vslots[i] = self._vslot_of(int(vks[hv][i]))
             np.add.at(self.vsums, vslots, contrib[hv])  # one object may have two exposures in a visit
             self._visit_rows += int(hv.sum())
         for e in exp_list:
@@ -355,6 +404,7 @@ class SiblingStore:
             contrib = np.concatenate([self._obj_sums[obj], contrib])[order]
             vks = np.concatenate([self._obj_vks[obj], vks])[order]
         self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj] = exps, contrib, vks
+        self._obj_visits.pop(obj, None)
 
     def _judge(self, pending) -> None:
         """Accept quiet long-lived sources as siblings (once per object, on the whole history)."""
@@ -388,14 +438,14 @@ class SiblingStore:
         old = [e for e, s in self._slot.items() if self.meta[s, 0] < cutoff]
         if not old:
             return 0
-        self._zp_median = {}
+        self._zp_median = None
         affected: dict[int, None] = {}  # objects with rows in evicted exposures (insertion-ordered)
         for e in old:
             self._free.append(self._slot.pop(e))
-            self._visit_of.pop(e, None)
             affected.update(dict.fromkeys(self._exp_objects.pop(e, ())))
             self._fwhm.pop(e, None)
             self._fwhm_median.pop(e, None)
+        self._idx = None
         old_arr = np.array(old, dtype=np.int64)
         touched = set()
         for obj in affected:
@@ -407,6 +457,7 @@ class SiblingStore:
                 touched.update(vks[hv].tolist())
                 self._visit_rows -= int(hv.sum())
             self._n_rows -= int(gone.sum())
+            self._obj_visits.pop(obj, None)
             if gone.all():
                 del self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj]
             else:
@@ -419,6 +470,7 @@ class SiblingStore:
             if not self.vsums[s].any():
                 del self._vslot[v]
                 self._vfree.append(s)
+                self._vidx = None
         return len(old)
 
     # -- queries ------------------------------------------------------------
@@ -449,16 +501,14 @@ class SiblingStore:
 
         When it does not, :meth:`sibling_vector` would give ``n = 0`` everywhere (R1 only takes
         rows away), so callers skip it: on surveys or fields without forced photometry of
-        quiet sources that is every alert, and the check costs a few dictionary look-ups.
+        quiet sources that is every alert, and the check costs two look-ups.
         """
-        for e in set(np.asarray(exposures).tolist()):
-            s = self._slot.get(e)
-            if s is not None and self.sums[s, _COUNT] > 0:
-                return True
-            v = self._vslot.get(self._visit_of.get(e, 0))
-            if v is not None and self.vsums[v, _COUNT] > 0:
-                return True
-        return False
+        slots = self._slots(exposures)
+        known = slots[slots >= 0]
+        if (self.sums[known, _COUNT] > 0).any():
+            return True
+        vsl = self._vslots(self.visit[known])
+        return bool((self.vsums[vsl[vsl >= 0], _COUNT] > 0).any())
 
     def _take_out(self, sums: np.ndarray, exposures: np.ndarray, exclude) -> None:
         """Subtract the excluded objects' own rows from per-exposure ``sums`` (aligned with ``exposures``)."""
@@ -474,17 +524,26 @@ class SiblingStore:
     def _take_out_visits(self, vsums: np.ndarray, vks: np.ndarray, exclude) -> None:
         """The same for per-visit sums: each excluded object's rows summed per visit (``vks`` 0: none)."""
         for o in exclude:
-            held = self._obj_vks.get(o)
-            if held is None:
+            cached = self._obj_visits.get(o)
+            if cached is not None:
+                uv, per_visit = cached
+            else:
+                held = self._obj_vks.get(o)
+                if held is None:
+                    continue
+                uv, per_visit = held, self._obj_sums[o]
+                mine = held != 0
+                if not mine.all():
+                    uv, per_visit = uv[mine], per_visit[mine]
+                # Rows are sorted by exposure, which is nearly always time (= visit) order; where it
+                # is not, the rows are summed per visit once and kept until the object's rows change.
+                if len(uv) > 1 and not (uv[1:] > uv[:-1]).all():
+                    uv, inv = np.unique(uv, return_inverse=True)
+                    summed = np.zeros((len(uv), _NSUM), dtype=np.int64)
+                    np.add.at(summed, inv, per_visit)
+                    uv, per_visit = self._obj_visits[o] = (uv, summed)
+            if not len(uv):
                 continue
-            mine = held != 0
-            if not mine.any():
-                continue
-            uv, per_visit = held[mine], self._obj_sums[o][mine]
-            if len(uv) > 1 and not (uv[1:] > uv[:-1]).all():  # rows are sorted by exposure, which is
-                uv, inv = np.unique(uv, return_inverse=True)  # nearly always time order (= visit order)
-                per_visit = np.zeros((len(uv), _NSUM), dtype=np.int64)
-                np.add.at(per_visit, inv, self._obj_sums[o][mine])
             pos = np.minimum(np.searchsorted(uv, vks), len(uv) - 1)
             hit = (uv[pos] == vks) & (vks != 0)
             if hit.any():
@@ -506,7 +565,7 @@ class SiblingStore:
         """
         exposures = np.asarray(exposures, dtype=np.int64)
         exp_list = exposures.tolist()
-        slots = np.array([self._slot.get(e, -1) for e in exp_list], dtype=np.int64)
+        slots = self._slots(exposures)
         have = slots >= 0
         sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
         sums[have] = self.sums[slots[have]]
@@ -516,8 +575,8 @@ class SiblingStore:
         # at the same time shares the exposure's zero point, seeing and colour terms): a
         # precision-weighted blend, so a well-populated section keeps its own estimate.
         if self._visit_rows:
-            vks = np.array([self._visit_of.get(e, 0) for e in exp_list], dtype=np.int64)
-            vsl = np.array([self._vslot.get(v, -1) for v in vks.tolist()], dtype=np.int64)
+            vks = self._visits_of(slots)
+            vsl = self._vslots(vks)
             vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
             vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
             self._take_out_visits(vsums, np.where(vsl >= 0, vks, 0), exclude)
@@ -553,7 +612,7 @@ class SiblingStore:
 
     def _zp_anomaly(self, exposures, slots, zp) -> np.ndarray:
         """Zero point minus the median of its (field, chip, band) over the stored exposures."""
-        if self._zp_median is None or not self._zp_median:
+        if self._zp_median is None:
             # Recomputed in one pass whenever exposures were added or evicted.
             import pandas as pd
 
@@ -562,10 +621,15 @@ class SiblingStore:
             z = z[np.isfinite(z.to_numpy())]
             g = z.groupby(level=0)
             med = g.median()[g.size() >= 3]
-            self._zp_median = dict(zip(med.index.tolist(), med.to_numpy().tolist(), strict=True)) or {0: np.nan}
+            order = np.argsort(med.index.to_numpy(dtype=np.int64))
+            self._zp_median = (med.index.to_numpy(dtype=np.int64)[order], med.to_numpy(dtype=float)[order])
+        groups, medians = self._zp_median
         ok = slots >= 0
         out = np.full(len(exposures), np.nan)
-        out[ok] = zp[ok] - np.array([self._zp_median.get(int(g), np.nan) for g in self.group[slots[ok]]])
+        if len(groups):
+            g = self.group[slots[ok]]
+            pos = np.minimum(np.searchsorted(groups, g), len(groups) - 1)
+            out[ok] = zp[ok] - np.where(groups[pos] == g, medians[pos], np.nan)
         return out
 
 
