@@ -690,17 +690,18 @@ class HalfSiblingRegressor(BaseEstimator):
         dcol = colour - _COLOUR0 if np.isfinite(colour) else 0.0
         seeing = sib["seeing"]
         med_seeing = np.nanmedian(seeing) if np.isfinite(seeing).any() else np.nan
-        cols = {
-            "a": sib["a"],
-            "sF": sib["s"] * F + sib["c"] * F * dcol,  # the siblings' scale at the target's colour
-            "zpF": sib["zp_anom"] * F,
-            "seeingF": (seeing / med_seeing - 1.0) * F,
-            "airmassF": (airmass_ - 1.0) * F,
-            "zprmsF": sib["zp_rms"] * F,
-            "colourF": sib["colour_coeff"] * F,
-        }
-        return {k: np.nan_to_num(np.asarray(v, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
-                for k, v in cols.items()}
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            cols = np.array([
+                sib["a"],
+                sib["s"] * F + sib["c"] * F * dcol,  # the siblings' scale at the target's colour
+                sib["zp_anom"] * F,
+                (seeing / med_seeing - 1.0) * F,
+                (airmass_ - 1.0) * F,
+                sib["zp_rms"] * F,
+                sib["colour_coeff"] * F,
+            ], dtype=float)
+        cols = np.nan_to_num(cols, nan=0.0, posinf=0.0, neginf=0.0)  # one pass for all terms
+        return dict(zip(FULL_TERMS, cols, strict=True))
 
     def fit(self, X: np.ndarray, y: np.ndarray, sample_weight=None, prior=None, groups=None, prior_scale=None):
         """Bayesian ridge toward ``prior`` on standardised columns, with per-group (band) intercepts.
