@@ -386,15 +386,6 @@ def _check_mjd(mjd, ids):
     return mjd
 
 
-def _arr(rows, key) -> np.ndarray:
-    """Column ``key`` of a list of records as floats (None → NaN)."""
-    return np.array([r.get(key) for r in rows], dtype=float)
-
-
-def _iarr(rows, key) -> np.ndarray:
-    return np.array([-1 if r.get(key) is None else r[key] for r in rows], dtype=np.int64)
-
-
 _INT_COLS = ("exposure", "field", "chip")
 
 
@@ -437,10 +428,6 @@ class _Rows:
 
 
 _BAND_ARRAY = np.array(["?", "g", "r", "i"], dtype="<U2")
-
-
-def _ztf_bands(fid: np.ndarray) -> np.ndarray:
-    return _BAND_ARRAY[np.where((fid >= 1) & (fid <= 3), fid, 0)]
 
 
 # ZTF light curves are assembled as one float matrix (a row per LightCurve column, band and
