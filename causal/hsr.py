@@ -105,6 +105,20 @@ def _solve(sums: np.ndarray):
     return coef, n
 
 
+def _in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_keys)`` for a sorted key array, by binary search (O(n log m))."""
+    if not len(sorted_keys):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return sorted_keys[pos] == values
+
+
+def _seeing_ratio(seeing: np.ndarray) -> np.ndarray:
+    """Seeing over the median seeing of the light curve's exposures, minus one (NaN if none known)."""
+    med = np.nanmedian(seeing) if np.isfinite(seeing).any() else np.nan
+    return seeing / med - 1.0
+
+
 def source_colour(lc) -> float:
     """g − r of the reference-image source from its reference fluxes (NaN if not both bands)."""
     out = []
@@ -379,7 +393,7 @@ class SiblingStore:
         contrib = contrib[first]
         held = self._obj_exps.get(obj)
         if held is not None:
-            new = ~np.isin(exps, held)
+            new = ~_in_sorted(exps, held)
             exps, contrib = exps[new], contrib[new]
         if not len(exps):
             return
@@ -446,10 +460,10 @@ class SiblingStore:
             self._fwhm.pop(e, None)
             self._fwhm_median.pop(e, None)
         self._idx = None
-        old_arr = np.array(old, dtype=np.int64)
+        old_arr = np.sort(np.array(old, dtype=np.int64))
         touched = set()
         for obj in affected:
-            gone = np.isin(self._obj_exps[obj], old_arr)
+            gone = _in_sorted(self._obj_exps[obj], old_arr)
             vks, contrib = self._obj_vks[obj][gone], self._obj_sums[obj][gone]
             hv = vks != 0
             if hv.any():
@@ -564,7 +578,6 @@ class SiblingStore:
         ``zp_rms``, ``colour_coeff``, ``seeing``, ``background``, ``limit_mag``, ``mjd``.
         """
         exposures = np.asarray(exposures, dtype=np.int64)
-        exp_list = exposures.tolist()
         slots = self._slots(exposures)
         have = slots >= 0
         sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
@@ -585,10 +598,16 @@ class SiblingStore:
             use = vn >= MIN_SIB_COLOUR
             coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
             n = np.where(use, np.maximum(n, vn), n)
-        a, s, c = coef[:, 0], coef[:, 1], coef[:, 2]
+        core = {"a": coef[:, 0], "s": coef[:, 1], "c": coef[:, 2], "n": n.astype(int)}
+        return _SiblingVector(core, lambda: self._extras(exposures, slots, exclude))
+
+    def _extras(self, exposures, slots, exclude) -> dict:
+        """Image-level columns of a sibling vector: metadata, leave-one-out seeing, ZP anomaly."""
+        exp_list = exposures.tolist()
+        have = slots >= 0
         meta = np.full((len(exposures), len(self._META)), np.nan)
         meta[have] = self.meta[slots[have]]
-        out = {"a": a, "s": s, "c": c, "n": n.astype(int)}
+        out = {}
         for k, name in enumerate(self._META):
             out[name] = meta[:, k]
         # Current-exposure seeing from other alerts' FWHM, leave-one-out (R1, R3, R4).
@@ -631,6 +650,26 @@ class SiblingStore:
             pos = np.minimum(np.searchsorted(groups, g), len(groups) - 1)
             out[ok] = zp[ok] - np.where(groups[pos] == g, medians[pos], np.nan)
         return out
+
+
+class _SiblingVector(dict):
+    """A sibling vector whose image-level columns are computed on first use.
+
+    Only full fits read them (reduced and prior-only corrections need ``a``, ``s``, ``c``,
+    ``n``), so most alerts never pay for them. They are computed from the store as it is
+    at that moment: use the vector before ingesting more.
+    """
+
+    def __init__(self, core: dict, extras):
+        super().__init__(core)
+        self._extras = extras
+
+    def __missing__(self, key):
+        if self._extras is None:
+            raise KeyError(key)
+        extras, self._extras = self._extras(), None
+        self.update(extras)
+        return self[key]
 
 
 @dataclass(frozen=True)
@@ -685,23 +724,28 @@ class HalfSiblingRegressor(BaseEstimator):
 
     # The design: one column per term, plus per-band intercepts.
     @staticmethod
-    def design(sib: dict, F_target, airmass_: np.ndarray, colour: float = np.nan) -> dict:
+    def design(sib: dict, F_target, airmass_, colour: float = np.nan, terms=FULL_TERMS) -> dict:
+        """The sibling terms ``terms`` (a subset of :data:`FULL_TERMS`) for a target's rows.
+
+        ``airmass_`` is an array, or a callable giving it, evaluated only if ``airmassF``
+        is asked for; the image-level columns of ``sib`` are likewise read only for the
+        full terms.
+        """
         F = np.where(np.isfinite(F_target) & (np.asarray(F_target) > 0), F_target, 0.0)
         dcol = colour - _COLOUR0 if np.isfinite(colour) else 0.0
-        seeing = sib["seeing"]
-        med_seeing = np.nanmedian(seeing) if np.isfinite(seeing).any() else np.nan
+        make = {
+            "a": lambda: sib["a"],
+            "sF": lambda: sib["s"] * F + sib["c"] * F * dcol,  # the siblings' scale at the target's colour
+            "zpF": lambda: sib["zp_anom"] * F,
+            "seeingF": lambda: _seeing_ratio(sib["seeing"]) * F,
+            "airmassF": lambda: ((airmass_() if callable(airmass_) else airmass_) - 1.0) * F,
+            "zprmsF": lambda: sib["zp_rms"] * F,
+            "colourF": lambda: sib["colour_coeff"] * F,
+        }
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            cols = np.array([
-                sib["a"],
-                sib["s"] * F + sib["c"] * F * dcol,  # the siblings' scale at the target's colour
-                sib["zp_anom"] * F,
-                (seeing / med_seeing - 1.0) * F,
-                (airmass_ - 1.0) * F,
-                sib["zp_rms"] * F,
-                sib["colour_coeff"] * F,
-            ], dtype=float)
+            cols = np.array([make[t]() for t in terms], dtype=float)
         cols = np.nan_to_num(cols, nan=0.0, posinf=0.0, neginf=0.0)  # one pass for all terms
-        return dict(zip(FULL_TERMS, cols, strict=True))
+        return dict(zip(terms, cols, strict=True))
 
     def fit(self, X: np.ndarray, y: np.ndarray, sample_weight=None, prior=None, groups=None, prior_scale=None):
         """Bayesian ridge toward ``prior`` on standardised columns, with per-group (band) intercepts.
@@ -785,8 +829,6 @@ class HalfSiblingRegressor(BaseEstimator):
             sel = lc.band == b
             v = lc.ref_flux[sel & np.isfinite(lc.ref_flux)]
             F[sel] = float(np.median(v)) if len(v) else 0.0
-        cols = self.design(sib, F, airmass(np.full(len(lc), ra), np.full(len(lc), dec), lc.mjd, survey),
-                           source_colour(lc))
         n_train = int(train.sum())
         p_full = len(FULL_TERMS) + len(np.unique(lc.band[train])) if n_train else len(FULL_TERMS)
         if n_train >= max(self.full_factor * p_full, self.min_points_reduced):
@@ -795,6 +837,8 @@ class HalfSiblingRegressor(BaseEstimator):
             mode, terms = "reduced", REDUCED_TERMS
         else:
             mode, terms = "prior", REDUCED_TERMS
+        cols = self.design(sib, F, lambda: airmass(np.full(len(lc), ra), np.full(len(lc), dec), lc.mjd, survey),
+                           source_colour(lc), terms)
         X = np.column_stack([cols[t] for t in terms])
         prior = np.array([PRIOR.get(t, 0.0) for t in terms])
         sys_ = np.zeros(len(lc))
