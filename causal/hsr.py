@@ -105,6 +105,32 @@ def _solve(sums: np.ndarray):
     return coef, n
 
 
+def _sum_by_key(keys: np.ndarray, rows: np.ndarray):
+    """Sorted unique ``keys`` and the sum of ``rows`` for each (exact: integers)."""
+    uk, inv = np.unique(keys, return_inverse=True)
+    out = np.zeros((len(uk), rows.shape[1]), dtype=rows.dtype)
+    np.add.at(out, inv, rows)
+    return uk, out
+
+
+def _subtract_rows(sums: np.ndarray, targets: np.ndarray, keys: list, rows: list) -> None:
+    """``sums[i] -= Σ rows[k][j]`` over every object k and its row j with ``keys[k][j] == targets[i]``.
+
+    Each object's keys are sorted and unique; several objects are merged (summed per key)
+    first, so the cost does not grow with the number of excluded objects.
+    """
+    if len(keys) == 1:
+        k, r = keys[0], rows[0]
+    else:
+        k, r = _sum_by_key(np.concatenate(keys), np.concatenate(rows))
+    if not len(k):
+        return
+    pos = np.minimum(np.searchsorted(k, targets), len(k) - 1)
+    hit = k[pos] == targets
+    if hit.any():
+        sums[hit] -= r[pos[hit]]
+
+
 def _in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     """``np.isin(values, sorted_keys)`` for a sorted key array, by binary search (O(n log m))."""
     if not len(sorted_keys):
@@ -526,17 +552,13 @@ class SiblingStore:
 
     def _take_out(self, sums: np.ndarray, exposures: np.ndarray, exclude) -> None:
         """Subtract the excluded objects' own rows from per-exposure ``sums`` (aligned with ``exposures``)."""
-        for o in exclude:
-            held = self._obj_exps.get(o)
-            if held is None:
-                continue
-            pos = np.minimum(np.searchsorted(held, exposures), len(held) - 1)
-            hit = held[pos] == exposures
-            if hit.any():
-                sums[hit] -= self._obj_sums[o][pos[hit]]
+        held = [o for o in exclude if o in self._obj_exps]
+        if held:
+            _subtract_rows(sums, exposures, [self._obj_exps[o] for o in held], [self._obj_sums[o] for o in held])
 
     def _take_out_visits(self, vsums: np.ndarray, vks: np.ndarray, exclude) -> None:
         """The same for per-visit sums: each excluded object's rows summed per visit (``vks`` 0: none)."""
+        keys, rows = [], []
         for o in exclude:
             cached = self._obj_visits.get(o)
             if cached is not None:
@@ -552,16 +574,11 @@ class SiblingStore:
                 # Rows are sorted by exposure, which is nearly always time (= visit) order; where it
                 # is not, the rows are summed per visit once and kept until the object's rows change.
                 if len(uv) > 1 and not (uv[1:] > uv[:-1]).all():
-                    uv, inv = np.unique(uv, return_inverse=True)
-                    summed = np.zeros((len(uv), _NSUM), dtype=np.int64)
-                    np.add.at(summed, inv, per_visit)
-                    uv, per_visit = self._obj_visits[o] = (uv, summed)
-            if not len(uv):
-                continue
-            pos = np.minimum(np.searchsorted(uv, vks), len(uv) - 1)
-            hit = (uv[pos] == vks) & (vks != 0)
-            if hit.any():
-                vsums[hit] -= per_visit[pos[hit]]
+                    uv, per_visit = self._obj_visits[o] = _sum_by_key(uv, per_visit)
+            keys.append(uv)
+            rows.append(per_visit)
+        if keys:
+            _subtract_rows(vsums, np.where(vks != 0, vks, -1), keys, rows)
 
     def sibling_vector(self, exposures, exclude=()) -> dict:
         """Leave-one-out sibling statistics for a target's exposures (R1).
