@@ -608,9 +608,9 @@ RSS_SPAN_DAYS = 90.0
 def rss_run(n: int, chunk: int, hsr: bool, cap_s: float, seed: int = 1000) -> dict:
     """Replay ``n`` simulated alerts in a fresh process and report its memory (see ``rss_worker_main``)."""
     me = [sys.executable, str(Path(__file__).resolve())]
-    step = RSS_SPAN_DAYS / max(1, -(-n // chunk) - 1)
+    step = float(max(1, round(RSS_SPAN_DAYS / max(1, -(-n // chunk) - 1))))  # whole days: 0h UT starts
     gen = subprocess.Popen(me + ["--_sim-gen", "--n", str(n), "--chunk", str(chunk), "--seed", str(seed),
-                                 "--step-days", f"{step:.3f}"], stdout=subprocess.PIPE, cwd=ROOT)
+                                 "--step-days", f"{step:.0f}"], stdout=subprocess.PIPE, cwd=ROOT)
     every = max(1, n // BATCH // 40)
     work = subprocess.Popen(me + ["--_rss-worker", "--sample-every", str(every), "--n", str(n), "--cap-s", str(cap_s)]
                             + (["--hsr"] if hsr else []),

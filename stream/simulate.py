@@ -316,6 +316,9 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
     -------
     SimResult
     """
+    if abs((start_jd - 0.5) - round(start_jd - 0.5)) > 1e-9:
+        # The night windows are laid out from 0h UT; another start would put them in daylight.
+        raise ValueError(f"start_jd={start_jd}: must be 0h UT of a day (a JD ending in .5)")
     cfg = SimConfig(seed=int(seed), nights=nights, fields=fields, quadrants=quadrants, mode=mode,
                     n_alerts=n_alerts, history_days=history_days, start_jd=start_jd, sys_scale=sys_scale)
     result = _run(cfg)
@@ -1252,6 +1255,8 @@ def _run(cfg: SimConfig) -> SimResult:
         total = sum(len(q.alert_rows()) for q in quads)
         if not cfg.n_alerts or total >= cfg.n_alerts:
             break
+        if total == 0:  # growing the survey cannot help (and would not stay bounded)
+            raise ValueError(f"the survey produced no alerts to reach n_alerts={cfg.n_alerts}")
         # The rate table is only a guess (weather, seeds): grow the survey and redo, deterministically.
         boost *= 1.2 * cfg.n_alerts / max(total, 1)
     truth = pd.concat([q.truth(q.alert_rows()) for q in quads], ignore_index=True)

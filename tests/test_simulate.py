@@ -265,3 +265,9 @@ def test_n_alerts_cut_is_exact():
     res = simulate(2, nights=1, mode="sparse", n_alerts=150)
     assert len(res.truth) == 150 == sum(1 for _ in res.alerts())
     assert res.truth["jd"].is_monotonic_increasing
+
+
+def test_start_must_be_0h_ut():
+    """A start JD that is not 0h UT would put the night windows in daylight: refused, not looped on."""
+    with pytest.raises(ValueError, match="0h UT"):
+        simulate(2, nights=1, mode="sparse", n_alerts=10, start_jd=2460209.97)
