@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import operator
 import re
 import struct
 from pathlib import Path
@@ -441,7 +442,12 @@ _ZTF_FP = _ZTF_META + ("forcediffimflux", "forcediffimfluxunc", "sciinpseeing", 
 
 def _ztf_values(rows, keys) -> np.ndarray:
     """``keys`` of ZTF history records as a (len(keys), n) float matrix (None → NaN)."""
-    return np.array([[r.get(k) for k in keys] for r in rows], dtype=float).reshape(len(rows), len(keys)).T
+    try:  # every field present (the schema has them all): one C-level getter per record
+        get = operator.itemgetter(*keys)
+        vals = [get(r) for r in rows]
+    except KeyError:  # an older schema without some of them
+        vals = [[r.get(k) for k in keys] for r in rows]
+    return np.array(vals, dtype=float).reshape(len(rows), len(keys)).T
 
 
 def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
