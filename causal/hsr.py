@@ -198,6 +198,7 @@ class SiblingStore:
         self._fwhm: dict[int, dict[int, float]] = {}  # exposure → object → fwhm of its alert there (R4)
         self._fwhm_median: dict[int, float] = {}
         self._first_det: dict[int, float] = {}  # object → earliest known detection (MJD)
+        self._last_seen: dict[int, float] = {}  # object → time of its latest alert (for eviction)
         self._pos: dict[int, tuple[float, float]] = {}
         self._cells: dict[tuple[int, int], set[int]] = {}
         self.newest_mjd = -np.inf
@@ -354,6 +355,7 @@ class SiblingStore:
         if obj in self._first_det:
             first = min(first, self._first_det[obj])
         self._first_det[obj] = first
+        self._last_seen[obj] = max(self._last_seen.get(obj, -np.inf), float(a.mjd))
         if obj not in self._pos:
             self._pos[obj] = (a.ra, a.dec)
             self._cells.setdefault(self._cell(a.ra, a.dec), set()).add(obj)
@@ -472,11 +474,12 @@ class SiblingStore:
                 self._add_rows(obj, exps, f, F, err, colour)
 
     def evict(self) -> int:
-        """Forget exposures older than the retention window; returns how many."""
+        """Forget exposures older than the retention window, and objects not seen since; returns how many exposures."""
         self._since_evict = 0
         cutoff = self.newest_mjd - self.retention_days
         old = [e for e, s in self._slot.items() if self.meta[s, 0] < cutoff]
         if not old:
+            self._forget_objects(cutoff)
             return 0
         self._zp_median = None
         affected: dict[int, None] = {}  # objects with rows in evicted exposures (insertion-ordered)
@@ -511,7 +514,23 @@ class SiblingStore:
                 del self._vslot[v]
                 self._vfree.append(s)
                 self._vidx = None
+        self._forget_objects(cutoff)
         return len(old)
+
+    def _forget_objects(self, cutoff: float) -> None:
+        """Drop what is known of objects not seen since ``cutoff`` (their rows went with their exposures)."""
+        for obj in [o for o, t in self._last_seen.items() if t < cutoff and o not in self._obj_exps]:
+            del self._last_seen[obj]
+            self._first_det.pop(obj, None)
+            self._judged.pop(obj, None)
+            pos = self._pos.pop(obj, None)
+            if pos is not None:
+                cell = self._cell(*pos)
+                members = self._cells.get(cell)
+                if members is not None:
+                    members.discard(obj)
+                    if not members:
+                        del self._cells[cell]
 
     # -- queries ------------------------------------------------------------
 

@@ -171,3 +171,26 @@ def test_no_sibling_shortcut_equals_the_full_computation(sim):
     assert short.diagnostics == full.diagnostics
     h.store.ingest(alerts)
     assert h.store.has_siblings(target.lightcurve.exposure)
+
+
+def test_eviction_forgets_old_exposures_rows_and_objects():
+    """Past the retention window nothing of an earlier stretch is kept: exposures, rows, objects."""
+    dec = Decoder(keep_cutouts=False)
+
+    def alerts(seed, start):
+        res = simulate(seed, nights=1, quadrants=2, mode="sparse", n_alerts=150, start_jd=start)
+        return [dec.decode(e)[0] for e in res.envelopes()]
+
+    early, late = alerts(11, 2460200.5), alerts(12, 2460300.5)
+    store = SiblingStore(retention_days=45.0)
+    store.ingest(early)
+    n_obj = len(store._pos)
+    assert n_obj > 0 and store.n_rows > 0
+    early_ids = {_obj_hash(a.object_id) for a in early}
+    store.ingest(late)
+    store.evict()
+    assert store.newest_mjd - 45.0 > max(a.mjd for a in early)
+    kept = early_ids & (set(store._pos) | set(store._first_det) | set(store._obj_exps) | set(store._last_seen))
+    assert not kept - {_obj_hash(a.object_id) for a in late}
+    assert all(store.meta[s, 0] >= store.newest_mjd - 45.0 for s in store._slot.values())
+    assert sum(len(c) for c in store._cells.values()) == len(store._pos)
