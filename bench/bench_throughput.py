@@ -574,7 +574,7 @@ def rss_worker_main(args) -> int:
         def done(self, batch):
             state["batches"] += 1
             if state["batches"] % args.sample_every == 0:
-                samples.append((state["n"], _proc_status("VmRSS")))
+                samples.append((state["n"], _proc_status("VmRSS"), hsr.store.n_rows if hsr else 0))
 
         def close(self):
             pass
@@ -586,7 +586,7 @@ def rss_worker_main(args) -> int:
     dt = time.perf_counter() - t0
     (tmp / "a.jsonl").unlink()
     tmp.rmdir()
-    s = np.array(samples, dtype=float)
+    s = np.array([x[:2] for x in samples], dtype=float)
     late = s[s[:, 0] >= 0.5 * counts.read] if len(s) else s  # the second half: past the retention window
     slope = float(np.polyfit(late[:, 0], late[:, 1], 1)[0] * 1e4) if len(late) >= 3 else float("nan")
     res = {"read": counts.read, "annotated": counts.annotated, "alerts_per_s": counts.read / dt, "n": args.n,
@@ -697,6 +697,13 @@ def report(r: dict) -> str:
         add(f"5 memory [{key}]", "RSS start / end", f"{m['rss_start_mb']:,.0f} / {m['rss_end_mb']:,.0f} MB")
         add(f"5 memory [{key}]", f"RSS slope, second half ({RSS_SPAN_DAYS / 2:.0f}+ days in)",
             f"{m['rss_slope_mb_per_10k']:+.1f} MB / 10k alerts")
+        smp = m.get("samples") or []
+        if len(smp) >= 4:
+            at = [smp[min(len(smp) - 1, int(f * len(smp)))] for f in (0.5, 0.75)] + [smp[-1]]
+            add(f"5 memory [{key}]", "RSS at 50 % / 75 % / end of the replay",
+                " / ".join(f"{x[1]:,.0f}" for x in at) + " MB")
+            if m["hsr"]:
+                add(f"5 memory [{key}]", "sibling rows at 50 % / 75 % / end", " / ".join(f"{x[2]:,}" for x in at))
         add(f"5 memory [{key}]", "replay rate (generator on the other core)", f"{m['alerts_per_s']:,.0f} alerts/s")
         if m.get("store"):
             st = m["store"]
