@@ -496,9 +496,11 @@ class SiblingStore:
             vks, contrib = self._obj_vks[obj][gone], self._obj_sums[obj][gone]
             hv = vks != 0
             if hv.any():
-                np.subtract.at(self.vsums, [self._vslot[v] for v in vks[hv].tolist()], contrib[hv])
-                touched.update(vks[hv].tolist())
                 self._visit_rows -= int(hv.sum())
+                vsl = self._vslots(vks)
+                hv &= vsl >= 0  # a visit already forgotten held only all-zero rows (see _quantise)
+                np.subtract.at(self.vsums, vsl[hv], contrib[hv])
+                touched.update(vks[hv].tolist())
             self._n_rows -= int(gone.sum())
             self._obj_visits.pop(obj, None)
             if gone.all():
