@@ -123,20 +123,23 @@ def _subtract_rows(sums: np.ndarray, targets: np.ndarray, keys: list, rows: list
         k, r = keys[0], rows[0]
     else:
         k, r = _sum_by_key(np.concatenate(keys), np.concatenate(rows))
-    if not len(k):
-        return
-    pos = np.minimum(np.searchsorted(k, targets), len(k) - 1)
-    hit = k[pos] == targets
+    pos, hit = _locate(k, targets)
     if hit.any():
         sums[hit] -= r[pos[hit]]
 
 
+def _locate(sorted_keys: np.ndarray, values) -> tuple[np.ndarray, np.ndarray]:
+    """Binary search: for each value, a position in ``sorted_keys`` and whether the key there equals it."""
+    values = np.asarray(values)
+    if not len(sorted_keys):
+        return np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return pos, sorted_keys[pos] == values
+
+
 def _in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     """``np.isin(values, sorted_keys)`` for a sorted key array, by binary search (O(n log m))."""
-    if not len(sorted_keys):
-        return np.zeros(len(values), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
-    return sorted_keys[pos] == values
+    return _locate(sorted_keys, values)[1]
 
 
 def _seeing_ratio(seeing: np.ndarray) -> np.ndarray:
@@ -258,11 +261,8 @@ class SiblingStore:
     def _find(index, keys) -> np.ndarray:
         """Values of ``keys`` in a sorted (keys, values) index; −1 where absent."""
         ks, vs = index
-        keys = np.asarray(keys, dtype=np.int64)
-        if not len(ks):
-            return np.full(len(keys), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(ks, keys), len(ks) - 1)
-        return np.where(ks[pos] == keys, vs[pos], -1)
+        pos, hit = _locate(ks, np.asarray(keys, dtype=np.int64))
+        return np.where(hit, vs[pos], -1) if len(ks) else np.full(len(hit), -1, dtype=np.int64)
 
     @staticmethod
     def _sorted_index(d: dict):
@@ -684,9 +684,8 @@ class SiblingStore:
         ok = slots >= 0
         out = np.full(len(exposures), np.nan)
         if len(groups):
-            g = self.group[slots[ok]]
-            pos = np.minimum(np.searchsorted(groups, g), len(groups) - 1)
-            out[ok] = zp[ok] - np.where(groups[pos] == g, medians[pos], np.nan)
+            pos, hit = _locate(groups, self.group[slots[ok]])
+            out[ok] = zp[ok] - np.where(hit, medians[pos], np.nan)
         return out
 
 
