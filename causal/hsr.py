@@ -107,25 +107,12 @@ def _solve(sums: np.ndarray):
 
 def _sum_by_key(keys: np.ndarray, rows: np.ndarray):
     """Sorted unique ``keys`` and the sum of ``rows`` for each (exact: integers)."""
-    uk, inv = np.unique(keys, return_inverse=True)
-    out = np.zeros((len(uk), rows.shape[1]), dtype=rows.dtype)
-    np.add.at(out, inv, rows)
-    return uk, out
-
-
-def _subtract_rows(sums: np.ndarray, targets: np.ndarray, keys: list, rows: list) -> None:
-    """``sums[i] -= Σ rows[k][j]`` over every object k and its row j with ``keys[k][j] == targets[i]``.
-
-    Each object's keys are sorted and unique; several objects are merged (summed per key)
-    first, so the cost does not grow with the number of excluded objects.
-    """
-    if len(keys) == 1:
-        k, r = keys[0], rows[0]
-    else:
-        k, r = _sum_by_key(np.concatenate(keys), np.concatenate(rows))
-    pos, hit = _locate(k, targets)
-    if hit.any():
-        sums[hit] -= r[pos[hit]]
+    if not len(keys):
+        return keys, rows
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+    return k[start], np.add.reduceat(rows[order], start, axis=0)
 
 
 def _locate(sorted_keys: np.ndarray, values) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +127,15 @@ def _locate(sorted_keys: np.ndarray, values) -> tuple[np.ndarray, np.ndarray]:
 def _in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     """``np.isin(values, sorted_keys)`` for a sorted key array, by binary search (O(n log m))."""
     return _locate(sorted_keys, values)[1]
+
+
+def _group_medians(keys: np.ndarray, values: np.ndarray):
+    """Sorted unique ``keys`` and the median of ``values`` for each (as ``np.median`` computes it)."""
+    order = np.lexsort((values, keys))
+    k, v = keys[order], values[order]
+    start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+    count = np.diff(np.append(start, len(k)))
+    return k[start], (v[start + (count - 1) // 2] + v[start + count // 2]) / 2.0
 
 
 def _seeing_ratio(seeing: np.ndarray) -> np.ndarray:
@@ -195,7 +191,6 @@ class SiblingStore:
         self._obj_exps: dict[int, np.ndarray] = {}
         self._obj_sums: dict[int, np.ndarray] = {}
         self._obj_vks: dict[int, np.ndarray] = {}
-        self._obj_visits: dict[int, tuple] = {}  # object → (visits, summed rows), if not in visit order
         self._n_rows = 0
         self._exp_objects: dict[int, list[int]] = {}  # exposure → objects with a row there (for eviction)
         self._fwhm: dict[int, dict[int, float]] = {}  # exposure → object → fwhm of its alert there (R4)
@@ -234,28 +229,6 @@ class SiblingStore:
         arrays = sum(a.nbytes for d in (self._obj_exps, self._obj_sums, self._obj_vks) for a in d.values())
         return int(self.sums.nbytes + self.meta.nbytes + self.group.nbytes + self.vsums.nbytes + arrays
                    + 16 * self._n_rows + 400 * len(self._obj_exps) + 100 * len(self._pos))
-
-    def _slot_of(self, exposure: int) -> int:
-        s = self._slot.get(exposure)
-        if s is not None:
-            return s
-        if self._free:
-            s = self._free.pop()
-        else:
-            s = len(self._slot)
-            if s >= self._cap:
-                self._cap = max(1024, 2 * self._cap)
-                self.sums = np.resize(self.sums, (self._cap, _NSUM))
-                self.meta = np.resize(self.meta, (self._cap, len(self._META)))
-                self.group = np.resize(self.group, self._cap)
-                self.visit = np.resize(self.visit, self._cap)
-        self.sums[s] = 0
-        self.meta[s] = np.nan
-        self.group[s] = 0
-        self.visit[s] = 0
-        self._slot[exposure] = s
-        self._idx = None
-        return s
 
     @staticmethod
     def _find(index, keys) -> np.ndarray:
@@ -329,68 +302,135 @@ class SiblingStore:
         ``quiet_chi2``. That judgement is made once per object and on its whole history, so
         no epoch is ever kept or dropped for its own value.
         """
-        # Every exposure the batch names gets its slot first (one look-up pass for the batch).
-        exps = np.concatenate([a.lightcurve.exposure for a in alerts]) if len(alerts) else np.zeros(0, np.int64)
-        new = np.unique(exps[exps >= 0])
-        new = new[self._slots(new) < 0]
-        if len(new):
-            self._zp_median = None  # new exposures: the per-group reference changes
-            for e in new.tolist():
-                self._slot_of(e)
-        pending = []
-        for a in alerts:
-            cand = self._ingest_one(a)
-            if cand is not None:
-                pending.append(cand)
-        if pending:
-            self._judge(pending)
         self._since_evict += len(alerts)
+        lcs = [a.lightcurve for a in alerts]
+        lens = np.array([len(lc) for lc in lcs], dtype=np.int64)
+        if lens.sum():
+            self._ingest_batch(alerts, lcs, lens)
         if self._since_evict >= 2000:
             self.evict()
 
-    def _ingest_one(self, a) -> None:
-        lc, obj = a.lightcurve, _obj_hash(a.object_id)
-        det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
-        first = np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd))
-        if obj in self._first_det:
-            first = min(first, self._first_det[obj])
-        self._first_det[obj] = first
-        self._last_seen[obj] = max(self._last_seen.get(obj, -np.inf), float(a.mjd))
-        if obj not in self._pos:
-            self._pos[obj] = (a.ra, a.dec)
-            self._cells.setdefault(self._cell(a.ra, a.dec), set()).add(obj)
-        self.newest_mjd = max(self.newest_mjd, float(lc.mjd.max()))
-        # Image-level metadata from every row that names an exposure (first seen wins).
-        ok = lc.exposure >= 0
+    def _ingest_batch(self, alerts, lcs, lens) -> None:
+        """:meth:`ingest` on the concatenated rows of a batch (same state as alert by alert)."""
+        def cat(name):
+            return np.concatenate([getattr(lc, name) for lc in lcs])
+
+        exp, mjd, kind = cat("exposure"), cat("mjd"), cat("kind")
+        owner = np.repeat(np.arange(len(lcs), dtype=np.int64), lens)
+        ok = exp >= 0
+        # Every exposure the batch names gets its slot first.
+        new = np.unique(exp[ok])
+        self._new_slots(new[self._slots(new) < 0])
+        slots = np.full(len(exp), -1, dtype=np.int64)
+        slots[ok] = self._slots(exp[ok])
         if ok.any():
-            slots = self._slots(lc.exposure[ok])  # all known: ingest() made them
-            rows = np.column_stack([lc.mjd[ok], lc.zp[ok], lc.zp_rms[ok], lc.colour_coeff[ok], lc.limit_mag[ok],
-                                    lc.seeing[ok], lc.background[ok]])
-            m = self.meta[slots]
-            fill = np.isnan(m) & np.isfinite(rows)
-            m[fill] = rows[fill]
-            self.meta[slots] = m
-            band = np.array([ord(b[0]) if b else 0 for b in lc.band[ok]], dtype=np.int64)
-            grp = (lc.field[ok] << 24) ^ (lc.chip[ok] << 8) ^ band | (1 << 62)
-            unset = self.group[slots] == 0
-            self.group[slots[unset]] = grp[unset]
-            # Visit: all sections exposed at the same second in the same band (ZTF quadrants of one
-            # exposure; Rubin detectors of one visit).
-            vk = (np.rint(lc.mjd[ok] * 86400.0).astype(np.int64) << 8) ^ band | (1 << 62)
-            unset = self.visit[slots] == 0
-            if unset.any():  # first seen wins (the first row of each exposure)
-                su, first_row = np.unique(slots[unset], return_index=True)
-                self.visit[su] = vk[unset][first_row]
-        # The current detection's FWHM: the exposure's seeing for the *other* alerts (R3, R4).
-        if np.isfinite(a.context.fwhm) and a.exposure >= 0:
-            self._fwhm.setdefault(a.exposure, {})[obj] = a.context.fwhm
-            self._fwhm_median.pop(a.exposure, None)
+            self._fill_meta(lcs, owner[ok], slots[ok], ok, mjd[ok])
+        # Per light curve: first detection, time span (empty light curves are skipped).
+        full = lens > 0
+        starts = (np.cumsum(lens) - lens)[full]
+        det = (kind == DETECTION) | (kind == PREVIOUS)
+        first_lc = np.full(len(lcs), np.nan)
+        lo, hi = np.full(len(lcs), np.nan), np.full(len(lcs), np.nan)
+        first_lc[full] = np.fmin.reduceat(np.where(det, mjd, np.nan), starts)
+        lo[full], hi[full] = np.minimum.reduceat(mjd, starts), np.maximum.reduceat(mjd, starts)
+        firsts, objs = np.empty(len(lcs)), []
+        for k, a in enumerate(alerts):
+            obj = _obj_hash(a.object_id)
+            objs.append(obj)
+            ctx_first = a.context.first_det_mjd
+            first = float(np.fmin(first_lc[k], ctx_first))
+            if obj in self._first_det:
+                first = min(first, self._first_det[obj])
+            firsts[k] = self._first_det[obj] = first
+            self._last_seen[obj] = max(self._last_seen.get(obj, -np.inf), float(a.mjd))
+            if obj not in self._pos:
+                self._pos[obj] = (a.ra, a.dec)
+                self._cells.setdefault(self._cell(a.ra, a.dec), set()).add(obj)
+            # The current detection's FWHM: the exposure's seeing for the *other* alerts (R3, R4).
+            if np.isfinite(a.context.fwhm) and a.exposure >= 0:
+                self._fwhm.setdefault(a.exposure, {})[obj] = a.context.fwhm
+                self._fwhm_median.pop(a.exposure, None)
+        self.newest_mjd = max(self.newest_mjd, float(np.nanmax(np.append(hi, -np.inf))))
         # Sibling rows, chosen by time only (R2; see ingest).
-        usable = np.isfinite(lc.flux) & ok & (lc.flux_err > 0) & (lc.kind != NONDETECTION)
-        long_lived = first <= float(lc.mjd.min()) + self.quiet_margin_days
-        q = usable if long_lived else usable & (lc.kind == FORCED) & (lc.mjd < first - self.quiet_margin_days)
-        if q.sum() < 3 or (long_lived and self._judged.get(obj) is False):
-            return None
+        margin = self.quiet_margin_days
+        with np.errstate(invalid="ignore"):
+            usable = np.isfinite(cat("flux")) & ok & (cat("flux_err") > 0) & (kind != NONDETECTION)
+            long_lived = firsts <= lo + margin
+            q = usable & (long_lived[owner] | ((kind == FORCED) & (mjd < (firsts - margin)[owner])))
+        bounds = np.concatenate([[0], np.cumsum(lens)])
+        pending = []
+        for k in np.flatnonzero(np.bincount(owner[q], minlength=len(lcs)) >= 3).tolist():
+            if long_lived[k] and self._judged.get(objs[k]) is False:
+                continue
+            cand = self._sibling_rows(lcs[k], objs[k], q[bounds[k]:bounds[k + 1]])
+            if cand is None:
+                continue
+            if long_lived[k] and objs[k] not in self._judged:
+                pending.append(cand)  # judged with the rest of the batch
+            else:
+                self._add_rows(*cand)
+        if pending:
+            self._judge(pending)
+
+    def _new_slots(self, exposures: np.ndarray) -> None:
+        """Give each (new, sorted) exposure a slot: freed ones first, then fresh ones."""
+        if not len(exposures):
+            return
+        self._zp_median = None  # new exposures: the per-group reference changes
+        reuse = [self._free.pop() for _ in range(min(len(self._free), len(exposures)))]
+        top = len(self._slot) + len(reuse)  # in use plus free is always 0 .. top − 1
+        slots = np.array(reuse + list(range(top, top + len(exposures) - len(reuse))), dtype=np.int64)
+        need = int(slots.max()) + 1
+        if need > self._cap:
+            while need > self._cap:
+                self._cap = max(1024, 2 * self._cap)
+            self.sums = np.resize(self.sums, (self._cap, _NSUM))
+            self.meta = np.resize(self.meta, (self._cap, len(self._META)))
+            self.group = np.resize(self.group, self._cap)
+            self.visit = np.resize(self.visit, self._cap)
+        self.sums[slots] = 0
+        self.meta[slots] = np.nan
+        self.group[slots] = 0
+        self.visit[slots] = 0
+        self._slot.update(zip(exposures.tolist(), slots.tolist(), strict=True))
+        self._idx = None
+
+    def _fill_meta(self, lcs, owner, slots, ok, mjd) -> None:
+        """Image-level metadata, group and visit of each slot from the rows naming it (first seen wins).
+
+        Alert by alert, a slot takes the values of its *last* row in the first alert whose
+        row has them (each alert assigns its rows in one go); the same is done here for the
+        whole batch at once.
+        """
+        def cat(name):
+            return np.concatenate([getattr(lc, name) for lc in lcs])[ok]
+
+        rows = np.column_stack([mjd] + [cat(c) for c in self._META[1:]])
+        key = owner * self._cap + slots
+        _, from_end = np.unique(key[::-1], return_index=True)
+        last = np.sort(len(key) - 1 - from_end)  # the last row of each (alert, slot), in batch order
+        ls = slots[last]
+        for j in range(rows.shape[1]):
+            v = rows[last, j]
+            f = np.isfinite(v)
+            us, i = np.unique(ls[f], return_index=True)  # the first alert with a value
+            put = np.isnan(self.meta[us, j])
+            self.meta[us[put], j] = v[f][i][put]
+        ub, inv = np.unique(cat("band"), return_inverse=True)
+        band = np.array([ord(b[0]) if b else 0 for b in ub.tolist()], dtype=np.int64)[inv]
+        grp = (cat("field") << 24) ^ (cat("chip") << 8) ^ band | (1 << 62)
+        us, i = np.unique(ls, return_index=True)
+        put = self.group[us] == 0
+        self.group[us[put]] = grp[last][i][put]
+        # Visit: all sections exposed at the same second in the same band (ZTF quadrants of one
+        # exposure; Rubin detectors of one visit); the first row of each exposure.
+        vk = (np.rint(mjd * 86400.0).astype(np.int64) << 8) ^ band | (1 << 62)
+        us, i = np.unique(slots, return_index=True)
+        put = self.visit[us] == 0
+        self.visit[us[put]] = vk[i][put]
+
+    def _sibling_rows(self, lc, obj, q):
+        """The rows ``q`` of a light curve as sibling rows: forced photometry first, de-meaned per band."""
         # Forced photometry first, so that it wins over a detection of the same exposure (R5 dedup).
         idx = np.flatnonzero(q)
         idx = idx[np.argsort(lc.kind[idx] != FORCED, kind="stable")]
@@ -407,12 +447,8 @@ class SiblingStore:
         idx, f = idx[keep], f[keep]
         if not len(idx):
             return None
-        cand = (obj, lc.exposure[idx], f, np.nan_to_num(lc.ref_flux[idx], nan=0.0), lc.flux_err[idx],
+        return (obj, lc.exposure[idx], f, np.nan_to_num(lc.ref_flux[idx], nan=0.0), lc.flux_err[idx],
                 source_colour(lc))
-        if long_lived and obj not in self._judged:
-            return cand  # judged with the rest of the batch
-        self._add_rows(*cand)
-        return None
 
     def _add_rows(self, obj, exposures, f, F, err, colour) -> None:
         contrib = self._quantise(F, f, err, colour)
@@ -446,7 +482,6 @@ class SiblingStore:
             contrib = np.concatenate([self._obj_sums[obj], contrib])[order]
             vks = np.concatenate([self._obj_vks[obj], vks])[order]
         self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj] = exps, contrib, vks
-        self._obj_visits.pop(obj, None)
 
     def _judge(self, pending) -> None:
         """Accept quiet long-lived sources as siblings (once per object, on the whole history)."""
@@ -456,10 +491,23 @@ class SiblingStore:
                 if v == v:
                     by_exp.setdefault(e, []).append(v)
         batch_mode = {e: float(np.median(v)) for e, v in by_exp.items() if len(v) >= 3}
-        for obj, exps, f, F, err, colour in pending:
-            if self.has_siblings(exps):
-                sib = self.sibling_vector(exps, exclude=(obj,))
-            else:  # nothing stored for these exposures: n = 0 everywhere
+        # The objects are judged in turn, each against the store with the quiet ones before it
+        # added (judging all against the store before the batch does measurably worse: the first
+        # batches have little else to go on). Their vectors are built together up front, and rebuilt
+        # only for an object that shares an exposure or visit with one accepted earlier in the batch.
+        exps_all = [p[1] for p in pending]
+        todo = np.flatnonzero(self.with_siblings(exps_all)).tolist()
+        ahead = dict(zip(todo, self.sibling_vectors([exps_all[i] for i in todo], [(pending[i][0],) for i in todo]),
+                         strict=True))
+        changed_slots, changed_visits = set(), set()
+        for i, (obj, exps, f, F, err, colour) in enumerate(pending):
+            slots = self._slots(exps)
+            visits = self._visits_of(slots)
+            if changed_slots.isdisjoint(slots.tolist()) and changed_visits.isdisjoint(visits.tolist()):
+                sib = ahead.get(i)
+            else:
+                sib = self.sibling_vector(exps, exclude=(obj,)) if self.has_siblings(exps) else None
+            if sib is None:  # nothing stored for these exposures: n = 0 everywhere
                 sib = dict.fromkeys(("a", "s", "c"), np.zeros(len(exps))) | {"n": np.zeros(len(exps), dtype=int)}
             G = F * ((colour if np.isfinite(colour) else _COLOUR0) - _COLOUR0)
             known = sib["n"] >= MIN_SIB_SCALE
@@ -472,6 +520,8 @@ class SiblingStore:
             self._judged[obj] = quiet
             if quiet:
                 self._add_rows(obj, exps, f, F, err, colour)
+                changed_slots.update(slots.tolist())
+                changed_visits.update(visits[visits != 0].tolist())
 
     def evict(self) -> int:
         """Forget exposures older than the retention window, and objects not seen since; returns how many exposures."""
@@ -502,7 +552,6 @@ class SiblingStore:
                 np.subtract.at(self.vsums, vsl[hv], contrib[hv])
                 touched.update(vks[hv].tolist())
             self._n_rows -= int(gone.sum())
-            self._obj_visits.pop(obj, None)
             if gone.all():
                 del self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj]
             else:
@@ -564,42 +613,50 @@ class SiblingStore:
         rows away), so callers skip it: on surveys or fields without forced photometry of
         quiet sources that is every alert, and the check costs two look-ups.
         """
-        slots = self._slots(exposures)
-        known = slots[slots >= 0]
-        if (self.sums[known, _COUNT] > 0).any():
-            return True
-        vsl = self._vslots(self.visit[known])
-        return bool((self.vsums[vsl[vsl >= 0], _COUNT] > 0).any())
+        exposures = np.asarray(exposures, dtype=np.int64)
+        return bool(len(exposures)) and bool(self.with_siblings([exposures])[0])
 
-    def _take_out(self, sums: np.ndarray, exposures: np.ndarray, exclude) -> None:
-        """Subtract the excluded objects' own rows from per-exposure ``sums`` (aligned with ``exposures``)."""
-        held = [o for o in exclude if o in self._obj_exps]
-        if held:
-            _subtract_rows(sums, exposures, [self._obj_exps[o] for o in held], [self._obj_sums[o] for o in held])
+    def with_siblings(self, exposure_lists) -> np.ndarray:
+        """:meth:`has_siblings` for several light curves at once (one look-up pass)."""
+        lens = np.array([len(e) for e in exposure_lists], dtype=np.int64)
+        out = np.zeros(len(lens), dtype=bool)
+        if not lens.sum() or not self._slot:
+            return out
+        slots = self._slots(np.concatenate(exposure_lists))
+        flag = (slots >= 0) & (self.sums[np.maximum(slots, 0), _COUNT] > 0)
+        if self._vslot:
+            vsl = self._vslots(self._visits_of(slots))
+            flag |= (vsl >= 0) & (self.vsums[np.maximum(vsl, 0), _COUNT] > 0)
+        nonempty = lens > 0
+        out[nonempty] = np.logical_or.reduceat(flag, (np.cumsum(lens) - lens)[nonempty])
+        return out
 
-    def _take_out_visits(self, vsums: np.ndarray, vks: np.ndarray, exclude) -> None:
-        """The same for per-visit sums: each excluded object's rows summed per visit (``vks`` 0: none)."""
-        keys, rows = [], []
-        for o in exclude:
-            cached = self._obj_visits.get(o)
-            if cached is not None:
-                uv, per_visit = cached
-            else:
-                held = self._obj_vks.get(o)
-                if held is None:
-                    continue
-                uv, per_visit = held, self._obj_sums[o]
-                mine = held != 0
-                if not mine.all():
-                    uv, per_visit = uv[mine], per_visit[mine]
-                # Rows are sorted by exposure, which is nearly always time (= visit) order; where it
-                # is not, the rows are summed per visit once and kept until the object's rows change.
-                if len(uv) > 1 and not (uv[1:] > uv[:-1]).all():
-                    uv, per_visit = self._obj_visits[o] = _sum_by_key(uv, per_visit)
-            keys.append(uv)
-            rows.append(per_visit)
-        if keys:
-            _subtract_rows(vsums, np.where(vks != 0, vks, -1), keys, rows)
+    def _excluded_rows(self, held, rows_of, keys_of) -> tuple[list, list, list]:
+        """For each target k and each excluded object it holds: (k, the object's keys, its rows)."""
+        owners, keys, rows = [], [], []
+        for k, objs in enumerate(held):
+            for o in objs:
+                kk = keys_of(o)
+                owners.append(np.full(len(kk), k, dtype=np.int64))
+                keys.append(kk)
+                rows.append(rows_of(o))
+        return owners, keys, rows
+
+    @staticmethod
+    def _take_out(sums: np.ndarray, owner: np.ndarray, where: np.ndarray, owners, places, rows, width: int) -> None:
+        """R1 for many targets at once: ``sums[i] -= Σ`` the excluded rows of target ``owner[i]`` at ``where[i]``.
+
+        ``places`` are the excluded rows' store rows (slot or visit row, −1: none), ``width``
+        bounds them; each (target, place) pair is merged first, then matched by binary search.
+        """
+        if not owners:
+            return
+        place = np.concatenate(places)
+        ok = place >= 0
+        keys, merged = _sum_by_key((np.concatenate(owners) * width + place)[ok], np.concatenate(rows)[ok])
+        pos, hit = _locate(keys, np.where(where >= 0, owner * width + where, -1))
+        if hit.any():
+            sums[hit] -= merged[pos[hit]]
 
     def sibling_vector(self, exposures, exclude=()) -> dict:
         """Leave-one-out sibling statistics for a target's exposures (R1).
@@ -615,32 +672,47 @@ class SiblingStore:
         scale), ``c`` (colour scale, per mag of g − r), ``n`` (number of siblings), ``zp_anom``,
         ``zp_rms``, ``colour_coeff``, ``seeing``, ``background``, ``limit_mag``, ``mjd``.
         """
-        exposures = np.asarray(exposures, dtype=np.int64)
+        return self.sibling_vectors([exposures], [exclude])[0]
+
+    def sibling_vectors(self, exposure_lists, excludes) -> list:
+        """:meth:`sibling_vector` for many targets at once: one look-up, take-out and solve for all."""
+        lens = np.array([len(e) for e in exposure_lists], dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        exposures = (np.concatenate([np.asarray(e, dtype=np.int64) for e in exposure_lists]) if len(lens)
+                     else np.zeros(0, dtype=np.int64))
+        owner = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
         slots = self._slots(exposures)
         have = slots >= 0
         sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
         sums[have] = self.sums[slots[have]]
-        self._take_out(sums, exposures, exclude)  # R1: the excluded objects' own rows
+        held = [[o for o in dict.fromkeys(ex) if o in self._obj_exps] for ex in excludes]
+        owners, exps, rows = self._excluded_rows(held, self._obj_sums.__getitem__, self._obj_exps.__getitem__)
+        if owners:  # R1: the excluded objects' own rows (every held row's exposure has a slot)
+            self._take_out(sums, owner, slots, owners, [self._slots(np.concatenate(exps))], rows, self._cap)
         coef, n = _solve(sums)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
         # precision-weighted blend, so a well-populated section keeps its own estimate.
         if self._visit_rows:
-            vks = self._visits_of(slots)
-            vsl = self._vslots(vks)
+            vsl = self._vslots(self._visits_of(slots))
             vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
             vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
-            self._take_out_visits(vsums, np.where(vsl >= 0, vks, 0), exclude)
+            owners, vks, rows = self._excluded_rows(held, self._obj_sums.__getitem__, self._obj_vks.__getitem__)
+            if owners:  # rows without a visit (key 0) have no visit row: _vslots gives −1
+                self._take_out(vsums, owner, vsl, owners, [self._vslots(np.concatenate(vks))], rows, len(self.vsums))
             vcoef, vn = _solve(vsums)
             wt = (n / (n + VISIT_PRIOR_N))[:, None]
             use = vn >= MIN_SIB_COLOUR
             coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
             n = np.where(use, np.maximum(n, vn), n)
-        core = {"a": coef[:, 0], "s": coef[:, 1], "c": coef[:, 2], "n": n.astype(int)}
-        return _SiblingVector(core, lambda: self._extras(exposures, slots, exclude))
+        a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
+        extras = _Once(lambda: self._extras(exposures, slots, owner, excludes))
+        return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi]},
+                               lambda lo=lo, hi=hi: {k: v[lo:hi] for k, v in extras().items()})
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _extras(self, exposures, slots, exclude) -> dict:
-        """Image-level columns of a sibling vector: metadata, leave-one-out seeing, ZP anomaly."""
+    def _extras(self, exposures, slots, owner, excludes) -> dict:
+        """Image-level columns of sibling vectors: metadata, leave-one-out seeing, ZP anomaly."""
         exp_list = exposures.tolist()
         have = slots >= 0
         meta = np.full((len(exposures), len(self._META)), np.nan)
@@ -649,12 +721,16 @@ class SiblingStore:
         for k, name in enumerate(self._META):
             out[name] = meta[:, k]
         # Current-exposure seeing from other alerts' FWHM, leave-one-out (R1, R3, R4).
-        ex = set(exclude)
-        for i in np.flatnonzero(np.isnan(out["seeing"])):
+        sets = {}
+        for i in np.flatnonzero(np.isnan(out["seeing"])).tolist():
             e = exp_list[i]
             d = self._fwhm.get(e)
             if not d:
                 continue
+            k = int(owner[i])
+            ex = sets.get(k)
+            if ex is None:
+                ex = sets[k] = set(excludes[k])
             if ex.isdisjoint(d):  # the common case: the cached median is already leave-one-out
                 med = self._fwhm_median.get(e)
                 if med is None:
@@ -707,6 +783,18 @@ class _SiblingVector(dict):
         extras, self._extras = self._extras(), None
         self.update(extras)
         return self[key]
+
+
+class _Once:
+    """A computation run on first call and remembered (a batch's shared lazy columns)."""
+
+    def __init__(self, fn):
+        self._fn, self._value = fn, None
+
+    def __call__(self):
+        if self._fn is not None:
+            self._value, self._fn = self._fn(), None
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -903,12 +991,7 @@ class HalfSiblingRegressor(BaseEstimator):
         corrected = np.where(has, flux - sys_, np.nan)
         # What the correction could not remove shows up as excess scatter on the training
         # epochs; it is added in quadrature to the photometric error of every corrected point.
-        excess = 0.0
-        if n_train >= 5:
-            r = flux[train] - sys_[train]
-            for b in np.unique(lc.band[train]):
-                r[lc.band[train] == b] -= np.mean(r[lc.band[train] == b])
-            excess = max(float(np.mean(r**2) - np.mean(lc.flux_err[train] ** 2)), 0.0)
+        excess = self._excess(flux, sys_, lc.flux_err, lc.band, train) if n_train >= 5 else 0.0
         corrected_err = np.where(has, np.sqrt(lc.flux_err**2 + excess), np.nan)
         det = lc.kind == DETECTION
         diag = HSRDiagnostics(
@@ -918,6 +1001,102 @@ class HalfSiblingRegressor(BaseEstimator):
             flux_corrected=float(corrected[det][0]) if det.any() else None,
         )
         return TargetFit(corrected, corrected_err, sys_, diag, train)
+
+    def correct_many(self, lcs, sibs, now_mjd, first_det_mjd, n_siblings_now, ra, dec, survey) -> list[TargetFit]:
+        """:meth:`correct` for many light curves (arguments are sequences, one item per light curve).
+
+        Light curves with too few training epochs for a fit (``prior`` mode: most of a real
+        stream, and all those without siblings) are corrected together on their concatenated
+        rows, with the same arithmetic as :meth:`correct`; the others are fitted one by one.
+        """
+        lens = np.array([len(lc) for lc in lcs], dtype=np.int64)
+        out: list = [None] * len(lcs)
+        if not len(lcs) or not lens.all():  # an empty light curve: the single-target path says what is wrong
+            return [self.correct(*args) for args in zip(lcs, sibs, now_mjd, first_det_mjd, ra, dec, survey,
+                                                         n_siblings_now, strict=True)]
+
+        def cat(name):
+            return np.concatenate([getattr(lc, name) for lc in lcs])
+
+        def sib_col(name, dtype):
+            return np.concatenate([np.zeros(n, dtype=dtype) if v is None else v[name]
+                                   for v, n in zip(sibs, lens, strict=True)])
+
+        bounds = np.concatenate([[0], np.cumsum(lens)])
+        starts = bounds[:-1]
+        owner = np.repeat(np.arange(len(lcs)), lens)
+        flux, err, mjd, kind = cat("flux").astype(float), cat("flux_err"), cat("mjd"), cat("kind")
+        has = np.isfinite(flux) & (cat("exposure") >= 0) & (kind != NONDETECTION)
+        now, first = np.asarray(now_mjd, dtype=float), np.asarray(first_det_mjd, dtype=float)
+        with np.errstate(invalid="ignore"):
+            transient = np.isfinite(first) & (first > np.minimum.reduceat(mjd, starts) + self.pre_detection_days)
+        t_cut = np.where(transient, np.minimum(now - self.exclusion_days, first - self.pre_detection_days),
+                         now - self.exclusion_days)
+        n = sib_col("n", int)
+        known = n > 0
+        train = has & known & (mjd < t_cut[owner])
+        n_train = np.bincount(owner[train], minlength=len(lcs))
+        bands, bi = np.unique(cat("band"), return_inverse=True)
+        gkey = owner * len(bands) + bi
+        # Below min_points_reduced the mode is "prior" whatever the bands; above, a regression per target.
+        fitted = n_train >= self.min_points_reduced
+        for k in np.flatnonzero(fitted).tolist():
+            out[k] = self.correct(lcs[k], sibs[k], now_mjd[k], first_det_mjd[k], ra[k], dec[k], survey[k],
+                                  n_siblings_now[k])
+        if fitted.all():
+            return out
+        # The target's reference flux in each row's own band: the median per (target, band).
+        ref = cat("ref_flux")
+        fin = np.isfinite(ref)
+        gk, med = _group_medians(gkey[fin], ref[fin])
+        pos, hit = _locate(gk, gkey)
+        F = np.where(hit, med[pos] if len(gk) else 0.0, 0.0)
+        # g − r of the reference source from the same medians (as source_colour computes it).
+        colour = np.full(len(lcs), np.nan)
+        if "g" in bands and "r" in bands and len(gk):
+            ids = np.arange(len(lcs)) * len(bands)
+            (gp, gh), (rp, rh) = (_locate(gk, ids + np.searchsorted(bands, b)) for b in ("g", "r"))
+            both = gh & rh
+            for k, g, r in zip(np.flatnonzero(both).tolist(), med[gp[both]].tolist(), med[rp[both]].tolist(),
+                               strict=True):
+                colour[k] = float(-2.5 * np.log10(g / r)) if g > 0 and r > 0 else np.nan
+        dcol = np.where(np.isfinite(colour), colour - _COLOUR0, 0.0)
+        Fd = np.where(np.isfinite(F) & (F > 0), F, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            cols = np.array([sib_col("a", float), sib_col("s", float) * Fd + sib_col("c", float) * Fd * dcol[owner]])
+        cols = np.nan_to_num(cols, nan=0.0, posinf=0.0, neginf=0.0)
+        sys_ = np.where(known, cols[0] * PRIOR["a"] + cols[1] * PRIOR["sF"], 0.0)
+        corrected = np.where(has, flux - sys_, np.nan)
+        det_rows = np.flatnonzero(kind == DETECTION)
+        first_det_row = dict(zip(owner[det_rows][::-1].tolist(), det_rows[::-1].tolist(), strict=True))
+        for k in np.flatnonzero(~fitted).tolist():
+            lo, hi = bounds[k], bounds[k + 1]
+            tr = train[lo:hi]
+            rms_b = rms_a = None
+            excess = 0.0
+            if n_train[k] >= 2:
+                rms_b = float(np.std(flux[lo:hi][tr]))
+                rms_a = float(np.std(flux[lo:hi][tr] - sys_[lo:hi][tr]))
+            if n_train[k] >= 5:
+                excess = self._excess(flux[lo:hi], sys_[lo:hi], err[lo:hi], lcs[k].band, tr)
+            j = first_det_row.get(k)
+            diag = HSRDiagnostics(
+                mode="prior", n_train=int(n_train[k]), n_siblings=int(n_siblings_now[k]), overfit_alarm=False,
+                rms_before=rms_b, rms_after=rms_a,
+                flux_raw=float(flux[j]) if j is not None else None,
+                flux_corrected=float(corrected[j]) if j is not None else None,
+            )
+            out[k] = TargetFit(corrected[lo:hi], np.where(has[lo:hi], np.sqrt(err[lo:hi] ** 2 + excess), np.nan),
+                               sys_[lo:hi], diag, tr)
+        return out
+
+    @staticmethod
+    def _excess(flux, sys_, err, band, train) -> float:
+        """Excess variance of the training residuals over the photometric errors (band means removed)."""
+        r = flux[train] - sys_[train]
+        for b in np.unique(band[train]):
+            r[band[train] == b] -= np.mean(r[band[train] == b])
+        return max(float(np.mean(r**2) - np.mean(err[train] ** 2)), 0.0)
 
     @staticmethod
     def _unchanged(lc, flux, has, n_siblings_now: int) -> TargetFit:
@@ -946,18 +1125,33 @@ class HSR:
         self.regressor = regressor or HalfSiblingRegressor()
 
     def fit_one(self, a, max_train: int | None = None) -> TargetFit:
-        lc = a.lightcurve
-        if self.store.has_siblings(lc.exposure):
-            excl = self.store.neighbours(a.object_id, a.ra, a.dec)
-            sib = self.store.sibling_vector(lc.exposure, exclude=excl)
-        else:
-            sib = None  # the regressor's no-sibling answer, without building the vector
-        det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
-        first = np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd))
-        now_i = np.flatnonzero(lc.kind == DETECTION)
-        n_now = int(sib["n"][now_i[0]]) if len(now_i) and sib is not None else 0
-        n_now = max(n_now, len(self.store._fwhm.get(a.exposure, {})) - 1)  # other alerts of this exposure
-        return self.regressor.correct(lc, sib, a.mjd, first, a.ra, a.dec, a.survey, n_now, max_train)
+        """Correct one alert against the store as it is (nothing is ingested)."""
+        return self.fit_batch([a], max_train)[0]
+
+    def fit_batch(self, alerts, max_train: int | None = None) -> list[TargetFit]:
+        """Correct each alert against the store as it is; sibling vectors are built for all at once."""
+        store = self.store
+        lcs = [a.lightcurve for a in alerts]
+        # Alerts whose exposures hold no sibling row skip the vector (the regressor's no-sibling answer).
+        todo = np.flatnonzero(store.with_siblings([lc.exposure for lc in lcs])).tolist()
+        sibs = [None] * len(alerts)
+        vecs = store.sibling_vectors([lcs[i].exposure for i in todo],
+                                     [store.neighbours(alerts[i].object_id, alerts[i].ra, alerts[i].dec)
+                                      for i in todo])
+        for i, v in zip(todo, vecs, strict=True):
+            sibs[i] = v
+        firsts, n_nows = [], []
+        for a, lc, sib in zip(alerts, lcs, sibs, strict=True):
+            det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
+            firsts.append(np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd)))
+            now_i = np.flatnonzero(lc.kind == DETECTION)
+            n_now = int(sib["n"][now_i[0]]) if len(now_i) and sib is not None else 0
+            n_nows.append(max(n_now, len(store._fwhm.get(a.exposure, {})) - 1))  # other alerts of this exposure
+        nows, ras, decs, surveys = ([getattr(a, k) for a in alerts] for k in ("mjd", "ra", "dec", "survey"))
+        if max_train is not None:  # (validation: a capped training set) one by one
+            return [self.regressor.correct(*args, max_train) for args in zip(lcs, sibs, nows, firsts, ras, decs,
+                                                                             surveys, n_nows, strict=True)]
+        return self.regressor.correct_many(lcs, sibs, nows, firsts, n_nows, ras, decs, surveys)
 
     def correct(self, alerts):
         """Ingest ``alerts`` (R4: the batch's own exposures become known), then correct each.
@@ -968,5 +1162,5 @@ class HSR:
         diagnostics : list of HSRDiagnostics
         """
         self.store.ingest(alerts)
-        fits = [self.fit_one(a) for a in alerts]
+        fits = self.fit_batch(alerts)
         return [f.corrected for f in fits], [f.diagnostics for f in fits]
