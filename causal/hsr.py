@@ -59,6 +59,7 @@ _MAX_Q = 2.0**52  # a row whose quantised contribution exceeds this is dropped (
 _MAX_FLUX = 2.0e5  # µJy (mag 10.6): brighter siblings are saturated anyway
 _MIN_ERR = 1.0  # µJy: caps a sibling's weight
 _MODEL_SCATTER = 0.01
+_CONSTANT_SPREAD = 1e-9  # relative spread below which a regression column counts as constant
 
 
 def _obj_hash(object_id: str) -> int:
@@ -896,7 +897,10 @@ class HalfSiblingRegressor(BaseEstimator):
         G = np.eye(len(ug))[gi]
         mu = (w @ X) / w.sum()
         sd = np.sqrt((w @ (X - mu) ** 2) / w.sum())
-        sd = np.where(sd > 0, sd, 1.0)
+        # A column constant on the training rows (to rounding) stays unstandardised, so that its
+        # loading keeps to the prior: dividing by a rounding-level spread would extrapolate it
+        # without bound to rows where it differs (seen on real alerts: a 10¹⁰ loading).
+        sd = np.where(sd > _CONSTANT_SPREAD * np.abs(mu), sd, 1.0)
         Z = (X - mu) / sd
         A = np.hstack([Z, G])
         b0 = np.concatenate([prior * sd, np.zeros(len(ug))])
@@ -1005,9 +1009,11 @@ class HalfSiblingRegressor(BaseEstimator):
     def correct_many(self, lcs, sibs, now_mjd, first_det_mjd, n_siblings_now, ra, dec, survey) -> list[TargetFit]:
         """:meth:`correct` for many light curves (arguments are sequences, one item per light curve).
 
-        Light curves with too few training epochs for a fit (``prior`` mode: most of a real
-        stream, and all those without siblings) are corrected together on their concatenated
-        rows, with the same arithmetic as :meth:`correct`; the others are fitted one by one.
+        The light curves are corrected together on their concatenated rows: those with too
+        few training epochs for a fit (``prior`` mode: most of a real stream, and all those
+        without siblings) with the same arithmetic as :meth:`correct`, the fitted ones
+        (``reduced``, ``full``) as one padded block (:meth:`_fit_many`), equal to one-by-one
+        fits up to rounding. The fitted attributes (``coef_``, ...) are not set by this path.
         """
         lens = np.array([len(lc) for lc in lcs], dtype=np.int64)
         out: list = [None] * len(lcs)
@@ -1038,13 +1044,6 @@ class HalfSiblingRegressor(BaseEstimator):
         n_train = np.bincount(owner[train], minlength=len(lcs))
         bands, bi = np.unique(cat("band"), return_inverse=True)
         gkey = owner * len(bands) + bi
-        # Below min_points_reduced the mode is "prior" whatever the bands; above, a regression per target.
-        fitted = n_train >= self.min_points_reduced
-        for k in np.flatnonzero(fitted).tolist():
-            out[k] = self.correct(lcs[k], sibs[k], now_mjd[k], first_det_mjd[k], ra[k], dec[k], survey[k],
-                                  n_siblings_now[k])
-        if fitted.all():
-            return out
         # The target's reference flux in each row's own band: the median per (target, band).
         ref = cat("ref_flux")
         fin = np.isfinite(ref)
@@ -1065,23 +1064,58 @@ class HalfSiblingRegressor(BaseEstimator):
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             cols = np.array([sib_col("a", float), sib_col("s", float) * Fd + sib_col("c", float) * Fd * dcol[owner]])
         cols = np.nan_to_num(cols, nan=0.0, posinf=0.0, neginf=0.0)
+        # Modes as in correct(): prior below min_points_reduced, full with enough points per parameter.
+        n_bands = np.bincount(np.unique(gkey[train]) // len(bands), minlength=len(lcs))
+        p_full = len(FULL_TERMS) + np.where(n_train > 0, n_bands, 0)
+        full = n_train >= np.maximum(self.full_factor * p_full, self.min_points_reduced)
+        reduced = (n_train >= self.min_points_reduced) & ~full
         sys_ = np.where(known, cols[0] * PRIOR["a"] + cols[1] * PRIOR["sF"], 0.0)
+        stats: dict = {}  # target → (overfit alarm, excess variance) of a regression
+        group = dict(owner=owner, train=train, known=known, flux=flux, err=err, band=bi, n_bands=len(bands))
+        if reduced.any():
+            stats.update(self._fit_many(np.flatnonzero(reduced), cols.T, REDUCED_TERMS, sys_, **group))
+        if full.any():
+            ks = np.flatnonzero(full)
+            on = full[owner]
+            extra = {name: np.concatenate([sibs[k][name] for k in ks.tolist()])
+                     for name in ("zp_anom", "seeing", "zp_rms", "colour_coeff")}
+            # The seeing ratio is taken to each light curve's own median seeing (see _seeing_ratio).
+            sk, smed = _group_medians(owner[on][np.isfinite(extra["seeing"])],
+                                      extra["seeing"][np.isfinite(extra["seeing"])])
+            spos, shit = _locate(sk, owner[on])
+            seeing_med = np.where(shit, smed[spos] if len(sk) else np.nan, np.nan)
+            am = np.full(int(on.sum()), np.nan)
+            sv = np.asarray(survey, dtype=object)[owner[on]]
+            for sname in set(sv.tolist()):
+                m = sv == sname
+                am[m] = airmass(np.asarray(ra, dtype=float)[owner[on]][m], np.asarray(dec, dtype=float)[owner[on]][m],
+                                mjd[on][m], sname)
+            f = Fd[on]
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                more = np.array([extra["zp_anom"] * f, (extra["seeing"] / seeing_med - 1.0) * f, (am - 1.0) * f,
+                                 extra["zp_rms"] * f, extra["colour_coeff"] * f])
+            X = np.zeros((len(flux), len(FULL_TERMS)))
+            X[:, :2] = cols.T
+            X[on, 2:] = np.nan_to_num(more, nan=0.0, posinf=0.0, neginf=0.0).T
+            stats.update(self._fit_many(ks, X, FULL_TERMS, sys_, **group))
         corrected = np.where(has, flux - sys_, np.nan)
         det_rows = np.flatnonzero(kind == DETECTION)
         first_det_row = dict(zip(owner[det_rows][::-1].tolist(), det_rows[::-1].tolist(), strict=True))
-        for k in np.flatnonzero(~fitted).tolist():
+        modes = np.where(full, "full", np.where(reduced, "reduced", "prior"))
+        for k in range(len(lcs)):
             lo, hi = bounds[k], bounds[k + 1]
             tr = train[lo:hi]
             rms_b = rms_a = None
-            excess = 0.0
+            alarm, excess = stats.get(k, (False, None))
             if n_train[k] >= 2:
                 rms_b = float(np.std(flux[lo:hi][tr]))
                 rms_a = float(np.std(flux[lo:hi][tr] - sys_[lo:hi][tr]))
-            if n_train[k] >= 5:
-                excess = self._excess(flux[lo:hi], sys_[lo:hi], err[lo:hi], lcs[k].band, tr)
+            if excess is None:
+                excess = self._excess(flux[lo:hi], sys_[lo:hi], err[lo:hi], lcs[k].band, tr) if n_train[k] >= 5 \
+                    else 0.0
             j = first_det_row.get(k)
             diag = HSRDiagnostics(
-                mode="prior", n_train=int(n_train[k]), n_siblings=int(n_siblings_now[k]), overfit_alarm=False,
+                mode=str(modes[k]), n_train=int(n_train[k]), n_siblings=int(n_siblings_now[k]), overfit_alarm=alarm,
                 rms_before=rms_b, rms_after=rms_a,
                 flux_raw=float(flux[j]) if j is not None else None,
                 flux_corrected=float(corrected[j]) if j is not None else None,
@@ -1089,6 +1123,90 @@ class HalfSiblingRegressor(BaseEstimator):
             out[k] = TargetFit(corrected[lo:hi], np.where(has[lo:hi], np.sqrt(err[lo:hi] ** 2 + excess), np.nan),
                                sys_[lo:hi], diag, tr)
         return out
+
+    def _fit_many(self, ks, X, terms, sys_, owner, train, known, flux, err, band, n_bands) -> dict:
+        """:meth:`fit` and the regression part of :meth:`correct` for the targets ``ks`` at once.
+
+        Each target's training rows are laid out in a zero-weight-padded (target, row) block;
+        a band a target lacks gets an all-zero intercept column, which decouples from the rest
+        (its coefficient is 0), so every target's solution is the one :meth:`fit` finds, up to
+        rounding. Fills ``sys_`` on the targets' rows with sibling data; returns, per target,
+        (overfit alarm, excess variance).
+        """
+        p = len(terms)
+        member = np.zeros(owner.max() + 1, dtype=bool)
+        member[ks] = True
+        rows = np.flatnonzero(train & member[owner])  # in target order
+        kp = np.searchsorted(ks, owner[rows])
+        cnt = np.bincount(kp, minlength=len(ks))
+        j = np.arange(len(rows)) - (np.cumsum(cnt) - cnt)[kp]
+        shape = (len(ks), int(cnt.max()))
+
+        def pad(v):
+            out = np.zeros(shape + v.shape[1:])
+            out[kp, j] = v
+            return out
+
+        err_nan = np.where(err > 0, err, np.nan)
+        # Each target's median error over its whole light curve, and over its training rows.
+        on = member[owner] & np.isfinite(err_nan)
+        mk, mv = _group_medians(owner[on], err_nan[on])
+        med_all = np.where(_locate(mk, ks)[1], mv[_locate(mk, ks)[0]], np.nan)
+        tk, tv = _group_medians(kp[np.isfinite(err_nan[rows])], err_nan[rows][np.isfinite(err_nan[rows])])
+        med_train = np.full(len(ks), np.nan)
+        med_train[tk] = tv
+        e = err_nan[rows]
+        w = pad(1.0 / np.where(np.isnan(e), med_all[kp], e) ** 2)
+        Xp, y = pad(X[rows]), pad(flux[rows])
+        G = np.zeros(shape + (n_bands,))
+        G[kp, j, band[rows]] = 1.0
+        valid = pad(np.ones(len(rows))) > 0
+        prior = np.array([PRIOR.get(t, 0.0) for t in terms])
+
+        def std(v):  # np.std of each target's valid rows
+            m = np.where(valid, v, 0.0).sum(1) / cnt
+            return np.sqrt((np.where(valid, v - m[:, None], 0.0) ** 2).sum(1) / cnt)
+
+        # As in correct(): each loading may move the prediction by about alpha × the siblings'
+        # systematic amplitude, plus a floor of the photometric noise.
+        amp = std(Xp @ prior) + med_train
+        prec_p = 1.0 / (self.alpha * amp) ** 2
+        # fit(): standardised columns, per-band intercepts, two passes for the excess variance.
+        wsum = w.sum(1)
+        mu = np.einsum("kn,knp->kp", w, Xp) / wsum[:, None]
+        sd = np.sqrt(np.einsum("kn,knp->kp", w, (Xp - mu[:, None, :]) ** 2) / wsum[:, None])
+        sd = np.where(sd > _CONSTANT_SPREAD * np.abs(mu), sd, 1.0)  # see fit()
+        A = np.concatenate([(Xp - mu[:, None, :]) / sd[:, None, :], G], axis=2)
+        b0 = np.concatenate([prior * sd, np.zeros((len(ks), n_bands))], axis=1)
+        prec = np.concatenate([np.repeat(prec_p[:, None], p, axis=1), np.zeros((len(ks), n_bands))], axis=1)
+        Aw = A * w[:, :, None]
+        AtWA = A.transpose(0, 2, 1) @ Aw
+        AtWy = np.einsum("knq,kn->kq", Aw, y)
+        dof = np.maximum(cnt - (G.sum(1) > 0).sum(1), 1)
+        s2 = np.ones(len(ks))
+        diag_idx = np.arange(p + n_bands)
+        for _ in range(2):
+            lhs = AtWA / s2[:, None, None] + 1e-9 * np.eye(p + n_bands)
+            lhs[:, diag_idx, diag_idx] += prec
+            beta = np.linalg.solve(lhs, (AtWy / s2[:, None] + prec * b0)[:, :, None])[:, :, 0]
+            r = y - np.einsum("knq,kq->kn", A, beta)
+            s2 = np.maximum((w * r * r).sum(1) / dof, 1.0)
+        coef = beta[:, :p] / sd
+        # loo_residuals(): closed-form leave-one-out residuals of the ridge fit.
+        H = np.einsum("knq,kqr,knr->kn", A * (w / s2[:, None])[:, :, None], np.linalg.inv(lhs), A)
+        r_loo = r / np.clip(1.0 - H, 1e-6, None)
+        alarm = 3.0 * std(r) < std(r_loo)
+        sel = known & member[owner]
+        ko = np.searchsorted(ks, owner[sel])
+        sys_[sel] = np.einsum("ip,ip->i", X[sel] - mu[ko], coef[ko])
+        # Excess variance of the training residuals (band means removed) over the photometric errors.
+        res = flux[rows] - sys_[rows]
+        key = kp * n_bands + band[rows]
+        res = res - (np.bincount(key, res, len(ks) * n_bands) / np.maximum(np.bincount(key, None, len(ks) * n_bands),
+                                                                           1))[key]
+        excess = np.maximum(np.bincount(kp, res**2, len(ks)) / cnt - np.bincount(kp, err[rows] ** 2, len(ks)) / cnt,
+                            0.0)
+        return {k: (bool(a), float(x)) for k, a, x in zip(ks.tolist(), alarm.tolist(), excess.tolist(), strict=True)}
 
     @staticmethod
     def _excess(flux, sys_, err, band, train) -> float:

@@ -35,7 +35,7 @@ def _stream(alerts, hsr: HSR, batch: int = 500, max_train=None):
     for i in range(0, len(alerts), batch):
         b = alerts[i:i + batch]
         hsr.store.ingest(b)
-        fits += [hsr.fit_one(a, max_train=max_train) for a in b]
+        fits += hsr.fit_batch(b, max_train=max_train)
     return fits
 
 

@@ -194,3 +194,35 @@ def test_eviction_forgets_old_exposures_rows_and_objects():
     assert not kept - {_obj_hash(a.object_id) for a in late}
     assert all(store.meta[s, 0] >= store.newest_mjd - 45.0 for s in store._slot.values())
     assert sum(len(c) for c in store._cells.values()) == len(store._pos)
+
+
+def test_a_column_constant_on_training_rows_keeps_its_prior_loading():
+    """Seen on a real ZTF alert: the siblings' scale term was the same on every training epoch
+    (one visit-level value), its rounding-level spread was standardised into a 10¹⁰ loading,
+    and the current detection was 'corrected' to 1.5 × 10⁹ µJy."""
+    rng = np.random.default_rng(8)  # weights whose weighted mean of the constant is off by rounding
+    X = np.column_stack([rng.normal(size=12), np.full(12, -0.15108003180521806)])
+    w = 1.0 / rng.uniform(10.0, 20.0, size=12) ** 2
+    y = X[:, 0] + np.random.default_rng(1).normal(scale=30.0, size=12)
+    reg = HalfSiblingRegressor().fit(X, y, w, prior=[1.0, 1.0], prior_scale=[3.0, 3.0])
+    assert reg.coef_[1] == pytest.approx(1.0, abs=0.05)
+    off_sample = np.array([[0.3, -3.2274]])  # the same term on an epoch in the other band
+    assert abs(reg.systematic(off_sample)[0]) < 10.0
+
+
+def test_batched_corrections_equal_one_by_one(sim):
+    """HSR corrects a batch together (prior mode on concatenated rows, regressions as a padded
+    block); each alert gets what the single-target regressor gives it, up to rounding."""
+    _, alerts = sim
+    h = HSR()
+    h.store.ingest(alerts)
+    batch = h.fit_batch(alerts)
+    single = h.fit_batch(alerts, max_train=10**9)  # a training cap: the one-by-one path
+    modes = {f.diagnostics.mode for f in batch}
+    assert {"prior", "full"} <= modes, modes
+    for b, s in zip(batch, single, strict=True):
+        assert b.diagnostics.mode == s.diagnostics.mode
+        assert b.diagnostics.overfit_alarm == s.diagnostics.overfit_alarm
+        assert np.array_equal(b.train, s.train)
+        np.testing.assert_allclose(b.corrected, s.corrected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(b.corrected_err, s.corrected_err, rtol=1e-9, atol=1e-9)
