@@ -52,6 +52,7 @@ from stream.annotation import HSRDiagnostics
 _NSUM = 10
 _SCALES = np.array([2.0**32] * 9 + [1.0])
 _COUNT = 9  # the column of the sums that counts sibling rows
+_NORMAL = [0, 1, 2, 1, 3, 4, 2, 4, 5]  # sums columns of the 3 × 3 normal matrix, row by row
 _COLOUR0 = 0.6
 MIN_SIB_SCALE, MIN_SIB_COLOUR = 6, 20
 VISIT_PRIOR_N = 30.0  # siblings a detector section needs before its own estimate outweighs its visit's
@@ -83,11 +84,8 @@ def _solve(sums: np.ndarray):
     """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings)."""
     S = sums / _SCALES
     n = S[:, _COUNT]
-    M = np.empty((len(S), 3, 3))
-    M[:, 0, 0], M[:, 0, 1], M[:, 0, 2] = S[:, 0], S[:, 1], S[:, 2]
-    M[:, 1, 1], M[:, 1, 2], M[:, 2, 2] = S[:, 3], S[:, 4], S[:, 5]
-    M[:, 1, 0], M[:, 2, 0], M[:, 2, 1] = S[:, 1], S[:, 2], S[:, 4]
-    r = S[:, 6:9].copy()
+    M = S[:, _NORMAL].reshape(len(S), 3, 3)  # the symmetric normal matrix from its upper triangle
+    r = S[:, 6:9]
     # A whisper of ridge on scale and colour keeps exposures with colourless siblings solvable.
     M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
     M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
@@ -104,6 +102,15 @@ def _solve(sums: np.ndarray):
     one = (n >= 1) & ~full & ~two
     coef[one, 0] = S[one, 6] / np.where(S[one, 0] > 0, S[one, 0], 1.0)
     return coef, n
+
+
+def _blend(coef: np.ndarray, n: np.ndarray, vsums: np.ndarray):
+    """Per-exposure fits blended with their visit's (``vsums``), weighted by sibling counts."""
+    vcoef, vn = _solve(vsums)
+    wt = (n / (n + VISIT_PRIOR_N))[:, None]
+    use = vn >= MIN_SIB_COLOUR
+    coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
+    return coef, np.where(use, np.maximum(n, vn), n)
 
 
 def _sum_by_key(keys: np.ndarray, rows: np.ndarray):
@@ -506,8 +513,16 @@ class SiblingStore:
             visits = self._visits_of(slots)
             if changed_slots.isdisjoint(slots.tolist()) and changed_visits.isdisjoint(visits.tolist()):
                 sib = ahead.get(i)
-            else:
-                sib = self.sibling_vector(exps, exclude=(obj,)) if self.has_siblings(exps) else None
+            elif obj in self._obj_exps:  # (the same object twice in a batch) its own rows come out
+                sib = self.sibling_vector(exps, exclude=(obj,))
+            else:  # what sibling_vector gives when nothing is excluded, without the rest
+                coef, n = _solve(self.sums[slots])
+                if self._visit_rows:
+                    vsl = self._vslots(visits)
+                    vsums = np.zeros((len(slots), _NSUM), dtype=np.int64)
+                    vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
+                    coef, n = _blend(coef, n, vsums)
+                sib = {"a": coef[:, 0], "s": coef[:, 1], "c": coef[:, 2], "n": n.astype(int)}
             if sib is None:  # nothing stored for these exposures: n = 0 everywhere
                 sib = dict.fromkeys(("a", "s", "c"), np.zeros(len(exps))) | {"n": np.zeros(len(exps), dtype=int)}
             G = F * ((colour if np.isfinite(colour) else _COLOUR0) - _COLOUR0)
@@ -701,11 +716,7 @@ class SiblingStore:
             owners, vks, rows = self._excluded_rows(held, self._obj_sums.__getitem__, self._obj_vks.__getitem__)
             if owners:  # rows without a visit (key 0) have no visit row: _vslots gives −1
                 self._take_out(vsums, owner, vsl, owners, [self._vslots(np.concatenate(vks))], rows, len(self.vsums))
-            vcoef, vn = _solve(vsums)
-            wt = (n / (n + VISIT_PRIOR_N))[:, None]
-            use = vn >= MIN_SIB_COLOUR
-            coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
-            n = np.where(use, np.maximum(n, vn), n)
+            coef, n = _blend(coef, n, vsums)
         a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
         extras = _Once(lambda: self._extras(exposures, slots, owner, excludes))
         return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi]},
