@@ -468,29 +468,33 @@ def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, 
     """The alert's detection, its history (detections, limits) and forced photometry, sorted by time.
 
     Rows are stacked detection, earlier detections, limits, forced photometry, and a
-    stable sort by MJD keeps that order among equal times.
+    stable sort by MJD keeps that order among equal times. The detection and the history
+    share one matrix (the candidate has every history field).
     """
-    cur = _ztf_block(_ztf_values([cand], _ZTF_META), DETECTION)
-    cur[_LC["mjd"]], cur[_LC["flux"]], cur[_LC["flux_err"]] = mjd, flux, err
-    cur[_LC["ra"]], cur[_LC["dec"]] = ra, dec
-    blocks = [cur]
     prv = [p for p in prv or () if p.get("jd") is not None]
+    v = _ztf_values([cand, *prv], _ZTF_PRV)
     if prv:
-        v = _ztf_values(prv, _ZTF_PRV)
-        pmag, sig, lim = v[10], v[11], v[8]
-        neg = np.array([str(p.get("isdiffpos")).lower() in ("f", "0", "false") for p in prv])
+        pmag, sig, lim = v[10, 1:], v[11, 1:], v[8, 1:]
         det = np.isfinite(pmag) & np.isfinite(sig)
         lim_ok = ~det & (lim > 0)
-        if det.any():
-            b = _ztf_block(v[:, det], PREVIOUS)
-            f = mag_to_ujy(pmag[det])
-            b[_LC["flux"]], b[_LC["flux_err"]] = np.where(neg[det], -f, f), f * sig[det] * math.log(10) / 2.5
-            b[_LC["ra"]], b[_LC["dec"]] = v[12, det], v[13, det]
-            blocks.append(b)
-        if lim_ok.any():
-            b = _ztf_block(v[:, lim_ok], NONDETECTION)
-            b[_LC["flux_err"]] = mag_to_ujy(lim[lim_ok]) / 5.0
-            blocks.append(b)
+        di, li = np.flatnonzero(det), np.flatnonzero(lim_ok)
+        nd = len(di)
+        m = _ztf_block(v[:, np.concatenate([[0], di + 1, li + 1])], DETECTION)
+        if nd:
+            neg = np.array([str(prv[i].get("isdiffpos")).lower() in ("f", "0", "false") for i in di.tolist()])
+            f = mag_to_ujy(pmag[di])
+            d = slice(1, 1 + nd)
+            m[_LC["kind"], d] = PREVIOUS
+            m[_LC["flux"], d], m[_LC["flux_err"], d] = np.where(neg, -f, f), f * sig[di] * math.log(10) / 2.5
+            m[_LC["ra"], d], m[_LC["dec"], d] = v[12, di + 1], v[13, di + 1]
+        if len(li):
+            m[_LC["kind"], 1 + nd:] = NONDETECTION
+            m[_LC["flux_err"], 1 + nd:] = mag_to_ujy(lim[li]) / 5.0
+    else:
+        m = _ztf_block(v, DETECTION)
+    m[_LC["mjd"], 0], m[_LC["flux"], 0], m[_LC["flux_err"], 0] = mjd, flux, err
+    m[_LC["ra"], 0], m[_LC["dec"], 0] = ra, dec
+    blocks = [m]
     if fps:
         v = _ztf_values(fps, _ZTF_FP)
         jd, zp, fl, fe = v[0], v[5], v[10], v[11]
@@ -503,13 +507,14 @@ def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, 
             b[_LC["flux"]], b[_LC["flux_err"]] = fl[good] * scale, fe[good] * scale
             b[_LC["seeing"]], b[_LC["background"]] = v[12, good], v[13, good]
             blocks.append(b)
-    m = np.concatenate(blocks, axis=1) if len(blocks) > 1 else cur
+    m = np.concatenate(blocks, axis=1) if len(blocks) > 1 else m
     m = m[:, np.argsort(m[_LC["mjd"]], kind="stable")]
     cols = {name: m[i] for name, i in _LC.items()}
     cols["band"] = _BAND_ARRAY[cols["band"].astype(np.int64)]
     cols["kind"] = cols["kind"].astype(np.int8)
-    for name in _INT_COLS:
-        cols[name] = np.nan_to_num(cols[name], nan=-1).astype(np.int64)
+    ints = np.nan_to_num(m[[_LC[name] for name in _INT_COLS]], nan=-1).astype(np.int64)
+    for name, col in zip(_INT_COLS, ints, strict=True):
+        cols[name] = col
     return LightCurve(**cols)
 
 
