@@ -492,52 +492,129 @@ class SiblingStore:
         self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj] = exps, contrib, vks
 
     def _judge(self, pending) -> None:
-        """Accept quiet long-lived sources as siblings (once per object, on the whole history)."""
+        """Accept quiet long-lived sources as siblings (once per object, on the whole history).
+
+        The objects are judged in turn, each against the store with the quiet ones before it
+        added (judging all against the store as it was before the batch does measurably worse:
+        the first batches have little else to go on). :meth:`_verdicts` finds that sequence for
+        the whole batch at once.
+        """
         by_exp: dict[int, list[float]] = {}
         for _, exps, f, F, _, _ in pending:
             for e, v in zip(exps.tolist(), (f / np.where(F > 0, F, np.nan)).tolist(), strict=True):
                 if v == v:
                     by_exp.setdefault(e, []).append(v)
         batch_mode = {e: float(np.median(v)) for e, v in by_exp.items() if len(v) >= 3}
-        # The objects are judged in turn, each against the store with the quiet ones before it
-        # added (judging all against the store before the batch does measurably worse: the first
-        # batches have little else to go on). Their vectors are built together up front, and rebuilt
-        # only for an object that shares an exposure or visit with one accepted earlier in the batch.
-        exps_all = [p[1] for p in pending]
-        todo = np.flatnonzero(self.with_siblings(exps_all)).tolist()
-        ahead = dict(zip(todo, self.sibling_vectors([exps_all[i] for i in todo], [(pending[i][0],) for i in todo]),
-                         strict=True))
-        changed_slots, changed_visits = set(), set()
-        for i, (obj, exps, f, F, err, colour) in enumerate(pending):
-            slots = self._slots(exps)
-            visits = self._visits_of(slots)
-            if changed_slots.isdisjoint(slots.tolist()) and changed_visits.isdisjoint(visits.tolist()):
-                sib = ahead.get(i)
-            elif obj in self._obj_exps:  # (the same object twice in a batch) its own rows come out
-                sib = self.sibling_vector(exps, exclude=(obj,))
-            else:  # what sibling_vector gives when nothing is excluded, without the rest
-                coef, n = _solve(self.sums[slots])
-                if self._visit_rows:
-                    vsl = self._vslots(visits)
-                    vsums = np.zeros((len(slots), _NSUM), dtype=np.int64)
-                    vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
-                    coef, n = _blend(coef, n, vsums)
-                sib = {"a": coef[:, 0], "s": coef[:, 1], "c": coef[:, 2], "n": n.astype(int)}
-            if sib is None:  # nothing stored for these exposures: n = 0 everywhere
-                sib = dict.fromkeys(("a", "s", "c"), np.zeros(len(exps))) | {"n": np.zeros(len(exps), dtype=int)}
-            G = F * ((colour if np.isfinite(colour) else _COLOUR0) - _COLOUR0)
-            known = sib["n"] >= MIN_SIB_SCALE
-            pred = np.where(known, sib["a"] + sib["s"] * F + sib["c"] * G,
-                            F * np.array([batch_mode.get(int(e), 0.0) for e in exps]))
-            resid = f - pred
-            resid -= np.mean(resid)  # the de-meaning already removed the level
-            chi2 = float(np.mean(resid**2 / (np.maximum(err, _MIN_ERR) ** 2 + (_MODEL_SCATTER * F) ** 2)))
-            quiet = chi2 <= self.quiet_chi2
-            self._judged[obj] = quiet
-            if quiet:
-                self._add_rows(obj, exps, f, F, err, colour)
-                changed_slots.update(slots.tolist())
-                changed_visits.update(visits[visits != 0].tolist())
+        # Runs of objects that are new to the store and distinct go through _verdicts; an object
+        # the store already holds rows of (its own rows must come out) is judged alone.
+        i = 0
+        while i < len(pending):
+            j, run = i, set()
+            while j < len(pending) and pending[j][0] not in run and pending[j][0] not in self._obj_exps:
+                run.add(pending[j][0])
+                j += 1
+            if j == i:
+                j = i + 1
+            verdicts = self._verdicts(pending[i:j], batch_mode) if j > i + 1 else None
+            if verdicts is None:  # one at a time
+                verdicts = []
+                for p in pending[i:j]:
+                    verdicts.append(self._quiet(p, self.sibling_vector(p[1], exclude=(p[0],)), batch_mode))
+                    self._judged[p[0]] = verdicts[-1]
+                    if verdicts[-1]:
+                        self._add_rows(*p)
+            else:
+                for p, quiet in zip(pending[i:j], verdicts, strict=True):
+                    self._judged[p[0]] = quiet
+                    if quiet:
+                        self._add_rows(*p)
+            i = j
+
+    def _quiet(self, cand, sib, batch_mode) -> bool:
+        """Whether a long-lived source's de-meaned light curve follows its exposures' common mode."""
+        _, exps, f, F, err, colour = cand
+        G = F * ((colour if np.isfinite(colour) else _COLOUR0) - _COLOUR0)
+        known = sib["n"] >= MIN_SIB_SCALE
+        pred = np.where(known, sib["a"] + sib["s"] * F + sib["c"] * G,
+                        F * np.array([batch_mode.get(e, 0.0) for e in exps.tolist()]))
+        resid = f - pred
+        resid -= np.mean(resid)  # the de-meaning already removed the level
+        chi2 = float(np.mean(resid**2 / (np.maximum(err, _MIN_ERR) ** 2 + (_MODEL_SCATTER * F) ** 2)))
+        return chi2 <= self.quiet_chi2
+
+    def _verdicts(self, pending, batch_mode, max_rounds: int = 20):
+        """The in-turn verdicts of :meth:`_judge` for objects not yet in the store, by fixed point.
+
+        Each round judges every object against the store plus the rows of the objects before
+        it that the previous round found quiet (exact integer prefix sums per exposure and
+        per visit), until the verdicts repeat. Verdict j depends only on those before it, so
+        after round r the first r are final and the fixed point is the in-turn answer, bit for
+        bit. None if the store lacks an exposure or it does not settle in ``max_rounds``.
+        """
+        K = len(pending)
+        lens = np.array([len(p[1]) for p in pending], dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        exps = np.concatenate([p[1] for p in pending])
+        owner = np.repeat(np.arange(K, dtype=np.int64), lens)
+        slots = self._slots(exps)
+        if (slots < 0).any():
+            return None
+        visits = self._visits_of(slots)
+        base = self.sums[slots]
+        vsl = self._vslots(visits)
+        vbase = np.zeros_like(base)
+        vbase[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
+        # What each object would add (as _add_rows does: the first of its rows per exposure).
+        contrib = self._quantise(np.concatenate([p[3] for p in pending]), np.concatenate([p[2] for p in pending]),
+                                 np.concatenate([p[4] for p in pending]),
+                                 np.repeat(np.array([p[5] for p in pending], dtype=float), lens))
+        order = np.lexsort((np.arange(len(exps)), exps, owner))
+        first = order[np.concatenate([[True], (owner[order][1:] != owner[order][:-1])
+                                      | (exps[order][1:] != exps[order][:-1])])]
+        t_obj, t_slot, t_visit, t_c = owner[first], slots[first], visits[first], contrib[first]
+        ids = np.unique(np.concatenate([visits, t_visit]))  # dense visit ids (key 0: no visit)
+        q_vid, t_vid = np.searchsorted(ids, visits), np.searchsorted(ids, t_visit)
+        t_has_visit, q_has_visit = t_visit != 0, visits != 0
+
+        def prefix(t_key, t_own, t_rows, q_key):
+            """Σ t_rows over entries with key q_key from objects before each query row's owner."""
+            k = t_key * K + t_own
+            o = np.argsort(k, kind="stable")
+            k = k[o]
+            cum = np.concatenate([np.zeros((1, _NSUM), dtype=np.int64), np.cumsum(t_rows[o], axis=0)])
+            # int64 wrap-around cancels in the difference, which is a true store sum.
+            return cum[np.searchsorted(k, q_key * K + owner)] - cum[np.searchsorted(k, q_key * K)]
+
+        quiet = np.zeros(K, dtype=bool)
+        verdicts = np.zeros(K, dtype=bool)
+        prev = None
+        for _ in range(max_rounds):
+            sel = quiet[t_obj]
+            add = prefix(t_slot[sel], t_obj[sel], t_c[sel], slots)
+            vsel = sel & t_has_visit
+            vadd = prefix(t_vid[vsel], t_obj[vsel], t_c[vsel], q_vid)
+            vadd[~q_has_visit] = 0
+            # Only rows whose sums changed since the last round are solved, and their objects judged, again.
+            if prev is None:
+                coef, n = _blend(*_solve(base + add), vbase + vadd)
+                n = n.astype(int)
+                moved = np.ones(K, dtype=bool)
+            else:
+                ch = ((add != prev[0]) | (vadd != prev[1])).any(axis=1)
+                if ch.any():
+                    coef[ch], n_ch = _blend(*_solve(base[ch] + add[ch]), vbase[ch] + vadd[ch])
+                    n[ch] = n_ch.astype(int)
+                moved = np.zeros(K, dtype=bool)
+                moved[owner[ch]] = True
+            prev = (add, vadd)
+            for j in np.flatnonzero(moved).tolist():
+                lo, hi = bounds[j], bounds[j + 1]
+                sib = {"a": coef[lo:hi, 0], "s": coef[lo:hi, 1], "c": coef[lo:hi, 2], "n": n[lo:hi]}
+                verdicts[j] = self._quiet(pending[j], sib, batch_mode)
+            if np.array_equal(verdicts, quiet):
+                return verdicts.tolist()
+            quiet = verdicts.copy()
+        return None
 
     def evict(self) -> int:
         """Forget exposures older than the retention window, and objects not seen since; returns how many exposures."""
