@@ -60,6 +60,7 @@ _MAX_Q = 2.0**52  # a row whose quantised contribution exceeds this is dropped (
 _MAX_FLUX = 2.0e5  # µJy (mag 10.6): brighter siblings are saturated anyway
 _MIN_ERR = 1.0  # µJy: caps a sibling's weight
 _MODEL_SCATTER = 0.01
+_JUDGE_RUN = 32  # objects judged together by fixed point (a run settles in at most its length + 1 rounds)
 _CONSTANT_SPREAD = 1e-9  # relative spread below which a regression column counts as constant
 
 
@@ -144,6 +145,27 @@ def _group_medians(keys: np.ndarray, values: np.ndarray):
     start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
     count = np.diff(np.append(start, len(k)))
     return k[start], (v[start + (count - 1) // 2] + v[start + count // 2]) / 2.0
+
+
+def _reference(owner, gkey, bands, ref, n_curves: int):
+    """Per row, the median reference flux of its (light curve, band); per light curve, g − r.
+
+    ``gkey`` is ``owner × len(bands) + band index``. The values are those of the per-curve
+    loops in :meth:`HalfSiblingRegressor.correct` and :func:`source_colour`, bit for bit.
+    """
+    fin = np.isfinite(ref)
+    gk, med = _group_medians(gkey[fin], ref[fin])
+    pos, hit = _locate(gk, gkey)
+    F = np.where(hit, med[pos] if len(gk) else 0.0, 0.0)
+    colour = np.full(n_curves, np.nan)
+    if "g" in bands and "r" in bands and len(gk):
+        ids = np.arange(n_curves) * len(bands)
+        (gp, gh), (rp, rh) = (_locate(gk, ids + np.searchsorted(bands, b)) for b in ("g", "r"))
+        both = gh & rh
+        for k, g, r in zip(np.flatnonzero(both).tolist(), med[gp[both]].tolist(), med[rp[both]].tolist(),
+                           strict=True):
+            colour[k] = float(-2.5 * np.log10(g / r)) if g > 0 and r > 0 else np.nan
+    return F, colour
 
 
 def _seeing_ratio(seeing: np.ndarray) -> np.ndarray:
@@ -366,11 +388,17 @@ class SiblingStore:
             long_lived = firsts <= lo + margin
             q = usable & (long_lived[owner] | ((kind == FORCED) & (mjd < (firsts - margin)[owner])))
         bounds = np.concatenate([[0], np.cumsum(lens)])
+        cands = [k for k in np.flatnonzero(np.bincount(owner[q], minlength=len(lcs)) >= 3).tolist()
+                 if not (long_lived[k] and self._judged.get(objs[k]) is False)]
+        if cands:  # the source colour of each (source_colour, for all at once)
+            sub = [lcs[k] for k in cands]
+            bands, bi = np.unique(np.concatenate([lc.band for lc in sub]), return_inverse=True)
+            sub_owner = np.repeat(np.arange(len(sub)), [len(lc) for lc in sub])
+            colours = _reference(sub_owner, sub_owner * len(bands) + bi, bands,
+                                 np.concatenate([lc.ref_flux for lc in sub]), len(sub))[1]
         pending = []
-        for k in np.flatnonzero(np.bincount(owner[q], minlength=len(lcs)) >= 3).tolist():
-            if long_lived[k] and self._judged.get(objs[k]) is False:
-                continue
-            cand = self._sibling_rows(lcs[k], objs[k], q[bounds[k]:bounds[k + 1]])
+        for k, colour in zip(cands, colours.tolist() if cands else (), strict=True):
+            cand = self._sibling_rows(lcs[k], objs[k], q[bounds[k]:bounds[k + 1]], colour)
             if cand is None:
                 continue
             if long_lived[k] and objs[k] not in self._judged:
@@ -437,7 +465,7 @@ class SiblingStore:
         put = self.visit[us] == 0
         self.visit[us[put]] = vk[i][put]
 
-    def _sibling_rows(self, lc, obj, q):
+    def _sibling_rows(self, lc, obj, q, colour: float):
         """The rows ``q`` of a light curve as sibling rows: forced photometry first, de-meaned per band."""
         # Forced photometry first, so that it wins over a detection of the same exposure (R5 dedup).
         idx = np.flatnonzero(q)
@@ -455,8 +483,7 @@ class SiblingStore:
         idx, f = idx[keep], f[keep]
         if not len(idx):
             return None
-        return (obj, lc.exposure[idx], f, np.nan_to_num(lc.ref_flux[idx], nan=0.0), lc.flux_err[idx],
-                source_colour(lc))
+        return obj, lc.exposure[idx], f, np.nan_to_num(lc.ref_flux[idx], nan=0.0), lc.flux_err[idx], colour
 
     def _add_rows(self, obj, exposures, f, F, err, colour) -> None:
         contrib = self._quantise(F, f, err, colour)
@@ -510,12 +537,13 @@ class SiblingStore:
         i = 0
         while i < len(pending):
             j, run = i, set()
-            while j < len(pending) and pending[j][0] not in run and pending[j][0] not in self._obj_exps:
+            while (j < len(pending) and j - i < _JUDGE_RUN and pending[j][0] not in run
+                   and pending[j][0] not in self._obj_exps):
                 run.add(pending[j][0])
                 j += 1
             if j == i:
                 j = i + 1
-            verdicts = self._verdicts(pending[i:j], batch_mode) if j > i + 1 else None
+            verdicts = self._verdicts(pending[i:j], batch_mode, max_rounds=j - i + 1) if j > i + 1 else None
             if verdicts is None:  # one at a time
                 verdicts = []
                 for p in pending[i:j]:
@@ -1132,21 +1160,7 @@ class HalfSiblingRegressor(BaseEstimator):
         n_train = np.bincount(owner[train], minlength=len(lcs))
         bands, bi = np.unique(cat("band"), return_inverse=True)
         gkey = owner * len(bands) + bi
-        # The target's reference flux in each row's own band: the median per (target, band).
-        ref = cat("ref_flux")
-        fin = np.isfinite(ref)
-        gk, med = _group_medians(gkey[fin], ref[fin])
-        pos, hit = _locate(gk, gkey)
-        F = np.where(hit, med[pos] if len(gk) else 0.0, 0.0)
-        # g − r of the reference source from the same medians (as source_colour computes it).
-        colour = np.full(len(lcs), np.nan)
-        if "g" in bands and "r" in bands and len(gk):
-            ids = np.arange(len(lcs)) * len(bands)
-            (gp, gh), (rp, rh) = (_locate(gk, ids + np.searchsorted(bands, b)) for b in ("g", "r"))
-            both = gh & rh
-            for k, g, r in zip(np.flatnonzero(both).tolist(), med[gp[both]].tolist(), med[rp[both]].tolist(),
-                               strict=True):
-                colour[k] = float(-2.5 * np.log10(g / r)) if g > 0 and r > 0 else np.nan
+        F, colour = _reference(owner, gkey, bands, cat("ref_flux"), len(lcs))
         dcol = np.where(np.isfinite(colour), colour - _COLOUR0, 0.0)
         Fd = np.where(np.isfinite(F) & (F > 0), F, 0.0)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
