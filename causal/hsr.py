@@ -140,6 +140,8 @@ def _in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 def _group_medians(keys: np.ndarray, values: np.ndarray):
     """Sorted unique ``keys`` and the median of ``values`` for each (as ``np.median`` computes it)."""
+    if not len(keys):
+        return keys, np.zeros(0)
     order = np.lexsort((values, keys))
     k, v = keys[order], values[order]
     start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
