@@ -520,6 +520,42 @@ class SiblingStore:
             vks = np.concatenate([self._obj_vks[obj], vks])[order]
         self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj] = exps, contrib, vks
 
+    def _add_new(self, cands) -> None:
+        """:meth:`_add_rows` for distinct objects the store holds nothing of, all at once (same state)."""
+        if not cands:
+            return
+        lens = np.array([len(c[1]) for c in cands], dtype=np.int64)
+        owner = np.repeat(np.arange(len(cands), dtype=np.int64), lens)
+        exps = np.concatenate([np.asarray(c[1], dtype=np.int64) for c in cands])
+        contrib = self._quantise(np.concatenate([c[3] for c in cands]), np.concatenate([c[2] for c in cands]),
+                                 np.concatenate([c[4] for c in cands]),
+                                 np.repeat(np.array([c[5] for c in cands], dtype=float), lens))
+        # One row per exposure and object, the first of its rows (as np.unique's return_index).
+        order = np.lexsort((np.arange(len(exps)), exps, owner))
+        first = order[np.concatenate([[True], (owner[order][1:] != owner[order][:-1])
+                                      | (exps[order][1:] != exps[order][:-1])])]
+        owner, exps, contrib = owner[first], exps[first], contrib[first]
+        slots = self._slots(exps)  # every row's exposure has a slot (ingested with its light curve)
+        np.add.at(self.sums, slots, contrib)
+        vks = self._visits_of(slots)
+        hv = vks != 0
+        if hv.any():
+            vslots = self._vslots(vks[hv])
+            for i in np.flatnonzero(vslots < 0).tolist():  # new visits, in the order _add_rows meets them
+                vslots[i] = self._vslot_of(int(vks[hv][i]))
+            np.add.at(self.vsums, vslots, contrib[hv])
+            self._visit_rows += int(hv.sum())
+        self._n_rows += len(exps)
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(cands)))]).tolist()
+        exp_list = exps.tolist()
+        for k, c in enumerate(cands):
+            obj, lo, hi = c[0], bounds[k], bounds[k + 1]
+            for e in exp_list[lo:hi]:
+                self._exp_objects.setdefault(e, []).append(obj)
+            # Copies: a view would keep the whole batch's arrays alive as long as any one object.
+            self._obj_exps[obj] = exps[lo:hi].copy()
+            self._obj_sums[obj], self._obj_vks[obj] = contrib[lo:hi].copy(), vks[lo:hi].copy()
+
     def _judge(self, pending) -> None:
         """Accept quiet long-lived sources as siblings (once per object, on the whole history).
 
@@ -556,8 +592,7 @@ class SiblingStore:
             else:
                 for p, quiet in zip(pending[i:j], verdicts, strict=True):
                     self._judged[p[0]] = quiet
-                    if quiet:
-                        self._add_rows(*p)
+                self._add_new([p for p, quiet in zip(pending[i:j], verdicts, strict=True) if quiet])
             i = j
 
     def _quiet(self, cand, sib, batch_mode) -> bool:
@@ -754,29 +789,25 @@ class SiblingStore:
         out[nonempty] = np.logical_or.reduceat(flag, (np.cumsum(lens) - lens)[nonempty])
         return out
 
-    def _excluded_rows(self, held, rows_of, keys_of) -> tuple[list, list, list]:
-        """For each target k and each excluded object it holds: (k, the object's keys, its rows)."""
-        owners, keys, rows = [], [], []
-        for k, objs in enumerate(held):
-            for o in objs:
-                kk = keys_of(o)
-                owners.append(np.full(len(kk), k, dtype=np.int64))
-                keys.append(kk)
-                rows.append(rows_of(o))
-        return owners, keys, rows
-
     @staticmethod
-    def _take_out(sums: np.ndarray, owner: np.ndarray, where: np.ndarray, owners, places, rows, width: int) -> None:
+    def _take_out(sums: np.ndarray, owner: np.ndarray, where: np.ndarray, held, places: np.ndarray, rows: list,
+                  width: int) -> None:
         """R1 for many targets at once: ``sums[i] -= Σ`` the excluded rows of target ``owner[i]`` at ``where[i]``.
 
-        ``places`` are the excluded rows' store rows (slot or visit row, −1: none), ``width``
-        bounds them; each (target, place) pair is merged first, then matched by binary search.
+        ``held[k]`` lists target k's excluded objects, whose rows (``rows``, concatenated in
+        that order) sit at store rows ``places`` (slot or visit row, −1: none); ``width``
+        bounds those. Rows at a place no target row names are dropped first; the rest are
+        merged per (target, place) and matched by binary search.
         """
-        if not owners:
+        n_rows = np.array([len(r) for r in rows], dtype=np.int64)
+        per_target = np.array([len(objs) for objs in held], dtype=np.int64)
+        own = np.repeat(np.repeat(np.arange(len(held), dtype=np.int64), per_target), n_rows)
+        key = own * width + places
+        wanted = np.unique(np.where(where >= 0, owner * width + where, -1))
+        keep = (places >= 0) & _in_sorted(key, wanted)
+        if not keep.any():
             return
-        place = np.concatenate(places)
-        ok = place >= 0
-        keys, merged = _sum_by_key((np.concatenate(owners) * width + place)[ok], np.concatenate(rows)[ok])
+        keys, merged = _sum_by_key(key[keep], np.concatenate(rows)[keep])
         pos, hit = _locate(keys, np.where(where >= 0, owner * width + where, -1))
         if hit.any():
             sums[hit] -= merged[pos[hit]]
@@ -809,9 +840,11 @@ class SiblingStore:
         sums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
         sums[have] = self.sums[slots[have]]
         held = [[o for o in dict.fromkeys(ex) if o in self._obj_exps] for ex in excludes]
-        owners, exps, rows = self._excluded_rows(held, self._obj_sums.__getitem__, self._obj_exps.__getitem__)
-        if owners:  # R1: the excluded objects' own rows (every held row's exposure has a slot)
-            self._take_out(sums, owner, slots, owners, [self._slots(np.concatenate(exps))], rows, self._cap)
+        flat = [o for objs in held for o in objs]
+        rows = [self._obj_sums[o] for o in flat]
+        if flat:  # R1: the excluded objects' own rows (every held row's exposure has a slot)
+            self._take_out(sums, owner, slots, held, self._slots(np.concatenate([self._obj_exps[o] for o in flat])),
+                           rows, self._cap)
         coef, n = _solve(sums)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
@@ -820,9 +853,9 @@ class SiblingStore:
             vsl = self._vslots(self._visits_of(slots))
             vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
             vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
-            owners, vks, rows = self._excluded_rows(held, self._obj_sums.__getitem__, self._obj_vks.__getitem__)
-            if owners:  # rows without a visit (key 0) have no visit row: _vslots gives −1
-                self._take_out(vsums, owner, vsl, owners, [self._vslots(np.concatenate(vks))], rows, len(self.vsums))
+            if flat:  # rows without a visit (key 0) have no visit row: _vslots gives −1
+                self._take_out(vsums, owner, vsl, held, self._vslots(np.concatenate([self._obj_vks[o] for o in flat])),
+                               rows, len(self.vsums))
             coef, n = _blend(coef, n, vsums)
         a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
         extras = _Once(lambda: self._extras(exposures, slots, owner, excludes))
