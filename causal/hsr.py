@@ -564,12 +564,14 @@ class SiblingStore:
         the first batches have little else to go on). :meth:`_verdicts` finds that sequence for
         the whole batch at once.
         """
-        by_exp: dict[int, list[float]] = {}
-        for _, exps, f, F, _, _ in pending:
-            for e, v in zip(exps.tolist(), (f / np.where(F > 0, F, np.nan)).tolist(), strict=True):
-                if v == v:
-                    by_exp.setdefault(e, []).append(v)
-        batch_mode = {e: float(np.median(v)) for e, v in by_exp.items() if len(v) >= 3}
+        # The batch's own common mode per exposure: the median sibling ratio f / F where ≥ 3 rows have one.
+        exps = np.concatenate([p[1] for p in pending])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.concatenate([p[2] / np.where(p[3] > 0, p[3], np.nan) for p in pending])
+        ok = ~np.isnan(ratio)
+        keys, med = _group_medians(exps[ok], ratio[ok])
+        count = np.bincount(np.searchsorted(keys, exps[ok]), minlength=len(keys))
+        batch_mode = dict(zip(keys[count >= 3].tolist(), med[count >= 3].tolist(), strict=True))
         # Runs of objects that are new to the store and distinct go through _verdicts; an object
         # the store already holds rows of (its own rows must come out) is judged alone.
         i = 0
