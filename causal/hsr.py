@@ -652,8 +652,31 @@ class SiblingStore:
             # int64 wrap-around cancels in the difference, which is a true store sum.
             return cum[np.searchsorted(k, q_key * K + owner)] - cum[np.searchsorted(k, q_key * K)]
 
+        # The χ² of _quiet on all rows at once; an object within rounding of the threshold is
+        # judged again by _quiet itself (its means are numpy's pairwise sums), so verdicts are exact.
+        f = np.concatenate([p[2] for p in pending])
+        F = np.concatenate([p[3] for p in pending])
+        colours = np.array([p[5] for p in pending], dtype=float)
+        G = F * np.where(np.isfinite(colours), colours - _COLOUR0, _COLOUR0 - _COLOUR0)[owner]
+        bm_keys = np.fromiter(batch_mode.keys(), dtype=np.int64, count=len(batch_mode))
+        bm_vals = np.fromiter(batch_mode.values(), dtype=float, count=len(batch_mode))
+        pos, hit = _locate(bm_keys, exps)
+        mode_F = F * np.where(hit, bm_vals[pos] if len(bm_keys) else 0.0, 0.0)
+        denom = np.maximum(np.concatenate([p[4] for p in pending]), _MIN_ERR) ** 2 + (_MODEL_SCATTER * F) ** 2
+
+        def judge(coef, n):
+            pred = np.where(n >= MIN_SIB_SCALE, coef[:, 0] + coef[:, 1] * F + coef[:, 2] * G, mode_F)
+            resid = f - pred
+            resid -= (np.bincount(owner, resid, K) / lens)[owner]
+            chi2 = np.bincount(owner, resid**2 / denom, K) / lens
+            out = chi2 <= self.quiet_chi2
+            for j in np.flatnonzero(~(np.abs(chi2 - self.quiet_chi2) > 1e-9 * self.quiet_chi2)).tolist():
+                lo, hi = bounds[j], bounds[j + 1]
+                sib = {"a": coef[lo:hi, 0], "s": coef[lo:hi, 1], "c": coef[lo:hi, 2], "n": n[lo:hi]}
+                out[j] = self._quiet(pending[j], sib, batch_mode)
+            return out
+
         quiet = np.zeros(K, dtype=bool)
-        verdicts = np.zeros(K, dtype=bool)
         prev = None
         for _ in range(max_rounds):
             sel = quiet[t_obj]
@@ -674,13 +697,10 @@ class SiblingStore:
                 moved = np.zeros(K, dtype=bool)
                 moved[owner[ch]] = True
             prev = (add, vadd)
-            for j in np.flatnonzero(moved).tolist():
-                lo, hi = bounds[j], bounds[j + 1]
-                sib = {"a": coef[lo:hi, 0], "s": coef[lo:hi, 1], "c": coef[lo:hi, 2], "n": n[lo:hi]}
-                verdicts[j] = self._quiet(pending[j], sib, batch_mode)
+            verdicts = np.where(moved, judge(coef, n), quiet) if moved.any() else quiet
             if np.array_equal(verdicts, quiet):
                 return verdicts.tolist()
-            quiet = verdicts.copy()
+            quiet = verdicts
         return None
 
     def evict(self) -> int:
