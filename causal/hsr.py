@@ -1260,27 +1260,37 @@ class HalfSiblingRegressor(BaseEstimator):
         corrected = np.where(has, flux - sys_, np.nan)
         det_rows = np.flatnonzero(kind == DETECTION)
         first_det_row = dict(zip(owner[det_rows][::-1].tolist(), det_rows[::-1].tolist(), strict=True))
-        modes = np.where(full, "full", np.where(reduced, "reduced", "prior"))
-        for k in range(len(lcs)):
+        modes = np.where(full, "full", np.where(reduced, "reduced", "prior")).tolist()
+        # Excess variance per target (regressions computed theirs), and the rms before/after on the
+        # training epochs where there are two or more (np.std per target: the numbers correct() gives).
+        excess = np.zeros(len(lcs))
+        rms: dict = {}
+        for k in np.flatnonzero(n_train >= 2).tolist():
             lo, hi = bounds[k], bounds[k + 1]
             tr = train[lo:hi]
-            rms_b = rms_a = None
-            alarm, excess = stats.get(k, (False, None))
-            if n_train[k] >= 2:
-                rms_b = float(np.std(flux[lo:hi][tr]))
-                rms_a = float(np.std(flux[lo:hi][tr] - sys_[lo:hi][tr]))
-            if excess is None:
-                excess = self._excess(flux[lo:hi], sys_[lo:hi], err[lo:hi], lcs[k].band, tr) if n_train[k] >= 5 \
-                    else 0.0
-            j = first_det_row.get(k)
+            x = flux[lo:hi][tr]
+            rms[k] = (float(np.std(x)), float(np.std(x - sys_[lo:hi][tr])))
+            if k in stats:
+                excess[k] = stats[k][1]
+            elif n_train[k] >= 5:
+                excess[k] = self._excess(flux[lo:hi], sys_[lo:hi], err[lo:hi], lcs[k].band, tr)
+        corrected_err = np.where(has, np.sqrt(err**2 + excess[owner]), np.nan)
+        raw = np.full(len(lcs), np.nan)
+        done = np.full(len(lcs), np.nan)
+        rows = np.array(list(first_det_row.values()), dtype=np.int64)
+        ks = np.array(list(first_det_row.keys()), dtype=np.int64)
+        raw[ks], done[ks] = flux[rows], corrected[rows]
+        raw_l, done_l, n_tr, n_sib = raw.tolist(), done.tolist(), n_train.tolist(), np.asarray(n_siblings_now).tolist()
+        for k in range(len(lcs)):
+            lo, hi = bounds[k], bounds[k + 1]
+            has_det = k in first_det_row
+            rms_b, rms_a = rms.get(k, (None, None))
             diag = HSRDiagnostics(
-                mode=str(modes[k]), n_train=int(n_train[k]), n_siblings=int(n_siblings_now[k]), overfit_alarm=alarm,
-                rms_before=rms_b, rms_after=rms_a,
-                flux_raw=float(flux[j]) if j is not None else None,
-                flux_corrected=float(corrected[j]) if j is not None else None,
+                mode=modes[k], n_train=int(n_tr[k]), n_siblings=int(n_sib[k]),
+                overfit_alarm=stats.get(k, (False,))[0], rms_before=rms_b, rms_after=rms_a,
+                flux_raw=raw_l[k] if has_det else None, flux_corrected=done_l[k] if has_det else None,
             )
-            out[k] = TargetFit(corrected[lo:hi], np.where(has[lo:hi], np.sqrt(err[lo:hi] ** 2 + excess), np.nan),
-                               sys_[lo:hi], diag, tr)
+            out[k] = TargetFit(corrected[lo:hi], corrected_err[lo:hi], sys_[lo:hi], diag, train[lo:hi])
         return out
 
     def _fit_many(self, ks, X, terms, sys_, owner, train, known, flux, err, band, n_bands) -> dict:
