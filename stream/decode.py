@@ -450,17 +450,20 @@ def _ztf_values(rows, keys) -> np.ndarray:
     return np.array(vals, dtype=float).reshape(len(rows), len(keys)).T
 
 
+_INT_ROWS = [_LC[name] for name in _INT_COLS]
+_META_ROWS = [_LC[n] for n in ("exposure", "field", "chip", "zp", "zp_rms", "colour_coeff", "limit_mag")]
+
+
 def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
     """LightCurve matrix of ZTF rows whose first fields are :data:`_ZTF_META`; flux columns NaN."""
     m = np.full((len(_LC), v.shape[1]), np.nan)
-    jd, fid, pid, fld, rcid, zp, zp_rms, clr, lim, magnr = v[:10]
+    jd, fid, magnr = v[0], v[1], v[9]
     m[_LC["mjd"]] = jd - JD_MJD
     m[_LC["band"]] = np.where((fid >= 1) & (fid <= 3), fid, 0)  # code into _BAND_ARRAY
     m[_LC["kind"]] = kind
-    m[_LC["exposure"]], m[_LC["field"]], m[_LC["chip"]] = pid, fld, rcid
-    m[_LC["zp"]], m[_LC["zp_rms"]], m[_LC["colour_coeff"]], m[_LC["limit_mag"]] = zp, zp_rms, clr, lim
-    with np.errstate(invalid="ignore", over="ignore"):
-        m[_LC["ref_flux"]] = np.where(magnr > 0, mag_to_ujy(np.where(magnr > 0, magnr, 99.0)), np.nan)
+    m[_META_ROWS] = v[2:9]  # pid, field, rcid, magzpsci, magzpscirms, clrcoeff, diffmaglim
+    # (NaN compares False, so no invalid-value warning; non-positive and missing magnr give NaN)
+    m[_LC["ref_flux"]] = np.where(magnr > 0, mag_to_ujy(np.where(magnr > 0, magnr, 99.0)), np.nan)
     return m
 
 
@@ -512,7 +515,8 @@ def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, 
     cols = {name: m[i] for name, i in _LC.items()}
     cols["band"] = _BAND_ARRAY[cols["band"].astype(np.int64)]
     cols["kind"] = cols["kind"].astype(np.int8)
-    ints = np.nan_to_num(m[[_LC[name] for name in _INT_COLS]], nan=-1).astype(np.int64)
+    ints = m[_INT_ROWS]
+    ints = np.where(np.isnan(ints), -1.0, ints).astype(np.int64)
     for name, col in zip(_INT_COLS, ints, strict=True):
         cols[name] = col
     return LightCurve(**cols)
