@@ -7,7 +7,8 @@ alerts from :func:`stream.simulate.simulate`):
 1. the floor: bare ``fastavro.reader`` decode of the same messages (records materialised);
 2. offline replay end to end: ``Pipeline.process`` in micro-batches of 500 through
    :func:`stream.service.drive`, annotation records, Avro encoding (what the Kafka sink sends)
-   and a JSON Lines file sink — and its ratio to the floor;
+   and a JSON Lines file sink — and its ratio to the floor (for the pipeline as shipped, floor and
+   replay alternate three times and the median ratio is reported: the VM's speed drifts);
 3. the live service through Kafka (the embedded Tansu broker): 1 and 2 ``vigil run``
    processes in one consumer group on a pre-loaded topic, first → last annotation;
 4. produce → annotation latency (p50/p95/p99) at a steady paced rate, and the time to clear a burst;
@@ -55,10 +56,10 @@ SIM_START_JD = 2460200.5
 #: through a bare HSR() for its stage cost (None: every alert once — the real ones are not cycled
 #: here, since a second pass would find a warm store); ``*_cap_s``: a section stops there and
 #: reports what it reached.
-FULL = {"sim_n": 2000, "real_reps": 2, "hsr_n": None, "kafka_n": 10000, "kafka_cap_s": 60.0,
+FULL = {"sim_n": 2000, "real_reps": 2, "hsr_n": None, "ratio_reps": 3, "kafka_n": 10000, "kafka_cap_s": 60.0,
         "steady_rate": 250.0, "steady_s": 30.0, "drain_cap_s": 20.0, "burst_n": 10000, "burst_cap_s": 45.0,
         "rss_n": 20000, "rss_chunk": 5000, "rss_cap_s": 300.0, "nohsr_rss_n": 10000, "nohsr_rss_cap_s": 75.0}
-QUICK = {"sim_n": 500, "real_reps": 1, "hsr_n": 100, "kafka_n": 1000, "kafka_cap_s": 30.0,
+QUICK = {"sim_n": 500, "real_reps": 1, "hsr_n": 100, "ratio_reps": 1, "kafka_n": 1000, "kafka_cap_s": 30.0,
          "steady_rate": 250.0, "steady_s": 5.0, "drain_cap_s": 10.0, "burst_n": 1000, "burst_cap_s": 20.0,
          "rss_n": 3000, "rss_chunk": 1500, "rss_cap_s": 60.0, "nohsr_rss_n": 1500, "nohsr_rss_cap_s": 30.0}
 
@@ -651,6 +652,9 @@ def report(r: dict) -> str:
             f"{rp['alerts_per_s']:,.0f} alerts/s")
         add(f"2 replay [{ds}]", f"  ratio to floor on those {rp['read']} ({d['floor_hsr_n']:,.0f}/s)", f"{ratio:.0%}",
             ">= 60%", ratio >= 0.6)
+        if len(d.get("ratio_pairs", ())) > 1:
+            add(f"2 replay [{ds}]", "  ratio of each (floor, replay) pair",
+                " ".join(f"{p[1] / p[0]:.0%}" for p in d["ratio_pairs"]))
         rp = d["replay_nohsr"]
         ratio = rp["alerts_per_s"] / d["floor"]
         add(f"2 replay [{ds}]", f"Pipeline(hsr=False), {rp['read']} alerts", f"{rp['alerts_per_s']:,.0f} alerts/s")
@@ -787,8 +791,16 @@ def main(argv=None) -> int:
         hp = once[:cfg["hsr_n"]]
         d["hsr_part"] = len(hp) < len(once)
         say(f"{name}: replay (HSR off) {d['replay_nohsr']['alerts_per_s']:,.0f}/s; default pipeline on {len(hp)}")
-        d["floor_hsr_n"] = floor_rate(hp)
-        d["replay"] = replay_rate(hp, tmp, hsr=None)
+        # The VM's speed drifts by several per cent within a minute: floor and replay alternate
+        # ``ratio_reps`` times and the median ratio is reported, with every pair.
+        pairs = []
+        for _ in range(cfg["ratio_reps"]):
+            f = floor_rate(hp)
+            rp = replay_rate(hp, tmp, hsr=None)
+            pairs.append((rp["alerts_per_s"] / f, f, rp))
+        pairs.sort(key=lambda x: x[0])
+        _, d["floor_hsr_n"], d["replay"] = pairs[len(pairs) // 2]
+        d["ratio_pairs"] = [(round(f), round(rp["alerts_per_s"])) for _, f, rp in pairs]
         say(f"{name}: replay (default) {d['replay']['alerts_per_s']:,.0f}/s; stages")
         d["stages"] = stage_costs(once, tmp, len(hp))
         r["data"][name] = d
