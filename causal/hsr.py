@@ -812,25 +812,22 @@ class SiblingStore:
         return out
 
     @staticmethod
-    def _take_out(sums: np.ndarray, owner: np.ndarray, where: np.ndarray, held, places: np.ndarray, rows: list,
-                  width: int) -> None:
+    def _take_out(sums: np.ndarray, owner: np.ndarray, where: np.ndarray, own: np.ndarray, places: np.ndarray,
+                  rows: np.ndarray, width: int) -> None:
         """R1 for many targets at once: ``sums[i] -= Σ`` the excluded rows of target ``owner[i]`` at ``where[i]``.
 
-        ``held[k]`` lists target k's excluded objects, whose rows (``rows``, concatenated in
-        that order) sit at store rows ``places`` (slot or visit row, −1: none); ``width``
-        bounds those. Rows at a place no target row names are dropped first; the rest are
-        merged per (target, place) and matched by binary search.
+        The excluded rows ``rows`` belong to targets ``own`` and sit at store rows ``places``
+        (slot or visit row, −1: none); ``width`` bounds those. Rows at a place no target row
+        names are dropped first; the rest are merged per (target, place) and matched by
+        binary search.
         """
-        n_rows = np.array([len(r) for r in rows], dtype=np.int64)
-        per_target = np.array([len(objs) for objs in held], dtype=np.int64)
-        own = np.repeat(np.repeat(np.arange(len(held), dtype=np.int64), per_target), n_rows)
         key = own * width + places
-        wanted = np.unique(np.where(where >= 0, owner * width + where, -1))
-        keep = (places >= 0) & _in_sorted(key, wanted)
+        wanted = np.where(where >= 0, owner * width + where, -1)
+        keep = (places >= 0) & _in_sorted(key, np.unique(wanted))
         if not keep.any():
             return
-        keys, merged = _sum_by_key(key[keep], np.concatenate(rows)[keep])
-        pos, hit = _locate(keys, np.where(where >= 0, owner * width + where, -1))
+        keys, merged = _sum_by_key(key[keep], rows[keep])
+        pos, hit = _locate(keys, wanted)
         if hit.any():
             sums[hit] -= merged[pos[hit]]
 
@@ -863,9 +860,12 @@ class SiblingStore:
         sums[have] = self.sums[slots[have]]
         held = [[o for o in dict.fromkeys(ex) if o in self._obj_exps] for ex in excludes]
         flat = [o for objs in held for o in objs]
-        rows = [self._obj_sums[o] for o in flat]
         if flat:  # R1: the excluded objects' own rows (every held row's exposure has a slot)
-            self._take_out(sums, owner, slots, held, self._slots(np.concatenate([self._obj_exps[o] for o in flat])),
+            rows = [self._obj_sums[o] for o in flat]
+            own = np.repeat(np.repeat(np.arange(len(held), dtype=np.int64), [len(objs) for objs in held]),
+                            [len(r) for r in rows])
+            rows = np.concatenate(rows)
+            self._take_out(sums, owner, slots, own, self._slots(np.concatenate([self._obj_exps[o] for o in flat])),
                            rows, self._cap)
         coef, n = _solve(sums)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
@@ -876,7 +876,7 @@ class SiblingStore:
             vsums = np.zeros((len(exposures), _NSUM), dtype=np.int64)
             vsums[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
             if flat:  # rows without a visit (key 0) have no visit row: _vslots gives −1
-                self._take_out(vsums, owner, vsl, held, self._vslots(np.concatenate([self._obj_vks[o] for o in flat])),
+                self._take_out(vsums, owner, vsl, own, self._vslots(np.concatenate([self._obj_vks[o] for o in flat])),
                                rows, len(self.vsums))
             coef, n = _blend(coef, n, vsums)
         a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
