@@ -193,6 +193,20 @@ def stage_costs(payloads, tmp: Path, hsr_n: int) -> dict:
     ``Pipeline()``) is timed on a fresh ``causal.hsr.HSR()`` over the first ``hsr_n`` alerts,
     because it can cost more than everything else together.
     """
+    import gc
+
+    from stream.service import GC_GEN0_THRESHOLD
+
+    # The collector setting stream.service.drive uses while streaming (restored at the end).
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], GC_GEN0_THRESHOLD), *thresholds[1:])
+    try:
+        return _stage_costs(payloads, tmp, hsr_n)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _stage_costs(payloads, tmp: Path, hsr_n: int) -> dict:
     from causal.hsr import HSR
     from models.features import alert_features
     from stream.annotation import encode_annotation
