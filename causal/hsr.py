@@ -880,10 +880,9 @@ class SiblingStore:
                                rows, len(self.vsums))
             coef, n = _blend(coef, n, vsums)
         a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
-        extras = _Once(lambda: self._extras(exposures, slots, owner, excludes))
-        return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi]},
-                               lambda lo=lo, hi=hi: {k: v[lo:hi] for k, v in extras().items()})
-                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        extras = _LazyExtras(self, exposures, slots, excludes, bounds)
+        return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi]}, extras, i)
+                for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
 
     def _extras(self, exposures, slots, owner, excludes) -> dict:
         """Image-level columns of sibling vectors: metadata, leave-one-out seeing, ZP anomaly."""
@@ -944,31 +943,57 @@ class _SiblingVector(dict):
 
     Only full fits read them (reduced and prior-only corrections need ``a``, ``s``, ``c``,
     ``n``), so most alerts never pay for them. They are computed from the store as it is
-    at that moment: use the vector before ingesting more.
+    at that moment: use the vector before ingesting more. ``extras`` is shared by the
+    vectors built together, so the ones needed can be computed in one pass
+    (:func:`_prefetch_extras`).
     """
 
-    def __init__(self, core: dict, extras):
+    def __init__(self, core: dict, extras, index: int):
         super().__init__(core)
-        self._extras = extras
+        self._extras, self._index = extras, index
 
     def __missing__(self, key):
         if self._extras is None:
             raise KeyError(key)
-        extras, self._extras = self._extras(), None
+        extras, self._extras = self._extras.part(self._index), None
         self.update(extras)
         return self[key]
 
 
-class _Once:
-    """A computation run on first call and remembered (a batch's shared lazy columns)."""
+class _LazyExtras:
+    """The image-level columns of a batch of sibling vectors, computed for those asked for."""
 
-    def __init__(self, fn):
-        self._fn, self._value = fn, None
+    def __init__(self, store, exposures, slots, excludes, bounds):
+        self.store, self.exposures, self.slots, self.excludes, self.bounds = store, exposures, slots, excludes, bounds
+        self.done: dict[int, dict] = {}
 
-    def __call__(self):
-        if self._fn is not None:
-            self._value, self._fn = self._fn(), None
-        return self._value
+    def prefetch(self, indices) -> None:
+        todo = [i for i in dict.fromkeys(indices) if i not in self.done]
+        if not todo:
+            return
+        b = self.bounds
+        rows = np.concatenate([np.arange(b[i], b[i + 1]) for i in todo])
+        owner = np.repeat(np.array(todo, dtype=np.int64), [b[i + 1] - b[i] for i in todo])
+        cols = self.store._extras(self.exposures[rows], self.slots[rows], owner, self.excludes)
+        lo = 0
+        for i in todo:
+            n = b[i + 1] - b[i]
+            self.done[i] = {k: v[lo:lo + n] for k, v in cols.items()}
+            lo += n
+
+    def part(self, i: int) -> dict:
+        self.prefetch([i])
+        return self.done.pop(i)
+
+
+def _prefetch_extras(vectors) -> None:
+    """Compute the image-level columns of ``vectors`` (sibling vectors) in one pass per batch."""
+    by_batch: dict = {}
+    for v in vectors:
+        if isinstance(v, _SiblingVector) and v._extras is not None:
+            by_batch.setdefault(id(v._extras), (v._extras, []))[1].append(v._index)
+    for extras, indices in by_batch.values():
+        extras.prefetch(indices)
 
 
 @dataclass(frozen=True)
@@ -1235,6 +1260,7 @@ class HalfSiblingRegressor(BaseEstimator):
             stats.update(self._fit_many(np.flatnonzero(reduced), cols.T, REDUCED_TERMS, sys_, **group))
         if full.any():
             ks = np.flatnonzero(full)
+            _prefetch_extras([sibs[k] for k in ks.tolist()])
             on = full[owner]
             extra = {name: np.concatenate([sibs[k][name] for k in ks.tolist()])
                      for name in ("zp_anom", "seeing", "zp_rms", "colour_coeff")}
