@@ -98,19 +98,24 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
             continue
         p_all = np.asarray(getattr(batch, s), dtype=float)
         top = np.argsort(-np.abs(c), axis=1)[:, :k]
-        for i in range(n):
-            p = p_all[i]
-            if not np.isfinite(p):
+        # Everything a row needs, gathered for the batch and turned into Python lists once.
+        rows = np.arange(n)[:, None]
+        contrib = c[rows, top]
+        cols = vals_idx[top]
+        vals = np.where(cols >= 0, Xv[rows, np.maximum(cols, 0)], np.nan)
+        keep = (contrib != 0) & np.isfinite(contrib)
+        ok = np.isfinite(p_all)
+        for i, (p, tj, cv, xv, kp) in enumerate(zip(p_all.tolist(), top.tolist(), contrib.tolist(), vals.tolist(),
+                                                   keep.tolist(), strict=True)):
+            if not ok[i]:
                 continue
             items, text = out[i]
             parts = []
-            for j in top[i]:
-                v = c[i, j]
-                if v == 0 or not np.isfinite(v):
+            for j, v, val, use in zip(tj, cv, xv, kp, strict=True):
+                if not use:
                     continue
                 name = names[j]
-                val = float(Xv[i, vals_idx[j]]) if vals_idx[j] >= 0 else float("nan")
-                items.append((s, name, val, float(v)))
+                items.append((s, name, val, v))
                 parts.append(f"{name}={val:.3g} {'raises' if v > 0 else 'lowers'} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
     return out
