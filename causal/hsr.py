@@ -520,20 +520,29 @@ class SiblingStore:
             vks = np.concatenate([self._obj_vks[obj], vks])[order]
         self._obj_exps[obj], self._obj_sums[obj], self._obj_vks[obj] = exps, contrib, vks
 
-    def _add_new(self, cands) -> None:
-        """:meth:`_add_rows` for distinct objects the store holds nothing of, all at once (same state)."""
-        if not cands:
-            return
+    def _candidate_rows(self, cands):
+        """The concatenated rows of sibling candidates ``(obj, exposures, f, F, err, colour)``.
+
+        Returns per-candidate lengths, and per row its candidate, exposure and quantised
+        contribution, plus the indices of each (candidate, exposure)'s first row: the rows
+        :meth:`_add_rows` keeps (as ``np.unique``'s ``return_index``).
+        """
         lens = np.array([len(c[1]) for c in cands], dtype=np.int64)
         owner = np.repeat(np.arange(len(cands), dtype=np.int64), lens)
         exps = np.concatenate([np.asarray(c[1], dtype=np.int64) for c in cands])
         contrib = self._quantise(np.concatenate([c[3] for c in cands]), np.concatenate([c[2] for c in cands]),
                                  np.concatenate([c[4] for c in cands]),
                                  np.repeat(np.array([c[5] for c in cands], dtype=float), lens))
-        # One row per exposure and object, the first of its rows (as np.unique's return_index).
         order = np.lexsort((np.arange(len(exps)), exps, owner))
         first = order[np.concatenate([[True], (owner[order][1:] != owner[order][:-1])
                                       | (exps[order][1:] != exps[order][:-1])])]
+        return lens, owner, exps, contrib, first
+
+    def _add_new(self, cands) -> None:
+        """:meth:`_add_rows` for distinct objects the store holds nothing of, all at once (same state)."""
+        if not cands:
+            return
+        _, owner, exps, contrib, first = self._candidate_rows(cands)
         owner, exps, contrib = owner[first], exps[first], contrib[first]
         slots = self._slots(exps)  # every row's exposure has a slot (ingested with its light curve)
         np.add.at(self.sums, slots, contrib)
@@ -619,10 +628,8 @@ class SiblingStore:
         bit. None if the store lacks an exposure or it does not settle in ``max_rounds``.
         """
         K = len(pending)
-        lens = np.array([len(p[1]) for p in pending], dtype=np.int64)
+        lens, owner, exps, contrib, first = self._candidate_rows(pending)
         bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
-        exps = np.concatenate([p[1] for p in pending])
-        owner = np.repeat(np.arange(K, dtype=np.int64), lens)
         slots = self._slots(exps)
         if (slots < 0).any():
             return None
@@ -632,12 +639,6 @@ class SiblingStore:
         vbase = np.zeros_like(base)
         vbase[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
         # What each object would add (as _add_rows does: the first of its rows per exposure).
-        contrib = self._quantise(np.concatenate([p[3] for p in pending]), np.concatenate([p[2] for p in pending]),
-                                 np.concatenate([p[4] for p in pending]),
-                                 np.repeat(np.array([p[5] for p in pending], dtype=float), lens))
-        order = np.lexsort((np.arange(len(exps)), exps, owner))
-        first = order[np.concatenate([[True], (owner[order][1:] != owner[order][:-1])
-                                      | (exps[order][1:] != exps[order][:-1])])]
         t_obj, t_slot, t_visit, t_c = owner[first], slots[first], visits[first], contrib[first]
         ids = np.unique(np.concatenate([visits, t_visit]))  # dense visit ids (key 0: no visit)
         q_vid, t_vid = np.searchsorted(ids, visits), np.searchsorted(ids, t_visit)
