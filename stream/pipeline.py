@@ -139,7 +139,8 @@ class Pipeline:
         prio = priority(sb.p_real, sb.p_extragalactic, sb.p_fast, stages, now - mjd)
         t_ms = int(time.time() * 1000)
         anns = []
-        feats = X.to_dict("records")
+        cols = list(X.columns)  # (rows as Python lists: a third of what DataFrame.to_dict costs)
+        feats = [dict(zip(cols, row, strict=True)) for row in X.to_numpy().tolist()]
         explained = explain_batch(sb, X)
         for i, (a, env) in enumerate(zip(alerts, envelopes, strict=True)):
             scores = (sb.p_real[i], sb.p_extragalactic[i], sb.p_fast[i])
