@@ -1049,20 +1049,24 @@ class HalfSiblingRegressor(BaseEstimator):
 
     # The design: one column per term, plus per-band intercepts.
     @staticmethod
-    def design(sib: dict, F_target, airmass_, colour: float = np.nan, terms=FULL_TERMS) -> dict:
+    def design(sib: dict, F_target, airmass_, colour=np.nan, terms=FULL_TERMS, seeing_median=None) -> dict:
         """The sibling terms ``terms`` (a subset of :data:`FULL_TERMS`) for a target's rows.
 
         ``airmass_`` is an array, or a callable giving it, evaluated only if ``airmassF``
         is asked for; the image-level columns of ``sib`` are likewise read only for the
-        full terms.
+        full terms. ``colour`` is the target's g − r, or one per row; the seeing ratio is
+        taken to the median seeing of ``sib`` unless ``seeing_median`` (per row) is given,
+        so that several light curves' rows can be designed at once.
         """
         F = np.where(np.isfinite(F_target) & (np.asarray(F_target) > 0), F_target, 0.0)
-        dcol = colour - _COLOUR0 if np.isfinite(colour) else 0.0
+        colour = np.asarray(colour, dtype=float)
+        dcol = np.where(np.isfinite(colour), colour - _COLOUR0, 0.0)
         make = {
             "a": lambda: sib["a"],
             "sF": lambda: sib["s"] * F + sib["c"] * F * dcol,  # the siblings' scale at the target's colour
             "zpF": lambda: sib["zp_anom"] * F,
-            "seeingF": lambda: _seeing_ratio(sib["seeing"]) * F,
+            "seeingF": lambda: (_seeing_ratio(sib["seeing"]) if seeing_median is None
+                                else sib["seeing"] / seeing_median - 1.0) * F,
             "airmassF": lambda: ((airmass_() if callable(airmass_) else airmass_) - 1.0) * F,
             "zprmsF": lambda: sib["zp_rms"] * F,
             "colourF": lambda: sib["colour_coeff"] * F,
@@ -1244,11 +1248,9 @@ class HalfSiblingRegressor(BaseEstimator):
         bands, bi = np.unique(cat("band"), return_inverse=True)
         gkey = owner * len(bands) + bi
         F, colour = _reference(owner, gkey, bands, cat("ref_flux"), len(lcs))
-        dcol = np.where(np.isfinite(colour), colour - _COLOUR0, 0.0)
-        Fd = np.where(np.isfinite(F) & (F > 0), F, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            cols = np.array([sib_col("a", float), sib_col("s", float) * Fd + sib_col("c", float) * Fd * dcol[owner]])
-        cols = np.nan_to_num(cols, nan=0.0, posinf=0.0, neginf=0.0)
+        core = {k: sib_col(k, float) for k in ("a", "s", "c")}
+        reduced_X = self.design(core, F, None, colour[owner], REDUCED_TERMS)
+        cols = np.array([reduced_X[t] for t in REDUCED_TERMS])
         # Modes as in correct(): prior below min_points_reduced, full with enough points per parameter.
         n_bands = np.bincount(np.unique(gkey[train]) // len(bands), minlength=len(lcs))
         p_full = len(FULL_TERMS) + np.where(n_train > 0, n_bands, 0)
@@ -1263,11 +1265,12 @@ class HalfSiblingRegressor(BaseEstimator):
             ks = np.flatnonzero(full)
             _prefetch_extras([sibs[k] for k in ks.tolist()])
             on = full[owner]
-            extra = {name: np.concatenate([sibs[k][name] for k in ks.tolist()])
-                     for name in ("zp_anom", "seeing", "zp_rms", "colour_coeff")}
+            sib_on = {k: v[on] for k, v in core.items()}
+            sib_on.update({name: np.concatenate([sibs[k][name] for k in ks.tolist()])
+                           for name in ("zp_anom", "seeing", "zp_rms", "colour_coeff")})
             # The seeing ratio is taken to each light curve's own median seeing (see _seeing_ratio).
-            sk, smed = _group_medians(owner[on][np.isfinite(extra["seeing"])],
-                                      extra["seeing"][np.isfinite(extra["seeing"])])
+            fin = np.isfinite(sib_on["seeing"])
+            sk, smed = _group_medians(owner[on][fin], sib_on["seeing"][fin])
             spos, shit = _locate(sk, owner[on])
             seeing_med = np.where(shit, smed[spos] if len(sk) else np.nan, np.nan)
             am = np.full(int(on.sum()), np.nan)
@@ -1276,13 +1279,10 @@ class HalfSiblingRegressor(BaseEstimator):
                 m = sv == sname
                 am[m] = airmass(np.asarray(ra, dtype=float)[owner[on]][m], np.asarray(dec, dtype=float)[owner[on]][m],
                                 mjd[on][m], sname)
-            f = Fd[on]
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                more = np.array([extra["zp_anom"] * f, (extra["seeing"] / seeing_med - 1.0) * f, (am - 1.0) * f,
-                                 extra["zp_rms"] * f, extra["colour_coeff"] * f])
+            full_X = self.design(sib_on, F[on], am, colour[owner[on]], FULL_TERMS, seeing_median=seeing_med)
             X = np.zeros((len(flux), len(FULL_TERMS)))
             X[:, :2] = cols.T
-            X[on, 2:] = np.nan_to_num(more, nan=0.0, posinf=0.0, neginf=0.0).T
+            X[on] = np.column_stack([full_X[t] for t in FULL_TERMS])
             stats.update(self._fit_many(ks, X, FULL_TERMS, sys_, **group))
         corrected = np.where(has, flux - sys_, np.nan)
         det_rows = np.flatnonzero(kind == DETECTION)
