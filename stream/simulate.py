@@ -70,17 +70,30 @@ objects / quadrant (dense)     constant 450 (r 13.5–18), periodic 12, cv 2, fl
                                sn 6, slow_sn 2, agn 3
 objects / quadrant (sparse)    constant 6, periodic 1, cv 0.3, flare 0.5, pm_star 0.3, fast 0.3, sn 0.7,
                                slow_sn 0.3, agn 0.3 (counts < 20 are Poisson means)
-bogus / pid (alert nights)     Poisson(B × (seeing/2″)² × (1 + 0.5 moon)), B = 3 dense, 0.5 sparse; |S/N| 5 + Exp(2.5),
+objects / quadrant (transient) constant 6, periodic 0.5, cv 0.8, flare 50, pm_star 0.3, fast 1.5, sn 1.5,
+                               slow_sn 0.3, agn 0.3: a transient search's alerts, mostly new sources and
+                               the galactic mimics of fast transients
+bogus / pid (alert nights)     Poisson(B × (seeing/2″)² × (1 + 0.5 moon)), B = 3 dense, 0.5 sparse and
+                               transient; |S/N| 5 + Exp(2.5),
                                35 % negative; low rb/drb, odd fwhm, elong, nneg, nbad
 periodic                       r 14–18.5, P log-uniform 0.05–30 d, amplitude 0.05–0.6 mag (g ×1.3)
-cv                             quiescent r 18.5–21, outbursts 3–5 mag every 15–60 d, rise 0.5–1.5 d
-flare                          M dwarf r 16–19.5, g−r 1.3–1.6, 0.3 flares/d, 0.5–3 mag in g (r ×0.35),
+cv                             quiescent r 18.5–22.5, outbursts 3–5 mag, rise 0.5–1.5 d, one starting
+                               in the alert nights (or ≤ 10 d before), recurrence log-uniform 15–1500 d
+flare                          M dwarf r 16.5–22, g−r 1.3–1.6, 0.05 flares/d, 0.5–3 mag in g (r ×0.35),
                                τ 0.02–0.15 d
 pm_star                        r 14–18, μ 0.05–0.3″/yr since the reference (JD 2458250): dipole
                                flux F·(1 − exp(−d²/4s²)), position drifts
-fast                           peak r 17.5–20, rise τ 0.3–1 d, decline τ 1.5–4 d, 50 % hosted
+fast                           peak r 17.5–20 from 3 d before to 3 d after the alert nights, rise
+                               τ 0.3–1 d, decline τ 1.5–4 d, 50 % hosted
 sn / slow_sn                   peak r 17–19.8 / 17.5–19.5, τ_rise 2.5–5 / 10–25 d, τ_fall 15–35 /
-                               60–150 d (Bazin), 80 % hosted (host r 17.5–21)
+                               60–150 d (Bazin), 80 % hosted (host r 17.5–23); sn peaks from 25 d
+                               before to 10 d after the alert nights
+catalogue depths               a star or host fainter than r ≈ 21 (± 0.2) has no reference-image
+                               counterpart, fainter than 22 none in PS1, and a star fainter than
+                               G = r + 0.3 = 20.7 none in Gaia: the nearest catalogued source is an
+                               unrelated one; PS1 sgscore fades to U(0.25, 0.75) from r 20.5 to 22
+history before the survey      ndethist, jdstarthist: years of coverage, detected as often as in the
+                               simulated history nights (none for transients)
 agn                            nucleus r 16.5–19.5, damped random walk τ 100–400 d, SF∞ 0.15–0.35 mag
 truth flags                    is_real = not bogus; is_extragalactic = fast/sn/slow_sn/agn;
                                is_fast (rise < 3 d) = fast/flare/cv
@@ -103,6 +116,12 @@ bogus), ``noise_flux_ujy``, ``meas_flux_ujy`` (= the sum of the four; what the a
 ``isdiffpos``, ``seeing_arcsec``; history sizes ``n_prv_det``, ``n_prv_nondet``, ``n_fp``;
 ``n_later_det`` (detections of the object in the next 3 days: the "later data" of selection);
 ``propensity`` (true P(vetted)) and ``vetted``.
+
+Interventions: ``seeing=s`` is do(seeing = s) for every exposure (or, with
+``seeing_nights=k``, for those of the last *k* alert nights). All random draws stay those of
+the run without it — per-object draws come from streams split between real objects and
+artefacts, so the artefact count, which seeing changes, moves nothing else — and
+:meth:`SimResult.alert_keys` matches the same (object, exposure) across runs.
 
 (The PS1 term stands for "a catalogued star, nobody follows it up": like every other term it
 depends on observables only, not on the class label, so inverse-propensity weighting on the
@@ -161,15 +180,26 @@ EXTRAGALACTIC = {"fast", "sn", "slow_sn", "agn"}
 FAST = {"fast", "flare", "cv"}
 STARS = {"constant", "periodic", "cv", "flare", "pm_star"}
 
-#: Mean number of objects per quadrant, (dense, sparse).
+MODES = ("dense", "sparse", "transient")
+#: Mean number of objects per quadrant, one entry per mode in :data:`MODES`. The transient
+#: mode is a sparse sky seen by a transient search: most alerts come from new sources and
+#: from the galactic contaminants that mimic them (flares of faint M dwarfs, CV outbursts).
 POPULATION = {
-    "constant": (450, 6), "periodic": (12, 1), "cv": (2, 0.3), "flare": (6, 0.5), "pm_star": (3, 0.3),
-    "fast": (2, 0.3), "sn": (6, 0.7), "slow_sn": (2, 0.3), "agn": (3, 0.3),
+    "constant": (450, 6, 6), "periodic": (12, 1, 0.5), "cv": (2, 0.3, 0.8), "flare": (6, 0.5, 50),
+    "pm_star": (3, 0.3, 0.3), "fast": (2, 0.3, 1.5), "sn": (6, 0.7, 1.5), "slow_sn": (2, 0.3, 0.3),
+    "agn": (3, 0.3, 0.3),
 }
 #: Mean bogus detections per pid in good conditions; artefacts scale with star density.
-BOGUS_PER_PID = {"dense": 3.0, "sparse": 0.5}
+BOGUS_PER_PID = {"dense": 3.0, "sparse": 0.5, "transient": 0.5}
 #: Rough alerts per (quadrant, alert night), used to size a run for ``n_alerts``.
-ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20}
+ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20, "transient": 25}
+#: Catalogue depths (r, AB): sources fainter than these have no counterpart of their own in
+#: the survey's reference image, in PS1 and in Gaia (G ≈ r + 0.3); the nearest catalogued
+#: source is then an unrelated neighbour. PS1's star/galaxy score loses its power between
+#: r = 20.5 and 22 (it drifts towards an uninformative 0.25–0.75).
+REF_DEPTH_R, PS1_DEPTH_R, GAIA_DEPTH_G, SG_RELIABLE_R = 21.0, 22.0, 20.7, 20.5
+#: Flares per day of a flare star (0.5–3 mag in g).
+FLARE_RATE = 0.05
 
 TRUTH_COLUMNS = (
     "candid", "objectId", "object_index", "class", "is_real", "is_extragalactic", "is_fast", "pid",
@@ -198,14 +228,20 @@ class SimConfig:
     sys_scale: float = 1.0
     bogus_per_pid: float | None = None  # None: the mode's default (BOGUS_PER_PID)
     fp_bad_fraction: float = 0.01
+    seeing: float | None = None  # do(seeing): exposures taken at this seeing (arcsec) ...
+    seeing_nights: int | None = None  # ... on the last this many alert nights (None: every night)
 
     def __post_init__(self):
-        if self.mode not in ("dense", "sparse"):
-            raise ValueError(f"mode must be 'dense' or 'sparse', not {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.nights < 1 or self.fields < 1 or not 1 <= self.quadrants <= 64:
             raise ValueError("need nights ≥ 1, fields ≥ 1 and 1 ≤ quadrants ≤ 64")
         if self.n_alerts is not None and self.n_alerts < 1:
             raise ValueError("n_alerts must be positive")
+        if self.seeing is not None and not 0.3 <= self.seeing <= 10:
+            raise ValueError(f"seeing={self.seeing}: the intervention wants 0.3–10 arcsec")
+        if self.seeing_nights is not None and not 1 <= self.seeing_nights <= self.nights:
+            raise ValueError(f"seeing_nights={self.seeing_nights}: must be 1 … nights ({self.nights})")
 
 
 @dataclass(eq=False)
@@ -278,6 +314,18 @@ class SimResult:
         parts = [q.recoverable() for q in self._quads]
         return pd.concat(parts).sort_index() if parts else pd.Series(dtype=int)
 
+    def alert_keys(self) -> list:
+        """Per alert (truth order), ``"quadrant:object:exposure"``: the same across do(seeing) runs.
+
+        Artefacts are drawn afresh under another seeing; their keys carry a ``b``.
+        """
+        out = []
+        for qi, row in self._order:
+            q = self._quads[qi]
+            j, e = int(q.dj[row]), int(q.de[row])
+            out.append(f"{qi}:{'b' if q.o['bogus_epoch'][j] >= 0 else ''}{j}:{e}")
+        return out
+
     def summary(self) -> str:
         """Human-readable summary: systematic RMS and the class mix."""
         return _summary(self)
@@ -285,7 +333,8 @@ class SimResult:
 
 def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, quadrants: int = 4,
              mode: str = "dense", fmt: str = "files", n_alerts: int | None = None, history_days: int = 30,
-             start_jd: float = 2460200.5, sys_scale: float = 1.0) -> SimResult:
+             start_jd: float = 2460200.5, sys_scale: float = 1.0, seeing: float | None = None,
+             seeing_nights: int | None = None) -> SimResult:
     """Simulate a ZTF alert stream with known truth.
 
     Parameters
@@ -298,8 +347,9 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
         Alert nights (the stream); ``history_days`` of survey precede them.
     fields, quadrants : int
         ZTF fields, and readout quadrants (``rcid``) simulated per field.
-    mode : {"dense", "sparse"}
-        ≥ 100 or ~10 sibling sources per exposure.
+    mode : {"dense", "sparse", "transient"}
+        ≥ 100 or ~10 sibling sources per exposure; "transient" is sparse with a class mix
+        of new sources and their galactic mimics (see :data:`POPULATION`).
     fmt : {"files", "tarballs"}
         One ``.avro`` per alert, or nightly ``.tar.gz`` archives.
     n_alerts : int, optional
@@ -311,6 +361,15 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
         JD of 0h UT on the first survey night.
     sys_scale : float
         Multiplies every injected systematic amplitude (0 = no systematics).
+    seeing : float, optional
+        The intervention do(seeing): exposures are taken at this seeing (arcsec). All
+        random draws stay those of the same seed without it, so the same objects with the
+        same noise realisations are observed under other conditions; what follows from
+        seeing (depth, noise, systematics, artefacts, detections, PSF and survey scores)
+        changes. :meth:`SimResult.alert_keys` matches alerts across such runs.
+    seeing_nights : int, optional
+        Apply ``seeing`` only to the last this many alert nights (default: every night of
+        the survey, histories included).
 
     Returns
     -------
@@ -320,7 +379,8 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
         # The night windows are laid out from 0h UT; another start would put them in daylight.
         raise ValueError(f"start_jd={start_jd}: must be 0h UT of a day (a JD ending in .5)")
     cfg = SimConfig(seed=int(seed), nights=nights, fields=fields, quadrants=quadrants, mode=mode,
-                    n_alerts=n_alerts, history_days=history_days, start_jd=start_jd, sys_scale=sys_scale)
+                    n_alerts=n_alerts, history_days=history_days, start_jd=start_jd, sys_scale=sys_scale,
+                    seeing=seeing, seeing_nights=seeing_nights)
     result = _run(cfg)
     if out_dir is not None:
         result.write(out_dir, fmt)
@@ -333,6 +393,37 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
 def _rng(seed: int, *key: int) -> np.random.Generator:
     # Independent, order-proof streams: one per component and quadrant.
     return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+class _Split:
+    """Per-object draws of a quadrant: real objects ``[0, k)`` from one stream, artefacts from another.
+
+    Each call draws ``size`` values (``size`` must be the object count): the real objects'
+    values then do not depend on how many artefacts there are, which do(seeing) changes.
+    """
+
+    def __init__(self, seed: int, qi: int, key: int, k: int, n: int):
+        self.a, self.b, self.k, self.n = _rng(seed, key, qi), _rng(seed, key + 1000, qi), k, n
+
+    def _draw(self, name, *args, size):
+        if size != self.n:
+            raise ValueError(f"_Split draws one value per object ({self.n}), not {size}")
+        k = self.k
+        head = [a[:k] if np.ndim(a) else a for a in args]
+        tail = [a[k:] if np.ndim(a) else a for a in args]
+        return np.concatenate([getattr(self.a, name)(*head, size=k), getattr(self.b, name)(*tail, size=size - k)])
+
+    def uniform(self, low, high, size):
+        return self._draw("uniform", low, high, size=size)
+
+    def normal(self, loc, scale, size):
+        return self._draw("normal", loc, scale, size=size)
+
+    def integers(self, low, high, size):
+        return self._draw("integers", low, high, size=size)
+
+    def binomial(self, n, p):
+        return self._draw("binomial", n, p, size=len(n))
 
 
 def ujy(mag):
@@ -543,6 +634,9 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
     xm = airmass(alt)
     radius = np.hypot(dx, dy) / (4 * QUAD_DEG)
     seeing = e_seeing[ei] * (1 + 0.04 * radius + rng.normal(0, 0.02, n))
+    if cfg.seeing is not None:  # after the draws, so that the rest stays the same
+        first = 0 if cfg.seeing_nights is None else n_days - cfg.seeing_nights
+        seeing = np.where(e_night[ei] >= first, float(cfg.seeing), seeing)
     cloud = np.clip(e_cloud[ei] * np.exp(rng.normal(0, 0.1, n)), 0, 1.5)
     msep = separation(q_ra, q_dec, mra[ei], mdec[ei])
     moon_up = m_alt[ei] > 0
@@ -588,7 +682,7 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
 
 def _draw_objects(cfg: SimConfig, rng, q_ra, q_dec, t_lo, t_hi, alert_lo, alert_hi):
     """Objects of one quadrant (without bogus): a dict of equal-length arrays."""
-    k = 0 if cfg.mode == "dense" else 1
+    k = MODES.index(cfg.mode)
     cls = []
     for c, counts in POPULATION.items():
         cls += [c] * int(rng.poisson(counts[k]) if counts[k] < 20 else counts[k])
@@ -602,7 +696,7 @@ def _draw_objects(cfg: SimConfig, rng, q_ra, q_dec, t_lo, t_hi, alert_lo, alert_
     nan = np.full(n, np.nan)
     mag_r, gr = nan.copy(), nan.copy()
     for c, lo, hi, c_lo, c_hi in (("constant", 13.5, 18.0, -0.2, 1.6), ("periodic", 14.0, 18.5, 0.2, 1.2),
-                                  ("cv", 18.5, 21.0, 0.3, 0.8), ("flare", 16.0, 19.5, 1.3, 1.6),
+                                  ("cv", 18.5, 22.5, 0.3, 0.8), ("flare", 16.5, 22.0, 1.3, 1.6),
                                   ("pm_star", 14.0, 18.0, 0.4, 1.5)):
         m = cls == c
         mag_r[m] = u(lo, hi, m.sum())
@@ -611,7 +705,7 @@ def _draw_objects(cfg: SimConfig, rng, q_ra, q_dec, t_lo, t_hi, alert_lo, alert_
     is_agn = cls == "agn"
     is_tr = np.isin(cls, ["fast", "sn", "slow_sn"])
     host = is_agn | (is_tr & (u(0, 1, n) < np.where(cls == "fast", 0.5, 0.8)))
-    host_mag = np.where(host, u(17.5, 21.0, n), np.nan)
+    host_mag = np.where(host, u(17.5, 23.0, n), np.nan)
     host_sep = np.where(is_agn, u(0.0, 0.15, n), np.where(host, u(0.2, 2.5, n), np.nan))
     host_gr = np.where(host, u(0.6, 1.0, n), np.nan)
     # Flux at the position in the reference image: the star, or the host light within the PSF.
@@ -635,17 +729,19 @@ def _draw_objects(cfg: SimConfig, rng, q_ra, q_dec, t_lo, t_hi, alert_lo, alert_
     p["t0"][m] = u(0, 30, m.sum())
     m = cls == "cv"
     p["amp"][m] = u(3, 5, m.sum())
-    p["recur"][m] = u(15, 60, m.sum())
-    p["t0"][m] = alert_lo - u(0, 1, m.sum()) * p["recur"][m] + u(-5, 2, m.sum())
+    # Dwarf novae recur every few weeks (SS Cyg types) to years (WZ Sge types); the simulated
+    # ones outburst around the alert nights, and the long-recurrence ones are new sources then.
+    p["recur"][m] = 10 ** u(np.log10(15), np.log10(1500), m.sum())
+    p["t0"][m] = u(alert_lo - 10, alert_hi - 0.5, m.sum())
     p["tau_rise"][m] = u(0.5, 1.5, m.sum())
     p["tau_fall"][m] = u(3, 8, m.sum())  # plateau length
     m = cls == "flare"
-    p["rate"][m] = 0.3
+    p["rate"][m] = FLARE_RATE
     m = cls == "pm_star"
     p["pm_arcsec_yr"][m] = u(0.05, 0.3, m.sum())
     p["pm_pa"][m] = u(0, 2 * np.pi, m.sum())
-    for c, pk, tr, tf, win in (("fast", (17.5, 20.0), (0.3, 1.0), (1.5, 4.0), (-2.0, 1.0)),
-                               ("sn", (17.0, 19.8), (2.5, 5.0), (15.0, 35.0), (-25.0, 3.0)),
+    for c, pk, tr, tf, win in (("fast", (17.5, 20.0), (0.3, 1.0), (1.5, 4.0), (-3.0, 3.0)),
+                               ("sn", (17.0, 19.8), (2.5, 5.0), (15.0, 35.0), (-25.0, 10.0)),
                                ("slow_sn", (17.5, 19.5), (10.0, 25.0), (60.0, 150.0), (-60.0, 10.0))):
         m = cls == c
         p["peak_mag"][m] = u(*pk, m.sum())
@@ -662,7 +758,7 @@ def _draw_objects(cfg: SimConfig, rng, q_ra, q_dec, t_lo, t_hi, alert_lo, alert_
     # Flares: event lists per object (few per star).
     o["flares"] = [None] * n
     for j in np.flatnonzero(cls == "flare"):
-        nf = rng.poisson(0.3 * (t_hi - t_lo))
+        nf = rng.poisson(FLARE_RATE * (t_hi - t_lo))
         o["flares"][j] = (u(t_lo, t_hi, nf), u(0.5, 3.0, nf), u(0.02, 0.15, nf))
     o["n_flares"] = np.array([0 if f is None else len(f[0]) for f in o["flares"]])
     return o
@@ -815,15 +911,19 @@ class _Quad:
         n_real = len(o["class"])
 
         # Bogus: single-epoch artefacts in alert-night exposures, more in bad seeing and moonlight.
+        # Their draws have their own stream (and so do the per-object draws below, split between
+        # real objects and artefacts): under do(seeing) the artefact count changes, and the real
+        # objects must keep their noise realisations and context for the runs to be compared.
+        brng = _rng(cfg.seed, 4, qi)
         moon = (ex["moon_alt_deg"].to_numpy() > 0) * ex["moon_illum"].to_numpy()
         base = BOGUS_PER_PID[cfg.mode] if cfg.bogus_per_pid is None else cfg.bogus_per_pid
         rate = base * (seeing / SEEING_MEDIAN) ** 2 * (1 + 0.5 * moon)
-        nb = np.where(win, rng.poisson(rate), 0)
+        nb = np.where(win, brng.poisson(rate), 0)
         b_epoch = np.repeat(np.arange(n_e), nb)
         nbog = len(b_epoch)
         half = QUAD_DEG / 2 * 0.98
-        b_dec = q_dec + rng.uniform(-half, half, nbog)
-        b_ra = (q_ra + rng.uniform(-half, half, nbog) / np.cos(np.radians(b_dec))) % 360.0
+        b_dec = q_dec + brng.uniform(-half, half, nbog)
+        b_ra = (q_ra + brng.uniform(-half, half, nbog) / np.cos(np.radians(b_dec))) % 360.0
         for key in list(o):
             if key == "class":
                 o[key] = np.concatenate([o[key], np.array(["bogus"] * nbog, dtype=object)])
@@ -858,24 +958,24 @@ class _Quad:
         # Artefact flux of bogus objects, at their one epoch only.
         bi = np.flatnonzero(o["bogus_epoch"] >= 0)
         be = o["bogus_epoch"][bi]
-        sign = np.where(rng.random(len(bi)) < 0.35, -1.0, 1.0)
-        nuis[bi, be] = sign * (5.0 + rng.exponential(2.5, len(bi))) * err[bi, be]
-        noise = rng.normal(0, 1, (n, n_e)) * err
+        sign = np.where(brng.random(len(bi)) < 0.35, -1.0, 1.0)
+        nuis[bi, be] = sign * (5.0 + brng.exponential(2.5, len(bi))) * err[bi, be]
+        noise = np.vstack([rng.normal(0, 1, (n_real, n_e)), brng.normal(0, 1, (nbog, n_e))]) * err
         meas = Q + sys + nuis + noise
         det = np.abs(meas) >= 5.0 * err
         # A bogus "object" exists only at its epoch: elsewhere it is empty sky, never detected.
         for j, e in zip(bi, be, strict=True):
             det[j, :] = False
             det[j, e] = True
-        fp_bad = rng.random((n, n_e)) < cfg.fp_bad_fraction
+        fp_bad = np.vstack([rng.random((n_real, n_e)), brng.random((nbog, n_e))]) < cfg.fp_bad_fraction
 
         self.o, self.n_obj = o, n
         self.t, self.fid, self.win = t, fid, win
         self.Q, self.sys, self.nuis, self.noise, self.meas, self.err, self.det = Q, sys, nuis, noise, meas, err, det
         self.delta, self.fref, self.fp_bad = delta, fref, fp_bad
         self.obj_index = obj_offset + np.arange(n)
-        self._ids(rng)
-        self._static(rng)
+        self._ids(_Split(cfg.seed, qi, 5, n_real, n))
+        self._static(_Split(cfg.seed, qi, 7, n_real, n))
         self._detections(rng)
         self._exposure_parts()
         self.win_start = np.searchsorted(t, t - HISTORY_DAYS, side="left")
@@ -891,11 +991,14 @@ class _Quad:
         n, n_e = self.n_obj, len(t)
         cls = o["class"]
         old = np.isin(cls, list(STARS) + ["agn"])  # persistent sources have years of history
-        det_frac = self.det.mean(axis=1)
+        # Years of earlier survey history, detected as often as in the simulated history nights.
+        hist = ~self.win if (~self.win).any() else np.ones_like(self.win)
+        det_frac = self.det[:, hist].mean(axis=1)
         ncov_pre = np.where(cls == "bogus", rng.integers(300, 1200, n), rng.integers(600, 1300, n))
-        ndet_pre = np.where(old, rng.binomial(ncov_pre, np.clip(det_frac, 0, 1)), 0)
+        jdstart = 2458200.0 + rng.uniform(0, 300, n)
+        ndet_pre = np.where(old, rng.binomial(ncov_pre, np.clip(det_frac, 0, 1)), 0)  # last: its draws vary
         self.ncov_pre, self.ndet_pre = ncov_pre, ndet_pre
-        self.jdstart_pre = np.where(ndet_pre > 0, 2458200.0 + rng.uniform(0, 300, n), np.nan)
+        self.jdstart_pre = np.where(ndet_pre > 0, jdstart, np.nan)
         first = np.where(self.det.any(axis=1), t[np.argmax(self.det, axis=1)], np.nan)
         first_jd = np.where(np.isfinite(self.jdstart_pre), self.jdstart_pre, first)
         year = np.array([jd_to_datetime(x).year if np.isfinite(x) else 2023 for x in first_jd])
@@ -939,6 +1042,43 @@ class _Quad:
         gaia_d = np.where(is_star, u(0.05, 0.3, n), u(2.0, 60.0, n))
         self.gaia = {"d": gaia_d, "mag": np.where(is_star, magnr_r + 0.3, u(15.0, 20.5, n)),
                      "dbright": u(10, 90, n), "magbright": u(10.0, 14.0, n)}
+        self._catalogue_depths(is_star, host)
+
+    def _catalogue_depths(self, is_star, host):
+        """Faint stars and hosts lose their own reference-image, PS1 and Gaia counterparts.
+
+        Their nearest catalogued source becomes an unrelated neighbour, and PS1's
+        star/galaxy score fades to uninformative towards its depth. A first alert of a
+        faint M dwarf's flare then looks like a hostless transient, as it does in real
+        streams. Own random stream, so the other draws of the quadrant do not move.
+        """
+        o, n = self.o, self.n_obj
+        rng = _Split(self.cfg.seed, self.qi, 3, int(np.sum(self.o["bogus_epoch"] < 0)), n)
+        u = rng.uniform
+        mag = np.where(is_star, o["mag_r"], np.where(host, o["host_mag"], np.nan))
+        has = is_star | host
+        ref_lost = has & (mag + rng.normal(0, 0.2, n) > REF_DEPTH_R)
+        ps1_lost = has & (mag + rng.normal(0, 0.2, n) > PS1_DEPTH_R)
+        gaia_lost = is_star & (mag + 0.3 > GAIA_DEPTH_G)
+        d_nr, m_nr, gr_nr = u(2.5, 14.0, n), u(17.0, 21.0, n), u(0.3, 1.2, n)
+        self.distnr = np.where(ref_lost, d_nr, self.distnr)
+        self.magnr_r = np.where(ref_lost, m_nr, self.magnr_r)
+        self.gr_nr = np.where(ref_lost, gr_nr, self.gr_nr)
+        pa, cos = u(0, 2 * np.pi, n), np.cos(np.radians(o["dec"]))
+        self.ranr = np.where(ref_lost, (o["ra"] + d_nr * np.sin(pa) / 3600 / cos) % 360.0, self.ranr)
+        self.decnr = np.where(ref_lost, o["dec"] + d_nr * np.cos(pa) / 3600, self.decnr)
+        p = self.ps1
+        w = np.clip((np.nan_to_num(mag, nan=0.0) - SG_RELIABLE_R) / (PS1_DEPTH_R - SG_RELIABLE_R), 0, 1)
+        p["sg1"] = (1 - w) * p["sg1"] + w * u(0.25, 0.75, n)
+        p["d1"] = np.where(ps1_lost, u(1.5, 12.0, n), p["d1"])
+        p["sg1"] = np.where(ps1_lost, u(0.0, 1.0, n), p["sg1"])
+        p["r1"] = np.where(ps1_lost, u(18.0, 22.0, n), p["r1"])
+        p["gr1"] = np.where(ps1_lost, u(0.2, 1.2, n), p["gr1"])
+        p["d2"] = np.where(ps1_lost, p["d1"] + u(2, 15, n), p["d2"])
+        p["d3"] = np.where(ps1_lost, p["d1"] + u(15, 30, n), p["d3"])
+        g = self.gaia
+        g["d"] = np.where(gaia_lost, u(2.0, 60.0, n), g["d"])
+        g["mag"] = np.where(gaia_lost, u(15.0, 20.5, n), g["mag"])
 
     # -- detections ---------------------------------------------------------------
 
@@ -1430,8 +1570,9 @@ def register(subparsers) -> None:
     p.add_argument("--nights", type=int, default=2, help="alert nights (default 2)")
     p.add_argument("--fields", type=int, default=1, help="ZTF fields (default 1)")
     p.add_argument("--quadrants", type=int, default=4, help="readout quadrants per field (default 4)")
-    p.add_argument("--mode", choices=("dense", "sparse"), default="dense",
-                   help="≥100 (dense) or ~10 (sparse) sibling sources per exposure")
+    p.add_argument("--mode", choices=MODES, default="dense",
+                   help="≥100 (dense) or ~10 (sparse) sibling sources per exposure; transient: sparse, "
+                        "mostly new sources and their galactic mimics")
     p.add_argument("--format", choices=("files", "tarballs"), default="files")
     p.add_argument("--n-alerts", type=int, default=None, help="size the run for this many alerts (exact cut)")
     p.add_argument("--history-days", type=int, default=30, help="survey nights before the first alert night")

@@ -170,7 +170,7 @@ def test_forced_photometry_matches_truth(dense):
 
 
 def test_noise_consistent_with_diffmaglim():
-    res = simulate(3, nights=1, quadrants=1, mode="sparse", sys_scale=0.0)
+    res = simulate(3, nights=1, quadrants=4, mode="sparse", sys_scale=0.0)
     ph = res.photometry.merge(res.exposures[["pid", "diffmaglim"]], on="pid")
     empty = ph[(ph["ref_flux_ujy"] == 0) & (ph["true_flux_ujy"] == 0)]  # empty sky: bogus positions
     assert len(empty) > 20
@@ -271,3 +271,51 @@ def test_start_must_be_0h_ut():
     """A start JD that is not 0h UT would put the night windows in daylight: refused, not looped on."""
     with pytest.raises(ValueError, match="0h UT"):
         simulate(2, nights=1, mode="sparse", n_alerts=10, start_jd=2460209.97)
+
+
+def test_do_seeing_observes_the_same_objects_under_other_conditions():
+    kw = {"mode": "transient", "quadrants": 3, "nights": 2}
+    runs = {s: simulate(5, seeing=s, **kw) for s in (1.8, 2.8)}
+    last = simulate(5, seeing=2.8, seeing_nights=1, **kw)
+    natural = simulate(5, **kw)
+    ex = runs[1.8].exposures
+    assert (ex["seeing_arcsec"] == 1.8).all()
+    # Depth follows seeing: −2.5 log10(2.8 / 1.8) = −0.48 mag at every pid.
+    d = runs[2.8].exposures["diffmaglim"].to_numpy() - ex["diffmaglim"].to_numpy()
+    np.testing.assert_allclose(d, -2.5 * np.log10(2.8 / 1.8), atol=1e-9)
+    # Only the last alert night is intervened on with seeing_nights=1.
+    lx, nx = last.exposures, natural.exposures
+    late = lx["night"] == lx["night"].max()
+    assert (lx.loc[late, "seeing_arcsec"] == 2.8).all()
+    np.testing.assert_array_equal(lx.loc[~late, "seeing_arcsec"], nx.loc[~late, "seeing_arcsec"])
+    t = {s: r.truth.assign(key=r.alert_keys()).set_index("key") for s, r in runs.items()}
+    real = [k for k in t[1.8].index.intersection(t[2.8].index) if ":b" not in k]
+    assert len(real) > 50
+    a, b = t[1.8].loc[real], t[2.8].loc[real]
+    assert (a["class"] == b["class"]).all() and (a["pid"] == b["pid"]).all()
+    # Same objects, same reference mismatch and the same standard-normal noise draws, rescaled.
+    np.testing.assert_allclose(a["nuisance_flux_ujy"], b["nuisance_flux_ujy"])
+    np.testing.assert_allclose(a["noise_flux_ujy"] / a["flux_err_ujy"], b["noise_flux_ujy"] / b["flux_err_ujy"])
+    steady = a["class"] != "pm_star"  # a moving star's dipole flux depends on the PSF, hence on seeing
+    np.testing.assert_allclose(a.loc[steady, "true_flux_ujy"], b.loc[steady, "true_flux_ujy"])
+    assert (b["flux_err_ujy"] >= a["flux_err_ujy"]).all()
+    # Artefacts are drawn afresh, more of them in bad seeing.
+    n_bogus = {s: int((r.truth["class"] == "bogus").sum()) for s, r in runs.items()}
+    assert n_bogus[2.8] > n_bogus[1.8]
+
+
+def test_faint_sources_lose_their_catalogue_counterparts():
+    res = simulate(7, nights=2, quadrants=8, mode="transient")
+    recs = {r["candid"]: r["candidate"] for r in res.alerts()}
+    obj = res.objects.set_index("objectId")
+    t = res.truth.assign(mag_r=res.truth["objectId"].map(obj["mag_r"]))
+    stars = t[t["class"].isin(["flare", "cv"]) & t["mag_r"].notna()]
+    bright, faint = stars[stars["mag_r"] < 19.5], stars[stars["mag_r"] > 21.6]
+    assert len(bright) and len(faint)
+
+    def gaia(rows):
+        return np.array([recs[c]["neargaia"] for c in rows["candid"]])
+
+    assert (gaia(bright) < 0.5).all()  # G ≈ r + 0.3 < 20.7: matched to itself
+    assert (gaia(faint) > 1.5).all()  # below Gaia's depth: the nearest Gaia source is unrelated
+    assert np.mean([recs[c]["distnr"] > 2 for c in faint["candid"]]) > 0.9  # nor in the reference image
