@@ -428,19 +428,19 @@ class Intervention:
         return {s: float(np.mean(getattr(out[1], s)) - np.mean(getattr(out[0], s))) for s in scores}
 
 
-def intervene_seeing(seed: int, seeing=DO_SEEING, nights: int | None = 1, **sim_kwargs) -> Intervention:
+def intervene_seeing(seed: int, seeing=DO_SEEING, last_nights: int | None = 1, **sim_kwargs) -> Intervention:
     """Simulate stream ``seed`` under do(seeing = s) for each ``s`` and match the alerts.
 
-    ``nights``: the intervention acts on the last this many alert nights and the
+    ``last_nights``: the intervention acts on the last this many alert nights and the
     population is the alerts of those nights (None: every night of the survey, histories
     included, and every alert).
     """
-    tables = tuple(simulated_table(seed, seeing=float(s), seeing_nights=nights, **sim_kwargs) for s in seeing)
+    tables = tuple(simulated_table(seed, seeing=float(s), seeing_nights=last_nights, **sim_kwargs) for s in seeing)
     keys = [t.truth["sim_key"].to_numpy() for t in tables]
     t0 = tables[0].truth
     keep = ~t0["class"].eq("bogus").to_numpy()
-    if nights is not None:
-        keep &= t0["night"].to_numpy() >= t0["night"].max() - nights + 1
+    if last_nights is not None:
+        keep &= t0["night"].to_numpy() >= t0["night"].max() - last_nights + 1
     common = set(keys[0][keep])
     for k in keys[1:]:
         common &= set(k)
@@ -476,7 +476,7 @@ def validate_causal(train_seed: int = 1, test_seed: int = 2, **sim_kwargs) -> li
     lo, hi = DO_SEEING
     # Tonight's conditions (the spec's check), then the survey's: every exposure, histories too.
     for nights, what in ((1, "last night"), (None, "every night")):
-        do = intervene_seeing(test_seed, nights=nights, **sim_kwargs)
+        do = intervene_seeing(test_seed, last_nights=nights, **sim_kwargs)
         d_adj, d_naive = do.shift(adj), do.shift(naive)
         for s in ("p_extragalactic", "p_fast"):
             checks.append(Check(f"{s}: adjusted |Δ mean| do(seeing {lo}→{hi}″), {what}", abs(d_adj[s]), "≤ 0.03",
@@ -594,7 +594,7 @@ def _evaluate_sim(args) -> int:
               f"{expected_calibration_error(y, p):8.4f} {calibration_in_the_large(y, p):12.4f}")
     lo, hi = DO_SEEING
     for nights, what in ((1, "last night"), (None, "every night")):
-        do = intervene_seeing(args.seed, nights=nights, **_sim_kwargs(args))
+        do = intervene_seeing(args.seed, last_nights=nights, **_sim_kwargs(args))
         for s, v in do.shift(model).items():
             print(f"do(seeing {lo}→{hi}″), {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}  "
                   "(target |Δ| ≤ 0.03)")

@@ -97,3 +97,33 @@ def test_ipw_balances_a_synthetic_selection():
     assert d.n_extrapolated == int((ehat < 0.01).sum()) > 0  # faint alerts outside the labelled support
     smd = standardised_mean_differences(V, lab, pw.weights(V[lab]))
     assert smd == d.smd_after
+
+
+class _ReadsOneColumn:
+    """A stand-in scorer whose two intrinsic scores are a fixed function of one feature."""
+
+    def __init__(self, column):
+        self.column = column
+
+    def score(self, X, contributions=False):
+        from types import SimpleNamespace
+
+        p = 1 / (1 + np.exp(-np.nan_to_num(X[self.column].to_numpy(float))))
+        return SimpleNamespace(p_extragalactic=p, p_fast=p)
+
+
+def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependent_scores():
+    from models.train import intervene_seeing
+
+    kw = {"mode": "transient", "quadrants": 3, "nights": 2}
+    do = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=None, **kw)
+    lo, hi = (t.truth.iloc[r].reset_index(drop=True) for t, r in zip(do.tables, do.rows, strict=True))
+    assert len(lo) > 50
+    assert (lo["sim_key"] == hi["sim_key"]).all() and (lo["class"] == hi["class"]).all()
+    assert not lo["class"].eq("bogus").any()
+    # The PSF width follows seeing (log 2.8/1.8 = 0.44); a catalogue neighbour's score cannot move.
+    assert do.shift(_ReadsOneColumn("star_galaxy")) == {"p_extragalactic": 0.0, "p_fast": 0.0}
+    assert do.shift(_ReadsOneColumn("fwhm"))["p_fast"] > 0.05
+    last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
+    nights = last.tables[0].truth["night"].iloc[last.rows[0]]
+    assert 0 < len(nights) < len(lo) and nights.nunique() == 1
