@@ -408,11 +408,11 @@ class _NaiveAlertScorer:
 class Intervention:
     """The same simulated stream observed under do(seeing = s) for each s in ``seeing``.
 
-    Built by re-running the simulator with every exposure's seeing set (see
-    :func:`stream.simulate.simulate`): the same objects with the same noise realisations,
-    and everything seeing causes — depth, noise, detections and so the light-curve
-    histories, systematics, artefacts, PSF width and survey scores — follows the
-    generative model. Each run goes through the pipeline's own decode → HSR → features.
+    Built by re-running the simulator with the seeing of every exposure, or of those of the
+    last alert nights, set (see :func:`stream.simulate.simulate`): the same objects with the
+    same noise realisations, and everything seeing causes — depth, noise, detections and so
+    the light-curve histories, systematics, artefacts, PSF width and survey scores —
+    follows the generative model. Each run goes through the pipeline's own decode → HSR → features.
     ``rows[k]`` picks, in run *k*, the real alerts (same object, same exposure) detected
     in every run, in one common order: the fixed population whose mean score must not move.
     """
@@ -438,9 +438,8 @@ def intervene_seeing(seed: int, seeing=DO_SEEING, last_nights: int | None = 1, *
     tables = tuple(simulated_table(seed, seeing=float(s), seeing_nights=last_nights, **sim_kwargs) for s in seeing)
     keys = [t.truth["sim_key"].to_numpy() for t in tables]
     t0 = tables[0].truth
-    keep = ~t0["class"].eq("bogus").to_numpy()
-    if last_nights is not None:
-        keep &= t0["night"].to_numpy() >= t0["night"].max() - last_nights + 1
+    # Real alerts of the intervened exposures (all of them without last_nights).
+    keep = ~t0["class"].eq("bogus").to_numpy() & (t0["seeing_arcsec"].to_numpy() == float(seeing[0]))
     common = set(keys[0][keep])
     for k in keys[1:]:
         common &= set(k)

@@ -200,6 +200,8 @@ ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20, "transient": 25}
 REF_DEPTH_R, PS1_DEPTH_R, GAIA_DEPTH_G, SG_RELIABLE_R = 21.0, 22.0, 20.7, 20.5
 #: Flares per day of a flare star (0.5–3 mag in g).
 FLARE_RATE = 0.05
+#: Artefacts' object ids are numbered from here (real objects from 0).
+ARTEFACT_ID0, ARTEFACTS_PER_QUAD = 10**8, 10**6
 
 TRUTH_COLUMNS = (
     "candid", "objectId", "object_index", "class", "is_real", "is_extragalactic", "is_fast", "pid",
@@ -242,6 +244,11 @@ class SimConfig:
             raise ValueError(f"seeing={self.seeing}: the intervention wants 0.3–10 arcsec")
         if self.seeing_nights is not None and not 1 <= self.seeing_nights <= self.nights:
             raise ValueError(f"seeing_nights={self.seeing_nights}: must be 1 … nights ({self.nights})")
+        if self.seeing_nights is not None and self.seeing is None:
+            raise ValueError("seeing_nights needs seeing (the value the intervention sets)")
+        if self.seeing is not None and self.n_alerts is not None:
+            # Sizing the run and cutting it both depend on the alert count, which seeing changes.
+            raise ValueError("seeing (an intervention) cannot be combined with n_alerts")
 
 
 @dataclass(eq=False)
@@ -396,22 +403,25 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 
 
 class _Split:
-    """Per-object draws of a quadrant: real objects ``[0, k)`` from one stream, artefacts from another.
+    """Per-object draws of a quadrant: real objects ``[0, k)`` and artefacts from separate streams.
 
-    Each call draws ``size`` values (``size`` must be the object count): the real objects'
-    values then do not depend on how many artefacts there are, which do(seeing) changes.
+    Each call draws ``size`` values (``size`` must be the object count) from two fresh
+    streams: the real objects' values then do not depend on how many artefacts there are,
+    which do(seeing) changes, and an artefact's only on those before it (in exposure order).
     """
 
     def __init__(self, seed: int, qi: int, key: int, k: int, n: int):
-        self.a, self.b, self.k, self.n = _rng(seed, key, qi), _rng(seed, key + 1000, qi), k, n
+        self.seed, self.qi, self.key, self.k, self.n, self.calls = seed, qi, key, k, n, 0
 
     def _draw(self, name, *args, size):
         if size != self.n:
             raise ValueError(f"_Split draws one value per object ({self.n}), not {size}")
         k = self.k
-        head = [a[:k] if np.ndim(a) else a for a in args]
-        tail = [a[k:] if np.ndim(a) else a for a in args]
-        return np.concatenate([getattr(self.a, name)(*head, size=k), getattr(self.b, name)(*tail, size=size - k)])
+        self.calls += 1
+        a, b = _rng(self.seed, self.key, self.qi, self.calls), _rng(self.seed, self.key + 1000, self.qi, self.calls)
+        head = [x[:k] if np.ndim(x) else x for x in args]
+        tail = [x[k:] if np.ndim(x) else x for x in args]
+        return np.concatenate([getattr(a, name)(*head, size=k), getattr(b, name)(*tail, size=size - k)])
 
     def uniform(self, low, high, size):
         return self._draw("uniform", low, high, size=size)
@@ -424,6 +434,54 @@ class _Split:
 
     def binomial(self, n, p):
         return self._draw("binomial", n, p, size=len(n))
+
+
+class _PerEpoch:
+    """Per-detection draws of a quadrant that belong to (object, exposure), not to list positions.
+
+    Each call takes, for the detections of real objects, their cells of a fresh
+    (real objects × exposures) matrix of uniforms, and for artefacts values from their own
+    stream; the uniforms go through the wanted inverse CDF. A real detection then gets the
+    same values whichever other sources are detected — which do(seeing) changes.
+    """
+
+    def __init__(self, seed: int, qi: int, jj: np.ndarray, ee: np.ndarray, n_real: int, n_e: int):
+        self.seed, self.qi, self.shape, self.calls = seed, qi, (n_real, n_e), 0
+        self.real = jj < n_real
+        self.cells = (jj[self.real], ee[self.real])
+        self.nd = len(jj)
+        self.artefact = jj[~self.real] - n_real  # one detection per artefact, in exposure order
+
+    def _u(self, size):
+        if size != self.nd:
+            raise ValueError(f"_PerEpoch draws one value per detection ({self.nd}), not {size}")
+        self.calls += 1
+        u = np.empty(self.nd)
+        u[self.real] = _rng(self.seed, 12, self.qi, self.calls).random(self.shape)[self.cells]
+        a = self.artefact
+        u[~self.real] = _rng(self.seed, 11, self.qi, self.calls).random(int(a.max()) + 1 if len(a) else 0)[a]
+        return np.clip(u, 1e-12, 1 - 1e-12)
+
+    def uniform(self, low, high, size):
+        return low + (high - low) * self._u(size)
+
+    def normal(self, loc, scale, size):
+        from scipy.special import ndtri
+
+        return loc + scale * ndtri(self._u(size))
+
+    def exponential(self, scale, size):
+        return -scale * np.log1p(-self._u(size))
+
+    def beta(self, a, b, size):
+        from scipy.special import betaincinv
+
+        return betaincinv(a, b, self._u(size))
+
+    def poisson(self, lam, size):
+        from scipy.stats import poisson
+
+        return poisson.ppf(self._u(size), lam).astype(np.int64)
 
 
 def ujy(mag):
@@ -892,7 +950,8 @@ class _Codec:
 class _Quad:
     """All objects and exposures of one (field, rcid): matrices, detections, record builder."""
 
-    def __init__(self, cfg: SimConfig, qi: int, fld: dict, rcid: int, ex, obj_offset: int, alert_jd0: float):
+    def __init__(self, cfg: SimConfig, qi: int, fld: dict, rcid: int, ex, obj_offset: int, alert_jd0: float,
+                 id_offset: int = 0):
         import pandas as pd
 
         rng = _rng(cfg.seed, 1, qi)
@@ -911,19 +970,22 @@ class _Quad:
         n_real = len(o["class"])
 
         # Bogus: single-epoch artefacts in alert-night exposures, more in bad seeing and moonlight.
-        # Their draws have their own stream (and so do the per-object draws below, split between
-        # real objects and artefacts): under do(seeing) the artefact count changes, and the real
-        # objects must keep their noise realisations and context for the runs to be compared.
-        brng = _rng(cfg.seed, 4, qi)
+        # Each of their quantities has its own stream, drawn in exposure order (and the per-object
+        # draws below are split between real objects and artefacts): do(seeing) changes the
+        # artefact count, and the real objects, and the artefacts of exposures it leaves alone,
+        # must keep their draws for the runs to be compared.
+        def brng(k):
+            return _rng(cfg.seed, 4, qi, k)
+
         moon = (ex["moon_alt_deg"].to_numpy() > 0) * ex["moon_illum"].to_numpy()
         base = BOGUS_PER_PID[cfg.mode] if cfg.bogus_per_pid is None else cfg.bogus_per_pid
         rate = base * (seeing / SEEING_MEDIAN) ** 2 * (1 + 0.5 * moon)
-        nb = np.where(win, brng.poisson(rate), 0)
+        nb = np.where(win, brng(0).poisson(rate), 0)
         b_epoch = np.repeat(np.arange(n_e), nb)
         nbog = len(b_epoch)
         half = QUAD_DEG / 2 * 0.98
-        b_dec = q_dec + brng.uniform(-half, half, nbog)
-        b_ra = (q_ra + brng.uniform(-half, half, nbog) / np.cos(np.radians(b_dec))) % 360.0
+        b_dec = q_dec + brng(1).uniform(-half, half, nbog)
+        b_ra = (q_ra + brng(2).uniform(-half, half, nbog) / np.cos(np.radians(b_dec))) % 360.0
         for key in list(o):
             if key == "class":
                 o[key] = np.concatenate([o[key], np.array(["bogus"] * nbog, dtype=object)])
@@ -958,25 +1020,26 @@ class _Quad:
         # Artefact flux of bogus objects, at their one epoch only.
         bi = np.flatnonzero(o["bogus_epoch"] >= 0)
         be = o["bogus_epoch"][bi]
-        sign = np.where(brng.random(len(bi)) < 0.35, -1.0, 1.0)
-        nuis[bi, be] = sign * (5.0 + brng.exponential(2.5, len(bi))) * err[bi, be]
-        noise = np.vstack([rng.normal(0, 1, (n_real, n_e)), brng.normal(0, 1, (nbog, n_e))]) * err
+        sign = np.where(brng(3).random(len(bi)) < 0.35, -1.0, 1.0)
+        nuis[bi, be] = sign * (5.0 + brng(4).exponential(2.5, len(bi))) * err[bi, be]
+        noise = np.vstack([rng.normal(0, 1, (n_real, n_e)), brng(5).normal(0, 1, (nbog, n_e))]) * err
         meas = Q + sys + nuis + noise
         det = np.abs(meas) >= 5.0 * err
         # A bogus "object" exists only at its epoch: elsewhere it is empty sky, never detected.
         for j, e in zip(bi, be, strict=True):
             det[j, :] = False
             det[j, e] = True
-        fp_bad = np.vstack([rng.random((n_real, n_e)), brng.random((nbog, n_e))]) < cfg.fp_bad_fraction
+        fp_bad = np.vstack([rng.random((n_real, n_e)), brng(6).random((nbog, n_e))]) < cfg.fp_bad_fraction
 
         self.o, self.n_obj = o, n
         self.t, self.fid, self.win = t, fid, win
         self.Q, self.sys, self.nuis, self.noise, self.meas, self.err, self.det = Q, sys, nuis, noise, meas, err, det
         self.delta, self.fref, self.fp_bad = delta, fref, fp_bad
         self.obj_index = obj_offset + np.arange(n)
-        self._ids(_Split(cfg.seed, qi, 5, n_real, n))
+        self.n_real = n_real
+        self._ids(_Split(cfg.seed, qi, 5, n_real, n), id_offset)
         self._static(_Split(cfg.seed, qi, 7, n_real, n))
-        self._detections(rng)
+        self._detections()
         self._exposure_parts()
         self.win_start = np.searchsorted(t, t - HISTORY_DAYS, side="left")
         self._pd = pd
@@ -986,7 +1049,7 @@ class _Quad:
 
     # -- identities --------------------------------------------------------------
 
-    def _ids(self, rng):
+    def _ids(self, rng, id_offset: int):
         o, cfg, t = self.o, self.cfg, self.t
         n, n_e = self.n_obj, len(t)
         cls = o["class"]
@@ -996,13 +1059,20 @@ class _Quad:
         det_frac = self.det[:, hist].mean(axis=1)
         ncov_pre = np.where(cls == "bogus", rng.integers(300, 1200, n), rng.integers(600, 1300, n))
         jdstart = 2458200.0 + rng.uniform(0, 300, n)
-        ndet_pre = np.where(old, rng.binomial(ncov_pre, np.clip(det_frac, 0, 1)), 0)  # last: its draws vary
+        ndet_pre = np.where(old, rng.binomial(ncov_pre, np.clip(det_frac, 0, 1)), 0)
         self.ncov_pre, self.ndet_pre = ncov_pre, ndet_pre
         self.jdstart_pre = np.where(ndet_pre > 0, jdstart, np.nan)
         first = np.where(self.det.any(axis=1), t[np.argmax(self.det, axis=1)], np.nan)
         first_jd = np.where(np.isfinite(self.jdstart_pre), self.jdstart_pre, first)
         year = np.array([jd_to_datetime(x).year if np.isfinite(x) else 2023 for x in first_jd])
-        self.object_ids = [object_id(int(i), int(y), cfg.seed) for i, y in zip(self.obj_index, year, strict=True)]
+        # Ids number real objects and artefacts apart (artefacts by quadrant), so that no id
+        # depends on an artefact count that do(seeing) changes elsewhere.
+        k = np.arange(n)
+        if n - self.n_real >= ARTEFACTS_PER_QUAD:
+            raise ValueError(f"more than {ARTEFACTS_PER_QUAD} artefacts in one quadrant")
+        number = np.where(k < self.n_real, id_offset + k,
+                          ARTEFACT_ID0 + self.qi * ARTEFACTS_PER_QUAD + k - self.n_real)
+        self.object_ids = [object_id(int(i), int(y), cfg.seed) for i, y in zip(number, year, strict=True)]
         self.n_e = n_e
 
     def _static(self, rng):
@@ -1082,7 +1152,7 @@ class _Quad:
 
     # -- detections ---------------------------------------------------------------
 
-    def _detections(self, rng):
+    def _detections(self):
         """Candidate-level features of every detection (history and alert nights)."""
         o, ex = self.o, self.ex
         jj, ee = np.nonzero(self.det.T)  # time-major so candids follow exposures
@@ -1090,6 +1160,7 @@ class _Quad:
         order = np.lexsort((jj, ee))
         jj, ee = jj[order], ee[order]
         nd = len(jj)
+        rng = _PerEpoch(self.cfg.seed, self.qi, jj, ee, self.n_real, self.n_e)
         self.dj, self.de = jj, ee
         self.det_row = np.full(self.det.shape, -1, np.int64)
         self.det_row[jj, ee] = np.arange(nd)
@@ -1336,6 +1407,15 @@ class _Quad:
             "_qi": self.qi, "_row": rows,
         })
 
+    def selection_draws(self, rows: np.ndarray) -> np.ndarray:
+        """The label-selection uniform of each alert ``rows``, tied to its (object, exposure)."""
+        j, e = self.dj[rows], self.de[rows]
+        real = j < self.n_real
+        out = np.empty(len(rows))
+        out[real] = _rng(self.cfg.seed, 9, self.qi).random((self.n_real, self.n_e))[j[real], e[real]]
+        out[~real] = _rng(self.cfg.seed, 9, self.qi, 1).random(self.n_obj - self.n_real)[j[~real] - self.n_real]
+        return out
+
     def objects_frame(self):
         o = self.o
         keys = [k for k in o if k not in ("flares",)]
@@ -1383,14 +1463,15 @@ def _run(cfg: SimConfig) -> SimResult:
     boost = 1.0
     for _ in range(5):
         fields, pids = _survey(cfg, boost)
-        quads, obj_offset = [], 0
+        quads, obj_offset, id_offset = [], 0, 0
         for fld in fields:
             for rc in fld["rcids"]:
                 ex = pids[(pids["field"] == fld["field"]) & (pids["rcid"] == rc)]
                 if ex.empty:
                     continue
-                q = _Quad(cfg, len(quads), fld, int(rc), ex, obj_offset, alert_jd0)
+                q = _Quad(cfg, len(quads), fld, int(rc), ex, obj_offset, alert_jd0, id_offset)
                 obj_offset += q.n_obj
+                id_offset += q.n_real
                 quads.append(q)
         total = sum(len(q.alert_rows()) for q in quads)
         if not cfg.n_alerts or total >= cfg.n_alerts:
@@ -1405,13 +1486,15 @@ def _run(cfg: SimConfig) -> SimResult:
         truth = truth.iloc[: cfg.n_alerts].reset_index(drop=True)
 
     # Label selection: depends on brightness, conditions and later data (observables only).
-    rng = _rng(cfg.seed, 9)
     mag = np.nan_to_num(truth["magpsf"].to_numpy(), nan=21.0)
     logit = (-1.5 + 0.9 * (18.5 - mag) - 1.2 * (truth["seeing_arcsec"].to_numpy() - SEEING_MEDIAN)
              + 0.6 * np.minimum(truth["n_later_det"].to_numpy(), 4) - 2.5 * truth["_ps1_star_close"].to_numpy())
     prop = np.clip(1 / (1 + np.exp(-logit)), 0.002, 0.98)
     truth["propensity"] = prop
-    truth["vetted"] = rng.random(len(truth)) < prop
+    u = np.empty(len(truth))
+    for qi, g in truth.groupby("_qi"):
+        u[g.index.to_numpy()] = quads[qi].selection_draws(g["_row"].to_numpy())
+    truth["vetted"] = u < prop
 
     for q in quads:
         q.kept = np.sort(truth.loc[truth["_qi"] == q.qi, "_row"].to_numpy())
