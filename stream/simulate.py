@@ -118,10 +118,12 @@ bogus), ``noise_flux_ujy``, ``meas_flux_ujy`` (= the sum of the four; what the a
 ``propensity`` (true P(vetted)) and ``vetted``.
 
 Interventions: ``seeing=s`` is do(seeing = s) for every exposure (or, with
-``seeing_nights=k``, for those of the last *k* alert nights). All random draws stay those of
-the run without it — per-object draws come from streams split between real objects and
-artefacts, so the artefact count, which seeing changes, moves nothing else — and
-:meth:`SimResult.alert_keys` matches the same (object, exposure) across runs.
+``seeing_nights=k``, for those of the last *k* alert nights). Every random draw of a real
+object stays that of the run without it: per-object draws come from streams split between
+real objects and artefacts, per-detection draws from (object × exposure) matrices, and the
+artefacts' own draws run in exposure order, so only the artefacts of intervened exposures
+are drawn afresh. :meth:`SimResult.alert_keys` matches the same (object, exposure) across
+runs; object names keep their letters (the year is that of the first detection).
 
 (The PS1 term stands for "a catalogued star, nobody follows it up": like every other term it
 depends on observables only, not on the class label, so inverse-propensity weighting on the
@@ -200,7 +202,7 @@ ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20, "transient": 25}
 REF_DEPTH_R, PS1_DEPTH_R, GAIA_DEPTH_G, SG_RELIABLE_R = 21.0, 22.0, 20.7, 20.5
 #: Flares per day of a flare star (0.5–3 mag in g).
 FLARE_RATE = 0.05
-#: Artefacts' object ids are numbered from here (real objects from 0).
+#: Object ids number real objects from 0 and artefacts from ARTEFACT_ID0, in blocks per quadrant.
 ARTEFACT_ID0, ARTEFACTS_PER_QUAD = 10**8, 10**6
 
 TRUTH_COLUMNS = (
@@ -369,9 +371,10 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
     sys_scale : float
         Multiplies every injected systematic amplitude (0 = no systematics).
     seeing : float, optional
-        The intervention do(seeing): exposures are taken at this seeing (arcsec). All
-        random draws stay those of the same seed without it, so the same objects with the
-        same noise realisations are observed under other conditions; what follows from
+        The intervention do(seeing): exposures are taken at this seeing (arcsec). The real
+        objects keep every random draw of the same seed without it (only the artefacts of
+        intervened exposures are drawn afresh), so the same objects with the same noise
+        realisations are observed under other conditions; what follows from
         seeing (depth, noise, systematics, artefacts, detections, PSF and survey scores)
         changes. :meth:`SimResult.alert_keys` matches alerts across such runs.
     seeing_nights : int, optional
@@ -970,10 +973,9 @@ class _Quad:
         n_real = len(o["class"])
 
         # Bogus: single-epoch artefacts in alert-night exposures, more in bad seeing and moonlight.
-        # Each of their quantities has its own stream, drawn in exposure order (and the per-object
-        # draws below are split between real objects and artefacts): do(seeing) changes the
-        # artefact count, and the real objects, and the artefacts of exposures it leaves alone,
-        # must keep their draws for the runs to be compared.
+        # Each of their quantities has its own stream, drawn in exposure order, and the real
+        # objects' draws never pass through theirs: do(seeing) changes the artefact count, and
+        # runs can be compared only if everything else keeps its draws.
         def brng(k):
             return _rng(cfg.seed, 4, qi, k)
 
