@@ -250,6 +250,9 @@ def cross_validate_table(t: LabelledTable, folds: int = 5, baseline: str | None 
 class SimTable:
     """Features of a simulated stream with its truth, aligned row by row.
 
+    ``truth`` has the simulator's truth columns plus ``sim_key``
+    (:meth:`stream.simulate.SimResult.alert_keys`), which matches alerts across do(seeing) runs.
+
     ``selection`` holds the covariates of label selection (observables, including
     later data): what the propensity model conditions on.
     """
