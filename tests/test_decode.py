@@ -249,3 +249,26 @@ def test_sky_geometry_matches_astropy():
     assert np.median(np.abs(geo["moon_separation"] - sep)) < 0.5
     lit = geo["moon_illumination"] > 0
     assert np.median(np.abs(geo["moon_illumination"][lit] - illum[lit])) < 0.01
+
+
+def test_ztf_history_time_comes_from_the_pid_when_jd_disagrees():
+    # One real export gave every prv_candidates row of an alert the same jd; the pid still
+    # encodes each exposure's time. A clean vendored alert, so damaged, must decode the same.
+    dec = Decoder(keep_cutouts=False)
+    clean = None
+    for f in avro_files("ztf_fink", "2023-10-19to21_schema4.02"):
+        _, (rec,) = _read(f)
+        jds = [p["jd"] for p in rec["prv_candidates"] or ()]
+        if len(set(jds)) > 3:
+            clean = rec
+            break
+    assert clean is not None
+    damaged = copy.deepcopy(clean)
+    for p in damaged["prv_candidates"]:
+        p["jd"] = damaged["prv_candidates"][-1]["jd"]
+    a, b = (dec.to_alert(r, Envelope(b"", "x")) for r in (clean, damaged))
+    np.testing.assert_allclose(a.lightcurve.mjd, b.lightcurve.mjd, rtol=0, atol=1.0 / 86400)
+    assert len(np.unique(b.lightcurve.mjd[b.lightcurve.kind != FORCED])) > 3
+    # The clean times agree with the pids to better than a second.
+    pid_jd = [2457754.5 + p["pid"] // 10**9 + (p["pid"] // 100 % 10**7) / 1e7 for p in clean["prv_candidates"]]
+    assert np.max(np.abs(np.array(pid_jd) - [p["jd"] for p in clean["prv_candidates"]])) * 86400 < 1.0
