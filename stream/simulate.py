@@ -145,6 +145,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stream.decode import ZTF_NID0_JD
 from stream.simulate_schema import (
     CANDIDATE_FIELDS,
     FP_HIST_FIELDS,
@@ -161,7 +162,7 @@ PALOMAR_LON = -116.8650  # degrees east
 PIXSCALE = 1.012  # arcsec / pixel
 QUAD_NX, QUAD_NY = 3072, 3080  # pixels per readout quadrant
 QUAD_DEG = QUAD_NX * PIXSCALE / 3600.0
-NID0_JD = 2457754.5  # ZTF night id 0 (2017-01-01 0h UT)
+NID0_JD = ZTF_NID0_JD  # ZTF night id 0 (2017-01-01 0h UT); pids encode time from it
 JD_UNIX0 = 2440587.5
 REF_JD = 2458250.0  # epoch of the reference images (PM-star displacement grows from here)
 PS1_JD = 2456000.0
