@@ -77,6 +77,13 @@ ZTF_FP_BAD = -99999.0
 #: is right and the ``jd`` is not.
 ZTF_NID0_JD = 2457754.5
 ZTF_PID_JD_TOLERANCE_D = 60.0 / 86400.0
+#: The cross-match search radii (arcsec) the ZTF candidate schema documents: PS1 and solar
+#: system objects within 30″, Gaia within 90″. A distance beyond its radius cannot be a
+#: match; it is a fill value. In the Fink 2023 export, 329 of 1,085 alerts (one run of
+#: exposures) carry distpsnr1 = 120, neargaia = 300, ssdistnr = 60 and sgscore1 = 0.2
+#: together, while the same objects' other alerts have real matches (sgscore1 0.96–1.00
+#: at 0.1–0.4″ for known stars). Read as values they say "no star here".
+ZTF_MATCH_RADIUS = {"distpsnr1": 30.0, "neargaia": 90.0, "ssdistnr": 30.0}
 
 
 class DecodeError(Exception):
@@ -385,6 +392,12 @@ def _fs(v) -> float:
     return float("nan") if x <= -99.0 else x
 
 
+def _fs_within(v, radius: float) -> float:
+    """A cross-match distance: NaN for ZTF's sentinels and for fill values beyond the search radius."""
+    x = _fs(v)
+    return x if x <= radius else float("nan")
+
+
 def _check_position(ra, dec, ids):
     ra, dec = float(ra), float(dec)
     if not (math.isfinite(ra) and math.isfinite(dec)) or not (0.0 <= ra < 360.0) or abs(dec) > 90.0:
@@ -576,17 +589,19 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     lightcurve = _ztf_lightcurve(cand, mjd, flux, err, ra, dec, rec.get("prv_candidates"), rec.get("fp_hists"))
 
     drb = cand.get("drb")
+    ps1_d, gaia_d, ss_d = (_fs_within(cand.get(k), r) for k, r in ZTF_MATCH_RADIUS.items())
     ctx = Context(
         real_bogus=_fs(drb if drb is not None else cand.get("rb")),
         real_bogus_version=str(cand.get("drbversion") if drb is not None else cand.get("rbversion") or ""),
-        star_galaxy=_fs(cand.get("sgscore1")),
-        ps1_distance=_fs(cand.get("distpsnr1")),
+        # The PS1 star/galaxy score belongs to the match at distpsnr1: unknown with it.
+        star_galaxy=_fs(cand.get("sgscore1")) if math.isfinite(ps1_d) else np.nan,
+        ps1_distance=ps1_d,
         ps1_mag_r=_fs(cand.get("srmag1")),
-        gaia_distance=_fs(cand.get("neargaia")),
+        gaia_distance=gaia_d,
         gaia_mag=_fs(cand.get("maggaia")),
         ref_mag=_fs(cand.get("magnr")),
         ref_distance=_fs(cand.get("distnr")),
-        ss_distance=_fs(cand.get("ssdistnr")),
+        ss_distance=ss_d,
         ss_mag=_fs(cand.get("ssmagnr")),
         n_det_history=int(_first(cand, "ndethist", default=-1)),
         n_cover_history=int(_first(cand, "ncovhist", default=-1)),

@@ -272,3 +272,25 @@ def test_ztf_history_time_comes_from_the_pid_when_jd_disagrees():
     # The clean times agree with the pids to better than a second.
     pid_jd = [2457754.5 + p["pid"] // 10**9 + (p["pid"] // 100 % 10**7) / 1e7 for p in clean["prv_candidates"]]
     assert np.max(np.abs(np.array(pid_jd) - [p["jd"] for p in clean["prv_candidates"]])) * 86400 < 1.0
+
+
+def test_ztf_crossmatch_fill_values_beyond_the_search_radius_are_missing():
+    # Real alerts of one run of exposures in the Fink 2023 export carry distpsnr1 = 120,
+    # neargaia = 300, ssdistnr = 60, sgscore1 = 0.2: beyond ZTF's 30″ / 90″ search radii,
+    # so not matches. Within the radii the values are kept as they are.
+    dec = Decoder(keep_cutouts=False)
+    filled = kept = 0
+    for f in avro_files("ztf_fink", "2023-10-19to21_schema4.02"):
+        _, (rec,) = _read(f)
+        c = rec["candidate"]
+        ctx = dec.to_alert(rec, Envelope(b"", str(f))).context
+        if c["distpsnr1"] > 30:
+            filled += 1
+            assert c["neargaia"] > 90 and c["sgscore1"] == pytest.approx(0.2)
+            assert all(math.isnan(v) for v in (ctx.ps1_distance, ctx.star_galaxy, ctx.gaia_distance, ctx.ss_distance))
+        elif 0 <= c["distpsnr1"] <= 30:
+            kept += 1
+            assert ctx.ps1_distance == pytest.approx(c["distpsnr1"]) and ctx.star_galaxy == pytest.approx(c["sgscore1"])
+            if 0 <= c["neargaia"] <= 90:
+                assert ctx.gaia_distance == pytest.approx(c["neargaia"])
+    assert filled == 4 and kept >= 8
