@@ -392,6 +392,19 @@ def _fs(v) -> float:
     return float("nan") if x <= -99.0 else x
 
 
+def _ztf_first_detection(cand: dict, jd: float) -> float:
+    """``jdstarthist``, or NaN where it contradicts ``jdendhist`` or the alert's own time.
+
+    The damaged run that carries cross-match fill values (see :data:`ZTF_MATCH_RADIUS`)
+    also has jdstarthist set to a time after jdendhist, which makes objects with years of
+    history look new.
+    """
+    start, end = _fs(cand.get("jdstarthist")), _fs(cand.get("jdendhist"))
+    if start > jd + ZTF_PID_JD_TOLERANCE_D or start > end:  # NaN end compares False
+        return float("nan")
+    return start
+
+
 def _fs_within(v, radius: float) -> float:
     """A cross-match distance: NaN for ZTF's sentinels and for fill values beyond the search radius."""
     x = _fs(v)
@@ -576,9 +589,10 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     alert_id = int(_req(rec, "alert", "candid", ids=ids))
     ids = (alert_id, object_id)
     ra, dec = _check_position(_req(cand, "candidate", "ra", ids=ids), _req(cand, "candidate", "dec", ids=ids), ids)
-    mjd = _check_mjd(float(_req(cand, "candidate", "jd", ids=ids)) - JD_MJD, ids)
     fid = int(_req(cand, "candidate", "fid", ids=ids))
     pid = int(_req(cand, "candidate", "pid", ids=ids))
+    jd = float(_ztf_time(np.array([float(_req(cand, "candidate", "jd", ids=ids))]), np.array([float(pid)]))[0])
+    mjd = _check_mjd(jd - JD_MJD, ids)
     mag = float(_req(cand, "candidate", "magpsf", ids=ids))
     magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
     isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
@@ -605,7 +619,7 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
         ss_mag=_fs(cand.get("ssmagnr")),
         n_det_history=int(_first(cand, "ndethist", default=-1)),
         n_cover_history=int(_first(cand, "ncovhist", default=-1)),
-        first_det_mjd=_fs(cand.get("jdstarthist")) - JD_MJD,
+        first_det_mjd=_ztf_first_detection(cand, jd) - JD_MJD,
         fwhm=_fs(cand.get("fwhm")),
         elongation=_fs(cand.get("elong")),
         n_bad_pixels=_fs(cand.get("nbad")),

@@ -92,13 +92,17 @@ catalogue depths               a star or host fainter than r ≈ 21 (± 0.2) has
                                counterpart, fainter than 22 none in PS1, and a star fainter than
                                G = r + 0.3 = 20.7 none in Gaia: the nearest catalogued source is an
                                unrelated one; PS1 sgscore fades to U(0.25, 0.75) from r 20.5 to 22
+cross-match outages            40 % of nights, a 1–3 h run of exposures whose alerts carry the fill
+                               values distpsnr1 = 120, sgscore1 = 0.2, neargaia = 300, ssdistnr = 60
+                               and jdstarthist after jdendhist (as one real run did; the decoder
+                               reads them as missing)
 history before the survey      ndethist, jdstarthist: years of coverage, detected as often as in the
                                simulated history nights (none for transients)
 agn                            nucleus r 16.5–19.5, damped random walk τ 100–400 d, SF∞ 0.15–0.35 mag
 truth flags                    is_real = not bogus; is_extragalactic = fast/sn/slow_sn/agn;
                                is_fast (rise < 3 d) = fast/flare/cv
 label selection                logit e = −1.5 + 0.9(18.5 − magpsf) − 1.2(seeing − 2″) + 0.6 min(n_later, 4)
-                               − 2.5·[PS1 star (sgscore > 0.8, r < 18.5) within 0.5″];
+                               − 2.5·[PS1 star (sgscore > 0.8, r < 18.5) within 0.5″, as alerted];
                                n_later = detections of the object in the next 3 d
                                (later data); e clipped to [0.002, 0.98]; vetted ~ Bernoulli(e)
 =============================  ===================================================================
@@ -196,6 +200,10 @@ POPULATION = {
 BOGUS_PER_PID = {"dense": 3.0, "sparse": 0.5, "transient": 0.5}
 #: Rough alerts per (quadrant, alert night), used to size a run for ``n_alerts``.
 ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20, "transient": 25}
+#: Fraction of nights with a 1–3 h cross-match outage, and the fill values then written
+#: (those of the real run, all beyond ZTF's search radii; the decoder reads them as missing).
+XMATCH_OUTAGE_NIGHTS = 0.4
+XMATCH_FILL = {"distpsnr1": 120.0, "sgscore1": 0.2, "neargaia": 300.0, "ssdistnr": 60.0}
 #: Catalogue depths (r, AB): sources fainter than these have no counterpart of their own in
 #: the survey's reference image, in PS1 and in Gaia (G ≈ r + 0.3); the nearest catalogued
 #: source is then an unrelated neighbour. PS1's star/galaxy score loses its power between
@@ -717,6 +725,13 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
     colour = s * (rng.normal(0, 0.015, n) + 0.02 * (xm - 1))
     add = s * rng.normal(0, 0.3, n) * sig_bg
     pid = exp_code[ei] * 100 + rc
+    # Cross-match outages: some nights a run of exposures goes out with fill values in place of
+    # the PS1/Gaia/solar-system match (as in one real run, see stream.decode.ZTF_MATCH_RADIUS).
+    # Own stream, after every other draw: the rest of the survey does not change with it.
+    orng = _rng(cfg.seed, 13)
+    out_start = orng.uniform(2.5, 12.0, n_days) / 24 + days
+    out_len = np.where(orng.random(n_days) < XMATCH_OUTAGE_NIGHTS, orng.uniform(1.0, 3.0, n_days) / 24, 0.0)
+    outage = (jd >= out_start[e_night[ei]]) & (jd < out_start[e_night[ei]] + out_len[e_night[ei]])
     night_dates = [jd_to_datetime(cfg.start_jd + d).strftime("%Y%m%d") for d in range(n_days)]
 
     pids = pd.DataFrame({
@@ -732,7 +747,7 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
         "clrcoeff": np.array([CLR0[f] for f in fid]) + 0.03 * (xm - 1) + rng.normal(0, 0.01, n),
         "nmatches": np.maximum(50, (1500 * 10 ** (-0.4 * cloud) * rng.uniform(0.7, 1.3, n))).astype(int),
         "sys_zp_exposure_mag": z_exp[ei], "sys_zp_quadrant_mag": z_q, "sys_zp_mag": z_exp[ei] + z_q,
-        "sys_seeing_mag": kappa, "sys_colour_mag": colour, "sys_additive_ujy": add,
+        "sys_seeing_mag": kappa, "sys_colour_mag": colour, "sys_additive_ujy": add, "xmatch_outage": outage,
     })
     fields = [{"field": int(field_ids[k]), "ra": float(f_ra[k]), "dec": float(f_dec[k]), "rcids": rcids[k]}
               for k in range(n_fields)]
@@ -962,6 +977,7 @@ class _Quad:
         self.cfg, self.qi, self.field, self.rcid = cfg, qi, fld["field"], rcid
         ex = ex.sort_values("jd", kind="stable").reset_index(drop=True)
         self.ex = ex
+        self.outage = ex["xmatch_outage"].to_numpy(bool)
         t, fid = ex["jd"].to_numpy(), ex["fid"].to_numpy()
         seeing = ex["seeing_arcsec"].to_numpy()
         win = ex["alert_window"].to_numpy()
@@ -1305,6 +1321,9 @@ class _Quad:
                  distpsnr3=float(p["d3"][j]), nmtchps=int(p["nmtch"][j]), neargaia=float(self.gaia["d"][j]),
                  maggaia=float(self.gaia["mag"][j]), neargaiabright=float(self.gaia["dbright"][j]),
                  maggaiabright=float(self.gaia["magbright"][j]))
+        if self.outage[e]:
+            # The real run also had jdstarthist after jdendhist; the decoder reads it as unknown.
+            c.update(XMATCH_FILL, jdstarthist=c["jdendhist"] + 1 / 24)
         return c
 
     def _prv_detection(self, row: int) -> dict:
@@ -1406,7 +1425,9 @@ class _Quad:
             "ref_flux_ujy": self.fref[j, e], "magpsf": self.F["magpsf"][rows], "isdiffpos": self.F["isdiffpos"][rows],
             "seeing_arcsec": ex["seeing_arcsec"].to_numpy()[e], "n_prv_det": n_prv_det,
             "n_prv_nondet": n_prv - n_prv_det, "n_fp": n_prv, "n_later_det": n_later,
-            "_ps1_star_close": (self.ps1["sg1"][j] > 0.8) & (self.ps1["d1"][j] < 0.5) & (self.ps1["r1"][j] < 18.5),
+            # What the vetter sees: no star match while the cross-match is out.
+            "_ps1_star_close": ((self.ps1["sg1"][j] > 0.8) & (self.ps1["d1"][j] < 0.5) & (self.ps1["r1"][j] < 18.5)
+                                & ~self.outage[e]),
             "_qi": self.qi, "_row": rows,
         })
 

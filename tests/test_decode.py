@@ -50,7 +50,10 @@ def test_ztf_values_match_source(name):
         assert a.survey == "ztf" and a.time_scale == "utc"
         assert a.alert_id == rec["candid"] and a.object_id == rec["objectId"]
         assert a.ra == c["ra"] and a.dec == c["dec"]
-        assert a.mjd == pytest.approx(c["jd"] - 2400000.5, abs=1e-9)
+        # One real run has damaged times (jd and history off by hours); the pid has the exposure time.
+        pid_jd = 2457754.5 + c["pid"] // 10**9 + (c["pid"] // 100 % 10**7) / 1e7
+        jd = c["jd"] if abs(pid_jd - c["jd"]) < 60 / 86400 or c["pid"] < 1e11 else pid_jd
+        assert a.mjd == pytest.approx(jd - 2400000.5, abs=1e-9)
         assert a.exposure == c["pid"] and a.field == c["field"] and a.chip == c["rcid"]
         assert a.band == {1: "g", 2: "r", 3: "i"}[c["fid"]]
         sign = -1 if c["isdiffpos"] in ("f", "0") else 1
@@ -294,3 +297,22 @@ def test_ztf_crossmatch_fill_values_beyond_the_search_radius_are_missing():
             if 0 <= c["neargaia"] <= 90:
                 assert ctx.gaia_distance == pytest.approx(c["neargaia"])
     assert filled == 4 and kept >= 8
+
+
+def test_ztf_damaged_run_times_come_from_the_pid_and_a_backwards_history_start_is_missing():
+    # The same damaged alerts have the candidate jd hours off the exposure time their pid
+    # encodes, and jdstarthist after jdendhist (years of history made to look new).
+    dec = Decoder(keep_cutouts=False)
+    damaged = 0
+    for f in avro_files("ztf_fink", "2023-10-19to21_schema4.02"):
+        _, (rec,) = _read(f)
+        c = rec["candidate"]
+        a = dec.to_alert(rec, Envelope(b"", str(f)))
+        pid_jd = 2457754.5 + c["pid"] // 10**9 + (c["pid"] // 100 % 10**7) / 1e7
+        assert abs(a.mjd + 2400000.5 - pid_jd) * 86400 < 1.0
+        if c["jdstarthist"] > c["jdendhist"]:
+            damaged += 1
+            assert abs(c["jd"] - pid_jd) > 0.01 and math.isnan(a.context.first_det_mjd)
+        else:
+            assert a.context.first_det_mjd == pytest.approx(c["jdstarthist"] - 2400000.5)
+    assert damaged == 4

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import SHARED
 
-from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert
+from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert, Envelope
 from stream.decode import Decoder
 from stream.simulate import simulate, ujy
 from stream.sources import iter_envelopes
@@ -331,6 +331,7 @@ def test_faint_sources_lose_their_catalogue_counterparts():
     recs = {r["candid"]: r["candidate"] for r in res.alerts()}
     obj = res.objects.set_index("objectId")
     t = res.truth.assign(mag_r=res.truth["objectId"].map(obj["mag_r"]))
+    t = t[~t["pid"].map(res.exposures.set_index("pid")["xmatch_outage"])]  # (outages: next test)
     stars = t[t["class"].isin(["flare", "cv"]) & t["mag_r"].notna()]
     bright, faint = stars[stars["mag_r"] < 19.5], stars[stars["mag_r"] > 21.6]
     assert len(bright) and len(faint)
@@ -341,3 +342,18 @@ def test_faint_sources_lose_their_catalogue_counterparts():
     assert (gaia(bright) < 0.5).all()  # G ≈ r + 0.3 < 20.7: matched to itself
     assert (gaia(faint) > 1.5).all()  # below Gaia's depth: the nearest Gaia source is unrelated
     assert np.mean([recs[c]["distnr"] > 2 for c in faint["candid"]]) > 0.9  # nor in the reference image
+
+
+def test_cross_match_outages_look_like_the_real_damaged_run_and_decode_as_missing():
+    res = simulate(7, nights=2, quadrants=8, mode="transient")
+    out = res.truth["pid"].map(res.exposures.set_index("pid")["xmatch_outage"]).to_numpy(bool)
+    assert 0 < out.mean() < 0.5
+    dec = Decoder(keep_cutouts=False)
+    for rec, hit in zip(res.alerts(), out, strict=True):
+        c, ctx = rec["candidate"], dec.to_alert(rec, Envelope(b"", "sim")).context
+        if hit:
+            assert (c["distpsnr1"], c["neargaia"], c["ssdistnr"]) == (120.0, 300.0, 60.0)
+            assert c["jdstarthist"] > c["jdendhist"]
+            assert np.isnan([ctx.ps1_distance, ctx.star_galaxy, ctx.gaia_distance, ctx.first_det_mjd]).all()
+        else:
+            assert ctx.ps1_distance == pytest.approx(c["distpsnr1"]) and np.isfinite(ctx.first_det_mjd)
