@@ -591,8 +591,10 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     ra, dec = _check_position(_req(cand, "candidate", "ra", ids=ids), _req(cand, "candidate", "dec", ids=ids), ids)
     fid = int(_req(cand, "candidate", "fid", ids=ids))
     pid = int(_req(cand, "candidate", "pid", ids=ids))
-    jd = float(_ztf_time(np.array([float(_req(cand, "candidate", "jd", ids=ids))]), np.array([float(pid)]))[0])
-    mjd = _check_mjd(jd - JD_MJD, ids)
+    jd = float(_req(cand, "candidate", "jd", ids=ids))
+    _check_mjd(jd - JD_MJD, ids)  # a non-finite or absurd jd is malformed; only a plausible one is repaired
+    mjd = _check_mjd(float(_ztf_time(np.array([jd]), np.array([float(pid)]))[0]) - JD_MJD, ids)
+    jd = mjd + JD_MJD
     mag = float(_req(cand, "candidate", "magpsf", ids=ids))
     magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
     isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
