@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED, needs_shared
 
 from causal.adjust import (
     ConditionResidualiser,
@@ -127,3 +130,39 @@ def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependen
     last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
     nights = last.tables[0].truth["night"].iloc[last.rows[0]]
     assert 0 < len(nights) < len(lo) and nights.nunique() == 1
+
+
+def test_within_object_slopes_recover_a_seeing_effect_and_hold_time_fixed():
+    from models.train import within_object_slopes
+
+    rng = np.random.default_rng(3)
+    n_obj, per = 150, 3
+    obj = np.repeat(np.arange(n_obj), per)
+    days = rng.uniform(0, 3, n_obj * per)
+    # Seeing drifts with time within the run, so a score that evolves with time but not with
+    # seeing only stays at zero if time is held fixed.
+    seeing = 2.0 + 0.3 * days + rng.normal(0, 0.3, n_obj * per)
+    base = rng.uniform(0, 1, n_obj)[obj]
+    scores = {"moved": base + 0.08 * seeing + rng.normal(0, 0.02, len(obj)),
+              "evolving": base + 0.1 * days + rng.normal(0, 0.02, len(obj))}
+    fig = within_object_slopes(obj, seeing, days, scores, n_boot=300)
+    assert fig["objects"] == n_obj and fig["alerts"] == n_obj * per
+    b, lo, hi = fig["slopes"]["moved"]
+    assert lo < 0.08 < hi and abs(b - 0.08) < 0.01
+    b, lo, hi = fig["slopes"]["evolving"]
+    assert lo < 0 < hi and abs(b) < 0.01
+    # Objects seen once carry no within-object information.
+    one = within_object_slopes(np.arange(10), np.ones(10), np.zeros(10), {"s": np.zeros(10)})
+    assert one["objects"] == 0 and np.isnan(one["slopes"]["s"][0])
+
+
+@needs_shared
+def test_validate_causal_real_on_fink_alerts(capsys):
+    from stream.cli import main
+
+    rc = main(["validate", "causal", "--real", str(SHARED / "ztf_alerts_fink_broker"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["figures"]["objects"] >= 80 and len(out["checks"]) == 2
+    assert rc == 0 and all(c["pass"] for c in out["checks"])  # the shipped model, on real alerts
+    for c in out["checks"]:
+        assert c["pass"] == (c["value"] <= 0.03)
