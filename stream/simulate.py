@@ -728,9 +728,15 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
     # Cross-match outages: some nights a run of exposures goes out with fill values in place of
     # the PS1/Gaia/solar-system match (as in one real run, see stream.decode.ZTF_MATCH_RADIUS).
     # Own stream, after every other draw: the rest of the survey does not change with it.
+    # The run starts at one of the night's exposures, so an outage night always has one.
     orng = _rng(cfg.seed, 13)
-    out_start = orng.uniform(2.5, 12.0, n_days) / 24 + days
-    out_len = np.where(orng.random(n_days) < XMATCH_OUTAGE_NIGHTS, orng.uniform(1.0, 3.0, n_days) / 24, 0.0)
+    hit, pick = orng.random(n_days) < XMATCH_OUTAGE_NIGHTS, orng.random(n_days)
+    out_len = orng.uniform(1.0, 3.0, n_days) / 24
+    out_start = np.full(n_days, np.inf)
+    for d in np.flatnonzero(hit):
+        t_night = e_jd[e_night == d]
+        if len(t_night):
+            out_start[d] = t_night[int(pick[d] * len(t_night))]
     outage = (jd >= out_start[e_night[ei]]) & (jd < out_start[e_night[ei]] + out_len[e_night[ei]])
     night_dates = [jd_to_datetime(cfg.start_jd + d).strftime("%Y%m%d") for d in range(n_days)]
 

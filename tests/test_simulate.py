@@ -345,7 +345,7 @@ def test_faint_sources_lose_their_catalogue_counterparts():
 
 
 def test_cross_match_outages_look_like_the_real_damaged_run_and_decode_as_missing():
-    res = simulate(7, nights=2, quadrants=8, mode="transient")
+    res = simulate(9, nights=2, quadrants=8, mode="transient")  # a seed with an outage on an alert night
     out = res.truth["pid"].map(res.exposures.set_index("pid")["xmatch_outage"]).to_numpy(bool)
     assert 0 < out.mean() < 0.5
     dec = Decoder(keep_cutouts=False)
