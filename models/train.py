@@ -547,7 +547,7 @@ def within_object_slopes(objects, seeing, days, scores: dict, n_boot: int = 2000
     P = np.column_stack([np.asarray(scores[k], float) for k in names])
     ok = np.isfinite(z).all(axis=1) & np.isfinite(P).all(axis=1)
     obj, z, P = obj[ok], z[ok], P[ok]
-    codes, inv, counts = np.unique(obj, return_inverse=True, return_counts=True)
+    _, inv, counts = np.unique(obj, return_inverse=True, return_counts=True)
     multi = counts[inv] >= 2
     obj_codes, z, P = inv[multi], z[multi], P[multi]
     _, obj_codes = np.unique(obj_codes, return_inverse=True)
