@@ -313,6 +313,10 @@ def test_ztf_damaged_run_times_come_from_the_pid_and_a_backwards_history_start_i
         if c["jdstarthist"] > c["jdendhist"]:
             damaged += 1
             assert abs(c["jd"] - pid_jd) > 0.01 and math.isnan(a.context.first_det_mjd)
+            # Independent witnesses of the repaired time: jdendhist (this detection, left intact)
+            # and the history, which ends before it.
+            assert abs(a.mjd + 2400000.5 - c["jdendhist"]) * 86400 < 1.0
+            assert (a.mjd > a.lightcurve.mjd[a.lightcurve.kind != DETECTION]).all()
         else:
             assert a.context.first_det_mjd == pytest.approx(c["jdstarthist"] - 2400000.5)
     assert damaged == 4
