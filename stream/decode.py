@@ -499,7 +499,7 @@ def _ztf_time(jd: np.ndarray, pid: np.ndarray) -> np.ndarray:
     t = ZTF_NID0_JD + nid + (code - nid * 1e7) / 1e7
     with np.errstate(invalid="ignore"):
         wrong = np.abs(t - jd) > ZTF_PID_JD_TOLERANCE_D  # False where pid is missing (NaN)
-    return np.where(wrong & (pid >= 1e11), t, jd)  # only pids with the survey's layout (night ≥ 1)
+    return np.where(wrong & (pid >= 1e11), t, jd)  # only pids with the survey's layout (night id ≥ 100)
 
 
 def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
