@@ -76,6 +76,11 @@ objects / quadrant (transient) constant 6, periodic 0.5, cv 0.8, flare 50, pm_st
 bogus / pid (alert nights)     Poisson(B × (seeing/2″)² × (1 + 0.5 moon)), B = 3 dense, 0.5 sparse and
                                transient; |S/N| 5 + Exp(2.5),
                                35 % negative; low rb/drb, odd fwhm, elong, nneg, nbad
+sso / pid (alert nights)       Poisson(A × (0.2 + 0.8 exp(−|β|/15°))), β the ecliptic latitude,
+                               A = 3 dense, 2 sparse, 5 transient; asteroids of r 17–21.5
+                               (N(< r) ∝ 10^(0.3 r)), g−r 0.45–0.75, each at one epoch (detected if
+                               ≥ 5σ); catalogued with P = clip(0.95 − 0.17 (r − 19.5), 0.6, 0.95):
+                               ssdistnr |N(0, 0.35″)|, ssmagnr r + 0.2 ± 0.3; no counterpart of its own
 periodic                       r 14–18.5, P log-uniform 0.05–30 d, amplitude 0.05–0.6 mag (g ×1.3)
 cv                             quiescent r 18.5–22.5, outbursts 3–5 mag, rise 0.5–1.5 d, one starting
                                in the alert nights (or ≤ 10 d before), recurrence log-uniform 15–1500 d
@@ -99,8 +104,8 @@ cross-match outages            40 % of nights, a 1–3 h run of exposures whose 
 history before the survey      ndethist, jdstarthist: years of coverage, detected as often as in the
                                simulated history nights (none for transients)
 agn                            nucleus r 16.5–19.5, damped random walk τ 100–400 d, SF∞ 0.15–0.35 mag
-truth flags                    is_real = not bogus; is_extragalactic = fast/sn/slow_sn/agn;
-                               is_fast (rise < 3 d) = fast/flare/cv
+truth flags                    is_real = not bogus (asteroids are real); is_extragalactic =
+                               fast/sn/slow_sn/agn; is_fast (rise < 3 d) = fast/flare/cv
 label selection                logit e = −1.5 + 0.9(18.5 − magpsf) − 1.2(seeing − 2″) + 0.6 min(n_later, 4)
                                − 2.5·[PS1 star (sgscore > 0.8, r < 18.5) within 0.5″, as alerted];
                                n_later = detections of the object in the next 3 d
@@ -124,9 +129,10 @@ bogus), ``noise_flux_ujy``, ``meas_flux_ujy`` (= the sum of the four; what the a
 Interventions: ``seeing=s`` is do(seeing = s) for every exposure (or, with
 ``seeing_nights=k``, for those of the last *k* alert nights). Every random draw of a real
 object stays that of the run without it: per-object draws come from streams split between
-real objects and artefacts, per-detection draws from (object × exposure) matrices, and the
-artefacts' own draws run in exposure order, so only the artefacts of intervened exposures
-are drawn afresh. :meth:`SimResult.alert_keys` matches the same (object, exposure) across
+long-lived objects and single-epoch sources (asteroids, whose number does not depend on
+seeing, then artefacts), per-detection draws from (object × exposure) matrices, and the
+single-epoch sources' own draws run in exposure order, so only the artefacts of intervened
+exposures are drawn afresh. :meth:`SimResult.alert_keys` matches the same (object, exposure) across
 runs; object names keep their letters (the year is that of the first detection).
 
 (The PS1 term stands for "a catalogued star, nobody follows it up": like every other term it
@@ -182,7 +188,7 @@ PHOTON_GAIN_UJY = 0.02  # µJy per photo-electron-equivalent: source shot noise 
 NOISE_FLOOR = 0.003
 FP_BAD = -99999.0
 
-CLASSES = ("constant", "periodic", "cv", "flare", "pm_star", "fast", "sn", "slow_sn", "agn", "bogus")
+CLASSES = ("constant", "periodic", "cv", "flare", "pm_star", "fast", "sn", "slow_sn", "agn", "sso", "bogus")
 EXTRAGALACTIC = {"fast", "sn", "slow_sn", "agn"}
 FAST = {"fast", "flare", "cv"}
 STARS = {"constant", "periodic", "cv", "flare", "pm_star"}
@@ -198,6 +204,11 @@ POPULATION = {
 }
 #: Mean bogus detections per pid in good conditions; artefacts scale with star density.
 BOGUS_PER_PID = {"dense": 3.0, "sparse": 0.5, "transient": 0.5}
+#: Solar-system objects (asteroids) per pid of the alert nights on the ecliptic, r 17–21.5
+#: (a fifth of that far from it, see :func:`_sso_rate`); about 40 % are bright enough to be
+#: detected. They are then 6–12 % of the transient mode's alerts (seeds 1–4); in the real
+#: Fink 2023 sample 17 % of the ZTF alerts sit within 1″ of a known one.
+SSO_PER_PID = {"dense": 3.0, "sparse": 2.0, "transient": 5.0}
 #: Rough alerts per (quadrant, alert night), used to size a run for ``n_alerts``.
 ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20, "transient": 25}
 #: Fraction of nights with a 1–3 h cross-match outage, and the fill values then written
@@ -415,11 +426,12 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 
 
 class _Split:
-    """Per-object draws of a quadrant: real objects ``[0, k)`` and artefacts from separate streams.
+    """Per-object draws of a quadrant: long-lived objects ``[0, k)`` and single-epoch ones apart.
 
     Each call draws ``size`` values (``size`` must be the object count) from two fresh
-    streams: the real objects' values then do not depend on how many artefacts there are,
-    which do(seeing) changes, and an artefact's only on those before it (in exposure order).
+    streams: the long-lived objects' values then do not depend on how many artefacts there
+    are, which do(seeing) changes, and a single-epoch source's (asteroids, then artefacts,
+    each in exposure order) only on those before it.
     """
 
     def __init__(self, seed: int, qi: int, key: int, k: int, n: int):
@@ -451,10 +463,11 @@ class _Split:
 class _PerEpoch:
     """Per-detection draws of a quadrant that belong to (object, exposure), not to list positions.
 
-    Each call takes, for the detections of real objects, their cells of a fresh
-    (real objects × exposures) matrix of uniforms, and for artefacts values from their own
-    stream; the uniforms go through the wanted inverse CDF. A real detection then gets the
-    same values whichever other sources are detected — which do(seeing) changes.
+    Each call takes, for the detections of long-lived objects, their cells of a fresh
+    (objects × exposures) matrix of uniforms, and for single-epoch sources (asteroids, then
+    artefacts) values from their own stream; the uniforms go through the wanted inverse CDF.
+    A real detection then gets the same values whichever other sources are detected — which
+    do(seeing) changes.
     """
 
     def __init__(self, seed: int, qi: int, jj: np.ndarray, ee: np.ndarray, n_real: int, n_e: int):
@@ -462,7 +475,7 @@ class _PerEpoch:
         self.real = jj < n_real
         self.cells = (jj[self.real], ee[self.real])
         self.nd = len(jj)
-        self.artefact = jj[~self.real] - n_real  # one detection per artefact, in exposure order
+        self.artefact = jj[~self.real] - n_real  # ≤ 1 detection per single-epoch source, in exposure order
 
     def _u(self, size):
         if size != self.nd:
@@ -580,6 +593,17 @@ def separation(ra1, dec1, ra2, dec2):
     r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
     c = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2)
     return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
+def ecliptic_latitude(ra, dec):
+    """Ecliptic latitude (deg) of ICRS ra/dec (deg), obliquity 23.44°."""
+    ra, dec, eps = np.radians(ra), np.radians(dec), np.radians(23.44)
+    return np.degrees(np.arcsin(np.sin(dec) * np.cos(eps) - np.cos(dec) * np.sin(eps) * np.sin(ra)))
+
+
+def _sso_rate(cfg: SimConfig, ra: float, dec: float) -> float:
+    """Mean asteroids per pid: the mode's rate on the ecliptic, a fifth of it far from it."""
+    return SSO_PER_PID[cfg.mode] * (0.2 + 0.8 * np.exp(-abs(float(ecliptic_latitude(ra, dec))) / 15.0))
 
 
 def moon_illumination(jd):
@@ -972,6 +996,27 @@ class _Codec:
 # --------------------------------------------------------------------------- one quadrant
 
 
+def _append(o: dict, cls: str, ra, dec, n: int, colour=None) -> None:
+    """Append ``n`` single-epoch sources of class ``cls`` (no reference flux, host or class parameters) to ``o``."""
+    for key in list(o):
+        if key == "class":
+            o[key] = np.concatenate([o[key], np.array([cls] * n, dtype=object)])
+        elif key in ("ra", "dec"):
+            o[key] = np.concatenate([o[key], ra if key == "ra" else dec])
+        elif key == "flares":
+            o[key] = o[key] + [None] * n
+        elif key == "has_host":
+            o[key] = np.concatenate([o[key], np.zeros(n, bool)])
+        elif key in ("ref_flux_r", "ref_flux_g", "ref_mismatch", "n_flares"):
+            o[key] = np.concatenate([o[key], np.zeros(n, o[key].dtype)])
+        elif key == "loading":
+            o[key] = np.concatenate([o[key], np.ones(n)])
+        elif key == "colour" and colour is not None:
+            o[key] = np.concatenate([o[key], colour])
+        else:
+            o[key] = np.concatenate([o[key], np.full(n, np.nan)])
+
+
 class _Quad:
     """All objects and exposures of one (field, rcid): matrices, detections, record builder."""
 
@@ -995,6 +1040,34 @@ class _Quad:
         Q = _signals(o, t, fid, seeing, rng)
         n_real = len(o["class"])
 
+        # Single-epoch sources follow the long-lived ones, asteroids first, then artefacts: the
+        # per-object streams (_Split, _PerEpoch) give everything from n_real on its own stream,
+        # and the asteroids, whose number does not depend on seeing, come before the artefacts,
+        # whose number does.
+        half = QUAD_DEG / 2 * 0.98
+
+        # Asteroids: one epoch each (in 30 s one moves far less than the PSF, and by the next
+        # exposure it is elsewhere); no history at the position and no catalogued counterpart.
+        # Own streams: the other draws of the quadrant do not move.
+        def srng(k):
+            return _rng(cfg.seed, 14, qi, k)
+
+        ns = np.where(win, srng(0).poisson(_sso_rate(cfg, q_ra, q_dec), n_e), 0)
+        s_epoch = np.repeat(np.arange(n_e), ns)
+        nsso = len(s_epoch)
+        s_dec = q_dec + srng(1).uniform(-half, half, nsso)
+        s_ra = (q_ra + srng(2).uniform(-half, half, nsso) / np.cos(np.radians(s_dec))) % 360.0
+        # r 17–21.5 with N(< r) ∝ 10^(0.3 r); solar colours; the fainter, the less often catalogued.
+        s_mag = 17.0 + np.log10(1 + srng(3).random(nsso) * (10 ** (0.3 * 4.5) - 1)) / 0.3
+        s_gr = srng(4).uniform(0.45, 0.75, nsso)
+        s_known = srng(5).random(nsso) < np.clip(0.95 - 0.17 * (s_mag - 19.5), 0.6, 0.95)
+        self.sso_dist = np.where(s_known, np.abs(srng(6).normal(0, 0.35, nsso)), np.nan)
+        self.sso_vmag = s_mag + 0.2 + srng(7).normal(0, 0.3, nsso)
+        _append(o, "sso", s_ra, s_dec, nsso, colour=s_gr)
+        Qs = np.zeros((nsso, n_e))
+        Qs[np.arange(nsso), s_epoch] = ujy(s_mag) * np.where(fid[s_epoch] == 1, 10 ** (-0.4 * s_gr), 1.0)
+        Q = np.vstack([Q, Qs])
+
         # Bogus: single-epoch artefacts in alert-night exposures, more in bad seeing and moonlight.
         # Each of their quantities has its own stream, drawn in exposure order, and the real
         # objects' draws never pass through theirs: do(seeing) changes the artefact count, and
@@ -1008,27 +1081,11 @@ class _Quad:
         nb = np.where(win, brng(0).poisson(rate), 0)
         b_epoch = np.repeat(np.arange(n_e), nb)
         nbog = len(b_epoch)
-        half = QUAD_DEG / 2 * 0.98
         b_dec = q_dec + brng(1).uniform(-half, half, nbog)
         b_ra = (q_ra + brng(2).uniform(-half, half, nbog) / np.cos(np.radians(b_dec))) % 360.0
-        for key in list(o):
-            if key == "class":
-                o[key] = np.concatenate([o[key], np.array(["bogus"] * nbog, dtype=object)])
-            elif key == "ra":
-                o[key] = np.concatenate([o[key], b_ra])
-            elif key == "dec":
-                o[key] = np.concatenate([o[key], b_dec])
-            elif key == "flares":
-                o[key] = o[key] + [None] * nbog
-            elif key in ("has_host",):
-                o[key] = np.concatenate([o[key], np.zeros(nbog, bool)])
-            elif key in ("ref_flux_r", "ref_flux_g", "ref_mismatch", "n_flares"):
-                o[key] = np.concatenate([o[key], np.zeros(nbog, o[key].dtype)])
-            elif key == "loading":
-                o[key] = np.concatenate([o[key], np.ones(nbog)])
-            else:
-                o[key] = np.concatenate([o[key], np.full(nbog, np.nan)])
-        o["bogus_epoch"] = np.concatenate([np.full(n_real, -1), b_epoch])
+        _append(o, "bogus", b_ra, b_dec, nbog)
+        o["sso_epoch"] = np.concatenate([np.full(n_real, -1), s_epoch, np.full(nbog, -1)])
+        o["bogus_epoch"] = np.concatenate([np.full(n_real + nsso, -1), b_epoch])
         n = len(o["class"])
         Q = np.vstack([Q, np.zeros((nbog, n_e))])
 
@@ -1047,14 +1104,21 @@ class _Quad:
         be = o["bogus_epoch"][bi]
         sign = np.where(brng(3).random(len(bi)) < 0.35, -1.0, 1.0)
         nuis[bi, be] = sign * (5.0 + brng(4).exponential(2.5, len(bi))) * err[bi, be]
-        noise = np.vstack([rng.normal(0, 1, (n_real, n_e)), brng(5).normal(0, 1, (nbog, n_e))]) * err
+        noise = np.vstack([rng.normal(0, 1, (n_real, n_e)), srng(8).normal(0, 1, (nsso, n_e)),
+                           brng(5).normal(0, 1, (nbog, n_e))]) * err
         meas = Q + sys + nuis + noise
         det = np.abs(meas) >= 5.0 * err
-        # A bogus "object" exists only at its epoch: elsewhere it is empty sky, never detected.
+        # A bogus "object" exists only at its epoch: elsewhere it is empty sky, never detected;
+        # an asteroid is detected at its epoch if bright enough, and is gone from there after.
         for j, e in zip(bi, be, strict=True):
             det[j, :] = False
             det[j, e] = True
-        fp_bad = np.vstack([rng.random((n_real, n_e)), brng(6).random((nbog, n_e))]) < cfg.fp_bad_fraction
+        si = n_real + np.arange(nsso)
+        keep = det[si, s_epoch]
+        det[si, :] = False
+        det[si, s_epoch] = keep
+        fp_bad = np.vstack([rng.random((n_real, n_e)), srng(9).random((nsso, n_e)),
+                            brng(6).random((nbog, n_e))]) < cfg.fp_bad_fraction
 
         self.o, self.n_obj = o, n
         self.t, self.fid, self.win = t, fid, win
@@ -1090,8 +1154,9 @@ class _Quad:
         first = np.where(self.det.any(axis=1), t[np.argmax(self.det, axis=1)], np.nan)
         first_jd = np.where(np.isfinite(self.jdstart_pre), self.jdstart_pre, first)
         year = np.array([jd_to_datetime(x).year if np.isfinite(x) else 2023 for x in first_jd])
-        # Ids number real objects and artefacts apart (artefacts by quadrant), so that no id
-        # depends on an artefact count that do(seeing) changes elsewhere.
+        # Ids number long-lived objects and single-epoch sources apart (the latter by quadrant,
+        # asteroids before artefacts), so that no id depends on an artefact count that
+        # do(seeing) changes elsewhere.
         k = np.arange(n)
         if n - self.n_real >= ARTEFACTS_PER_QUAD:
             raise ValueError(f"more than {ARTEFACTS_PER_QUAD} artefacts in one quadrant")
@@ -1148,7 +1213,7 @@ class _Quad:
         streams. Own random stream, so the other draws of the quadrant do not move.
         """
         o, n = self.o, self.n_obj
-        rng = _Split(self.cfg.seed, self.qi, 3, int(np.sum(self.o["bogus_epoch"] < 0)), n)
+        rng = _Split(self.cfg.seed, self.qi, 3, self.n_real, n)
         u = rng.uniform
         mag = np.where(is_star, o["mag_r"], np.where(host, o["host_mag"], np.nan))
         has = is_star | host
@@ -1327,6 +1392,10 @@ class _Quad:
                  distpsnr3=float(p["d3"][j]), nmtchps=int(p["nmtch"][j]), neargaia=float(self.gaia["d"][j]),
                  maggaia=float(self.gaia["mag"][j]), neargaiabright=float(self.gaia["dbright"][j]),
                  maggaiabright=float(self.gaia["magbright"][j]))
+        k = j - self.n_real
+        if 0 <= k < len(self.sso_dist) and np.isfinite(self.sso_dist[k]):  # a catalogued asteroid
+            c.update(ssdistnr=float(self.sso_dist[k]), ssmagnr=float(self.sso_vmag[k]),
+                     ssnamenr=str(1000 * self.qi + k + 1))
         if self.outage[e]:
             # The real run also had jdstarthist after jdendhist; the decoder reads it as unknown.
             c.update(XMATCH_FILL, jdstarthist=c["jdendhist"] + 1 / 24)

@@ -344,6 +344,26 @@ def test_faint_sources_lose_their_catalogue_counterparts():
     assert np.mean([recs[c]["distnr"] > 2 for c in faint["candid"]]) > 0.9  # nor in the reference image
 
 
+def test_asteroids_are_real_single_epoch_sources_most_of_them_catalogued():
+    res = simulate(7, nights=2, quadrants=8, mode="transient")
+    t = res.truth
+    out = t["pid"].map(res.exposures.set_index("pid")["xmatch_outage"]).to_numpy(bool)
+    sso = t[(t["class"] == "sso").to_numpy() & ~out]
+    assert len(sso) > 20
+    assert sso["is_real"].all() and not sso["is_extragalactic"].any() and not sso["is_fast"].any()
+    # Nothing at the position before or after (it moves on), but upper limits there.
+    assert (sso["n_prv_det"] == 0).all() and (sso["n_later_det"] == 0).all() and (sso["n_prv_nondet"] > 0).all()
+    assert sso["objectId"].is_unique
+    dec = Decoder(keep_cutouts=False)
+    recs = {r["candid"]: r for r in res.alerts()}
+    ss = np.array([dec.to_alert(recs[c], Envelope(b"", "sim")).context.ss_distance for c in sso["candid"]])
+    known = np.isfinite(ss)
+    assert 0.6 < known.mean() < 0.97 and (ss[known] < 2.0).all()
+    # Other alerts carry no solar-system match (ssdistnr −999 reads as missing).
+    other = t[(t["class"] != "sso").to_numpy() & ~out]["candid"][:200]
+    assert all(recs[c]["candidate"]["ssdistnr"] == -999.0 for c in other)
+
+
 def test_cross_match_outages_look_like_the_real_damaged_run_and_decode_as_missing():
     res = simulate(9, nights=2, quadrants=8, mode="transient")  # a seed with an outage on an alert night
     out = res.truth["pid"].map(res.exposures.set_index("pid")["xmatch_outage"]).to_numpy(bool)
