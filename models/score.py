@@ -84,7 +84,8 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
     -------
     list, one entry per row, of ``(items, text)``: ``items`` a list of
     (score, feature, value, contribution); ``text`` score → one sentence, e.g.
-    ``"P(real)=0.91: real_bogus=0.97 raises it; snr=5.1 lowers it"``.
+    ``"P(real)=0.91: real_bogus=0.97 raises it; snr=5.1 lowers it"``; a missing value reads
+    ``"no pos_scatter lowers it"``.
     """
     n = len(X)
     out = [([], {}) for _ in range(n)]
@@ -116,7 +117,9 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                     continue
                 name = names[j]
                 items.append((s, name, val, v))
-                parts.append(f"{name}={val:.3g} {'raises' if v > 0 else 'lowers'} it")
+                # A missing value is evidence too (one detection has no positional scatter).
+                what = f"{name}={val:.3g}" if val == val else f"no {name}"
+                parts.append(f"{what} {'raises' if v > 0 else 'lowers'} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
     return out
 
