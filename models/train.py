@@ -798,16 +798,17 @@ def _validate_causal_real(args) -> int:
 
 
 def _sim_kwargs(args) -> dict:
-    return {k: getattr(args, k) for k in ("mode", "fields", "quadrants", "nights") if getattr(args, k, None)}
+    return {k: getattr(args, k) for k in ("mode", "fields", "quadrants", "nights", "cadence") if getattr(args, k, None)}
 
 
 def _add_sim_args(p) -> None:
-    from stream.simulate import MODES
+    from stream.simulate import CADENCES, MODES
 
     p.add_argument("--mode", choices=MODES, help=f"simulator field mode (default {SIM_DEFAULTS['mode']})")
     p.add_argument("--fields", type=int, help=f"simulated fields (default {SIM_DEFAULTS['fields']})")
     p.add_argument("--quadrants", type=int, help=f"quadrants per field (default {SIM_DEFAULTS['quadrants']})")
     p.add_argument("--nights", type=int, help=f"alert nights (default {SIM_DEFAULTS['nights']})")
+    p.add_argument("--cadence", choices=CADENCES, help="simulated survey cadence (default nightly)")
 
 
 def _add_table_args(p) -> None:

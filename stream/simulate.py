@@ -50,7 +50,8 @@ parameter                      value
 =============================  ===================================================================
 site                           Palomar, lat 33.3563°, lon −116.8650°, 1.012″/pixel, 30 s exposures
 survey start                   JD 2460200.5 (2023-09-13), ``history_days`` = 30, ``nights`` = 2
-cadence                        2 visits/night × (g, r), 25 % of nights a third visit; 8 % exposure loss
+cadence                        2 visits/night × (g, r), 25 % of nights a third visit; 8 % exposure loss;
+                               ``cadence="public"``: one (g, r) visit every other night
 weather                        P(bad | good) = 0.12, P(bad | bad) = 0.5; cloudy nights 0.05–0.8 mag
 seeing                         night median lognormal(2.0″, 0.18) × exposure lognormal(0.08), g ×1.05
 depth (5σ, dark, 2″, X=1)      g 20.8, r 20.6; −1.25 log(sky/dark) −2.5 log(seeing/2″) −0.1(X−1) −cloud
@@ -195,6 +196,10 @@ FAST = {"fast", "flare", "cv"}
 STARS = {"constant", "periodic", "cv", "flare", "pm_star"}
 
 MODES = ("dense", "sparse", "transient")
+#: "nightly": every clear night, 2 visits (25 % of nights 3) in g and r — a high-cadence
+#: programme; "public": every other night, one g + r visit — ZTF's public survey, whose real
+#: alerts here have ~21 exposures in the 30 days before them (the nightly cadence gives ~115).
+CADENCES = ("nightly", "public")
 #: Mean number of objects per quadrant, one entry per mode in :data:`MODES`. The transient
 #: mode is a sparse sky seen by a transient search: most alerts come from new sources and
 #: from the galactic contaminants that mimic them (flares of faint M dwarfs, CV outbursts).
@@ -255,10 +260,13 @@ class SimConfig:
     fp_bad_fraction: float = 0.01
     seeing: float | None = None  # do(seeing): exposures taken at this seeing (arcsec) ...
     seeing_nights: int | None = None  # ... on the last this many alert nights (None: every night)
+    cadence: str = "nightly"  # see CADENCES
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.cadence not in CADENCES:
+            raise ValueError(f"cadence must be one of {', '.join(CADENCES)}, not {self.cadence!r}")
         if self.nights < 1 or self.fields < 1 or not 1 <= self.quadrants <= 64:
             raise ValueError("need nights ≥ 1, fields ≥ 1 and 1 ≤ quadrants ≤ 64")
         if self.n_alerts is not None and self.n_alerts < 1:
@@ -364,7 +372,7 @@ class SimResult:
 def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, quadrants: int = 4,
              mode: str = "dense", fmt: str = "files", n_alerts: int | None = None, history_days: int = 30,
              start_jd: float = 2460200.5, sys_scale: float = 1.0, seeing: float | None = None,
-             seeing_nights: int | None = None) -> SimResult:
+             seeing_nights: int | None = None, cadence: str = "nightly") -> SimResult:
     """Simulate a ZTF alert stream with known truth.
 
     Parameters
@@ -401,6 +409,8 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
     seeing_nights : int, optional
         Apply ``seeing`` only to the last this many alert nights (default: every night of
         the survey, histories included).
+    cadence : {"nightly", "public"}
+        See :data:`CADENCES`.
 
     Returns
     -------
@@ -411,7 +421,7 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
         raise ValueError(f"start_jd={start_jd}: must be 0h UT of a day (a JD ending in .5)")
     cfg = SimConfig(seed=int(seed), nights=nights, fields=fields, quadrants=quadrants, mode=mode,
                     n_alerts=n_alerts, history_days=history_days, start_jd=start_jd, sys_scale=sys_scale,
-                    seeing=seeing, seeing_nights=seeing_nights)
+                    seeing=seeing, seeing_nights=seeing_nights, cadence=cadence)
     result = _run(cfg)
     if out_dir is not None:
         result.write(out_dir, fmt)
@@ -688,6 +698,10 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
             ta = t0 + rng.uniform(0, 0.3) * span
             tb = min(ta + max(1.5 / 24, rng.uniform(0.3, 0.6) * span), t1)
             visits = [ta, tb] + ([rng.uniform(ta, t1)] if rng.random() < 0.25 else [])
+            if cfg.cadence == "public":  # every other night (the last alert night included), one g+r visit
+                if (n_days - 1 - d) % 2:
+                    continue
+                visits = visits[:1]
             for tv in visits:
                 order = (1, 2) if rng.random() < 0.5 else (2, 1)
                 for k, fid in enumerate(order):
@@ -1758,7 +1772,8 @@ def cmd_simulate(args) -> int:
     """``vigil simulate``: run, write, print counts, timings, systematic RMS and the class mix."""
     t0 = time.perf_counter()
     res = simulate(args.seed, nights=args.nights, fields=args.fields, quadrants=args.quadrants, mode=args.mode,
-                   n_alerts=args.n_alerts, history_days=args.history_days, sys_scale=args.sys_scale)
+                   n_alerts=args.n_alerts, history_days=args.history_days, sys_scale=args.sys_scale,
+                   cadence=args.cadence)
     t1 = time.perf_counter()
     info = res.write(args.out, args.format)
     t2 = time.perf_counter()
@@ -1781,6 +1796,8 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=MODES, default="dense",
                    help="≥100 (dense) or ~10 (sparse) sibling sources per exposure; transient: sparse, "
                         "mostly new sources and their galactic mimics")
+    p.add_argument("--cadence", choices=CADENCES, default="nightly",
+                   help="nightly: 2-3 g+r visits every clear night; public: one g+r visit every other night")
     p.add_argument("--format", choices=("files", "tarballs"), default="files")
     p.add_argument("--n-alerts", type=int, default=None, help="size the run for this many alerts (exact cut)")
     p.add_argument("--history-days", type=int, default=30, help="survey nights before the first alert night")

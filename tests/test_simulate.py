@@ -344,6 +344,20 @@ def test_faint_sources_lose_their_catalogue_counterparts():
     assert np.mean([recs[c]["distnr"] > 2 for c in faint["candid"]]) > 0.9  # nor in the reference image
 
 
+def test_public_cadence_observes_every_other_night_once_in_each_band():
+    kw = dict(nights=4, quadrants=2, mode="transient")
+    pub, nightly = simulate(3, cadence="public", **kw), simulate(3, **kw)
+    ex = pub.exposures.drop_duplicates("exposure_id")
+    last = int(ex["night"].max())
+    assert last == int(nightly.exposures["night"].max())  # the last night is observed (do(seeing) acts on it)
+    assert ((last - ex["night"]) % 2 == 0).all()
+    assert (ex.groupby(["night", "fid"]).size() == 1).all()  # one visit: a g and an r exposure at most
+    # ~15 exposures in the 30 days before an alert, against ~115 nightly (the real alerts here: ~21).
+    assert 3 * len(ex) < nightly.exposures["exposure_id"].nunique()
+    with pytest.raises(ValueError, match="cadence"):
+        simulate(3, cadence="hourly", **kw)
+
+
 def test_asteroids_are_real_single_epoch_sources_most_of_them_catalogued():
     res = simulate(7, nights=2, quadrants=8, mode="transient")
     t = res.truth
