@@ -17,6 +17,7 @@ Alerts with no real/bogus score are ``unscored``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +119,7 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                 name = names[j]
                 items.append((s, name, val, v))
                 # A missing value is evidence too (one detection has no positional scatter).
-                what = f"{name}={val:.3g}" if val == val else f"no {name}"
+                what = f"no {name}" if math.isnan(val) else f"{name}={val:.3g}"
                 parts.append(f"{what} {'raises' if v > 0 else 'lowers'} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
     return out

@@ -51,7 +51,8 @@ parameter                      value
 site                           Palomar, lat 33.3563°, lon −116.8650°, 1.012″/pixel, 30 s exposures
 survey start                   JD 2460200.5 (2023-09-13), ``history_days`` = 30, ``nights`` = 2
 cadence                        2 visits/night × (g, r), 25 % of nights a third visit; 8 % exposure loss;
-                               ``cadence="public"``: one (g, r) visit every other night
+                               ``cadence="public"``: one (g, r) visit every other night (the
+                               last included; every other alert night then has no exposures)
 weather                        P(bad | good) = 0.12, P(bad | bad) = 0.5; cloudy nights 0.05–0.8 mag
 seeing                         night median lognormal(2.0″, 0.18) × exposure lognormal(0.08), g ×1.05
 depth (5σ, dark, 2″, X=1)      g 20.8, r 20.6; −1.25 log(sky/dark) −2.5 log(seeing/2″) −0.1(X−1) −cloud
@@ -80,9 +81,9 @@ bogus / pid (alert nights)     Poisson(B × (seeing/2″)² × (1 + 0.5 moon)), 
 sso / pid (alert nights)       Poisson(A × (0.2 + 0.8 exp(−|β|/15°))), β the ecliptic latitude,
                                A = 3 dense, 2 sparse, 5 transient; asteroids of r 17–21.5
                                (N(< r) ∝ 10^(0.3 r)), g−r 0.45–0.75, each at one epoch (detected if
-                               ≥ 5σ), 8 % slow (also at the night's next exposure, 0.3–1.2″ on);
+                               ≥ 5σ), 8 % slow (also at the next exposure if within 1 h, 0.3–1.2″ on);
                                catalogued with P = clip(0.95 − 0.17 (r − 19.5), 0.6, 0.95):
-                               ssdistnr round(|N(0, 0.25″)|), ssmagnr r + 0.2 ± 0.3; no counterpart of its own
+                               ssdistnr round(|N(0, 0.21″)|), ssmagnr r + 0.2 ± 0.3; no counterpart of its own
 periodic                       r 14–18.5, P log-uniform 0.05–30 d, amplitude 0.05–0.6 mag (g ×1.3)
 cv                             quiescent r 18.5–22.5, outbursts 3–5 mag, rise 0.5–1.5 d, one starting
                                in the alert nights (or ≤ 10 d before), recurrence log-uniform 15–1500 d
@@ -197,8 +198,9 @@ STARS = {"constant", "periodic", "cv", "flare", "pm_star"}
 
 MODES = ("dense", "sparse", "transient")
 #: "nightly": every clear night, 2 visits (25 % of nights 3) in g and r — a high-cadence
-#: programme; "public": every other night, one g + r visit — ZTF's public survey, whose real
-#: alerts here have ~21 exposures in the 30 days before them (the nightly cadence gives ~115).
+#: programme; "public": every other night, one g + r visit — ZTF's public survey. In the 30
+#: days before an alert the real 2023 Fink alerts have a median of 21 exposures; the public
+#: cadence gives ~20–27 and the nightly one ~80–115 (transient mode, seeds 1 and 3).
 CADENCES = ("nightly", "public")
 #: Mean number of objects per quadrant, one entry per mode in :data:`MODES`. The transient
 #: mode is a sparse sky seen by a transient search: most alerts come from new sources and
@@ -212,8 +214,9 @@ POPULATION = {
 BOGUS_PER_PID = {"dense": 3.0, "sparse": 0.5, "transient": 0.5}
 #: Solar-system objects (asteroids) per pid of the alert nights on the ecliptic, r 17–21.5
 #: (a fifth of that far from it, see :func:`_sso_rate`); about 40 % are bright enough to be
-#: detected. They are then 6–12 % of the transient mode's alerts (seeds 1–4); in the real
-#: Fink 2023 sample 17 % of the ZTF alerts sit within 1″ of a known one.
+#: detected. They are then 5–14 % of the transient mode's alerts, by the field's ecliptic
+#: latitude (seeds 1–4, 8–48 quadrants); in the real Fink 2023 sample 17 % of the ZTF alerts
+#: sit within 1″ of a known one.
 SSO_PER_PID = {"dense": 3.0, "sparse": 2.0, "transient": 5.0}
 #: Rough alerts per (quadrant, alert night), used to size a run for ``n_alerts``.
 ALERTS_PER_QUAD_NIGHT = {"dense": 650, "sparse": 20, "transient": 25}
@@ -228,7 +231,8 @@ XMATCH_FILL = {"distpsnr1": 120.0, "sgscore1": 0.2, "neargaia": 300.0, "ssdistnr
 REF_DEPTH_R, PS1_DEPTH_R, GAIA_DEPTH_G, SG_RELIABLE_R = 21.0, 22.0, 20.7, 20.5
 #: Flares per day of a flare star (0.5–3 mag in g).
 FLARE_RATE = 0.05
-#: Object ids number real objects from 0 and artefacts from ARTEFACT_ID0, in blocks per quadrant.
+#: Object ids number long-lived objects from 0 and single-epoch sources (asteroids, then
+#: artefacts) from ARTEFACT_ID0, in blocks per quadrant.
 ARTEFACT_ID0, ARTEFACTS_PER_QUAD = 10**8, 10**6
 
 TRUTH_COLUMNS = (
@@ -678,7 +682,9 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
     bad = np.zeros(n_days, bool)
     for d in range(1, n_days):
         bad[d] = rng.random() < (0.5 if bad[d - 1] else 0.12)
-    bad[cfg.history_days:] = False  # alert nights are observed (partially cloudy at worst)
+    # Alert nights are observed (partially cloudy at worst); with the public cadence only every
+    # other one (the last included), so half of them have no exposures at all.
+    bad[cfg.history_days:] = False
     cloudy = rng.random(n_days) < 0.35
     night_cloud = np.where(cloudy, rng.uniform(0.05, 0.8, n_days), rng.uniform(0.0, 0.03, n_days))
     night_seeing = SEEING_MEDIAN * np.exp(rng.normal(0, 0.18, n_days))
@@ -1014,8 +1020,11 @@ class _Codec:
 # --------------------------------------------------------------------------- one quadrant
 
 
-def _append(o: dict, cls: str, ra, dec, n: int, colour=None) -> None:
-    """Append ``n`` single-epoch sources of class ``cls`` (no reference flux, host or class parameters) to ``o``."""
+def _append(o: dict, cls: str, ra, dec, n: int, **values) -> None:
+    """Append ``n`` single-epoch sources of class ``cls`` to ``o``.
+
+    They have no reference flux, host or class parameters; ``values`` gives the columns they do have.
+    """
     for key in list(o):
         if key == "class":
             o[key] = np.concatenate([o[key], np.array([cls] * n, dtype=object)])
@@ -1029,8 +1038,8 @@ def _append(o: dict, cls: str, ra, dec, n: int, colour=None) -> None:
             o[key] = np.concatenate([o[key], np.zeros(n, o[key].dtype)])
         elif key == "loading":
             o[key] = np.concatenate([o[key], np.ones(n)])
-        elif key == "colour" and colour is not None:
-            o[key] = np.concatenate([o[key], colour])
+        elif key in values:
+            o[key] = np.concatenate([o[key], values[key]])
         else:
             o[key] = np.concatenate([o[key], np.full(n, np.nan)])
 
@@ -1065,8 +1074,8 @@ class _Quad:
         half = QUAD_DEG / 2 * 0.98
 
         # Asteroids: one epoch each (in 30 s one moves far less than the PSF, and by the next
-        # exposure it is elsewhere); no history at the position and no catalogued counterpart.
-        # Own streams: the other draws of the quadrant do not move.
+        # visit it is elsewhere), bar the slow ones below; no history at the position and no
+        # catalogued counterpart. Own streams: the other draws of the quadrant do not move.
         def srng(k):
             return _rng(cfg.seed, 14, qi, k)
 
@@ -1080,19 +1089,19 @@ class _Quad:
         s_gr = srng(4).uniform(0.45, 0.75, nsso)
         s_known = srng(5).random(nsso) < np.clip(0.95 - 0.17 * (s_mag - 19.5), 0.6, 0.95)
         # ZTF reports ssdistnr in whole arcsec: 0 for 98 % of the real matches here, else 1.
-        self.sso_dist = np.where(s_known, np.round(np.abs(srng(6).normal(0, 0.25, nsso))), np.nan)
+        self.sso_dist = np.where(s_known, np.round(np.abs(srng(6).normal(0, 0.21, nsso))), np.nan)
         self.sso_vmag = s_mag + 0.2 + srng(7).normal(0, 0.3, nsso)
         # A slow mover (8 %, e.g. near its stationary point) is still within the 1.5″ association
-        # radius at the next exposure of the night: a second detection of the same object, offset
-        # by its motion (as for 7 % of the real known-asteroid alerts here, which have two or three).
-        night = ex["night"].to_numpy()
+        # radius at the next exposure if that comes within the hour (the other band of the visit):
+        # a second detection of the same object, offset by its motion (as for 7 % of the real
+        # known-asteroid alerts here, which have two or three).
         nxt = np.append(np.arange(1, n_e), -1)
-        nxt = np.where((nxt >= 0) & (night[np.maximum(nxt, 0)] == night), nxt, -1)
+        nxt = np.where((nxt >= 0) & (t[np.maximum(nxt, 0)] - t < 1 / 24), nxt, -1)
         slow = srng(10).random(nsso) < 0.08
         self.sso_epoch2 = np.where(slow, nxt[s_epoch], -1) if nsso else np.zeros(0, np.int64)
         pa = srng(11).uniform(0, 2 * np.pi, nsso)
         self.sso_drift = srng(12).uniform(0.3, 1.2, nsso)[:, None] * np.column_stack([np.sin(pa), np.cos(pa)])
-        _append(o, "sso", s_ra, s_dec, nsso, colour=s_gr)
+        _append(o, "sso", s_ra, s_dec, nsso, mag_r=s_mag, gr=s_gr, colour=s_gr)
         Qs = np.zeros((nsso, n_e))
         for ep in (s_epoch, self.sso_epoch2):
             k = np.flatnonzero(ep >= 0)
@@ -1116,6 +1125,8 @@ class _Quad:
         b_ra = (q_ra + brng(2).uniform(-half, half, nbog) / np.cos(np.radians(b_dec))) % 360.0
         _append(o, "bogus", b_ra, b_dec, nbog)
         o["sso_epoch"] = np.concatenate([np.full(n_real, -1), s_epoch, np.full(nbog, -1)])
+        o["sso_epoch2"] = np.concatenate([np.full(n_real, -1), self.sso_epoch2, np.full(nbog, -1)])
+        o["ssdistnr"] = np.concatenate([np.full(n_real, np.nan), self.sso_dist, np.full(nbog, np.nan)])
         o["bogus_epoch"] = np.concatenate([np.full(n_real + nsso, -1), b_epoch])
         n = len(o["class"])
         Q = np.vstack([Q, np.zeros((nbog, n_e))])
@@ -1192,7 +1203,7 @@ class _Quad:
         # do(seeing) changes elsewhere.
         k = np.arange(n)
         if n - self.n_real >= ARTEFACTS_PER_QUAD:
-            raise ValueError(f"more than {ARTEFACTS_PER_QUAD} artefacts in one quadrant")
+            raise ValueError(f"more than {ARTEFACTS_PER_QUAD} single-epoch sources in one quadrant")
         number = np.where(k < self.n_real, id_offset + k,
                           ARTEFACT_ID0 + self.qi * ARTEFACTS_PER_QUAD + k - self.n_real)
         self.object_ids = [object_id(int(i), int(y), cfg.seed) for i, y in zip(number, year, strict=True)]
@@ -1286,6 +1297,7 @@ class _Quad:
         k = jj - self.n_real
         second = (k >= 0) & (k < len(self.sso_epoch2))
         second[second] = ee[second] == self.sso_epoch2[k[second]]  # a slow asteroid's second detection
+        self.det_second = second
         rng = _PerEpoch(self.cfg.seed, self.qi, jj, ee, self.n_real, self.n_e, second)
         self.dj, self.de = jj, ee
         self.det_row = np.full(self.det.shape, -1, np.int64)
@@ -1435,7 +1447,7 @@ class _Quad:
         k = j - self.n_real
         if 0 <= k < len(self.sso_dist) and np.isfinite(self.sso_dist[k]):  # a catalogued asteroid
             c.update(ssdistnr=float(self.sso_dist[k]), ssmagnr=float(self.sso_vmag[k]),
-                     ssnamenr=str(1000 * self.qi + k + 1))
+                     ssnamenr=str(self.qi * ARTEFACTS_PER_QUAD + k + 1))
         if self.outage[e]:
             # The real run also had jdstarthist after jdendhist; the decoder reads it as unknown.
             c.update(XMATCH_FILL, jdstarthist=c["jdendhist"] + 1 / 24)
@@ -1552,7 +1564,8 @@ class _Quad:
         real = j < self.n_real
         out = np.empty(len(rows))
         out[real] = _rng(self.cfg.seed, 9, self.qi).random((self.n_real, self.n_e))[j[real], e[real]]
-        out[~real] = _rng(self.cfg.seed, 9, self.qi, 1).random(self.n_obj - self.n_real)[j[~real] - self.n_real]
+        slot = 2 * (j[~real] - self.n_real) + self.det_second[rows][~real]  # as in _PerEpoch
+        out[~real] = _rng(self.cfg.seed, 9, self.qi, 1).random(2 * (self.n_obj - self.n_real))[slot]
         return out
 
     def objects_frame(self):
@@ -1797,7 +1810,8 @@ def register(subparsers) -> None:
                    help="≥100 (dense) or ~10 (sparse) sibling sources per exposure; transient: sparse, "
                         "mostly new sources and their galactic mimics")
     p.add_argument("--cadence", choices=CADENCES, default="nightly",
-                   help="nightly: 2-3 g+r visits every clear night; public: one g+r visit every other night")
+                   help="nightly: 2-3 g+r visits every clear night; public: one g+r visit every other night "
+                        "(so every other alert night has no alerts)")
     p.add_argument("--format", choices=("files", "tarballs"), default="files")
     p.add_argument("--n-alerts", type=int, default=None, help="size the run for this many alerts (exact cut)")
     p.add_argument("--history-days", type=int, default=30, help="survey nights before the first alert night")
