@@ -523,6 +523,11 @@ def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, 
     share one matrix (the candidate has every history field).
     """
     prv = [p for p in prv or () if p.get("jd") is not None]
+    if any("forcediffimflux" in p for p in prv):
+        # Some archives (AMPEL's schema 3.5 alerts) carry the forced photometry in
+        # prv_candidates: those rows are forced measurements, not upper limits.
+        fps = [*(fps or ()), *(p for p in prv if "forcediffimflux" in p)]
+        prv = [p for p in prv if "forcediffimflux" not in p]
     v = _ztf_values([cand, *prv], _ZTF_PRV)
     if prv:
         pmag, sig, lim = v[10, 1:], v[11, 1:], v[8, 1:]

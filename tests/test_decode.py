@@ -61,7 +61,8 @@ def test_ztf_values_match_source(name):
         lc = a.lightcurve
         det = lc.kind == DETECTION
         assert lc.flux_err[det][0] == pytest.approx(abs(a.flux) * c["sigmapsf"] * math.log(10) / 2.5, rel=1e-9)
-        prv = rec["prv_candidates"] or []
+        # (AMPEL's schema 3.5 alerts carry forced photometry as prv_candidates: see the next test.)
+        prv = [p for p in rec["prv_candidates"] or [] if "forcediffimflux" not in p]
         n_prv_det = sum(p.get("magpsf") is not None for p in prv)
         n_prv_lim = sum(p.get("magpsf") is None and (p.get("diffmaglim") or 0) > 0 for p in prv)
         assert (lc.kind == PREVIOUS).sum() == n_prv_det
@@ -73,6 +74,21 @@ def test_ztf_values_match_source(name):
         expected_rb = c.get("drb") if c.get("drb") is not None else c["rb"]
         assert a.context.real_bogus == pytest.approx(expected_rb)
         assert a.context.ref_mag == pytest.approx(c["magnr"]) if c["magnr"] > 0 else True
+
+
+def test_forced_photometry_carried_in_prv_candidates_is_read_as_forced():
+    # AMPEL's schema 3.5 alerts put the 30-day forced photometry in prv_candidates (no magpsf,
+    # but forcediffimflux and its zero point): measurements, not upper limits.
+    for f in avro_files("ztf_ampel", "alerts_2021720_programid1_nocutouts")[:5]:
+        _, (rec,) = _read(f)
+        rows = [p for p in rec["prv_candidates"] if p.get("forcediffimflux") not in (None, -99999.0)]
+        assert rows and all("magpsf" not in p for p in rec["prv_candidates"])
+        lc = _decode_one(Decoder(), f.read_bytes()).lightcurve
+        forced = lc.kind == FORCED
+        assert forced.sum() == len(rows) and not (lc.kind == NONDETECTION).any()
+        want = sorted(p["forcediffimflux"] * 10 ** (-0.4 * (p["magzpsci"] - 23.9)) for p in rows)
+        np.testing.assert_allclose(sorted(lc.flux[forced]), want, rtol=1e-9)
+        np.testing.assert_allclose(sorted(lc.seeing[forced]), sorted(p["sciinpseeing"] for p in rows))
 
 
 def test_negative_difference_flux_sign():

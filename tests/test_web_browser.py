@@ -116,10 +116,11 @@ def test_vetting_session_in_chromium(server, browser, tmp_path):
     page.wait_for_selector("tr.cursor td.vet .lab.no")
     assert (shown[1], "bogus", "Vera") in _decisions(db)
 
-    # Object page of the top object with a cutout: plots and stamps load.
+    # Object page of the top object with a cutout (not the one just marked bogus): plots and stamps load.
     top_with_stamps = sqlite3.connect(db).execute(
         "SELECT o.object_id FROM objects o WHERE EXISTS (SELECT 1 FROM cutouts c WHERE c.alert_id = o.latest_alert_id"
-        " AND c.kind = 'science') ORDER BY COALESCE(o.priority, -1.0) DESC, o.object_id LIMIT 1").fetchone()[0]
+        " AND c.kind = 'science') AND o.object_id != ? ORDER BY COALESCE(o.priority, -1.0) DESC, o.object_id LIMIT 1",
+        (shown[1],)).fetchone()[0]
     page.goto(f"{base}/object/{top_with_stamps}")
     page.wait_for_load_state("load")
     assert page.locator("svg.lc").count() == 2
