@@ -80,8 +80,10 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
     flat arrays (no per-alert numpy calls). ``corrected_flux[i]`` (HSR) replaces alert
     *i*'s ``lightcurve.flux`` when given. Per alert:
 
-    * counts of detections (finite flux), limits and forced points; days since the first
-      detection (the survey's own first-detection time if earlier) and since the last limit;
+    * counts of detections (finite flux), limits and forced points (detections and limits
+      counted from the forced points before the alert, at 5σ, where those show more); days
+      since the first detection (the survey's own first-detection time if earlier) and
+      since the last limit (or forced point below 5σ);
     * on detections: the fraction with negative flux, the peak |flux| (first one on ties),
       the latest flux over the peak, the magnitude range, and rise / decline rates in mag/day
       (per band from its first point to its brightest and from the brightest to its last,
@@ -92,7 +94,7 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
       earlier ones. Moving or dipole-subtracted stars and artefacts scatter more than a
       static point source of the same S/N.
     """
-    from stream.alert import DETECTION, NONDETECTION, PREVIOUS
+    from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS
 
     n = len(alerts)
     lcs = [a.lightcurve for a in alerts]
@@ -113,14 +115,26 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
     nondet = kind == NONDETECTION
     n_det = np.bincount(g[det], minlength=n)
     n_nondet = np.bincount(g[nondet], minlength=n)
-    out = {"n_det": n_det.astype(float), "n_nondet": n_nondet.astype(float),
-           "n_forced": (sizes - n_det - n_nondet).astype(float)}
+    # Forced photometry before the alert, split at the survey's 5σ: where the history lists
+    # fewer detections or limits than the forced points show (an archive that carries forced
+    # photometry but no limits, or redacted detections), the counts come from the forced points.
+    # Where both exist they cover the same exposures and the history's counts stand.
+    raw, err = cat("flux"), cat("flux_err")
+    forced = kind == FORCED
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hist = forced & (mjd < now[g]) & np.isfinite(raw) & (err > 0)
+        f_det = hist & (np.abs(raw) >= 5.0 * err)
+    f_non = hist & ~f_det
+    n_now = np.bincount(g[det & (kind == DETECTION)], minlength=n)
+    out = {"n_det": np.maximum(n_det, n_now + np.bincount(g[f_det], minlength=n)).astype(float),
+           "n_nondet": np.maximum(n_nondet, np.bincount(g[f_non], minlength=n)).astype(float),
+           "n_forced": np.bincount(g[forced], minlength=n).astype(float)}
     with np.errstate(invalid="ignore", divide="ignore"):
         tmin = np.full(n, np.inf)
         np.minimum.at(tmin, g[det], mjd[det])
         first = np.fmin(first_known, np.where(n_det > 0, tmin, np.nan))
         out["days_since_first"] = np.where(np.isfinite(first), now - first, 0.0)
-        sel = nondet & (mjd < now[g])
+        sel = (nondet | f_non) & (mjd < now[g])
         tmax = np.full(n, -np.inf)
         np.maximum.at(tmax, g[sel], mjd[sel])
         out["days_since_last_nondet"] = np.where(np.isfinite(tmax), now - tmax, np.nan)

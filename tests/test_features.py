@@ -8,7 +8,7 @@ from conftest import DATA
 
 from causal.hsr import HSR
 from models.features import lightcurve_features
-from stream.alert import Alert, Envelope
+from stream.alert import FORCED, NONDETECTION, Alert, Envelope
 from stream.decode import Decoder
 from stream.simulate import simulate
 
@@ -21,17 +21,24 @@ def _mag(flux):
 # Reference: the per-alert definitions, one light curve at a time (slow, obvious).
 def ref_lightcurve_features(lc, now_mjd: float, first_det_mjd: float, flux=None) -> dict:
     """Shape features from one light curve. ``flux`` overrides ``lc.flux`` (HSR-corrected)."""
-    from stream.alert import DETECTION, NONDETECTION, PREVIOUS
+    from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS
 
     f = lc.flux if flux is None else flux
     det = ((lc.kind == DETECTION) | (lc.kind == PREVIOUS)) & np.isfinite(f)
-    out = {"n_det": int(det.sum()), "n_nondet": int((lc.kind == NONDETECTION).sum()),
-           "n_forced": int(len(lc) - det.sum() - (lc.kind == NONDETECTION).sum())}
+    # Forced points before the alert at the survey's 5σ (on the survey's own fluxes).
+    with np.errstate(invalid="ignore"):
+        hist = (lc.kind == FORCED) & (lc.mjd < now_mjd) & np.isfinite(lc.flux) & (lc.flux_err > 0)
+        f_det = hist & (np.abs(lc.flux) >= 5 * lc.flux_err)
+    f_non = hist & ~f_det
+    now_det = int((det & (lc.kind == DETECTION)).sum())
+    out = {"n_det": max(int(det.sum()), now_det + int(f_det.sum())),
+           "n_nondet": max(int((lc.kind == NONDETECTION).sum()), int(f_non.sum())),
+           "n_forced": int((lc.kind == FORCED).sum())}
     t, fd, bands = lc.mjd[det], f[det], lc.band[det]
     first = np.nanmin([first_det_mjd, t.min() if len(t) else np.nan]) if len(t) or np.isfinite(first_det_mjd) \
         else np.nan
     out["days_since_first"] = now_mjd - first if np.isfinite(first) else 0.0
-    nd = lc.mjd[(lc.kind == NONDETECTION) & (lc.mjd < now_mjd)]
+    nd = lc.mjd[((lc.kind == NONDETECTION) | f_non) & (lc.mjd < now_mjd)]
     out["days_since_last_nondet"] = now_mjd - nd.max() if len(nd) else np.nan
     out["frac_negative"] = float((fd < 0).mean()) if len(fd) else np.nan
     if len(fd) == 0:
@@ -122,6 +129,21 @@ def test_batch_features_match_reference_on_simulated_alerts_with_hsr(mode):
     fluxes = HSR().correct(alerts)[0]
     _check(alerts, fluxes)
     _check(alerts)
+
+
+def test_counts_come_from_forced_photometry_when_the_history_has_no_limits():
+    # AMPEL's schema 3.5 alerts: forced photometry, no limits, detections redacted.
+    dec = Decoder(keep_cutouts=False)
+    alerts = [dec.decode(Envelope(p.read_bytes(), str(p)))[0]
+              for p in sorted((DATA / "ztf_ampel" / "alerts_2021720_programid1_nocutouts").glob("*.avro"))[:20]]
+    feats = lightcurve_features(alerts)
+    for i, a in enumerate(alerts):
+        lc = a.lightcurve
+        before = (lc.kind == FORCED) & (lc.mjd < a.mjd) & np.isfinite(lc.flux)
+        snr = np.abs(lc.flux[before]) / lc.flux_err[before]
+        assert not (lc.kind == NONDETECTION).any()  # no limits in this archive
+        assert feats["n_nondet"][i] == (snr < 5).sum() and feats["n_det"][i] == 1 + (snr >= 5).sum()
+    assert (feats["n_nondet"] > 0).any() and (feats["n_det"] > 1).any()
 
 
 def test_batch_features_of_an_empty_batch():
