@@ -84,7 +84,8 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
       counted from the forced points before the alert, at 5σ, where those show more); days
       since the first detection (the survey's own first-detection time if earlier) and
       since the last limit (or forced point below 5σ);
-    * on detections: the fraction with negative flux, the peak |flux| (first one on ties),
+    * on detections (or, where the history lists none before the alert, on the forced
+      points at ≥ 5σ and the alert's own): the fraction with negative flux, the peak |flux| (first one on ties),
       the latest flux over the peak, the magnitude range, and rise / decline rates in mag/day
       (per band from its first point to its brightest and from the brightest to its last,
       averaged over bands; positive = brightening for rise, fading for decline), g − r from
@@ -126,6 +127,11 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
         f_det = hist & (np.abs(raw) >= 5.0 * err)
     f_non = hist & ~f_det
     n_now = np.bincount(g[det & (kind == DETECTION)], minlength=n)
+    # With no earlier detection listed but forced points at ≥ 5σ before the alert (detections
+    # left out of the packet), the light-curve shape comes from those points and the alert's
+    # own; elsewhere they repeat listed detections and are not used.
+    n_prev = np.bincount(g[det & (kind == PREVIOUS)], minlength=n)
+    shape = det | (f_det & (n_prev == 0)[g] & np.isfinite(f))
     out = {"n_det": np.maximum(n_det, n_now + np.bincount(g[f_det], minlength=n)).astype(float),
            "n_nondet": np.maximum(n_nondet, np.bincount(g[f_non], minlength=n)).astype(float),
            "n_forced": np.bincount(g[forced], minlength=n).astype(float)}
@@ -138,11 +144,12 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
         tmax = np.full(n, -np.inf)
         np.maximum.at(tmax, g[sel], mjd[sel])
         out["days_since_last_nondet"] = np.where(np.isfinite(tmax), now - tmax, np.nan)
-        out["frac_negative"] = np.where(n_det > 0, np.bincount(g[det], weights=f[det] < 0, minlength=n) / n_det,
-                                        np.nan)
-    # Detections only, still grouped by alert and in time order.
-    gd, td, fd, bd = g[det], mjd[det], f[det], band[det]
-    has = n_det > 0
+        n_shape = np.bincount(g[shape], minlength=n)
+        out["frac_negative"] = np.where(n_shape > 0, np.bincount(g[shape], weights=f[shape] < 0, minlength=n)
+                                        / n_shape, np.nan)
+    # Detections (see ``shape``) only, still grouped by alert and in time order.
+    gd, td, fd, bd = g[shape], mjd[shape], f[shape], band[shape]
+    has = n_shape > 0
     starts = np.searchsorted(gd, np.flatnonzero(has))
     ends = np.r_[starts[1:], len(gd)]
     for k in ("peak_flux", "flux_now_over_peak", "amplitude_mag", "rise_rate", "decline_rate", "colour_gr"):

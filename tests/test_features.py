@@ -34,12 +34,15 @@ def ref_lightcurve_features(lc, now_mjd: float, first_det_mjd: float, flux=None)
     out = {"n_det": max(int(det.sum()), now_det + int(f_det.sum())),
            "n_nondet": max(int((lc.kind == NONDETECTION).sum()), int(f_non.sum())),
            "n_forced": int((lc.kind == FORCED).sum())}
-    t, fd, bands = lc.mjd[det], f[det], lc.band[det]
-    first = np.nanmin([first_det_mjd, t.min() if len(t) else np.nan]) if len(t) or np.isfinite(first_det_mjd) \
+    td = lc.mjd[det]
+    first = np.nanmin([first_det_mjd, td.min() if len(td) else np.nan]) if len(td) or np.isfinite(first_det_mjd) \
         else np.nan
     out["days_since_first"] = now_mjd - first if np.isfinite(first) else 0.0
     nd = lc.mjd[((lc.kind == NONDETECTION) | f_non) & (lc.mjd < now_mjd)]
     out["days_since_last_nondet"] = now_mjd - nd.max() if len(nd) else np.nan
+    # The shape: listed detections, or with none before the alert, the forced points at ≥ 5σ.
+    shape = det | (f_det & np.isfinite(f)) if not (det & (lc.kind == PREVIOUS)).any() else det
+    t, fd, bands = lc.mjd[shape], f[shape], lc.band[shape]
     out["frac_negative"] = float((fd < 0).mean()) if len(fd) else np.nan
     if len(fd) == 0:
         out.update(peak_flux=np.nan, flux_now_over_peak=np.nan, amplitude_mag=np.nan, rise_rate=np.nan,
@@ -131,7 +134,7 @@ def test_batch_features_match_reference_on_simulated_alerts_with_hsr(mode):
     _check(alerts)
 
 
-def test_counts_come_from_forced_photometry_when_the_history_has_no_limits():
+def test_counts_and_shape_come_from_forced_photometry_when_the_history_lacks_them():
     # AMPEL's schema 3.5 alerts: forced photometry, no limits, detections redacted.
     dec = Decoder(keep_cutouts=False)
     alerts = [dec.decode(Envelope(p.read_bytes(), str(p)))[0]
@@ -144,6 +147,9 @@ def test_counts_come_from_forced_photometry_when_the_history_has_no_limits():
         assert not (lc.kind == NONDETECTION).any()  # no limits in this archive
         assert feats["n_nondet"][i] == (snr < 5).sum() and feats["n_det"][i] == 1 + (snr >= 5).sum()
     assert (feats["n_nondet"] > 0).any() and (feats["n_det"] > 1).any()
+    # ... and so does the light-curve shape, from those forced detections and the alert's own.
+    several = feats["n_det"] > 2
+    assert several.any() and np.isfinite(feats["amplitude_mag"][several]).all()
 
 
 def test_batch_features_of_an_empty_batch():
