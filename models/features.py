@@ -120,7 +120,7 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
     # fewer detections or limits than the forced points show (an archive that carries forced
     # photometry but no limits, or redacted detections), the counts come from the forced points.
     # Where both exist they cover the same exposures and the history's counts stand.
-    raw, err = cat("flux"), cat("flux_err")
+    raw, err = (f if corrected_flux is None else cat("flux")), cat("flux_err")
     forced = kind == FORCED
     with np.errstate(invalid="ignore", divide="ignore"):
         hist = forced & (mjd < now[g]) & np.isfinite(raw) & (err > 0)
