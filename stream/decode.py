@@ -515,12 +515,13 @@ def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
     return m
 
 
-def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, dec: float, prv, fps) -> LightCurve:
+def _ztf_lightcurve(cand: dict, flux: float, err: float, ra: float, dec: float, prv, fps) -> tuple:
     """The alert's detection, its history (detections, limits) and forced photometry, sorted by time.
 
     Rows are stacked detection, earlier detections, limits, forced photometry, and a
     stable sort by MJD keeps that order among equal times. The detection and the history
-    share one matrix (the candidate has every history field).
+    share one matrix (the candidate has every history field), so the detection's time gets
+    the same jd/pid check as the history's in one pass. Returns the light curve and that time (MJD).
     """
     prv = [p for p in prv or () if p.get("jd") is not None]
     if any("forcediffimflux" in p for p in prv):
@@ -548,7 +549,8 @@ def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, 
             m[_LC["flux_err"], 1 + nd:] = mag_to_ujy(lim[li]) / 5.0
     else:
         m = _ztf_block(v, DETECTION)
-    m[_LC["mjd"], 0], m[_LC["flux"], 0], m[_LC["flux_err"], 0] = mjd, flux, err
+    mjd = float(m[_LC["mjd"], 0])
+    m[_LC["flux"], 0], m[_LC["flux_err"], 0] = flux, err
     m[_LC["ra"], 0], m[_LC["dec"], 0] = ra, dec
     blocks = [m]
     if fps:
@@ -572,7 +574,7 @@ def _ztf_lightcurve(cand: dict, mjd: float, flux: float, err: float, ra: float, 
     ints = np.where(np.isnan(ints), -1.0, ints).astype(np.int64)
     for name, col in zip(_INT_COLS, ints, strict=True):
         cols[name] = col
-    return LightCurve(**cols)
+    return LightCurve(**cols), mjd
 
 
 def _mag_flux(mag, magerr, isdiffpos):
@@ -596,10 +598,9 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     ra, dec = _check_position(_req(cand, "candidate", "ra", ids=ids), _req(cand, "candidate", "dec", ids=ids), ids)
     fid = int(_req(cand, "candidate", "fid", ids=ids))
     pid = int(_req(cand, "candidate", "pid", ids=ids))
-    jd = float(_req(cand, "candidate", "jd", ids=ids))
-    _check_mjd(jd - JD_MJD, ids)  # a non-finite or absurd jd is malformed; only a plausible one is repaired
-    mjd = _check_mjd(float(_ztf_time(np.array([jd]), np.array([float(pid)]))[0]) - JD_MJD, ids)
-    jd = mjd + JD_MJD
+    # A non-finite or absurd jd is malformed; only a plausible one is repaired (from the pid,
+    # in the light-curve matrix below).
+    _check_mjd(float(_req(cand, "candidate", "jd", ids=ids)) - JD_MJD, ids)
     mag = float(_req(cand, "candidate", "magpsf", ids=ids))
     magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
     isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
@@ -607,7 +608,9 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 
     flux, err = _mag_flux(mag, magerr, isdiffpos)
-    lightcurve = _ztf_lightcurve(cand, mjd, flux, err, ra, dec, rec.get("prv_candidates"), rec.get("fp_hists"))
+    lightcurve, mjd = _ztf_lightcurve(cand, flux, err, ra, dec, rec.get("prv_candidates"), rec.get("fp_hists"))
+    mjd = _check_mjd(mjd, ids)
+    jd = mjd + JD_MJD
 
     drb = cand.get("drb")
     ps1_d, gaia_d, ss_d = (_fs_within(cand.get(k), r) for k, r in ZTF_MATCH_RADIUS.items())
