@@ -127,6 +127,10 @@ def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependen
     # The PSF width follows seeing (log 2.8/1.8 = 0.44); a catalogue neighbour's score cannot move.
     assert do.shift(_ReadsOneColumn("star_galaxy")) == {"p_extragalactic": 0.0, "p_fast": 0.0}
     assert do.shift(_ReadsOneColumn("fwhm"))["p_fast"] > 0.05
+    # The interval brackets the shift; it excludes 0 for a scorer that moves and is 0 for one that cannot.
+    d, d_lo, d_hi = do.shift_interval(_ReadsOneColumn("fwhm"))["p_fast"]
+    assert 0 < d_lo < d < d_hi
+    assert do.shift_interval(_ReadsOneColumn("star_galaxy"))["p_fast"] == (0.0, 0.0, 0.0)
     last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
     nights = last.tables[0].truth["night"].iloc[last.rows[0]]
     assert 0 < len(nights) < len(lo) and nights.nunique() == 1
