@@ -752,6 +752,8 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         first_det_mjd=_f(_first(dobj, "firstDiaSourceMjdTai")),
         mag=float(23.9 - 2.5 * math.log10(flux)) if flux > 0 else np.nan,
         mag_err=1.0857 * ferr / abs(flux) if flux else np.nan,
+        # Rubin associates a source with a known solar-system object outright: distance 0.
+        ss_distance=0.0 if src.get("ssObjectId") not in (None, 0) else np.nan,
     )
     cutouts = {}
     if keep_cutouts:

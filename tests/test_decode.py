@@ -336,3 +336,22 @@ def test_ztf_damaged_run_times_come_from_the_pid_and_a_backwards_history_start_i
         else:
             assert a.context.first_det_mjd == pytest.approx(c["jdstarthist"] - 2400000.5)
     assert damaged == 4
+
+
+def test_rubin_source_of_a_known_solar_system_object_is_at_distance_zero(rubin_files):
+    for f in rubin_files:
+        schema, (rec,) = _read(f)
+        if "ssObjectId" in rec["diaSource"]:
+            break
+    else:
+        pytest.skip("no vendored Rubin alert whose schema has diaSource.ssObjectId")
+    plain = _decode_one(Decoder(), f.read_bytes())
+    assert np.isnan(plain.context.ss_distance)
+    rec = copy.deepcopy(rec)
+    rec["diaSource"].update(ssObjectId=123456789, diaObjectId=None)
+    rec["diaObject"] = None  # a source of a known asteroid has no diaObject
+    reg = SchemaRegistry()
+    reg.add(909, schema)
+    a = _decode_one(Decoder(schemas=reg), frame_confluent(909, encode_schemaless(rec, reg.get(909))))
+    assert isinstance(a, Alert), a
+    assert a.object_id == "ss123456789" and a.context.ss_distance == 0.0
