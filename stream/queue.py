@@ -46,7 +46,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: An alert within this distance of a known solar-system object (ZTF ``ssdistnr``; Rubin's
+#: association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them.
+KNOWN_SSO_ARCSEC = 5.0
 SCORES = ("p_real", "p_extragalactic", "p_fast")
 STAGES = ("first", "updating", "longterm")
 CUTOUT_KINDS = ("science", "template", "difference")
@@ -105,7 +108,8 @@ _DDL = [
         vet_extragalactic INTEGER,
         vet_follow_up INTEGER,
         vetted_ms INTEGER,
-        vetted_by TEXT
+        vetted_by TEXT,
+        ss_distance REAL
     )""",
     """CREATE TABLE IF NOT EXISTS annotations (
         alert_id INTEGER NOT NULL,
@@ -244,8 +248,11 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
     except sqlite3.OperationalError:  # fresh file: no meta table yet
         row = None
     if row is not None:
-        if int(row[0]) != SCHEMA_VERSION:
-            raise ValueError(f"queue store has schema version {row[0]}, this Vigil expects {SCHEMA_VERSION}")
+        version = int(row[0])
+        if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and version not in _MIGRATIONS):
+            raise ValueError(f"queue store has schema version {version}, this Vigil expects {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            _migrate(conn)
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -253,6 +260,36 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
         conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO NOTHING",
                      (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2 adds ``objects.ss_distance``, filled from each object's latest stored annotation."""
+    conn.execute("ALTER TABLE objects ADD COLUMN ss_distance REAL")
+    rows = conn.execute("SELECT o.object_id, a.record FROM objects o JOIN annotations a "
+                        "ON a.alert_id = o.latest_alert_id AND a.model_version = o.model_version").fetchall()
+    conn.executemany("UPDATE objects SET ss_distance = ? WHERE object_id = ?",
+                     [(_num((json.loads(r[1]).get("features") or {}).get("ss_distance")), r[0]) for r in rows])
+
+
+#: Upgrades of an older store, from the version they start at (each ends one version later).
+_MIGRATIONS = {1: _migrate_1_to_2}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older store up to :data:`SCHEMA_VERSION` in one transaction (writers wait on the lock)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have migrated while we waited for the lock: read the version again.
+        version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        while version < SCHEMA_VERSION:
+            _MIGRATIONS[version](conn)
+            version += 1
+            log.info("queue store migrated to schema version %d", version)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -345,15 +382,15 @@ ON CONFLICT (alert_id, kind) DO UPDATE SET data = excluded.data
 _UPSERT_OBJECT = """
 INSERT INTO objects (object_id, survey, ra, dec, gal_b, abs_gal_b, latest_alert_id, latest_mjd, first_mjd, band, mag,
                      status, p_real, p_extragalactic, p_fast, priority, stage, model_version, n_det, spark,
-                     updated_ms)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     updated_ms, ss_distance)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (object_id) DO UPDATE SET
     survey = excluded.survey, ra = excluded.ra, dec = excluded.dec, gal_b = excluded.gal_b,
     abs_gal_b = excluded.abs_gal_b, latest_alert_id = excluded.latest_alert_id, latest_mjd = excluded.latest_mjd,
     first_mjd = excluded.first_mjd, band = excluded.band, mag = excluded.mag, status = excluded.status,
     p_real = excluded.p_real, p_extragalactic = excluded.p_extragalactic, p_fast = excluded.p_fast,
     priority = excluded.priority, stage = excluded.stage, model_version = excluded.model_version,
-    n_det = excluded.n_det, spark = excluded.spark,
+    n_det = excluded.n_det, spark = excluded.spark, ss_distance = excluded.ss_distance,
     -- dialect: "IS" (null-safe equality) -> IS NOT DISTINCT FROM
     updated_ms = CASE WHEN excluded.latest_alert_id = objects.latest_alert_id
                            AND excluded.priority IS objects.priority THEN objects.updated_ms
@@ -396,6 +433,7 @@ def object_row(record: dict, spark: dict, now_ms: int) -> tuple:
         _num(record.get("p_real")), _num(record.get("p_extragalactic")), _num(record.get("p_fast")),
         _num(record.get("priority")), record["stage"], record.get("model_version", "none"),
         int(lcs.get("n_detections") or 0), json.dumps(spark, separators=(",", ":")), now_ms,
+        _num((record.get("features") or {}).get("ss_distance")),
     )
 
 
@@ -538,6 +576,9 @@ class ListQuery:
     sort : str
         A key of :data:`SORTS`.
     show_snoozed, hide_vetted : bool
+    hide_known_sso : bool
+        Leave out objects whose latest alert is within :data:`KNOWN_SSO_ARCSEC` of a known
+        solar-system object.
     page, per_page : int
         1-based page number and page size.
     """
@@ -552,6 +593,7 @@ class ListQuery:
     sort: str = "priority"
     show_snoozed: bool = False
     hide_vetted: bool = False
+    hide_known_sso: bool = False
     page: int = 1
     per_page: int = 50
 
@@ -576,6 +618,9 @@ class ListQuery:
             sql.append("(snoozed_mjd IS NULL OR latest_mjd > snoozed_mjd)")
         if self.hide_vetted:
             sql.append("vetted_ms IS NULL")
+        if self.hide_known_sso:
+            sql.append("(ss_distance IS NULL OR ss_distance > ?)")
+            args.append(KNOWN_SSO_ARCSEC)
         return (" AND ".join(sql) or "1=1"), args
 
     def order(self, reverse: bool = False) -> str:
@@ -588,7 +633,7 @@ class ListQuery:
 #: Columns the list page needs (objects table only: the list never touches history).
 LIST_COLUMNS = ("object_id, survey, ra, dec, gal_b, latest_alert_id, latest_mjd, first_mjd, band, mag, status, "
                 "p_real, p_extragalactic, p_fast, priority, stage, n_alerts, n_det, spark, updated_ms, "
-                "snoozed_mjd, vet_real, vet_extragalactic, vet_follow_up, vetted_by")
+                "snoozed_mjd, vet_real, vet_extragalactic, vet_follow_up, vetted_by, ss_distance")
 
 
 @dataclass(frozen=True)

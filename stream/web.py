@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from stream.queue import ACTIONS, SORTS, STAGES, ListQuery, QueueStore, analyze
+from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze
 
 MJD_UNIX_EPOCH = 40587.0
 BAND_COLOURS = {"u": "#7b3fb5", "g": "#1f9e3a", "r": "#d62728", "i": "#e07b00", "z": "#8c564b", "y": "#333333"}
@@ -326,6 +326,7 @@ def query_from_args(args) -> ListQuery:
         b_cut=flt("b_cut") if flt("b_cut") is not None else 15.0,
         sort=args.get("sort") if args.get("sort") in SORTS else "priority",
         show_snoozed=args.get("show_snoozed") == "1", hide_vetted=args.get("hide_vetted") == "1",
+        hide_known_sso=args.get("hide_known_sso") == "1",
         page=max(1, intg("page", 1)), per_page=min(200, max(5, intg("per_page", 50))),
     )
 
@@ -448,7 +449,7 @@ def create_app(db, token: str, clock: str = "stream"):
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000.0))
 
     app.jinja_env.globals.update(sparkline_svg=lambda s: Markup(sparkline_svg(s)), mjd_to_iso=mjd_to_iso,
-                                 SORTS=SORTS, STAGES=STAGES)
+                                 SORTS=SORTS, STAGES=STAGES, KNOWN_SSO_ARCSEC=KNOWN_SSO_ARCSEC)
 
     def now_mjd() -> float:
         if settings.clock == "wall":

@@ -164,6 +164,60 @@ def test_filters_and_paging(db, batch):
     store.close()
 
 
+def _latest_records(records) -> dict:
+    latest = {}
+    for r in records:
+        cur = latest.get(r["object_id"])
+        if cur is None or (r["event_mjd"], r["alert_id"]) > (cur["event_mjd"], cur["alert_id"]):
+            latest[r["object_id"]] = r
+    return latest
+
+
+def _known_sso(records) -> set:
+    """Objects whose latest alert sits within KNOWN_SSO_ARCSEC of a known solar-system object."""
+    from stream.queue import KNOWN_SSO_ARCSEC
+
+    return {o for o, r in _latest_records(records).items()
+            if (r["features"].get("ss_distance") is not None and r["features"]["ss_distance"] <= KNOWN_SSO_ARCSEC)}
+
+
+def test_known_asteroids_can_be_hidden(db, batch):
+    _, records = batch
+    sso = _known_sso(records)
+    assert sso, "the real sample holds alerts of known asteroids"
+    store = QueueStore(db)
+    everything = {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
+    hidden = {r["object_id"] for r in store.list_objects(ListQuery(hide_known_sso=True, per_page=500)).rows}
+    assert sso <= everything and hidden == everything - sso
+    store.close()
+
+
+def test_version_1_store_is_migrated_in_place(tmp_path, db):
+    from stream.queue import SCHEMA_VERSION
+
+    want = dict(sqlite3.connect(db).execute("SELECT object_id, ss_distance FROM objects").fetchall())
+    assert any(v is not None for v in want.values())
+    # A store as version 1 wrote it: no ss_distance column.
+    c = sqlite3.connect(db)
+    c.execute("ALTER TABLE objects DROP COLUMN ss_distance")
+    c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    c.commit()
+    c.close()
+    store = QueueStore(db)
+    assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == \
+        str(SCHEMA_VERSION)
+    assert dict(store.conn.execute("SELECT object_id, ss_distance FROM objects").fetchall()) == want
+    assert store.list_objects(ListQuery(hide_known_sso=True)).total < len(want)
+    store.close()
+    # A store from a newer Vigil is refused, naming its version.
+    c = sqlite3.connect(db)
+    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    c.commit()
+    c.close()
+    with pytest.raises(ValueError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        QueueStore(db)
+
+
 def test_list_query_reads_objects_only_through_an_index(db):
     store = QueueStore(db)
     q = ListQuery(stage="first", min_p_real=0.2)
@@ -339,6 +393,13 @@ def test_list_page_order_flags_and_polling(client, db, batch):
     assert ids3[0] == ids[-1] and ids3[-1] == "NEWOBJ"
     assert "new data" in html3 and "▲" in html3
     assert "unscored" in html3
+    # Known asteroids carry a badge, and the filter leaves them out.
+    sso = _known_sso(records)
+    badged = set(re.findall(r'<tr data-object-id="([^"]+)"[^>]*>(?:(?!</tr>).)*?class="badge sso"', html3, re.S))
+    assert badged == sso & set(ids3)
+    html4 = client.get("/?per_page=200&hide_known_sso=1").get_data(as_text=True)
+    assert set(re.findall(r'<tr data-object-id="([^"]+)"', html4)) == set(ids3) - sso
+    assert 'name="hide_known_sso" value="1" checked' in html4
 
 
 def test_object_page_plots_cutouts_and_vetting_form(client, db, batch):
