@@ -92,6 +92,8 @@ def _queue_available() -> bool:
 
 
 def _print_ranked(anns, top: int) -> None:
+    from stream.queue import KNOWN_SSO_ARCSEC
+
     def key(a):
         return -(a["priority"] if a["priority"] is not None else -1)
 
@@ -107,5 +109,7 @@ def _print_ranked(anns, top: int) -> None:
         mag, prio = a["lightcurve"]["mag"], a["priority"]
         mag_s = f"{mag:6.2f}" if mag is not None else "    --"
         prio_s = f"{prio:8.3f}" if prio is not None else "unscored"
+        ss = (a.get("features") or {}).get("ss_distance")
+        note = "  known asteroid" if ss is not None and ss <= KNOWN_SSO_ARCSEC else ""
         print(f"{i:>3} {a['object_id']:<20} {a['survey']:<6} {a['band']:<4} {mag_s} {a['stage']:<9} "
-              f"{f(a['p_real'])} {f(a['p_extragalactic'])} {f(a['p_fast'])} {prio_s}")
+              f"{f(a['p_real'])} {f(a['p_extragalactic'])} {f(a['p_fast'])} {prio_s}{note}")
