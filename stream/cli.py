@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files, directories or .tar/.tar.gz archives")
     p.add_argument("--out", action="append", help="annotations: .jsonl or .parquet (repeatable)")
     p.add_argument("--rejected", help="rejections as JSON Lines")
-    p.add_argument("--queue", help="also fill this eyeball-queue store (SQLite file)")
+    p.add_argument("--queue", help="also fill this eyeball-queue store (SQLite file or postgresql:// URL)")
     p.add_argument("--no-hsr", action="store_true", help="switch half-sibling regression off")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")

@@ -60,7 +60,7 @@ class OutputConfig:
 
     annotations_topic: str = "vigil.annotations"
     dead_letter_topic: str = "vigil.deadletter"
-    queue_db: str = ""  # SQLite path of the eyeball queue; "" disables
+    queue_db: str = ""  # eyeball queue: SQLite path or postgresql:// URL; "" disables
     kafka: dict = field(default_factory=dict)  # librdkafka producer settings, passed through
 
 

@@ -25,11 +25,15 @@ Tables
     Per vetter and object: when it was last seen, its rank and priority then, so the
     list can flag what is new or has moved.
 
-PostgreSQL is not implemented. The SQL is kept portable on purpose so that a backend
-can be added by swapping the connection and the few dialect points marked
-``# dialect:`` (``?`` placeholders → ``%s``, ``BLOB`` → ``BYTEA``, ``INTEGER PRIMARY KEY
-AUTOINCREMENT`` → ``BIGSERIAL``, the ``PRAGMA`` lines). ``INSERT ... ON CONFLICT ... DO
-UPDATE ... WHERE`` and expression indexes exist in both.
+PostgreSQL, for a team sharing one queue: give a ``postgresql://`` URL instead of a file
+path (``pip install 'vigil[postgres]'`` for the driver, psycopg 3). The SQL is written once;
+:class:`_PgConnection` translates the few dialect points marked ``# dialect:`` (``?``
+placeholders → ``%s``, ``INTEGER``/``REAL``/``BLOB`` → ``BIGINT``/``DOUBLE PRECISION``/``BYTEA``,
+``AUTOINCREMENT`` → ``BIGSERIAL``, ``IS`` → ``IS NOT DISTINCT FROM``, no ``PRAGMA``). Text
+sorts bytewise (``COLLATE "C"``) as in SQLite, so both list objects in the same order. A
+write transaction first takes one advisory lock, the counterpart of SQLite's ``BEGIN
+IMMEDIATE``: writers from many ``vigil run`` processes take turns per batch and never
+deadlock, while readers (the web app) are never blocked.
 """
 
 from __future__ import annotations
@@ -199,22 +203,135 @@ def _json_list(a) -> list:
     return [_num(v) for v in np.asarray(a, dtype=float)]
 
 
-def connect(path, *, writer: bool = False) -> sqlite3.Connection:
+def is_url(target) -> bool:
+    """True for a PostgreSQL connection URL (``postgresql://…`` or ``postgres://…``), not a file path."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(target) -> str:
+    """The store for messages and logs: a URL's password replaced by ``***``."""
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", str(target)) if is_url(target) else str(target)
+
+
+def _store_target(target):
+    """A file path as :class:`~pathlib.Path`; a URL kept as text (Path would fold its ``//``)."""
+    return target if is_url(target) else Path(target)
+
+
+class _PgRow(tuple):
+    """A result row readable by position and by column name, like :class:`sqlite3.Row`."""
+
+    __slots__ = ()
+    names: tuple = ()
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self.names.index(key))
+        return tuple.__getitem__(self, key)
+
+    def keys(self):
+        return list(self.names)
+
+
+def _pg_rows(cursor):
+    names = tuple(d.name for d in cursor.description or ())
+    cls = type("Row", (_PgRow,), {"__slots__": (), "names": names})
+    return lambda values: cls(values)
+
+
+# dialect: the SQLite text → PostgreSQL text rewrites (every statement here is ours, so a
+# handful of exact rewrites suffice; there is no '?' or '%' inside any SQL string literal).
+_PG_DDL_TYPES = [(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b", "BIGSERIAL PRIMARY KEY"), (r"\bINTEGER\b", "BIGINT"),
+                 (r"\bREAL\b", "DOUBLE PRECISION"), (r"\bBLOB\b", "BYTEA"), (r"\bTEXT\b", 'TEXT COLLATE "C"')]
+#: Any fixed number: all writers of one database take the same transaction-level lock.
+_PG_WRITE_LOCK = 0x56494749
+
+
+class _PgConnection:
+    """The slice of the :class:`sqlite3.Connection` API this module uses, on psycopg 3."""
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError as exc:  # an optional extra: say how to get it
+            raise ImportError("a postgresql:// queue store needs psycopg 3: pip install 'vigil[postgres]'") from exc
+        self._pg = psycopg.connect(url, autocommit=True, row_factory=_pg_rows)
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        import re
+
+        if re.match(r"\s*(CREATE TABLE|ALTER TABLE)", sql):
+            for pat, new in _PG_DDL_TYPES:
+                sql = re.sub(pat, new, sql)
+        sql = sql.replace("excluded.priority IS objects.priority",
+                          "excluded.priority IS NOT DISTINCT FROM objects.priority")
+        return sql.replace("?", "%s")
+
+    def execute(self, sql: str, params=()):
+        head = sql.lstrip()[:16].upper()
+        if head.startswith("PRAGMA"):  # SQLite tuning; its busy timeout is PostgreSQL's lock timeout
+            name, _, value = sql.strip()[len("PRAGMA"):].partition("=")
+            if name.strip() == "busy_timeout":
+                return self._pg.execute(f"SET lock_timeout = {int(value)}")
+            return self._pg.cursor()
+        if head.startswith("BEGIN"):  # BEGIN IMMEDIATE: a transaction that holds the write lock from the start
+            self._pg.execute("BEGIN")
+            try:
+                return self._pg.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+            except BaseException:  # as in SQLite, a BEGIN that could not lock leaves no transaction open
+                self._pg.execute("ROLLBACK")
+                raise
+        return self._pg.execute(self._sql(sql), tuple(params) if params else None)
+
+    def executemany(self, sql: str, rows):
+        cur = self._pg.cursor()
+        rows = list(rows)
+        if rows:
+            cur.executemany(self._sql(sql), rows)
+        return cur
+
+    def close(self) -> None:
+        self._pg.close()
+
+
+def _errors(pg_name: str) -> tuple:
+    """``sqlite3.OperationalError`` and the named ``psycopg.errors`` class, where psycopg is installed.
+
+    SQLite reports both a missing table and a lock wait that timed out as OperationalError;
+    PostgreSQL has UndefinedTable and LockNotAvailable.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.OperationalError,)
+    return sqlite3.OperationalError, getattr(psycopg.errors, pg_name)
+
+
+def connect(path, *, writer: bool = False):
     """Open the store, creating the schema if needed.
 
     Parameters
     ----------
     path : str or Path
-        SQLite file (created if absent).
+        SQLite file (created if absent), or a ``postgresql://`` URL of an existing database.
     writer : bool
         The service's connection: ``synchronous=FULL`` so a commit survives power loss
-        before the source acknowledges the batch (at-least-once).
+        before the source acknowledges the batch (at-least-once). PostgreSQL commits are
+        durable by default.
 
     Returns
     -------
-    sqlite3.Connection
-        With ``row_factory = sqlite3.Row`` and autocommit off (explicit transactions).
+    sqlite3.Connection or _PgConnection
+        Rows readable by name and position; autocommit off (explicit transactions).
     """
+    if is_url(path):
+        conn = _PgConnection(path)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        _ensure_schema(conn)
+        return conn
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one batch is exactly one transaction.
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -229,7 +346,7 @@ def connect(path, *, writer: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def analyze(conn: sqlite3.Connection) -> None:
+def analyze(conn) -> None:
     """Refresh the planner's statistics of ``objects`` so filtered and sorted lists pick good indexes.
 
     Without statistics (or with sampled ones) SQLite may sort a whole stage instead of
@@ -241,11 +358,11 @@ def analyze(conn: sqlite3.Connection) -> None:
     conn.execute("ANALYZE objects")
 
 
-def _ensure_schema(conn: sqlite3.Connection) -> None:
+def _ensure_schema(conn) -> None:
     row = None
     try:
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    except sqlite3.OperationalError:  # fresh file: no meta table yet
+    except _errors("UndefinedTable"):  # fresh store: no meta table yet
         row = None
     if row is not None:
         version = int(row[0])
@@ -266,7 +383,7 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+def _migrate_1_to_2(conn) -> None:
     """Version 2 adds ``objects.ss_distance``, filled from each object's latest stored annotation."""
     conn.execute("ALTER TABLE objects ADD COLUMN ss_distance REAL")
     rows = conn.execute("SELECT o.object_id, a.record FROM objects o JOIN annotations a "
@@ -279,7 +396,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
 _MIGRATIONS = {1: _migrate_1_to_2}
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn) -> None:
     """Bring an older store up to :data:`SCHEMA_VERSION` in one transaction (writers wait on the lock)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -454,7 +571,7 @@ class QueueSink:
     Parameters
     ----------
     path : str or Path
-        SQLite file; created with its schema if absent.
+        SQLite file, or ``postgresql://`` URL; the schema is created if absent.
 
     Notes
     -----
@@ -470,7 +587,7 @@ class QueueSink:
     ANALYZE_EVERY = 50
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = _store_target(path)
         self.conn = connect(self.path, writer=True)
         self._in_tx = False
         self._flushes = 0
@@ -670,11 +787,11 @@ class QueueStore:
     Parameters
     ----------
     path : str or Path
-        The SQLite file the sink writes.
+        The SQLite file (or ``postgresql://`` URL) the sink writes.
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = _store_target(path)
         self.conn = connect(self.path)
 
     def close(self) -> None:
@@ -715,7 +832,7 @@ class QueueStore:
         self.conn.execute("PRAGMA busy_timeout=250")
         try:
             self._write(lambda c: c.executemany(_UPSERT_VIEW, params))
-        except sqlite3.OperationalError as exc:  # locked by the writer: skip this time
+        except _errors("LockNotAvailable") as exc:  # locked by the writer: skip this time
             log.info("vetter views not recorded (%s)", exc)
         finally:
             self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -763,8 +880,9 @@ class QueueStore:
         obj["record"] = json.loads(ann["record"]) if ann else {}
         lc = self.conn.execute("SELECT data FROM lightcurves WHERE alert_id = ?", (obj["latest_alert_id"],)).fetchone()
         obj["lightcurve"] = json.loads(lc["data"]) if lc else None
-        obj["cutout_kinds"] = [r["kind"] for r in self.conn.execute(
-            "SELECT kind FROM cutouts WHERE alert_id = ?", (obj["latest_alert_id"],))]
+        stored = {r["kind"] for r in self.conn.execute("SELECT kind FROM cutouts WHERE alert_id = ?",
+                                                         (obj["latest_alert_id"],))}
+        obj["cutout_kinds"] = [k for k in CUTOUT_KINDS if k in stored]
         obj["history"] = [dict(r) for r in self.conn.execute(
             "SELECT alert_id, model_version, event_mjd, status, p_real, p_extragalactic, p_fast, priority, stage "
             "FROM annotations WHERE object_id = ? ORDER BY event_mjd DESC, alert_id DESC LIMIT 200", (object_id,))]
@@ -826,11 +944,12 @@ class QueueStore:
                 """INSERT INTO decisions (object_id, alert_id, vetter, decided_ms, action, is_real, is_extragalactic,
                        follow_up, snooze, note, model_version, status, p_real, p_extragalactic, p_fast, priority,
                        stage, features)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING decision_id""",
                 (object_id, aid, vetter, now, action, labels["is_real"], labels["is_extragalactic"],
                  labels["follow_up"], labels["snooze"], note[:2000], ann["model_version"], ann["status"],
                  ann["p_real"], ann["p_extragalactic"], ann["p_fast"], ann["priority"], ann["stage"],
                  json.dumps(rec.get("features") or {}, separators=(",", ":"))))
+            decision_id = int(cur.fetchone()[0])
             if column == "snooze":
                 c.execute("UPDATE objects SET snoozed_mjd = latest_mjd WHERE object_id = ?", (object_id,))
             else:
@@ -838,7 +957,7 @@ class QueueStore:
                        "follow_up": "vet_follow_up"}[column]
                 c.execute(f"UPDATE objects SET {col} = ?, vetted_ms = ?, vetted_by = ? WHERE object_id = ?",
                           (value, now, vetter, object_id))
-            return Decision(int(cur.lastrowid), object_id, aid, vetter, now, action)
+            return Decision(decision_id, object_id, aid, vetter, now, action)
 
         return self._write(tx)
 
@@ -899,7 +1018,7 @@ def export_labels(db, out) -> int:
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out must end in .parquet or .csv, not {out.name!r}")
-    if not Path(db).exists():
+    if not is_url(db) and not Path(db).exists():
         raise FileNotFoundError(f"no such queue store: {db}")
     store = QueueStore(db)
     try:
@@ -931,7 +1050,7 @@ def cmd_serve(args) -> int:
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
     app = create_app(args.db, token=token, clock=args.clock)
-    print(f"vigil queue: serving {args.db} on http://{args.host}:{args.port}/", flush=True)
+    print(f"vigil queue: serving {redacted(args.db)} on http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
     return 0
 
@@ -963,7 +1082,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="queue_command", required=True)
 
     s = sub.add_parser("serve", help="serve the ranked list and vetting pages")
-    s.add_argument("--db", required=True, help="queue SQLite file (written by the service's queue sink)")
+    s.add_argument("--db", required=True,
+                   help="queue store: SQLite file or postgresql:// URL (written by the service's queue sink)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--token", help="access token (default: $VIGIL_QUEUE_TOKEN, then --token-file, else random)")

@@ -366,7 +366,8 @@ def create_app(db, token: str, clock: str = "stream"):
     Parameters
     ----------
     db : str or Path
-        Queue SQLite file (created empty if absent, so the app can start before the service).
+        Queue SQLite file (created empty if absent, so the app can start before the service), or a
+        ``postgresql://`` URL (its schema is created if absent).
     token : str
         Shared access token (required, non-empty).
     clock : {"stream", "wall"}
