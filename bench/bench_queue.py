@@ -8,7 +8,10 @@ client, plus the bare list query.
 
 Usage::
 
-    .venv/bin/python bench/bench_queue.py [--n 100000] [--repeat 20] [--db PATH] [--json]
+    .venv/bin/python bench/bench_queue.py [--n 100000] [--repeat 20] [--db PATH|postgresql://...] [--json]
+
+With ``--db postgresql://...`` the same figures come from a PostgreSQL store (filled first if
+it holds no objects); an empty database of an existing server is enough.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.features import FEATURES  # noqa: E402
-from stream.queue import LIST_COLUMNS, ListQuery, QueueSink, QueueStore  # noqa: E402
+from stream.queue import LIST_COLUMNS, ListQuery, QueueSink, QueueStore, is_url, redacted  # noqa: E402
 from stream.web import create_app, query_from_args  # noqa: E402
 
 TOKEN = "bench"
@@ -113,18 +116,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="objects")
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--db", help="store to (re)use; default a temporary file")
+    ap.add_argument("--db", help="store to (re)use: SQLite file or postgresql:// URL; default a temporary file")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
 
     tmp = None
     if args.db:
-        path = Path(args.db)
+        path = args.db if is_url(args.db) else Path(args.db)
     else:
         tmp = tempfile.TemporaryDirectory()
         path = Path(tmp.name) / "queue.sqlite"
     rate = None
-    if not path.exists():
+    if (QueueStore(path).n_objects() == 0) if is_url(path) else not path.exists():
         rate = fill(path, args.n)
     store = QueueStore(path)
     n_obj = store.n_objects()
@@ -155,13 +158,17 @@ def main(argv=None) -> int:
         q50, _ = time_it(query, args.repeat)
         results.append({"case": name, "query": qs, "page_ms_median": round(p50, 2), "page_ms_p95": round(p95, 2),
                         "sql_ms_median": round(q50, 2)})
+    if is_url(path):
+        db_mb = round(store.conn.execute("SELECT pg_database_size(current_database())").fetchone()[0] / 2**20, 1)
+    else:
+        db_mb = round(path.stat().st_size / 2**20, 1)
     store.close()
-    meta = {"objects": n_obj, "annotation_rows": n_hist, "fill_alerts_per_s": round(rate) if rate else None,
-            "db_mb": round(path.stat().st_size / 2**20, 1), "repeat": args.repeat}
+    meta = {"store": redacted(path), "objects": n_obj, "annotation_rows": n_hist,
+            "fill_alerts_per_s": round(rate) if rate else None, "db_mb": db_mb, "repeat": args.repeat}
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
     else:
-        print(f"objects {n_obj:,}, annotation history {n_hist:,} rows, store {meta['db_mb']} MB"
+        print(f"{meta['store']}: objects {n_obj:,}, annotation history {n_hist:,} rows, store {meta['db_mb']} MB"
               + (f", filled at {rate:,.0f} alerts/s" if rate else ""))
         print(f"{'case':34s} {'page p50 ms':>12s} {'page p95 ms':>12s} {'SQL p50 ms':>11s}")
         for r in results:
