@@ -61,6 +61,7 @@ class OutputConfig:
     annotations_topic: str = "vigil.annotations"
     dead_letter_topic: str = "vigil.deadletter"
     queue_db: str = ""  # eyeball queue: SQLite path or postgresql:// URL; "" disables
+    queue_retention_days: float = 0.0  # stamps/light curves of older alerts are pruned; 0 keeps all
     kafka: dict = field(default_factory=dict)  # librdkafka producer settings, passed through
 
 
@@ -159,6 +160,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("source.batch_size: must be ≥ 1")
     if not cfg.source.topics:
         raise ConfigError("source.topics: at least one topic")
+    if cfg.output.queue_retention_days < 0:
+        raise ConfigError("output.queue_retention_days: must be ≥ 0 (0 keeps everything)")
     if cfg.service.clock not in ("wall", "stream"):
         raise ConfigError("service.clock: must be 'wall' or 'stream'")
     for k in ("group.id", "enable.auto.offset.store", "bootstrap.servers"):

@@ -427,7 +427,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     if o.queue_db:
         from stream.queue import QueueSink
 
-        sinks.append(QueueSink(o.queue_db))
+        sinks.append(QueueSink(o.queue_db, retention_days=o.queue_retention_days))
     dlq = DeadLetterSink(s.bootstrap_servers, dlq_topic, o.kafka)
     counts_box = {"c": Counts()}
     last_log = [time.monotonic()]

@@ -175,6 +175,7 @@ _DDL = [
         PRIMARY KEY (vetter, object_id)
     )""",
     "CREATE INDEX IF NOT EXISTS ix_ann_object ON annotations (object_id, event_mjd)",
+    "CREATE INDEX IF NOT EXISTS ix_ann_time ON annotations (event_mjd)",  # retention finds old alerts
     "CREATE INDEX IF NOT EXISTS ix_lc_object ON lightcurves (object_id)",
     "CREATE INDEX IF NOT EXISTS ix_dec_object ON decisions (object_id, decided_ms)",
     "CREATE INDEX IF NOT EXISTS ix_obj_updated ON objects (updated_ms)",
@@ -384,8 +385,10 @@ def _ensure_schema(conn) -> None:
 
 
 def _migrate_1_to_2(conn) -> None:
-    """Version 2 adds ``objects.ss_distance``, filled from each object's latest stored annotation."""
+    """Version 2 adds ``objects.ss_distance``, filled from each object's latest stored annotation,
+    and an index of annotations by event time (for retention)."""
     conn.execute("ALTER TABLE objects ADD COLUMN ss_distance REAL")
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_ann_time ON annotations (event_mjd)")
     rows = conn.execute("SELECT o.object_id, a.record FROM objects o JOIN annotations a "
                         "ON a.alert_id = o.latest_alert_id AND a.model_version = o.model_version").fetchall()
     conn.executemany("UPDATE objects SET ss_distance = ? WHERE object_id = ?",
@@ -411,6 +414,61 @@ def _migrate(conn) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+# --------------------------------------------------------------------------------------------- retention
+
+# Alerts older than the horizon lose their stamps and light curves, unless they are the
+# latest alert of their object (what the list and the object page show) or a vetter
+# decided on them (the snapshot of what was seen). Stamps are ~90 % of a store's bytes.
+_PRUNE = """
+DELETE FROM {table} WHERE alert_id IN (SELECT alert_id FROM annotations WHERE event_mjd < ?)
+  AND alert_id NOT IN (SELECT latest_alert_id FROM objects)
+  AND alert_id NOT IN (SELECT alert_id FROM decisions WHERE alert_id IS NOT NULL)
+"""
+
+
+def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
+    """Delete the cutouts and light curves of alerts more than ``keep_days`` old, in one transaction.
+
+    Parameters
+    ----------
+    conn
+        A store connection (:func:`connect`).
+    keep_days : float
+        Retention window in days (> 0).
+    now_mjd : float, optional
+        "Now"; default the newest alert in the store (the stream clock, so a replayed
+        archive keeps what it would have kept live).
+
+    Returns
+    -------
+    dict
+        ``{"horizon_mjd": ..., "cutouts": n deleted, "lightcurves": n deleted}``.
+
+    Notes
+    -----
+    Each object's latest alert and every alert a vetter decided on are kept whatever
+    their age; annotations (the score history) are never deleted. SQLite reuses the
+    freed pages, so the file stops growing but does not shrink (``VACUUM`` does that).
+    """
+    if not keep_days > 0:
+        raise ValueError(f"keep_days must be > 0, not {keep_days!r}")
+    if now_mjd is None:
+        now_mjd = conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()[0]
+    out = {"horizon_mjd": None, "cutouts": 0, "lightcurves": 0}
+    if now_mjd is None:  # empty store
+        return out
+    out["horizon_mjd"] = horizon = float(now_mjd) - float(keep_days)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table in ("cutouts", "lightcurves"):
+            out[table] = int(conn.execute(_PRUNE.format(table=table), (horizon,)).rowcount)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return out
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -572,6 +630,9 @@ class QueueSink:
     ----------
     path : str or Path
         SQLite file, or ``postgresql://`` URL; the schema is created if absent.
+    retention_days : float
+        If > 0, every :attr:`PRUNE_EVERY` committed batches the stamps and light curves of
+        alerts older than this are deleted (see :func:`prune`); 0 keeps everything.
 
     Notes
     -----
@@ -585,9 +646,14 @@ class QueueSink:
 
     #: Refresh planner statistics every this many committed batches.
     ANALYZE_EVERY = 50
+    #: Apply the retention window every this many committed batches.
+    PRUNE_EVERY = 50
 
-    def __init__(self, path):
+    def __init__(self, path, retention_days: float = 0.0):
+        if retention_days < 0:
+            raise ValueError(f"retention_days must be ≥ 0, not {retention_days!r}")
         self.path = _store_target(path)
+        self.retention_days = float(retention_days)
         self.conn = connect(self.path, writer=True)
         self._in_tx = False
         self._flushes = 0
@@ -654,6 +720,10 @@ class QueueSink:
             self._flushes += 1
             if self._flushes % self.ANALYZE_EVERY == 1:  # first batch, then every ANALYZE_EVERY
                 analyze(self.conn)
+            if self.retention_days and self._flushes % self.PRUNE_EVERY == 0:
+                done = prune(self.conn, self.retention_days)
+                log.info("queue retention (%.1f d): deleted %d stamps, %d light curves of alerts before MJD %s",
+                         self.retention_days, done["cutouts"], done["lightcurves"], done["horizon_mjd"])
 
     def close(self) -> None:
         """Commit and close."""
@@ -1061,6 +1131,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    conn = connect(_store_target(args.db), writer=True)
+    try:
+        done = prune(conn, args.keep_days, args.now_mjd)
+        if args.vacuum and not is_url(args.db):
+            conn.execute("VACUUM")
+    finally:
+        conn.close()
+    print(f"deleted {done['cutouts']} stamps and {done['lightcurves']} light curves of alerts before MJD "
+          f"{done['horizon_mjd']} (each object's latest alert and vetted alerts kept)")
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from stream.cli import _decoder
     from stream.pipeline import Pipeline
@@ -1096,6 +1179,13 @@ def register(subparsers) -> None:
     e.add_argument("--db", required=True)
     e.add_argument("--out", required=True, help="labels.parquet or labels.csv")
     e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("prune", help="delete stamps and light curves of old alerts (retention)")
+    r.add_argument("--db", required=True)
+    r.add_argument("--keep-days", type=float, required=True, help="retention window in days")
+    r.add_argument("--now-mjd", type=float, help="'now' (default: the newest alert in the store)")
+    r.add_argument("--vacuum", action="store_true", help="SQLite: also shrink the file (rewrites it)")
+    r.set_defaults(func=cmd_prune)
 
     i = sub.add_parser("ingest", help="annotate archived alerts straight into the queue store")
     i.add_argument("paths", nargs="+")

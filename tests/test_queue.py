@@ -582,3 +582,87 @@ def test_postgres_writers_share_one_store_and_the_page_never_waits(postgres_serv
         sink.flush()
     html = client.get("/?per_page=500").get_data(as_text=True)
     assert "IN-FLIGHT" in html and 'class="badge sso"' in html
+
+
+# ------------------------------------------------------------------------------------------ retention
+
+
+#: Added to an alert id to make the id of a later alert of the same object (clear of every real id).
+_NEW_ID = 4 * 10**18
+
+
+def _check_retention(target, records):
+    """Prune ``target`` (already filled with ``records``) and check what went and what stayed."""
+    from stream.queue import prune
+
+    store = QueueStore(target)
+    c = store.conn
+
+    def stored(table):
+        return {r[0] for r in c.execute(f"SELECT DISTINCT alert_id FROM {table}").fetchall()}
+
+    # Ten objects with stamps get a newer alert two days on (as a later night would bring),
+    # so their stamped alerts are no longer the latest.
+    with_cut = stored("cutouts")
+    bumped = [r for r in _latest_records(records).values() if r["alert_id"] in with_cut][:10]
+    newer = [dict(copy.deepcopy(r), alert_id=r["alert_id"] + _NEW_ID, event_mjd=r["event_mjd"] + 2.0) for r in bumped]
+    with QueueSink(target) as sink:
+        sink.write(newer)
+        sink.flush()
+    everything = records + newer
+    latest = {r["alert_id"] for r in _latest_records(everything).values()}
+    vetted = bumped[0]
+    store.record_decision(vetted["object_id"], "real", "vera", alert_id=vetted["alert_id"])
+    keep_days = 1.0
+    horizon = max(r["event_mjd"] for r in everything) - keep_days
+    gone = {r["alert_id"] for r in everything if r["event_mjd"] < horizon} - latest - {vetted["alert_id"]}
+    assert with_cut & gone, "some pruned alert had stamps"
+    n = {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("cutouts", "lightcurves", "annotations")}
+    with_lc = stored("lightcurves")
+    done = prune(c, keep_days)
+    assert done["horizon_mjd"] == pytest.approx(horizon)
+    assert stored("cutouts") == with_cut - gone and stored("lightcurves") == with_lc - gone
+    assert done["cutouts"] == n["cutouts"] - c.execute("SELECT COUNT(*) FROM cutouts").fetchone()[0] > 0
+    assert done["lightcurves"] == len(with_lc & gone) > 0
+    assert c.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == n["annotations"]  # history kept
+    assert vetted["alert_id"] in stored("cutouts")  # what a vetter decided on keeps its stamps
+    for oid in {r["object_id"] for r in records}:  # every object page still opens
+        assert store.get_object(oid) is not None
+    assert prune(c, keep_days) == dict(done, cutouts=0, lightcurves=0)  # idempotent
+    with pytest.raises(ValueError, match="keep_days"):
+        prune(c, 0)
+    store.close()
+
+
+def test_retention_prunes_old_stamps_but_keeps_latest_and_vetted(db, batch):
+    _check_retention(db, batch[1])
+
+
+def test_retention_on_postgres(postgres_server, batch):
+    result, records = batch
+    url = postgres_server()
+    with QueueSink(url) as sink:
+        sink.write_result(result, records)
+        sink.flush()
+    _check_retention(url, records)
+
+
+def test_sink_applies_its_retention_window(tmp_path, batch):
+    result, records = batch
+    path = tmp_path / "r.sqlite"
+    sink = QueueSink(path, retention_days=1.0)
+    sink.PRUNE_EVERY = 2
+    sink.write_result(result, records)
+    sink.flush()
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM cutouts").fetchone()[0] > 0
+    # A later night: a newer alert of every object; the second commit applies the window.
+    sink.write([dict(copy.deepcopy(r), alert_id=r["alert_id"] + _NEW_ID, event_mjd=r["event_mjd"] + 30.0)
+                for r in _latest_records(records).values()])
+    sink.flush()
+    sink.close()
+    c = sqlite3.connect(path)
+    assert c.execute("SELECT COUNT(*) FROM cutouts").fetchone()[0] == 0  # the new alerts carry none
+    assert c.execute("SELECT COUNT(*) FROM lightcurves").fetchone()[0] == 0
+    assert c.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == len(records) + len(_latest_records(records))
+    with pytest.raises(ValueError, match="retention_days"):
+        QueueSink(tmp_path / "x.sqlite", retention_days=-1)
