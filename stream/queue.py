@@ -1120,8 +1120,15 @@ def cmd_serve(args) -> int:
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
     app = create_app(args.db, token=token, clock=args.clock)
-    print(f"vigil queue: serving {redacted(args.db)} on http://{args.host}:{args.port}/", flush=True)
-    app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
+    how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\
+        "for a team)"
+    print(f"vigil queue: serving {redacted(args.db)} on http://{args.host}:{args.port}/ with {how}", flush=True)
+    if args.workers:
+        from stream.web import serve_workers
+
+        serve_workers(app, args.host, args.port, args.workers)
+    else:
+        app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
     return 0
 
 
@@ -1171,6 +1178,8 @@ def register(subparsers) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--token", help="access token (default: $VIGIL_QUEUE_TOKEN, then --token-file, else random)")
     s.add_argument("--token-file", help="file holding the access token")
+    s.add_argument("--workers", type=int, default=0,
+                   help="serve with gunicorn, this many worker processes (default 0: Flask's built-in server)")
     s.add_argument("--clock", choices=("stream", "wall"), default="stream",
                    help="ages relative to the newest alert in the store (stream) or to now (wall)")
     s.set_defaults(func=cmd_serve)

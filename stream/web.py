@@ -597,3 +597,50 @@ def create_app(db, token: str, clock: str = "stream"):
         return jsonify(actions=sorted(ACTIONS), keys=KEYS)
 
     return app
+
+
+def wsgi_app():
+    """The app for an external WSGI server, configured from the environment.
+
+    ``VIGIL_QUEUE_DB`` (SQLite file or ``postgresql://`` URL), ``VIGIL_QUEUE_TOKEN`` or
+    ``VIGIL_QUEUE_TOKEN_FILE``, and optionally ``VIGIL_QUEUE_CLOCK`` (``stream``/``wall``).
+    For example ``gunicorn -w 4 'stream.web:wsgi_app()'``.
+    """
+    import os
+    from pathlib import Path
+
+    db = os.environ.get("VIGIL_QUEUE_DB")
+    if not db:
+        raise ValueError("VIGIL_QUEUE_DB: not set (the queue store: SQLite file or postgresql:// URL)")
+    token = os.environ.get("VIGIL_QUEUE_TOKEN")
+    if not token and os.environ.get("VIGIL_QUEUE_TOKEN_FILE"):
+        token = Path(os.environ["VIGIL_QUEUE_TOKEN_FILE"]).read_text().strip()
+    if not token:
+        raise ValueError("VIGIL_QUEUE_TOKEN: not set (nor VIGIL_QUEUE_TOKEN_FILE); the app never serves without one")
+    clock = os.environ.get("VIGIL_QUEUE_CLOCK", "stream")
+    if clock not in ("stream", "wall"):
+        raise ValueError(f"VIGIL_QUEUE_CLOCK: must be 'stream' or 'wall', not {clock!r}")
+    return create_app(db, token=token, clock=clock)
+
+
+def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> None:
+    """Serve ``app`` with gunicorn: ``workers`` processes of ``threads`` threads (blocks until stopped).
+
+    The production counterpart of Flask's built-in server, which is for one user on a laptop.
+    Sessions work across workers because the signing key derives from the token.
+    """
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError as exc:
+        raise ImportError("--workers needs gunicorn: pip install 'vigil[serve]'") from exc
+
+    class _Server(BaseApplication):
+        def load_config(self):
+            for k, v in {"bind": f"{host}:{port}", "workers": workers, "threads": threads, "accesslog": "-",
+                         "graceful_timeout": 10}.items():
+                self.cfg.set(k, v)
+
+        def load(self):
+            return app
+
+    _Server().run()

@@ -666,3 +666,74 @@ def test_sink_applies_its_retention_window(tmp_path, batch):
     assert c.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == len(records) + len(_latest_records(records))
     with pytest.raises(ValueError, match="retention_days"):
         QueueSink(tmp_path / "x.sqlite", retention_days=-1)
+
+
+# ------------------------------------------------------------------------------------------ production server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wsgi_factory_reads_the_environment(db, monkeypatch):
+    from stream.web import wsgi_app
+
+    monkeypatch.delenv("VIGIL_QUEUE_DB", raising=False)
+    with pytest.raises(ValueError, match="VIGIL_QUEUE_DB"):
+        wsgi_app()
+    monkeypatch.setenv("VIGIL_QUEUE_DB", str(db))
+    monkeypatch.delenv("VIGIL_QUEUE_TOKEN", raising=False)
+    monkeypatch.delenv("VIGIL_QUEUE_TOKEN_FILE", raising=False)
+    with pytest.raises(ValueError, match="VIGIL_QUEUE_TOKEN"):
+        wsgi_app()
+    monkeypatch.setenv("VIGIL_QUEUE_TOKEN", TOKEN)
+    r = wsgi_app().test_client().get("/", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and "data-object-id" in r.get_data(as_text=True)
+
+
+def test_queue_serve_with_gunicorn_workers(db):
+    """`vigil queue serve --workers 2`: a real gunicorn with two worker processes behind one port."""
+    import http.cookiejar
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.parse
+    import urllib.request
+
+    pytest.importorskip("gunicorn", reason="--workers needs gunicorn (pip install 'vigil[serve]')")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "queue", "serve", "--db", str(db), "--port",
+                             str(port), "--token", TOKEN, "--workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    why = proc.stdout.read() if proc.poll() is not None else "no answer in 30 s"
+                    raise AssertionError(why) from None
+                time.sleep(0.2)
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        form = urllib.parse.urlencode({"vetter": "vera", "token": TOKEN, "next": "/"}).encode()
+        with opener.open(f"{base}/login", data=form, timeout=10) as r:  # follows the redirect to the list
+            assert r.status == 200 and "data-object-id" in r.read().decode()
+        for _ in range(12):  # one connection each: the workers take turns; the session key is the same in all
+            with opener.open(f"{base}/api/changes?since=0", timeout=10) as r:
+                assert r.status == 200 and json.loads(r.read())["objects"] > 0
+                assert "gunicorn" in r.headers.get("Server", "")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    assert "Booting worker" in out and out.count("Booting worker") >= 2
