@@ -78,7 +78,7 @@ SORTS = {
     "p_extragalactic": ("COALESCE(p_extragalactic, -1.0)", "DESC"),
     "p_fast": ("COALESCE(p_fast, -1.0)", "DESC"),
     "latest": ("latest_mjd", "DESC"),
-    "first": ("first_mjd", "DESC"),
+    "first": ("COALESCE(first_mjd, -1.0)", "DESC"),  # (NULLs sort last in both SQLite and PostgreSQL)
     "mag": ("COALESCE(mag, 99.0)", "ASC"),
 }
 
@@ -175,14 +175,16 @@ _DDL = [
         PRIMARY KEY (vetter, object_id)
     )""",
     "CREATE INDEX IF NOT EXISTS ix_ann_object ON annotations (object_id, event_mjd)",
-    "CREATE INDEX IF NOT EXISTS ix_ann_time ON annotations (event_mjd)",  # retention finds old alerts
     "CREATE INDEX IF NOT EXISTS ix_lc_object ON lightcurves (object_id)",
     "CREATE INDEX IF NOT EXISTS ix_dec_object ON decisions (object_id, decided_ms)",
+    # Retention asks, per stored alert, "is it an object's latest?" and "was it vetted?".
+    "CREATE INDEX IF NOT EXISTS ix_dec_alert ON decisions (alert_id)",
+    "CREATE INDEX IF NOT EXISTS ix_obj_latest ON objects (latest_alert_id)",
     "CREATE INDEX IF NOT EXISTS ix_obj_updated ON objects (updated_ms)",
     "CREATE INDEX IF NOT EXISTS ix_obj_stage_prio ON objects (stage, COALESCE(priority, -1.0) DESC, object_id)",
     # Narrow covering index of every filtered column: the page's COUNT(*) reads it, not the wide rows.
     "CREATE INDEX IF NOT EXISTS ix_obj_filter ON objects (stage, p_real, p_extragalactic, p_fast, abs_gal_b, "
-    "snoozed_mjd, latest_mjd, vetted_ms)",
+    "snoozed_mjd, latest_mjd, vetted_ms, ss_distance)",
 ] + [
     f"CREATE INDEX IF NOT EXISTS ix_obj_sort_{name} ON objects ({expr} {direction}, object_id)"
     for name, (expr, direction) in SORTS.items()
@@ -205,15 +207,33 @@ def _json_list(a) -> list:
 
 
 def is_url(target) -> bool:
-    """True for a PostgreSQL connection URL (``postgresql://…`` or ``postgres://…``), not a file path."""
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+    """True for a PostgreSQL connection URL (``postgresql://…`` or ``postgres://…``), not a file path.
+
+    Raises
+    ------
+    ValueError
+        For any other ``scheme://`` (a mistyped URL must not become a local SQLite file).
+    """
+    if not isinstance(target, str) or "://" not in target:
+        return False
+    scheme = target.split("://", 1)[0].lower()
+    if scheme in ("postgresql", "postgres"):
+        return True
+    raise ValueError(f"queue store {redacted_text(target)!r}: unknown scheme {scheme!r} "
+                     "(a SQLite file path, or a postgresql:// URL)")
+
+
+def redacted_text(text: str) -> str:
+    """``text`` with any URL password (``user:pw@`` or ``password=pw``) replaced by ``***``."""
+    import re
+
+    text = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", text)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
 
 
 def redacted(target) -> str:
     """The store for messages and logs: a URL's password replaced by ``***``."""
-    import re
-
-    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", str(target)) if is_url(target) else str(target)
+    return redacted_text(str(target))
 
 
 def _store_target(target):
@@ -258,7 +278,7 @@ class _PgConnection:
             import psycopg
         except ImportError as exc:  # an optional extra: say how to get it
             raise ImportError("a postgresql:// queue store needs psycopg 3: pip install 'vigil[postgres]'") from exc
-        self._pg = psycopg.connect(url, autocommit=True, row_factory=_pg_rows)
+        self._pg = psycopg.connect(url, autocommit=True, row_factory=_pg_rows, connect_timeout=10)
 
     @staticmethod
     def _sql(sql: str) -> str:
@@ -285,7 +305,11 @@ class _PgConnection:
             except BaseException:  # as in SQLite, a BEGIN that could not lock leaves no transaction open
                 self._pg.execute("ROLLBACK")
                 raise
-        return self._pg.execute(self._sql(sql), tuple(params) if params else None)
+        cur = self._pg.execute(self._sql(sql), tuple(params) if params else None)
+        if head.startswith("COMMIT") and cur.statusmessage != "COMMIT":
+            # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK and no error.
+            raise RuntimeError(f"the transaction was rolled back ({cur.statusmessage}), not committed")
+        return cur
 
     def executemany(self, sql: str, rows):
         cur = self._pg.cursor()
@@ -385,14 +409,20 @@ def _ensure_schema(conn) -> None:
 
 
 def _migrate_1_to_2(conn) -> None:
-    """Version 2 adds ``objects.ss_distance``, filled from each object's latest stored annotation,
-    and an index of annotations by event time (for retention)."""
+    """Version 2 adds ``objects.ss_distance`` (filled in SQL from each object's latest stored
+    annotation), puts it in the filter index, sorts "youngest" with NULLs last in both backends,
+    and indexes what retention looks up."""
     conn.execute("ALTER TABLE objects ADD COLUMN ss_distance REAL")
-    conn.execute("CREATE INDEX IF NOT EXISTS ix_ann_time ON annotations (event_mjd)")
-    rows = conn.execute("SELECT o.object_id, a.record FROM objects o JOIN annotations a "
-                        "ON a.alert_id = o.latest_alert_id AND a.model_version = o.model_version").fetchall()
-    conn.executemany("UPDATE objects SET ss_distance = ? WHERE object_id = ?",
-                     [(_num((json.loads(r[1]).get("features") or {}).get("ss_distance")), r[0]) for r in rows])
+    # dialect: JSON access (version-1 stores were SQLite only, but keep both honest)
+    get = ("CAST(a.record::json -> 'features' ->> 'ss_distance' AS DOUBLE PRECISION)"
+           if isinstance(conn, _PgConnection) else "json_extract(a.record, '$.features.ss_distance')")
+    conn.execute(f"UPDATE objects SET ss_distance = (SELECT {get} FROM annotations a WHERE "
+                 "a.alert_id = objects.latest_alert_id AND a.model_version = objects.model_version)")
+    for name in ("ix_obj_filter", "ix_obj_sort_first"):  # same names, new definitions
+        conn.execute(f"DROP INDEX IF EXISTS {name}")
+    for stmt in _DDL:
+        if stmt.startswith("CREATE INDEX"):
+            conn.execute(stmt)
 
 
 #: Upgrades of an older store, from the version they start at (each ends one version later).
@@ -421,15 +451,23 @@ def _migrate(conn) -> None:
 # Alerts older than the horizon lose their stamps and light curves, unless they are the
 # latest alert of their object (what the list and the object page show) or a vetter
 # decided on them (the snapshot of what was seen). Stamps are ~90 % of a store's bytes.
-_PRUNE = """
-DELETE FROM {table} WHERE alert_id IN (SELECT alert_id FROM annotations WHERE event_mjd < ?)
-  AND alert_id NOT IN (SELECT latest_alert_id FROM objects)
-  AND alert_id NOT IN (SELECT alert_id FROM decisions WHERE alert_id IS NOT NULL)
-"""
+# Written with EXISTS (index lookups per stored alert, an anti-join in PostgreSQL) over the
+# pruned table itself, which retention keeps to the window: the cost does not grow with the
+# annotation history.
+_KEEP = """NOT EXISTS (SELECT 1 FROM objects o WHERE o.latest_alert_id = {table}.alert_id)
+  AND NOT EXISTS (SELECT 1 FROM decisions d WHERE d.alert_id = {table}.alert_id)"""
+_PRUNE_CANDIDATES = """
+SELECT DISTINCT alert_id FROM {table} WHERE EXISTS (SELECT 1 FROM annotations a
+    WHERE a.alert_id = {table}.alert_id AND a.event_mjd < ?)
+  AND """ + _KEEP
+_PRUNE_DELETE = "DELETE FROM {table} WHERE alert_id IN ({marks}) AND " + _KEEP
+#: Alerts per delete transaction: each holds the write lock for a moment only, so the
+#: service's writers never wait long behind retention.
+PRUNE_CHUNK = 2000
 
 
 def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
-    """Delete the cutouts and light curves of alerts more than ``keep_days`` old, in one transaction.
+    """Delete the cutouts and light curves of alerts more than ``keep_days`` old.
 
     Parameters
     ----------
@@ -449,8 +487,11 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
     Notes
     -----
     Each object's latest alert and every alert a vetter decided on are kept whatever
-    their age; annotations (the score history) are never deleted. SQLite reuses the
-    freed pages, so the file stops growing but does not shrink (``VACUUM`` does that).
+    their age (checked again inside each delete, so a decision taken meanwhile still
+    protects its alert); annotations (the score history) are never deleted. The
+    candidates are read without the write lock and deleted in transactions of
+    :data:`PRUNE_CHUNK` alerts. SQLite reuses the freed pages, so the file stops growing
+    but does not shrink (``VACUUM`` does that).
     """
     if not keep_days > 0:
         raise ValueError(f"keep_days must be > 0, not {keep_days!r}")
@@ -460,14 +501,18 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
     if now_mjd is None:  # empty store
         return out
     out["horizon_mjd"] = horizon = float(now_mjd) - float(keep_days)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for table in ("cutouts", "lightcurves"):
-            out[table] = int(conn.execute(_PRUNE.format(table=table), (horizon,)).rowcount)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    for table in ("cutouts", "lightcurves"):
+        ids = [r[0] for r in conn.execute(_PRUNE_CANDIDATES.format(table=table), (horizon,)).fetchall()]
+        for i in range(0, len(ids), PRUNE_CHUNK):
+            chunk = ids[i:i + PRUNE_CHUNK]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                sql = _PRUNE_DELETE.format(table=table, marks=",".join("?" * len(chunk)))
+                out[table] += int(conn.execute(sql, chunk).rowcount)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
     return out
 
 
@@ -721,9 +766,17 @@ class QueueSink:
             if self._flushes % self.ANALYZE_EVERY == 1:  # first batch, then every ANALYZE_EVERY
                 analyze(self.conn)
             if self.retention_days and self._flushes % self.PRUNE_EVERY == 0:
-                done = prune(self.conn, self.retention_days)
-                log.info("queue retention (%.1f d): deleted %d stamps, %d light curves of alerts before MJD %s",
-                         self.retention_days, done["cutouts"], done["lightcurves"], done["horizon_mjd"])
+                self._prune()
+
+    def _prune(self) -> None:
+        """Apply the retention window; a failure is logged and retried later, never raised (the batch is safe)."""
+        try:
+            done = prune(self.conn, self.retention_days)
+        except Exception as exc:  # e.g. the lock wait timed out behind another writer
+            log.warning("queue retention skipped this time: %s", exc)
+            return
+        log.info("queue retention (%.1f d): deleted %d stamps, %d light curves of alerts before MJD %s",
+                 self.retention_days, done["cutouts"], done["lightcurves"], done["horizon_mjd"])
 
     def close(self) -> None:
         """Commit and close."""
@@ -1139,6 +1192,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    if not is_url(args.db) and not Path(args.db).exists():
+        raise FileNotFoundError(f"no such queue store: {args.db}")
     conn = connect(_store_target(args.db), writer=True)
     try:
         done = prune(conn, args.keep_days, args.now_mjd)
@@ -1193,7 +1248,8 @@ def register(subparsers) -> None:
     r.add_argument("--db", required=True)
     r.add_argument("--keep-days", type=float, required=True, help="retention window in days")
     r.add_argument("--now-mjd", type=float, help="'now' (default: the newest alert in the store)")
-    r.add_argument("--vacuum", action="store_true", help="SQLite: also shrink the file (rewrites it)")
+    r.add_argument("--vacuum", action="store_true",
+                   help="SQLite: also shrink the file (rewrites it under the write lock: stop the service first)")
     r.set_defaults(func=cmd_prune)
 
     i = sub.add_parser("ingest", help="annotate archived alerts straight into the queue store")

@@ -197,8 +197,13 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
 
     want = dict(sqlite3.connect(db).execute("SELECT object_id, ss_distance FROM objects").fetchall())
     assert any(v is not None for v in want.values())
-    # A store as version 1 wrote it: no ss_distance column.
+    # A store as version 1 wrote it: no ss_distance column, its indexes as they were.
     c = sqlite3.connect(db)
+    for name in ("ix_obj_filter", "ix_obj_sort_first", "ix_dec_alert", "ix_obj_latest"):
+        c.execute(f"DROP INDEX {name}")
+    c.execute("CREATE INDEX ix_obj_filter ON objects (stage, p_real, p_extragalactic, p_fast, abs_gal_b, "
+              "snoozed_mjd, latest_mjd, vetted_ms)")
+    c.execute("CREATE INDEX ix_obj_sort_first ON objects (first_mjd DESC, object_id)")
     c.execute("ALTER TABLE objects DROP COLUMN ss_distance")
     c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     c.commit()
@@ -207,6 +212,9 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == \
         str(SCHEMA_VERSION)
     assert dict(store.conn.execute("SELECT object_id, ss_distance FROM objects").fetchall()) == want
+    index_sql = dict(store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
+    assert "ss_distance" in index_sql["ix_obj_filter"] and "COALESCE(first_mjd" in index_sql["ix_obj_sort_first"]
+    assert {"ix_dec_alert", "ix_obj_latest"} <= set(index_sql)
     assert store.list_objects(ListQuery(hide_known_sso=True)).total < len(want)
     store.close()
     # A store from a newer Vigil is refused, naming its version.
@@ -480,6 +488,12 @@ def test_store_targets_urls_and_redaction():
     assert _store_target(url) == url  # a Path would fold the '//'
     assert redacted(url) == "postgresql://vera:***@db.example:5432/vigil" and "pw" not in redacted(url)
     assert redacted("postgresql://vera@db/vigil") == "postgresql://vera@db/vigil"
+    assert redacted("postgresql://db/vigil?user=vera&password=pw&sslmode=require") == \
+        "postgresql://db/vigil?user=vera&password=***&sslmode=require"
+    assert is_url("POSTGRESQL://db/v")
+    with pytest.raises(ValueError, match="unknown scheme 'postgresql\\+psycopg'") as e:
+        is_url("postgresql+psycopg://vera:pw@db/vigil")  # a typo must not become a local SQLite file
+    assert "pw" not in str(e.value)
 
 
 def _comparable(row: dict) -> dict:
@@ -503,7 +517,8 @@ def test_postgres_store_behaves_like_sqlite(postgres_server, batch, db):
     sso = _known_sso(records)
     for q in (ListQuery(per_page=500), ListQuery(stage="first", per_page=500), ListQuery(min_p_real=0.5),
               ListQuery(sky="extragalactic", b_cut=20), ListQuery(sky="galactic", sky_by="score"),
-              ListQuery(sort="mag"), ListQuery(sort="latest"), ListQuery(sort="p_fast", per_page=10, page=2),
+              ListQuery(sort="mag"), ListQuery(sort="latest"), ListQuery(sort="first", per_page=500),
+              ListQuery(sort="p_fast", per_page=10, page=2),
               ListQuery(hide_known_sso=True, per_page=500)):
         a, b = sq.list_objects(q), pg.list_objects(q)
         assert b.total == a.total and [_comparable(r) for r in b.rows] == [_comparable(r) for r in a.rows], q
@@ -634,7 +649,10 @@ def _check_retention(target, records):
     store.close()
 
 
-def test_retention_prunes_old_stamps_but_keeps_latest_and_vetted(db, batch):
+def test_retention_prunes_old_stamps_but_keeps_latest_and_vetted(db, batch, monkeypatch):
+    import stream.queue
+
+    monkeypatch.setattr(stream.queue, "PRUNE_CHUNK", 3)  # several delete transactions per table
     _check_retention(db, batch[1])
 
 
@@ -666,6 +684,25 @@ def test_sink_applies_its_retention_window(tmp_path, batch):
     assert c.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == len(records) + len(_latest_records(records))
     with pytest.raises(ValueError, match="retention_days"):
         QueueSink(tmp_path / "x.sqlite", retention_days=-1)
+
+
+def test_a_failing_retention_run_never_fails_the_batch(tmp_path, batch, monkeypatch, caplog):
+    import stream.queue
+
+    def locked(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(stream.queue, "prune", locked)
+    result, records = batch
+    path = tmp_path / "f.sqlite"
+    sink = QueueSink(path, retention_days=1.0)
+    sink.PRUNE_EVERY = 1
+    sink.write_result(result, records)
+    with caplog.at_level("WARNING", logger="stream.queue"):
+        sink.flush()  # committed; the retention run fails and is only logged
+    sink.close()
+    assert "retention skipped" in caplog.text
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == len(records)
 
 
 # ------------------------------------------------------------------------------------------ production server
