@@ -102,7 +102,7 @@ def test_bad_messages_go_to_dead_letter_with_reason_and_original_bytes(broker, t
         assert m.key() == f"k{offset}".encode()
 
 
-def _write_config(path, broker, topics, group, batch_size):
+def _write_config(path, broker, topics, group, batch_size, queue_db=""):
     alerts, ann, dlq = topics
     path.write_text(f"""
 [source]
@@ -116,6 +116,7 @@ batch_timeout_s = 0.2
 [output]
 annotations_topic = "{ann}"
 dead_letter_topic = "{dlq}"
+queue_db = "{queue_db}"
 [service]
 log_interval_s = 0.5
 """)
@@ -254,6 +255,37 @@ def test_two_processes_share_a_consumer_group(broker, topics, tmp_path):
         outs.append(pr.communicate(timeout=30)[0])
     assert set(_annotated_ids(broker, topics[1])) == _ids(files)
     assert all(pr.returncode == 0 for pr in procs), outs
+
+
+def test_two_processes_fill_one_postgres_queue(broker, topics, tmp_path, postgres_server):
+    """The team set-up: two service processes in one consumer group, one shared PostgreSQL queue."""
+    import fastavro
+
+    from stream.queue import QueueStore
+
+    files = avro_files("ztf_ampel")
+    produce_files(files, topics[0], broker.bootstrap)
+    url = postgres_server()
+    cfg = tmp_path / "svc.toml"
+    _write_config(cfg, broker, topics, f"g-pg-{time.time_ns()}", batch_size=5, queue_db=url)
+    procs = [_service(cfg), _service(cfg)]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(set(_annotated_ids(broker, topics[1]))) < len(files):
+        time.sleep(0.5)
+    outs = []
+    for pr in procs:
+        pr.send_signal(signal.SIGTERM)
+        outs.append(pr.communicate(timeout=30)[0])
+    assert all(pr.returncode == 0 for pr in procs), outs
+    objects = set()
+    for f in files:
+        with open(f, "rb") as fh:
+            objects.add(next(fastavro.reader(fh))["objectId"])
+    store = QueueStore(url)
+    stored = {r[0] for r in store.conn.execute("SELECT alert_id FROM annotations").fetchall()}
+    assert stored == _ids(files)  # every alert once, whichever process took it
+    assert {r[0] for r in store.conn.execute("SELECT object_id FROM objects").fetchall()} == objects
+    store.close()
 
 
 def test_demo_runs_end_to_end(tmp_path):
