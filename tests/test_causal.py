@@ -131,6 +131,13 @@ def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependen
     d, d_lo, d_hi = do.shift_interval(_ReadsOneColumn("fwhm"))["p_fast"]
     assert 0 < d_lo < d < d_hi
     assert do.shift_interval(_ReadsOneColumn("star_galaxy"))["p_fast"] == (0.0, 0.0, 0.0)
+    # On a subpopulation: the mask picks its alerts (the full mask reproduces the whole).
+    every = np.ones(len(do.rows[0]), dtype=bool)
+    assert do.shift_interval(_ReadsOneColumn("fwhm"), mask=every)["p_fast"] == (d, d_lo, d_hi)
+    half = np.arange(len(every)) % 2 == 0
+    paired = do._paired(_ReadsOneColumn("fwhm"), ("p_fast",))["p_fast"]
+    assert do.shift_interval(_ReadsOneColumn("fwhm"), mask=half)["p_fast"][0] == pytest.approx(paired[half].mean())
+    assert np.isnan(do.shift_interval(_ReadsOneColumn("fwhm"), mask=~every)["p_fast"]).all()
     last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
     nights = last.tables[0].truth["night"].iloc[last.rows[0]]
     assert 0 < len(nights) < len(lo) and nights.nunique() == 1
