@@ -27,12 +27,16 @@ FEATURES = (
     "pos_scatter", "pos_offset_now",
     # observing conditions of the alert's exposure (see :func:`conditions`); limit_mag above is the depth
     "seeing", "airmass", "moon_illumination", "moon_separation",
+    # ... and of the exposures its detections were made in
+    "det_seeing",
 )
 
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
 #: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit
-#: fraction (0 when the Moon is below the horizon), ``moon_separation`` in degrees.
-CONDITIONS = ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separation")
+#: fraction (0 when the Moon is below the horizon), ``moon_separation`` in degrees;
+#: ``det_seeing`` the median seeing of the exposures of the alert's detections (history
+#: features such as the positional scatter are measured at *their* seeing, not tonight's).
+CONDITIONS = ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separation", "det_seeing")
 
 #: Observatory sites (geodetic lat, lon in degrees east, height in m) and pixel scales (arcsec).
 SITES = {"ztf": (33.3563, -116.8650, 1712.0), "rubin": (-30.2446, -70.7494, 2663.0)}
@@ -288,6 +292,28 @@ def _exposure_seeing(alerts) -> np.ndarray:
     return np.where(np.isfinite(fp), fp, np.where(np.isfinite(est), est, own))
 
 
+def _detection_seeing(alerts, current: np.ndarray) -> np.ndarray:
+    """Median image seeing (arcsec) of the exposures of each alert's detections.
+
+    The seeing of an exposure comes from the forced photometry measured on it; where none
+    of the detections' exposures has one, the alert's own exposure seeing (``current``).
+    A young transient's detections share tonight's conditions; a long-lived source's span
+    many nights, and the median of theirs is what its history-based features saw.
+    """
+    from stream.alert import DETECTION, FORCED, PREVIOUS
+
+    out = np.array(current, dtype=float)
+    for i, a in enumerate(alerts):
+        lc = a.lightcurve
+        fp = (lc.kind == FORCED) & np.isfinite(lc.seeing)
+        if not fp.any():
+            continue
+        at_det = np.isin(lc.exposure[fp], lc.exposure[(lc.kind == DETECTION) | (lc.kind == PREVIOUS)])
+        if at_det.any():
+            out[i] = float(np.median(lc.seeing[fp][at_det])) * PIXEL_SCALE.get(a.survey, 1.0)
+    return out
+
+
 def conditions(alerts) -> pd.DataFrame:
     """Observing conditions of each alert's exposure, columns :data:`CONDITIONS`.
 
@@ -299,6 +325,7 @@ def conditions(alerts) -> pd.DataFrame:
     if n == 0:
         return out
     out["seeing"] = _exposure_seeing(alerts)
+    out["det_seeing"] = _detection_seeing(alerts, out["seeing"].to_numpy())
     out["limit_mag"] = [a.context.limit_mag for a in alerts]
     surveys = np.array([a.survey for a in alerts])
     for survey in np.unique(surveys):

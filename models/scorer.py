@@ -60,7 +60,7 @@ CONDITION_SENSITIVE = (
 )
 #: How the conditions enter the residualiser's regression.
 CONDITION_TRANSFORMS = (("seeing", "log"), ("airmass", "identity"), ("limit_mag", "identity"),
-                        ("moon_illumination", "identity"), ("moon_separation", "identity"))
+                        ("moon_illumination", "identity"), ("moon_separation", "identity"), ("det_seeing", "log"))
 
 #: Inputs of the intrinsic scorers: every feature except the conditions themselves.
 INTRINSIC_FEATURES = tuple(f for f in FEATURES if f not in CONDITIONS)

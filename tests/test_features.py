@@ -161,3 +161,25 @@ def test_feature_table_of_an_empty_batch_has_every_column():
     from models.features import FEATURES, alert_features
 
     assert list(alert_features([]).columns) == list(FEATURES)
+
+
+def test_detection_seeing_is_the_median_seeing_of_the_detections_exposures():
+    from models.features import PIXEL_SCALE, conditions
+    from stream.alert import DETECTION, PREVIOUS
+
+    res = simulate(4, mode="sparse", quadrants=8, nights=3, n_alerts=300)
+    dec = Decoder(keep_cutouts=False)
+    alerts = [x for e in res.envelopes() for x in dec.decode(e) if isinstance(x, Alert)]
+    cond = conditions(alerts)
+    n_from_history = 0
+    for i, a in enumerate(alerts):
+        lc = a.lightcurve
+        det_exp = set(lc.exposure[(lc.kind == DETECTION) | (lc.kind == PREVIOUS)].tolist())
+        fp = (lc.kind == FORCED) & np.isfinite(lc.seeing)
+        seen = [s for e, s in zip(lc.exposure[fp].tolist(), lc.seeing[fp].tolist(), strict=True) if e in det_exp]
+        want = np.median(seen) * PIXEL_SCALE["ztf"] if seen else cond["seeing"].iloc[i]
+        assert cond["det_seeing"].iloc[i] == pytest.approx(want), a.alert_id
+        n_from_history += len(seen) > 1
+    # Histories with several detections exist, and there the value differs from tonight's seeing.
+    assert n_from_history > 20
+    assert (cond["det_seeing"] != cond["seeing"]).sum() >= n_from_history // 2
