@@ -18,7 +18,9 @@ Assumed causal graph
 * Classification is anticausal: the class C causes the features X; the observing
   conditions Z are a second parent of X (the PSF width, the S/N, the survey's own
   real/bogus score, positional scatter all move with seeing and depth) but Z does not
-  cause C. A scorer that reads X therefore mixes the class signal with Z, and its
+  cause C. Z includes the conditions of the exposures the history was detected in (their
+  median seeing), not only tonight's: history features such as the positional scatter
+  were measured there. A scorer that reads X therefore mixes the class signal with Z, and its
   population-mean score moves under do(Z). For the *intrinsic* classes (extragalactic,
   fast) we remove the Z → X path: each condition-sensitive feature x_k is replaced by
   x_k − ĝ_k(z) with ĝ_k(z) = E[x_k | z] fitted on all alerts (labels are not needed,
