@@ -240,11 +240,11 @@ def test_replay_through_kafka_between_times_never_commits(broker, topics):
     assert all(tp.offset < 0 for tp in committed)  # no commits, ever
 
 
-def test_two_processes_share_a_consumer_group(broker, topics, tmp_path):
-    files = avro_files("ztf_ampel")
+def _two_services(broker, topics, tmp_path, files, group, queue_db="") -> None:
+    """Run two service processes in one consumer group until every alert is annotated, then SIGTERM both."""
     produce_files(files, topics[0], broker.bootstrap)
     cfg = tmp_path / "svc.toml"
-    _write_config(cfg, broker, topics, f"g-two-{time.time_ns()}", batch_size=5)
+    _write_config(cfg, broker, topics, f"{group}-{time.time_ns()}", batch_size=5, queue_db=queue_db)
     procs = [_service(cfg), _service(cfg)]
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and len(set(_annotated_ids(broker, topics[1]))) < len(files):
@@ -253,8 +253,13 @@ def test_two_processes_share_a_consumer_group(broker, topics, tmp_path):
     for pr in procs:
         pr.send_signal(signal.SIGTERM)
         outs.append(pr.communicate(timeout=30)[0])
-    assert set(_annotated_ids(broker, topics[1])) == _ids(files)
     assert all(pr.returncode == 0 for pr in procs), outs
+
+
+def test_two_processes_share_a_consumer_group(broker, topics, tmp_path):
+    files = avro_files("ztf_ampel")
+    _two_services(broker, topics, tmp_path, files, "g-two")
+    assert set(_annotated_ids(broker, topics[1])) == _ids(files)
 
 
 def test_two_processes_fill_one_postgres_queue(broker, topics, tmp_path, postgres_server):
@@ -264,19 +269,8 @@ def test_two_processes_fill_one_postgres_queue(broker, topics, tmp_path, postgre
     from stream.queue import QueueStore
 
     files = avro_files("ztf_ampel")
-    produce_files(files, topics[0], broker.bootstrap)
     url = postgres_server()
-    cfg = tmp_path / "svc.toml"
-    _write_config(cfg, broker, topics, f"g-pg-{time.time_ns()}", batch_size=5, queue_db=url)
-    procs = [_service(cfg), _service(cfg)]
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and len(set(_annotated_ids(broker, topics[1]))) < len(files):
-        time.sleep(0.5)
-    outs = []
-    for pr in procs:
-        pr.send_signal(signal.SIGTERM)
-        outs.append(pr.communicate(timeout=30)[0])
-    assert all(pr.returncode == 0 for pr in procs), outs
+    _two_services(broker, topics, tmp_path, files, "g-pg", queue_db=url)
     objects = set()
     for f in files:
         with open(f, "rb") as fh:
