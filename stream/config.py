@@ -160,6 +160,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError("source.batch_size: must be ≥ 1")
     if not cfg.source.topics:
         raise ConfigError("source.topics: at least one topic")
+    if cfg.output.queue_db:
+        from stream.queue import is_url
+
+        try:
+            is_url(cfg.output.queue_db)
+        except ValueError as exc:
+            raise ConfigError(f"output.queue_db: {exc}") from None
     if cfg.output.queue_retention_days < 0:
         raise ConfigError("output.queue_retention_days: must be ≥ 0 (0 keeps everything)")
     if cfg.service.clock not in ("wall", "stream"):

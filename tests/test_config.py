@@ -36,6 +36,7 @@ def test_there_are_deploy_configs():
     ({"source": {"kafka": {"group.id": "x"}}}, "source.kafka.group.id: set by Vigil"),
     ({"service": {"clock": "moon"}}, "service.clock"),
     ({"output": {"queue_retention_days": -1}}, "output.queue_retention_days: must be ≥ 0"),
+    ({"output": {"queue_db": "sqlite:///var/q.sqlite"}}, "output.queue_db: queue store 'sqlite:///var/q.sqlite'"),
     ({"replay": {"start": "earliest", "stop": "end"}}, "replay.stop: unknown key"),
 ])
 def test_config_errors_name_the_key(data, key):
