@@ -38,9 +38,11 @@ deadlock, while readers (the web app) are never blocked.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -219,21 +221,14 @@ def is_url(target) -> bool:
     scheme = target.split("://", 1)[0].lower()
     if scheme in ("postgresql", "postgres"):
         return True
-    raise ValueError(f"queue store {redacted_text(target)!r}: unknown scheme {scheme!r} "
+    raise ValueError(f"queue store {redacted(target)!r}: unknown scheme {scheme!r} "
                      "(a SQLite file path, or a postgresql:// URL)")
 
 
-def redacted_text(text: str) -> str:
-    """``text`` with any URL password (``user:pw@`` or ``password=pw``) replaced by ``***``."""
-    import re
-
-    text = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", text)
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
-
-
 def redacted(target) -> str:
-    """The store for messages and logs: a URL's password replaced by ``***``."""
-    return redacted_text(str(target))
+    """The store for messages and logs: any URL password (``user:pw@``, ``password=pw``) replaced by ``***``."""
+    text = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", str(target))
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
 
 
 def _store_target(target):
@@ -281,9 +276,8 @@ class _PgConnection:
         self._pg = psycopg.connect(url, autocommit=True, row_factory=_pg_rows, connect_timeout=10)
 
     @staticmethod
+    @functools.lru_cache(maxsize=512)  # the same few statements every batch: translate each once
     def _sql(sql: str) -> str:
-        import re
-
         if re.match(r"\s*(CREATE TABLE|ALTER TABLE)", sql):
             for pat, new in _PG_DDL_TYPES:
                 sql = re.sub(pat, new, sql)

@@ -123,11 +123,7 @@ def test_list_is_ordered_by_priority_and_unscored_last(tmp_path, batch, db):
     assert scored == sorted(scored, reverse=True)
     assert prio[-1] is None and page.rows[-1]["object_id"] == "UNSCORED-1"
     # The object row carries its latest alert's priority.
-    latest = {}
-    for r in records:
-        cur = latest.get(r["object_id"])
-        if cur is None or (r["event_mjd"], r["alert_id"]) > (cur["event_mjd"], cur["alert_id"]):
-            latest[r["object_id"]] = r
+    latest = _latest_records(records)
     top = page.rows[0]
     assert top["priority"] == pytest.approx(max(r["priority"] for r in latest.values()))
     assert top["latest_alert_id"] == latest[top["object_id"]]["alert_id"]
