@@ -267,51 +267,47 @@ def _loo_median(values: np.ndarray, keys: np.ndarray, min_others: int) -> np.nda
     return out
 
 
-def _exposure_seeing(alerts) -> np.ndarray:
-    """Seeing (arcsec) of each alert's exposure, from image-level data where possible.
+def _image_seeing(alerts) -> tuple:
+    """Per alert, image seeing (arcsec) from its light curve's forced photometry, in one pass.
 
-    In order: the forced-photometry image seeing of the alert's own exposure; the median
-    PSF width of the *other* alerts of the same whole exposure (same field and time, all
-    detector sections; ≥ 3 of them) in the batch, else of the same detector section
-    (≥ 2) — an exposure-level quantity (science.md §1); pooling the whole exposure keeps
-    its noise small, which matters because noise in z dilutes the adjustment
-    (regression towards zero); the alert's own PSF width as the last resort.
+    Returns the seeing of the alert's own exposure and the median over the exposures of its
+    detections (NaN where the light curve has none).
     """
-    n = len(alerts)
-    own = np.array([a.context.fwhm * PIXEL_SCALE.get(a.survey, 1.0) for a in alerts], dtype=float)
-    fp = np.full(n, np.nan)
+    from stream.alert import DETECTION, PREVIOUS
+
+    own_fp, det_fp = np.full(len(alerts), np.nan), np.full(len(alerts), np.nan)
     for i, a in enumerate(alerts):
         lc = a.lightcurve
-        sel = (lc.exposure == a.exposure) & np.isfinite(lc.seeing)
-        if sel.any():
-            fp[i] = float(np.median(lc.seeing[sel])) * PIXEL_SCALE.get(a.survey, 1.0)
+        has = np.isfinite(lc.seeing)  # only forced photometry carries an image seeing
+        if not has.any():
+            continue
+        scale = PIXEL_SCALE.get(a.survey, 1.0)
+        exp, see = lc.exposure[has], lc.seeing[has]
+        own = exp == a.exposure
+        if own.any():
+            own_fp[i] = float(np.median(see[own])) * scale
+        at_det = np.isin(exp, lc.exposure[(lc.kind == DETECTION) | (lc.kind == PREVIOUS)])
+        if at_det.any():
+            det_fp[i] = float(np.median(see[at_det])) * scale
+    return own_fp, det_fp
+
+
+def _exposure_seeing(alerts, fp: np.ndarray) -> np.ndarray:
+    """Seeing (arcsec) of each alert's exposure, from image-level data where possible.
+
+    In order: the forced-photometry image seeing of the alert's own exposure (``fp``, see
+    :func:`_image_seeing`); the median PSF width of the *other* alerts of the same whole
+    exposure (same field and time, all detector sections; ≥ 3 of them) in the batch, else
+    of the same detector section (≥ 2) — an exposure-level quantity (science.md §1); pooling
+    the whole exposure keeps its noise small, which matters because noise in z dilutes the
+    adjustment (regression towards zero); the alert's own PSF width as the last resort.
+    """
+    own = np.array([a.context.fwhm * PIXEL_SCALE.get(a.survey, 1.0) for a in alerts], dtype=float)
     section = np.array([f"{a.survey}:{a.exposure}" for a in alerts])
     whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" for a in alerts])
     est = _loo_median(own, whole, 3)
     est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))
     return np.where(np.isfinite(fp), fp, np.where(np.isfinite(est), est, own))
-
-
-def _detection_seeing(alerts, current: np.ndarray) -> np.ndarray:
-    """Median image seeing (arcsec) of the exposures of each alert's detections.
-
-    The seeing of an exposure comes from the forced photometry measured on it; where none
-    of the detections' exposures has one, the alert's own exposure seeing (``current``).
-    A young transient's detections share tonight's conditions; a long-lived source's span
-    many nights, and the median of theirs is what its history-based features saw.
-    """
-    from stream.alert import DETECTION, FORCED, PREVIOUS
-
-    out = np.array(current, dtype=float)
-    for i, a in enumerate(alerts):
-        lc = a.lightcurve
-        fp = (lc.kind == FORCED) & np.isfinite(lc.seeing)
-        if not fp.any():
-            continue
-        at_det = np.isin(lc.exposure[fp], lc.exposure[(lc.kind == DETECTION) | (lc.kind == PREVIOUS)])
-        if at_det.any():
-            out[i] = float(np.median(lc.seeing[fp][at_det])) * PIXEL_SCALE.get(a.survey, 1.0)
-    return out
 
 
 def conditions(alerts) -> pd.DataFrame:
@@ -324,8 +320,12 @@ def conditions(alerts) -> pd.DataFrame:
     out = pd.DataFrame({c: np.full(n, np.nan) for c in CONDITIONS})
     if n == 0:
         return out
-    out["seeing"] = _exposure_seeing(alerts)
-    out["det_seeing"] = _detection_seeing(alerts, out["seeing"].to_numpy())
+    own_fp, det_fp = _image_seeing(alerts)
+    out["seeing"] = seeing = _exposure_seeing(alerts, own_fp)
+    # det_seeing: the median seeing of the exposures of the alert's detections (a young
+    # transient's share tonight's; a long-lived source's span many nights, and their median is
+    # what its history features saw); tonight's where none of them has a forced measurement.
+    out["det_seeing"] = np.where(np.isfinite(det_fp), det_fp, seeing)
     out["limit_mag"] = [a.context.limit_mag for a in alerts]
     surveys = np.array([a.survey for a in alerts])
     for survey in np.unique(surveys):
