@@ -409,8 +409,8 @@ def _conditions():
 class _NaiveAlertScorer:
     """The unadjusted comparison scorer: every score reads the raw features and the conditions.
 
-    Only for validation (it is what giving z to XGBoost "as a plain feature" means); it
-    is never saved or shipped.
+    Only for validation (it is what giving z to XGBoost "as a plain feature" means; the
+    validation trains it without label weights too); it is never saved or shipped.
     """
 
     def __init__(self, scorers, residualiser, version, metadata):
@@ -537,7 +537,8 @@ def validate_causal(train_seed: int = 1, test_seed: int = 2, **sim_kwargs) -> tu
     train = simulated_table(train_seed, **sim_kwargs)
     test = simulated_table(test_seed, **sim_kwargs)
     adj, rep = train_alert_model(train, adjust=True)
-    naive, _ = train_alert_model(train, adjust=False)
+    # Naive = no adjustment at all: raw features and conditions, no label weights.
+    naive, _ = train_alert_model(train, adjust=False, weight=False)
     checks, by_stage = [], []
     sa, sn = adj.score(test.X, contributions=False), naive.score(test.X, contributions=False)
     lo, hi = DO_SEEING
