@@ -223,7 +223,7 @@ def _stage_costs(payloads, tmp: Path, hsr_n: int) -> dict:
     for i in range(0, len(envs), BATCH):
         batch = envs[i:i + BATCH]
         t0 = time.perf_counter()
-        items = [(x, e) for e in batch for x in pl.decoder.decode(e)]
+        items = pl.decoder.decode_batch(batch)
         t["decode"] += time.perf_counter() - t0
         good = [(a, e) for a, e in items if not hasattr(a, "reason")]
         alerts, benv = [a for a, _ in good], [e for _, e in good]

@@ -206,34 +206,71 @@ class Decoder:
 
     def decode(self, env: Envelope) -> list:
         """Decode one envelope into a list of ``Alert`` and ``Rejected`` (never empty)."""
-        try:
-            records, version = self._records(env.payload)
-        except DecodeError as e:
-            return [Rejected(env, "decode", e.reason, e.detail)]
-        out = []
-        for rec in records:
-            if isinstance(rec, DecodeError):  # container broke after some good records
-                out.append(Rejected(env, "decode", rec.reason, rec.detail))
+        return [item for item, _ in self.decode_batch([env])]
+
+    def decode_batch(self, envelopes) -> list:
+        """Decode a micro-batch: ``[(Alert or Rejected, Envelope)]``, in order.
+
+        The same items as :meth:`decode` on each envelope, but the ZTF light curves of
+        the whole batch are built in one vectorised pass (the per-alert numpy calls were
+        most of the decoding cost after fastavro). Should that pass fail, each alert is
+        redone on its own, so one malformed history rejects only its own alert.
+        """
+        out, pending = [], []
+        for env in envelopes:
+            try:
+                records, version = self._records(env.payload)
+            except DecodeError as e:
+                out.append((Rejected(env, "decode", e.reason, e.detail), env))
                 continue
-            out.append(self.to_alert(rec, env, version))
+            for rec in records:
+                if isinstance(rec, DecodeError):  # container broke after some good records
+                    out.append((Rejected(env, "decode", rec.reason, rec.detail), env))
+                elif isinstance(rec, dict) and "candidate" in rec:
+                    prep = self._checked(rec, env, _ztf_prepare, rec)
+                    if not isinstance(prep, Rejected):
+                        pending.append((len(out), rec, prep))
+                    out.append((prep, env))
+                else:
+                    out.append((self.to_alert(rec, env, version), env))
+        if pending:
+            try:
+                lcs = _ztf_lightcurves([prep[-1] for _, _, prep in pending])
+            except Exception:  # a malformed history somewhere: each alert on its own below
+                lcs = [None] * len(pending)
+            for (i, rec, prep), lc in zip(pending, lcs, strict=True):
+                env = out[i][1]
+                if lc is None:
+                    lc = self._checked(rec, env, lambda p: _ztf_lightcurves([p[-1]])[0], prep)
+                    if isinstance(lc, Rejected):
+                        out[i] = (lc, env)
+                        continue
+                out[i] = (self._checked(rec, env, _ztf_finish, rec, prep, lc, self.keep_cutouts), env)
         return out
 
     def to_alert(self, rec: dict, env: Envelope, version: str = ""):
         """Map one decoded Avro record to an ``Alert`` (or ``Rejected``)."""
+        return self._checked(rec, env, self._to_alert, rec, version)
+
+    def _to_alert(self, rec, version: str):
+        if not isinstance(rec, dict):
+            raise DecodeError("unknown_survey", f"record is a {type(rec).__name__}, not a record")
+        if "candidate" in rec:
+            return _ztf_alert(rec, self.keep_cutouts)
+        if "diaSource" in rec:
+            return _rubin_alert(rec, version, self.keep_cutouts)
+        raise DecodeError("unknown_survey", f"record fields {sorted(rec)[:8]} match no survey")
+
+    @staticmethod
+    def _checked(rec, env: Envelope, fn, *args):
+        """``fn(*args)``, or the ``Rejected`` that names what is wrong with ``rec``."""
         try:
-            if not isinstance(rec, dict):
-                raise DecodeError("unknown_survey", f"record is a {type(rec).__name__}, not a record")
-            if "candidate" in rec:
-                return _ztf_alert(rec, self.keep_cutouts)
-            if "diaSource" in rec:
-                return _rubin_alert(rec, version, self.keep_cutouts)
-            raise DecodeError("unknown_survey", f"record fields {sorted(rec)[:8]} match no survey")
+            return fn(*args)
         except DecodeError as e:
             return Rejected(env, "validate", e.reason, e.detail, e.alert_id, e.object_id)
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
             # A field of the wrong shape (e.g. a string where a number belongs).
-            return Rejected(env, "validate", "bad_value", f"{type(e).__name__}: {e}",
-                            *_ids_of(rec))
+            return Rejected(env, "validate", "bad_value", f"{type(e).__name__}: {e}", *_ids_of(rec))
 
     # -- framing -------------------------------------------------------------
 
@@ -470,8 +507,9 @@ _BAND_ARRAY = np.array(["?", "g", "r", "i"], dtype="<U2")
 
 
 # ZTF light curves are assembled as one float matrix (a row per LightCurve column, band and
-# kind as codes): one list-of-lists read per history and one sort, instead of a numpy array
-# per field and block — the history is most of the decoding cost after fastavro itself.
+# kind as codes) for a whole micro-batch: one list-of-lists read of every history row and one
+# sort, instead of a numpy array per field, block and alert — the histories are most of the
+# decoding cost after fastavro itself.
 _LC = {name: i for i, name in enumerate(LightCurve.COLUMNS)}
 _ZTF_META = ("jd", "fid", "pid", "field", "rcid", "magzpsci", "magzpscirms", "clrcoeff", "diffmaglim", "magnr")
 _ZTF_PRV = _ZTF_META + ("magpsf", "sigmapsf", "ra", "dec")
@@ -502,7 +540,7 @@ def _ztf_time(jd: np.ndarray, pid: np.ndarray) -> np.ndarray:
     return np.where(wrong & (pid >= 1e11), t, jd)  # only pids with the survey's layout (night id ≥ 100)
 
 
-def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
+def _ztf_block(v: np.ndarray, kind) -> np.ndarray:
     """LightCurve matrix of ZTF rows whose first fields are :data:`_ZTF_META`; flux columns NaN."""
     m = np.full((len(_LC), v.shape[1]), np.nan)
     jd, fid, magnr = v[0], v[1], v[9]
@@ -515,46 +553,68 @@ def _ztf_block(v: np.ndarray, kind: int) -> np.ndarray:
     return m
 
 
-def _ztf_lightcurve(cand: dict, flux: float, err: float, ra: float, dec: float, prv, fps) -> tuple:
-    """The alert's detection, its history (detections, limits) and forced photometry, sorted by time.
+_NEG = ("f", "0", "false")
 
-    Rows are stacked detection, earlier detections, limits, forced photometry, and a
-    stable sort by MJD keeps that order among equal times. The detection and the history
-    share one matrix (the candidate has every history field), so the detection's time gets
-    the same jd/pid check as the history's in one pass. Returns the light curve and that time (MJD).
-    """
+
+def _ztf_history(prv, fps) -> tuple:
+    """History rows with a time, and forced-photometry rows (wherever the archive put them)."""
     prv = [p for p in prv or () if p.get("jd") is not None]
     if any("forcediffimflux" in p for p in prv):
         # Some archives (AMPEL's schema 3.5 alerts) carry the forced photometry in
         # prv_candidates: those rows are forced measurements, not upper limits.
         fps = [*(fps or ()), *(p for p in prv if "forcediffimflux" in p)]
         prv = [p for p in prv if "forcediffimflux" not in p]
-    v = _ztf_values([cand, *prv], _ZTF_PRV)
-    if prv:
-        pmag, sig, lim = v[10, 1:], v[11, 1:], v[8, 1:]
-        det = np.isfinite(pmag) & np.isfinite(sig)
-        lim_ok = ~det & (lim > 0)
-        di, li = np.flatnonzero(det), np.flatnonzero(lim_ok)
-        nd = len(di)
-        m = _ztf_block(v[:, np.concatenate([[0], di + 1, li + 1])], DETECTION)
-        if nd:
-            neg = np.array([str(prv[i].get("isdiffpos")).lower() in ("f", "0", "false") for i in di.tolist()])
-            f = mag_to_ujy(pmag[di])
-            d = slice(1, 1 + nd)
-            m[_LC["kind"], d] = PREVIOUS
-            m[_LC["flux"], d], m[_LC["flux_err"], d] = np.where(neg, -f, f), f * sig[di] * math.log(10) / 2.5
-            m[_LC["ra"], d], m[_LC["dec"], d] = v[12, di + 1], v[13, di + 1]
-        if len(li):
-            m[_LC["kind"], 1 + nd:] = NONDETECTION
-            m[_LC["flux_err"], 1 + nd:] = mag_to_ujy(lim[li]) / 5.0
-    else:
-        m = _ztf_block(v, DETECTION)
-    mjd = float(m[_LC["mjd"], 0])
-    m[_LC["flux"], 0], m[_LC["flux_err"], 0] = flux, err
-    m[_LC["ra"], 0], m[_LC["dec"], 0] = ra, dec
-    blocks = [m]
-    if fps:
-        v = _ztf_values(fps, _ZTF_FP)
+    return prv, list(fps or ())
+
+
+def _ztf_lightcurves(items) -> list:
+    """Light curves of a batch of ZTF alerts, and each detection's time (MJD).
+
+    ``items``: per alert ``(candidate, flux, err, ra, dec, prv_candidates, fp_hists)``.
+    Per alert, rows are stacked detection, earlier detections, limits, forced photometry,
+    and a stable sort by MJD keeps that order among equal times. The detection and the
+    history share one matrix (the candidate has every history field), so the detection's
+    time gets the same jd/pid check as the history's. Every step after reading the rows
+    runs once over the whole batch (numpy calls per batch, not per alert); the result is
+    the same as for each alert on its own.
+    """
+    if not items:
+        return []
+    rows, fprows, n_rows, n_fp = [], [], [], []
+    for cand, _flux, _err, _ra, _dec, prv, fps in items:
+        prv, fps = _ztf_history(prv, fps)
+        rows.append(cand)
+        rows.extend(prv)
+        fprows.extend(fps)
+        n_rows.append(1 + len(prv))
+        n_fp.append(len(fps))
+    n_alerts = len(items)
+    n_rows = np.asarray(n_rows, dtype=np.int64)
+    v = _ztf_values(rows, _ZTF_PRV)
+    first = np.concatenate([[0], np.cumsum(n_rows)[:-1]])
+    is_first = np.zeros(len(rows), dtype=bool)
+    is_first[first] = True
+    pmag, sig, lim = v[10], v[11], v[8]
+    det = ~is_first & np.isfinite(pmag) & np.isfinite(sig)
+    lim_ok = ~is_first & ~det & (lim > 0)
+    keep = is_first | det | lim_ok
+    kind = np.where(is_first, DETECTION, np.where(det, PREVIOUS, NONDETECTION))
+    m = _ztf_block(v[:, keep], kind[keep])
+    k_first, k_det, k_lim = is_first[keep], det[keep], lim_ok[keep]
+    f = mag_to_ujy(pmag[det])
+    neg = np.array([str(rows[i].get("isdiffpos")).lower() in _NEG for i in np.flatnonzero(det).tolist()],
+                   dtype=bool)
+    m[_LC["flux"], k_det], m[_LC["flux_err"], k_det] = np.where(neg, -f, f), f * sig[det] * math.log(10) / 2.5
+    m[_LC["ra"], k_det], m[_LC["dec"], k_det] = v[12, det], v[13, det]
+    m[_LC["flux_err"], k_lim] = mag_to_ujy(lim[lim_ok]) / 5.0
+    det_mjd = m[_LC["mjd"], k_first].copy()
+    for j, name in ((1, "flux"), (2, "flux_err"), (3, "ra"), (4, "dec")):
+        m[_LC[name], k_first] = [it[j] for it in items]
+    alert = np.repeat(np.arange(n_alerts), n_rows)[keep]
+    group = np.where(k_first, 0, np.where(k_det, 1, 2))
+    blocks, alerts, groups = [m], [alert], [group]
+    if fprows:
+        v = _ztf_values(fprows, _ZTF_FP)
         jd, zp, fl, fe = v[0], v[5], v[10], v[11]
         # The survey's own "no measurement" marker is forcediffimflux = -99999 (procstatus != 0).
         with np.errstate(invalid="ignore"):
@@ -565,16 +625,29 @@ def _ztf_lightcurve(cand: dict, flux: float, err: float, ra: float, dec: float, 
             b[_LC["flux"]], b[_LC["flux_err"]] = fl[good] * scale, fe[good] * scale
             b[_LC["seeing"]], b[_LC["background"]] = v[12, good], v[13, good]
             blocks.append(b)
+            alerts.append(np.repeat(np.arange(n_alerts), n_fp)[good])
+            groups.append(np.full(int(good.sum()), 3))
     m = np.concatenate(blocks, axis=1) if len(blocks) > 1 else m
-    m = m[:, np.argsort(m[_LC["mjd"]], kind="stable")]
-    cols = {name: m[i] for name, i in _LC.items()}
-    cols["band"] = _BAND_ARRAY[cols["band"].astype(np.int64)]
-    cols["kind"] = cols["kind"].astype(np.int8)
+    alert = np.concatenate(alerts)
+    # Per alert, a stable sort by time of the stacked blocks (blocks, then position, break ties).
+    order = np.lexsort((np.arange(len(alert)), np.concatenate(groups), m[_LC["mjd"]], alert))
+    m = m[:, order]
+    band = _BAND_ARRAY[m[_LC["band"]].astype(np.int64)]
+    kinds = m[_LC["kind"]].astype(np.int8)
     ints = m[_INT_ROWS]
     ints = np.where(np.isnan(ints), -1.0, ints).astype(np.int64)
-    for name, col in zip(_INT_COLS, ints, strict=True):
-        cols[name] = col
-    return LightCurve(**cols), mjd
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(alert, minlength=n_alerts))]).tolist()
+    out = []
+    for k in range(n_alerts):
+        lo, hi = bounds[k], bounds[k + 1]
+        sub = m[:, lo:hi].copy()  # each light curve owns its memory, not a view of the batch
+        cols = {name: sub[i] for name, i in _LC.items()}
+        cols["band"], cols["kind"] = band[lo:hi].copy(), kinds[lo:hi].copy()
+        sub_int = ints[:, lo:hi].copy()
+        for name, col in zip(_INT_COLS, sub_int, strict=True):
+            cols[name] = col
+        out.append((LightCurve(**cols), float(det_mjd[k])))
+    return out
 
 
 def _mag_flux(mag, magerr, isdiffpos):
@@ -588,6 +661,15 @@ def _mag_flux(mag, magerr, isdiffpos):
 
 
 def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
+    prep = _ztf_prepare(rec)
+    return _ztf_finish(rec, prep, _ztf_lightcurves([prep[-1]])[0], keep_cutouts)
+
+
+def _ztf_prepare(rec: dict) -> tuple:
+    """Checks of a ZTF record before its light curve; returns what :func:`_ztf_finish` needs.
+
+    The last element is the light-curve input of :func:`_ztf_lightcurves`.
+    """
     ids = (rec.get("candid"), rec.get("objectId"))
     cand = rec.get("candidate")
     if not isinstance(cand, dict):
@@ -599,7 +681,7 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     fid = int(_req(cand, "candidate", "fid", ids=ids))
     pid = int(_req(cand, "candidate", "pid", ids=ids))
     # A non-finite or absurd jd is malformed; only a plausible one is repaired (from the pid,
-    # in the light-curve matrix below).
+    # in _ztf_lightcurves).
     _check_mjd(float(_req(cand, "candidate", "jd", ids=ids)) - JD_MJD, ids)
     mag = float(_req(cand, "candidate", "magpsf", ids=ids))
     magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
@@ -608,7 +690,15 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 
     flux, err = _mag_flux(mag, magerr, isdiffpos)
-    lightcurve, mjd = _ztf_lightcurve(cand, flux, err, ra, dec, rec.get("prv_candidates"), rec.get("fp_hists"))
+    return ids, cand, fid, pid, mag, magerr, flux, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
+                                                    rec.get("fp_hists"))
+
+
+def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
+    """The ``Alert`` of a prepared ZTF record, given its light curve and detection time."""
+    ids, cand, fid, pid, mag, magerr, flux, (_, _, _, ra, dec, _, _) = prep
+    alert_id, object_id = ids
+    lightcurve, mjd = lc
     mjd = _check_mjd(mjd, ids)
     jd = mjd + JD_MJD
 
