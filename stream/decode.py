@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import operator
 import re
@@ -40,6 +41,8 @@ from stream.alert import (
     Rejected,
     mag_to_ujy,
 )
+
+log = logging.getLogger(__name__)
 
 #: Stable rejection reasons (part of the dead-letter contract).
 REASONS = {
@@ -214,8 +217,22 @@ class Decoder:
         The same items as :meth:`decode` on each envelope, but the ZTF light curves of
         the whole batch are built in one vectorised pass (the per-alert numpy calls were
         most of the decoding cost after fastavro). Should that pass fail, each alert is
-        redone on its own, so one malformed history rejects only its own alert.
+        redone on its own, so one malformed history (a value of the wrong type or shape)
+        rejects only its own alert.
         """
+        envelopes = list(envelopes)
+        out = []
+        # In chunks: a chunk's decoded records (dicts of every history row, ~0.3 MB per dense
+        # simulated alert) stay alive until its light curves are built, and a whole micro-batch
+        # of them raised the peak RSS of a long replay by ~250 MB.
+        for i in range(0, len(envelopes), self.LIGHTCURVE_CHUNK):
+            out += self._decode_chunk(envelopes[i:i + self.LIGHTCURVE_CHUNK])
+        return out
+
+    #: Alerts whose light curves are built in one vectorised pass (see :meth:`decode_batch`).
+    LIGHTCURVE_CHUNK = 32
+
+    def _decode_chunk(self, envelopes) -> list:
         out, pending = [], []
         for env in envelopes:
             try:
@@ -236,7 +253,9 @@ class Decoder:
         if pending:
             try:
                 lcs = _ztf_lightcurves([prep[-1] for _, _, prep in pending])
-            except Exception:  # a malformed history somewhere: each alert on its own below
+            except Exception as e:  # a malformed history somewhere: each alert on its own below
+                log.debug("batch light-curve pass failed (%s: %s); decoding %d alerts one by one",
+                          type(e).__name__, e, len(pending))
                 lcs = [None] * len(pending)
             for (i, rec, prep), lc in zip(pending, lcs, strict=True):
                 env = out[i][1]
@@ -541,7 +560,10 @@ def _ztf_time(jd: np.ndarray, pid: np.ndarray) -> np.ndarray:
 
 
 def _ztf_block(v: np.ndarray, kind) -> np.ndarray:
-    """LightCurve matrix of ZTF rows whose first fields are :data:`_ZTF_META`; flux columns NaN."""
+    """LightCurve matrix of ZTF rows whose first fields are :data:`_ZTF_META`; flux columns NaN.
+
+    ``kind``: one code for every row, or an array with one per row.
+    """
     m = np.full((len(_LC), v.shape[1]), np.nan)
     jd, fid, magnr = v[0], v[1], v[9]
     m[_LC["mjd"]] = _ztf_time(jd, v[2]) - JD_MJD
@@ -575,8 +597,9 @@ def _ztf_lightcurves(items) -> list:
     and a stable sort by MJD keeps that order among equal times. The detection and the
     history share one matrix (the candidate has every history field), so the detection's
     time gets the same jd/pid check as the history's. Every step after reading the rows
-    runs once over the whole batch (numpy calls per batch, not per alert); the result is
-    the same as for each alert on its own.
+    The row selection, matrix building and sort run once over the whole batch (per alert
+    there remain the reading of its rows and the copy of its slice); the result is the
+    same as for each alert on its own.
     """
     if not items:
         return []

@@ -150,7 +150,9 @@ class Pipeline:
         prio_l, mjd_l, stage_l = prio.tolist(), mjd.tolist(), [str(s) for s in stages]
         kinds = [a.lightcurve.kind for a in alerts]
         owner = np.repeat(np.arange(len(alerts)), [len(k) for k in kinds])
-        counts = np.bincount(owner * 4 + np.concatenate(kinds).astype(np.int64), minlength=4 * len(alerts))
+        kind = np.concatenate(kinds).astype(np.int64)
+        known = (kind >= 0) & (kind < 4)  # (a code outside the four is counted nowhere)
+        counts = np.bincount(owner[known] * 4 + kind[known], minlength=4 * len(alerts))
         counts = counts.reshape(len(alerts), 4).tolist()  # DETECTION, PREVIOUS, NONDETECTION, FORCED
         for i, (a, env) in enumerate(zip(alerts, envelopes, strict=True)):
             scores = (p_lists[0][i], p_lists[1][i], p_lists[2][i])

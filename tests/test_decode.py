@@ -12,7 +12,15 @@ import pytest
 from conftest import DATA, SHARED, avro_files, needs_shared
 
 from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert, Envelope, Rejected
-from stream.decode import Decoder, SchemaRegistry, encode_schemaless, frame_confluent, load_ztf_schema
+from stream.decode import (
+    Decoder,
+    SchemaRegistry,
+    _ztf_lightcurves,
+    _ztf_prepare,
+    encode_schemaless,
+    frame_confluent,
+    load_ztf_schema,
+)
 
 
 def _read(path):
@@ -391,3 +399,34 @@ def test_batch_decode_gives_what_each_envelope_gives(ztf_files, rubin_files):
     kinds = [_alert_key(a)[:2] for a, _ in batch if isinstance(a, Rejected)]
     assert kinds == [("rejected", "validate"), ("rejected", "decode")]  # only the two bad messages
     assert sum(isinstance(a, Alert) for a, _ in batch) == len(payloads) - 2
+
+
+def test_rows_at_equal_times_keep_detection_history_limit_forced_order():
+    """At one time the order is the alert's detection, earlier detections, limits, forced
+    photometry (each in its input order), in a batch as alone; a NaN time sorts last."""
+    _, (rec,) = _read(avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0])
+    jd = rec["candidate"]["jd"]
+    base = rec["prv_candidates"][0]
+    det = dict(base, magpsf=19.0, sigmapsf=0.1, isdiffpos="t", ra=rec["candidate"]["ra"], dec=rec["candidate"]["dec"])
+    lim = dict(base, magpsf=None, sigmapsf=None, diffmaglim=20.0)
+    fp = {"field": 1, "rcid": 2, "fid": 2, "pid": 1, "jd": jd, "forcediffimflux": 50.0, "forcediffimfluxunc": 5.0,
+          "magzpsci": 26.0, "magzpscirms": 0.03, "clrcoeff": 0.1, "diffmaglim": 20.5, "sciinpseeing": 2.0,
+          "scibckgnd": 100.0, "procstatus": "0"}
+    recs = []
+    for k in range(3):
+        r = copy.deepcopy(rec)
+        r["candid"] += k
+        r["prv_candidates"] = [dict(lim, jd=jd, pid=10), dict(det, jd=jd, pid=11), dict(lim, jd=float("nan"), pid=12),
+                               dict(det, jd=jd, pid=13), dict(lim, jd=jd, pid=14)][k:]
+        r["fp_hists"] = [dict(fp, pid=20), dict(fp, pid=21)]
+        recs.append(r)
+    # (This schema has no fp_hists, so the records go in as decoded dicts.)
+    alone = [Decoder().to_alert(r, Envelope(b"", "x")).lightcurve for r in recs]
+    batched = [lc for lc, _ in _ztf_lightcurves([_ztf_prepare(r)[-1] for r in recs])]
+    for a, b in zip(alone, batched, strict=True):
+        assert all(getattr(a, c).tobytes() == getattr(b, c).tobytes() for c in a.COLUMNS)
+    lc = alone[0]
+    at_jd = lc.mjd == jd - 2400000.5
+    assert lc.kind[at_jd].tolist() == [DETECTION, PREVIOUS, PREVIOUS, NONDETECTION, NONDETECTION, FORCED, FORCED]
+    assert lc.exposure[at_jd].tolist()[1:] == [11, 13, 10, 14, 20, 21]
+    assert np.isnan(lc.mjd[-1]) and lc.exposure[-1] == 12
