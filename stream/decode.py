@@ -214,9 +214,9 @@ class Decoder:
     def decode_batch(self, envelopes) -> list:
         """Decode a micro-batch: ``[(Alert or Rejected, Envelope)]``, in order.
 
-        The same items as :meth:`decode` on each envelope, but the ZTF light curves of
-        the whole batch are built in one vectorised pass (the per-alert numpy calls were
-        most of the decoding cost after fastavro). Should that pass fail, each alert is
+        The same items as :meth:`decode` on each envelope, but the ZTF light curves are
+        built :attr:`LIGHTCURVE_CHUNK` alerts at a time in one vectorised pass (instead of a
+        few dozen small numpy calls per alert). Should that pass fail, each alert is
         redone on its own, so one malformed history (a value of the wrong type or shape)
         rejects only its own alert.
         """
@@ -526,7 +526,7 @@ _BAND_ARRAY = np.array(["?", "g", "r", "i"], dtype="<U2")
 
 
 # ZTF light curves are assembled as one float matrix (a row per LightCurve column, band and
-# kind as codes) for a whole micro-batch: one list-of-lists read of every history row and one
+# kind as codes) for a chunk of alerts: one list-of-lists read of every history row and one
 # sort, instead of a numpy array per field, block and alert — the histories are most of the
 # decoding cost after fastavro itself.
 _LC = {name: i for i, name in enumerate(LightCurve.COLUMNS)}
@@ -596,10 +596,9 @@ def _ztf_lightcurves(items) -> list:
     Per alert, rows are stacked detection, earlier detections, limits, forced photometry,
     and a stable sort by MJD keeps that order among equal times. The detection and the
     history share one matrix (the candidate has every history field), so the detection's
-    time gets the same jd/pid check as the history's. Every step after reading the rows
-    The row selection, matrix building and sort run once over the whole batch (per alert
-    there remain the reading of its rows and the copy of its slice); the result is the
-    same as for each alert on its own.
+    time gets the same jd/pid check as the history's. The row selection, matrix building
+    and sort run once over the whole batch (per alert there remain the reading of its
+    rows and the copy of its slice); the result is the same as for each alert on its own.
     """
     if not items:
         return []
