@@ -374,7 +374,7 @@ def _alert_key(a):
 
 
 def test_batch_decode_gives_what_each_envelope_gives(ztf_files, rubin_files):
-    """Light curves built for a whole micro-batch at once equal those built alert by alert,
+    """Light curves built for a micro-batch (chunk by chunk) equal those built alert by alert,
     also with a malformed history, a corrupt payload and Rubin alerts in the batch."""
     schema, (rec,) = _read(ztf_files[0])
     # A schemaless alert whose (custom) schema makes prv magpsf a string: valid Avro, but
