@@ -45,6 +45,7 @@ import math
 import re
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -377,6 +378,19 @@ def analyze(conn) -> None:
     conn.execute("ANALYZE objects")
 
 
+@contextmanager
+def _write_transaction(conn):
+    """One write transaction holding the write lock from its start: committed at the end,
+    rolled back on any error (a COMMIT that fails included)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _ensure_schema(conn) -> None:
     row = None
     try:
@@ -390,16 +404,11 @@ def _ensure_schema(conn) -> None:
         if version < SCHEMA_VERSION:
             _migrate(conn)
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_transaction(conn):
         for stmt in _DDL:
             conn.execute(stmt)
         conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO NOTHING",
                      (str(SCHEMA_VERSION),))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _migrate_1_to_2(conn) -> None:
@@ -425,8 +434,7 @@ _MIGRATIONS = {1: _migrate_1_to_2}
 
 def _migrate(conn) -> None:
     """Bring an older store up to :data:`SCHEMA_VERSION` in one transaction (writers wait on the lock)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_transaction(conn):
         # Another process may have migrated while we waited for the lock: read the version again.
         version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
         while version < SCHEMA_VERSION:
@@ -434,10 +442,6 @@ def _migrate(conn) -> None:
             version += 1
             log.info("queue store migrated to schema version %d", version)
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 # --------------------------------------------------------------------------------------------- retention
@@ -499,14 +503,9 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
         ids = [r[0] for r in conn.execute(_PRUNE_CANDIDATES.format(table=table), (horizon,)).fetchall()]
         for i in range(0, len(ids), PRUNE_CHUNK):
             chunk = ids[i:i + PRUNE_CHUNK]
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 sql = _PRUNE_DELETE.format(table=table, marks=",".join("?" * len(chunk)))
                 out[table] += int(conn.execute(sql, chunk).rowcount)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
     return out
 
 
@@ -1080,15 +1079,8 @@ class QueueStore:
 
     def _write(self, fn):
         """Run ``fn(conn)`` in one write transaction."""
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            out = fn(c)
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
-        return out
+        with _write_transaction(self.conn) as c:
+            return fn(c)
 
     # -- labels
     def labels_frame(self):
@@ -1154,14 +1146,11 @@ def export_labels(db, out) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
     import secrets
 
-    from stream.web import create_app
+    from stream.web import create_app, queue_token
 
-    token = args.token or os.environ.get("VIGIL_QUEUE_TOKEN")
-    if not token and args.token_file:
-        token = Path(args.token_file).read_text().strip()
+    token = queue_token(args.token, args.token_file)
     if not token:
         # Never serve unauthenticated: make a one-off token and tell the operator.
         token = secrets.token_urlsafe(18)

@@ -599,6 +599,18 @@ def create_app(db, token: str, clock: str = "stream"):
     return app
 
 
+def queue_token(token: str | None = None, token_file=None) -> str | None:
+    """The access token: ``token``, else ``$VIGIL_QUEUE_TOKEN``, else the contents of
+    ``token_file``; None when there is none (callers decide what that means)."""
+    import os
+    from pathlib import Path
+
+    token = token or os.environ.get("VIGIL_QUEUE_TOKEN")
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    return token or None
+
+
 def wsgi_app():
     """The app for an external WSGI server, configured from the environment.
 
@@ -607,14 +619,11 @@ def wsgi_app():
     For example ``gunicorn -w 4 'stream.web:wsgi_app()'``.
     """
     import os
-    from pathlib import Path
 
     db = os.environ.get("VIGIL_QUEUE_DB")
     if not db:
         raise ValueError("VIGIL_QUEUE_DB: not set (the queue store: SQLite file or postgresql:// URL)")
-    token = os.environ.get("VIGIL_QUEUE_TOKEN")
-    if not token and os.environ.get("VIGIL_QUEUE_TOKEN_FILE"):
-        token = Path(os.environ["VIGIL_QUEUE_TOKEN_FILE"]).read_text().strip()
+    token = queue_token(token_file=os.environ.get("VIGIL_QUEUE_TOKEN_FILE"))
     if not token:
         raise ValueError("VIGIL_QUEUE_TOKEN: not set (nor VIGIL_QUEUE_TOKEN_FILE); the app never serves without one")
     clock = os.environ.get("VIGIL_QUEUE_CLOCK", "stream")
