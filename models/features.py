@@ -292,22 +292,34 @@ def _image_seeing(alerts) -> tuple:
     return own_fp, det_fp
 
 
-def _exposure_seeing(alerts, fp: np.ndarray) -> np.ndarray:
-    """Seeing (arcsec) of each alert's exposure, from image-level data where possible.
+def _own_psf_width(alerts) -> np.ndarray:
+    return np.array([a.context.fwhm * PIXEL_SCALE.get(a.survey, 1.0) for a in alerts], dtype=float)
+
+
+def image_level_seeing(alerts, fp: np.ndarray | None = None) -> np.ndarray:
+    """Seeing (arcsec) of each alert's exposure from image-level data only; NaN where there is none.
 
     In order: the forced-photometry image seeing of the alert's own exposure (``fp``, see
-    :func:`_image_seeing`); the median PSF width of the *other* alerts of the same whole
-    exposure (same field and time, all detector sections; ≥ 3 of them) in the batch, else
-    of the same detector section (≥ 2) — an exposure-level quantity (science.md §1); pooling
-    the whole exposure keeps its noise small, which matters because noise in z dilutes the
-    adjustment (regression towards zero); the alert's own PSF width as the last resort.
+    :func:`_image_seeing`; computed when not given); the median PSF width of the *other*
+    alerts of the same whole exposure (same field and time, all detector sections; ≥ 3 of
+    them) among ``alerts``, else of the same detector section (≥ 2) — an exposure-level
+    quantity (science.md §1); pooling the whole exposure keeps its noise small, which
+    matters because noise in z dilutes the adjustment (regression towards zero).
     """
-    own = np.array([a.context.fwhm * PIXEL_SCALE.get(a.survey, 1.0) for a in alerts], dtype=float)
+    if fp is None:
+        fp = _image_seeing(alerts)[0]
+    own = _own_psf_width(alerts)
     section = np.array([f"{a.survey}:{a.exposure}" for a in alerts])
     whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" for a in alerts])
     est = _loo_median(own, whole, 3)
     est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))
-    return np.where(np.isfinite(fp), fp, np.where(np.isfinite(est), est, own))
+    return np.where(np.isfinite(fp), fp, est)
+
+
+def _exposure_seeing(alerts, fp: np.ndarray) -> np.ndarray:
+    """:func:`image_level_seeing`, with the alert's own PSF width as the last resort."""
+    est = image_level_seeing(alerts, fp)
+    return np.where(np.isfinite(est), est, _own_psf_width(alerts))
 
 
 def conditions(alerts) -> pd.DataFrame:

@@ -359,6 +359,26 @@ class AlertScorer:
         self._cols = {s: (INTRINSIC_FEATURES if s in INTRINSIC else FEATURES) for s in SCORES}
         self._index = {s: np.array([FEATURES.index(f) for f in self._cols[s]]) for s in SCORES}
 
+    def with_conditions_fitted_on(self, X: pd.DataFrame, source: str = "") -> AlertScorer:
+        """A copy whose condition regressions ĝ(z) are refitted on the feature rows ``X``.
+
+        ĝ(z) = E[x | z] needs no labels (science.md §2), so it can come from the survey's
+        own stream rather than the simulation the scorers were trained on: where the real
+        features depend on the conditions differently from the simulated ones, the
+        simulated ĝ leaves (or puts) a seeing dependence in the residuals. The scorers are
+        unchanged; the version gets a ``+g<hash>`` suffix and the metadata records the data.
+        """
+        from causal.adjust import ConditionResidualiser
+
+        r = self.residualiser
+        res = ConditionResidualiser(r.columns, r.conditions, r.degree, r.alpha, r.n_splits,
+                                    r.random_state).fit(X[list(FEATURES)])
+        h = data_hash(X[list(FEATURES)])
+        base = self.metadata.get("conditions_fit", {}).get("from_version", self.model_version)
+        meta = dict(self.metadata, conditions_fit={"source": source, "n_alerts": len(X), "data_hash": h,
+                                                   "from_version": base})
+        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta)
+
     def design(self, X: pd.DataFrame) -> dict:
         """Per-score input tables: raw features for P(real), residualised ones for the intrinsic scores."""
         missing = [f for f in FEATURES if f not in X.columns]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -657,6 +658,27 @@ def within_object_slopes(objects, seeing, scores: dict, controls: dict | None = 
             "slopes": {k_: (float(est[i]), float(lo[i]), float(hi[i])) for i, k_ in enumerate(names)}}
 
 
+def real_alerts(paths, history: bool = False) -> list:
+    """The alerts in ``paths`` (files, directories, archives), each (object, alert id) once, in time order.
+
+    ``history``: each ZTF alert also as it stood at its earlier detections
+    (:meth:`stream.decode.Decoder.decode_history`).
+    """
+    from stream.alert import Alert
+    from stream.decode import Decoder
+    from stream.sources import iter_envelopes
+
+    dec = Decoder(keep_cutouts=False)
+    alerts, seen = [], set()
+    for env in iter_envelopes(paths):
+        for x in (dec.decode_history(env) if history else dec.decode(env)):
+            if isinstance(x, Alert) and (x.object_id, x.alert_id) not in seen:
+                seen.add((x.object_id, x.alert_id))
+                alerts.append(x)
+    alerts.sort(key=lambda a: a.mjd)
+    return alerts
+
+
 #: science.md §3 on real data: score slopes against within-object seeing changes should be
 #: ~0 for the intrinsic classes. The bound is the simulated invariance target over the
 #: 1″ span of do(seeing 1.8″ → 2.8″); the check passes only when the whole 95 % interval
@@ -664,8 +686,25 @@ def within_object_slopes(objects, seeing, scores: dict, controls: dict | None = 
 REAL_SLOPE_TARGET = 0.03
 
 
-def validate_causal_real(paths, model=None, n_boot: int = 2000) -> tuple:
+def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = True,
+                         refit_conditions: bool = False) -> tuple:
     """Real alerts: within-object slopes of the scores on seeing (science.md §3, real data).
+
+    With ``history`` (the default), each ZTF alert is also re-created as it stood at every
+    earlier detection in its history (:func:`stream.decode.ztf_history_records`), so an
+    object contributes the exposures of its last 30 days, not only the alerts in the
+    sample; each (object, detection) is used once, and every epoch scores with the
+    history's ``rb`` (the alert's own ``drb`` has no history counterpart). The seeing is
+    image-level only (:func:`models.features.image_level_seeing`: forced photometry, or
+    the other detections of the same exposure); epochs with nothing but their own PSF
+    width are left out, since a seeing measured on the target is noisy and would bias the
+    slopes towards zero.
+
+    With ``refit_conditions``, the model's condition regressions ĝ(z) are refitted on these
+    real alerts (:meth:`models.scorer.AlertScorer.with_conditions_fitted_on`), cross-fitted
+    by object: the objects are split in two halves by a hash of their name, and each half is
+    scored with a ĝ fitted on the other, so no epoch's residual comes from a fit that saw
+    its object.
 
     Held fixed within each object: time, and whether the alert's cross-match context is
     complete (a damaged run that loses it can coincide with other seeing, and changes the
@@ -678,22 +717,30 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000) -> tuple:
         absolute value) and the figures behind them, P(real) included (it is not required
         to be invariant: bad seeing really makes bogus detections).
     """
+    from models.features import image_level_seeing
     from models.scorer import default_scorer
-    from stream.alert import Alert
-    from stream.decode import Decoder
-    from stream.sources import iter_envelopes
 
     model = model or default_scorer()
-    dec = Decoder(keep_cutouts=False)
-    alerts = [x for env in iter_envelopes(paths) for x in dec.decode(env) if isinstance(x, Alert)]
-    alerts.sort(key=lambda a: a.mjd)
+    alerts = real_alerts(paths, history)
     X = pipeline_features(alerts)
-    sb = model.score(X, contributions=False)
+    if refit_conditions:
+        half = np.array([zlib.crc32(a.object_id.encode()) % 2 for a in alerts])
+        sb = {s: np.full(len(X), np.nan) for s in TARGETS}
+        for h in (0, 1):
+            other = model.with_conditions_fitted_on(X[half != h], source="other half of the objects")
+            part = other.score(X[half == h].reset_index(drop=True), contributions=False)
+            for s in TARGETS:
+                sb[s][half == h] = getattr(part, s)
+        scores, version = sb, f"{model.model_version} with ĝ refitted on these alerts (cross-fitted by object)"
+    else:
+        sb = model.score(X, contributions=False)
+        scores, version = {s: getattr(sb, s) for s in TARGETS}, model.model_version
     controls = {"days": [a.mjd for a in alerts],
                 "cross_match_missing": (X["ps1_distance"].isna() & X["gaia_distance"].isna()).astype(float)}
-    fig = within_object_slopes([a.object_id for a in alerts], X["seeing"], {s: getattr(sb, s) for s in TARGETS},
-                               controls, n_boot=n_boot)
-    fig.update(model_version=model.model_version, alerts_read=len(alerts))
+    seeing = image_level_seeing(alerts)
+    fig = within_object_slopes([a.object_id for a in alerts], seeing, scores, controls, n_boot=n_boot)
+    fig.update(model_version=version, alerts_read=len(alerts), history=history,
+               image_level_seeing=int(np.isfinite(seeing).sum()))
     checks = []
     for s in ("p_extragalactic", "p_fast"):
         b, lo, hi = fig["slopes"][s]
@@ -712,8 +759,22 @@ def _write_json(obj) -> None:
 
 
 def cmd_train(args) -> int:
-    if bool(args.simulate) == bool(args.table):
-        raise ValueError("give exactly one of --simulate or --table")
+    if sum(map(bool, (args.simulate, args.table, args.refit_conditions))) != 1:
+        raise ValueError("give exactly one of --simulate, --table or --refit-conditions")
+    if args.model and not args.refit_conditions:
+        raise ValueError("--model goes with --refit-conditions")
+    if args.refit_conditions:
+        from models.scorer import AlertScorer, default_scorer
+
+        base = AlertScorer.load(args.model) if args.model else default_scorer()
+        alerts = real_alerts(args.refit_conditions)
+        if len(alerts) < 50:
+            raise ValueError(f"--refit-conditions: {len(alerts)} alerts decoded; ĝ(z) needs at least 50")
+        model = base.with_conditions_fitted_on(pipeline_features(alerts), source=" ".join(args.refit_conditions))
+        model.save(args.out)
+        print(f"{base.model_version} → {model.model_version}: condition regressions refitted on {len(alerts)} alerts")
+        print(f"saved to {args.out}")
+        return 0
     if args.table:
         t = labelled_table(pd.read_csv(args.table), args.label_column, args.positive, args.negative,
                            args.id_column)
@@ -833,7 +894,8 @@ def _validate_causal_real(args) -> int:
     from models.scorer import AlertScorer
 
     model = AlertScorer.load(args.model) if args.model else None
-    checks, fig = validate_causal_real(args.real, model)
+    checks, fig = validate_causal_real(args.real, model, history=not args.alerts_only,
+                                       refit_conditions=args.refit_conditions)
     if args.json:
         def strict(v):  # JSON has no NaN
             if isinstance(v, dict):
@@ -846,9 +908,11 @@ def _validate_causal_real(args) -> int:
                                                          "pass": c.passed} for c in checks]}))
     else:
         held = ", ".join(fig["controls"]) or "nothing"
-        print(f"{fig['model_version']} on {fig['alerts_read']} real alerts: {fig['alerts']} alerts of "
-              f"{fig['objects']} objects seen more than once (median seeing range within an object "
-              f"{fig['seeing_range_median']:.2f}″); slope of each score on seeing within objects ({held} held fixed):")
+        what = "alerts and earlier detections (re-created from the alerts' histories)" if fig["history"] else "alerts"
+        print(f"{fig['model_version']} on {fig['alerts_read']} real {what}, {fig['image_level_seeing']} with an "
+              f"image-level seeing: {fig['alerts']} of {fig['objects']} objects seen more than once (median seeing "
+              f"range within an object {fig['seeing_range_median']:.2f}″); slope of each score on seeing within "
+              f"objects ({held} held fixed):")
         for s, (b, lo, hi) in fig["slopes"].items():
             note = "  (not required to be invariant)" if s == "p_real" else ""
             print(f"  {s:<16} {b:+.4f} per ″, 95 % [{lo:+.4f}, {hi:+.4f}]{note}")
@@ -897,6 +961,10 @@ def register(subparsers) -> None:
     p.add_argument("--simulate", action="store_true", help="train the alert model on a simulated stream")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--refit-conditions", nargs="+", metavar="PATH",
+                   help="instead: refit the condition regressions ĝ(z) of --model (default: the shipped model) on "
+                        "these unlabelled alerts of the survey (files, directories, archives); scorers unchanged")
+    p.add_argument("--model", help="with --refit-conditions: the alert model to start from")
     _add_table_args(p)
     _add_sim_args(p)
     p.set_defaults(func=cmd_train)
@@ -929,5 +997,9 @@ def register(subparsers) -> None:
     q.add_argument("--real", nargs="+", metavar="PATH",
                    help="instead: real alerts (files/directories): within-object score slopes on seeing")
     q.add_argument("--model", help="with --real: alert model directory (default: the shipped model)")
+    q.add_argument("--alerts-only", action="store_true",
+                   help="with --real: only the alerts themselves, not their re-created earlier detections")
+    q.add_argument("--refit-conditions", action="store_true",
+                   help="with --real: the model with its ĝ(z) refitted on these alerts, cross-fitted by object")
     _add_sim_args(q)
     q.set_defaults(func=cmd_validate_causal)

@@ -267,6 +267,29 @@ class Decoder:
                 out[i] = (self._checked(rec, env, _ztf_finish, rec, prep, lc, self.keep_cutouts), env)
         return out
 
+    def decode_history(self, env: Envelope) -> list:
+        """Like :meth:`decode`, but each ZTF alert also as it stood at its earlier detections.
+
+        See :func:`ztf_history_records` (a re-creation for within-object studies; every
+        epoch scores with the history's ``rb``). Other surveys' alerts come back as
+        :meth:`decode` gives them.
+        """
+        try:
+            records, version = self._records(env.payload)
+        except DecodeError as e:
+            return [Rejected(env, "decode", e.reason, e.detail)]
+        out = []
+        for rec in records:
+            if isinstance(rec, DecodeError):
+                out.append(Rejected(env, "decode", rec.reason, rec.detail))
+                continue
+            epochs = self._checked(rec, env, ztf_history_records, rec) if isinstance(rec, dict) else [rec]
+            if isinstance(epochs, Rejected):
+                out.append(epochs)
+                continue
+            out += [self.to_alert(r, env, version) for r in epochs]
+        return out
+
     def to_alert(self, rec: dict, env: Envelope, version: str = ""):
         """Map one decoded Avro record to an ``Alert`` (or ``Rejected``)."""
         return self._checked(rec, env, self._to_alert, rec, version)
@@ -685,6 +708,53 @@ def _mag_flux(mag, magerr, isdiffpos):
 def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     prep = _ztf_prepare(rec)
     return _ztf_finish(rec, prep, _ztf_lightcurves([prep[-1]])[0], keep_cutouts)
+
+
+def _ztf_row_time(row: dict) -> float:
+    """A ZTF row's JD, taken from its ``pid`` where the two disagree (as the light curve does)."""
+    pid = row.get("pid")
+    return float(_ztf_time(np.array([_fs(row.get("jd"))]), np.array([float(pid) if pid is not None else np.nan]))[0])
+
+
+def ztf_history_records(rec: dict) -> list:
+    """A ZTF alert record as it stood at each earlier detection of its history, then itself.
+
+    A re-creation for within-object studies across the exposures of an object's history
+    (e.g. score against seeing), not what the survey sent: the candidate takes the history
+    row's own fields (time, position, photometry, PSF width, ``rb``, image calibration) and
+    keeps the alert's cross-matches (PS1, Gaia and the reference source do not change); its
+    history counts lose the rows after that detection; its light curve holds the earlier rows
+    only (forced photometry up to its own exposure). History rows carry no deep-learning
+    ``drb``, so every record returned, the alert's own included, scores with ``rb``.
+    Records in time order; a record without a usable candidate comes back alone, as it is.
+    """
+    cand = rec.get("candidate")
+    if not isinstance(cand, dict):
+        return [rec]
+    prv, fps = _ztf_history(rec.get("prv_candidates"), rec.get("fp_hists"))
+    t_alert = _ztf_row_time(cand)
+    times = [_ztf_row_time(q) for q in prv]
+    fp_times = [_ztf_row_time(q) for q in fps]
+    dets = sorted((t, i) for i, (q, t) in enumerate(zip(prv, times, strict=True))
+                  if q.get("candid") is not None and q.get("magpsf") is not None and t < t_alert)
+    start, end = _fs(cand.get("jdstarthist")), _fs(cand.get("jdendhist"))
+    out = []
+    for t, i in dets:
+        row = prv[i]
+        c = {**cand, **row, "drb": None, "drbversion": None}
+        later = sum(tq > t for tq in times) + 1  # rows after this detection, the alert's own included
+        later_det = sum(tq > t for tq, _ in dets) + 1
+        if cand.get("ndethist") is not None:
+            c["ndethist"] = max(1, int(cand["ndethist"]) - later_det)
+        if cand.get("ncovhist") is not None:
+            c["ncovhist"] = max(1, int(cand["ncovhist"]) - later)
+        if start <= end:  # a damaged pair (start after end) stays as it is: the decoder reads it as unknown
+            c["jdendhist"] = t
+        out.append({**rec, "candid": row["candid"], "candidate": c,
+                    "prv_candidates": [q for q, tq in zip(prv, times, strict=True) if tq < t],
+                    "fp_hists": [q for q, tq in zip(fps, fp_times, strict=True) if tq <= t]})
+    out.append({**rec, "candidate": {**cand, "drb": None, "drbversion": None}})
+    return out
 
 
 def _ztf_prepare(rec: dict) -> tuple:

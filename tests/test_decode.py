@@ -430,3 +430,54 @@ def test_rows_at_equal_times_keep_detection_history_limit_forced_order():
     assert lc.kind[at_jd].tolist() == [DETECTION, PREVIOUS, PREVIOUS, NONDETECTION, NONDETECTION, FORCED, FORCED]
     assert lc.exposure[at_jd].tolist()[1:] == [11, 13, 10, 14, 20, 21]
     assert np.isnan(lc.mjd[-1]) and lc.exposure[-1] == 12
+
+
+@pytest.mark.parametrize("name, damaged", [("2018-12-02_schema3.2/697252845015010003.avro", False),
+                                           ("2023-10-19to21_schema4.02/2481115014215015053.avro", False),
+                                           ("2023-10-19to21_schema4.02/2481114534915010026.avro", True)])
+def test_history_records_recreate_the_alert_at_each_earlier_detection(name, damaged):
+    path = DATA / "ztf_fink" / name
+    payload = path.read_bytes()
+    rec = _read(path)[1][0]
+    cand, prv = rec["candidate"], rec["prv_candidates"]
+    dets = [p for p in prv if p.get("candid") is not None]
+    alert = _decode_one(Decoder(), payload)
+    out = Decoder().decode_history(Envelope(payload, str(path)))
+    assert all(isinstance(a, Alert) for a in out) and len(out) == len(dets) + 1 >= 6
+    earlier, last = out[:-1], out[-1]
+    # The last is the alert itself, scored with the history's rb (no drb counterpart in the history).
+    assert last.alert_id == alert.alert_id and last.mjd == alert.mjd
+    assert last.lightcurve.n_detections == alert.lightcurve.n_detections
+    def same(x, y):
+        return x == y or (math.isnan(x) and math.isnan(y))
+
+    assert last.context.real_bogus == pytest.approx(cand["rb"])
+    assert same(last.context.ps1_distance, alert.context.ps1_distance)
+    by_candid = {p["candid"]: p for p in dets}
+    times = [a.mjd for a in out]
+    assert times == sorted(times) and len({a.alert_id for a in out}) == len(out)
+    for k, a in enumerate(earlier):
+        row = by_candid[a.alert_id]
+        assert a.object_id == alert.object_id and a.exposure == row["pid"]
+        assert a.context.real_bogus == pytest.approx(row["rb"]) and a.context.fwhm == pytest.approx(row["fwhm"])
+        assert same(a.context.star_galaxy, alert.context.star_galaxy)
+        assert same(a.context.gaia_mag, alert.context.gaia_mag)
+        lc = a.lightcurve
+        assert np.all(lc.mjd[lc.kind != DETECTION] < a.mjd)  # nothing from after that detection
+        assert lc.n_detections == k + 1  # the detection and the k earlier ones
+        if damaged:  # jdstarthist after jdendhist stays unknown, as in the alert itself
+            assert math.isnan(a.context.first_det_mjd) and math.isnan(alert.context.first_det_mjd)
+        else:
+            assert a.context.first_det_mjd == alert.context.first_det_mjd
+            assert a.context.n_det_history == cand["ndethist"] - (len(dets) - k)
+
+
+def test_history_decoding_of_other_surveys_and_bad_input(rubin_files):
+    dec = Decoder(keep_cutouts=False)
+    for path in rubin_files[:3]:
+        env = Envelope(path.read_bytes(), str(path))
+        got, want = dec.decode_history(env), dec.decode(env)
+        assert isinstance(want[0], Alert) and [type(x) for x in got] == [type(x) for x in want]
+        assert [a.alert_id for a in got] == [a.alert_id for a in want]
+    bad = dec.decode_history(Envelope(b"\x00\x01garbage", "bad"))
+    assert len(bad) == 1 and isinstance(bad[0], Rejected) and bad[0].reason

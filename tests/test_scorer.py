@@ -314,3 +314,43 @@ def test_default_model_recognises_real_catalogued_asteroids():
     assert len(sso) >= 5
     for a in sso:
         assert a.p_extragalactic < 0.1 and a.p_fast < 0.1, a.object_id
+
+
+def test_condition_regressions_refit_on_survey_alerts(tmp_path):
+    """ĝ(z) refitted on a survey's own (unlabelled) alerts removes a seeing trend the simulation lacks."""
+    from models.train import pipeline_features, real_alerts
+
+    ztf = real_alerts([str(p) for p in avro_files("ztf_fink")] + [str(p) for p in avro_files("ztf_ampel")])
+    X = pipeline_features(ztf)
+    # This survey's PSF elongation grows with seeing (as the simulated one does not).
+    X["elongation"] = X["elongation"] * (X["seeing"] / 2.0) ** 1.5
+    base = AlertScorer.load(DEFAULT_MODEL_DIR)
+    refit = base.with_conditions_fitted_on(X, source="vendored ZTF")
+    assert refit.model_version.startswith(base.model_version + "+g") and refit.scorers is base.scorers
+    assert refit.metadata["conditions_fit"]["n_alerts"] == len(X)
+
+    def trend(model):  # slope of the residualised log elongation on log seeing
+        r = model.residualiser.transform(X[list(FEATURES)])["elongation"].to_numpy()
+        z = np.log(X["seeing"].to_numpy())
+        ok = np.isfinite(r) & np.isfinite(z)
+        return np.polyfit(z[ok], r[ok], 1)[0]
+
+    assert abs(trend(refit)) < 0.1 < abs(trend(base) - trend(refit))
+    # Saved and loaded: the same scores; refitting again names the original model, once.
+    again = AlertScorer.load(refit.save(tmp_path / "m"))
+    assert again.model_version == refit.model_version
+    a, b = refit.score(X, contributions=False), again.score(X, contributions=False)
+    assert np.array_equal(a.p_fast, b.p_fast) and not np.array_equal(a.p_fast, base.score(X, False).p_fast)
+    assert again.with_conditions_fitted_on(X.iloc[::2]).model_version.count("+g") == 1
+
+
+def test_cli_refit_conditions(tmp_path, capsys):
+    out = tmp_path / "m"
+    data = avro_files("ztf_ampel")[0].parents[1]
+    assert main(["train", "--refit-conditions", str(data), "--out", str(out)]) == 0
+    assert "condition regressions refitted on" in capsys.readouterr().out
+    assert "+g" in load(out).model_version
+    assert main(["train", "--simulate", "--model", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "--model goes with --refit-conditions" in capsys.readouterr().err
+    assert main(["train", "--simulate", "--refit-conditions", "x", "--out", str(tmp_path / "y")]) == 2
+    assert "exactly one of --simulate, --table or --refit-conditions" in capsys.readouterr().err
