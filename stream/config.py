@@ -77,12 +77,22 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """Which alert model scores the stream."""
+
+    # A model directory written by `vigil train` (e.g. one whose condition regressions were
+    # refitted on this survey's stream with --refit-conditions); "" is the shipped default.
+    model: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of ``vigil run``."""
 
     source: SourceConfig = SourceConfig()
     output: OutputConfig = OutputConfig()
     service: ServiceConfig = ServiceConfig()
+    scoring: ScoringConfig = ScoringConfig()
     replay: ReplayConfig | None = None
 
 
@@ -140,7 +150,8 @@ def _fail(key, what):
     raise ConfigError(f"{key}: expected {what}")
 
 
-_SECTIONS = {"source": SourceConfig, "output": OutputConfig, "service": ServiceConfig, "replay": ReplayConfig}
+_SECTIONS = {"source": SourceConfig, "output": OutputConfig, "service": ServiceConfig, "scoring": ScoringConfig,
+             "replay": ReplayConfig}
 
 
 def parse_config(data: dict, where: str = "config") -> Config:
@@ -169,11 +180,31 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"output.queue_db: {exc}") from None
     if cfg.output.queue_retention_days < 0:
         raise ConfigError("output.queue_retention_days: must be ≥ 0 (0 keeps everything)")
+    if cfg.scoring.model and not (Path(cfg.scoring.model) / "metadata.json").is_file():
+        raise ConfigError(f"scoring.model: no model directory (with metadata.json) at {cfg.scoring.model}")
     if cfg.service.clock not in ("wall", "stream"):
         raise ConfigError("service.clock: must be 'wall' or 'stream'")
     for k in ("group.id", "enable.auto.offset.store", "bootstrap.servers"):
         if k in cfg.source.kafka:
             raise ConfigError(f"source.kafka.{k}: set by Vigil (use source.group_id / source.bootstrap_servers)")
+
+
+def load_configured_model(cfg: Config):
+    """The alert model ``scoring.model`` names, or None for the shipped default.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, when the directory is not a model this Vigil can load.
+    """
+    if not cfg.scoring.model:
+        return None
+    from models.scorer import AlertScorer
+
+    try:
+        return AlertScorer.load(cfg.scoring.model)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"scoring.model: {e}") from None
 
 
 def load_config(path) -> Config:

@@ -394,6 +394,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     -------
     stream.service.Counts
     """
+    from stream.config import load_configured_model
     from stream.decode import Decoder, SchemaRegistry, load_ztf_schema
     from stream.pipeline import ErrorBudget, Pipeline
     from stream.service import Counts, drive
@@ -405,7 +406,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         ztf_schema=load_ztf_schema(s.ztf_schema) if s.ztf_schema else None,
         max_message_bytes=s.max_message_bytes,
     )
-    pipeline = Pipeline(decoder, clock=cfg.service.clock, error_budget=ErrorBudget(cfg.service.error_budget))
+    pipeline = Pipeline(decoder, scorer=load_configured_model(cfg), clock=cfg.service.clock,
+                        error_budget=ErrorBudget(cfg.service.error_budget))
     ann_topic, dlq_topic = o.annotations_topic, o.dead_letter_topic
     if replay:
         from stream.config import ReplayConfig

@@ -38,6 +38,8 @@ def test_there_are_deploy_configs():
     ({"output": {"queue_retention_days": -1}}, "output.queue_retention_days: must be ≥ 0"),
     ({"output": {"queue_db": "sqlite:///var/q.sqlite"}}, "output.queue_db: queue store 'sqlite:///var/q.sqlite'"),
     ({"replay": {"start": "earliest", "stop": "end"}}, "replay.stop: unknown key"),
+    ({"scoring": {"modle": "m"}}, "scoring.modle: unknown key"),
+    ({"scoring": {"model": "/nonexistent/model"}}, "scoring.model: no model directory"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
@@ -59,3 +61,13 @@ def test_cli_reports_config_error_by_key(tmp_path, capsys):
     p.write_text('[source]\ntopic = ["x"]\n')
     assert main(["run", "--config", str(p)]) == 2
     assert "source.topic: unknown key" in capsys.readouterr().err
+
+
+def test_configured_model_that_cannot_load_is_named(tmp_path):
+    from stream.config import load_configured_model
+
+    assert load_configured_model(parse_config({})) is None  # the shipped default
+    (tmp_path / "metadata.json").write_text('{"format": "vigil-scorer/1", "kind": "table"}')
+    cfg = parse_config({"scoring": {"model": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="scoring.model: .*not an alert scorer"):
+        load_configured_model(cfg)

@@ -291,3 +291,22 @@ def test_demo_runs_end_to_end(tmp_path):
     assert f"read {n}, annotated {n}, rejected 0" in r.stdout
     assert f"{n} annotations on topic" in r.stdout
     assert "Top 15 of the ranked list" in r.stdout and "broker stopped" in r.stdout
+
+
+def test_service_scores_with_the_configured_model(broker, topics, tmp_path):
+    import json
+    import shutil
+
+    from models.scorer import DEFAULT_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    meta = json.loads((model / "metadata.json").read_text())
+    meta["version"] = "xgb-configured-test"
+    (model / "metadata.json").write_text(json.dumps(meta))
+    files = avro_files("ztf_fink", "2018-12-02_schema3.2")
+    n = sum(produce_files(files, topics[0], broker.bootstrap).values())
+    counts = run_service(_config(broker, topics, scoring={"model": str(model)}), until=lambda c: c.read >= n)
+    assert counts.annotated == n
+    records = [decode_annotation(m.value()) for m in read_topic(broker.bootstrap, topics[1], n)]
+    assert len(records) == n and {r["model_version"] for r in records} == {"xgb-configured-test"}
