@@ -305,6 +305,18 @@ def image_level_seeing(alerts, fp: np.ndarray | None = None) -> np.ndarray:
     them) among ``alerts``, else of the same detector section (≥ 2) — an exposure-level
     quantity (science.md §1); pooling the whole exposure keeps its noise small, which
     matters because noise in z dilutes the adjustment (regression towards zero).
+
+    Parameters
+    ----------
+    alerts : list of stream.alert.Alert
+        The alerts, which are also each other's exposure companions.
+    fp : numpy.ndarray, optional
+        Per alert, the forced-photometry seeing of its own exposure (NaN where none).
+
+    Returns
+    -------
+    numpy.ndarray
+        Seeing in arcsec, NaN where only the alert's own PSF width would be left.
     """
     if fp is None:
         fp = _image_seeing(alerts)[0]

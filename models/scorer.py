@@ -62,6 +62,9 @@ CONDITION_SENSITIVE = (
 CONDITION_TRANSFORMS = (("seeing", "log"), ("airmass", "identity"), ("limit_mag", "identity"),
                         ("moon_illumination", "identity"), ("moon_separation", "identity"), ("det_seeing", "log"))
 
+#: Fewest alerts (with every condition known) a refit of the condition regressions accepts.
+MIN_CONDITION_ROWS = 50
+
 #: Inputs of the intrinsic scorers: every feature except the conditions themselves.
 INTRINSIC_FEATURES = tuple(f for f in FEATURES if f not in CONDITIONS)
 
@@ -365,18 +368,34 @@ class AlertScorer:
         ĝ(z) = E[x | z] needs no labels (science.md §2), so it can come from the survey's
         own stream rather than the simulation the scorers were trained on: where the real
         features depend on the conditions differently from the simulated ones, the
-        simulated ĝ leaves (or puts) a seeing dependence in the residuals. The scorers are
-        unchanged; the version gets a ``+g<hash>`` suffix and the metadata records the data.
+        simulated ĝ leaves (or puts) a seeing dependence in the residuals.
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Feature rows (:data:`models.features.FEATURES`) of unlabelled alerts, at least
+            :data:`MIN_CONDITION_ROWS` of them with every condition known.
+        source : str
+            Where they came from (recorded in the metadata).
+
+        Returns
+        -------
+        AlertScorer
+            The same scorers; version ``<original>+g<data hash>``; metadata ``conditions_fit``.
         """
         from causal.adjust import ConditionResidualiser
 
         r = self.residualiser
+        complete = int(np.isfinite(X[[c for c, _ in r.conditions]].to_numpy(float)).all(axis=1).sum())
+        if complete < MIN_CONDITION_ROWS:
+            raise ValueError(f"{complete} alerts with every condition known; refitting ĝ(z) needs "
+                             f"at least {MIN_CONDITION_ROWS}")
         res = ConditionResidualiser(r.columns, r.conditions, r.degree, r.alpha, r.n_splits,
                                     r.random_state).fit(X[list(FEATURES)])
         h = data_hash(X[list(FEATURES)])
         base = self.metadata.get("conditions_fit", {}).get("from_version", self.model_version)
-        meta = dict(self.metadata, conditions_fit={"source": source, "n_alerts": len(X), "data_hash": h,
-                                                   "from_version": base})
+        meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),
+                                                                 "data_hash": h, "from_version": base})
         return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta)
 
     def design(self, X: pd.DataFrame) -> dict:

@@ -659,24 +659,73 @@ def within_object_slopes(objects, seeing, scores: dict, controls: dict | None = 
 
 
 def real_alerts(paths, history: bool = False) -> list:
-    """The alerts in ``paths`` (files, directories, archives), each (object, alert id) once, in time order.
+    """The alerts in ``paths``, each (object, alert id) once, in time order.
 
-    ``history``: each ZTF alert also as it stood at its earlier detections
-    (:meth:`stream.decode.Decoder.decode_history`).
+    Parameters
+    ----------
+    paths : list of str
+        Files, directories or archives (:func:`stream.sources.iter_envelopes`).
+    history : bool
+        Each ZTF alert also as it stood at its earlier detections
+        (:meth:`stream.decode.Decoder.decode_history`). A detection that is an alert in the
+        sample is kept as that alert, not as a re-creation from a later one.
+
+    Returns
+    -------
+    list of stream.alert.Alert
     """
     from stream.alert import Alert
     from stream.decode import Decoder
     from stream.sources import iter_envelopes
 
     dec = Decoder(keep_cutouts=False)
-    alerts, seen = [], set()
+    own, earlier = {}, {}
     for env in iter_envelopes(paths):
-        for x in (dec.decode_history(env) if history else dec.decode(env)):
-            if isinstance(x, Alert) and (x.object_id, x.alert_id) not in seen:
-                seen.add((x.object_id, x.alert_id))
-                alerts.append(x)
+        for epochs in (dec.decode_history(env) if history else [[x] for x in dec.decode(env)]):
+            *before, last = epochs
+            if isinstance(last, Alert):
+                own.setdefault((last.object_id, last.alert_id), last)
+            for x in before:
+                if isinstance(x, Alert):
+                    earlier.setdefault((x.object_id, x.alert_id), x)
+    alerts = list(own.values()) + [a for k, a in earlier.items() if k not in own]
     alerts.sort(key=lambda a: a.mjd)
     return alerts
+
+
+def cross_fitted_scores(model, X: pd.DataFrame, groups) -> dict:
+    """Scores with the condition regressions ĝ(z) refitted on the data, cross-fitted by group.
+
+    The groups (objects) are split in two halves by a hash of their name; each half is
+    scored by ``model.with_conditions_fitted_on`` the other half, so no row's residual
+    comes from a fit that saw its group.
+
+    Parameters
+    ----------
+    model : AlertScorer
+    X : pandas.DataFrame
+        Feature rows.
+    groups : sequence of str
+        Per row, its group (object id).
+
+    Returns
+    -------
+    dict
+        ``{score name: array}`` aligned with ``X``.
+    """
+    from models.scorer import MIN_CONDITION_ROWS
+
+    half = np.array([zlib.crc32(str(g).encode()) % 2 for g in groups])
+    out = {s: np.full(len(X), np.nan) for s in TARGETS}
+    for h in (0, 1):
+        if min((half == h).sum(), (half != h).sum()) < MIN_CONDITION_ROWS:
+            raise ValueError(f"a half of the objects has fewer than {MIN_CONDITION_ROWS} alerts: too few to fit "
+                             "and test ĝ(z) on separate objects")
+        part = model.with_conditions_fitted_on(X[half != h], source="the other half of the objects")
+        sb = part.score(X[half == h], contributions=False)
+        for s in TARGETS:
+            out[s][half == h] = getattr(sb, s)
+    return out
 
 
 #: science.md §3 on real data: score slopes against within-object seeing changes should be
@@ -710,6 +759,19 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = 
     complete (a damaged run that loses it can coincide with other seeing, and changes the
     scores through the missing evidence, not through seeing).
 
+    Parameters
+    ----------
+    paths : list of str
+        Real alerts: files, directories, archives.
+    model : AlertScorer, optional
+        Default: the shipped model.
+    n_boot : int
+        Bootstrap resamples of objects for the intervals.
+    history : bool
+        Add each ZTF alert's re-created earlier detections.
+    refit_conditions : bool
+        Score with ĝ(z) refitted on these alerts, cross-fitted by object halves.
+
     Returns
     -------
     (list of Check, dict)
@@ -724,14 +786,8 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = 
     alerts = real_alerts(paths, history)
     X = pipeline_features(alerts)
     if refit_conditions:
-        half = np.array([zlib.crc32(a.object_id.encode()) % 2 for a in alerts])
-        sb = {s: np.full(len(X), np.nan) for s in TARGETS}
-        for h in (0, 1):
-            other = model.with_conditions_fitted_on(X[half != h], source="other half of the objects")
-            part = other.score(X[half == h].reset_index(drop=True), contributions=False)
-            for s in TARGETS:
-                sb[s][half == h] = getattr(part, s)
-        scores, version = sb, f"{model.model_version} with ĝ refitted on these alerts (cross-fitted by object)"
+        scores = cross_fitted_scores(model, X, [a.object_id for a in alerts])
+        version = f"{model.model_version} with ĝ refitted on these alerts (cross-fitted by object)"
     else:
         sb = model.score(X, contributions=False)
         scores, version = {s: getattr(sb, s) for s in TARGETS}, model.model_version
@@ -768,8 +824,6 @@ def cmd_train(args) -> int:
 
         base = AlertScorer.load(args.model) if args.model else default_scorer()
         alerts = real_alerts(args.refit_conditions)
-        if len(alerts) < 50:
-            raise ValueError(f"--refit-conditions: {len(alerts)} alerts decoded; ĝ(z) needs at least 50")
         model = base.with_conditions_fitted_on(pipeline_features(alerts), source=" ".join(args.refit_conditions))
         model.save(args.out)
         print(f"{base.model_version} → {model.model_version}: condition regressions refitted on {len(alerts)} alerts")

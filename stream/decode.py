@@ -268,26 +268,36 @@ class Decoder:
         return out
 
     def decode_history(self, env: Envelope) -> list:
-        """Like :meth:`decode`, but each ZTF alert also as it stood at its earlier detections.
+        """Each alert of the envelope, and each ZTF alert also as it stood at its earlier detections.
 
         See :func:`ztf_history_records` (a re-creation for within-object studies; every
-        epoch scores with the history's ``rb``). Other surveys' alerts come back as
-        :meth:`decode` gives them.
+        epoch scores with the history's ``rb``).
+
+        Parameters
+        ----------
+        env : Envelope
+
+        Returns
+        -------
+        list of list
+            One list per record, in time order with the alert itself last: ``Alert`` and
+            ``Rejected`` items. Other surveys' alerts come alone, as :meth:`decode` gives
+            them; a record that cannot be read is a list holding its ``Rejected``.
         """
         try:
             records, version = self._records(env.payload)
         except DecodeError as e:
-            return [Rejected(env, "decode", e.reason, e.detail)]
+            return [[Rejected(env, "decode", e.reason, e.detail)]]
         out = []
         for rec in records:
             if isinstance(rec, DecodeError):
-                out.append(Rejected(env, "decode", rec.reason, rec.detail))
+                out.append([Rejected(env, "decode", rec.reason, rec.detail)])
                 continue
             epochs = self._checked(rec, env, ztf_history_records, rec) if isinstance(rec, dict) else [rec]
             if isinstance(epochs, Rejected):
-                out.append(epochs)
+                out.append([epochs])
                 continue
-            out += [self.to_alert(r, env, version) for r in epochs]
+            out.append([self.to_alert(r, env, version) for r in epochs])
         return out
 
     def to_alert(self, rec: dict, env: Envelope, version: str = ""):
@@ -713,20 +723,43 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
 def _ztf_row_time(row: dict) -> float:
     """A ZTF row's JD, taken from its ``pid`` where the two disagree (as the light curve does)."""
     pid = row.get("pid")
-    return float(_ztf_time(np.array([_fs(row.get("jd"))]), np.array([float(pid) if pid is not None else np.nan]))[0])
+    return float(_ztf_time(np.array([_f(row.get("jd"))]), np.array([float(pid) if pid is not None else np.nan]))[0])
+
+
+#: Fields of a ZTF alert that belong to its image stamps (not carried by re-created epochs).
+_ZTF_CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 
 def ztf_history_records(rec: dict) -> list:
     """A ZTF alert record as it stood at each earlier detection of its history, then itself.
 
     A re-creation for within-object studies across the exposures of an object's history
-    (e.g. score against seeing), not what the survey sent: the candidate takes the history
-    row's own fields (time, position, photometry, PSF width, ``rb``, image calibration) and
-    keeps the alert's cross-matches (PS1, Gaia and the reference source do not change); its
-    history counts lose the rows after that detection; its light curve holds the earlier rows
-    only (forced photometry up to its own exposure). History rows carry no deep-learning
-    ``drb``, so every record returned, the alert's own included, scores with ``rb``.
-    Records in time order; a record without a usable candidate comes back alone, as it is.
+    (e.g. score against seeing), not what the survey sent:
+
+    * the candidate takes every field the history row has (time, position, photometry, PSF
+      width, ``rb``, image calibration, reference-source and solar-system matches) and
+      keeps the rest from the alert (PS1 and Gaia cross-matches, which do not change);
+    * ``ndethist`` (detections on the alert's field and readout channel) loses the later
+      detections there, and is unknown for an epoch on another field or channel;
+      ``ncovhist`` loses the later exposures; ``jdendhist`` becomes the epoch's time;
+    * the light curve holds the rows before the epoch: earlier detections and limits, and
+      forced photometry of earlier images (as a real alert has). It reaches back only as
+      far as the alert's own history (30 days before the *alert*);
+    * no image stamps, and no ``drb``: history rows carry none, so every record returned,
+      the alert's own included, scores with ``rb``.
+
+    One epoch per exposure (a second detection in the same exposure is dropped).
+
+    Parameters
+    ----------
+    rec : dict
+        A decoded ZTF alert record (``candidate``, ``prv_candidates``, ``fp_hists``).
+
+    Returns
+    -------
+    list of dict
+        Records in time order, the alert's own last. A record without a candidate comes
+        back alone, as it is (the decoder then says what is wrong with it).
     """
     cand = rec.get("candidate")
     if not isinstance(cand, dict):
@@ -735,24 +768,35 @@ def ztf_history_records(rec: dict) -> list:
     t_alert = _ztf_row_time(cand)
     times = [_ztf_row_time(q) for q in prv]
     fp_times = [_ztf_row_time(q) for q in fps]
-    dets = sorted((t, i) for i, (q, t) in enumerate(zip(prv, times, strict=True))
-                  if q.get("candid") is not None and q.get("magpsf") is not None and t < t_alert)
+    home = (cand.get("field"), cand.get("rcid"))
+    dets, pids = [], {cand.get("pid")}
+    for t, i in sorted((t, i) for i, (q, t) in enumerate(zip(prv, times, strict=True))
+                       if q.get("candid") is not None and q.get("magpsf") is not None and t < t_alert):
+        if prv[i].get("pid") not in pids:
+            pids.add(prv[i].get("pid"))
+            dets.append((t, i))
+    covered = {}  # exposure → time, for the coverage count
+    for q, tq in zip(prv, times, strict=True):
+        if q.get("pid") is not None and tq < t_alert:
+            covered[q.get("pid")] = tq
     start, end = _fs(cand.get("jdstarthist")), _fs(cand.get("jdendhist"))
+    bare = {**rec, **{k: None for k in _ZTF_CUTOUTS if k in rec}}
     out = []
     for t, i in dets:
         row = prv[i]
         c = {**cand, **row, "drb": None, "drbversion": None}
-        later = sum(tq > t for tq in times) + 1  # rows after this detection, the alert's own included
-        later_det = sum(tq > t for tq, _ in dets) + 1
-        if cand.get("ndethist") is not None:
-            c["ndethist"] = max(1, int(cand["ndethist"]) - later_det)
+        if cand.get("ndethist") is not None and (row.get("field"), row.get("rcid")) == home:
+            later_home = 1 + sum(tq > t and (prv[j].get("field"), prv[j].get("rcid")) == home for tq, j in dets)
+            c["ndethist"] = max(1, int(cand["ndethist"]) - later_home)
+        else:
+            c["ndethist"] = None
         if cand.get("ncovhist") is not None:
-            c["ncovhist"] = max(1, int(cand["ncovhist"]) - later)
+            c["ncovhist"] = max(1, int(cand["ncovhist"]) - 1 - sum(tq > t for tq in covered.values()))
         if start <= end:  # a damaged pair (start after end) stays as it is: the decoder reads it as unknown
             c["jdendhist"] = t
-        out.append({**rec, "candid": row["candid"], "candidate": c,
+        out.append({**bare, "candid": row["candid"], "candidate": c,
                     "prv_candidates": [q for q, tq in zip(prv, times, strict=True) if tq < t],
-                    "fp_hists": [q for q, tq in zip(fps, fp_times, strict=True) if tq <= t]})
+                    "fp_hists": [q for q, tq in zip(fps, fp_times, strict=True) if tq < t]})
     out.append({**rec, "candidate": {**cand, "drb": None, "drbversion": None}})
     return out
 

@@ -231,3 +231,33 @@ def test_real_seeing_slopes_over_alert_histories_with_survey_fitted_conditions()
     # Alerts alone: few objects have an image-level seeing more than once.
     _, alone = validate_causal_real(paths, n_boot=50, history=False)
     assert alone["objects"] < fig["objects"] / 5
+
+
+def test_cross_fitted_condition_scores_never_fit_on_the_scored_objects():
+    from models.score import ScoreBatch
+    from models.train import cross_fitted_scores
+
+    rng = np.random.default_rng(0)
+    objects = np.repeat([f"ZTF{i:04d}" for i in range(150)], 3)
+    X = pd.DataFrame({"v": rng.random(len(objects))})
+    fits = []
+
+    class Stub:  # records which rows each ĝ was fitted on, and scores rows by their index
+        def __init__(self, fitted=None):
+            self.fitted = fitted
+
+        def with_conditions_fitted_on(self, Xf, source=""):
+            fits.append(set(Xf.index))
+            return Stub(set(Xf.index))
+
+        def score(self, Xs, contributions=False):
+            fitted_objects = {objects[i] for i in self.fitted}
+            assert not fitted_objects & {objects[i] for i in Xs.index}  # no scored object was fitted on
+            idx = Xs.index.to_numpy(float)
+            return ScoreBatch(idx, idx, idx, ("v",), {}, "stub")
+
+    out = cross_fitted_scores(Stub(), X, objects)
+    assert len(fits) == 2 and not fits[0] & fits[1] and fits[0] | fits[1] == set(range(len(X)))
+    assert np.array_equal(out["p_fast"], np.arange(len(X)))  # every row scored, in place
+    with pytest.raises(ValueError, match="too few"):
+        cross_fitted_scores(Stub(), X.iloc[:60], objects[:60])

@@ -432,6 +432,10 @@ def test_rows_at_equal_times_keep_detection_history_limit_forced_order():
     assert np.isnan(lc.mjd[-1]) and lc.exposure[-1] == 12
 
 
+def _same_value(x, y):
+    return x == y or (math.isnan(x) and math.isnan(y))
+
+
 @pytest.mark.parametrize("name, damaged", [("2018-12-02_schema3.2/697252845015010003.avro", False),
                                            ("2023-10-19to21_schema4.02/2481115014215015053.avro", False),
                                            ("2023-10-19to21_schema4.02/2481114534915010026.avro", True)])
@@ -442,26 +446,24 @@ def test_history_records_recreate_the_alert_at_each_earlier_detection(name, dama
     cand, prv = rec["candidate"], rec["prv_candidates"]
     dets = [p for p in prv if p.get("candid") is not None]
     alert = _decode_one(Decoder(), payload)
-    out = Decoder().decode_history(Envelope(payload, str(path)))
+    [out] = Decoder().decode_history(Envelope(payload, str(path)))
     assert all(isinstance(a, Alert) for a in out) and len(out) == len(dets) + 1 >= 6
     earlier, last = out[:-1], out[-1]
     # The last is the alert itself, scored with the history's rb (no drb counterpart in the history).
-    assert last.alert_id == alert.alert_id and last.mjd == alert.mjd
+    assert last.alert_id == alert.alert_id and last.mjd == alert.mjd and last.cutouts == alert.cutouts
     assert last.lightcurve.n_detections == alert.lightcurve.n_detections
-    def same(x, y):
-        return x == y or (math.isnan(x) and math.isnan(y))
-
     assert last.context.real_bogus == pytest.approx(cand["rb"])
-    assert same(last.context.ps1_distance, alert.context.ps1_distance)
+    assert _same_value(last.context.ps1_distance, alert.context.ps1_distance)
     by_candid = {p["candid"]: p for p in dets}
     times = [a.mjd for a in out]
     assert times == sorted(times) and len({a.alert_id for a in out}) == len(out)
+    home = (cand["field"], cand["rcid"])
     for k, a in enumerate(earlier):
         row = by_candid[a.alert_id]
-        assert a.object_id == alert.object_id and a.exposure == row["pid"]
+        assert a.object_id == alert.object_id and a.exposure == row["pid"] and not a.cutouts
         assert a.context.real_bogus == pytest.approx(row["rb"]) and a.context.fwhm == pytest.approx(row["fwhm"])
-        assert same(a.context.star_galaxy, alert.context.star_galaxy)
-        assert same(a.context.gaia_mag, alert.context.gaia_mag)
+        assert _same_value(a.context.star_galaxy, alert.context.star_galaxy)
+        assert _same_value(a.context.gaia_mag, alert.context.gaia_mag)
         lc = a.lightcurve
         assert np.all(lc.mjd[lc.kind != DETECTION] < a.mjd)  # nothing from after that detection
         assert lc.n_detections == k + 1  # the detection and the k earlier ones
@@ -469,15 +471,81 @@ def test_history_records_recreate_the_alert_at_each_earlier_detection(name, dama
             assert math.isnan(a.context.first_det_mjd) and math.isnan(alert.context.first_det_mjd)
         else:
             assert a.context.first_det_mjd == alert.context.first_det_mjd
-            assert a.context.n_det_history == cand["ndethist"] - (len(dets) - k)
+        # ndethist counts detections on the alert's field and readout channel only.
+        later_home = 1 + sum((p["field"], p["rcid"]) == home for p in dets[k + 1:])
+        want = cand["ndethist"] - later_home if (row["field"], row["rcid"]) == home else -1
+        assert a.context.n_det_history == want
+
+
+def _hand_made_history(rec):
+    """A real alert's record with its history replaced by hand-made rows (times in days from the alert)."""
+    cand = rec["candidate"]
+    t0, pid0 = cand["jd"], cand["pid"]
+
+    def pid_at(jd):  # the pid of an exposure at this time (night id and day fraction), same channel
+        from stream.decode import ZTF_NID0_JD
+
+        nid = math.floor(jd - ZTF_NID0_JD)
+        return int((nid * 10**7 + round((jd - ZTF_NID0_JD - nid) * 10**7)) * 100 + pid0 % 100)
+
+    def row(dt, kind, **kw):
+        pid = pid_at(t0 + dt)
+        r = dict(rec["prv_candidates"][0] if rec["prv_candidates"] else {}, jd=t0 + dt, pid=pid,
+                 field=cand["field"], rcid=cand["rcid"], fid=cand["fid"], diffmaglim=20.0)
+        if kind == "det":
+            r.update(candid=900 + int(-dt * 10), magpsf=19.0, sigmapsf=0.1, isdiffpos="t",
+                     rb=0.5 - dt / 100, fwhm=2.0 - dt / 10)
+        else:
+            r.update(candid=None, magpsf=None, sigmapsf=None)
+        r.update(kw)
+        return r
+
+    prv = [row(-5.0, "det"), row(-4.0, "lim"), row(-3.0, "det", field=cand["field"] + 1),
+           row(-2.0, "det"), row(-2.0, "det", candid=777)]  # two detections in one exposure
+    prv[-1]["pid"] = prv[-2]["pid"]
+    fp = [{"jd": t0 + dt, "pid": pid_at(t0 + dt), "forcediffimflux": 10.0, "forcediffimfluxunc": 1.0,
+           "procstatus": "0", "magzpsci": 26.0, "fid": cand["fid"], "field": cand["field"], "rcid": cand["rcid"]}
+          for dt in (-4.5, -2.0, -1.0)]
+    return dict(rec, prv_candidates=prv, fp_hists=fp,
+                candidate=dict(cand, ndethist=20, ncovhist=40, jdstarthist=t0 - 300.0, jdendhist=t0))
+
+
+def test_history_records_counts_and_truncation_on_hand_made_rows():
+    from stream.decode import ztf_history_records
+
+    path = DATA / "ztf_fink" / "2023-10-19to21_schema4.02" / "2481115014215015053.avro"
+    rec = _hand_made_history(_read(path)[1][0])
+    t0 = rec["candidate"]["jd"]
+    out = ztf_history_records(rec)
+    # One epoch per exposure: the second detection at −2 d shares its pid and is dropped.
+    assert [round(r["candidate"]["jd"] - t0, 3) for r in out] == [-5.0, -3.0, -2.0, 0.0]
+    first, other_field, last_hist, own = out
+    # ndethist: the alert's 20 minus the later detections on its own field/channel (−2 d and the alert).
+    assert first["candidate"]["ndethist"] == 20 - 2 and last_hist["candidate"]["ndethist"] == 20 - 1
+    assert other_field["candidate"]["ndethist"] is None  # counted on another field: unknown
+    # ncovhist: minus the later exposures (limit at −4, −3, −2 and the alert's own).
+    assert [r["candidate"]["ncovhist"] for r in out[:3]] == [40 - 4, 40 - 2, 40 - 1]
+    assert [round(r["candidate"]["jdendhist"] - t0, 3) for r in out[:3]] == [-5.0, -3.0, -2.0]
+    # Forced photometry of earlier images only (not of the epoch's own exposure).
+    assert [len(r["fp_hists"]) for r in out] == [0, 1, 1, 3]
+    assert [len(r["prv_candidates"]) for r in out[:3]] == [0, 2, 3]
+    assert all(r["candidate"]["drb"] is None for r in out) and own["candidate"]["ncovhist"] == 40
+    # AMPEL-style forced rows inside prv_candidates are forced photometry, not detections.
+    amp = dict(rec, fp_hists=[], prv_candidates=rec["prv_candidates"] + [dict(rec["fp_hists"][0], candid=None)])
+    assert len(ztf_history_records(amp)) == 4
+    # A sentinel jd is repaired from the pid, as the light curve does.
+    bad = dict(rec, prv_candidates=[dict(p, jd=-999.0) for p in rec["prv_candidates"]])
+    assert len(ztf_history_records(bad)) == len(out)
+    # Without ndethist: unknown everywhere, not an error.
+    none = dict(rec, candidate=dict(rec["candidate"], ndethist=None))
+    assert all(r["candidate"]["ndethist"] is None for r in ztf_history_records(none)[:-1])
 
 
 def test_history_decoding_of_other_surveys_and_bad_input(rubin_files):
     dec = Decoder(keep_cutouts=False)
     for path in rubin_files[:3]:
         env = Envelope(path.read_bytes(), str(path))
-        got, want = dec.decode_history(env), dec.decode(env)
-        assert isinstance(want[0], Alert) and [type(x) for x in got] == [type(x) for x in want]
-        assert [a.alert_id for a in got] == [a.alert_id for a in want]
-    bad = dec.decode_history(Envelope(b"\x00\x01garbage", "bad"))
-    assert len(bad) == 1 and isinstance(bad[0], Rejected) and bad[0].reason
+        [got], want = dec.decode_history(env), dec.decode(env)
+        assert isinstance(want[0], Alert) and [a.alert_id for a in got] == [a.alert_id for a in want]
+    [[bad]] = dec.decode_history(Envelope(b"\x00\x01garbage", "bad"))
+    assert isinstance(bad, Rejected) and bad.reason

@@ -354,3 +354,14 @@ def test_cli_refit_conditions(tmp_path, capsys):
     assert "--model goes with --refit-conditions" in capsys.readouterr().err
     assert main(["train", "--simulate", "--refit-conditions", "x", "--out", str(tmp_path / "y")]) == 2
     assert "exactly one of --simulate, --table or --refit-conditions" in capsys.readouterr().err
+
+
+def test_condition_refit_refuses_too_few_alerts():
+    from models.scorer import MIN_CONDITION_ROWS
+
+    base = AlertScorer.load(DEFAULT_MODEL_DIR)
+    X = pd.DataFrame(np.ones((MIN_CONDITION_ROWS - 1, len(FEATURES))), columns=list(FEATURES))
+    with pytest.raises(ValueError, match=f"{MIN_CONDITION_ROWS - 1} alerts with every condition known"):
+        base.with_conditions_fitted_on(X)
+    with pytest.raises(ValueError, match="0 alerts"):
+        base.with_conditions_fitted_on(X.iloc[:0])
