@@ -820,9 +820,9 @@ def cmd_train(args) -> int:
     if args.model and not args.refit_conditions:
         raise ValueError("--model goes with --refit-conditions")
     if args.refit_conditions:
-        from models.scorer import AlertScorer, default_scorer
+        from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
 
-        base = AlertScorer.load(args.model) if args.model else default_scorer()
+        base = AlertScorer.load(args.model or DEFAULT_MODEL_DIR)
         alerts = real_alerts(args.refit_conditions)
         model = base.with_conditions_fitted_on(pipeline_features(alerts), source=" ".join(args.refit_conditions))
         model.save(args.out)
@@ -964,7 +964,8 @@ def _validate_causal_real(args) -> int:
         held = ", ".join(fig["controls"]) or "nothing"
         what = "alerts and earlier detections (re-created from the alerts' histories)" if fig["history"] else "alerts"
         print(f"{fig['model_version']} on {fig['alerts_read']} real {what}, {fig['image_level_seeing']} with an "
-              f"image-level seeing: {fig['alerts']} of {fig['objects']} objects seen more than once (median seeing "
+              f"image-level seeing: {fig['alerts']} {'epochs' if fig['history'] else 'alerts'} of {fig['objects']} "
+              f"objects seen more than once (median seeing "
               f"range within an object {fig['seeing_range_median']:.2f}″); slope of each score on seeing within "
               f"objects ({held} held fixed):")
         for s, (b, lo, hi) in fig["slopes"].items():
