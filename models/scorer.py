@@ -390,8 +390,8 @@ class AlertScorer:
         if complete < MIN_CONDITION_ROWS:
             raise ValueError(f"{complete} alerts with every condition known; refitting ĝ(z) needs "
                              f"at least {MIN_CONDITION_ROWS}")
-        res = ConditionResidualiser(r.columns, r.conditions, r.degree, r.alpha, r.n_splits,
-                                    r.random_state).fit(X[list(FEATURES)])
+        res = ConditionResidualiser(r.columns, r.conditions, r.degree, r.alpha, r.n_splits, r.random_state,
+                                    r.loss).fit(X[list(FEATURES)])
         h = data_hash(X[list(FEATURES)])
         base = self.metadata.get("conditions_fit", {}).get("from_version", self.model_version)
         meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),

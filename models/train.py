@@ -180,11 +180,11 @@ def _table_estimator(random_state: int = 0):
                            min_child_weight=2.0, reg_lambda=2.0, calibration="platt", random_state=random_state)
 
 
-def _version_tag(data_h: str, estimator) -> str:
-    """8 hex digits naming a model: its training data and its estimator's parameters."""
+def _version_tag(data_h: str, *estimators) -> str:
+    """8 hex digits naming a model: its training data and its estimators' parameters."""
     import hashlib
 
-    params = json.dumps(estimator.get_params(), sort_keys=True, default=str)
+    params = ":".join(json.dumps(e.get_params(), sort_keys=True, default=str) for e in estimators)
     return hashlib.sha256(f"{data_h}:{params}".encode()).hexdigest()[:8]
 
 
@@ -393,7 +393,8 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
         positives[s] = int(y[lab].sum())
         scorers[s] = _sim_estimator(random_state).fit(D[lab], y[lab], sample_weight=w, groups=groups[lab])
     h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted"]].astype(float))
-    version = f"xgb-sim{sim.seed}-{_version_tag(h, _sim_estimator(random_state))}" + ("" if adjust else "-naive")
+    # The residualiser's parameters are part of the name: the same trees on other residuals are another model.
+    version = f"xgb-sim{sim.seed}-{_version_tag(h, _sim_estimator(random_state), res)}" + ("" if adjust else "-naive")
     meta = {"training_data_hash": h, "training_source": f"stream.simulate seed={sim.seed} {sim.config}",
             "n_alerts": len(X), "n_labelled": int(lab.sum()), "positives_labelled": positives,
             "ipw": diag.to_json(), "propensity_model": pw.to_json(), "adjusted": adjust}

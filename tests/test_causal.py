@@ -69,6 +69,30 @@ def test_residualiser_json_round_trip_and_missing_values():
     assert a["fwhm"].iloc[10:20].notna().all()  # missing condition is imputed
 
 
+def test_median_residualiser_ignores_a_seeing_dependent_share_of_artefacts():
+    """Artefacts (long, odd PSF widths) grow with seeing; real sources' widths do not depend on it here."""
+    rng = np.random.default_rng(4)
+    n = 4000
+    z = rng.lognormal(np.log(2.0), 0.2, n)
+    artefact = rng.random(n) < 0.4 * (z / 2.0) ** 2 * 0.5  # ~20 % at 2″, ~45 % at 3″
+    x = np.where(artefact, rng.lognormal(1.0, 0.3, n), rng.lognormal(0.05, 0.05, n))
+    X = pd.DataFrame({"seeing": z, "elong": x})
+    slope = {}
+    for loss in ("absolute", "squared"):
+        r = ConditionResidualiser((("elong", "log"),), (("seeing", "log"),), degree=1, loss=loss).fit(X)
+        real = ~artefact
+        res = r.transform(X)["elong"].to_numpy()[real]
+        slope[loss] = np.polyfit(np.log(z[real]), res, 1)[0]
+    # The mean follows the artefacts' share and leaves real sources a spurious seeing trend.
+    assert abs(slope["absolute"]) < 0.1 < abs(slope["squared"])
+    with pytest.raises(ValueError, match="unknown loss"):
+        ConditionResidualiser((("elong", "log"),), (("seeing", "log"),), loss="huber").fit(X)
+    # A model saved before the loss was a parameter keeps its least-squares fit.
+    d = ConditionResidualiser((("elong", "log"),), (("seeing", "log"),), loss="squared").fit(X).to_json()
+    del d["loss"]
+    assert ConditionResidualiser.from_json(d).loss == "squared"
+
+
 def test_residualiser_rejects_unknown_transform_and_missing_columns():
     X, _ = _synthetic(50)
     with pytest.raises(ValueError, match="transform"):
