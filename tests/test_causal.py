@@ -239,19 +239,21 @@ def test_validate_causal_real_cli_reports_the_shipped_model(capsys):
 
 
 @needs_shared
-def test_real_seeing_slopes_over_alert_histories_with_survey_fitted_conditions():
+def test_real_seeing_slopes_over_alert_histories():
     """science.md §3 on real alerts, with the earlier detections of every alert's history.
 
-    The shipped ĝ(z), fitted on simulated alerts, leaves a real seeing trend in P(fast);
-    refitted on the survey's own alerts (cross-fitted by object) it bounds both slopes.
+    Both the shipped model (ĝ(z) a conditional median fitted on simulated alerts) and the
+    same model with ĝ refitted on these alerts (cross-fitted by object) bound both slopes;
+    the model with a least-squares ĝ did not (P(fast) +0.022 [+0.011, +0.033] per ″).
     """
     from models.train import validate_causal_real
 
     paths = [str(SHARED / "ztf_alerts_fink_broker"), str(SHARED / "ztf_alerts_ampel")]
-    checks, fig = validate_causal_real(paths, n_boot=500, refit_conditions=True)
-    assert fig["history"] and fig["objects"] >= 200 and fig["alerts"] >= 1500
-    assert "cross-fitted by object" in fig["model_version"]
-    assert all(c.passed for c in checks), [c.line() for c in checks]
+    for refit in (False, True):
+        checks, fig = validate_causal_real(paths, n_boot=500, refit_conditions=refit)
+        assert fig["history"] and fig["objects"] >= 200 and fig["alerts"] >= 1500
+        assert ("cross-fitted by object" in fig["model_version"]) == refit
+        assert all(c.passed for c in checks), [c.line() for c in checks]
     # Alerts alone: few objects have an image-level seeing more than once.
     _, alone = validate_causal_real(paths, n_boot=50, history=False)
     assert alone["objects"] < fig["objects"] / 5
