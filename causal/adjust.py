@@ -23,7 +23,9 @@ Assumed causal graph
   were measured there. A scorer that reads X therefore mixes the class signal with Z, and its
   population-mean score moves under do(Z). For the *intrinsic* classes (extragalactic,
   fast) we remove the Z → X path: each condition-sensitive feature x_k is replaced by
-  x_k − ĝ_k(z) with ĝ_k(z) = E[x_k | z] fitted on all alerts (labels are not needed,
+  x_k − ĝ_k(z), with ĝ_k(z) the typical x_k at conditions z (a conditional median: the
+  mean would follow the artefacts, whose share grows with seeing; see
+  :class:`ConditionResidualiser`) fitted on all alerts (labels are not needed,
   so the full stream is used), K-fold cross-fitted at training time so that no row's
   residual comes from a regression that saw that row (double-ML style). The scorer
   then never sees Z itself.
@@ -214,7 +216,8 @@ class ConditionResidualiser(TransformerMixin, BaseEstimator):
             if ok.sum() > P.shape[1]:
                 coef[k] = _LOSSES[loss](P[ok], T[ok, k], alpha)
             elif ok.any():
-                coef[k, 0] = T[ok, k].mean()  # too few rows for a regression: remove the mean only
+                # too few rows for a regression: remove the typical value only
+                coef[k, 0] = np.median(T[ok, k]) if loss == "absolute" else T[ok, k].mean()
         return scaler, coef
 
     def _residual(self, X, scaler, coef) -> pd.DataFrame:
