@@ -383,15 +383,14 @@ class AlertScorer:
         AlertScorer
             The same scorers; version ``<original>+g<data hash>``; metadata ``conditions_fit``.
         """
-        from causal.adjust import ConditionResidualiser
+        from sklearn.base import clone
 
         r = self.residualiser
         complete = int(np.isfinite(X[[c for c, _ in r.conditions]].to_numpy(float)).all(axis=1).sum())
         if complete < MIN_CONDITION_ROWS:
             raise ValueError(f"{complete} alerts with every condition known; refitting ĝ(z) needs "
                              f"at least {MIN_CONDITION_ROWS}")
-        res = ConditionResidualiser(r.columns, r.conditions, r.degree, r.alpha, r.n_splits, r.random_state,
-                                    r.loss).fit(X[list(FEATURES)])
+        res = clone(r).fit(X[list(FEATURES)])  # same parameters, fitted afresh
         h = data_hash(X[list(FEATURES)])
         base = self.metadata.get("conditions_fit", {}).get("from_version", self.model_version)
         meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),
