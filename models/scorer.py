@@ -365,7 +365,7 @@ class AlertScorer:
     def with_conditions_fitted_on(self, X: pd.DataFrame, source: str = "") -> AlertScorer:
         """A copy whose condition regressions ĝ(z) are refitted on the feature rows ``X``.
 
-        ĝ(z) = E[x | z] needs no labels (science.md §2), so it can come from the survey's
+        ĝ(z), the typical x at conditions z, needs no labels (science.md §2), so it can come from the survey's
         own stream rather than the simulation the scorers were trained on: where the real
         features depend on the conditions differently from the simulated ones, the
         simulated ĝ leaves (or puts) a seeing dependence in the residuals.

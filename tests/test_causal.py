@@ -63,13 +63,14 @@ def test_residualiser_json_round_trip_and_missing_values():
     X.loc[10:19, "seeing"] = np.nan
     r = ConditionResidualiser((("fwhm", "log"), ("snr", "identity")), (("seeing", "log"),)).fit(X)
     r2 = ConditionResidualiser.from_json(r.to_json())
+    assert r2.get_params() == r.get_params() and r2.loss == "absolute"  # the loss travels with the model
     a, b = r.transform(X), r2.transform(X)
     np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
     assert a["fwhm"].iloc[:10].isna().all()  # missing feature stays missing
     assert a["fwhm"].iloc[10:20].notna().all()  # missing condition is imputed
 
 
-def test_median_residualiser_ignores_a_seeing_dependent_share_of_artefacts():
+def test_median_residualiser_resists_a_seeing_dependent_share_of_artefacts():
     """Artefacts (long, odd PSF widths) grow with seeing; real sources' widths do not depend on it here."""
     rng = np.random.default_rng(4)
     n = 4000
@@ -91,6 +92,20 @@ def test_median_residualiser_ignores_a_seeing_dependent_share_of_artefacts():
     d = ConditionResidualiser((("elong", "log"),), (("seeing", "log"),), loss="squared").fit(X).to_json()
     del d["loss"]
     assert ConditionResidualiser.from_json(d).loss == "squared"
+
+
+def test_median_regression_matches_exact_least_absolute_deviations():
+    from sklearn.linear_model import QuantileRegressor
+
+    from causal.adjust import _ridge_median
+
+    rng = np.random.default_rng(5)
+    y = rng.standard_t(2, 301)
+    assert _ridge_median(np.ones((301, 1)), y, 0.0)[0] == pytest.approx(np.median(y), abs=1e-3)
+    P = np.column_stack([np.ones(400), rng.normal(size=400)])
+    y = 0.3 + 0.8 * P[:, 1] + np.where(rng.random(400) < 0.3, rng.exponential(3, 400), rng.normal(0, 0.1, 400))
+    exact = QuantileRegressor(quantile=0.5, alpha=0.0, fit_intercept=False, solver="highs").fit(P, y).coef_
+    np.testing.assert_allclose(_ridge_median(P, y, 1e-6), exact, atol=2e-3)
 
 
 def test_residualiser_rejects_unknown_transform_and_missing_columns():
