@@ -1195,7 +1195,12 @@ def cmd_ingest(args) -> int:
     from stream.service import Progress, drive
     from stream.sources import FileSource, count_files
 
-    pipeline = Pipeline(_decoder(args), clock="stream")
+    scorer = None
+    if args.model:
+        from models.scorer import AlertScorer
+
+        scorer = AlertScorer.load(args.model)
+    pipeline = Pipeline(_decoder(args), scorer=scorer, clock="stream")
     progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
     counts = drive(FileSource(args.paths, args.batch_size), pipeline, [QueueSink(args.db)], [], progress)
     print(counts.line())
@@ -1240,5 +1245,6 @@ def register(subparsers) -> None:
     i.add_argument("--db", required=True)
     i.add_argument("--batch-size", type=int, default=500)
     i.add_argument("--no-progress", action="store_true")
+    i.add_argument("--model", help="scorer model directory (default: the shipped models/default_model)")
     _add_decoder_args(i)
     i.set_defaults(func=cmd_ingest)

@@ -772,3 +772,22 @@ def test_queue_serve_with_gunicorn_workers(db):
         os.killpg(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=30)[0]
     assert "Booting worker" in out and out.count("Booting worker") >= 2
+
+
+def test_ingest_scores_with_the_given_model(tmp_path):
+    import shutil
+
+    from models.scorer import DEFAULT_MODEL_DIR
+    from stream.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    meta = json.loads((model / "metadata.json").read_text())
+    meta["version"] = "xgb-ingest-test"
+    (model / "metadata.json").write_text(json.dumps(meta))
+    db = tmp_path / "q.sqlite"
+    files = [str(p) for p in sorted((DATA / "ztf_fink" / "2018-12-02_schema3.2").glob("*.avro"))]
+    assert main(["queue", "ingest", *files, "--db", str(db), "--model", str(model), "--no-progress"]) == 0
+    with sqlite3.connect(db) as conn:
+        versions = {v for (v,) in conn.execute("SELECT DISTINCT model_version FROM annotations")}
+    assert versions == {"xgb-ingest-test"}
