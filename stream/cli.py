@@ -34,18 +34,22 @@ def _annotation_sinks(outs):
     return sinks
 
 
+def _scorer(args):
+    """The alert model ``--model`` names, or None for the shipped default."""
+    if not args.model:
+        return None
+    from models.scorer import AlertScorer
+
+    return AlertScorer.load(args.model)
+
+
 def cmd_replay(args) -> int:
     from stream.pipeline import Pipeline
     from stream.service import Progress, drive
     from stream.sinks import JsonlSink
     from stream.sources import FileSource, count_files
 
-    scorer = None
-    if args.model:
-        from models.scorer import AlertScorer
-
-        scorer = AlertScorer.load(args.model)
-    pipeline = Pipeline(_decoder(args), scorer=scorer, hsr=False if args.no_hsr else None, clock="stream")
+    pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     sinks = _annotation_sinks(args.out)
     if args.queue:
         from stream.queue import QueueSink

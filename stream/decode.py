@@ -720,10 +720,11 @@ def _ztf_alert(rec: dict, keep_cutouts: bool) -> Alert:
     return _ztf_finish(rec, prep, _ztf_lightcurves([prep[-1]])[0], keep_cutouts)
 
 
-def _ztf_row_time(row: dict) -> float:
-    """A ZTF row's JD, taken from its ``pid`` where the two disagree (as the light curve does)."""
-    pid = row.get("pid")
-    return float(_ztf_time(np.array([_f(row.get("jd"))]), np.array([float(pid) if pid is not None else np.nan]))[0])
+def _ztf_row_times(rows) -> list:
+    """ZTF rows' JDs, taken from their ``pid`` where the two disagree (as the light curve does)."""
+    jd = np.array([_f(r.get("jd")) for r in rows], dtype=float)
+    pid = np.array([_f(r.get("pid")) for r in rows], dtype=float)
+    return _ztf_time(jd, pid).tolist()
 
 
 #: Fields of a ZTF alert that belong to its image stamps (not carried by re-created epochs).
@@ -765,9 +766,8 @@ def ztf_history_records(rec: dict) -> list:
     if not isinstance(cand, dict):
         return [rec]
     prv, fps = _ztf_history(rec.get("prv_candidates"), rec.get("fp_hists"))
-    t_alert = _ztf_row_time(cand)
-    times = [_ztf_row_time(q) for q in prv]
-    fp_times = [_ztf_row_time(q) for q in fps]
+    t_alert, *times = _ztf_row_times([cand, *prv])
+    fp_times = _ztf_row_times(fps)
     home = (cand.get("field"), cand.get("rcid"))
     dets, pids = [], {cand.get("pid")}
     for t, i in sorted((t, i) for i, (q, t) in enumerate(zip(prv, times, strict=True))

@@ -1190,17 +1190,12 @@ def cmd_prune(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from stream.cli import _decoder
+    from stream.cli import _decoder, _scorer
     from stream.pipeline import Pipeline
     from stream.service import Progress, drive
     from stream.sources import FileSource, count_files
 
-    scorer = None
-    if args.model:
-        from models.scorer import AlertScorer
-
-        scorer = AlertScorer.load(args.model)
-    pipeline = Pipeline(_decoder(args), scorer=scorer, clock="stream")
+    pipeline = Pipeline(_decoder(args), scorer=_scorer(args), clock="stream")
     progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
     counts = drive(FileSource(args.paths, args.batch_size), pipeline, [QueueSink(args.db)], [], progress)
     print(counts.line())
