@@ -442,4 +442,6 @@ def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
     for c in CONDITIONS:
         if c != "limit_mag":
             df[c] = cond[c].to_numpy()
-    return df[list(FEATURES)].astype(float)
+    # A non-finite value in an alert (a survey's overflowed float) is no measurement: NaN, as
+    # XGBoost refuses ±inf and one such alert would otherwise fail its whole batch.
+    return df[list(FEATURES)].astype(float).replace([np.inf, -np.inf], np.nan)

@@ -217,7 +217,8 @@ class Rejected:
     envelope : Envelope
         The original bytes and their origin (kept whole for the dead-letter topic).
     stage : str
-        Where it failed: ``"decode"``, ``"validate"`` or ``"process"``.
+        Where it failed: ``"decode"``, ``"validate"``, ``"process"`` or ``"encode"`` (an
+        annotation that an output cannot carry).
     reason : str
         A stable machine-readable code (see :data:`stream.decode.REASONS`).
     detail : str

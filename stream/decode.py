@@ -892,10 +892,18 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
 NJY_TO_UJY = 1e-3
 
 
-def _rubin_exposure(s: dict):
+INT64_MAX = 2**63 - 1
+
+
+def _rubin_exposure(s: dict, ids=(None, None)):
     visit, det = s.get("visit"), s.get("detector")
     if visit is not None and det is not None:
-        return int(visit) * 1000 + int(det), int(visit), int(det)
+        key = int(visit) * 1000 + int(det)
+        if not (0 <= int(det) < 1000 and abs(key) <= INT64_MAX):
+            # the key must stay a 64-bit integer: it is a long in the annotation schema
+            raise DecodeError("bad_value", f"visit={visit} detector={det}: exposure key out of range",
+                              *ids)
+        return key, int(visit), int(det)
     ccd = s.get("ccdVisitId")
     if ccd is not None:
         return int(ccd), -1, -1
@@ -937,12 +945,12 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     if not math.isfinite(flux):
         raise DecodeError("bad_value", f"psfFlux={flux}", *ids)
     band = str(_first(src, "band", "filterName", default="?"))
-    exposure, visit, det = _rubin_exposure(src)
+    exposure, visit, det = _rubin_exposure(src, ids)
 
     rows = _Rows()
 
     def add_source(s, kind):
-        e, v, d = _rubin_exposure(s)
+        e, v, d = _rubin_exposure(s, ids)
         fl = _first(s, "psfFlux", "psFlux")
         if fl is None or _first(s, "midpointMjdTai", "midPointTai") is None:
             return
@@ -962,7 +970,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         if _first(s, "midpointMjdTai", "midPointTai") is None or noise is None:
             continue
         t = _rubin_time(s)
-        e, _, _ = _rubin_exposure(s)
+        e, _, _ = _rubin_exposure(s, ids)
         rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=np.nan,
                  flux_err=float(noise) * NJY_TO_UJY, kind=NONDETECTION, exposure=e)
 

@@ -11,6 +11,7 @@ redelivery is harmless. Replays through Kafka ``assign()`` partitions and never 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -248,15 +249,44 @@ class _ProducerSink:
 class AnnotationTopicSink(_ProducerSink):
     """Annotations as schemaless Avro (schema version in a header), keyed by object id."""
 
+    _encoded: dict
+
+    def prepare(self, records) -> dict:
+        """Encode ``records`` ahead of :meth:`write`; {index: error} for those the schema refuses."""
+        self._encoded, bad = {}, {}
+        for i, r in enumerate(records):
+            try:
+                self._encoded[id(r)] = encode_annotation(r)
+            except (ValueError, TypeError, OverflowError, AttributeError) as exc:
+                bad[i] = f"{type(exc).__name__}: {exc}"
+        return bad
+
     def write(self, records) -> None:
         headers = [("vigil.schema", b"vigil.annotation"), ("vigil.schema_version", ANNOTATION_SCHEMA_VERSION.encode())]
+        cache, self._encoded = getattr(self, "_encoded", {}), {}
         for r in records:
-            self._produce(encode_annotation(r), r["object_id"].encode(), headers)
+            payload = cache.get(id(r))
+            self._produce(payload if payload is not None else encode_annotation(r), r["object_id"].encode(), headers)
         self.producer.poll(0)
 
 
+#: Room left in a dead letter for its key, headers and the record framing (bytes).
+DEAD_LETTER_OVERHEAD = 16_384
+
+
 class DeadLetterSink(_ProducerSink):
-    """Rejected input: the original bytes unchanged, the why in headers."""
+    """Rejected input: the original bytes unchanged, the why in headers.
+
+    A payload too large for the producer's ``message.max.bytes`` (librdkafka's default is
+    1,000,000, below the consumer's limit) is left out: the dead letter then carries
+    ``vigil.payload_omitted`` (the payload's size) and its SHA-256, and the headers name the
+    source topic, partition and offset where the original still lies. Without this, one
+    oversized bad message would stop the service at every restart.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, settings=None):
+        super().__init__(bootstrap, topic, settings)
+        self.max_bytes = int((settings or {}).get("message.max.bytes", 1_000_000))
 
     def write_rejected(self, rejected) -> None:
         for r in rejected:
@@ -268,7 +298,12 @@ class DeadLetterSink(_ProducerSink):
             ]
             if r.alert_id is not None:
                 headers.append(("vigil.alert_id", str(r.alert_id).encode()))
-            self._produce(e.payload, e.key, headers)
+            payload = e.payload
+            if len(payload) + len(e.key or b"") + DEAD_LETTER_OVERHEAD > self.max_bytes:
+                headers += [("vigil.payload_omitted", str(len(payload)).encode()),
+                            ("vigil.payload_sha256", hashlib.sha256(payload).hexdigest().encode())]
+                payload = b""
+            self._produce(payload, e.key, headers)
         self.producer.poll(0)
 
 

@@ -14,6 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from stream.alert import Rejected
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,30 @@ class Progress:
 GC_GEN0_THRESHOLD = 100_000
 
 
+def _prepare(result, records: list, sinks) -> list:
+    """Let sinks that encode (``prepare(records)`` → {index: error}) refuse records before any write.
+
+    A refused annotation becomes a ``Rejected`` (stage ``encode``) for the dead-letter path, so
+    one alert that no output can carry never stops the stream or half-writes a batch.
+    """
+    bad: dict = {}
+    for s in sinks:
+        if hasattr(s, "prepare"):
+            bad.update(s.prepare(records))
+    if not bad:
+        return records
+    keep = [i for i in range(len(records)) if i not in bad]
+    for i, err in sorted(bad.items()):
+        a = result.annotations[i]
+        result.rejected.append(Rejected(result.envelopes[i], "encode", "internal_error",
+                                        f"annotation cannot be encoded: {err}", a.alert_id, a.object_id))
+    for name in ("annotations", "alerts", "envelopes", "corrected_flux"):
+        seq = getattr(result, name)
+        if len(seq) == len(records):
+            setattr(result, name, [seq[i] for i in keep])
+    return [records[i] for i in keep]
+
+
 def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Progress | None = None,
           stop=None, on_batch=None) -> Counts:
     """Run ``source`` through ``pipeline`` into the sinks until the source ends or ``stop()``.
@@ -104,7 +130,7 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
             t0 = time.monotonic()
             result = pipeline.process(batch) if batch else None
             if result is not None:
-                records = [a.to_record() for a in result.annotations]
+                records = _prepare(result, [a.to_record() for a in result.annotations], annotation_sinks)
                 for s in annotation_sinks:
                     if hasattr(s, "write_result"):
                         s.write_result(result, records)

@@ -183,3 +183,23 @@ def test_detection_seeing_is_the_median_seeing_of_the_detections_exposures():
     # Histories with several detections exist, and there the value differs from tonight's seeing.
     assert n_from_history > 20
     assert (cond["det_seeing"] != cond["seeing"]).sum() >= n_from_history // 2
+
+
+def test_a_non_finite_value_is_missing_and_does_not_touch_the_rest_of_the_batch():
+    import dataclasses
+
+    from stream.pipeline import Pipeline
+
+    dec = Decoder(keep_cutouts=False)
+    alerts = [x for f in sorted((DATA / "ztf_fink").rglob("*.avro"))[:30] for x in dec.decode(Envelope(f.read_bytes()))
+              if isinstance(x, Alert)]
+    bad = dataclasses.replace(alerts[3], context=dataclasses.replace(alerts[3].context, elongation=float("inf"),
+                                                                     snr=float("-inf")))
+    pl = Pipeline(hsr=False)
+    clean, _ = pl.annotate(alerts, [Envelope(b"")] * len(alerts))
+    hurt, _ = pl.annotate(alerts[:3] + [bad] + alerts[4:], [Envelope(b"")] * len(alerts))
+    assert all(a.status == "scored" for a in hurt)
+    assert np.isnan(hurt[3].features["elongation"]) and np.isnan(hurt[3].features["snr"])
+    for i, (a, b) in enumerate(zip(clean, hurt, strict=True)):
+        if i != 3:
+            assert (a.p_real, a.p_extragalactic, a.p_fast) == (b.p_real, b.p_extragalactic, b.p_fast)

@@ -102,6 +102,62 @@ def test_bad_messages_go_to_dead_letter_with_reason_and_original_bytes(broker, t
         assert m.key() == f"k{offset}".encode()
 
 
+def test_oversized_and_unencodable_inputs_are_dead_lettered_and_the_stream_goes_on(broker, topics):
+    """Two inputs that once stopped the service at every restart.
+
+    A bad message larger than the producer's ``message.max.bytes`` (librdkafka's 1,000,000 by
+    default) could not be dead-lettered whole; a Rubin alert whose visit·1000 + detector
+    overflows 64 bits decoded and scored but broke the Avro encoding of its annotation.
+    """
+    import hashlib
+    import io
+
+    import fastavro
+
+    good = [f.read_bytes() for f in avro_files("ztf_fink", "2018-12-02_schema3.2")]
+    big = b"\x07" * 1_100_000
+    reader = fastavro.reader(open(avro_files("rubin_fink", "lsstcam_2025-09-05")[0], "rb"))
+    rec = next(iter(reader))
+    rec["diaSource"]["visit"] = 2**60
+    buf = io.BytesIO()
+    fastavro.writer(buf, reader.writer_schema, [rec])
+    p = Producer({"bootstrap.servers": broker.bootstrap, "message.max.bytes": 4_000_000})
+    for payload in [big, buf.getvalue(), *good]:
+        p.produce(topics[0], value=payload, partition=0)
+    p.flush(10)
+    n = len(good) + 2
+    counts = run_service(_config(broker, topics), until=lambda c: c.read >= n)
+    assert (counts.read, counts.annotated, counts.rejected) == (n, len(good), 2)
+    dead = {int(dict(m.headers())["vigil.source.offset"]): m for m in read_topic(broker.bootstrap, topics[2], 2)}
+    h = dict(dead[0].headers())
+    assert h["vigil.reason"] == b"bad_magic_byte"
+    assert h["vigil.payload_omitted"] == str(len(big)).encode() and not dead[0].value()
+    assert h["vigil.payload_sha256"] == hashlib.sha256(big).hexdigest().encode()
+    h1 = dict(dead[1].headers())
+    assert h1["vigil.reason"] == b"bad_value" and b"exposure key" in h1["vigil.detail"]
+    assert dead[1].value() == buf.getvalue()  # small enough: the original bytes, unchanged
+
+
+def test_an_annotation_the_schema_refuses_becomes_a_dead_letter_before_any_write():
+    from stream.kafka import AnnotationTopicSink
+    from stream.pipeline import Pipeline
+    from stream.service import _prepare
+    from stream.sources import MemorySource
+
+    envs = next(MemorySource([f.read_bytes() for f in avro_files("ztf_fink", "2018-12-02_schema3.2")],
+                             batch_size=100).batches())
+    result = Pipeline(hsr=False).process(envs)
+    n = len(result.annotations)
+    records = [a.to_record() for a in result.annotations]
+    records[1]["exposure"] = 2**64  # no Avro long holds it
+    sink = AnnotationTopicSink("127.0.0.1:1", "unused")  # prepare() only encodes; nothing is sent
+    kept = _prepare(result, records, [sink])
+    assert len(kept) == len(result.annotations) == len(result.alerts) == len(result.envelopes) == n - 1
+    assert [r.reason for r in result.rejected] == ["internal_error"] and result.rejected[0].stage == "encode"
+    assert result.rejected[0].alert_id == records[1]["alert_id"] and result.n_read == n
+    assert all(id(r) in sink._encoded for r in kept)
+
+
 def _write_config(path, broker, topics, group, batch_size, queue_db=""):
     alerts, ann, dlq = topics
     path.write_text(f"""
