@@ -70,10 +70,11 @@ def cmd_run(args) -> int:
     if args.start or args.end:
         from dataclasses import replace
 
-        from stream.config import ReplayConfig
+        from stream.config import ReplayConfig, validate
 
         rc = cfg.replay or ReplayConfig()
         cfg = replace(cfg, replay=replace(rc, start=args.start or rc.start, end=args.end or rc.end))
+        validate(cfg)
     stop = StopFlag()
     stop.install()
     counts = run_service(cfg, stop, replay=args.replay or bool(args.start or args.end))

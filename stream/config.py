@@ -15,6 +15,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import tomllib
@@ -22,6 +23,25 @@ import tomllib
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
+
+
+def parse_time_ms(text: str) -> int:
+    """ISO-8601 (``2023-10-19T00:00:00Z``, UTC unless it says otherwise) or Unix milliseconds → Unix ms.
+
+    Raises
+    ------
+    ValueError
+        For anything else, and for a digits-only value below 10^11, which would be a time before
+        1973 in milliseconds and is almost surely Unix *seconds*.
+    """
+    if text.isdigit():
+        if int(text) < 10**11:
+            raise ValueError(f"{text!r} looks like Unix seconds; give Unix milliseconds or an ISO-8601 time")
+        return int(text)
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
 
 
 SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "ssl.keystore.password",
@@ -52,6 +72,9 @@ class ReplayConfig:
     end: str = "end"  # "end" (end of partitions) or an ISO-8601 time
     group_id: str = "vigil-replay"
     namespace: str = "replay"  # output topics get this suffix: <topic>.<namespace>
+    # The eyeball queue a replay fills: "" leaves every queue alone (the live one included, whose
+    # rows a replay would otherwise overwrite); name output.queue_db's store to refill it.
+    queue_db: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,31 +185,80 @@ def parse_config(data: dict, where: str = "config") -> Config:
             raise ConfigError(f"{k}: unknown section (known: {', '.join(_SECTIONS)})")
         kw[k] = _build(_SECTIONS[k], v, k)
     cfg = Config(**kw)
-    _check(cfg)
+    validate(cfg)
     return cfg
 
 
-def _check(cfg: Config) -> None:
-    if cfg.source.batch_size < 1:
-        raise ConfigError("source.batch_size: must be ≥ 1")
-    if not cfg.source.topics:
-        raise ConfigError("source.topics: at least one topic")
-    if cfg.output.queue_db:
+#: librdkafka's names for ``source.auto_offset_reset``.
+OFFSET_RESETS = ("earliest", "smallest", "beginning", "latest", "largest", "end", "error")
+#: Consumer settings Vigil owns: offsets are stored by hand after the outputs are durable and
+#: committed by librdkafka's auto-commit; these would break that or shadow a Vigil key.
+_OWNED_CONSUMER_KEYS = {
+    "group.id": "source.group_id", "bootstrap.servers": "source.bootstrap_servers",
+    "enable.auto.offset.store": None, "enable.auto.commit": None, "auto.offset.reset": "source.auto_offset_reset",
+}
+
+
+def _check_queue(key: str, value: str) -> None:
+    if value:
         from stream.queue import is_url
 
         try:
-            is_url(cfg.output.queue_db)
+            is_url(value)
         except ValueError as exc:
-            raise ConfigError(f"output.queue_db: {exc}") from None
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Check the values of a built :class:`Config` (also after command-line overrides).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first offending key.
+    """
+    src, svc = cfg.source, cfg.service
+    if src.batch_size < 1:
+        raise ConfigError("source.batch_size: must be ≥ 1")
+    if not (src.batch_timeout_s > 0):
+        raise ConfigError("source.batch_timeout_s: must be > 0 (a wait that never ends ignores stop signals)")
+    if src.max_message_bytes < 1:
+        raise ConfigError("source.max_message_bytes: must be ≥ 1")
+    if not src.topics or not all(src.topics):
+        raise ConfigError("source.topics: at least one topic, none empty")
+    if src.auto_offset_reset not in OFFSET_RESETS:
+        raise ConfigError(f"source.auto_offset_reset: one of {', '.join(OFFSET_RESETS)}")
+    if svc.error_budget < 0:
+        raise ConfigError("service.error_budget: must be ≥ 0")
+    if not 0 <= svc.metrics_port <= 65535:
+        raise ConfigError("service.metrics_port: a TCP port (1–65535), or 0 for none")
+    _check_queue("output.queue_db", cfg.output.queue_db)
     if cfg.output.queue_retention_days < 0:
         raise ConfigError("output.queue_retention_days: must be ≥ 0 (0 keeps everything)")
     if cfg.scoring.model and not (Path(cfg.scoring.model) / "metadata.json").is_file():
         raise ConfigError(f"scoring.model: no model directory (with metadata.json) at {cfg.scoring.model}")
     if cfg.service.clock not in ("wall", "stream"):
         raise ConfigError("service.clock: must be 'wall' or 'stream'")
-    for k in ("group.id", "enable.auto.offset.store", "bootstrap.servers"):
-        if k in cfg.source.kafka:
-            raise ConfigError(f"source.kafka.{k}: set by Vigil (use source.group_id / source.bootstrap_servers)")
+    for k, instead in _OWNED_CONSUMER_KEYS.items():
+        if k in src.kafka:
+            why = f"use {instead}" if instead else "offsets are committed after outputs are durable"
+            raise ConfigError(f"source.kafka.{k}: set by Vigil ({why})")
+    acks = cfg.output.kafka.get("acks", cfg.output.kafka.get("request.required.acks"))
+    if acks is not None and str(acks) not in ("all", "-1"):
+        raise ConfigError("output.kafka.acks: must be 'all' (-1): offsets move only once every output is durable")
+    if cfg.replay is not None:
+        rc, times = cfg.replay, {}
+        for name, word in (("start", "earliest"), ("end", "end")):
+            text = getattr(rc, name)
+            if text in ("", word):
+                continue
+            try:
+                times[name] = parse_time_ms(text)
+            except ValueError as exc:
+                raise ConfigError(f"replay.{name}: {exc} (or {word!r})") from None
+        if len(times) == 2 and times["end"] <= times["start"]:
+            raise ConfigError(f"replay.end: {rc.end} is not after replay.start {rc.start}")
+        _check_queue("replay.queue_db", rc.queue_db)
 
 
 def load_configured_model(cfg: Config):

@@ -17,12 +17,12 @@ import logging
 import signal
 import threading
 import time
-from datetime import datetime, timezone
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from stream.alert import Envelope
 from stream.annotation import ANNOTATION_SCHEMA_VERSION, encode_annotation, mjd_to_unix_ms
+from stream.config import parse_time_ms
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,6 @@ log = logging.getLogger(__name__)
 def _envelope(msg) -> Envelope:
     ts_type, ts = msg.timestamp()
     return Envelope(msg.value() or b"", msg.topic(), msg.partition(), msg.offset(), ts if ts_type else -1, msg.key())
-
-
-def parse_time_ms(text: str) -> int:
-    """ISO-8601 (``2023-10-19T00:00:00Z``) or Unix milliseconds → Unix milliseconds."""
-    if text.isdigit():
-        return int(text)
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp() * 1000)
 
 
 class Stats:
@@ -163,6 +153,10 @@ class KafkaReplaySource:
             ms = parse_time_ms(start)
             found = self.consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, ms) for tp in parts],
                                                     timeout=10)
+            for tp in found:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+            # -1: no message at or after the start time in that partition
             parts = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END)
                      for tp in found]
         self.consumer.assign(parts)
@@ -441,13 +435,15 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         ztf_schema=load_ztf_schema(s.ztf_schema) if s.ztf_schema else None,
         max_message_bytes=s.max_message_bytes,
     )
-    pipeline = Pipeline(decoder, scorer=load_configured_model(cfg), clock=cfg.service.clock,
+    # A replay ranks by event time: by the wall clock every past alert would look stale.
+    pipeline = Pipeline(decoder, scorer=load_configured_model(cfg), clock="stream" if replay else cfg.service.clock,
                         error_budget=ErrorBudget(cfg.service.error_budget))
-    ann_topic, dlq_topic = o.annotations_topic, o.dead_letter_topic
+    ann_topic, dlq_topic, queue_db = o.annotations_topic, o.dead_letter_topic, o.queue_db
     if replay:
         from stream.config import ReplayConfig
 
         rc = cfg.replay or ReplayConfig()
+        queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
         source = KafkaReplaySource(s.bootstrap_servers, s.topics, rc.start, rc.end, s.kafka, s.batch_size,
                                    s.batch_timeout_s, rc.group_id)
@@ -461,10 +457,10 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     server = serve_metrics(metrics, cfg.service.metrics_host, cfg.service.metrics_port) \
         if cfg.service.metrics_port else None
     sinks = [AnnotationTopicSink(s.bootstrap_servers, ann_topic, o.kafka)]
-    if o.queue_db:
+    if queue_db:
         from stream.queue import QueueSink
 
-        sinks.append(QueueSink(o.queue_db, retention_days=o.queue_retention_days))
+        sinks.append(QueueSink(queue_db, retention_days=o.queue_retention_days))
     dlq = DeadLetterSink(s.bootstrap_servers, dlq_topic, o.kafka)
     counts_box = {"c": Counts()}
     last_log = [time.monotonic()]

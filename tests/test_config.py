@@ -40,6 +40,20 @@ def test_there_are_deploy_configs():
     ({"replay": {"start": "earliest", "stop": "end"}}, "replay.stop: unknown key"),
     ({"scoring": {"modle": "m"}}, "scoring.modle: unknown key"),
     ({"scoring": {"model": "/nonexistent/model"}}, "scoring.model: no model directory"),
+    # values that load but would break the service later, or silently
+    ({"source": {"batch_timeout_s": -1}}, "source.batch_timeout_s: must be > 0"),
+    ({"source": {"max_message_bytes": 0}}, "source.max_message_bytes: must be ≥ 1"),
+    ({"source": {"topics": [""]}}, "source.topics: at least one topic, none empty"),
+    ({"source": {"auto_offset_reset": "oldest"}}, "source.auto_offset_reset: one of"),
+    ({"service": {"error_budget": -1}}, "service.error_budget: must be ≥ 0"),
+    ({"service": {"metrics_port": 99999}}, "service.metrics_port"),
+    ({"source": {"kafka": {"enable.auto.commit": False}}}, "source.kafka.enable.auto.commit: set by Vigil"),
+    ({"source": {"kafka": {"auto.offset.reset": "latest"}}}, "(use source.auto_offset_reset)"),
+    ({"output": {"kafka": {"acks": 0}}}, "output.kafka.acks: must be 'all'"),
+    ({"replay": {"start": "yesterday"}}, "replay.start: Invalid isoformat"),
+    ({"replay": {"start": "1697673600"}}, "replay.start: '1697673600' looks like Unix seconds"),
+    ({"replay": {"start": "2023-10-20T00:00:00Z", "end": "2023-10-19T00:00:00Z"}}, "replay.end: 2023-10-19"),
+    ({"replay": {"queue_db": "sqlite:///q"}}, "replay.queue_db: queue store"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
@@ -71,3 +85,18 @@ def test_configured_model_that_cannot_load_is_named(tmp_path):
     cfg = parse_config({"scoring": {"model": str(tmp_path)}})
     with pytest.raises(ConfigError, match="scoring.model: .*not an alert scorer"):
         load_configured_model(cfg)
+
+
+def test_good_replay_and_producer_settings_load():
+    cfg = parse_config({"replay": {"start": "2023-10-19T00:00:00Z", "end": "1697760000000"},
+                        "output": {"kafka": {"acks": "all"}}})
+    assert cfg.replay.end == "1697760000000" and cfg.replay.queue_db == ""
+
+
+def test_command_line_replay_times_are_checked_like_the_file(tmp_path, capsys):
+    from stream.cli import main
+
+    p = tmp_path / "ok.toml"
+    p.write_text('[source]\ntopics = ["x"]\n')
+    assert main(["run", "--config", str(p), "--from", "2023-10-20", "--until", "2023-10-19"]) == 2
+    assert "replay.end: 2023-10-19 is not after replay.start 2023-10-20" in capsys.readouterr().err

@@ -273,7 +273,7 @@ def test_sigterm_finishes_batch_and_commits(broker, topics, tmp_path):
     assert sum(max(tp.offset, 0) for tp in committed) == len(files)
 
 
-def test_replay_through_kafka_between_times_never_commits(broker, topics):
+def test_replay_through_kafka_between_times_never_commits(broker, topics, tmp_path):
     files = avro_files("ztf_fink", "2023-10-19to21_schema4.02")
     p = Producer({"bootstrap.servers": broker.bootstrap})
     t0 = 1_700_000_000_000
@@ -283,12 +283,24 @@ def test_replay_through_kafka_between_times_never_commits(broker, topics):
     from stream.broker import create_topics
 
     create_topics(broker.bootstrap, [f"{topics[1]}.replay", f"{topics[2]}.replay"])
+    live_queue = tmp_path / "live.sqlite"
     cfg = _config(broker, topics, replay={"start": str(t0 + 60_000 * 3), "end": str(t0 + 60_000 * 9),
-                                          "group_id": "replay-x"})
+                                          "group_id": "replay-x"},
+                  output={"queue_db": str(live_queue)}, service={"clock": "wall"})
     counts = run_service(cfg, replay=True)  # ends by itself at the end time / end of partitions
     assert counts.read == 6
     replayed = read_topic(broker.bootstrap, f"{topics[1]}.replay", 6, timeout_s=10)
     assert len(replayed) == 6
+    assert not live_queue.exists()  # a replay leaves the live eyeball queue alone unless told
+    # Ranked by event time even though the live service uses the wall clock: the newest replayed
+    # alert is fresh (freshness = 0.5 + 0.5 exp(-age / 3 d); by the wall clock it would be ~0.5).
+    from models.rank import URGENCY
+
+    fresh = []
+    for r in map(decode_annotation, (m.value() for m in replayed)):
+        interest = 1 - (1 - r["p_extragalactic"]) * (1 - r["p_fast"])
+        fresh.append(r["priority"] / (r["p_real"] * (0.35 + 0.65 * interest) * URGENCY[r["stage"]]))
+    assert max(fresh) > 0.99
     assert read_topic(broker.bootstrap, topics[1], 1, timeout_s=2) == []  # live namespace untouched
     c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "replay-x"})
     committed = c.committed([TopicPartition(topics[0], 0), TopicPartition(topics[0], 1)], timeout=10)
