@@ -304,7 +304,13 @@ class ConditionResidualiser(TransformerMixin, BaseEstimator):
         r._check()
         r.scaler_ = _ZScaler(tuple(t for _, t in r.conditions), np.asarray(d["z_median"], float),
                              np.asarray(d["z_mean"], float), np.asarray(d["z_scale"], float))
-        r.coef_ = np.asarray(d["coef"], float).reshape(len(r.columns), -1)
+        coef = np.asarray(d["coef"], float)
+        k = len(r.conditions)
+        n_terms = 1 + k + (k * (k + 1) // 2 if r.degree >= 2 else 0)  # the columns of _design
+        if coef.size != len(r.columns) * n_terms:
+            raise ValueError(f"residualiser: {coef.size} coefficients for {len(r.columns)} columns × "
+                             f"{n_terms} terms")
+        r.coef_ = coef.reshape(len(r.columns), n_terms)
         return r
 
 

@@ -10,8 +10,8 @@ Priority policy (documented in the README):
 * ``urgency`` favours young objects, where a decision still changes what gets
   observed: 1.0 at stage ``first``, 0.8 ``updating``, 0.5 ``longterm``;
 * ``freshness = 0.5 + 0.5 · exp(−age / 3 d)`` where age is the time between the
-  alert's observation and now (replays use the alert's own time as "now" so an
-  archive ranks as it would have live).
+  alert's observation and now: the wall clock live, and in replays the newest alert
+  time seen so far, so an archive ranks much as it would have live.
 
 Recall matters more than purity, so nothing is multiplied towards zero except
 P(real): a bogus alert should sink, a real one never disappears. Alerts that could

@@ -293,18 +293,28 @@ def data_hash(*frames) -> str:
     return h.hexdigest()[:16]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _save_scorer(est: XGBBinaryScorer, path: Path) -> dict:
     est.booster_.save_model(str(path))
-    return {"file": path.name, "calibrator": est.calibrator_.to_json(), "params": est.get_params(),
-            "n_features": int(est.n_features_in_)}
+    return {"file": path.name, "sha256": _sha256(path), "calibrator": est.calibrator_.to_json(),
+            "params": est.get_params(), "n_features": int(est.n_features_in_)}
 
 
 def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
     import xgboost as xgb
 
     est = XGBBinaryScorer(**d.get("params", {}))
+    path = directory / d["file"]
+    # The calibrator in the metadata belongs to one booster file: a file copied in from another
+    # training run would load and give miscalibrated scores without a word.
+    if "sha256" in d and _sha256(path) != d["sha256"]:
+        raise ValueError(f"{path}: SHA-256 differs from the metadata's; the booster is not the one "
+                         "this metadata describes")
     booster = xgb.Booster()
-    booster.load_model(str(directory / d["file"]))
+    booster.load_model(str(path))
     est.booster_ = booster
     est.calibrator_ = Calibrator.from_json(d["calibrator"])
     est.classes_ = np.array([0, 1])
@@ -314,7 +324,19 @@ def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
     if booster.num_features() != est.n_features_in_:
         raise ValueError(f"{d['file']}: booster has {booster.num_features()} features, metadata says "
                          f"{est.n_features_in_}")
+    if names is not None and booster.feature_names is not None and list(booster.feature_names) != list(names):
+        raise ValueError(f"{d['file']}: the booster's feature names differ from the expected inputs")
     return est
+
+
+#: What each score is the probability of (negative class, positive class).
+CLASSES = {"p_real": ["bogus", "real"], "p_extragalactic": ["galactic", "extragalactic"], "p_fast": ["slow", "fast"]}
+
+
+def xgboost_version() -> str:
+    import xgboost as xgb
+
+    return xgb.__version__
 
 
 def _read_metadata(directory) -> dict:
@@ -449,9 +471,8 @@ class AlertScorer:
             "created": meta.get("created") or _now(), "features": list(FEATURES),
             "conditions": list(CONDITIONS), "intrinsic_features": list(INTRINSIC_FEATURES),
             "scores": {s: _save_scorer(self.scorers[s], directory / f"{s}.ubj") for s in SCORES},
-            "classes": {"p_real": ["bogus", "real"], "p_extragalactic": ["galactic", "extragalactic"],
-                        "p_fast": ["slow", "fast"]},
-            "residualiser": self.residualiser.to_json(),
+            "classes": CLASSES, "residualiser": self.residualiser.to_json(),
+            "xgboost_version": xgboost_version(),
         })
         (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         return directory
@@ -472,6 +493,8 @@ class AlertScorer:
                              "retrain with `vigil train`")
         if tuple(meta.get("intrinsic_features", ())) != tuple(INTRINSIC_FEATURES):
             raise ValueError(f"{directory}: intrinsic-score inputs differ from this code's; retrain")
+        if "classes" in meta and meta["classes"] != CLASSES:
+            raise ValueError(f"{directory}: score classes {meta['classes']} differ from this code's {CLASSES}")
         scorers = {s: _load_scorer(meta["scores"][s], directory,
                                    INTRINSIC_FEATURES if s in INTRINSIC else FEATURES) for s in SCORES}
         return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta)

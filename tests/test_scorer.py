@@ -193,6 +193,27 @@ def test_load_refuses_mismatched_features_and_unknown_format(tiny_model, tmp_pat
         AlertScorer.load(tmp_path / "nowhere")
 
 
+def test_load_refuses_swapped_boosters_classes_and_a_broken_residualiser(tiny_model, tmp_path):
+    """Pieces of two models mixed in one directory load only if nothing ties them together."""
+    tiny_model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    assert meta["xgboost_version"] and all(len(meta["scores"][s]["sha256"]) == 64 for s in SCORES)
+    d = tmp_path / "swapped"
+    shutil.copytree(tmp_path / "m", d)
+    (d / "p_fast.ubj").write_bytes((tmp_path / "m" / "p_extragalactic.ubj").read_bytes())
+    with pytest.raises(ValueError, match="p_fast.ubj: SHA-256 differs"):
+        AlertScorer.load(d)
+    for name, edit, match in [
+        ("classes", lambda m: m["classes"]["p_fast"].reverse(), "score classes"),
+        ("columns", lambda m: m["residualiser"]["columns"].pop(), "coefficients for"),
+    ]:
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "m", d)
+        _edit_meta(d, edit)
+        with pytest.raises(ValueError, match=match):
+            AlertScorer.load(d)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
