@@ -8,6 +8,9 @@ XGBoost handles natively.
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+
 import numpy as np
 import pandas as pd
 
@@ -296,7 +299,64 @@ def _own_psf_width(alerts) -> np.ndarray:
     return np.array([a.context.fwhm * PIXEL_SCALE.get(a.survey, 1.0) for a in alerts], dtype=float)
 
 
-def image_level_seeing(alerts, fp: np.ndarray | None = None) -> np.ndarray:
+class ExposureCompanions:
+    """PSF widths of the alerts seen so far, per exposure, across micro-batches.
+
+    The exposure's seeing is the median PSF width of the *other* alerts of that exposure;
+    from one micro-batch alone it would depend on where the batch boundaries fall (an alert
+    scored alone has no companions at all). A stream :class:`stream.pipeline.Pipeline` keeps one
+    of these, so each alert sees every companion that arrived up to and with its batch, as
+    training sees the whole stream. Bounded: the oldest exposures are forgotten first.
+
+    Parameters
+    ----------
+    max_exposures : int
+        Exposure keys (whole exposures and detector sections together) kept.
+    """
+
+    def __init__(self, max_exposures: int = 20_000):
+        self.max_exposures = max_exposures
+        self._widths: OrderedDict = OrderedDict()  # key -> {alert key: PSF width}
+
+    def add(self, keys: np.ndarray, ids: list, widths: np.ndarray) -> None:
+        for k, i, w in zip(keys.tolist(), ids, widths.tolist(), strict=True):
+            d = self._widths.get(k)
+            if d is None:
+                d = self._widths[k] = {}
+                if len(self._widths) > self.max_exposures:
+                    self._widths.popitem(last=False)
+            d[i] = w
+
+    def loo_median(self, keys: np.ndarray, ids: list, min_others: int) -> np.ndarray:
+        """Per alert, the median of the finite widths of the other alerts remembered for its key."""
+        out = np.full(len(keys), np.nan)
+        rows: dict = {}
+        for j, k in enumerate(keys.tolist()):
+            rows.setdefault(k, []).append(j)
+        for k, js in rows.items():
+            d = self._widths.get(k, {})
+            v = np.sort(np.array([w for w in d.values() if math.isfinite(w)], dtype=float))
+            for j in js:
+                own = d.get(ids[j], np.nan)
+                if math.isfinite(own):  # leave its own width out: one occurrence of that value
+                    i = int(np.searchsorted(v, own))
+                    m = len(v) - 1
+                    if m < min_others:
+                        continue
+
+                    h = m // 2  # the others are v without position i
+                    hi = v[h] if h < i else v[h + 1]
+                    if m % 2:
+                        out[j] = hi
+                    else:
+                        out[j] = 0.5 * ((v[h - 1] if h - 1 < i else v[h]) + hi)
+                elif len(v) >= min_others:
+                    out[j] = float(np.median(v))
+        return out
+
+
+def image_level_seeing(alerts, fp: np.ndarray | None = None, companions: ExposureCompanions | None = None
+                       ) -> np.ndarray:
     """Seeing (arcsec) of each alert's exposure from image-level data only; NaN where there is none.
 
     In order: the forced-photometry image seeing of the alert's own exposure (``fp``, see
@@ -312,6 +372,8 @@ def image_level_seeing(alerts, fp: np.ndarray | None = None) -> np.ndarray:
         The alerts, which are also each other's exposure companions.
     fp : numpy.ndarray, optional
         Per alert, the forced-photometry seeing of its own exposure (NaN where none).
+    companions : ExposureCompanions, optional
+        Remembers earlier batches' alerts (a stream); ``alerts`` are added to it first.
 
     Returns
     -------
@@ -323,29 +385,37 @@ def image_level_seeing(alerts, fp: np.ndarray | None = None) -> np.ndarray:
     own = _own_psf_width(alerts)
     section = np.array([f"{a.survey}:{a.exposure}" for a in alerts])
     whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" for a in alerts])
-    est = _loo_median(own, whole, 3)
-    est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))
+    if companions is None:
+        est = _loo_median(own, whole, 3)
+        est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))
+    else:
+        ids = [(a.survey, a.object_id, a.alert_id) for a in alerts]
+        companions.add(whole, ids, own)
+        companions.add(section, ids, own)
+        est = companions.loo_median(whole, ids, 3)
+        est = np.where(np.isfinite(est), est, companions.loo_median(section, ids, 2))
     return np.where(np.isfinite(fp), fp, est)
 
 
-def _exposure_seeing(alerts, fp: np.ndarray) -> np.ndarray:
+def _exposure_seeing(alerts, fp: np.ndarray, companions=None) -> np.ndarray:
     """:func:`image_level_seeing`, with the alert's own PSF width as the last resort."""
-    est = image_level_seeing(alerts, fp)
+    est = image_level_seeing(alerts, fp, companions)
     return np.where(np.isfinite(est), est, _own_psf_width(alerts))
 
 
-def conditions(alerts) -> pd.DataFrame:
+def conditions(alerts, companions: ExposureCompanions | None = None) -> pd.DataFrame:
     """Observing conditions of each alert's exposure, columns :data:`CONDITIONS`.
 
     Airmass and Moon geometry come from (ra, dec, mjd) at the survey's site
-    (:func:`sky_geometry`, vectorised over the batch, no network).
+    (:func:`sky_geometry`, vectorised over the batch, no network). ``companions``: see
+    :func:`image_level_seeing`.
     """
     n = len(alerts)
     out = pd.DataFrame({c: np.full(n, np.nan) for c in CONDITIONS})
     if n == 0:
         return out
     own_fp, det_fp = _image_seeing(alerts)
-    out["seeing"] = seeing = _exposure_seeing(alerts, own_fp)
+    out["seeing"] = seeing = _exposure_seeing(alerts, own_fp, companions)
     # det_seeing: the median seeing of the exposures of the alert's detections (a young
     # transient's share tonight's; a long-lived source's span many nights, and their median is
     # what its history features saw); tonight's where none of them has a forced measurement.
@@ -407,7 +477,7 @@ _CONTEXT_FEATURES = ["real_bogus", "star_galaxy", "ps1_distance", "gaia_distance
                      "extendedness", "mag", "limit_mag", "n_det_history"]
 
 
-def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
+def alert_features(alerts, corrected_flux=None, companions: ExposureCompanions | None = None) -> pd.DataFrame:
     """Feature table for a batch of alerts.
 
     Parameters
@@ -415,6 +485,8 @@ def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
     alerts : sequence of Alert
     corrected_flux : sequence of ndarray or None, optional
         Per alert, the HSR-corrected flux aligned with ``alert.lightcurve``.
+    companions : ExposureCompanions, optional
+        Exposure companions remembered from earlier batches of a stream (seeing).
 
     Returns
     -------
@@ -433,7 +505,7 @@ def alert_features(alerts, corrected_flux=None) -> pd.DataFrame:
             "n_det_history": c.n_det_history if c.n_det_history >= 0 else np.nan,
         }
         rows.append(row)
-    cond = conditions(alerts)
+    cond = conditions(alerts, companions)
     df = pd.DataFrame(rows, columns=_CONTEXT_FEATURES)
     for k, v in lightcurve_features(alerts, corrected_flux).items():
         df[k] = v

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.features import alert_features
+from models.features import ExposureCompanions, alert_features
 from models.rank import priority, stage_of
 from models.score import explain_batch
 from models.scorer import default_scorer
@@ -88,6 +88,7 @@ class Pipeline:
         self.errors = error_budget or ErrorBudget()
         self.stream_mjd = 0.0
         self.code_version = code_version()
+        self.companions = ExposureCompanions()  # exposure seeing across micro-batches
 
     def process(self, envelopes) -> BatchResult:
         """Run one micro-batch end to end."""
@@ -132,7 +133,7 @@ class Pipeline:
             fluxes, diags = self.hsr.correct(alerts)
         else:
             fluxes, diags = None, [HSRDiagnostics(flux_raw=a.flux, flux_corrected=a.flux) for a in alerts]
-        X = alert_features(alerts, fluxes)
+        X = alert_features(alerts, fluxes, self.companions)
         sb = self.scorer.score(X)
         mjd = np.array([a.mjd for a in alerts])
         self.stream_mjd = max(self.stream_mjd, float(mjd.max()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 from conftest import DATA
@@ -203,3 +205,68 @@ def test_a_non_finite_value_is_missing_and_does_not_touch_the_rest_of_the_batch(
     for i, (a, b) in enumerate(zip(clean, hurt, strict=True)):
         if i != 3:
             assert (a.p_real, a.p_extragalactic, a.p_fast) == (b.p_real, b.p_extragalactic, b.p_fast)
+
+
+def _one_exposure_alerts():
+    """AMPEL's 100 alerts of one exposure, the last one having a PSF width of its own (so a seeing in the batch)."""
+    dec = Decoder(keep_cutouts=False)
+    alerts = [x for f in sorted((DATA / "ztf_ampel").rglob("*.avro")) for x in dec.decode(Envelope(f.read_bytes()))
+              if isinstance(x, Alert)]
+    exposure = collections.Counter(a.exposure for a in alerts).most_common(1)[0][0]
+    alerts = [a for a in alerts if a.exposure == exposure]
+    k = max(i for i, a in enumerate(alerts) if np.isfinite(a.context.fwhm))
+    return alerts[:k] + alerts[k + 1:] + [alerts[k]]
+
+
+def test_exposure_companions_give_the_batch_seeing_whatever_the_batch_boundaries():
+    """The seeing of an exposure must not depend on how the stream was cut into micro-batches."""
+    from models.features import ExposureCompanions, image_level_seeing
+
+    alerts = _one_exposure_alerts()
+    fp = np.full(len(alerts), np.nan)  # leave the forced-photometry seeing out: the companions decide
+    whole = image_level_seeing(alerts, fp)
+    assert np.isfinite(whole).sum() > 50
+    mem = ExposureCompanions()
+    np.testing.assert_array_equal(image_level_seeing(alerts, fp, mem), whole)  # one batch: the same numbers
+    mem = ExposureCompanions()
+    for a in alerts[:-1]:  # one alert at a time, then the last one alone
+        image_level_seeing([a], fp[:1], mem)
+    last = image_level_seeing(alerts[-1:], fp[:1], mem)
+    assert last[0] == whole[-1]
+    # without the memory, an alert alone has no companions at all
+    assert np.isnan(image_level_seeing(alerts[-1:], fp[:1])[0])
+    # seen again (a retried batch), an alert is not its own companion
+    np.testing.assert_array_equal(image_level_seeing(alerts, fp, mem), whole)
+
+
+def test_a_stream_pipeline_scores_an_alert_alike_in_any_batch():
+    from stream.pipeline import Pipeline
+
+    alerts = _one_exposure_alerts()
+    envs = [Envelope(b"")] * len(alerts)
+    together, _ = Pipeline(hsr=False).annotate(alerts, envs)
+    pl = Pipeline(hsr=False)
+    pl.annotate(alerts[:-1], envs[:-1])
+    alone, _ = pl.annotate(alerts[-1:], envs[-1:])
+    assert alone[0].features["seeing"] == together[-1].features["seeing"]
+    assert (alone[0].p_real, alone[0].p_extragalactic, alone[0].p_fast) == \
+        (together[-1].p_real, together[-1].p_extragalactic, together[-1].p_fast)
+
+
+def test_exposure_companions_leave_one_out_median_against_brute_force():
+    from models.features import ExposureCompanions
+
+    rng = np.random.default_rng(3)
+    for n in range(1, 9):
+        w = np.round(rng.uniform(1, 3, n), 1)  # rounded: ties too
+        w[rng.uniform(size=n) < 0.2] = np.nan
+        ids = list(range(n))
+        keys = np.array(["e"] * n)
+        mem = ExposureCompanions()
+        mem.add(keys, ids, w)
+        got = mem.loo_median(keys, ids, 2)
+        for j in range(n):
+            rest = np.delete(w, j)
+            rest = rest[np.isfinite(rest)]
+            want = np.median(rest) if len(rest) >= 2 else np.nan
+            np.testing.assert_equal(got[j], want)
