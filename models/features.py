@@ -42,6 +42,14 @@ FEATURES = (
 CONDITIONS = ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separation", "det_seeing")
 
 #: Observatory sites (geodetic lat, lon in degrees east, height in m) and pixel scales (arcsec).
+#: Inputs that some supported survey does not send (Rubin: no reference-image neighbour,
+#: negative-pixel count or limiting magnitude in the alert, and no source FWHM or elongation
+#: comparable with ZTF's, see :func:`stream.decode._moments_fwhm_px`), in groups that go
+#: missing together. The simulator writes ZTF alerts, which always have them: the full scorers
+#: never saw them missing and would send a missing value down whatever branch XGBoost
+#: defaulted to (for Rubin alerts, "bogus": P(real) ≤ 0.001). An alert lacking a whole group is
+#: scored by *reduced* scorers trained without any of them (:class:`models.scorer.AlertScorer`).
+SURVEY_OPTIONAL = (("ref_mag", "ref_distance", "n_negative_pixels", "limit_mag"), ("fwhm", "elongation"))
 SITES = {"ztf": (33.3563, -116.8650, 1712.0), "rubin": (-30.2446, -70.7494, 2663.0)}
 PIXEL_SCALE = {"ztf": 1.012, "rubin": 0.2}
 
@@ -500,7 +508,8 @@ def alert_features(alerts, corrected_flux=None, companions: ExposureCompanions |
             "real_bogus": c.real_bogus, "star_galaxy": c.star_galaxy, "ps1_distance": c.ps1_distance,
             "gaia_distance": c.gaia_distance, "gaia_mag": c.gaia_mag, "ref_mag": c.ref_mag,
             "ref_distance": c.ref_distance, "ss_distance": c.ss_distance, "elongation": c.elongation,
-            "fwhm": c.fwhm, "n_bad_pixels": c.n_bad_pixels, "n_negative_pixels": c.n_negative_pixels,
+            "fwhm": c.fwhm * PIXEL_SCALE.get(a.survey, 1.0),  # arcsec, like every other distance
+            "n_bad_pixels": c.n_bad_pixels, "n_negative_pixels": c.n_negative_pixels,
             "snr": c.snr, "extendedness": c.extendedness, "mag": c.mag, "limit_mag": c.limit_mag,
             "n_det_history": c.n_det_history if c.n_det_history >= 0 else np.nan,
         }

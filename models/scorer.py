@@ -38,11 +38,12 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from models.features import CONDITIONS, FEATURES
+from models.features import CONDITIONS, FEATURES, SURVEY_OPTIONAL
 from models.score import SCORES, ScoreBatch
 
 log = logging.getLogger(__name__)
 
+_OPTIONAL = {c for group in SURVEY_OPTIONAL for c in group}
 #: On-disk format of a model directory; :func:`load` refuses anything else.
 FORMAT = "vigil-scorer/1"
 SUPPORTED_FORMATS = (FORMAT,)
@@ -371,18 +372,36 @@ class AlertScorer:
         Goes into every annotation as ``model_version``.
     metadata : dict
         Provenance and training diagnostics (saved with the model).
+    reduced : dict, optional
+        ``score name → fitted XGBBinaryScorer`` trained with every input of
+        :data:`models.features.SURVEY_OPTIONAL` blanked. An alert that lacks one of those
+        groups entirely (a survey that does not send it) is scored by these; the full scorers
+        never saw such alerts in training. Without them, such alerts go to the full scorers.
     """
 
-    def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None):
+    def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None,
+                 reduced: dict | None = None):
         missing = [s for s in SCORES if s not in scorers]
         if missing:
             raise ValueError(f"scorers missing for {missing}")
+        if reduced and set(reduced) != set(SCORES):
+            raise ValueError(f"reduced scorers for {sorted(reduced)}, not for every score")
         self.scorers = scorers
+        self.reduced = reduced or {}
         self.residualiser = residualiser
         self.model_version = version
         self.metadata = metadata or {}
         self._cols = {s: (INTRINSIC_FEATURES if s in INTRINSIC else FEATURES) for s in SCORES}
         self._index = {s: np.array([FEATURES.index(f) for f in self._cols[s]]) for s in SCORES}
+        self._blank = {s: np.array([i for i, c in enumerate(self._cols[s]) if c in _OPTIONAL], dtype=int)
+                       for s in SCORES}
+
+    def lacking_rows(self, X: pd.DataFrame) -> np.ndarray:
+        """Rows that lack a whole group of :data:`models.features.SURVEY_OPTIONAL` (scored by the reduced scorers)."""
+        out = np.zeros(len(X), dtype=bool)
+        for group in SURVEY_OPTIONAL:
+            out |= X[list(group)].isna().to_numpy().all(axis=1)
+        return out
 
     def with_conditions_fitted_on(self, X: pd.DataFrame, source: str = "") -> AlertScorer:
         """A copy whose condition regressions ĝ(z) are refitted on the feature rows ``X``.
@@ -417,7 +436,7 @@ class AlertScorer:
         base = self.metadata.get("conditions_fit", {}).get("from_version", self.model_version)
         meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),
                                                                  "data_hash": h, "from_version": base})
-        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta)
+        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta, reduced=self.reduced)
 
     def design(self, X: pd.DataFrame) -> dict:
         """Per-score input tables: raw features for P(real), residualised ones for the intrinsic scores."""
@@ -444,19 +463,27 @@ class AlertScorer:
         """Scores (and, by default, contributions) for one batch of feature rows."""
         n = len(X)
         D = self.design(X)
+        thin = self.lacking_rows(X) if self.reduced and n else np.zeros(n, dtype=bool)
+        full_rows = ~thin
         probs, contrib = {}, {}
         for s in SCORES:
-            est = self.scorers[s]
-            self._inference_booster(est)
             A = _as_float32(D[s])
-            probs[s] = est.calibrator_(est.booster_.inplace_predict(A, predict_type="margin")) if n \
-                else np.zeros(0)
+            p = np.zeros(n)
+            # Contributions live in the FEATURES space for every score so one explanation
+            # routine serves all; a residualised input keeps its feature's name.
+            full = np.zeros((n, len(FEATURES))) if contributions else None
+            for est, rows in ((self.scorers[s], full_rows), (self.reduced.get(s), thin)):
+                if est is None or not rows.any():
+                    continue
+                self._inference_booster(est)
+                B = A[rows]
+                if est is not self.scorers[s]:
+                    B[:, self._blank[s]] = np.nan  # as in training: the whole group, not a part
+                p[rows] = est.calibrator_(est.booster_.inplace_predict(B, predict_type="margin"))
+                if contributions:
+                    full[np.ix_(rows, self._index[s])] = est.contributions(B, nthread=self.inference_threads)
+            probs[s] = p
             if contributions:
-                # Contributions live in the FEATURES space for every score so one explanation
-                # routine serves all; a residualised input keeps its feature's name.
-                full = np.zeros((n, len(FEATURES)))
-                if n:
-                    full[:, self._index[s]] = est.contributions(A, nthread=self.inference_threads)
                 contrib[s] = full
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
                           self.model_version)
@@ -474,6 +501,12 @@ class AlertScorer:
             "classes": CLASSES, "residualiser": self.residualiser.to_json(),
             "xgboost_version": xgboost_version(),
         })
+        if self.reduced:
+            meta["reduced"] = {"blanked": [list(g) for g in SURVEY_OPTIONAL],
+                               "scores": {s: _save_scorer(self.reduced[s], directory / f"{s}.reduced.ubj")
+                                          for s in SCORES}}
+        else:
+            meta.pop("reduced", None)
         (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         return directory
 
@@ -495,9 +528,16 @@ class AlertScorer:
             raise ValueError(f"{directory}: intrinsic-score inputs differ from this code's; retrain")
         if "classes" in meta and meta["classes"] != CLASSES:
             raise ValueError(f"{directory}: score classes {meta['classes']} differ from this code's {CLASSES}")
-        scorers = {s: _load_scorer(meta["scores"][s], directory,
-                                   INTRINSIC_FEATURES if s in INTRINSIC else FEATURES) for s in SCORES}
-        return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta)
+        names = {s: INTRINSIC_FEATURES if s in INTRINSIC else FEATURES for s in SCORES}
+        scorers = {s: _load_scorer(meta["scores"][s], directory, names[s]) for s in SCORES}
+        reduced = None
+        if "reduced" in meta:
+            if [list(g) for g in SURVEY_OPTIONAL] != meta["reduced"]["blanked"]:
+                raise ValueError(f"{directory}: reduced scorers blank {meta['reduced']['blanked']}, this code's "
+                                 f"survey-optional inputs are {[list(g) for g in SURVEY_OPTIONAL]}; retrain")
+            reduced = {s: _load_scorer(meta["reduced"]["scores"][s], directory, names[s]) for s in SCORES}
+        return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
+                   reduced=reduced)
 
 
 def _json_default(o):

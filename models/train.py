@@ -181,11 +181,23 @@ def _table_estimator(random_state: int = 0):
 
 
 def _version_tag(data_h: str, *estimators) -> str:
-    """8 hex digits naming a model: its training data and its estimators' parameters."""
+    """8 hex digits naming a model: its training data, its estimators' parameters and what they learnt.
+
+    The fitted content (trees, calibrators, condition regressions) is part of the name, so a
+    change of code that changes a model also changes its name, with the same data and settings.
+    """
     import hashlib
 
-    params = ":".join(json.dumps(e.get_params(), sort_keys=True, default=str) for e in estimators)
-    return hashlib.sha256(f"{data_h}:{params}".encode()).hexdigest()[:8]
+    parts = []
+    for e in estimators:
+        parts.append(json.dumps(e.get_params(), sort_keys=True, default=str))
+        if hasattr(e, "booster_"):
+            parts.append(hashlib.sha256(bytes(e.booster_.save_raw("ubj"))).hexdigest())
+        if hasattr(e, "calibrator_"):
+            parts.append(json.dumps(e.calibrator_.to_json(), sort_keys=True, default=str))
+        if hasattr(e, "coef_") and hasattr(e, "to_json"):
+            parts.append(json.dumps(e.to_json(), sort_keys=True, default=str))
+    return hashlib.sha256(f"{data_h}:{':'.join(parts)}".encode()).hexdigest()[:8]
 
 
 def train_table(t: LabelledTable, source: str = "", id_column: str | None = None, random_state: int = 0):
@@ -353,7 +365,8 @@ class TrainReport:
     positives: dict
 
 
-def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, random_state: int = 0):
+def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, random_state: int = 0,
+                      reduced: bool = True):
     """Train the three-score :class:`models.scorer.AlertScorer` on a simulated stream.
 
     Parameters
@@ -364,13 +377,17 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
         *naive* scorer: raw features with the conditions as plain inputs).
     weight : bool
         Inverse-propensity weights for the label selection.
+    reduced : bool
+        Also train the *reduced* scorers, on the same alerts with every input in
+        :data:`models.features.SURVEY_OPTIONAL` blanked: they score alerts of surveys that do not
+        send one of those groups (Rubin), which the full scorers never saw without them.
 
     Returns
     -------
     (AlertScorer, TrainReport)
     """
     from causal.adjust import ConditionResidualiser, PropensityWeighter
-    from models.features import FEATURES
+    from models.features import FEATURES, SURVEY_OPTIONAL
     from models.score import SCORES
     from models.scorer import CONDITION_SENSITIVE, CONDITION_TRANSFORMS, INTRINSIC, AlertScorer, data_hash
 
@@ -385,20 +402,27 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
     pw = PropensityWeighter().fit(sim.selection, lab)
     w = pw.weights(sim.selection[lab]) if weight else np.ones(int(lab.sum()))
     diag = pw.diagnostics(sim.selection, lab)
-    scorers, positives = {}, {}
+    blank = [c for group in SURVEY_OPTIONAL for c in group]
+    scorers, small, positives = {}, {}, {}
     for s in SCORES:
         cols = [c for c in FEATURES if not (adjust and s in INTRINSIC and c in _conditions())]
         D = (R if s in INTRINSIC else X)[cols]
         y = sim.truth[TARGETS[s]].to_numpy(int)
         positives[s] = int(y[lab].sum())
         scorers[s] = _sim_estimator(random_state).fit(D[lab], y[lab], sample_weight=w, groups=groups[lab])
+        if reduced and adjust:
+            Db = D[lab].copy()
+            Db.loc[:, [c for c in blank if c in cols]] = np.nan
+            small[s] = _sim_estimator(random_state).fit(Db, y[lab], sample_weight=w, groups=groups[lab])
     h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted"]].astype(float))
-    # The residualiser's parameters are part of the name: the same trees on other residuals are another model.
-    version = f"xgb-sim{sim.seed}-{_version_tag(h, _sim_estimator(random_state), res)}" + ("" if adjust else "-naive")
+    # Everything fitted is part of the name: the same trees on other residuals are another model.
+    tag = _version_tag(h, res, *(scorers[s] for s in SCORES), *(small[s] for s in small))
+    version = f"xgb-sim{sim.seed}-{tag}" + ("" if adjust else "-naive")
     meta = {"training_data_hash": h, "training_source": f"stream.simulate seed={sim.seed} {sim.config}",
             "n_alerts": len(X), "n_labelled": int(lab.sum()), "positives_labelled": positives,
             "ipw": diag.to_json(), "propensity_model": pw.to_json(), "adjusted": adjust}
-    model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else AlertScorer(scorers, res, version, meta)
+    model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else \
+        AlertScorer(scorers, res, version, meta, reduced=small or None)
     return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives)
 
 

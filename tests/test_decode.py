@@ -155,6 +155,14 @@ def test_rubin_confluent_frame_from_vendored_alerts(rubin_files):
         assert a.exposure == src["visit"] * 1000 + src["detector"]
         assert a.band == src["band"] and a.mjd == src["midpointMjdTai"]
         assert set(a.cutouts) == {"science", "template", "difference"}
+        # image-level seeing: the PSF model's FWHM at the source (moments in arcsec², 0.2″ pixels)
+        fwhm = 2.3548 * np.sqrt((src["ixxPSF"] + src["iyyPSF"]) / 2) / 0.2
+        own = a.lightcurve.kind == DETECTION
+        assert a.lightcurve.seeing[own] == pytest.approx([fwhm], rel=1e-4)
+        assert np.isnan(a.context.fwhm) and np.isnan(a.context.elongation)  # no ZTF-like measurement
+        flags = ("pixelFlags_bad", "pixelFlags_crCenter", "pixelFlags_saturatedCenter", "pixelFlags_suspectCenter",
+                 "pixelFlags_interpolatedCenter", "pixelFlags_nodataCenter")
+        assert a.context.n_bad_pixels == sum(bool(src[k]) for k in flags)
 
 
 @needs_shared

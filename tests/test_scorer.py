@@ -161,14 +161,42 @@ def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
     meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
     assert meta["features"] == list(FEATURES) and meta["format"] == "vigil-scorer/1"
     assert {"training_data_hash", "version", "created", "residualiser", "ipw"} <= set(meta)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["metadata.json", "p_extragalactic.ubj",
-                                                                  "p_fast.ubj", "p_real.ubj"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "metadata.json", "p_extragalactic.reduced.ubj", "p_extragalactic.ubj", "p_fast.reduced.ubj", "p_fast.ubj",
+        "p_real.reduced.ubj", "p_real.ubj"]
     back = load(tmp_path / "m")
     assert isinstance(back, AlertScorer) and back.model_version == tiny_model.model_version
     a, b = tiny_model.score(tiny_sim.X), back.score(tiny_sim.X)
     for s in SCORES:
         np.testing.assert_array_equal(getattr(a, s), getattr(b, s))
         np.testing.assert_array_equal(a.contributions[s], b.contributions[s])
+
+
+def test_alerts_lacking_a_survey_optional_group_go_to_the_reduced_scorers(tiny_sim, tiny_model, tmp_path):
+    from models.features import SURVEY_OPTIONAL
+
+    X = tiny_sim.X.iloc[:40].copy()
+    X.loc[X.index[:10], list(SURVEY_OPTIONAL[0])] = np.nan  # a whole group missing: reduced
+    X.loc[X.index[10:20], list(SURVEY_OPTIONAL[1])] = np.nan
+    X.loc[X.index[20:30], SURVEY_OPTIONAL[0][0]] = np.nan  # one input of a group: the full scorers
+    lacking = tiny_model.lacking_rows(X)
+    np.testing.assert_array_equal(lacking, np.arange(40) < 20)
+    full_only = AlertScorer(tiny_model.scorers, tiny_model.residualiser, "x", {})
+    a, b = tiny_model.score(X), full_only.score(X)
+    for s in SCORES:
+        np.testing.assert_array_equal(getattr(a, s)[20:], getattr(b, s)[20:])  # untouched where complete
+        # the reduced scorers see every optional input blank (after ĝ(z), which uses the conditions known)
+        D = tiny_model.design(X.iloc[:20])[s].copy()
+        D.loc[:, [c for g in SURVEY_OPTIONAL for c in g if c in D.columns]] = np.nan
+        want = tiny_model.reduced[s].predict_proba(D)[:, 1]
+        np.testing.assert_allclose(getattr(a, s)[:20], want, rtol=1e-6)
+        # the blanked inputs explain nothing
+        blanked = [FEATURES.index(c) for g in SURVEY_OPTIONAL for c in g]
+        assert not a.contributions[s][:20, blanked].any()
+    tiny_model.save(tmp_path / "m")
+    back = load(tmp_path / "m")
+    for s in SCORES:
+        np.testing.assert_array_equal(getattr(back.score(X), s), getattr(a, s))
 
 
 def _edit_meta(path, fn):
@@ -318,6 +346,24 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
         assert a.priority is not None
         assert set(a.explanation_text) == set(SCORES)
         assert {c.score for c in a.explanation} == set(SCORES)
+
+
+def test_default_model_scores_rubin_alerts_on_their_own_evidence():
+    """Rubin sends no reference-image neighbour, negative-pixel count, limiting magnitude or a
+    ZTF-like source FWHM/elongation. The full scorers never saw alerts without them and gave every
+    Rubin alert P(real) ≤ 0.001; the reduced scorers follow the survey's own reliability.
+    """
+    from stream.alert import Envelope
+    from stream.pipeline import Pipeline
+
+    res = Pipeline().process([Envelope(f.read_bytes(), str(f)) for f in avro_files("rubin_fink")])
+    anns = res.annotations
+    assert len(anns) == 8 and all(a.status == "scored" for a in anns)
+    rel = np.array([a.features["real_bogus"] for a in anns])
+    p = np.array([a.p_real for a in anns])
+    assert p.min() > 0.1  # not collapsed to "bogus"
+    assert p[np.argmax(rel)] > 0.9 and p[rel < 0.4].mean() < p[rel >= 0.4].mean()
+    assert np.isfinite([a.features["seeing"] for a in anns]).all()  # the PSF model's width
 
 
 def test_default_model_recognises_real_catalogued_asteroids():
