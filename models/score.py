@@ -18,7 +18,7 @@ Alerts with no real/bogus score are ``unscored``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,9 @@ class ScoreBatch:
     """Scores for a batch, aligned with the feature table rows.
 
     ``contributions[score]`` is an (n, n_features) array of signed log-odds
-    contributions (the bias column dropped), or None.
+    contributions (the bias column dropped), or None. ``relative[score]`` names the features
+    that score reads relative to their typical value at the alert's observing conditions
+    (residualised on them), so an explanation can say so.
     """
 
     p_real: np.ndarray
@@ -40,6 +42,7 @@ class ScoreBatch:
     feature_names: tuple
     contributions: dict
     model_version: str
+    relative: dict = field(default_factory=dict)
 
 
 def _logit(p):
@@ -86,7 +89,9 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
     list, one entry per row, of ``(items, text)``: ``items`` a list of
     (score, feature, value, contribution); ``text`` score → one sentence, e.g.
     ``"P(real)=0.91: real_bogus=0.97 raises it; snr=5.1 lowers it"``; a missing value reads
-    ``"no pos_scatter lowers it"``.
+    ``"no pos_scatter lowers it"``; a feature the score reads relative to the conditions
+    (``batch.relative``) reads ``"fwhm=2.4 for its conditions raises it"``. Values are the
+    alert's own (raw) values.
     """
     n = len(X)
     out = [([], {}) for _ in range(n)]
@@ -98,6 +103,7 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
         c = batch.contributions.get(s) if batch.contributions else None
         if c is None:
             continue
+        relative = set((batch.relative or {}).get(s, ()))
         p_all = np.asarray(getattr(batch, s), dtype=float)
         top = np.argsort(-np.abs(c), axis=1)[:, :k]
         # Everything a row needs, gathered for the batch and turned into Python lists once.
@@ -120,6 +126,8 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                 items.append((s, name, val, v))
                 # A missing value is evidence too (one detection has no positional scatter).
                 what = f"no {name}" if math.isnan(val) else f"{name}={val:.3g}"
+                if name in relative and not math.isnan(val):
+                    what += " for its conditions"
                 parts.append(f"{what} {'raises' if v > 0 else 'lowers'} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
     return out
@@ -130,5 +138,6 @@ def explain(batch: ScoreBatch, X: pd.DataFrame, i: int, k: int = 3):
     sub = ScoreBatch(
         *(np.asarray(getattr(batch, s))[i:i + 1] for s in SCORES), batch.feature_names,
         {s: c[i:i + 1] for s, c in (batch.contributions or {}).items() if c is not None}, batch.model_version,
+        batch.relative,
     )
     return explain_batch(sub, X.iloc[i:i + 1], k)[0]

@@ -485,8 +485,9 @@ class AlertScorer:
             probs[s] = p
             if contributions:
                 contrib[s] = full
+        relative = tuple(c for c, _ in self.residualiser.columns)
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
-                          self.model_version)
+                          self.model_version, {s: relative for s in INTRINSIC})
 
     def save(self, directory) -> Path:
         """Write boosters (UBJSON) and ``metadata.json`` into ``directory``."""

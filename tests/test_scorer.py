@@ -346,6 +346,16 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
         assert a.priority is not None
         assert set(a.explanation_text) == set(SCORES)
         assert {c.score for c in a.explanation} == set(SCORES)
+    # The intrinsic scores read the condition-sensitive features relative to the conditions, and say so.
+    relative = {c for c, _ in pipe.scorer.residualiser.columns}
+    said = 0
+    for a in res.annotations:
+        for c in a.explanation:
+            if c.feature in relative and c.value is not None and np.isfinite(c.value):
+                phrase = f"{c.feature}={c.value:.3g} for its conditions"
+                assert (phrase in a.explanation_text[c.score]) == (c.score != "p_real")
+                said += c.score != "p_real"
+    assert said > 0
 
 
 def test_default_model_scores_rubin_alerts_on_their_own_evidence():
