@@ -63,6 +63,8 @@ CONDITION_SENSITIVE = (
 CONDITION_TRANSFORMS = (("seeing", "log"), ("airmass", "identity"), ("limit_mag", "identity"),
                         ("moon_illumination", "identity"), ("moon_separation", "identity"), ("det_seeing", "log"))
 
+#: An alert with none of these is not scored (its scores and priority are null, status ``unscored``).
+MIN_EVIDENCE = ("real_bogus", "snr")
 #: Fewest alerts (with every condition known) a refit of the condition regressions accepts.
 MIN_CONDITION_ROWS = 50
 
@@ -464,6 +466,9 @@ class AlertScorer:
         n = len(X)
         D = self.design(X)
         thin = self.lacking_rows(X) if self.reduced and n else np.zeros(n, dtype=bool)
+        # Without the survey's real/bogus score and a signal-to-noise there is no evidence about
+        # the detection itself: such an alert is unscored (NaN), not given the training prior.
+        blind = X[list(MIN_EVIDENCE)].isna().to_numpy().all(axis=1) if n else np.zeros(0, dtype=bool)
         full_rows = ~thin
         probs, contrib = {}, {}
         for s in SCORES:
@@ -482,8 +487,9 @@ class AlertScorer:
                 p[rows] = est.calibrator_(est.booster_.inplace_predict(B, predict_type="margin"))
                 if contributions:
                     full[np.ix_(rows, self._index[s])] = est.contributions(B, nthread=self.inference_threads)
-            probs[s] = p
+            probs[s] = np.where(blind, np.nan, p)
             if contributions:
+                full[blind] = 0.0
                 contrib[s] = full
         relative = tuple(c for c, _ in self.residualiser.columns)
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,

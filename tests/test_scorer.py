@@ -445,3 +445,23 @@ def test_condition_refit_refuses_too_few_alerts():
         base.with_conditions_fitted_on(X)
     with pytest.raises(ValueError, match="0 alerts"):
         base.with_conditions_fitted_on(X.iloc[:0])
+
+
+def test_an_alert_without_evidence_about_its_detection_is_unscored_not_given_the_prior():
+    from stream.alert import Envelope
+    from stream.pipeline import Pipeline
+
+    files = avro_files("ztf_fink")[:5]
+    pipe = Pipeline(hsr=False)
+    dec = pipe.decoder
+    import dataclasses
+
+    alerts = [dec.decode(Envelope(f.read_bytes()))[0] for f in files]
+    blind = dataclasses.replace(alerts[0], context=dataclasses.replace(alerts[0].context, real_bogus=np.nan,
+                                                                        snr=np.nan))
+    anns, _ = pipe.annotate([blind, *alerts[1:]], [Envelope(b"")] * len(alerts))
+    assert anns[0].status == "unscored" and anns[0].priority is None and anns[0].p_real is None
+    assert all(a.status == "scored" for a in anns[1:])
+    X = pd.DataFrame(np.nan, index=[0], columns=list(FEATURES))  # nothing known at all
+    sb = pipe.scorer.score(X)
+    assert all(np.isnan(getattr(sb, s)[0]) for s in SCORES)
