@@ -732,11 +732,17 @@ class QueueSink:
             obj_rows.append(object_row(rec, spark, now_ms))
         self._begin()
         c = self.conn
-        c.executemany(_UPSERT_ANNOTATION, ann_rows)
-        c.executemany(_UPSERT_LIGHTCURVE, lc_rows)
-        c.executemany(_UPSERT_CUTOUT, cut_rows)
-        c.executemany(_UPSERT_OBJECT, obj_rows)
-        c.executemany(_COUNT_ALERTS, [(oid,) for oid in sorted({r[0] for r in obj_rows})])
+        try:
+            c.executemany(_UPSERT_ANNOTATION, ann_rows)
+            c.executemany(_UPSERT_LIGHTCURVE, lc_rows)
+            c.executemany(_UPSERT_CUTOUT, cut_rows)
+            c.executemany(_UPSERT_OBJECT, obj_rows)
+            c.executemany(_COUNT_ALERTS, [(oid,) for oid in sorted({r[0] for r in obj_rows})])
+        except BaseException:
+            # All or nothing: a later flush()/close() must not commit half a batch.
+            self.conn.execute("ROLLBACK")
+            self._in_tx = False
+            raise
         self.n_written += len(records)
 
     def write(self, records) -> None:
@@ -757,9 +763,16 @@ class QueueSink:
             self._in_tx = False
             self._flushes += 1
             if self._flushes % self.ANALYZE_EVERY == 1:  # first batch, then every ANALYZE_EVERY
-                analyze(self.conn)
+                self._analyze()
             if self.retention_days and self._flushes % self.PRUNE_EVERY == 0:
                 self._prune()
+
+    def _analyze(self) -> None:
+        """Refresh the planner's statistics; like pruning, a failure (a lock held by a reader) is only logged."""
+        try:
+            analyze(self.conn)
+        except Exception as exc:
+            log.warning("queue ANALYZE skipped this time: %s", exc)
 
     def _prune(self) -> None:
         """Apply the retention window; a failure is logged and retried later, never raised (the batch is safe)."""
@@ -776,7 +789,7 @@ class QueueSink:
         if self.conn is not None:
             self.flush()
             if self._flushes:
-                analyze(self.conn)
+                self._analyze()
             self.conn.close()
             self.conn = None
 

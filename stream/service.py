@@ -151,11 +151,24 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
                 progress.update(counts)
             if stop is not None and stop():
                 break
+    except BaseException:
+        failed = True
+        raise
+    else:
+        failed = False
     finally:
         gc.set_threshold(*thresholds)
-        source.close()
-        for s in sinks:
-            s.close()
+        # Close everything even if one close fails, and never let a close error hide the
+        # error that stopped the run.
+        close_error = None
+        for closer in (source.close, *(s.close for s in sinks)):
+            try:
+                closer()
+            except Exception as exc:
+                log.error("closing %s failed: %r", getattr(closer, "__self__", closer), exc)
+                close_error = close_error or exc
         if progress is not None:
             progress.close(counts)
+    if close_error is not None and not failed:
+        raise close_error
     return counts

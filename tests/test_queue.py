@@ -97,6 +97,53 @@ def test_upsert_is_idempotent(tmp_path, batch, db):
     assert dict(sqlite3.connect(db).execute("SELECT object_id, n_alerts FROM objects").fetchall()) == n_alerts
 
 
+def test_a_batch_that_fails_half_way_is_not_committed_by_close(tmp_path, batch, monkeypatch):
+    import stream.queue as q
+
+    result, records = batch
+    path = tmp_path / "q.sqlite"
+    QueueSink(path).close()  # the schema, empty
+    sink = QueueSink(path)
+    monkeypatch.setattr(q, "_UPSERT_OBJECT", "INSERT INTO no_such_table VALUES (?)")  # fails after the annotations
+    with pytest.raises(sqlite3.Error):
+        sink.write_result(result, records)
+    sink.close()  # what drive() does on its way out
+    assert _counts(path)["annotations"] == 0
+
+
+def test_drive_closes_every_sink_and_keeps_the_first_error():
+    from stream.service import drive
+
+    closed = []
+
+    class Source:
+        def batches(self):
+            raise ValueError("the broker went away")
+            yield
+
+        def close(self):
+            closed.append("source")
+
+    class Sink:
+        def __init__(self, name, fail):
+            self.name, self.fail = name, fail
+
+        def write(self, records):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            closed.append(self.name)
+            if self.fail:
+                raise RuntimeError("flush on close failed")
+
+    with pytest.raises(ValueError, match="broker went away"):
+        drive(Source(), Pipeline(hsr=False), [Sink("a", True), Sink("b", False)])
+    assert closed == ["source", "a", "b"]
+
+
 def test_sink_plugs_into_drive(tmp_path):
     from stream.service import drive
     from stream.sources import MemorySource
