@@ -218,6 +218,10 @@ class _ProducerSink:
         })
         self._errors: list = []
         self._cb = _delivery_errors(self._errors)
+        # Wait as long as librdkafka itself keeps retrying a message (its delivery.timeout.ms,
+        # 300 s by default) before giving up on a batch: a leader election or a short broker
+        # outage then delays the stream instead of stopping the service.
+        self.flush_timeout_s = float((settings or {}).get("delivery.timeout.ms", 300_000)) / 1000.0 + 5.0
 
     def _produce(self, value: bytes, key, headers) -> None:
         while True:
@@ -229,9 +233,9 @@ class _ProducerSink:
 
     def flush(self) -> None:
         """Block until every message is acknowledged by the broker; raise if any failed."""
-        left = self.producer.flush(30)
+        left = self.producer.flush(self.flush_timeout_s)
         if left:
-            raise RuntimeError(f"{left} messages to {self.topic} not delivered within 30 s")
+            raise RuntimeError(f"{left} messages to {self.topic} not delivered within {self.flush_timeout_s:.0f} s")
         if self._errors:
             errs, self._errors[:] = list(self._errors), []
             raise RuntimeError(f"delivery to {self.topic} failed: {errs[0]}")
