@@ -361,7 +361,7 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
 def test_default_model_scores_rubin_alerts_on_their_own_evidence():
     """Rubin sends no reference-image neighbour, negative-pixel count, limiting magnitude or a
     ZTF-like source FWHM/elongation. The full scorers never saw alerts without them and gave every
-    Rubin alert P(real) ≤ 0.001; the reduced scorers follow the survey's own reliability.
+    vendored Rubin alert P(real) ≤ 0.001; the reduced scorers follow the survey's own reliability.
     """
     from stream.alert import Envelope
     from stream.pipeline import Pipeline
