@@ -217,7 +217,7 @@ def _last_of(n: int, grp: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per alert, the index of its last row where ``mask`` holds (−1 if none); rows grouped in order."""
     last = np.full(n, -1)
     idx = np.flatnonzero(mask)
-    last[grp[idx]] = idx  # later rows overwrite earlier ones
+    np.maximum.at(last, grp[idx], idx)  # (a repeated-index assignment has no guaranteed order)
     return last
 
 
@@ -244,8 +244,11 @@ def _positions(n: int, g, kind, ra, dec, is_det) -> dict:
     multi = cnt > 0
     c = np.maximum(cnt, 1)
     dec0 = np.bincount(gp, weights=dp, minlength=n) / c
+    first = np.full(n, len(gp))
+    np.minimum.at(first, gp, np.arange(len(gp)))  # each alert's earliest row
     first_ra = np.full(n, np.nan)
-    first_ra[gp[::-1]] = rp[::-1]  # earliest row wins
+    has = first < len(gp)
+    first_ra[has] = rp[first[has]]
     dra = (rp - first_ra[gp] + 180.0) % 360.0 - 180.0  # wrap-safe offsets from the first detection
     x, y = dra * np.cos(np.radians(dec0[gp])) * 3600.0, (dp - dec0[gp]) * 3600.0
     xm, ym = np.bincount(gp, weights=x, minlength=n) / c, np.bincount(gp, weights=y, minlength=n) / c
