@@ -84,20 +84,12 @@ def _design(Z: np.ndarray, degree: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _ZScaler:
-    """Median imputation, clipping to the fitted range and standardisation of the conditions.
-
-    Clipping: ĝ(z) is a straight line fitted over the conditions it saw; conditions far
-    outside them (another survey's sub-arcsecond seeing on a model fitted to ZTF's 1.3–3.5″)
-    would extrapolate it by many standard deviations and push residuals anywhere. Beyond the
-    fitted range ĝ stays at its edge.
-    """
+    """Median imputation + standardisation of the conditions (with their transforms)."""
 
     transforms: tuple
     median: np.ndarray
     mean: np.ndarray
     scale: np.ndarray
-    lo: np.ndarray | None = None  # the fitted range (transformed); None: no clipping (older models)
-    hi: np.ndarray | None = None
 
     @classmethod
     def fit(cls, Z: np.ndarray, transforms: tuple) -> _ZScaler:
@@ -105,13 +97,11 @@ class _ZScaler:
         med = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in T.T])
         T = np.where(np.isfinite(T), T, med)
         sd = T.std(axis=0)
-        return cls(tuple(transforms), med, T.mean(axis=0), np.where(sd > 0, sd, 1.0), T.min(axis=0), T.max(axis=0))
+        return cls(tuple(transforms), med, T.mean(axis=0), np.where(sd > 0, sd, 1.0))
 
     def __call__(self, Z: np.ndarray) -> np.ndarray:
         T = np.column_stack([_forward(Z[:, i], self.transforms[i]) for i in range(Z.shape[1])])
         T = np.where(np.isfinite(T), T, self.median)
-        if self.lo is not None:
-            T = np.clip(T, self.lo, self.hi)
         return (T - self.mean) / self.scale
 
 
@@ -303,8 +293,6 @@ class ConditionResidualiser(TransformerMixin, BaseEstimator):
             "random_state": self.random_state, "loss": self.loss,
             "z_median": self.scaler_.median.tolist(), "z_mean": self.scaler_.mean.tolist(),
             "z_scale": self.scaler_.scale.tolist(), "coef": self.coef_.tolist(),
-            **({"z_lo": self.scaler_.lo.tolist(), "z_hi": self.scaler_.hi.tolist()}
-               if self.scaler_.lo is not None else {}),
         }
 
     @classmethod
@@ -315,8 +303,7 @@ class ConditionResidualiser(TransformerMixin, BaseEstimator):
                 float(d["alpha"]), int(d["n_splits"]), int(d["random_state"]), d.get("loss", "squared"))
         r._check()
         r.scaler_ = _ZScaler(tuple(t for _, t in r.conditions), np.asarray(d["z_median"], float),
-                             np.asarray(d["z_mean"], float), np.asarray(d["z_scale"], float),
-                             *((np.asarray(d["z_lo"], float), np.asarray(d["z_hi"], float)) if "z_lo" in d else ()))
+                             np.asarray(d["z_mean"], float), np.asarray(d["z_scale"], float))
         coef = np.asarray(d["coef"], float)
         k = len(r.conditions)
         n_terms = 1 + k + (k * (k + 1) // 2 if r.degree >= 2 else 0)  # the columns of _design

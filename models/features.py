@@ -264,8 +264,15 @@ def _positions(n: int, g, kind, ra, dec, is_det) -> dict:
 
 
 def _loo_median(values: np.ndarray, keys: np.ndarray, min_others: int) -> np.ndarray:
-    """Per row, the median of the finite ``values`` of the *other* rows with the same key (R1)."""
+    """Per row, the median of the finite ``values`` of the *other* rows with the same key (R1).
+
+    A None key (unknown exposure) pools nothing.
+    """
     out = np.full(len(values), np.nan)
+    known = np.array([k is not None for k in keys], dtype=bool)
+    if not known.all():
+        out[known] = _loo_median(values[known], keys[known], min_others)
+        return out
     order = np.argsort(keys, kind="stable")
     ks = keys[order]
     starts = np.r_[0, np.flatnonzero(ks[1:] != ks[:-1]) + 1]
@@ -317,27 +324,34 @@ class ExposureCompanions:
     The exposure's seeing is the median PSF width of the *other* alerts of that exposure;
     from one micro-batch alone it would depend on where the batch boundaries fall (an alert
     scored alone has no companions at all). A stream :class:`stream.pipeline.Pipeline` keeps one
-    of these, so each alert sees every companion that arrived up to and with its batch, as
-    training sees the whole stream. Bounded: the oldest exposures are forgotten first.
+    of these, so each alert sees every companion that arrived up to and with its batch (the
+    first alerts of an exposure still see fewer than the last; training sees them all).
+    Bounded: the oldest exposures are forgotten first, once either limit is passed.
 
     Parameters
     ----------
     max_exposures : int
         Exposure keys (whole exposures and detector sections together) kept.
+    max_alerts : int
+        PSF widths kept over all keys (each alert is kept under two keys); ~300 bytes each.
     """
 
-    def __init__(self, max_exposures: int = 20_000):
-        self.max_exposures = max_exposures
+    def __init__(self, max_exposures: int = 20_000, max_alerts: int = 400_000):
+        self.max_exposures, self.max_alerts = max_exposures, max_alerts
         self._widths: OrderedDict = OrderedDict()  # key -> {alert key: PSF width}
+        self._n = 0
 
     def add(self, keys: np.ndarray, ids: list, widths: np.ndarray) -> None:
         for k, i, w in zip(keys.tolist(), ids, widths.tolist(), strict=True):
+            if k is None:  # no exposure to pool by
+                continue
             d = self._widths.get(k)
             if d is None:
                 d = self._widths[k] = {}
-                if len(self._widths) > self.max_exposures:
-                    self._widths.popitem(last=False)
+            self._n += i not in d
             d[i] = w
+        while len(self._widths) > 1 and (len(self._widths) > self.max_exposures or self._n > self.max_alerts):
+            self._n -= len(self._widths.popitem(last=False)[1])
 
     def loo_median(self, keys: np.ndarray, ids: list, min_others: int) -> np.ndarray:
         """Per alert, the median of the finite widths of the other alerts remembered for its key."""
@@ -374,7 +388,8 @@ def image_level_seeing(alerts, fp: np.ndarray | None = None, companions: Exposur
     In order: the forced-photometry image seeing of the alert's own exposure (``fp``, see
     :func:`_image_seeing`; computed when not given); the median PSF width of the *other*
     alerts of the same whole exposure (same field and time, all detector sections; ≥ 3 of
-    them) among ``alerts``, else of the same detector section (≥ 2) — an exposure-level
+    them) among ``alerts`` (with ``companions``, also those of earlier micro-batches), else of
+    the same detector section (≥ 2) — an exposure-level
     quantity (science.md §1); pooling the whole exposure keeps its noise small, which
     matters because noise in z dilutes the adjustment (regression towards zero).
 
@@ -395,8 +410,9 @@ def image_level_seeing(alerts, fp: np.ndarray | None = None, companions: Exposur
     if fp is None:
         fp = _image_seeing(alerts)[0]
     own = _own_psf_width(alerts)
-    section = np.array([f"{a.survey}:{a.exposure}" for a in alerts])
-    whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" for a in alerts])
+    # An unknown exposure (key -1) pools nothing: None keys are skipped and group only with each other.
+    section = np.array([f"{a.survey}:{a.exposure}" if a.exposure >= 0 else None for a in alerts], dtype=object)
+    whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" if a.field >= 0 else None for a in alerts], dtype=object)
     if companions is None:
         est = _loo_median(own, whole, 3)
         est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))

@@ -59,6 +59,7 @@ REASONS = {
     "bad_time": "observation time non-finite or implausible",
     "bad_value": "a field has an unusable value",
     "internal_error": "Vigil failed on a decoded alert (a bug: counted against the error budget)",
+    "unencodable": "the alert's annotation has a value the output schema cannot hold",
 }
 
 CONTAINER_MAGIC = b"Obj\x01"

@@ -221,7 +221,9 @@ class _ProducerSink:
         # Wait as long as librdkafka itself keeps retrying a message (its delivery.timeout.ms,
         # 300 s by default) before giving up on a batch: a leader election or a short broker
         # outage then delays the stream instead of stopping the service.
-        self.flush_timeout_s = float((settings or {}).get("delivery.timeout.ms", 300_000)) / 1000.0 + 5.0
+        st = settings or {}
+        timeout_ms = st.get("delivery.timeout.ms", st.get("message.timeout.ms", 300_000))  # librdkafka aliases
+        self.flush_timeout_s = float(timeout_ms) / 1000.0 + 5.0
 
     def _produce(self, value: bytes, key, headers) -> None:
         while True:
@@ -276,10 +278,11 @@ class DeadLetterSink(_ProducerSink):
     """Rejected input: the original bytes unchanged, the why in headers.
 
     A payload too large for the producer's ``message.max.bytes`` (librdkafka's default is
-    1,000,000, below the consumer's limit) is left out: the dead letter then carries
-    ``vigil.payload_omitted`` (the payload's size) and its SHA-256, and the headers name the
-    source topic, partition and offset where the original still lies. Without this, one
-    oversized bad message would stop the service at every restart.
+    1,000,000, below the consumer's limit; keep it at or below the dead-letter topic's
+    ``max.message.bytes``, or the broker refuses what the producer lets through) is left
+    out: the dead letter then carries ``vigil.payload_omitted`` (the payload's size) and its
+    SHA-256, and the headers name the source topic, partition and offset where the original
+    still lies. Without this, one oversized bad message would stop the service at every restart.
     """
 
     def __init__(self, bootstrap: str, topic: str, settings=None):

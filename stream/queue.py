@@ -740,8 +740,12 @@ class QueueSink:
             c.executemany(_COUNT_ALERTS, [(oid,) for oid in sorted({r[0] for r in obj_rows})])
         except BaseException:
             # All or nothing: a later flush()/close() must not commit half a batch.
-            self.conn.execute("ROLLBACK")
-            self._in_tx = False
+            try:
+                self.conn.execute("ROLLBACK")
+            except Exception as exc:  # the database already rolled back itself (e.g. disk full)
+                log.debug("ROLLBACK after a failed batch: %s", exc)
+            finally:
+                self._in_tx = False
             raise
         self.n_written += len(records)
 

@@ -93,7 +93,7 @@ def _prepare(result, records: list, sinks) -> list:
     keep = [i for i in range(len(records)) if i not in bad]
     for i, err in sorted(bad.items()):
         a = result.annotations[i]
-        result.rejected.append(Rejected(result.envelopes[i], "encode", "internal_error",
+        result.rejected.append(Rejected(result.envelopes[i], "encode", "unencodable",
                                         f"annotation cannot be encoded: {err}", a.alert_id, a.object_id))
     for name in ("annotations", "alerts", "envelopes", "corrected_flux"):
         seq = getattr(result, name)

@@ -218,8 +218,8 @@ def _one_exposure_alerts():
     return alerts[:k] + alerts[k + 1:] + [alerts[k]]
 
 
-def test_exposure_companions_give_the_batch_seeing_whatever_the_batch_boundaries():
-    """The seeing of an exposure must not depend on how the stream was cut into micro-batches."""
+def test_exposure_companions_carry_an_exposure_across_micro_batches():
+    """An alert scored after its exposure's companions gets the seeing it would get among all of them."""
     from models.features import ExposureCompanions, image_level_seeing
 
     alerts = _one_exposure_alerts()
@@ -270,3 +270,17 @@ def test_exposure_companions_leave_one_out_median_against_brute_force():
             rest = rest[np.isfinite(rest)]
             want = np.median(rest) if len(rest) >= 2 else np.nan
             np.testing.assert_equal(got[j], want)
+
+
+def test_exposure_companions_stay_bounded_and_ignore_unknown_exposures():
+    from models.features import ExposureCompanions
+
+    mem = ExposureCompanions(max_exposures=50, max_alerts=300)
+    for e in range(200):  # 200 exposures of 10 alerts, each under one key
+        mem.add(np.array([f"e{e}"] * 10, dtype=object), [(e, i) for i in range(10)], np.full(10, 2.0))
+        assert len(mem._widths) <= 50 and mem._n <= 300
+    assert mem._n == sum(len(d) for d in mem._widths.values())
+    assert "e199" in mem._widths and "e0" not in mem._widths  # the oldest go first
+    mem.add(np.array([None, None], dtype=object), ["a", "b"], np.array([1.0, 3.0]))
+    assert None not in mem._widths
+    assert np.isnan(mem.loo_median(np.array([None], dtype=object), ["a"], 1)[0])

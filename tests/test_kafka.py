@@ -153,7 +153,7 @@ def test_an_annotation_the_schema_refuses_becomes_a_dead_letter_before_any_write
     sink = AnnotationTopicSink("127.0.0.1:1", "unused")  # prepare() only encodes; nothing is sent
     kept = _prepare(result, records, [sink])
     assert len(kept) == len(result.annotations) == len(result.alerts) == len(result.envelopes) == n - 1
-    assert [r.reason for r in result.rejected] == ["internal_error"] and result.rejected[0].stage == "encode"
+    assert [r.reason for r in result.rejected] == ["unencodable"] and result.rejected[0].stage == "encode"
     assert result.rejected[0].alert_id == records[1]["alert_id"] and result.n_read == n
     assert all(id(r) in sink._encoded for r in kept)
 
