@@ -333,10 +333,11 @@ class ExposureCompanions:
     max_exposures : int
         Exposure keys (whole exposures and detector sections together) kept.
     max_alerts : int
-        PSF widths kept over all keys (each alert is kept under two keys); ~300 bytes each.
+        PSF widths kept over all keys (each alert is kept under two keys): the last ~50,000
+        alerts, five Rubin visits, ~15 MB.
     """
 
-    def __init__(self, max_exposures: int = 20_000, max_alerts: int = 400_000):
+    def __init__(self, max_exposures: int = 20_000, max_alerts: int = 100_000):
         self.max_exposures, self.max_alerts = max_exposures, max_alerts
         self._widths: OrderedDict = OrderedDict()  # key -> {alert key: PSF width}
         self._n = 0
