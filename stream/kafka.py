@@ -323,6 +323,7 @@ class Metrics:
         self.e2e_seconds_last = float("nan")  # alert observation time → annotation published
         self.kafka_latency_seconds_last = float("nan")  # message timestamp → annotation published
         self.stats = stats
+        self.source = None  # the consumer source, for its count of (non-fatal) consumer errors
 
     def observe(self, result, seconds: float) -> None:
         now = time.time()
@@ -360,6 +361,9 @@ class Metrics:
             if self.stats is not None:
                 lines += [f'vigil_consumer_lag{{topic="{t}",partition="{p}"}} {lag}'
                           for (t, p), lag in sorted(self.stats.lag.items())]
+            errors = getattr(self.source, "errors", None)
+            if errors is not None:  # messages librdkafka reported as errors instead of delivering (logged)
+                lines += ["# TYPE vigil_consumer_errors_total counter", f"vigil_consumer_errors_total {errors}"]
         return "\n".join(lines) + "\n"
 
     def log_line(self) -> str:
@@ -461,6 +465,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         stats = source.stats
     metrics = metrics or Metrics(stats)
     metrics.stats = stats
+    metrics.source = source
     server = serve_metrics(metrics, cfg.service.metrics_host, cfg.service.metrics_port) \
         if cfg.service.metrics_port else None
     sinks = [AnnotationTopicSink(s.bootstrap_servers, ann_topic, o.kafka)]

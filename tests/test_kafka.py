@@ -74,6 +74,7 @@ def test_alerts_in_annotations_out_one_per_alert(broker, topics, tmp_path):
         assert dict(m.headers())["vigil.schema_version"] == b"1.0"
         assert r["source"]["topic"] == topics[0] and r["source"]["offset"] >= 0
     assert "vigil_consumed_total" in scraped[0] and "vigil_consumer_lag" in scraped[0]
+    assert "vigil_consumer_errors_total 0" in metrics.render()
     assert f"vigil_annotated_total {n}" in metrics.render()
 
 
