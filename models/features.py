@@ -14,6 +14,8 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
+from stream.alert import PIXEL_SCALE
+
 # Column order is part of every saved model's metadata; append, never reorder.
 FEATURES = (
     # survey context
@@ -43,16 +45,15 @@ CONDITIONS = ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separ
 
 #: Inputs that some supported survey does not send (Rubin: no reference-image neighbour,
 #: negative-pixel count or limiting magnitude in the alert, and no source FWHM or elongation
-#: comparable with ZTF's, see :func:`stream.decode._moments_fwhm_px`), in groups that go
+#: comparable with ZTF's, see :func:`stream.decode._psf_fwhm_px`), in groups that go
 #: missing together. The simulator writes ZTF alerts, which always have them: the full scorers
 #: never saw them missing and would send a missing value down whatever branch XGBoost
 #: defaulted to (for Rubin alerts, "bogus": P(real) < 0.05 for all 288 of the Fink sample).
 #: An alert lacking a whole group is scored by *reduced* scorers trained without any of them
 #: (:class:`models.scorer.AlertScorer`).
 SURVEY_OPTIONAL = (("ref_mag", "ref_distance", "n_negative_pixels", "limit_mag"), ("fwhm", "elongation"))
-#: Observatory sites (geodetic lat, lon in degrees east, height in m) and pixel scales (arcsec).
+#: Observatory sites (geodetic lat, lon in degrees east, height in m).
 SITES = {"ztf": (33.3563, -116.8650, 1712.0), "rubin": (-30.2446, -70.7494, 2663.0)}
-PIXEL_SCALE = {"ztf": 1.012, "rubin": 0.2}
 
 
 def galactic_latitude(ra, dec) -> np.ndarray:
@@ -370,7 +371,6 @@ class ExposureCompanions:
                     m = len(v) - 1
                     if m < min_others:
                         continue
-
                     h = m // 2  # the others are v without position i
                     hi = v[h] if h < i else v[h + 1]
                     if m % 2:

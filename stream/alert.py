@@ -27,6 +27,9 @@ def mag_to_ujy(mag):
     return np.power(10.0, -0.4 * (np.asarray(mag, dtype=float) - AB_UJY_ZERO))
 
 
+#: Pixel scale (arcsec per pixel) of each survey's images: PSF widths and image seeing come in pixels.
+PIXEL_SCALE = {"ztf": 1.012, "rubin": 0.2}
+
 @dataclass(frozen=True)
 class Envelope:
     """Raw bytes as they came in, plus where they came from.

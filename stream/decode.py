@@ -33,6 +33,7 @@ from stream.alert import (
     DETECTION,
     FORCED,
     NONDETECTION,
+    PIXEL_SCALE,
     PREVIOUS,
     Alert,
     Context,
@@ -924,23 +925,21 @@ def _rubin_time(s: dict, ids=(None, None)) -> float:
 
 #: Gaussian FWHM / σ.
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-RUBIN_PIXEL_ARCSEC = 0.2
 #: Rubin pixel flags at the source's centre that mark a defect (the analogue of ZTF's nbad).
 _RUBIN_CENTRE_FLAGS = ("pixelFlags_bad", "pixelFlags_crCenter", "pixelFlags_saturatedCenter",
                        "pixelFlags_suspectCenter", "pixelFlags_interpolatedCenter", "pixelFlags_nodataCenter")
 
 
-def _moments_fwhm_px(s: dict, xx: str, yy: str) -> float:
-    """FWHM (Rubin pixels) of the Gaussian with the mean of two second moments (arcsec², as Rubin gives them).
+def _psf_fwhm_px(s: dict) -> float:
+    """FWHM (Rubin pixels) of the PSF model at a source, from its second moments (arcsec², as Rubin gives them).
 
-    Used for the PSF model only. The source's own adaptive moments on the difference image
+    The PSF model only: the source's own adaptive moments on the difference image
     are no stand-in for ZTF's ``fwhm``/``elongation``: on the Fink sample's sources with
     reliability > 0.6 their elongation has a median of 1.9, and a model trained on ZTF reads
     that as an artefact; Rubin alerts therefore carry neither.
     """
-    a, b = _f(s.get(xx)), _f(s.get(yy))
-    m = 0.5 * (a + b)
-    return FWHM_PER_SIGMA * math.sqrt(m) / RUBIN_PIXEL_ARCSEC if m > 0 else float("nan")
+    m = 0.5 * (_f(s.get("ixxPSF")) + _f(s.get("iyyPSF")))
+    return FWHM_PER_SIGMA * math.sqrt(m) / PIXEL_SCALE["rubin"] if m > 0 else float("nan")
 
 
 def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
@@ -983,7 +982,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
                  flux_err=_f(_first(s, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY, kind=kind, exposure=e, field=v,
                  chip=d, ra=_f(s.get("ra")) if kind != FORCED else np.nan,
                  dec=_f(_first(s, "dec", "decl")) if kind != FORCED else np.nan,
-                 seeing=_moments_fwhm_px(s, "ixxPSF", "iyyPSF") if kind != FORCED else np.nan)
+                 seeing=_psf_fwhm_px(s) if kind != FORCED else np.nan)
 
     add_source(src, DETECTION)
     for s in rec.get("prvDiaSources") or ():
