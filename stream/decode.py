@@ -23,6 +23,7 @@ import math
 import operator
 import re
 import struct
+import time
 from pathlib import Path
 
 import fastavro
@@ -509,10 +510,18 @@ def _check_position(ra, dec, ids):
     return ra, dec
 
 
+#: How far past the wall clock an observation time may lie (clock skew, TAI − UTC) before it is
+#: refused: one alert dated in the future would become the queue's "now" and age every other alert.
+FUTURE_TOLERANCE_D = 1.0
+
+
 def _check_mjd(mjd, ids):
     mjd = float(mjd)
     if not math.isfinite(mjd) or not MJD_RANGE[0] < mjd < MJD_RANGE[1]:
         raise DecodeError("bad_time", f"MJD {mjd!r} outside {MJD_RANGE}", *ids)
+    now = time.time() / 86400.0 + 40587.0
+    if mjd > now + FUTURE_TOLERANCE_D:
+        raise DecodeError("bad_time", f"MJD {mjd!r} is {mjd - now:.1f} d in the future", *ids)
     return mjd
 
 

@@ -578,16 +578,19 @@ ON CONFLICT (alert_id, model_version) DO UPDATE SET
     processing_time_ms = excluded.processing_time_ms, written_ms = excluded.written_ms,
     status = excluded.status, p_real = excluded.p_real, p_extragalactic = excluded.p_extragalactic,
     p_fast = excluded.p_fast, priority = excluded.priority, stage = excluded.stage, record = excluded.record
+WHERE annotations.object_id = excluded.object_id
 """
-
+# Rows are keyed by alert id. A redelivered alert updates its own rows; an alert id that comes
+# back under another object (a colliding or crafted id) must not take over this object's
+# annotation, light curve or stamps, so it changes nothing (stamps of an alert never change).
 _UPSERT_LIGHTCURVE = """
 INSERT INTO lightcurves (alert_id, object_id, data) VALUES (?, ?, ?)
-ON CONFLICT (alert_id) DO UPDATE SET object_id = excluded.object_id, data = excluded.data
+ON CONFLICT (alert_id) DO UPDATE SET data = excluded.data WHERE lightcurves.object_id = excluded.object_id
 """
 
 _UPSERT_CUTOUT = """
 INSERT INTO cutouts (alert_id, kind, data) VALUES (?, ?, ?)
-ON CONFLICT (alert_id, kind) DO UPDATE SET data = excluded.data
+ON CONFLICT (alert_id, kind) DO NOTHING
 """
 
 # The object row follows its newest alert (by event time, then alert id); an older alert
@@ -1084,7 +1087,11 @@ class QueueStore:
                  json.dumps(rec.get("features") or {}, separators=(",", ":"))))
             decision_id = int(cur.fetchone()[0])
             if column == "snooze":
-                c.execute("UPDATE objects SET snoozed_mjd = latest_mjd WHERE object_id = ?", (object_id,))
+                # Up to the alert the vetter saw, not the object's latest: an alert that arrived after
+                # the page was drawn has not been seen and must not be hidden.
+                seen = float(rec.get("event_mjd", obj["latest_mjd"]))
+                c.execute("UPDATE objects SET snoozed_mjd = CASE WHEN snoozed_mjd IS NULL OR snoozed_mjd < ? "
+                          "THEN ? ELSE snoozed_mjd END WHERE object_id = ?", (seen, seen, object_id))
             else:
                 col = {"is_real": "vet_real", "is_extragalactic": "vet_extragalactic",
                        "follow_up": "vet_follow_up"}[column]
@@ -1155,6 +1162,13 @@ def export_labels(db, out) -> int:
     if out.suffix == ".parquet":
         df.to_parquet(out, index=False)
     else:
+        import pandas as pd
+
+        # Text from vetters and alerts opened in a spreadsheet: a cell starting with = + - @ (or a
+        # tab or carriage return) would run as a formula, so it is written with a leading quote.
+        for c in [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]:
+            df[c] = df[c].map(lambda v: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r")
+                              else v)
         df.to_csv(out, index=False)
     return len(df)
 

@@ -13,7 +13,6 @@ page is served without it.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import hmac
 import io
@@ -63,17 +62,44 @@ def png_encode(img: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
+#: Largest stamp the page will unpack and draw: ZTF's are 63×63 (~20 kB as FITS), Rubin's a few
+#: times that. A stamp comes from an untrusted alert; a gzip "bomb" of a few kB would otherwise
+#: unpack to gigabytes in the web server.
+MAX_STAMP_BYTES = 8 * 2**20
+MAX_STAMP_PIXELS = 1024 * 1024
+
+
+def _gunzip_bounded(data: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=31)  # gzip framing
+    out = d.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"stamp unpacks to more than {limit} bytes")
+    return out
+
+
 def fits_image(data: bytes) -> np.ndarray:
-    """The first 2-D image in a FITS stamp (gunzipped first if needed), as float."""
+    """The first 2-D image in a FITS stamp (gunzipped first if needed), as float.
+
+    Raises
+    ------
+    ValueError
+        No image, or a stamp larger than :data:`MAX_STAMP_BYTES` unpacked or
+        :data:`MAX_STAMP_PIXELS` pixels.
+    """
     from astropy.io import fits
 
     if data[:2] == b"\x1f\x8b":  # ZTF stamps are gzipped FITS
-        data = gzip.decompress(data)
+        data = _gunzip_bounded(data, MAX_STAMP_BYTES)
+    elif len(data) > MAX_STAMP_BYTES:
+        raise ValueError(f"stamp of {len(data)} bytes")
     # Some survey stamps have slightly non-standard headers; astropy reads them but warns per file.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         with fits.open(io.BytesIO(data), memmap=False) as hdus:
             for hdu in hdus:
+                shape = hdu.shape if hasattr(hdu, "shape") else ()
+                if len(shape) >= 2 and int(np.prod(shape[-2:])) > MAX_STAMP_PIXELS:
+                    raise ValueError(f"stamp of {shape[-1]}×{shape[-2]} pixels")
                 arr = getattr(hdu, "data", None)
                 if arr is not None and getattr(arr, "ndim", 0) >= 2:
                     arr = np.asarray(arr, dtype=float)
@@ -99,6 +125,23 @@ def stretch(arr: np.ndarray, symmetric: bool = False, lo_pct: float = 0.5, hi_pc
             hi = lo + 1.0
     a = np.where(finite, a, lo)
     return (np.clip((a - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _local_path(target) -> str:
+    """``target`` if it is a path on this site, else ``/``: no open redirects.
+
+    Browsers drop tabs and newlines and read a backslash as a slash, so ``/\t/evil.example``
+    or ``/\\evil.example`` would leave the site; anything with a scheme or a host does too.
+    """
+    from urllib.parse import urlsplit
+
+    if not isinstance(target, str):
+        return "/"
+    t = "".join(ch for ch in target if ch >= " " and ch != "\x7f").replace("\\", "/")
+    parts = urlsplit(t)
+    if not t.startswith("/") or t.startswith("//") or parts.scheme or parts.netloc:
+        return "/"
+    return t
 
 
 @lru_cache(maxsize=512)
@@ -327,7 +370,7 @@ def query_from_args(args) -> ListQuery:
         sort=args.get("sort") if args.get("sort") in SORTS else "priority",
         show_snoozed=args.get("show_snoozed") == "1", hide_vetted=args.get("hide_vetted") == "1",
         hide_known_sso=args.get("hide_known_sso") == "1",
-        page=max(1, intg("page", 1)), per_page=min(200, max(5, intg("per_page", 50))),
+        page=min(10**6, max(1, intg("page", 1))), per_page=min(200, max(5, intg("per_page", 50))),
     )
 
 
@@ -470,9 +513,7 @@ def create_app(db, token: str, clock: str = "stream"):
     @app.route("/login", methods=["GET", "POST"])
     def login():
         error = None
-        nxt = request.values.get("next") or "/"
-        if not nxt.startswith("/") or nxt.startswith("//"):  # no open redirects
-            nxt = "/"
+        nxt = _local_path(request.values.get("next"))
         if request.method == "POST":
             name = (request.form.get("vetter") or "").strip()[:80]
             given = (request.form.get("token") or "").strip()
@@ -569,9 +610,13 @@ def create_app(db, token: str, clock: str = "stream"):
     @app.post("/api/decision")
     def decision():
         body = request.get_json(silent=True) or request.form
+        if not hasattr(body, "get"):
+            return jsonify(error="expected a JSON object"), 400
         object_id = body.get("object_id", "")
         action = body.get("action", "")
         alert_id = body.get("alert_id")
+        if not (isinstance(object_id, str) and isinstance(action, str)):
+            return jsonify(error="object_id and action must be strings"), 400
         try:
             alert_id = int(alert_id) if alert_id not in (None, "") else None
             d = store().record_decision(object_id, action, g.vetter, alert_id, str(body.get("note", "")))
@@ -580,13 +625,13 @@ def create_app(db, token: str, clock: str = "stream"):
         if request.is_json:
             return jsonify(decision_id=d.decision_id, object_id=d.object_id, alert_id=d.alert_id, vetter=d.vetter,
                            decided_ms=d.decided_ms, action=d.action)
-        back = body.get("back") or url_for("object_page", object_id=object_id)
-        return redirect(back if back.startswith("/") and not back.startswith("//") else "/")
+        return redirect(_local_path(body.get("back")) if body.get("back") else
+                        url_for("object_page", object_id=object_id))
 
     @app.get("/api/changes")
     def changes():
         try:
-            since = int(request.args.get("since", "0"))
+            since = min(max(int(request.args.get("since", "0")), 0), 2**62)  # a 64-bit SQL integer
         except ValueError:
             since = 0
         return jsonify(changed=store().changes_since(since), objects=store().n_objects(),

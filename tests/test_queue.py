@@ -97,6 +97,29 @@ def test_upsert_is_idempotent(tmp_path, batch, db):
     assert dict(sqlite3.connect(db).execute("SELECT object_id, n_alerts FROM objects").fetchall()) == n_alerts
 
 
+def test_an_alert_id_that_comes_back_under_another_object_takes_nothing_over(tmp_path, batch, db):
+    result, records = batch
+    i = next(k for k, a in enumerate(result.alerts) if a.cutouts)
+    victim = records[i]
+    c = sqlite3.connect(db)
+    before = {t: c.execute(f"SELECT * FROM {t} WHERE alert_id = ?", (victim["alert_id"],)).fetchall()
+              for t in ("annotations", "lightcurves", "cutouts")}
+    c.close()
+    # Another object's alert with the same id (and stamps of its own), written through the full path.
+    other = result.alerts[(i + 1) % len(records)]
+    intruder = dict(copy.deepcopy(records[(i + 1) % len(records)]), alert_id=victim["alert_id"])
+    with QueueSink(db) as sink:
+        sink.write_result(type(result)(annotations=[None], alerts=[other]), [intruder])
+        sink.flush()
+    c = sqlite3.connect(db)
+    after = {t: c.execute(f"SELECT * FROM {t} WHERE alert_id = ?", (victim["alert_id"],)).fetchall()
+             for t in ("annotations", "lightcurves", "cutouts")}
+    c.close()
+    assert after["lightcurves"] == before["lightcurves"] and after["cutouts"] == before["cutouts"]
+    assert [r[2] for r in after["annotations"]] == [victim["object_id"]]  # (alert_id, model_version, object_id, ...)
+    assert after["annotations"] == before["annotations"]
+
+
 def test_a_batch_that_fails_half_way_is_not_committed_by_close(tmp_path, batch, monkeypatch):
     import stream.queue as q
 
@@ -323,6 +346,13 @@ def test_decision_stores_snapshot_and_snooze_waits_for_new_data(db, batch):
         sink.write([newer])
         sink.flush()
     assert top["object_id"] in {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
+    # A snooze sent from a page drawn before that newer alert arrived hides only what the vetter saw.
+    store.record_decision(top["object_id"], "snooze", "bob", alert_id=rec["alert_id"])
+    assert top["object_id"] in {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
+    store.record_decision(top["object_id"], "snooze", "bob", alert_id=newer["alert_id"])
+    assert top["object_id"] not in {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
+    store.record_decision(top["object_id"], "snooze", "carol", alert_id=rec["alert_id"])  # never un-snoozes
+    assert store.get_object(top["object_id"])["snoozed_mjd"] == pytest.approx(newer["event_mjd"])
     store.close()
 
 
@@ -335,7 +365,7 @@ def test_export_labels(tmp_path, db, batch, suffix):
     rows = store.list_objects(ListQuery(per_page=3)).rows
     store.record_decision(rows[0]["object_id"], "bogus", "bob")
     store.record_decision(rows[1]["object_id"], "extragalactic", "carol")
-    store.record_decision(rows[1]["object_id"], "follow_up", "carol")
+    store.record_decision(rows[1]["object_id"], "follow_up", "carol", note='=HYPERLINK("http://x","y")')
     store.close()
     out = tmp_path / f"labels{suffix}"
     from stream.cli import main
@@ -355,6 +385,8 @@ def test_export_labels(tmp_path, db, batch, suffix):
         assert (np.isnan(df.loc[0, f]) if v is None else df.loc[0, f] == pytest.approx(v)), f
     assert df.loc[0, "p_real"] == pytest.approx(rec["p_real"])
     assert int(df.loc[0, "alert_id"]) == rec["alert_id"]
+    # a note that a spreadsheet would run as a formula is quoted in CSV, kept as typed in Parquet
+    assert df.loc[2, "note"] == ("'" if suffix == ".csv" else "") + '=HYPERLINK("http://x","y")'
     with pytest.raises(ValueError):
         export_labels(db, tmp_path / "labels.xlsx")
 
@@ -412,8 +444,17 @@ def test_auth_required_except_health(client, db):
                       headers={"Authorization": f"Bearer {TOKEN}", "X-Vetter": "script"})
     assert api.status_code == 200 and api.get_json()["vetter"] == "script"
     assert client.get("/login?next=//evil.example").status_code == 200
-    r = client.post("/login", data={"vetter": "v", "token": TOKEN, "next": "//evil.example"})
-    assert r.headers["Location"] == "/"
+    for evil in ("//evil.example", "/\t/evil.example", "/\\evil.example", "https://evil.example", "/\n/evil.example"):
+        r = client.post("/login", data={"vetter": "v", "token": TOKEN, "next": evil})
+        assert r.headers["Location"] == "/", evil
+    r = client.post("/login", data={"vetter": "v", "token": TOKEN, "next": "/?stage=first"})
+    assert r.headers["Location"] == "/?stage=first"
+    # malformed requests are refused, not 500s
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.post("/api/decision", json=[oid], headers=bearer).status_code == 400
+    assert client.post("/api/decision", json={"object_id": [oid], "action": "real"}, headers=bearer).status_code == 400
+    assert client.get("/?page=99999999999999999999", headers=bearer).status_code == 200
+    assert client.get("/api/changes?since=99999999999999999999", headers=bearer).status_code == 200
 
 
 def test_list_page_order_flags_and_polling(client, db, batch):
@@ -838,3 +879,21 @@ def test_ingest_scores_with_the_given_model(tmp_path):
     with sqlite3.connect(db) as conn:
         versions = {v for (v,) in conn.execute("SELECT DISTINCT model_version FROM annotations")}
     assert versions == {"xgb-ingest-test"}
+
+
+def test_a_stamp_that_unpacks_too_large_is_refused_before_it_is_unpacked():
+    import gzip
+    import io
+
+    from stream.web import MAX_STAMP_BYTES, fits_image
+
+    bomb = gzip.compress(bytes(4 * MAX_STAMP_BYTES))  # ~32 kB that would unpack to 32 MB
+    assert len(bomb) < 100_000
+    with pytest.raises(ValueError, match="unpacks to more than"):
+        fits_image(bomb)
+    from astropy.io import fits
+
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.zeros((2048, 1024), np.uint8)).writeto(buf)  # 2 MB: unpacks, but too many pixels
+    with pytest.raises(ValueError, match="pixels"):
+        fits_image(gzip.compress(buf.getvalue()))

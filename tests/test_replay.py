@@ -8,6 +8,7 @@ import io
 import json
 import math
 import tarfile
+import time
 
 import fastavro
 import pyarrow.parquet as pq
@@ -72,6 +73,7 @@ def _malformed_cases():
         (edited(dec=123.0), "bad_coordinates"),
         (edited(ra=None), "missing_field"),
         (edited(jd=float("inf")), "bad_time"),
+        (edited(jd=time.time() / 86400.0 + 2440587.5 + 30.0), "bad_time"),  # a month in the future
         (edited(magpsf=None), "missing_field"),
         (_container(schema, no_object), "missing_field"),
         (_container(schema, no_candidate), "missing_field"),
