@@ -1186,7 +1186,7 @@ def cmd_serve(args) -> int:
         # Never serve unauthenticated: make a one-off token and tell the operator.
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
-    app = create_app(args.db, token=token, clock=args.clock)
+    app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie)
     how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\
         "for a team)"
     print(f"vigil queue: serving {redacted(args.db)} on http://{args.host}:{args.port}/ with {how}", flush=True)
@@ -1251,6 +1251,8 @@ def register(subparsers) -> None:
                    help="serve with gunicorn, this many worker processes (default 0: Flask's built-in server)")
     s.add_argument("--clock", choices=("stream", "wall"), default="stream",
                    help="ages relative to the newest alert in the store (stream) or to now (wall)")
+    s.add_argument("--secure-cookie", action="store_true",
+                   help="send the login cookie over HTTPS only (set it behind a TLS-terminating proxy)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export-labels", help="vetting decisions as a labelled feature table")

@@ -403,7 +403,13 @@ class Settings:
 # ----------------------------------------------------------------------------------- the app
 
 
-def create_app(db, token: str, clock: str = "stream"):
+#: How long a vetter's login lasts.
+SESSION_HOURS = 12
+#: Failed logins from one address within LOGIN_WINDOW_S before it must wait (per worker process).
+LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 600
+
+
+def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = False):
     """The Flask application.
 
     Parameters
@@ -415,6 +421,8 @@ def create_app(db, token: str, clock: str = "stream"):
         Shared access token (required, non-empty).
     clock : {"stream", "wall"}
         Ages relative to the newest alert in the store, or to the wall clock.
+    secure_cookie : bool
+        Send the session cookie over HTTPS only (set it when the app sits behind TLS).
 
     Returns
     -------
@@ -433,11 +441,15 @@ def create_app(db, token: str, clock: str = "stream"):
     first.close()
 
     app = Flask(__name__)
-    # Derived from the token: sessions survive a restart, and changing the token logs everyone out.
-    app.secret_key = hashlib.sha256(b"vigil-queue-session\0" + token.encode()).digest()
-    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
-                      SESSION_COOKIE_NAME="vigil_queue", VIGIL=settings)
-    token_tag = hashlib.sha256(b"tag\0" + token.encode()).hexdigest()[:16]
+    # Derived from the token: sessions survive a restart and work across workers, and changing the
+    # token logs everyone out. A slow derivation, so that a stolen cookie does not let anyone test
+    # guesses of a weak token quickly offline.
+    app.secret_key = hashlib.pbkdf2_hmac("sha256", token.encode(), b"vigil-queue-session", 200_000)
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=secure_cookie,
+                      SESSION_COOKIE_NAME="vigil_queue", PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
+                      VIGIL=settings)
+    token_tag = hmac.new(app.secret_key, b"tag", "sha256").hexdigest()[:16]
+    failures: dict = {}  # address -> times of failed logins in the window
 
     def store() -> QueueStore:
         if "store" not in g:
@@ -475,6 +487,14 @@ def create_app(db, token: str, clock: str = "stream"):
             return Response(json.dumps({"error": "authentication required"}), 401,
                             {"WWW-Authenticate": 'Bearer realm="vigil-queue"', "Content-Type": "application/json"})
         return redirect(url_for("login", next=request.full_path.rstrip("?")))
+
+    @app.after_request
+    def _headers(resp):
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        return resp
 
     @app.context_processor
     def _ctx():
@@ -517,10 +537,17 @@ def create_app(db, token: str, clock: str = "stream"):
         if request.method == "POST":
             name = (request.form.get("vetter") or "").strip()[:80]
             given = (request.form.get("token") or "").strip()
+            now, who = time.monotonic(), request.remote_addr or "?"
+            recent = [t for t in failures.get(who, ()) if now - t < LOGIN_WINDOW_S]
+            if len(recent) >= LOGIN_FAILURES:
+                failures[who] = recent
+                return render_template("login.html", error="Too many failed logins; try again later.",
+                                       next=nxt), 429
             if not name:
                 error = "Please give your name (it is recorded with your decisions)."
             elif not hmac.compare_digest(given.encode(), token.encode()):
                 error = "Wrong token."
+                failures[who] = [*recent, now]
             else:
                 session.clear()
                 session.update(auth=token_tag, vetter=name, csrf=secrets.token_urlsafe(16),
@@ -660,7 +687,8 @@ def wsgi_app():
     """The app for an external WSGI server, configured from the environment.
 
     ``VIGIL_QUEUE_DB`` (SQLite file or ``postgresql://`` URL), ``VIGIL_QUEUE_TOKEN`` or
-    ``VIGIL_QUEUE_TOKEN_FILE``, and optionally ``VIGIL_QUEUE_CLOCK`` (``stream``/``wall``).
+    ``VIGIL_QUEUE_TOKEN_FILE``, and optionally ``VIGIL_QUEUE_CLOCK`` (``stream``/``wall``) and
+    ``VIGIL_QUEUE_SECURE_COOKIE`` (``1`` behind HTTPS).
     For example ``gunicorn -w 4 'stream.web:wsgi_app()'``.
     """
     import os
@@ -674,7 +702,10 @@ def wsgi_app():
     clock = os.environ.get("VIGIL_QUEUE_CLOCK", "stream")
     if clock not in ("stream", "wall"):
         raise ValueError(f"VIGIL_QUEUE_CLOCK: must be 'stream' or 'wall', not {clock!r}")
-    return create_app(db, token=token, clock=clock)
+    secure = os.environ.get("VIGIL_QUEUE_SECURE_COOKIE", "0")
+    if secure not in ("0", "1"):
+        raise ValueError(f"VIGIL_QUEUE_SECURE_COOKIE: must be 0 or 1, not {secure!r}")
+    return create_app(db, token=token, clock=clock, secure_cookie=secure == "1")
 
 
 def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> None:

@@ -457,6 +457,26 @@ def test_auth_required_except_health(client, db):
     assert client.get("/api/changes?since=99999999999999999999", headers=bearer).status_code == 200
 
 
+def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db):
+    from stream.web import LOGIN_FAILURES, SESSION_HOURS, create_app
+
+    app = create_app(db, token=TOKEN, secure_cookie=True)
+    app.config["TESTING"] = True
+    c = app.test_client()
+    r = c.get("/health")
+    assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    for _ in range(LOGIN_FAILURES):
+        assert c.post("/login", data={"vetter": "eve", "token": "guess"}).status_code == 401
+    assert c.post("/login", data={"vetter": "eve", "token": TOKEN}).status_code == 429  # even the right one, for now
+    app2 = create_app(db, token=TOKEN, secure_cookie=True)  # a fresh app: a clean failure window
+    c2 = app2.test_client()
+    r = c2.post("/login", data={"vetter": "vera", "token": TOKEN, "next": "/"})
+    cookie = r.headers["Set-Cookie"]
+    assert r.status_code == 302 and "Secure" in cookie and "HttpOnly" in cookie
+    assert app2.permanent_session_lifetime.total_seconds() == SESSION_HOURS * 3600
+
+
 def test_list_page_order_flags_and_polling(client, db, batch):
     _, records = batch
     _login(client)
