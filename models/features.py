@@ -264,32 +264,6 @@ def _positions(n: int, g, kind, ra, dec, is_det) -> dict:
     return out
 
 
-def _loo_median(values: np.ndarray, keys: np.ndarray, min_others: int) -> np.ndarray:
-    """Per row, the median of the finite ``values`` of the *other* rows with the same key (R1).
-
-    A None key (unknown exposure) pools nothing.
-    """
-    out = np.full(len(values), np.nan)
-    known = np.array([k is not None for k in keys], dtype=bool)
-    if not known.all():
-        out[known] = _loo_median(values[known], keys[known], min_others)
-        return out
-    order = np.argsort(keys, kind="stable")
-    ks = keys[order]
-    starts = np.r_[0, np.flatnonzero(ks[1:] != ks[:-1]) + 1]
-    for a, b in zip(starts, np.r_[starts[1:], len(ks)], strict=True):
-        idx = order[a:b]
-        if b - a <= min_others:
-            continue
-        vals = values[idx]
-        for j, i in enumerate(idx):
-            rest = np.delete(vals, j)
-            rest = rest[np.isfinite(rest)]
-            if len(rest) >= min_others:
-                out[i] = float(np.median(rest))
-    return out
-
-
 def _image_seeing(alerts) -> tuple:
     """Per alert, image seeing (arcsec) from its light curve's forced photometry, in one pass.
 
@@ -331,14 +305,14 @@ class ExposureCompanions:
 
     Parameters
     ----------
-    max_exposures : int
-        Exposure keys (whole exposures and detector sections together) kept.
-    max_alerts : int
+    max_exposures : int or float
+        Exposure keys (whole exposures and detector sections together) kept (``math.inf``: all).
+    max_alerts : int or float
         PSF widths kept over all keys (each alert is kept under two keys): the last ~50,000
         alerts, five Rubin visits, ~15 MB.
     """
 
-    def __init__(self, max_exposures: int = 20_000, max_alerts: int = 100_000):
+    def __init__(self, max_exposures: float = 20_000, max_alerts: float = 100_000):
         self.max_exposures, self.max_alerts = max_exposures, max_alerts
         self._widths: OrderedDict = OrderedDict()  # key -> {alert key: PSF width}
         self._n = 0
@@ -414,15 +388,14 @@ def image_level_seeing(alerts, fp: np.ndarray | None = None, companions: Exposur
     # An unknown exposure (key -1) pools nothing: None keys are skipped and group only with each other.
     section = np.array([f"{a.survey}:{a.exposure}" if a.exposure >= 0 else None for a in alerts], dtype=object)
     whole = np.array([f"{a.survey}:{a.field}:{a.mjd:.5f}" if a.field >= 0 else None for a in alerts], dtype=object)
-    if companions is None:
-        est = _loo_median(own, whole, 3)
-        est = np.where(np.isfinite(est), est, _loo_median(own, section, 2))
-    else:
-        ids = [(a.survey, a.object_id, a.alert_id) for a in alerts]
-        companions.add(whole, ids, own)
-        companions.add(section, ids, own)
-        est = companions.loo_median(whole, ids, 3)
-        est = np.where(np.isfinite(est), est, companions.loo_median(section, ids, 2))
+    # One batch alone is a stream with no past: the same leave-one-out medians, nothing forgotten.
+    companions = companions if companions is not None else ExposureCompanions(max_exposures=math.inf,
+                                                                              max_alerts=math.inf)
+    ids = [(a.survey, a.object_id, a.alert_id) for a in alerts]
+    companions.add(whole, ids, own)
+    companions.add(section, ids, own)
+    est = companions.loo_median(whole, ids, 3)
+    est = np.where(np.isfinite(est), est, companions.loo_median(section, ids, 2))
     return np.where(np.isfinite(fp), fp, est)
 
 

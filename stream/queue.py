@@ -742,13 +742,7 @@ class QueueSink:
             c.executemany(_UPSERT_OBJECT, obj_rows)
             c.executemany(_COUNT_ALERTS, [(oid,) for oid in sorted({r[0] for r in obj_rows})])
         except BaseException:
-            # All or nothing: a later flush()/close() must not commit half a batch.
-            try:
-                self.conn.execute("ROLLBACK")
-            except Exception as exc:  # the database already rolled back itself (e.g. disk full)
-                log.debug("ROLLBACK after a failed batch: %s", exc)
-            finally:
-                self._in_tx = False
+            self._rollback()  # all or nothing: a later flush()/close() must not commit half a batch
             raise
         self.n_written += len(records)
 
@@ -757,6 +751,14 @@ class QueueSink:
         from types import SimpleNamespace
 
         self.write_result(SimpleNamespace(annotations=[], alerts=[]), list(records))
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except Exception as exc:  # the database already rolled back itself (e.g. disk full)
+            log.debug("ROLLBACK after a failed batch: %s", exc)
+        finally:
+            self._in_tx = False
 
     def _begin(self) -> None:
         if not self._in_tx:
@@ -805,8 +807,7 @@ class QueueSink:
 
     def __exit__(self, *exc):
         if exc[0] is not None and self._in_tx:
-            self.conn.execute("ROLLBACK")
-            self._in_tx = False
+            self._rollback()
         self.close()
 
 
