@@ -386,6 +386,18 @@ def query_args(q: ListQuery, **override) -> dict:
     return out
 
 
+def _own_navigation() -> bool:
+    """False when the browser says another site sent this request (``Sec-Fetch-Site``).
+
+    Pages are GETs, and a GET must not change what the vetter has "seen": a link on another
+    site (sent with the Lax session cookie) would otherwise mark objects as looked at. Browsers
+    without Fetch Metadata send no header and count as the vetter's own navigation.
+    """
+    from flask import request
+
+    return request.headers.get("Sec-Fetch-Site", "none").lower() in ("same-origin", "none")
+
+
 def is_default_view(q: ListQuery) -> bool:
     """True for the unfiltered priority list (the only view whose ranks are remembered)."""
     return query_args(q, page=1, per_page=ListQuery().per_page) == {}
@@ -584,8 +596,9 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             rows.append(dict(r, rank=rank, flag=flag, moved=moved, dprio=dprio,
                              age=(now - r["first_mjd"]) if r["first_mjd"] is not None else None,
                              since_last=now - r["latest_mjd"]))
-        store().record_views(g.vetter, page.rows, first_rank=(page.page - 1) * page.per_page + 1,
-                             with_rank=default_view)
+        if _own_navigation():
+            store().record_views(g.vetter, page.rows, first_rank=(page.page - 1) * page.per_page + 1,
+                                 with_rank=default_view)
         base = query_args(q, page=1)
         qs = urlencode(base)
         return render_template("list.html", page=page, rows=rows, q=q, qs=qs, base=base,
@@ -603,7 +616,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         q = query_from_args(request.args)
         qs = urlencode(query_args(q, page=1))
         nxt, prv = store().neighbour(object_id, q, 1), store().neighbour(object_id, q, -1)
-        store().record_views(g.vetter, [obj], with_rank=False)
+        if _own_navigation():
+            store().record_views(g.vetter, [obj], with_rank=False)
         rec = obj["record"] or {}
         feats = rec.get("features") or {}
         lc = obj["lightcurve"]

@@ -480,7 +480,12 @@ def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db)
 def test_list_page_order_flags_and_polling(client, db, batch):
     _, records = batch
     _login(client)
-    html = client.get("/?per_page=200").get_data(as_text=True)
+    # Links from another site show pages but mark nothing as seen (GETs change no state).
+    for site in ("cross-site", "same-site"):
+        html = client.get("/?per_page=200", headers={"Sec-Fetch-Site": site}).get_data(as_text=True)
+        first = re.findall(r'<tr data-object-id="([^"]+)"', html)[0]
+        assert client.get(f"/object/{first}", headers={"Sec-Fetch-Site": site}).status_code == 200
+    html = client.get("/?per_page=200", headers={"Sec-Fetch-Site": "same-origin"}).get_data(as_text=True)
     ids = re.findall(r'<tr data-object-id="([^"]+)"', html)
     expect = [r[0] for r in sqlite3.connect(db).execute(
         "SELECT object_id FROM objects ORDER BY COALESCE(priority, -1.0) DESC, object_id")]
