@@ -70,6 +70,9 @@ class ReplayConfig:
 
     start: str = "earliest"  # "earliest" or an ISO-8601 time (offsets_for_times)
     end: str = "end"  # "end" (end of partitions) or an ISO-8601 time
+    # Producer (CreateTime) stamps arrive a little out of order: a partition is finished only at a
+    # message stamped this long after the end time; those in between are skipped, not read.
+    end_grace_s: float = 300.0
     group_id: str = "vigil-replay"
     namespace: str = "replay"  # output topics get this suffix: <topic>.<namespace>
     # The eyeball queue a replay fills: "" leaves every queue alone (the live one included, whose
@@ -256,6 +259,8 @@ def validate(cfg: Config) -> None:
                 times[name] = parse_time_ms(text)
             except ValueError as exc:
                 raise ConfigError(f"replay.{name}: {exc} (or {word!r})") from None
+        if not 0 <= rc.end_grace_s <= 86_400:
+            raise ConfigError(f"replay.end_grace_s: {rc.end_grace_s} is not within 0 … 86400 s")
         if len(times) == 2 and times["end"] <= times["start"]:
             raise ConfigError(f"replay.end: {rc.end} is not after replay.start {rc.start}")
         _check_queue("replay.queue_db", rc.queue_db)

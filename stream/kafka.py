@@ -18,7 +18,16 @@ import signal
 import threading
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    TIMESTAMP_CREATE_TIME,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from stream.alert import Envelope
 from stream.annotation import ANNOTATION_SCHEMA_VERSION, encode_annotation, mjd_to_unix_ms
@@ -123,11 +132,16 @@ class KafkaReplaySource:
     """Read topics from a start time (or earliest) to an end time (or end of partitions).
 
     Uses ``assign()`` with offsets from ``offsets_for_times``: no consumer-group
-    membership, no commits, so the live group's offsets are never touched.
+    membership, no commits, so the live group's offsets are never touched. Messages are
+    selected by their timestamps, start ≤ t < end. A partition whose timestamps the broker
+    sets (LogAppendTime) is finished at its first message at or after the end; one with
+    producer stamps (CreateTime), which can be out of order, only at a message stamped
+    ``end_grace_s`` after the end, so later-written alerts from before the end are still read.
     """
 
     def __init__(self, bootstrap: str, topics, start: str = "earliest", end: str = "end", settings=None,
-                 batch_size: int = 500, batch_timeout_s: float = 1.0, group_id: str = "vigil-replay"):
+                 batch_size: int = 500, batch_timeout_s: float = 1.0, group_id: str = "vigil-replay",
+                 end_grace_s: float = 300.0):
         conf = {
             "bootstrap.servers": bootstrap,
             "group.id": group_id,  # required by librdkafka; unused without subscribe/commit
@@ -140,6 +154,7 @@ class KafkaReplaySource:
         self.consumer = Consumer(conf)
         self.end_ms = None if end in ("", "end") else parse_time_ms(end)
         self.start_ms = None if start in ("", "earliest") else parse_time_ms(start)
+        self.end_grace_ms = int(round(end_grace_s * 1000))
         md = self.consumer.list_topics(timeout=10)
         parts = []
         for t in topics:
@@ -185,8 +200,10 @@ class KafkaReplaySource:
                 if self.start_ms is not None and ts_type and ts < self.start_ms:
                     continue  # brokers whose offsets_for_times is coarse (Tansu answers 0) seek too early
                 if self.end_ms is not None and ts_type and ts >= self.end_ms:
-                    self.open.discard(key)  # past the end time: this partition is finished
-                    self.consumer.pause([TopicPartition(*key)])
+                    grace = self.end_grace_ms if ts_type == TIMESTAMP_CREATE_TIME else 0
+                    if ts >= self.end_ms + grace:  # this partition is finished
+                        self.open.discard(key)
+                        self.consumer.pause([TopicPartition(*key)])
                     continue
                 batch.append(_envelope(m))
             yield batch
@@ -457,7 +474,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
         source = KafkaReplaySource(s.bootstrap_servers, s.topics, rc.start, rc.end, s.kafka, s.batch_size,
-                                   s.batch_timeout_s, rc.group_id)
+                                   s.batch_timeout_s, rc.group_id, end_grace_s=rc.end_grace_s)
         stats = None
     else:
         source = KafkaSource(s.bootstrap_servers, s.topics, s.group_id, s.kafka, s.batch_size, s.batch_timeout_s,

@@ -54,6 +54,8 @@ def test_there_are_deploy_configs():
     ({"replay": {"start": "1697673600"}}, "replay.start: '1697673600' looks like Unix seconds"),
     ({"replay": {"start": "2023-10-20T00:00:00Z", "end": "2023-10-19T00:00:00Z"}}, "replay.end: 2023-10-19"),
     ({"replay": {"queue_db": "sqlite:///q"}}, "replay.queue_db: queue store"),
+    ({"replay": {"end_grace_s": -1}}, "replay.end_grace_s: -1.0 is not within"),
+    ({"replay": {"end_grace_s": "5m"}}, "replay.end_grace_s"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:

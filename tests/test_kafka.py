@@ -280,6 +280,11 @@ def test_replay_through_kafka_between_times_never_commits(broker, topics, tmp_pa
     t0 = 1_700_000_000_000
     for i, f in enumerate(files):  # message timestamps one minute apart
         p.produce(topics[0], value=f.read_bytes(), timestamp=t0 + 60_000 * i, partition=i % 2)
+    # Producer stamps come out of order: a message from before the end, written after two from after it
+    # (within the 5-minute grace), is read; one written after a message beyond the grace is not.
+    p.produce(topics[0], value=files[1].read_bytes(), timestamp=t0 + 60_000 * 8 + 30_000, partition=1)
+    p.produce(topics[0], value=files[2].read_bytes(), timestamp=t0 + 60_000 * 15, partition=0)
+    p.produce(topics[0], value=files[3].read_bytes(), timestamp=t0 + 60_000 * 8 + 40_000, partition=0)
     p.flush(10)
     from stream.broker import create_topics
 
@@ -289,9 +294,9 @@ def test_replay_through_kafka_between_times_never_commits(broker, topics, tmp_pa
                                           "group_id": "replay-x"},
                   output={"queue_db": str(live_queue)}, service={"clock": "wall"})
     counts = run_service(cfg, replay=True)  # ends by itself at the end time / end of partitions
-    assert counts.read == 6
-    replayed = read_topic(broker.bootstrap, f"{topics[1]}.replay", 6, timeout_s=10)
-    assert len(replayed) == 6
+    assert counts.read == 7
+    replayed = read_topic(broker.bootstrap, f"{topics[1]}.replay", 7, timeout_s=10)
+    assert len(replayed) == 7
     assert not live_queue.exists()  # a replay leaves the live eyeball queue alone unless told
     # Ranked by event time even though the live service uses the wall clock: the newest replayed
     # alert is fresh (freshness = 0.5 + 0.5 exp(-age / 3 d); by the wall clock it would be ~0.5).
