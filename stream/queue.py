@@ -1187,7 +1187,8 @@ def cmd_serve(args) -> int:
         # Never serve unauthenticated: make a one-off token and tell the operator.
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
-    app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie)
+    app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie,
+                     proxy_hops=args.proxy_hops)
     how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\
         "for a team)"
     print(f"vigil queue: serving {redacted(args.db)} on http://{args.host}:{args.port}/ with {how}", flush=True)
@@ -1254,6 +1255,9 @@ def register(subparsers) -> None:
                    help="ages relative to the newest alert in the store (stream) or to now (wall)")
     s.add_argument("--secure-cookie", action="store_true",
                    help="send the login cookie over HTTPS only (set it behind a TLS-terminating proxy)")
+    s.add_argument("--proxy-hops", type=int, default=0, metavar="N",
+                   help="trust X-Forwarded-For/-Proto from N reverse proxies (default 0), so that failed-login "
+                        "limits apply per client, not to the proxy")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export-labels", help="vetting decisions as a labelled feature table")

@@ -419,9 +419,11 @@ class Settings:
 SESSION_HOURS = 12
 #: Failed logins from one address within LOGIN_WINDOW_S before it must wait (per worker process).
 LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 600
+#: Addresses with failed logins remembered at most (per worker process).
+LOGIN_ADDRESSES = 10_000
 
 
-def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = False):
+def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = False, proxy_hops: int = 0):
     """The Flask application.
 
     Parameters
@@ -435,6 +437,10 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         Ages relative to the newest alert in the store, or to the wall clock.
     secure_cookie : bool
         Send the session cookie over HTTPS only (set it when the app sits behind TLS).
+    proxy_hops : int
+        Number of reverse proxies in front of the app whose ``X-Forwarded-For`` and
+        ``X-Forwarded-Proto`` to trust (0: none). Behind a proxy, every request otherwise comes
+        from the proxy's address, and one person's failed logins would lock everyone out.
 
     Returns
     -------
@@ -453,6 +459,12 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
     first.close()
 
     app = Flask(__name__)
+    if proxy_hops < 0:
+        raise ValueError(f"proxy_hops: {proxy_hops} is negative")
+    if proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxy_hops, x_proto=proxy_hops)
     # Derived from the token: sessions survive a restart and work across workers, and changing the
     # token logs everyone out. A slow derivation, so that a stolen cookie does not let anyone test
     # guesses of a weak token quickly offline.
@@ -560,6 +572,11 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             elif not hmac.compare_digest(given.encode(), token.encode()):
                 error = "Wrong token."
                 failures[who] = [*recent, now]
+                if len(failures) > LOGIN_ADDRESSES:  # many addresses: forget the expired, then the oldest
+                    for k in [k for k, ts in failures.items() if now - ts[-1] >= LOGIN_WINDOW_S]:
+                        del failures[k]
+                    while len(failures) > LOGIN_ADDRESSES:
+                        del failures[next(iter(failures))]
             else:
                 session.clear()
                 session.update(auth=token_tag, vetter=name, csrf=secrets.token_urlsafe(16),
@@ -702,7 +719,8 @@ def wsgi_app():
 
     ``VIGIL_QUEUE_DB`` (SQLite file or ``postgresql://`` URL), ``VIGIL_QUEUE_TOKEN`` or
     ``VIGIL_QUEUE_TOKEN_FILE``, and optionally ``VIGIL_QUEUE_CLOCK`` (``stream``/``wall``) and
-    ``VIGIL_QUEUE_SECURE_COOKIE`` (``1`` behind HTTPS).
+    ``VIGIL_QUEUE_SECURE_COOKIE`` (``1`` behind HTTPS) and ``VIGIL_QUEUE_PROXY_HOPS`` (the
+    number of reverse proxies whose forwarded-for headers to trust, default 0).
     For example ``gunicorn -w 4 'stream.web:wsgi_app()'``.
     """
     import os
@@ -719,7 +737,10 @@ def wsgi_app():
     secure = os.environ.get("VIGIL_QUEUE_SECURE_COOKIE", "0")
     if secure not in ("0", "1"):
         raise ValueError(f"VIGIL_QUEUE_SECURE_COOKIE: must be 0 or 1, not {secure!r}")
-    return create_app(db, token=token, clock=clock, secure_cookie=secure == "1")
+    hops = os.environ.get("VIGIL_QUEUE_PROXY_HOPS", "0")
+    if not hops.isdigit():
+        raise ValueError(f"VIGIL_QUEUE_PROXY_HOPS: must be a count of proxies (0, 1, ...), not {hops!r}")
+    return create_app(db, token=token, clock=clock, secure_cookie=secure == "1", proxy_hops=int(hops))
 
 
 def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> None:

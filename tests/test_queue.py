@@ -475,6 +475,34 @@ def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db)
     cookie = r.headers["Set-Cookie"]
     assert r.status_code == 302 and "Secure" in cookie and "HttpOnly" in cookie
     assert app2.permanent_session_lifetime.total_seconds() == SESSION_HOURS * 3600
+    # Behind a proxy every request comes from its address: trusting its X-Forwarded-For keeps one
+    # client's failures from locking out the others; without it they share the limit.
+    for hops, other_gets_in in ((1, True), (0, False)):
+        app3 = create_app(db, token=TOKEN, proxy_hops=hops)
+        c3 = app3.test_client()
+        proxy = {"REMOTE_ADDR": "10.0.0.1"}
+        for _ in range(LOGIN_FAILURES):
+            c3.post("/login", data={"vetter": "eve", "token": "guess"}, environ_base=proxy,
+                    headers={"X-Forwarded-For": "203.0.113.9"})
+        r = c3.post("/login", data={"vetter": "vera", "token": TOKEN}, environ_base=proxy,
+                    headers={"X-Forwarded-For": "198.51.100.7"})
+        assert (r.status_code == 302) == other_gets_in, hops
+
+
+def test_failed_login_memory_is_bounded(db, monkeypatch):
+    import stream.web
+    from stream.web import LOGIN_FAILURES, create_app
+
+    monkeypatch.setattr(stream.web, "LOGIN_ADDRESSES", 3)
+    c = create_app(db, token=TOKEN).test_client()
+    for _ in range(LOGIN_FAILURES):
+        c.post("/login", data={"vetter": "eve", "token": "guess"}, environ_base={"REMOTE_ADDR": "192.0.2.1"})
+    assert c.post("/login", data={"vetter": "eve", "token": TOKEN},
+                  environ_base={"REMOTE_ADDR": "192.0.2.1"}).status_code == 429
+    for i in range(2, 5):  # three more addresses: the oldest is forgotten
+        c.post("/login", data={"vetter": "x", "token": "guess"}, environ_base={"REMOTE_ADDR": f"192.0.2.{i}"})
+    assert c.post("/login", data={"vetter": "eve", "token": TOKEN},
+                  environ_base={"REMOTE_ADDR": "192.0.2.1"}).status_code == 302
 
 
 def test_list_page_order_flags_and_polling(client, db, batch):
