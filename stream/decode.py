@@ -323,13 +323,21 @@ class Decoder:
             return fn(*args)
         except DecodeError as e:
             return Rejected(env, "validate", e.reason, e.detail, e.alert_id, e.object_id)
-        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever a hostile record provokes is that record's fault
             # A field of the wrong shape (e.g. a string where a number belongs).
             return Rejected(env, "validate", "bad_value", f"{type(e).__name__}: {e}", *_ids_of(rec))
 
     # -- framing -------------------------------------------------------------
 
     def _records(self, payload: bytes):
+        try:
+            return self._framed(payload)
+        except DecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. MemoryError from a hostile count: that message's fault
+            raise DecodeError("corrupt_avro", f"{type(e).__name__}: {e}") from None
+
+    def _framed(self, payload: bytes):
         if not payload:
             raise DecodeError("empty_payload", "empty message")
         if len(payload) > self.max_message_bytes:
@@ -353,7 +361,8 @@ class Decoder:
         )
 
     def _container(self, payload: bytes):
-        fast = self._container_fast(payload)
+        head = self._vet_container(payload)
+        fast = self._container_fast(payload, head) if head is not None else None
         if fast is not None:
             return fast
         buf = io.BytesIO(payload)
@@ -378,7 +387,54 @@ class Decoder:
             raise DecodeError("truncated", "container holds no records")
         return records, version
 
-    def _container_fast(self, payload: bytes):
+    def _vet_container(self, payload: bytes) -> None:
+        """Refuse a container whose own writer schema or codec could exhaust the process.
+
+        A container carries its writer schema, and fastavro follows it: a schema that refers to
+        itself nests records until the interpreter's stack overflows (a segfault, which no
+        ``except`` catches); items of zero width let a 77-byte message claim a million records;
+        a compressed block inflates without limit. Each is a ``DecodeError`` here, before any
+        record is read. Verdicts on a schema are kept with the parsed schema (see
+        :meth:`_container_fast`), so a stream pays for this once per schema. Returns what the
+        fast path needs of an uncompressed container (first block's offset, sync marker, writer
+        schema), or None for a damaged header or a compressed container.
+        """
+        try:
+            buf = io.BytesIO(payload)
+            header = fastavro.schemaless_reader(buf, _HEADER_SCHEMA, None)
+            text = header["meta"]["avro.schema"]
+        except Exception:  # a damaged header: the checked path names what is wrong
+            return None
+        writer = self._writer(text)
+        codec = header["meta"].get("avro.codec", b"null")
+        if codec not in (b"null", b""):
+            _bounded_inflation(buf, codec.decode(errors="replace"), header["sync"], self.max_message_bytes)
+            return None
+        return buf.tell(), header["sync"], writer
+
+    def _writer(self, text: bytes):
+        """(text, parsed schema, version) of a container's writer schema, vetted and cached."""
+        key = (len(text), text[:256], text[-256:])
+        cached = self._container_schemas.get(key)
+        if cached is not None and cached[0] == text:
+            return cached
+        try:
+            writer = json.loads(text)
+        except ValueError as e:
+            raise DecodeError("corrupt_avro", f"container schema is not JSON: {e}") from None
+        _vet_writer_schema(writer)
+        try:
+            parsed = parse_schema(writer)
+        except Exception as e:
+            raise DecodeError("corrupt_avro", f"container schema: {type(e).__name__}: {e}") from None
+        cached = (text, parsed, _container_version(writer))
+        if len(text) <= MAX_CACHED_SCHEMA_BYTES:  # the real ZTF schema is ~22 kB
+            if len(self._container_schemas) >= 64:  # a stream of ever-new schemas: stay bounded
+                self._container_schemas.clear()
+            self._container_schemas[key] = cached
+        return cached
+
+    def _container_fast(self, payload: bytes, head=None):
         """Records of a well-formed, uncompressed container, or None to take the checked path.
 
         ``fastavro.reader`` parses the writer schema of every container again; a stream
@@ -387,23 +443,19 @@ class Decoder:
         codec, a bad sync marker, a block whose decoded length differs from its declared
         size, any exception — returns None and the message is decoded again by
         ``fastavro.reader``, which names the problem.
+        ``head`` is what :meth:`_vet_container` read: (offset of the first block, sync
+        marker, writer schema).
         """
         try:
             buf = io.BytesIO(payload)
-            header = fastavro.schemaless_reader(buf, _HEADER_SCHEMA, None)
-            meta = header["meta"]
-            if meta.get("avro.codec", b"null") not in (b"null", b""):
-                return None
-            text = meta["avro.schema"]
-            key = (len(text), text[:256], text[-256:])
-            cached = self._container_schemas.get(key)
-            if cached is None or cached[0] != text:
-                if len(self._container_schemas) >= 64:  # a stream of ever-new schemas: stay bounded
-                    self._container_schemas.clear()
-                writer = json.loads(text)
-                cached = self._container_schemas[key] = (text, parse_schema(writer), _container_version(writer))
-            _, parsed, version = cached
-            sync, end, records = header["sync"], len(payload), []
+            if head is None:
+                header = fastavro.schemaless_reader(buf, _HEADER_SCHEMA, None)
+                meta = header["meta"]
+                if meta.get("avro.codec", b"null") not in (b"null", b""):
+                    return None
+                head = buf.tell(), header["sync"], self._writer(meta["avro.schema"])
+            buf.seek(head[0])
+            sync, (_, parsed, version), end, records = head[1], head[2], len(payload), []
             while buf.tell() < end:
                 count = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
                 size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
@@ -414,6 +466,129 @@ class Decoder:
             return (records, version) if records else None
         except Exception:  # the checked path decides what is wrong
             return None
+
+
+#: Writer schemas larger than this are vetted and parsed for each message, not kept.
+MAX_CACHED_SCHEMA_BYTES = 256 * 1024
+#: Deepest nesting of types a writer schema may have (ZTF's and Rubin's are < 10 deep).
+MAX_SCHEMA_DEPTH = 32
+_PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+
+
+def _vet_writer_schema(schema) -> None:
+    """Raise ``DecodeError`` for a writer schema that is not a plain, finite record layout.
+
+    Refused: a top level that is not a record, a named type used inside itself (recursion),
+    nesting deeper than :data:`MAX_SCHEMA_DEPTH`, and records, arrays or maps whose items take
+    no bytes (``null``, empty records, zero-size ``fixed``), which would let a declared count
+    stand for any number of values.
+    """
+    named: dict = {}  # full name -> definition (for references)
+
+    def full(name, ns):
+        return name if "." in name or not ns else f"{ns}.{name}"
+
+    def width(s, ns, path, depth) -> bool:
+        """True if values of ``s`` take at least one byte."""
+        if depth > MAX_SCHEMA_DEPTH:
+            raise DecodeError("corrupt_avro", f"container schema nests deeper than {MAX_SCHEMA_DEPTH}")
+        if isinstance(s, list):  # a union: the branch index takes a byte
+            for b in s:
+                width(b, ns, path, depth + 1)
+            return True
+        if isinstance(s, str):
+            if s in _PRIMITIVES:
+                return s != "null"
+            ref = s if s in named else full(s, ns)
+            if ref in path:
+                raise DecodeError("corrupt_avro", f"container schema: type {ref!r} contains itself")
+            if ref not in named:
+                raise DecodeError("corrupt_avro", f"container schema: unknown type {s!r}")
+            return named[ref][1]
+        if not isinstance(s, dict):
+            raise DecodeError("corrupt_avro", f"container schema: {type(s).__name__} is not a type")
+        t = s.get("type")
+        if t in ("record", "error", "enum", "fixed"):
+            name = full(str(s.get("name", "")), s.get("namespace", ns))
+            ns2 = name.rpartition(".")[0]
+            if t == "enum":
+                named[name] = (s, True)
+                return True
+            if t == "fixed":
+                named[name] = (s, int(s.get("size", 0)) > 0)
+                return named[name][1]
+            named[name] = (s, True)  # provisional, for references to it from elsewhere
+            fields = s.get("fields")
+            if not isinstance(fields, list):
+                raise DecodeError("corrupt_avro", f"container schema: record {name!r} has no field list")
+            wide = False
+            for f in fields:
+                if not isinstance(f, dict):
+                    raise DecodeError("corrupt_avro", f"container schema: a field of {name!r} is not an object")
+                wide |= width(f.get("type"), ns2, path | {name}, depth + 1)
+            named[name] = (s, wide)
+            return wide
+        if t in ("array", "map"):
+            inner = s.get("items" if t == "array" else "values")
+            if not width(inner, ns, path, depth + 1):
+                raise DecodeError("corrupt_avro", f"container schema: {t} of values that take no bytes")
+            return True
+        if t in _PRIMITIVES:
+            return t != "null"
+        if isinstance(t, (dict, list, str)):
+            return width(t, ns, path, depth + 1)
+        raise DecodeError("corrupt_avro", f"container schema: unknown type {t!r}")
+
+    top = schema.get("type") if isinstance(schema, dict) else None
+    if top not in ("record", "error"):
+        raise DecodeError("corrupt_avro", "container schema: the top level is not a record")
+    if not width(schema, "", frozenset(), 0):
+        raise DecodeError("corrupt_avro", "container schema: records that take no bytes")
+
+
+def _bounded_inflation(buf, codec: str, sync: bytes, limit: int) -> None:
+    """Raise ``DecodeError`` unless every block of a compressed container inflates to ≤ ``limit`` bytes."""
+    import bz2
+    import lzma
+    import zlib
+
+    makers = {"deflate": lambda: zlib.decompressobj(-15), "bzip2": bz2.BZ2Decompressor,
+              "xz": lzma.LZMADecompressor}
+    if codec not in makers:
+        raise DecodeError("corrupt_avro", f"container codec {codec!r} not accepted (null, deflate, bzip2, xz)")
+    total = 0
+    try:
+        while True:
+            head = buf.read(1)
+            if not head:
+                return
+            buf.seek(-1, 1)
+            fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)  # record count
+            size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
+            data = buf.read(max(size, 0))
+            d = makers[codec]()
+            out = d.decompress(data, max(limit - total, 0) + 1)
+            total += len(out)
+            if total > limit:
+                raise DecodeError("oversize", f"{codec} blocks inflate to more than {limit} bytes")
+            if buf.read(16) != sync:
+                return  # the checked path names the damage
+    except DecodeError:
+        raise
+    except Exception:  # damaged blocks: left to the checked path, which names them
+        return
+
+
+def _stamp(data) -> bytes | None:
+    """A cutout's bytes; anything else (a writer schema may declare it a number) is dropped.
+
+    ``bytes(n)`` of an integer would allocate n zero bytes: 8 GB from a 42 kB message.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if data is not None:
+        log.debug("cutout of type %s dropped", type(data).__name__)
+    return None
 
 
 def _schemaless(body: bytes, schema) -> dict:
@@ -687,7 +862,8 @@ def _ztf_lightcurves(items) -> list:
             good = np.isfinite(fl) & np.isfinite(fe) & np.isfinite(zp) & np.isfinite(jd) & (fl > ZTF_FP_BAD) & (fe > 0)
         if good.any():
             b = _ztf_block(v[:, good], FORCED)
-            scale = np.power(10.0, -0.4 * (zp[good] - 23.9))  # DN → µJy
+            with np.errstate(over="ignore"):  # an absurd zero point: dropped in _sane_history
+                scale = np.power(10.0, -0.4 * (zp[good] - 23.9))  # DN → µJy
             b[_LC["flux"]], b[_LC["flux_err"]] = fl[good] * scale, fe[good] * scale
             b[_LC["seeing"]], b[_LC["background"]] = v[12, good], v[13, good]
             blocks.append(b)
@@ -821,8 +997,8 @@ def _ztf_prepare(rec: dict) -> tuple:
     cand = rec.get("candidate")
     if not isinstance(cand, dict):
         raise DecodeError("missing_field", "candidate is missing or null", *ids)
-    object_id = _req(rec, "alert", "objectId", ids=ids)
-    alert_id = int(_req(rec, "alert", "candid", ids=ids))
+    object_id = _object_id(_req(rec, "alert", "objectId", ids=ids), ids)
+    alert_id = _alert_id(_req(rec, "alert", "candid", ids=ids), "candid", ids)
     ids = (alert_id, object_id)
     ra, dec = _check_position(_req(cand, "candidate", "ra", ids=ids), _req(cand, "candidate", "dec", ids=ids), ids)
     fid = int(_req(cand, "candidate", "fid", ids=ids))
@@ -833,7 +1009,7 @@ def _ztf_prepare(rec: dict) -> tuple:
     mag = float(_req(cand, "candidate", "magpsf", ids=ids))
     magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
     isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
-    if not (math.isfinite(mag) and math.isfinite(magerr)):
+    if not (MAG_RANGE[0] < mag < MAG_RANGE[1] and 0 < magerr < 10):  # NaN fails too
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 
     flux, err = _mag_flux(mag, magerr, isdiffpos)
@@ -853,7 +1029,7 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
     ps1_d, gaia_d, ss_d = (_fs_within(cand.get(k), r) for k, r in ZTF_MATCH_RADIUS.items())
     ctx = Context(
         real_bogus=_fs(drb if drb is not None else cand.get("rb")),
-        real_bogus_version=str(cand.get("drbversion") if drb is not None else cand.get("rbversion") or ""),
+        real_bogus_version=str((cand.get("drbversion") if drb is not None else cand.get("rbversion")) or ""),
         # The PS1 star/galaxy score belongs to the match at distpsnr1: unknown with it.
         star_galaxy=_fs(cand.get("sgscore1")) if math.isfinite(ps1_d) else np.nan,
         ps1_distance=ps1_d,
@@ -886,14 +1062,14 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
         for key, name in (("cutoutScience", "science"), ("cutoutTemplate", "template"),
                           ("cutoutDifference", "difference")):
             c = rec.get(key)
-            data = c.get("stampData") if isinstance(c, dict) else c
+            data = _stamp(c.get("stampData") if isinstance(c, dict) else c)
             if data:
-                cutouts[name] = bytes(data)
+                cutouts[name] = data
     return Alert(
         survey="ztf", schema_version=str(rec.get("schemavsn") or ""), alert_id=alert_id,
         object_id=str(object_id), ra=ra, dec=dec, mjd=mjd, time_scale="utc",
         band=ZTF_BANDS.get(fid, "?"), exposure=pid, field=int(_first(cand, "field", default=-1)),
-        chip=int(_first(cand, "rcid", default=-1)), lightcurve=lightcurve, context=ctx,
+        chip=int(_first(cand, "rcid", default=-1)), lightcurve=_sane_history(lightcurve, mjd), context=ctx,
         cutouts=cutouts,
     )
 
@@ -904,6 +1080,50 @@ NJY_TO_UJY = 1e-3
 
 
 INT64_MAX = 2**63 - 1
+
+
+#: History rows dated later than the alert by more than this (days) cannot be history.
+HISTORY_AFTER_ALERT_D = 0.5
+#: Fluxes beyond this (µJy, about magnitude −14.6) are not measurements.
+MAX_ABS_FLUX_UJY = 1e9
+
+
+def _sane_history(lc: LightCurve, alert_mjd: float) -> LightCurve:
+    """The light curve without history rows that cannot be measurements.
+
+    Dropped: a time outside :data:`MJD_RANGE` or after the alert (by more than
+    :data:`HISTORY_AFTER_ALERT_D`); an uncertainty that is infinite, zero or negative; a flux
+    beyond :data:`MAX_ABS_FLUX_UJY`. Unknown values (NaN) stay unknown: such rows still count
+    in the history. The alert's own detection is checked on its own
+    and always kept. A damaged row of a long history should not cost the alert, nor reach
+    HSR and the features as an infinite or negative-error point.
+    """
+    with np.errstate(invalid="ignore"):
+        ok = ((lc.kind == DETECTION)
+              | (~((lc.mjd <= MJD_RANGE[0]) | (lc.mjd >= min(MJD_RANGE[1], alert_mjd + HISTORY_AFTER_ALERT_D)))
+                 & ~((lc.flux_err <= 0) | (lc.flux_err == np.inf))
+                 & ~(np.abs(lc.flux) > MAX_ABS_FLUX_UJY)))  # comparisons with NaN are False: kept
+    if ok.all():
+        return lc
+    return LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
+
+
+#: Plausible PSF magnitudes of a detection (AB); beyond them a flux overflows or means nothing.
+MAG_RANGE = (-2.0, 40.0)
+
+
+def _alert_id(v, name: str, ids) -> int:
+    """An alert id: an integer (not a bool or a float) that fits the annotation's 64-bit long, ≥ 1."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= int(v) <= INT64_MAX:
+        raise DecodeError("bad_value", f"{name}={v!r}: not a positive 64-bit integer", *ids)
+    return int(v)
+
+
+def _object_id(v, ids) -> str:
+    """An object id: text or an integer, never empty (alerts of one object group under it)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, np.integer)) or not str(v).strip():
+        raise DecodeError("bad_value", f"object id {v!r}: empty or not text/an integer", *ids)
+    return str(v)
 
 
 def _rubin_exposure(s: dict, ids=(None, None)):
@@ -955,7 +1175,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     src = rec.get("diaSource")
     if not isinstance(src, dict):
         raise DecodeError("missing_field", "diaSource is missing or null")
-    alert_id = int(_req(src, "diaSource", "diaSourceId"))
+    alert_id = _alert_id(_req(src, "diaSource", "diaSourceId"), "diaSourceId", (None, None))
     obj = src.get("diaObjectId")
     if obj in (None, 0) and isinstance(rec.get("diaObject"), dict):
         obj = rec["diaObject"].get("diaObjectId")  # early schemas fill only the object record
@@ -965,15 +1185,15 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
             raise DecodeError("missing_field", "diaSource.diaObjectId and ssObjectId are both null", alert_id)
         object_id = f"ss{ss}"
     else:
-        object_id = str(obj)
+        object_id = _object_id(obj, (alert_id, None))
     ids = (alert_id, object_id)
     ra, dec = _check_position(_req(src, "diaSource", "ra", ids=ids), _req(src, "diaSource", "dec", "decl", ids=ids),
                               ids)
     mjd = _check_mjd(_rubin_time(src, ids), ids)
     flux = float(_req(src, "diaSource", "psfFlux", "psFlux", ids=ids)) * NJY_TO_UJY
     ferr = _f(_first(src, "psfFluxErr", "psFluxErr")) * NJY_TO_UJY
-    if not math.isfinite(flux):
-        raise DecodeError("bad_value", f"psfFlux={flux}", *ids)
+    if not (math.isfinite(flux) and abs(flux) < 1e9) or ferr <= 0 or ferr == math.inf:  # a missing error is NaN
+        raise DecodeError("bad_value", f"psfFlux={flux} psfFluxErr={ferr} µJy", *ids)
     band = str(_first(src, "band", "filterName", default="?"))
     exposure, visit, det = _rubin_exposure(src, ids)
 
@@ -1028,10 +1248,11 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     if keep_cutouts:
         for key, name in (("cutoutScience", "science"), ("cutoutTemplate", "template"),
                           ("cutoutDifference", "difference")):
-            if rec.get(key):
-                cutouts[name] = bytes(rec[key])
+            data = _stamp(rec.get(key))
+            if data:
+                cutouts[name] = data
     return Alert(
         survey="rubin", schema_version=version or str(rec.get("lsst_schema_version") or ""), alert_id=alert_id,
         object_id=object_id, ra=ra, dec=dec, mjd=mjd, time_scale="tai", band=band, exposure=exposure, field=visit,
-        chip=det, lightcurve=rows.build(), context=ctx, cutouts=cutouts,
+        chip=det, lightcurve=_sane_history(rows.build(), mjd), context=ctx, cutouts=cutouts,
     )

@@ -128,6 +128,29 @@ def test_forced_photometry_uses_zero_point():
     assert lc.seeing[forced][0] == 2.1 and lc.exposure[forced][0] == 123
 
 
+def test_history_rows_that_cannot_be_measurements_are_dropped_and_bad_ids_rejected():
+    """Damaged history rows leave the light curve (the alert stays); damaged ids or an
+    implausible detection reject the alert."""
+    _, (rec,) = _read(avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0])
+    jd = rec["candidate"]["jd"]
+    fp = {"field": 1, "rcid": 2, "fid": 2, "pid": 123, "jd": jd - 3, "forcediffimflux": 250.0,
+          "forcediffimfluxunc": 25.0, "magzpsci": 26.0, "magzpscirms": 0.03, "clrcoeff": 0.1,
+          "diffmaglim": 20.5, "sciinpseeing": 2.1, "scibckgnd": 120.0, "procstatus": "0"}
+    damaged = [dict(fp, pid=124, jd=1e300), dict(fp, pid=125, jd=jd + 30), dict(fp, pid=126, magzpsci=-1000.0),
+               dict(fp, pid=127, magzpsci=1000.0), dict(fp, pid=128, forcediffimfluxunc=-5.0)]
+    a = Decoder().to_alert(dict(copy.deepcopy(rec), fp_hists=[fp, *damaged]), Envelope(b"", "x"))
+    forced = a.lightcurve.kind == FORCED
+    assert a.lightcurve.exposure[forced].tolist() == [123]
+    err = a.lightcurve.flux_err
+    assert not ((err <= 0) | (err == np.inf)).any()
+    for change, words in ((dict(candid=1e300), "not a positive 64-bit integer"), (dict(candid=True), "candid=True"),
+                          (dict(objectId=" "), "object id"),
+                          (dict(candidate=dict(rec["candidate"], magpsf=-1000.0)), "magpsf=-1000"),
+                          (dict(candidate=dict(rec["candidate"], sigmapsf=0.0)), "sigmapsf=0.0")):
+        rej = Decoder().to_alert(dict(copy.deepcopy(rec), **change), Envelope(b"", "x"))
+        assert isinstance(rej, Rejected) and rej.reason == "bad_value" and words in rej.detail, (change, rej)
+
+
 def test_ztf_schemaless_with_given_schema():
     schema = load_ztf_schema(DATA / "ztf_ampel" / "schemas" / "schema_3.3.json")
     f = avro_files("ztf_fink", "2020-01-01_schema3.3")[0]
@@ -557,3 +580,78 @@ def test_history_decoding_of_other_surveys_and_bad_input(rubin_files):
         assert isinstance(want[0], Alert) and [a.alert_id for a in got] == [a.alert_id for a in want]
     [[bad]] = dec.decode_history(Envelope(b"\x00\x01garbage", "bad"))
     assert isinstance(bad, Rejected) and bad.reason
+
+
+def _zz(n: int) -> bytes:
+    """Avro zig-zag varint."""
+    n = (n << 1) ^ (n >> 63)
+    out = b""
+    while n & ~0x7F:
+        out += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def _raw_container(schema, body: bytes, count: int, codec: bytes = b"null") -> bytes:
+    """An object container written by hand, as a hostile producer could (no writer-side checks)."""
+    import json
+
+    sync = b"S" * 16
+    meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": codec}
+    head = b"Obj\x01" + _zz(len(meta)) + b"".join(_zz(len(k)) + k + _zz(len(v)) + v for k, v in meta.items())
+    return head + _zz(0) + sync + _zz(count) + _zz(len(body)) + body + sync
+
+
+def test_hostile_container_schemas_and_codecs_are_refused_before_reading():
+    """A container's writer schema and codec come from the sender: each of these once crashed the
+    process (a recursive schema overflowed the C stack), claimed a million records from 77 bytes,
+    or inflated a 416-byte message to 600 MB."""
+    import bz2
+
+    dec = Decoder(max_message_bytes=1 << 20)
+    node = {"type": "record", "name": "N", "fields": [{"name": "n", "type": ["null", "N"]}]}
+    cases = {
+        "contains itself": _raw_container(node, b"\x02" * 20_000 + b"\x00", 1),
+        "top level is not a record": _raw_container("null", b"", 1_000_000),
+        "values that take no bytes": _raw_container(
+            {"type": "record", "name": "a", "fields": [{"name": "prv_candidates",
+                                                         "type": {"type": "array", "items": "null"}}]},
+            _zz(10**12) + _zz(0), 1),
+        "nests deeper": _raw_container(
+            {"type": "record", "name": "r", "fields": [{"name": "x", "type": _nested_arrays(40)}]}, b"\x00", 1),
+        "inflate to more than": _raw_container(
+            {"type": "record", "name": "r", "fields": [{"name": "x", "type": "bytes"}]},
+            bz2.compress(_zz(50 << 20) + bytes(50 << 20)), 1, codec=b"bzip2"),
+        "not accepted": _raw_container(
+            {"type": "record", "name": "r", "fields": [{"name": "x", "type": "long"}]}, b"\x02", 1, codec=b"lz4"),
+    }
+    for words, payload in cases.items():
+        (rej,) = dec.decode(Envelope(payload))
+        assert isinstance(rej, Rejected) and words in rej.detail, (words, rej)
+        assert rej.reason in ("corrupt_avro", "oversize")
+    # A well-formed compressed container of the same shape still decodes past the vetting.
+    ok = _raw_container({"type": "record", "name": "r", "fields": [{"name": "x", "type": "bytes"}]},
+                        bz2.compress(_zz(1000) + bytes(1000)), 1, codec=b"bzip2")
+    assert dec._records(ok)[0] == [{"x": bytes(1000)}]
+
+
+def _nested_arrays(depth: int):
+    s = "long"
+    for _ in range(depth):
+        s = {"type": "array", "items": s}
+    return s
+
+
+def test_a_cutout_that_is_not_bytes_is_dropped_not_allocated():
+    """``bytes(n)`` of a cutout declared as a number would allocate n zero bytes."""
+    path = avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0]
+    schema, (rec,) = _read(path)
+    schema = copy.deepcopy(schema)
+    for f in schema["fields"]:
+        if f["name"] == "cutoutScience":
+            f["type"] = "long"
+    rec = dict(rec, cutoutScience=8_000_000_000)
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [rec])
+    (alert,) = Decoder().decode(Envelope(buf.getvalue()))
+    assert isinstance(alert, Alert) and "science" not in alert.cutouts and "template" in alert.cutouts
