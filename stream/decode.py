@@ -1013,6 +1013,7 @@ def _ztf_prepare(rec: dict) -> tuple:
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 
     flux, err = _mag_flux(mag, magerr, isdiffpos)
+    _check_history_sizes(rec, ("prv_candidates", "fp_hists"), ids)
     return ids, cand, fid, pid, mag, magerr, flux, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
                                                     rec.get("fp_hists"))
 
@@ -1106,6 +1107,18 @@ def _sane_history(lc: LightCurve, alert_mjd: float) -> LightCurve:
     if ok.all():
         return lc
     return LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
+
+
+#: Most rows one history list of an alert may hold. Real ones hold hundreds (ZTF: 30 days;
+#: Rubin: a year); a 15 MB message of 200,000 empty rows cost ~460 MB to decode.
+MAX_HISTORY_ROWS = 20_000
+
+
+def _check_history_sizes(rec: dict, keys, ids) -> None:
+    for k in keys:
+        v = rec.get(k)
+        if isinstance(v, (list, tuple)) and len(v) > MAX_HISTORY_ROWS:
+            raise DecodeError("bad_value", f"{k} holds {len(v)} rows (> {MAX_HISTORY_ROWS})", *ids)
 
 
 #: Plausible PSF magnitudes of a detection (AB); beyond them a flux overflows or means nothing.
@@ -1214,6 +1227,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
                  seeing=_psf_fwhm_px(s) if kind != FORCED else np.nan)
 
     add_source(src, DETECTION)
+    _check_history_sizes(rec, ("prvDiaSources", "prvDiaForcedSources", "prvDiaNondetectionLimits"), ids)
     for s in rec.get("prvDiaSources") or ():
         add_source(s, PREVIOUS)
     for s in rec.get("prvDiaForcedSources") or ():
