@@ -247,3 +247,97 @@ def test_hsr_runs_on_every_vendored_alert():
             lc = a.lightcurve
             has = np.isfinite(lc.flux) & (lc.exposure >= 0) & (lc.kind != NONDETECTION)
             assert np.isfinite(f[has]).all()
+
+
+def _synthetic(oid, ra, mjd, flux, err, kind, exposure, first_det):
+    from stream.alert import Alert, Context, LightCurve
+
+    n = len(mjd)
+
+    def full(v, dt=float):
+        return np.full(n, v, dtype=dt)
+
+    lc = LightCurve(mjd=np.asarray(mjd, float), band=np.array(["r"] * n), flux=np.asarray(flux, float),
+                    flux_err=np.asarray(err, float), kind=np.asarray(kind, np.int8),
+                    exposure=np.asarray(exposure, np.int64), field=full(700, np.int64), chip=full(10, np.int64),
+                    zp=full(26.0), zp_rms=full(0.02), colour_coeff=full(0.1), limit_mag=full(20.5), seeing=full(2.0),
+                    background=full(100.0), ref_flux=full(np.nan), ra=full(np.nan), dec=full(np.nan))
+    i = int(np.flatnonzero(lc.kind == 0)[0])
+    return Alert(survey="ztf", schema_version="t", alert_id=abs(hash(oid)) % 10**9 + 1, object_id=oid, ra=ra,
+                 dec=20.0, mjd=float(lc.mjd[i]), time_scale="utc", band="r", exposure=int(lc.exposure[i]),
+                 field=700, chip=10, lightcurve=lc, context=Context(first_det_mjd=first_det, fwhm=2.0))
+
+
+def test_weightless_siblings_do_not_count_and_bad_errors_do_not_spread():
+    """Rows whose weight rounds to zero (errors ~10⁵ µJy or infinite) counted as siblings and made
+    the normal matrix singular: LinAlgError for every batch touching those exposures. A NaN error
+    on one training row made every corrected error of the light curve NaN."""
+    from stream.alert import DETECTION, FORCED
+
+    exps = np.arange(1, 11) + 10**11
+    mjd = 60000.0 + np.arange(10)
+    alerts = [_synthetic(f"ZTF24sib{j:04d}", 10.0 + j, np.r_[mjd, 60030.0],
+                         np.r_[np.random.default_rng(j).normal(0, 5, 10), 500.0],
+                         np.r_[np.full(9, 2.0e5), np.inf, 10.0], np.r_[np.full(10, FORCED), DETECTION],
+                         np.r_[exps, 10**11 + 100 + j], 60030.0) for j in range(8)]
+    h = HSR()
+    h.correct(alerts)  # raised LinAlgError
+    assert (h.store.sibling_vector(exps, exclude=())["n"] == 0).all()
+    # Quiet siblings with ordinary errors, then a target with one NaN error among its training rows.
+    sibs = [_synthetic(f"ZTF24q{j:04d}", 30.0 + j, np.r_[mjd, 60030.0], np.r_[np.zeros(10), 300.0],
+                       np.r_[np.full(10, 5.0), 10.0], np.r_[np.full(10, FORCED), DETECTION],
+                       np.r_[exps, 10**11 + 200 + j], 60030.0) for j in range(8)]
+    err = np.r_[np.full(10, 5.0), 10.0]
+    err[3] = np.nan
+    tgt = _synthetic("ZTF24target", 50.0, np.r_[mjd, 60030.0], np.r_[np.zeros(10), 400.0], err,
+                     np.r_[np.full(10, FORCED), DETECTION], np.r_[exps, 10**11 + 300], 60030.0)
+    h2 = HSR()
+    h2.store.ingest([*sibs, tgt])
+    fit = h2.fit_batch([*sibs, tgt])[-1]
+    ok = np.isfinite(err)
+    assert np.isfinite(fit.corrected_err[ok]).all() and fit.diagnostics.n_train == 9
+
+
+def test_object_keys_do_not_collide_where_crc32_did():
+    assert _obj_hash("ZTF17oftdqir") != _obj_hash("ZTF24lxwftrh")
+    assert 0 <= _obj_hash("ZTF17oftdqir") < 2**63
+
+
+def test_fitted_loadings_do_not_extrapolate_and_each_exposure_trains_once():
+    """A loading learnt on a few small sibling offsets multiplied tonight's large one (a loading of
+    15 subtracted −1,312 µJy where the truth was −139): beyond the training range only the prior
+    loadings (physics) extrapolate."""
+    rng = np.random.default_rng(3)
+    X = np.column_stack([rng.normal(0, 2, 40), rng.normal(0, 2, 40)])
+    y = 15 * X[:, 0] + rng.normal(0, 0.5, 40)
+    reg = HalfSiblingRegressor().fit(X, y, np.ones(40), prior=[1.0, 1.0], prior_scale=[100.0, 100.0])
+    assert reg.coef_[0] == pytest.approx(15, abs=0.5)
+    inside = np.array([[1.0, 0.5]])
+    assert reg.systematic(inside)[0] == pytest.approx((inside - reg.x_mean_) @ reg.coef_, rel=1e-12)
+    far = np.array([[100.0, 0.0]])
+    edge = X[:, 0].max()
+    expect = (100.0 - reg.x_mean_[0]) * 1.0 + (edge - reg.x_mean_[0]) * (reg.coef_[0] - 1.0) \
+        + (0.0 - reg.x_mean_[1]) * reg.coef_[1]
+    assert reg.systematic(far)[0] == pytest.approx(expect, rel=1e-9)
+    assert reg.systematic(far)[0] < 200.0  # not 15 × 100
+
+
+def test_an_exposure_seen_twice_in_a_history_trains_once():
+    """A detection repeated in the history and the forced photometry of the same image count once."""
+    from stream.alert import DETECTION, FORCED, PREVIOUS
+
+    exps = np.arange(1, 13) + 10**11
+    mjd = 60000.0 + np.arange(12)
+    sibs = [_synthetic(f"ZTF24q{j:04d}", 30.0 + j, np.r_[mjd, 60030.0], np.r_[np.zeros(12), 300.0],
+                       np.r_[np.full(12, 5.0), 10.0], np.r_[np.full(12, FORCED), DETECTION],
+                       np.r_[exps, 10**11 + 200 + j], 60030.0) for j in range(8)]
+    # A variable star: forced photometry of every image, and six of them also as earlier detections.
+    tgt = _synthetic("ZTF24var", 50.0, np.r_[mjd, mjd[:6], 60030.0], np.r_[np.zeros(12), np.full(6, 80.0), 90.0],
+                     np.full(19, 5.0), np.r_[np.full(12, FORCED), np.full(6, PREVIOUS), DETECTION],
+                     np.r_[exps, exps[:6], 10**11 + 300], 59000.0)
+    h = HSR()
+    h.store.ingest([*sibs, tgt])
+    batch = h.fit_batch([*sibs, tgt])[-1]
+    one = h.fit_one(tgt)
+    assert batch.diagnostics.n_train == one.diagnostics.n_train == 12
+    assert (batch.train[:12]).all() and not batch.train[12:].any()  # the forced rows train
