@@ -13,7 +13,9 @@ Two pieces (science.md §1):
     detector). From every alert's forced-photometry and history rows it keeps, per
     exposure, weighted least-squares sums of quiescent sibling fluxes against their
     reference fluxes, ``f_j = a_e + s_e·F_ref,j`` (exact fixed-point integers, so
-    leave-one-out subtraction is bit-identical to never having seen the target), plus
+    leave-one-out subtraction is bit-identical to never having seen the target; which
+    long-lived sources were judged quiet can still depend on it, since they are judged
+    against a common mode that included its rows when they were judged), plus
     image-level metadata (zero point, its rms, colour coefficient, depth, seeing,
     background) and, for the current exposure, the FWHM of every alert that arrived.
 

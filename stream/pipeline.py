@@ -68,7 +68,10 @@ class Pipeline:
     hsr : object with ``correct(alerts) -> (fluxes, diagnostics)``, or False
         Half-sibling regression (default: a fresh :class:`causal.hsr.HSR`, whose sibling
         store then lives as long as the pipeline); ``False`` switches it off and
-        annotations say ``hsr.mode = "off"``.
+        annotations say ``hsr.mode = "off"``. A correction uses what the store holds when
+        the alert's micro-batch arrives (R4), so the same stream cut into other batches (a
+        replay's batch size, a live consumer's timeouts) can correct an alert differently,
+        most at tonight's exposure.
     clock : {"stream", "wall"}
         What "now" is for freshness: the latest event time seen (replays rank as they
         would have live) or the wall clock (live service).
