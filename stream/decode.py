@@ -795,6 +795,7 @@ def _ztf_block(v: np.ndarray, kind) -> np.ndarray:
 
 
 _NEG = ("f", "0", "false")
+_SIGNS = (*_NEG, "t", "1", "true")
 
 
 def _ztf_history(prv, fps) -> tuple:
@@ -843,7 +844,7 @@ def _ztf_lightcurves(items) -> list:
     m = _ztf_block(v[:, keep], kind[keep])
     k_first, k_det, k_lim = is_first[keep], det[keep], lim_ok[keep]
     f = mag_to_ujy(pmag[det])
-    neg = np.array([str(rows[i].get("isdiffpos")).lower() in _NEG for i in np.flatnonzero(det).tolist()],
+    neg = np.array([str(rows[i].get("isdiffpos")).strip().lower() in _NEG for i in np.flatnonzero(det).tolist()],
                    dtype=bool)
     m[_LC["flux"], k_det], m[_LC["flux_err"], k_det] = np.where(neg, -f, f), f * sig[det] * math.log(10) / 2.5
     m[_LC["ra"], k_det], m[_LC["dec"], k_det] = v[12, det], v[13, det]
@@ -894,7 +895,7 @@ def _ztf_lightcurves(items) -> list:
 
 def _mag_flux(mag, magerr, isdiffpos):
     """Signed µJy flux and 1σ error from a calibrated PSF magnitude."""
-    sign = -1.0 if str(isdiffpos).lower() in ("f", "0", "false") else 1.0
+    sign = -1.0 if str(isdiffpos).strip().lower() in _NEG else 1.0
     flux = float(mag_to_ujy(mag))
     return sign * flux, flux * float(magerr) * math.log(10) / 2.5
 
@@ -1009,6 +1010,8 @@ def _ztf_prepare(rec: dict) -> tuple:
     mag = float(_req(cand, "candidate", "magpsf", ids=ids))
     magerr = float(_req(cand, "candidate", "sigmapsf", ids=ids))
     isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
+    if str(isdiffpos).strip().lower() not in _SIGNS:  # the flux's sign rests on it: no guessing
+        raise DecodeError("bad_value", f"isdiffpos={isdiffpos!r} (t/f/1/0)", *ids)
     if not (MAG_RANGE[0] < mag < MAG_RANGE[1] and 0 < magerr < 10):  # NaN fails too
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 

@@ -147,7 +147,8 @@ def test_history_rows_that_cannot_be_measurements_are_dropped_and_bad_ids_reject
                           (dict(objectId=" "), "object id"),
                           (dict(candidate=dict(rec["candidate"], magpsf=-1000.0)), "magpsf=-1000"),
                           (dict(candidate=dict(rec["candidate"], sigmapsf=0.0)), "sigmapsf=0.0"),
-                          (dict(prv_candidates=[{}] * 20_001), "prv_candidates holds 20001 rows")):
+                          (dict(prv_candidates=[{}] * 20_001), "prv_candidates holds 20001 rows"),
+                          (dict(candidate=dict(rec["candidate"], isdiffpos="n")), "isdiffpos='n'")):
         rej = Decoder().to_alert(dict(copy.deepcopy(rec), **change), Envelope(b"", "x"))
         assert isinstance(rej, Rejected) and rej.reason == "bad_value" and words in rej.detail, (change, rej)
 
