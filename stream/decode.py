@@ -407,10 +407,9 @@ class Decoder:
             return None
         writer = self._writer(text)
         codec = header["meta"].get("avro.codec", b"null")
-        if codec not in (b"null", b""):
-            _bounded_inflation(buf, codec.decode(errors="replace"), header["sync"], self.max_message_bytes)
-            return None
-        return buf.tell(), header["sync"], writer
+        start = buf.tell()
+        _vet_blocks(buf, codec.decode(errors="replace"), header["sync"], self.max_message_bytes)
+        return (start, header["sync"], writer) if codec in (b"null", b"") else None
 
     def _writer(self, text: bytes):
         """(text, parsed schema, version) of a container's writer schema, vetted and cached."""
@@ -468,6 +467,8 @@ class Decoder:
             return None
 
 
+#: Most records one message's container may hold (survey containers hold one alert).
+MAX_RECORDS_PER_MESSAGE = 1000
 #: Writer schemas larger than this are vetted and parsed for each message, not kept.
 MAX_CACHED_SCHEMA_BYTES = 256 * 1024
 #: Deepest nesting of types a writer schema may have (ZTF's and Rubin's are < 10 deep).
@@ -499,7 +500,8 @@ def _vet_writer_schema(schema) -> None:
         if isinstance(s, str):
             if s in _PRIMITIVES:
                 return s != "null"
-            ref = s if s in named else full(s, ns)
+            # As fastavro and the Avro spec resolve a name: in the enclosing namespace first.
+            ref = next((r for r in (full(s, ns), s) if r in named), full(s, ns))
             if ref in path:
                 raise DecodeError("corrupt_avro", f"container schema: type {ref!r} contains itself")
             if ref not in named:
@@ -528,14 +530,17 @@ def _vet_writer_schema(schema) -> None:
                 wide |= width(f.get("type"), ns2, path | {name}, depth + 1)
             named[name] = (s, wide)
             return wide
+        if isinstance(t, (dict, list)):  # {"type": {...}}: the type itself
+            return width(t, ns, path, depth + 1)
         if t in ("array", "map"):
             inner = s.get("items" if t == "array" else "values")
-            if not width(inner, ns, path, depth + 1):
-                raise DecodeError("corrupt_avro", f"container schema: {t} of values that take no bytes")
+            # A map entry always takes its key's bytes; an array item may take none.
+            if not width(inner, ns, path, depth + 1) and t == "array":
+                raise DecodeError("corrupt_avro", "container schema: array of values that take no bytes")
             return True
         if t in _PRIMITIVES:
             return t != "null"
-        if isinstance(t, (dict, list, str)):
+        if isinstance(t, str):
             return width(t, ns, path, depth + 1)
         raise DecodeError("corrupt_avro", f"container schema: unknown type {t!r}")
 
@@ -546,31 +551,41 @@ def _vet_writer_schema(schema) -> None:
         raise DecodeError("corrupt_avro", "container schema: records that take no bytes")
 
 
-def _bounded_inflation(buf, codec: str, sync: bytes, limit: int) -> None:
-    """Raise ``DecodeError`` unless every block of a compressed container inflates to ≤ ``limit`` bytes."""
+def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
+    """Raise ``DecodeError`` for a container block that claims too many records or inflates too far.
+
+    Each block may hold at most :data:`MAX_RECORDS_PER_MESSAGE` records (survey containers
+    hold one; a 2 MB container of 2 million one-byte records cost 384 MB to read), and a
+    compressed block must be one stream that inflates to at most ``limit`` bytes (fastavro
+    inflates whole blocks, and decompresses streams written one after another).
+    """
     import bz2
     import lzma
     import zlib
 
-    makers = {"deflate": lambda: zlib.decompressobj(-15), "bzip2": bz2.BZ2Decompressor,
+    makers = {"null": None, "": None, "deflate": lambda: zlib.decompressobj(-15), "bzip2": bz2.BZ2Decompressor,
               "xz": lzma.LZMADecompressor}
     if codec not in makers:
         raise DecodeError("corrupt_avro", f"container codec {codec!r} not accepted (null, deflate, bzip2, xz)")
     total = 0
     try:
-        while True:
-            head = buf.read(1)
-            if not head:
-                return
+        while buf.read(1):
             buf.seek(-1, 1)
-            fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)  # record count
+            count = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
+            if not 0 <= count <= MAX_RECORDS_PER_MESSAGE:
+                raise DecodeError("corrupt_avro", f"a block claims {count} records (at most {MAX_RECORDS_PER_MESSAGE})")
             size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
             data = buf.read(max(size, 0))
-            d = makers[codec]()
-            out = d.decompress(data, max(limit - total, 0) + 1)
-            total += len(out)
-            if total > limit:
-                raise DecodeError("oversize", f"{codec} blocks inflate to more than {limit} bytes")
+            if makers[codec] is not None:
+                d = makers[codec]()
+                out = d.decompress(data, max(limit - total, 0) + 1)
+                total += len(out)
+                if total > limit:
+                    raise DecodeError("oversize", f"{codec} blocks inflate to more than {limit} bytes")
+                # fastavro reads every bzip2/xz stream written one after another (a deflate
+                # block is one stream, and fastavro's own writer leaves a byte after it).
+                if codec != "deflate" and d.eof and d.unused_data:
+                    raise DecodeError("corrupt_avro", f"a {codec} block holds more than one compressed stream")
             if buf.read(16) != sync:
                 return  # the checked path names the damage
     except DecodeError:

@@ -605,6 +605,8 @@ def _raw_container(schema, body: bytes, count: int, codec: bytes = b"null") -> b
 
 
 def test_hostile_container_schemas_and_codecs_are_refused_before_reading():
+    from stream.decode import _vet_writer_schema
+
     """A container's writer schema and codec come from the sender: each of these once crashed the
     process (a recursive schema overflowed the C stack), claimed a million records from 77 bytes,
     or inflated a 416-byte message to 600 MB."""
@@ -626,6 +628,18 @@ def test_hostile_container_schemas_and_codecs_are_refused_before_reading():
             bz2.compress(_zz(50 << 20) + bytes(50 << 20)), 1, codec=b"bzip2"),
         "not accepted": _raw_container(
             {"type": "record", "name": "r", "fields": [{"name": "x", "type": "long"}]}, b"\x02", 1, codec=b"lz4"),
+        # A short name resolves in the enclosing namespace first (x.Node here), as fastavro does.
+        "'x.Node' contains itself": _raw_container(
+            {"type": "record", "name": "Top", "fields": [
+                {"name": "a", "type": {"type": "record", "name": "Node", "fields": [{"name": "v", "type": "int"}]}},
+                {"name": "b", "type": {"type": "record", "name": "Node", "namespace": "x",
+                                       "fields": [{"name": "next", "type": ["null", "Node"]}]}}]},
+            b"\x02" * 20_000 + b"\x00", 1),
+        "more than one compressed stream": _raw_container(
+            {"type": "record", "name": "r", "fields": [{"name": "x", "type": "bytes"}]},
+            bz2.compress(_zz(3 << 20) + bytes(1000)) + bz2.compress(bytes(3 << 20)), 1, codec=b"bzip2"),
+        "claims 500000 records": _raw_container(
+            {"type": "record", "name": "r", "fields": [{"name": "x", "type": "boolean"}]}, bytes(500_000), 500_000),
     }
     for words, payload in cases.items():
         (rej,) = dec.decode(Envelope(payload))
@@ -635,6 +649,15 @@ def test_hostile_container_schemas_and_codecs_are_refused_before_reading():
     ok = _raw_container({"type": "record", "name": "r", "fields": [{"name": "x", "type": "bytes"}]},
                         bz2.compress(_zz(1000) + bytes(1000)), 1, codec=b"bzip2")
     assert dec._records(ok)[0] == [{"x": bytes(1000)}]
+    # Legal but unusual layouts pass the vetting: a map of nulls (its keys take bytes), enums,
+    # fixed, a named type reused by its full name from another namespace.
+    legal = {"type": "record", "name": "r", "namespace": "a", "fields": [
+        {"name": "m", "type": {"type": "map", "values": "null"}},
+        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["X", "Y"]}},
+        {"name": "f", "type": {"type": "fixed", "name": "F", "size": 4}},
+        {"name": "n", "type": {"type": "record", "name": "N", "namespace": "b",
+                               "fields": [{"name": "e", "type": "a.E"}]}}]}
+    _vet_writer_schema(legal)
 
 
 def _nested_arrays(depth: int):
