@@ -1235,6 +1235,15 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number ≥ 0."""
+    import argparse
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
+    return int(text)
+
+
 def register(subparsers) -> None:
     """Add ``vigil queue serve|export-labels|ingest``."""
     from stream.cli import _add_decoder_args
@@ -1255,7 +1264,7 @@ def register(subparsers) -> None:
                    help="ages relative to the newest alert in the store (stream) or to now (wall)")
     s.add_argument("--secure-cookie", action="store_true",
                    help="send the login cookie over HTTPS only (set it behind a TLS-terminating proxy)")
-    s.add_argument("--proxy-hops", type=int, default=0, metavar="N",
+    s.add_argument("--proxy-hops", type=_count, default=0, metavar="N",
                    help="trust X-Forwarded-For/-Proto from N reverse proxies (default 0), so that failed-login "
                         "limits apply per client, not to the proxy")
     s.set_defaults(func=cmd_serve)

@@ -571,6 +571,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                 error = "Please give your name (it is recorded with your decisions)."
             elif not hmac.compare_digest(given.encode(), token.encode()):
                 error = "Wrong token."
+                failures.pop(who, None)  # re-inserted last: the dict stays in order of latest failure
                 failures[who] = [*recent, now]
                 if len(failures) > LOGIN_ADDRESSES:  # many addresses: forget the expired, then the oldest
                     for k in [k for k, ts in failures.items() if now - ts[-1] >= LOGIN_WINDOW_S]:

@@ -293,9 +293,10 @@ def test_weightless_siblings_do_not_count_and_bad_errors_do_not_spread():
                      np.r_[np.full(10, FORCED), DETECTION], np.r_[exps, 10**11 + 300], 60030.0)
     h2 = HSR()
     h2.store.ingest([*sibs, tgt])
-    fit = h2.fit_batch([*sibs, tgt])[-1]
     ok = np.isfinite(err)
-    assert np.isfinite(fit.corrected_err[ok]).all() and fit.diagnostics.n_train == 9
+    # Both paths: the batched one, and the single-target regressor (max_train routes to it).
+    for fit in (h2.fit_batch([*sibs, tgt])[-1], h2.fit_batch([tgt], max_train=10**9)[0]):
+        assert np.isfinite(fit.corrected_err[ok]).all() and fit.diagnostics.n_train == 9
 
 
 def test_object_keys_do_not_collide_where_crc32_did():
@@ -338,6 +339,7 @@ def test_an_exposure_seen_twice_in_a_history_trains_once():
     h = HSR()
     h.store.ingest([*sibs, tgt])
     batch = h.fit_batch([*sibs, tgt])[-1]
-    one = h.fit_one(tgt)
+    one = h.fit_batch([tgt], max_train=10**9)[0]  # the single-target regressor
     assert batch.diagnostics.n_train == one.diagnostics.n_train == 12
-    assert (batch.train[:12]).all() and not batch.train[12:].any()  # the forced rows train
+    for fit in (batch, one):
+        assert (fit.train[:12]).all() and not fit.train[12:].any()  # the forced rows train
