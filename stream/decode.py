@@ -554,8 +554,8 @@ def _vet_writer_schema(schema) -> None:
 def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
     """Raise ``DecodeError`` for a container block that claims too many records or inflates too far.
 
-    Each block may hold at most :data:`MAX_RECORDS_PER_MESSAGE` records (survey containers
-    hold one; a 2 MB container of 2 million one-byte records cost 384 MB to read), and a
+    The blocks may hold at most :data:`MAX_RECORDS_PER_MESSAGE` records together (survey
+    containers hold one; a 2 MB container of 2 million one-byte records cost 384 MB to read), and a
     compressed block must be one stream that inflates to at most ``limit`` bytes (fastavro
     inflates whole blocks, and decompresses streams written one after another).
     """
@@ -567,13 +567,14 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
               "xz": lzma.LZMADecompressor}
     if codec not in makers:
         raise DecodeError("corrupt_avro", f"container codec {codec!r} not accepted (null, deflate, bzip2, xz)")
-    total = 0
+    total = records = 0
     try:
         while buf.read(1):
             buf.seek(-1, 1)
             count = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
-            if not 0 <= count <= MAX_RECORDS_PER_MESSAGE:
-                raise DecodeError("corrupt_avro", f"a block claims {count} records (at most {MAX_RECORDS_PER_MESSAGE})")
+            records += count
+            if count < 0 or records > MAX_RECORDS_PER_MESSAGE:
+                raise DecodeError("corrupt_avro", f"blocks claim {records} records (at most {MAX_RECORDS_PER_MESSAGE})")
             size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
             data = buf.read(max(size, 0))
             if makers[codec] is not None:

@@ -638,9 +638,14 @@ def test_hostile_container_schemas_and_codecs_are_refused_before_reading():
         "more than one compressed stream": _raw_container(
             {"type": "record", "name": "r", "fields": [{"name": "x", "type": "bytes"}]},
             bz2.compress(_zz(3 << 20) + bytes(1000)) + bz2.compress(bytes(3 << 20)), 1, codec=b"bzip2"),
-        "claims 500000 records": _raw_container(
+        "claim 500000 records": _raw_container(
             {"type": "record", "name": "r", "fields": [{"name": "x", "type": "boolean"}]}, bytes(500_000), 500_000),
     }
+    # ... also when spread over many blocks of a few records each.
+    block = _raw_container({"type": "record", "name": "r", "fields": [{"name": "x", "type": "boolean"}]},
+                           bytes(900), 900)
+    head, tail = block[:-(16 + 900 + 2 * 2)], block[-(16 + 900 + 2 * 2):]
+    cases["claim 1800 records"] = head + tail + tail
     for words, payload in cases.items():
         (rej,) = dec.decode(Envelope(payload))
         assert isinstance(rej, Rejected) and words in rej.detail, (words, rej)
