@@ -300,6 +300,11 @@ class DeadLetterSink(_ProducerSink):
     out: the dead letter then carries ``vigil.payload_omitted`` (the payload's size) and its
     SHA-256, and the headers name the source topic, partition and offset where the original
     still lies. Without this, one oversized bad message would stop the service at every restart.
+
+    A message whose container holds several rejected records carries its payload in the first
+    of their dead letters only; the others say ``vigil.payload_omitted`` and ``vigil.payload_in``
+    = ``first``, so one small message of 1,000 bad records cannot put 1,000 copies of itself
+    on the topic.
     """
 
     def __init__(self, bootstrap: str, topic: str, settings=None):
@@ -307,6 +312,7 @@ class DeadLetterSink(_ProducerSink):
         self.max_bytes = int((settings or {}).get("message.max.bytes", 1_000_000))
 
     def write_rejected(self, rejected) -> None:
+        sent: set = set()  # messages whose payload a dead letter of this batch already carries
         for r in rejected:
             e = r.envelope
             headers = [
@@ -317,10 +323,16 @@ class DeadLetterSink(_ProducerSink):
             if r.alert_id is not None:
                 headers.append(("vigil.alert_id", str(r.alert_id).encode()))
             payload = e.payload
-            if len(payload) + len(e.key or b"") + DEAD_LETTER_OVERHEAD > self.max_bytes:
+            ident = (e.source, e.partition, e.offset) if e.offset is not None else id(e)
+            again = ident in sent
+            if again or len(payload) + len(e.key or b"") + DEAD_LETTER_OVERHEAD > self.max_bytes:
                 headers += [("vigil.payload_omitted", str(len(payload)).encode()),
                             ("vigil.payload_sha256", hashlib.sha256(payload).hexdigest().encode())]
+                if again:
+                    headers.append(("vigil.payload_in", b"first"))
                 payload = b""
+            else:
+                sent.add(ident)
             self._produce(payload, e.key, headers)
         self.producer.poll(0)
 

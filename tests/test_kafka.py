@@ -384,3 +384,28 @@ def test_service_scores_with_the_configured_model(broker, topics, tmp_path):
     assert counts.annotated == n
     records = [decode_annotation(m.value()) for m in read_topic(broker.bootstrap, topics[1], n)]
     assert len(records) == n and {r["model_version"] for r in records} == {"xgb-configured-test"}
+
+
+def test_a_message_of_many_bad_records_puts_its_payload_on_the_dead_letter_topic_once(broker, topics):
+    """Each rejected record gets a dead letter (with its reason), but only the first carries the bytes."""
+    import io
+
+    import fastavro
+
+    schema = {"type": "record", "name": "notanalert", "fields": [{"name": "x", "type": "long"}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [{"x": i} for i in range(3)])
+    p = Producer({"bootstrap.servers": broker.bootstrap})
+    p.produce(topics[0], value=buf.getvalue(), partition=0)
+    p.flush(10)
+    counts = run_service(_config(broker, topics), until=lambda c: c.rejected >= 3)
+    assert counts.rejected == 3
+    dead = read_topic(broker.bootstrap, topics[2], 3)
+    assert len(dead) == 3
+    with_bytes = [m for m in dead if m.value()]
+    assert len(with_bytes) == 1 and with_bytes[0].value() == buf.getvalue()
+    for m in dead:
+        h = dict(m.headers())
+        assert h["vigil.source.offset"] == b"0" and h["vigil.reason"]
+        if not m.value():
+            assert h["vigil.payload_in"] == b"first" and h["vigil.payload_omitted"] == str(len(buf.getvalue())).encode()
