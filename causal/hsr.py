@@ -114,13 +114,63 @@ def _solve(sums: np.ndarray):
     return coef, n
 
 
-def _blend(coef: np.ndarray, n: np.ndarray, vsums: np.ndarray):
-    """Per-exposure fits blended with their visit's (``vsums``), weighted by sibling counts."""
+def _solve_cov(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Covariance (n, 3, 3) of :func:`_solve`'s (a, s, c), from the inverse normal matrix.
+
+    The weights are inverse variances (photometric error ⊕ model scatter), so the inverse
+    of the weighted normal matrix is the fit's covariance; parameters a row does not fit
+    (too few siblings) have none.
+    """
+    S = sums / _SCALES
+    M = S[:, _NORMAL].reshape(len(S), 3, 3)
+    M[:, 0, 0] += 1e-12
+    M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
+    M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
+    cov = np.zeros((len(S), 3, 3))
+    full = n >= MIN_SIB_COLOUR
+    if full.any():
+        cov[full] = np.linalg.inv(M[full])
+    two = (n >= MIN_SIB_SCALE) & ~full
+    if two.any():
+        cov[two, :2, :2] = np.linalg.inv(M[two][:, :2, :2])
+    one = (n >= 1) & ~full & ~two
+    cov[one, 0, 0] = 1.0 / np.where(S[one, 0] > 0, S[one, 0], np.inf)
+    return cov
+
+
+def _blend(coef: np.ndarray, n: np.ndarray, vsums: np.ndarray, cov: np.ndarray | None = None):
+    """Per-exposure fits blended with their visit's (``vsums``), weighted by sibling counts.
+
+    With ``cov`` (from :func:`_solve_cov`), it is blended too, in place, as for two
+    independent estimates (weights squared).
+    """
     vcoef, vn = _solve(vsums)
     wt = (n / (n + VISIT_PRIOR_N))[:, None]
     use = vn >= MIN_SIB_COLOUR
     coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
+    if cov is not None and use.any():
+        w3 = wt[use][:, :, None]
+        cov[use] = w3**2 * cov[use] + (1.0 - w3) ** 2 * _solve_cov(vsums[use], vn[use])
     return coef, np.where(use, np.maximum(n, vn), n)
+
+
+def _prior_variance(sib, F, colour, rows) -> np.ndarray:
+    """Variance of the prior-mode systematic ``a + s·F + c·F·(colour − 0.6)`` on ``rows`` (else 0).
+
+    Subtracted at full loading, a sibling offset estimated from two faint siblings brings
+    their noise into the corrected flux; its error must say so (without this, corrected
+    quiet epochs of a target with such siblings had pulls of 6.6, not 1). Fitted modes
+    carry their residual excess variance instead.
+    """
+    cov = sib.get("cov") if sib is not None else None
+    out = np.zeros(len(rows))
+    if cov is None or not np.any(rows):
+        return out
+    F = np.where(np.isfinite(F) & (np.asarray(F) > 0), F, 0.0) * np.ones(len(rows))
+    colour = np.asarray(colour, dtype=float) * np.ones(len(rows))
+    x = np.column_stack([np.ones(len(rows)), F, F * np.where(np.isfinite(colour), colour - _COLOUR0, 0.0)])
+    out[rows] = np.einsum("ni,nij,nj->n", x[rows], cov[rows], x[rows])
+    return np.maximum(out, 0.0)
 
 
 def _one_row_per_exposure(train: np.ndarray, owner: np.ndarray, exposure: np.ndarray, kind: np.ndarray):
@@ -910,6 +960,7 @@ class SiblingStore:
             self._take_out(sums, owner, slots, own, self._slots(np.concatenate([self._obj_exps[o] for o in flat])),
                            rows, self._cap)
         coef, n = _solve(sums)
+        cov = _solve_cov(sums, n)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
         # precision-weighted blend, so a well-populated section keeps its own estimate.
@@ -920,10 +971,11 @@ class SiblingStore:
             if flat:  # rows without a visit (key 0) have no visit row: _vslots gives −1
                 self._take_out(vsums, owner, vsl, own, self._vslots(np.concatenate([self._obj_vks[o] for o in flat])),
                                rows, len(self.vsums))
-            coef, n = _blend(coef, n, vsums)
+            coef, n = _blend(coef, n, vsums, cov)
         a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
         extras = _LazyExtras(self, exposures, slots, excludes, bounds)
-        return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi]}, extras, i)
+        return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi], "cov": cov[lo:hi]},
+                               extras, i)
                 for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
 
     def _extras(self, exposures, slots, owner, excludes) -> dict:
@@ -1255,7 +1307,8 @@ class HalfSiblingRegressor(BaseEstimator):
         # What the correction could not remove shows up as excess scatter on the training
         # epochs; it is added in quadrature to the photometric error of every corrected point.
         excess = self._excess(flux, sys_, lc.flux_err, lc.band, train) if n_train >= 5 else 0.0
-        corrected_err = np.where(has, np.sqrt(lc.flux_err**2 + excess), np.nan)
+        var_sys = _prior_variance(sib, F, source_colour(lc), known) if mode == "prior" else 0.0
+        corrected_err = np.where(has, np.sqrt(lc.flux_err**2 + excess + var_sys), np.nan)
         det = lc.kind == DETECTION
         diag = HSRDiagnostics(
             mode=mode, n_train=n_train, n_siblings=int(n_siblings_now), overfit_alarm=alarm,
@@ -1359,7 +1412,11 @@ class HalfSiblingRegressor(BaseEstimator):
                 excess[k] = stats[k][1]
             elif n_train[k] >= 5:
                 excess[k] = self._excess(flux[lo:hi], sys_[lo:hi], err[lo:hi], lcs[k].band, tr)
-        corrected_err = np.where(has, np.sqrt(err**2 + excess[owner]), np.nan)
+        prior_rows = known & ~(reduced | full)[owner]
+        cov_all = np.concatenate([np.zeros((n_, 3, 3)) if v is None or v.get("cov") is None else v["cov"]
+                                  for v, n_ in zip(sibs, lens, strict=True)])
+        var_sys = _prior_variance({"cov": cov_all}, F, colour[owner], prior_rows)
+        corrected_err = np.where(has, np.sqrt(err**2 + excess[owner] + var_sys), np.nan)
         raw = np.full(len(lcs), np.nan)
         done = np.full(len(lcs), np.nan)
         rows = np.array(list(first_det_row.values()), dtype=np.int64)

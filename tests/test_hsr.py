@@ -343,3 +343,30 @@ def test_an_exposure_seen_twice_in_a_history_trains_once():
     assert batch.diagnostics.n_train == one.diagnostics.n_train == 12
     for fit in (batch, one):
         assert (fit.train[:12]).all() and not fit.train[12:].any()  # the forced rows train
+
+
+def test_prior_mode_errors_carry_the_sibling_offsets_own_noise():
+    """No systematics anywhere; two faint siblings (σ = 100 µJy) per exposure; targets with four quiet
+    epochs (σ = 10 µJy) in prior mode. Subtracting the two siblings' noisy offset at full loading
+    must show in the corrected error: the pulls of the quiet epochs were 6.6 wide, not 1."""
+    from stream.alert import DETECTION, FORCED
+
+    rng = np.random.default_rng(3)
+    raw, corrected = [], []
+    for trial in range(40):
+        mjd = 60000.0 + np.arange(10)
+        exps = 10**11 * (trial + 1) + np.arange(10)
+        sibs = [_synthetic(f"ZTF24s{trial:03d}{j}", 10.0 + j, np.r_[mjd[:9], 60020.0], rng.normal(0, 100, 10),
+                           np.full(10, 100.0), np.r_[np.full(9, FORCED), DETECTION],
+                           np.r_[exps[:9], 10**13 + trial * 10 + j], 60020.0) for j in range(2)]
+        tgt = _synthetic(f"ZTF24t{trial:03d}", 40.0, mjd[5:], np.r_[rng.normal(0, 10, 4), 500.0], np.full(5, 10.0),
+                         np.r_[np.full(4, FORCED), DETECTION], np.r_[exps[5:9], 10**13 + 999], 60009.0)
+        h = HSR()
+        h.store.ingest([*sibs, tgt])
+        batch, one = h.fit_batch([tgt])[0], h.fit_batch([tgt], max_train=10**9)[0]
+        assert batch.diagnostics.mode == "prior"
+        np.testing.assert_allclose(batch.corrected_err, one.corrected_err, rtol=1e-9)
+        raw += list(tgt.lightcurve.flux[:4] / tgt.lightcurve.flux_err[:4])
+        corrected += list(batch.corrected[:4] / batch.corrected_err[:4])
+    assert 0.8 < np.std(raw) < 1.2
+    assert 0.8 < np.std(corrected) < 1.2
