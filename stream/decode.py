@@ -480,9 +480,9 @@ def _vet_writer_schema(schema) -> None:
     """Raise ``DecodeError`` for a writer schema that is not a plain, finite record layout.
 
     Refused: a top level that is not a record, a named type used inside itself (recursion),
-    nesting deeper than :data:`MAX_SCHEMA_DEPTH`, and records, arrays or maps whose items take
-    no bytes (``null``, empty records, zero-size ``fixed``), which would let a declared count
-    stand for any number of values.
+    nesting deeper than :data:`MAX_SCHEMA_DEPTH`, top-level records that take no bytes, and
+    arrays whose items take none (``null``, empty records, zero-size ``fixed``): a declared
+    count would then stand for any number of values. (A map entry always takes its key.)
     """
     named: dict = {}  # full name -> definition (for references)
 
@@ -1114,9 +1114,9 @@ def _sane_history(lc: LightCurve, alert_mjd: float) -> LightCurve:
     Dropped: a time outside :data:`MJD_RANGE` or after the alert (by more than
     :data:`HISTORY_AFTER_ALERT_D`); an uncertainty that is infinite, zero or negative; a flux
     beyond :data:`MAX_ABS_FLUX_UJY`. Unknown values (NaN) stay unknown: such rows still count
-    in the history. The alert's own detection is checked on its own
-    and always kept. A damaged row of a long history should not cost the alert, nor reach
-    HSR and the features as an infinite or negative-error point.
+    in the history. The alert's own detection is checked on its own and always kept. A
+    damaged row of a long history should not cost the alert, nor reach HSR and the features
+    as an infinite or negative-error point.
     """
     with np.errstate(invalid="ignore"):
         ok = ((lc.kind == DETECTION)
