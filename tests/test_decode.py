@@ -585,13 +585,9 @@ def test_history_decoding_of_other_surveys_and_bad_input(rubin_files):
 
 
 def _zz(n: int) -> bytes:
-    """Avro zig-zag varint."""
-    n = (n << 1) ^ (n >> 63)
-    out = b""
-    while n & ~0x7F:
-        out += bytes([(n & 0x7F) | 0x80])
-        n >>= 7
-    return out + bytes([n])
+    from stream.simulate import _avro_long  # the simulator's Avro zig-zag varint
+
+    return _avro_long(n)
 
 
 def _raw_container(schema, body: bytes, count: int, codec: bytes = b"null") -> bytes:
