@@ -89,16 +89,22 @@ def airmass(ra, dec, mjd, survey: str) -> np.ndarray:
         return np.where(sin_alt > 0.05, 1.0 / np.maximum(sin_alt, 0.05), np.nan)
 
 
-def _solve(sums: np.ndarray):
-    """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings)."""
+def _normal(sums: np.ndarray):
+    """The sums in true units and the 3 × 3 weighted normal matrices, with a whisper of ridge."""
     S = sums / _SCALES
-    n = S[:, _COUNT]
     M = S[:, _NORMAL].reshape(len(S), 3, 3)  # the symmetric normal matrix from its upper triangle
-    r = S[:, 6:9]
     # A whisper of ridge on scale and colour keeps exposures with colourless siblings solvable.
     M[:, 0, 0] += 1e-12
     M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
     M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
+    return S, M
+
+
+def _solve(sums: np.ndarray):
+    """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings)."""
+    S, M = _normal(sums)
+    n = S[:, _COUNT]
+    r = S[:, 6:9]
     # Fewer siblings, fewer parameters: offset, scale and colour from ≥ MIN_SIB_COLOUR, offset and
     # scale from ≥ MIN_SIB_SCALE, the offset alone below (a noisy scale times a bright target's
     # flux would add more noise than it removes).
@@ -121,11 +127,7 @@ def _solve_cov(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
     of the weighted normal matrix is the fit's covariance; parameters a row does not fit
     (too few siblings) have none.
     """
-    S = sums / _SCALES
-    M = S[:, _NORMAL].reshape(len(S), 3, 3)
-    M[:, 0, 0] += 1e-12
-    M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
-    M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
+    S, M = _normal(sums)
     cov = np.zeros((len(S), 3, 3))
     full = n >= MIN_SIB_COLOUR
     if full.any():
