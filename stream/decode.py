@@ -362,7 +362,7 @@ class Decoder:
 
     def _container(self, payload: bytes):
         head = self._vet_container(payload)
-        fast = self._container_fast(payload, head) if head is not None else None
+        fast = self._container_fast(payload, head)
         if fast is not None:
             return fast
         buf = io.BytesIO(payload)
@@ -433,7 +433,7 @@ class Decoder:
             self._container_schemas[key] = cached
         return cached
 
-    def _container_fast(self, payload: bytes, head=None):
+    def _container_fast(self, payload: bytes, head):
         """Records of a well-formed, uncompressed container, or None to take the checked path.
 
         ``fastavro.reader`` parses the writer schema of every container again; a stream
@@ -443,16 +443,12 @@ class Decoder:
         size, any exception — returns None and the message is decoded again by
         ``fastavro.reader``, which names the problem.
         ``head`` is what :meth:`_vet_container` read: (offset of the first block, sync
-        marker, writer schema).
+        marker, writer schema), or None (a compressed container or a damaged header).
         """
+        if head is None:
+            return None
         try:
             buf = io.BytesIO(payload)
-            if head is None:
-                header = fastavro.schemaless_reader(buf, _HEADER_SCHEMA, None)
-                meta = header["meta"]
-                if meta.get("avro.codec", b"null") not in (b"null", b""):
-                    return None
-                head = buf.tell(), header["sync"], self._writer(meta["avro.schema"])
             buf.seek(head[0])
             sync, (_, parsed, version), end, records = head[1], head[2], len(payload), []
             while buf.tell() < end:
