@@ -353,7 +353,17 @@ class Decoder:
             rec = _schemaless(payload[5:], schema)
             return [rec], _version_of_id(schema_id)
         if self.ztf_schema is not None:
-            return [_schemaless(payload, self.ztf_schema)], ""
+            try:
+                return [_schemaless(payload, self.ztf_schema)], ""
+            except DecodeError as e:
+                # A ZTF record starts with its schema version string, never empty, so a leading
+                # 0x00 that does not decode is far likelier a Confluent frame than a damaged alert.
+                if payload[0] != 0 or len(payload) < 5:
+                    raise
+                (schema_id,) = struct.unpack(">I", payload[1:5])
+                raise DecodeError("unknown_schema_id", f"schema id {schema_id}: the message looks Confluent-framed "
+                                  "(magic 0x00) but only a ZTF schemaless schema is configured (give a schema "
+                                  f"directory); read as ZTF schemaless: {e.reason}: {e.detail}") from None
         raise DecodeError(
             "bad_magic_byte",
             f"first bytes {payload[:5]!r}: not an Avro container, not Confluent-framed "

@@ -169,6 +169,17 @@ def test_ztf_schemaless_with_given_schema():
     assert (a.alert_id, a.ra, a.flux, len(a.lightcurve)) == (b.alert_id, b.ra, b.flux, len(b.lightcurve))
 
 
+def test_confluent_frame_to_a_ztf_only_decoder_names_the_missing_schema(rubin_files):
+    schema, (rec,) = _read(rubin_files[0])
+    reg = SchemaRegistry()
+    reg.add(909, schema)
+    framed = frame_confluent(909, encode_schemaless(rec, reg.get(909)))
+    ztf = load_ztf_schema(DATA / "ztf_ampel" / "schemas" / "schema_3.3.json")
+    rej = _decode_one(Decoder(ztf_schema=ztf), framed)
+    assert isinstance(rej, Rejected) and rej.reason == "unknown_schema_id", rej
+    assert "schema id 909" in rej.detail and "Confluent-framed" in rej.detail
+
+
 def test_rubin_confluent_frame_from_vendored_alerts(rubin_files):
     reg = SchemaRegistry()
     for f in rubin_files:
