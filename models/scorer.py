@@ -628,4 +628,6 @@ def numeric_table(df: pd.DataFrame) -> pd.DataFrame:
     for c in out.columns:
         if out[c].dtype == bool or str(out[c].dtype) == "boolean":
             out[c] = out[c].astype(float)
-    return out.astype(float)
+    # ±inf is no measurement: as missing (XGBoost refuses it in training, and would read it
+    # as a huge value when scoring).
+    return out.astype(float).replace([np.inf, -np.inf], np.nan)

@@ -12,7 +12,7 @@ from conftest import SHARED, avro_files
 
 from models.features import FEATURES
 from models.score import SCORES, ScoreBatch, explain
-from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load
+from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
 from models.train import (
     SimTable,
     aurak,
@@ -300,6 +300,41 @@ def test_table_train_and_score_commands(tmp_path, capsys):
     assert main(["score", "--table", str(tmp_path / "bad.csv"), "--model", str(model),
                  "--out", str(tmp_path / "x.csv")]) == 2
     assert "ebv_sfd" in capsys.readouterr().err
+
+
+def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
+    df = _table_csv(tmp_path / "t.csv")
+    train = ["train", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--negative", "garbage",
+             "--out", str(tmp_path / "m")]
+    # without ids, rows of one object would be split between folds
+    assert main([*train, "--positive", "good,AGN"]) == 2
+    assert "--id-column" in capsys.readouterr().err
+    # a label that matches nothing (a typo) would train a constant model
+    assert main([*train, "--positive", "Good", "--id-column", "ATLAS_ID"]) == 2
+    assert "['Good']" in capsys.readouterr().err
+    # a blank id
+    df.loc[3, "ATLAS_ID"] = np.nan
+    df.to_csv(tmp_path / "blank.csv", index=False)
+    assert main([*train[:2], str(tmp_path / "blank.csv"), *train[3:], "--positive", "good", "--id-column",
+                 "ATLAS_ID"]) == 2
+    assert "empty in 1" in capsys.readouterr().err
+    # trained, the model names its task and its id column: scoring without that column, or
+    # evaluating it on another task, is refused
+    model, _ = _train_score(tmp_path / "t.csv", tmp_path, capsys)
+    assert TableScorer.load(model).metadata["task"] == {"label_column": "label", "negative": ["garbage"],
+                                                        "positive": ["AGN", "galactic", "good", "pm"]}
+    df.drop(columns="ATLAS_ID").to_csv(tmp_path / "noid.csv", index=False)
+    assert main(["score", "--table", str(tmp_path / "noid.csv"), "--model", str(model),
+                 "--out", str(tmp_path / "x.csv")]) == 2
+    assert "ATLAS_ID" in capsys.readouterr().err
+    assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive", "good",
+                 "--negative", "garbage", "--model", str(model)]) == 2
+    assert "trained for" in capsys.readouterr().err
+
+
+def test_numeric_table_reads_infinity_as_missing():
+    t = numeric_table(pd.DataFrame({"a": [1.0, np.inf, -np.inf], "b": [True, False, True]}))
+    assert t["a"].isna().tolist() == [False, True, True] and t["b"].tolist() == [1.0, 0.0, 1.0]
 
 
 def test_evaluate_prints_vigil_beside_hgb_baseline(tmp_path, capsys):
