@@ -31,7 +31,11 @@ class ScoreBatch:
     """Scores for a batch, aligned with the feature table rows.
 
     ``contributions[score]`` is an (n, n_features) array of signed log-odds
-    contributions (the bias column dropped), or None. ``relative[score]`` names the features
+    contributions (the bias column dropped), or None. They are XGBoost's per-row feature
+    contributions to the booster margin, times the calibrator's slope where it has one
+    (Platt), so they are in the log-odds of the calibrated score; each says how far that
+    feature moves this alert from the training population's average alert (the bias), so
+    an alert below the average can have every top item "lowering" it. ``relative[score]`` names the features
     that score reads relative to their typical value at the alert's observing conditions
     (residualised on them), so an explanation can say so.
     """

@@ -98,6 +98,11 @@ class Calibrator:
     method: str
     params: dict = field(default_factory=dict)
 
+    @property
+    def slope(self) -> float:
+        """d(calibrated log-odds)/d(margin) where it is one number (Platt: ``a``), else 1."""
+        return float(self.params["a"]) if self.method == "platt" else 1.0
+
     def __call__(self, margin) -> np.ndarray:
         m = np.asarray(margin, dtype=float)
         if self.method == "platt":
@@ -128,7 +133,13 @@ def fit_calibrator(margin, y, sample_weight=None, method: str = "platt") -> Cali
         from sklearn.linear_model import LogisticRegression
 
         lr = LogisticRegression(C=1e4, max_iter=1000).fit(m[:, None], y, sample_weight=w)
-        return Calibrator("platt", {"a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0])})
+        a = float(lr.coef_[0, 0])
+        if not a > 0:
+            # Held-out margins that rank the classes backwards (or not at all): inverting the
+            # booster would flip its ranking and every explanation's sign. Keep its own scale.
+            log.warning("Platt slope %.3g ≤ 0 on held-out margins: identity calibration kept", a)
+            return Calibrator("identity")
+        return Calibrator("platt", {"a": a, "b": float(lr.intercept_[0])})
     if method == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 
@@ -485,8 +496,9 @@ class AlertScorer:
                 if est is not self.scorers[s]:
                     B[:, self._blank[s]] = np.nan  # as in training: the whole group, not a part
                 p[rows] = est.calibrator_(est.booster_.inplace_predict(B, predict_type="margin"))
-                if contributions:
-                    full[np.ix_(rows, self._index[s])] = est.contributions(B, nthread=self.inference_threads)
+                if contributions:  # in the calibrated score's log-odds where the calibrator is linear
+                    full[np.ix_(rows, self._index[s])] = (est.contributions(B, nthread=self.inference_threads)
+                                                          * est.calibrator_.slope)
             probs[s] = np.where(blind, np.nan, p)
             if contributions:
                 full[blind] = 0.0

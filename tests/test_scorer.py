@@ -127,6 +127,18 @@ def test_contributions_sum_to_the_margin():
     np.testing.assert_allclose(c.sum(axis=1) + bias, est.decision_function(X), rtol=1e-4, atol=1e-4)
 
 
+def test_platt_never_inverts_the_ranking():
+    from models.scorer import fit_calibrator
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    m = rng.normal(0, 1, 400) - 2.0 * y  # held-out margins that rank backwards
+    cal = fit_calibrator(m, y, method="platt")
+    assert cal.method == "identity" and cal.slope == 1.0
+    good = fit_calibrator(-m, y, method="platt")
+    assert good.method == "platt" and good.slope == good.params["a"] > 0
+
+
 # --------------------------------------------------------------------------- alert scorer and IO
 
 
@@ -144,6 +156,13 @@ def test_alert_scorer_scores_and_explains(tiny_sim, tiny_model):
     items, text = explain(sb, X, 0)
     assert set(text) == set(SCORES) and items
     assert sb.model_version.startswith("xgb-sim7-")
+    # contributions are in the calibrated score's log-odds: the booster's, times the calibrator's slope
+    D = tiny_model.design(X)
+    for s in SCORES:
+        est = tiny_model.scorers[s]
+        want = est.contributions(D[s].to_numpy(np.float32)) * est.calibrator_.slope
+        cols = [FEATURES.index(c) for c in est.feature_names_in_]
+        np.testing.assert_allclose(sb.contributions[s][:, cols], want, rtol=1e-5, atol=1e-6)
 
 
 def test_explanation_orders_by_size_and_names_missing_values():
