@@ -46,6 +46,10 @@ class Envelope:
         Broker or file timestamp in Unix milliseconds; ``-1`` if unknown.
     key : bytes or None
         Kafka message key, if any.
+    unreadable : str or None
+        Why the source could not read these bytes at all (a file's permission, a broken
+        link, a damaged archive); the payload is then empty and the envelope is rejected
+        as ``unreadable``, so the input is accounted for and the rest goes on.
     """
 
     payload: bytes
@@ -54,6 +58,7 @@ class Envelope:
     offset: int = -1
     timestamp_ms: int = -1
     key: bytes | None = None
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

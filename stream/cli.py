@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 
 log = logging.getLogger("vigil")
@@ -176,10 +177,24 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
-    except (FileNotFoundError, ValueError) as e:
-        # Usage and configuration errors: one clear line, no traceback.
-        print(f"vigil: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, sqlite3.DatabaseError) as e:
+        # Usage, configuration and environment errors (a path that is a directory, a file
+        # that is not a database, a port in use): one clear line, no traceback (-v adds it).
+        _fail(e, args.verbose)
         return 2
+    except Exception as e:
+        pg = sys.modules.get("psycopg")  # loaded only if a PostgreSQL queue store was named
+        if pg is None or not isinstance(e, pg.OperationalError):
+            raise
+        _fail(e, args.verbose)  # an unreachable or refusing PostgreSQL queue store
+        return 2
+
+
+def _fail(e: BaseException, verbose: bool) -> None:
+    if verbose:
+        logging.getLogger("vigil").exception("failed")
+    what = "" if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: "
+    print(f"vigil: error: {what}{e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

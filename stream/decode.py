@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 #: Stable rejection reasons (part of the dead-letter contract).
 REASONS = {
+    "unreadable": "the input could not be read (file permission, broken link, damaged archive)",
     "empty_payload": "zero-length message",
     "oversize": "message larger than the configured limit",
     "bad_magic_byte": "neither an Avro container, nor Confluent-framed, nor decodable schemaless",
@@ -238,6 +239,9 @@ class Decoder:
     def _decode_chunk(self, envelopes) -> list:
         out, pending = [], []
         for env in envelopes:
+            if env.unreadable is not None:
+                out.append((Rejected(env, "decode", "unreadable", env.unreadable), env))
+                continue
             try:
                 records, version = self._records(env.payload)
             except DecodeError as e:

@@ -44,19 +44,35 @@ def iter_envelopes(paths):
     """Yield one envelope per file, or per member of a tar archive.
 
     Archives are read as a stream (``r|*``), so a nightly ZTF tarball of several GB
-    never sits in memory whole.
+    never sits in memory whole. A file or archive that cannot be read (permission, a
+    broken link, a damaged or truncated archive) yields an envelope marked
+    ``unreadable`` with the reason, after any members read before the damage: it is
+    rejected like any bad input and the replay goes on.
     """
     for p in expand_paths(paths):
-        ts = int(p.stat().st_mtime * 1000)
         if _is_tar(p):
-            with tarfile.open(p, "r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    fh = tar.extractfile(member)
-                    yield Envelope(fh.read(), f"{p}!{member.name}", timestamp_ms=int(member.mtime * 1000))
-        else:
+            yield from _tar_envelopes(p)
+            continue
+        try:
+            ts = int(p.stat().st_mtime * 1000)
             yield Envelope(p.read_bytes(), str(p), timestamp_ms=ts)
+        except OSError as e:
+            yield Envelope(b"", str(p), unreadable=f"{type(e).__name__}: {e.strerror or e}")
+
+
+def _tar_envelopes(p: Path):
+    name = str(p)
+    try:
+        with tarfile.open(p, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = f"{p}!{member.name}"
+                fh = tar.extractfile(member)
+                yield Envelope(fh.read(), name, timestamp_ms=int(member.mtime * 1000))
+                name = str(p)
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:  # zlib/bz2/lzma errors are OSError or EOFError
+        yield Envelope(b"", name, unreadable=f"archive: {type(e).__name__}: {e}")
 
 
 def count_files(paths) -> int | None:

@@ -145,6 +145,32 @@ def test_replay_reconciliation_counts_rejections(tmp_path, capsys):
     assert len(rej.read_text().splitlines()) == 2
 
 
+def test_unreadable_files_and_damaged_archives_are_rejected_and_the_replay_goes_on(tmp_path, capsys):
+    good = avro_files("ztf_fink", "2018-12-02_schema3.2")
+    for f in good:
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "broken.avro").symlink_to(tmp_path / "gone.avro")  # a dangling link
+    (tmp_path / "fake.tar").write_bytes(b"not a tar archive " * 40)
+    buf = io.BytesIO()  # an archive cut short inside its second member
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for f in good[:2]:
+            data = f.read_bytes()
+            info = tarfile.TarInfo("in-" + f.name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    (tmp_path / "cut.tar.gz").write_bytes(raw[: len(raw) * 3 // 4])
+    rej = tmp_path / "r.jsonl"
+    assert main(["replay", str(tmp_path), "--rejected", str(rej), "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    rejected = {r["source"].rsplit("/", 1)[-1]: r for r in map(json.loads, rej.read_text().splitlines())}
+    assert set(rejected) == {"broken.avro", "fake.tar", f"cut.tar.gz!in-{good[1].name}"}, set(rejected)
+    assert {r["reason"] for r in rejected.values()} == {"unreadable"}
+    assert "No such file" in rejected["broken.avro"]["detail"]
+    # the archive's first member was read and annotated before the damage
+    assert line == (f"read {len(good) + 4}, annotated {len(good) + 1}, rejected 3 (by reason: unreadable=3)")
+
+
 def test_annotations_carry_scores_priority_and_explanation(ztf_files):
     res = Pipeline().process([Envelope(f.read_bytes(), str(f)) for f in ztf_files])
     assert len(res.annotations) == len(ztf_files)
