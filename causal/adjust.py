@@ -265,21 +265,33 @@ class ConditionResidualiser(TransformerMixin, BaseEstimator):
         """
         self._check()
         self.fit(X)
+        return self.cross_fitted(X)
+
+    def cross_fitted(self, X: pd.DataFrame, applied_to: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Cross-fitted residuals of ``applied_to`` (default ``X``), each row's ĝ fitted on ``X``
+        without that row's fold.
+
+        ``applied_to`` is ``X`` with some inputs blanked, as a survey that lacks them sends its
+        alerts: the scorers for such alerts must learn from the residuals they will be given
+        (a blanked condition is imputed at its median, at training as at scoring).
+        """
+        A = X if applied_to is None else applied_to
         n = len(X)
         k = min(self.n_splits, n)
         if k < 2:
             self.fold_ids_ = np.zeros(n, int)
-            return self.transform(X)
+            return self.transform(A)
         fold_ids = np.empty(n, int)
-        out = X.copy()
+        out = A.copy()
         Z, T = self._zx(X)
+        Za, Ta = (Z, T) if applied_to is None else self._zx(A)
         trans = tuple(t for _, t in self.conditions)
         for f, (tr, te) in enumerate(KFold(k, shuffle=True, random_state=self.random_state).split(X)):
             fold_ids[te] = f
             scaler, coef = self._fit_arrays(Z[tr], T[tr], trans, self.degree, self.alpha, self.loss)
-            G = _design(scaler(Z[te]), self.degree) @ coef.T
+            G = _design(scaler(Za[te]), self.degree) @ coef.T
             for j, (name, _) in enumerate(self.columns):
-                out.iloc[te, out.columns.get_loc(name)] = T[te, j] - G[:, j]
+                out.iloc[te, out.columns.get_loc(name)] = Ta[te, j] - G[:, j]
         self.fold_ids_ = fold_ids
         return out
 

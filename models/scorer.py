@@ -475,8 +475,13 @@ class AlertScorer:
     def score(self, X: pd.DataFrame, contributions: bool = True) -> ScoreBatch:
         """Scores (and, by default, contributions) for one batch of feature rows."""
         n = len(X)
-        D = self.design(X)
         thin = self.lacking_rows(X) if self.reduced and n else np.zeros(n, dtype=bool)
+        if thin.any():
+            # The reduced scorers learnt on residuals taken with every optional input blanked (a
+            # blanked condition, the depth, at its median): theirs are taken the same way.
+            X = X.copy()
+            X.loc[thin, list(_OPTIONAL)] = np.nan
+        D = self.design(X)
         # Without the survey's real/bogus score and a signal-to-noise there is no evidence about
         # the detection itself: such an alert is unscored (NaN), not given the training prior.
         blind = X[list(MIN_EVIDENCE)].isna().to_numpy().all(axis=1) if n else np.zeros(0, dtype=bool)

@@ -448,6 +448,10 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
     w = pw.weights(sim.selection[lab]) if weight else np.ones(int(lab.sum()))
     diag = pw.diagnostics(sim.selection, lab)
     blank = [c for group in SURVEY_OPTIONAL for c in group]
+    if reduced and adjust:  # residuals as an alert without those inputs gets them (limit_mag is a condition too)
+        Xb = X.copy()
+        Xb.loc[:, blank] = np.nan
+        Rb = res.cross_fitted(X, Xb)
     scorers, small, positives = {}, {}, {}
     for s in SCORES:
         cols = [c for c in FEATURES if not (adjust and s in INTRINSIC and c in _conditions())]
@@ -456,7 +460,7 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
         positives[s] = int(y[lab].sum())
         scorers[s] = _sim_estimator(random_state).fit(D[lab], y[lab], sample_weight=w, groups=groups[lab])
         if reduced and adjust:
-            Db = D[lab].copy()
+            Db = (Rb if s in INTRINSIC else X)[cols][lab].copy()
             Db.loc[:, [c for c in blank if c in cols]] = np.nan
             small[s] = _sim_estimator(random_state).fit(Db, y[lab], sample_weight=w, groups=groups[lab])
     h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted"]].astype(float))

@@ -55,6 +55,16 @@ def test_cross_fitting_is_leave_fold_out():
         np.testing.assert_allclose(R.loc[held, "fwhm"], other.transform(X[held])["fwhm"], rtol=1e-10)
     # ... and differ from the in-sample (full-data) residuals used at inference
     assert not np.allclose(R["fwhm"], r.transform(X)["fwhm"])
+    # applied to the same rows with the condition blanked (as a survey without it sends them), each
+    # fold's fit is the same and the blank condition sits at that fit's median
+    Xb = X.copy()
+    Xb["seeing"] = np.nan
+    Rb = r.cross_fitted(X, Xb)
+    for f in range(4):
+        held = folds == f
+        other = ConditionResidualiser((("fwhm", "log"),), (("seeing", "log"),)).fit(X[~held])
+        np.testing.assert_allclose(Rb.loc[held, "fwhm"], other.transform(Xb[held])["fwhm"], rtol=1e-10)
+    np.testing.assert_array_equal(r.cross_fitted(X)["fwhm"], R["fwhm"])
 
 
 def test_residualiser_json_round_trip_and_missing_values():

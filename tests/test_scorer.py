@@ -204,9 +204,11 @@ def test_alerts_lacking_a_survey_optional_group_go_to_the_reduced_scorers(tiny_s
     a, b = tiny_model.score(X), full_only.score(X)
     for s in SCORES:
         np.testing.assert_array_equal(getattr(a, s)[20:], getattr(b, s)[20:])  # untouched where complete
-        # the reduced scorers see every optional input blank (after ĝ(z), which uses the conditions known)
-        D = tiny_model.design(X.iloc[:20])[s].copy()
-        D.loc[:, [c for g in SURVEY_OPTIONAL for c in g if c in D.columns]] = np.nan
+        # the reduced scorers see every optional input blank, before ĝ(z) too (a blanked condition,
+        # the depth, at its median), as they were trained
+        Xb = X.iloc[:20].copy()
+        Xb.loc[:, [c for g in SURVEY_OPTIONAL for c in g]] = np.nan
+        D = tiny_model.design(Xb)[s]
         want = tiny_model.reduced[s].predict_proba(D)[:, 1]
         np.testing.assert_allclose(getattr(a, s)[:20], want, rtol=1e-6)
         # the blanked inputs explain nothing
