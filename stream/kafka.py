@@ -34,6 +34,8 @@ from stream.annotation import ANNOTATION_SCHEMA_VERSION, encode_annotation, mjd_
 from stream.config import parse_time_ms
 
 log = logging.getLogger(__name__)
+#: Seconds a command that writes to Kafka waits for the broker to answer before it gives up.
+REACH_TIMEOUT_S = 10.0
 
 
 def _envelope(msg) -> Envelope:
@@ -553,6 +555,12 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
                          **(settings or {})})
+    try:  # fail in seconds, naming the address, rather than after a minute of undelivered messages
+        producer.list_topics(timeout=REACH_TIMEOUT_S)
+    except KafkaException as e:
+        raise ConnectionError(f"cannot reach Kafka at bootstrap.servers={bootstrap} within {REACH_TIMEOUT_S:g} s "
+                              f"({e.args[0].str() if e.args and hasattr(e.args[0], 'str') else e}); "
+                              "`vigil broker` prints the address of the embedded one") from None
     errors: list = []
     cb = _delivery_errors(errors)
     counts: dict[str, int] = {}
@@ -567,6 +575,10 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                 producer.poll(0.1)
 
     for env in iter_envelopes(paths):
+        if env.unreadable is not None:  # nothing to send; the archive's readable part still goes
+            log.warning("not produced: %s: %s", env.source, env.unreadable)
+            counts["unreadable"] = counts.get("unreadable", 0) + 1
+            continue
         payload, how = env.payload, "as-is"
         if payload[:4] == b"Obj\x01":
             try:
@@ -606,5 +618,6 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
         counts[how] = counts.get(how, 0) + 1
     left = producer.flush(60)
     if left or errors:
-        raise RuntimeError(f"produce to {topic}: {left} undelivered, {len(errors)} failed ({errors[:1]})")
+        raise ConnectionError(f"produce to {topic} at {bootstrap}: {left} undelivered, {len(errors)} failed "
+                              f"({errors[:1]})")
     return counts

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from conftest import ROOT, avro_files
+from conftest import DATA, ROOT, avro_files
 
 from stream.annotation import decode_annotation, validate_annotation
 from stream.config import parse_config
@@ -43,6 +43,17 @@ def _ids(files):
             rec = next(fastavro.reader(fh))
         out.add(rec["candid"] if "candid" in rec else rec["diaSource"]["diaSourceId"])
     return out
+
+
+def test_produce_to_an_unreachable_broker_fails_fast_naming_it(monkeypatch, capsys):
+    import stream.kafka
+    from stream.broker import free_port
+    from stream.cli import main
+
+    monkeypatch.setattr(stream.kafka, "REACH_TIMEOUT_S", 1.0)
+    where = f"127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["produce", str(DATA / "ztf_fink"), "--topic", "t", "--bootstrap", where]) == 2
+    assert f"cannot reach Kafka at bootstrap.servers={where}" in capsys.readouterr().err
 
 
 def test_alerts_in_annotations_out_one_per_alert(broker, topics, tmp_path):
