@@ -423,7 +423,13 @@ def serve_metrics(metrics: Metrics, host: str, port: int):
         def log_message(self, *args):  # keep the service log clean
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        from stream.config import ConfigError
+
+        raise ConfigError(f"service.metrics_port: cannot listen on {host}:{port} ({e.strerror or e}); each "
+                          "service process on a host needs its own port, or 0 for none") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server
 
@@ -497,8 +503,12 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     metrics = metrics or Metrics(stats)
     metrics.stats = stats
     metrics.source = source
-    server = serve_metrics(metrics, cfg.service.metrics_host, cfg.service.metrics_port) \
-        if cfg.service.metrics_port else None
+    try:
+        server = serve_metrics(metrics, cfg.service.metrics_host, cfg.service.metrics_port) \
+            if cfg.service.metrics_port else None
+    except ValueError:
+        source.close()  # leave the group at once rather than at the session timeout
+        raise
     sinks = [AnnotationTopicSink(s.bootstrap_servers, ann_topic, o.kafka)]
     if queue_db:
         from stream.queue import QueueSink

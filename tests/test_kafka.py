@@ -56,6 +56,19 @@ def test_produce_to_an_unreachable_broker_fails_fast_naming_it(monkeypatch, caps
     assert f"cannot reach Kafka at bootstrap.servers={where}" in capsys.readouterr().err
 
 
+def test_metrics_port_in_use_is_a_config_error_naming_the_key(broker, topics):
+    import socket
+
+    from stream.config import ConfigError
+
+    with socket.socket() as busy:  # another service process on this host holds the port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg = _config(broker, topics, service={"metrics_port": busy.getsockname()[1]}, output={"queue_db": ""})
+        with pytest.raises(ConfigError, match="service.metrics_port"):
+            run_service(cfg, until=lambda counts: True)
+
+
 def test_alerts_in_annotations_out_one_per_alert(broker, topics, tmp_path):
     files = avro_files("ztf_fink") + avro_files("rubin_fink")
     produced = produce_files(files, topics[0], broker.bootstrap)
