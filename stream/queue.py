@@ -1182,6 +1182,10 @@ def cmd_serve(args) -> int:
 
     from stream.web import create_app, queue_token
 
+    if not is_url(args.db) and not Path(args.db).exists():
+        # Not refused: the web page may start before the service that fills the store (compose).
+        print(f"vigil queue: warning: {args.db} does not exist; serving an empty queue that `vigil run` or "
+              "`vigil replay --queue` will fill (check the path if you meant an existing store)", flush=True)
     token = queue_token(args.token, args.token_file)
     if not token:
         # Never serve unauthenticated: make a one-off token and tell the operator.

@@ -680,7 +680,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             alert_id = int(alert_id) if alert_id not in (None, "") else None
             d = store().record_decision(object_id, action, g.vetter, alert_id, str(body.get("note", "")))
         except (KeyError, ValueError) as exc:
-            return jsonify(error=str(exc).strip("'\"")), 400
+            # KeyError's str() quotes its message: take the message itself
+            return jsonify(error=str(exc.args[0]) if exc.args else str(exc)), 400
         if request.is_json:
             return jsonify(decision_id=d.decision_id, object_id=d.object_id, alert_id=d.alert_id, vetter=d.vetter,
                            decided_ms=d.decided_ms, action=d.action)
@@ -704,15 +705,20 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
 
 
 def queue_token(token: str | None = None, token_file=None) -> str | None:
-    """The access token: ``token``, else ``$VIGIL_QUEUE_TOKEN``, else the contents of
-    ``token_file``; None when there is none (callers decide what that means)."""
+    """The access token: ``token``, else the contents of ``token_file``, else
+    ``$VIGIL_QUEUE_TOKEN``; None when there is none (callers decide what that means).
+
+    What the operator names wins over what the environment happens to hold; an empty
+    token file is an error, not "no token".
+    """
     import os
     from pathlib import Path
 
-    token = token or os.environ.get("VIGIL_QUEUE_TOKEN")
     if not token and token_file:
         token = Path(token_file).read_text().strip()
-    return token or None
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+    return token or os.environ.get("VIGIL_QUEUE_TOKEN") or None
 
 
 def wsgi_app():

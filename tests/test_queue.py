@@ -453,6 +453,8 @@ def test_auth_required_except_health(client, db):
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     assert client.post("/api/decision", json=[oid], headers=bearer).status_code == 400
     assert client.post("/api/decision", json={"object_id": [oid], "action": "real"}, headers=bearer).status_code == 400
+    r = client.post("/api/decision", json={"object_id": "NOPE", "action": "real"}, headers=bearer)
+    assert r.status_code == 400 and r.get_json()["error"].count("'") % 2 == 0 and "NOPE" in r.get_json()["error"]
     assert client.get("/?page=99999999999999999999", headers=bearer).status_code == 200
     assert client.get("/api/changes?since=99999999999999999999", headers=bearer).status_code == 200
 
@@ -950,3 +952,19 @@ def test_a_stamp_that_unpacks_too_large_is_refused_before_it_is_unpacked():
     fits.PrimaryHDU(np.zeros((2048, 1024), np.uint8)).writeto(buf)  # 2 MB: unpacks, but too many pixels
     with pytest.raises(ValueError, match="pixels"):
         fits_image(gzip.compress(buf.getvalue()))
+
+
+def test_queue_token_prefers_what_the_operator_names(tmp_path, monkeypatch):
+    from stream.web import queue_token
+
+    f = tmp_path / "token"
+    f.write_text("from-file\n")
+    monkeypatch.setenv("VIGIL_QUEUE_TOKEN", "stale-env")
+    assert queue_token("flag", f) == "flag"
+    assert queue_token(None, f) == "from-file"  # a named file wins over the environment
+    assert queue_token(None, None) == "stale-env"
+    monkeypatch.delenv("VIGIL_QUEUE_TOKEN")
+    assert queue_token(None, None) is None
+    f.write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        queue_token(None, f)
