@@ -1697,6 +1697,9 @@ def _write(res: SimResult, out: Path, fmt: str) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     alerts_dir = out / "alerts"
+    if alerts_dir.is_dir() and any(alerts_dir.iterdir()):
+        # New alerts beside old ones would not match the truth tables written next to them.
+        raise FileExistsError(f"{alerts_dir} already holds alerts: give an empty or new output directory")
     alerts_dir.mkdir(exist_ok=True)
     nights = dict(zip(res.exposures["pid"], res.exposures["night_date"], strict=True))
     n = 0

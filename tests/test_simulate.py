@@ -259,6 +259,11 @@ def test_tarballs_and_cli(tmp_path, capsys):
     dec = Decoder()
     ids = [dec.decode(e)[0].alert_id for e in envs]
     assert sorted(ids) == sorted(truth["candid"])
+    # a second run into the same directory would mix its alerts with these under one truth table
+    assert main(["simulate", "--seed", "5", "--out", str(out), "--nights", "1", "--quadrants", "1",
+                 "--mode", "sparse", "--n-alerts", "20"]) == 2
+    assert "already holds alerts" in capsys.readouterr().err
+    assert len(pd.read_parquet(out / "truth.parquet")) == len(truth)
 
 
 def test_n_alerts_cut_is_exact():
