@@ -164,8 +164,17 @@ def load_ztf_schema(path):
         files = [str(p / f"{n}.avsc") for n in order if (p / f"{n}.avsc").exists()]
         if not files:
             raise FileNotFoundError(f"no ZTF .avsc files in {p}")
-        return load_schema_ordered(files)
-    return parse_schema(json.loads(p.read_text()))
+    elif not p.exists():
+        raise FileNotFoundError(f"ZTF schema not found: {p}")
+    try:
+        schema = load_schema_ordered(files) if p.is_dir() else parse_schema(json.loads(p.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, fastavro.schema.SchemaParseException) as e:
+        # fastavro names an unresolved type by itself ("ztf.alert.candidate"): say where it was looked for
+        what = e if isinstance(e, (OSError, json.JSONDecodeError)) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"ZTF schema {p}: not a readable Avro schema ({what})") from None
+    if not (isinstance(schema, dict) and schema.get("type") == "record"):
+        raise ValueError(f"ZTF schema {p}: not an Avro record schema")
+    return schema
 
 
 def frame_confluent(schema_id: int, body: bytes) -> bytes:

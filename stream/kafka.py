@@ -478,11 +478,17 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
 
     s, o = cfg.source, cfg.output
     stop = stop or StopFlag()
-    decoder = Decoder(
-        schemas=SchemaRegistry.from_dir(s.schema_dir) if s.schema_dir else None,
-        ztf_schema=load_ztf_schema(s.ztf_schema) if s.ztf_schema else None,
-        max_message_bytes=s.max_message_bytes,
-    )
+    from stream.config import ConfigError
+
+    def loaded(key, load, value):
+        try:
+            return load(value) if value else None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+    decoder = Decoder(schemas=loaded("source.schema_dir", SchemaRegistry.from_dir, s.schema_dir),
+                      ztf_schema=loaded("source.ztf_schema", load_ztf_schema, s.ztf_schema),
+                      max_message_bytes=s.max_message_bytes)
     # A replay ranks by event time: by the wall clock every past alert would look stale.
     pipeline = Pipeline(decoder, scorer=load_configured_model(cfg), clock="stream" if replay else cfg.service.clock,
                         error_budget=ErrorBudget(cfg.service.error_budget))
@@ -601,7 +607,13 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                 for rec in recs:
                     if "candidate" in rec:
                         if ztf_format == "schemaless":
-                            out.append((encode_schemaless(rec, ztf_schema), "ztf-schemaless"))
+                            try:
+                                out.append((encode_schemaless(rec, ztf_schema), "ztf-schemaless"))
+                            except (ValueError, TypeError, KeyError) as e:
+                                sent = producer.flush(60)  # what went before is delivered, then stop
+                                raise ValueError(f"{env.source}: this alert does not fit --ztf-schema ({e}); "
+                                                 f"{sum(counts.values())} messages produced before it"
+                                                 + (f", {sent} undelivered" if sent else "")) from None
                         else:
                             buf = io.BytesIO()
                             fastavro.writer(buf, reader.writer_schema, [rec])

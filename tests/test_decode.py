@@ -158,6 +158,19 @@ def test_history_rows_that_cannot_be_measurements_are_dropped_and_bad_ids_reject
         assert isinstance(rej, Rejected) and rej.reason == "bad_value" and words in rej.detail, (change, rej)
 
 
+def test_a_bad_ztf_schema_path_is_named(tmp_path):
+    (tmp_path / "bad.avsc").write_text('{"type": "record",\n "name"')
+    (tmp_path / "split").mkdir()  # an official split directory lacking the candidate schema
+    (tmp_path / "split" / "alert.avsc").write_text(
+        '{"type": "record", "name": "alert", "namespace": "ztf.alert", "fields": '
+        '[{"name": "candidate", "type": "ztf.alert.candidate"}]}')
+    for p, words in ((tmp_path / "bad.avsc", "bad.avsc: not a readable Avro schema"),
+                     (tmp_path / "split", "UnknownType: ztf.alert.candidate"),
+                     (tmp_path / "none.avsc", "ZTF schema not found")):
+        with pytest.raises((ValueError, FileNotFoundError), match=words):
+            load_ztf_schema(p)
+
+
 def test_ztf_schemaless_with_given_schema():
     schema = load_ztf_schema(DATA / "ztf_ampel" / "schemas" / "schema_3.3.json")
     f = avro_files("ztf_fink", "2020-01-01_schema3.3")[0]

@@ -56,6 +56,15 @@ def test_produce_to_an_unreachable_broker_fails_fast_naming_it(monkeypatch, caps
     assert f"cannot reach Kafka at bootstrap.servers={where}" in capsys.readouterr().err
 
 
+def test_a_missing_schema_is_a_config_error_naming_the_key(broker, topics, tmp_path):
+    from stream.config import ConfigError
+
+    for key in ("ztf_schema", "schema_dir"):
+        cfg = _config(broker, topics, source={key: str(tmp_path / "absent")}, output={"queue_db": ""})
+        with pytest.raises(ConfigError, match=f"source.{key}: .*absent"):
+            run_service(cfg, until=lambda counts: True)
+
+
 def test_metrics_port_in_use_is_a_config_error_naming_the_key(broker, topics):
     import socket
 
@@ -67,6 +76,16 @@ def test_metrics_port_in_use_is_a_config_error_naming_the_key(broker, topics):
         cfg = _config(broker, topics, service={"metrics_port": busy.getsockname()[1]}, output={"queue_db": ""})
         with pytest.raises(ConfigError, match="service.metrics_port"):
             run_service(cfg, until=lambda counts: True)
+
+
+def test_produce_names_the_alert_that_does_not_fit_the_schemaless_schema(broker, topics, capsys):
+    from stream.cli import main
+
+    old = DATA / "ztf_fink" / "2018-12-02_schema3.2"  # schema 3.2: no drbversion, which 3.3 requires
+    assert main(["produce", str(old), "--topic", topics[0], "--bootstrap", broker.bootstrap, "--ztf-format",
+                 "schemaless", "--ztf-schema", str(DATA / "ztf_ampel" / "schemas" / "schema_3.3.json")]) == 2
+    err = capsys.readouterr().err
+    assert "2018-12-02_schema3.2" in err and "does not fit --ztf-schema" in err and "drbversion" in err
 
 
 def test_alerts_in_annotations_out_one_per_alert(broker, topics, tmp_path):
