@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -87,6 +88,36 @@ def aurak(y, score) -> float:
         return float("nan")
     ideal = recall_at_rank(y, y)
     return float(np.sum(r) / np.sum(ideal))
+
+
+def list_to_recall(y, score, recall: float = 0.99) -> float:
+    """Fraction of the ranked list a vetter must read to find ``recall`` of the positives."""
+    r = recall_at_rank(y, score)
+    if not len(r) or not np.isfinite(r).all():
+        return float("nan")
+    return float((np.searchsorted(r, recall - 1e-12) + 1) / len(r))
+
+
+def ranking_metrics(y, score, probability: bool = True) -> dict:
+    """ROC AUC, AuRaK, recall at K = number of positives, the list share to 99 % recall, ECE."""
+    r = recall_at_rank(y, score)
+    k = int(np.sum(y))
+    return {"auc": roc_auc(y, score), "aurak": aurak(y, score),
+            "recall_at_k": float(r[k - 1]) if 0 < k <= len(r) and np.isfinite(r[k - 1]) else float("nan"),
+            "list_for_99": list_to_recall(y, score),
+            "ece": expected_calibration_error(y, score) if probability else float("nan")}
+
+
+def ranking_lines(metrics: dict) -> list:
+    """A table of :func:`ranking_metrics` per ordering."""
+    out = [f"{'ordering':<28} {'ROC AUC':>8} {'AuRaK':>8} {'R@K=P':>8} {'list→99%':>9} {'ECE':>8}"]
+    for name, m in metrics.items():
+        f = [f"{m[c]:{w}.4f}" if np.isfinite(m[c]) else f"{'n/a':>{w}}"
+             for c, w in (("auc", 8), ("aurak", 8), ("recall_at_k", 8), ("list_for_99", 9), ("ece", 8))]
+        out.append(f"{name:<28} {' '.join(f)}")
+    out.append("R@K=P: recall in the first K entries, K the number of positives; list→99%: share of the list read "
+               "to find 99 % of them")
+    return out
 
 
 def roc_auc(y, score, sample_weight=None) -> float:
@@ -273,12 +304,8 @@ class CVReport:
     metrics: dict  # name → {"auc", "aurak", "ece"}
 
     def lines(self) -> list:
-        out = [f"grouped {self.folds}-fold CV: {self.n} rows, {self.n_positive} positive"]
-        out.append(f"{'ordering':<28} {'ROC AUC':>8} {'AuRaK':>8} {'ECE':>8}")
-        for name, m in self.metrics.items():
-            ece = f"{m['ece']:8.4f}" if np.isfinite(m["ece"]) else f"{'n/a':>8}"
-            out.append(f"{name:<28} {m['auc']:8.4f} {m['aurak']:8.4f} {ece}")
-        return out
+        return [f"grouped {self.folds}-fold CV: {self.n} rows, {self.n_positive} positive",
+                *ranking_lines(self.metrics)]
 
 
 def cross_validate_table(t: LabelledTable, folds: int = 5, baseline: str | None = "hgb",
@@ -305,9 +332,7 @@ def cross_validate_table(t: LabelledTable, folds: int = 5, baseline: str | None 
         scores[f"survey score: {baseline_column}"] = t.frame[baseline_column].to_numpy(float)
     metrics = {}
     for name, s in scores.items():
-        is_prob = not name.startswith("survey score")
-        metrics[name] = {"auc": roc_auc(t.y, s), "aurak": aurak(t.y, s),
-                         "ece": expected_calibration_error(t.y, s) if is_prob else float("nan")}
+        metrics[name] = ranking_metrics(t.y, s, probability=not name.startswith("survey score"))
     return CVReport(len(t.y), int(t.y.sum()), folds, scores, metrics)
 
 
@@ -884,7 +909,16 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = 
 
 
 def _write_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    def clean(o):  # NaN/inf are not JSON: null
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, np.generic):
+            o = o.item()
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+
+    json.dump(clean(obj), sys.stdout, indent=1, allow_nan=False, default=str)
     print()
 
 
@@ -956,19 +990,25 @@ def cmd_evaluate(args) -> int:
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column)
     bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)
     if args.model:
-        from models.scorer import TableScorer
+        from models.scorer import TableScorer, data_hash, numeric_table
 
         model = TableScorer.load(args.model)
         theirs, ours = model.metadata.get("task"), _table_task(args)["task"]
         if theirs is not None and theirs != ours:
             raise ValueError(f"{args.model} was trained for {theirs}, not for {ours}")
-        p = model.predict(t.frame)
-        print(f"{model.model_version} on {len(t.y)} rows ({int(t.y.sum())} positive)")
-        print(f"{'ordering':<28} {'ROC AUC':>8} {'AuRaK':>8} {'ECE':>8}")
-        print(f"{'vigil':<28} {roc_auc(t.y, p):8.4f} {aurak(t.y, p):8.4f} {expected_calibration_error(t.y, p):8.4f}")
+        cols = list(model.features)
+        if set(cols) <= set(t.frame.columns) and \
+                model.metadata.get("training_data_hash") == data_hash(numeric_table(t.frame[cols]), t.y):
+            print("note: this is the model's own training table: the figures are in-sample", file=sys.stderr)
+        metrics = {"vigil": ranking_metrics(t.y, model.predict(t.frame))}
         if bcol:
-            b = t.frame[bcol].to_numpy(float)
-            print(f"{'survey score: ' + bcol:<28} {roc_auc(t.y, b):8.4f} {aurak(t.y, b):8.4f} {'n/a':>8}")
+            metrics[f"survey score: {bcol}"] = ranking_metrics(t.y, t.frame[bcol].to_numpy(float), probability=False)
+        if args.json:
+            _write_json({"model": model.model_version, "n": len(t.y), "n_positive": int(t.y.sum()),
+                         "metrics": metrics})
+        else:
+            print(f"{model.model_version} on {len(t.y)} rows ({int(t.y.sum())} positive)")
+            print("\n".join(ranking_lines(metrics)))
         return 0
     rep = cross_validate_table(t, folds=args.cv, baseline=args.baseline, baseline_column=bcol)
     if args.json:

@@ -274,6 +274,11 @@ def test_recall_at_rank_and_aurak_hand_example():
     # ties count as random order: expected recall, whatever the input order
     np.testing.assert_allclose(recall_at_rank([1, 0], [0.5, 0.5]), [0.5, 1.0])
     assert aurak([0, 1], [0.5, 0.5]) == aurak([1, 0], [0.5, 0.5]) == pytest.approx(0.75)
+    # recall at K = number of positives (2): 0.5; 99 % of the positives are found at rank 3 of 4
+    from models.train import list_to_recall, ranking_metrics
+
+    m = ranking_metrics(y, s)
+    assert m["recall_at_k"] == 0.5 and m["list_for_99"] == list_to_recall(y, s) == 0.75
 
 
 def test_expected_calibration_error_hand_example():
@@ -351,6 +356,10 @@ def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
     assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive", "good",
                  "--negative", "garbage", "--model", str(model)]) == 2
     assert "trained for" in capsys.readouterr().err
+    assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive",
+                 "good,AGN,galactic,pm", "--negative", "garbage", "--model", str(model)]) == 0
+    out = capsys.readouterr()
+    assert "in-sample" in out.err and "R@K=P" in out.out
 
 
 def test_numeric_table_reads_infinity_as_missing():
@@ -363,10 +372,14 @@ def test_evaluate_prints_vigil_beside_hgb_baseline(tmp_path, capsys):
     assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive",
                  "good,AGN,galactic,pm", "--negative", "garbage", "--id-column", "ATLAS_ID", "--cv", "2",
                  "--baseline", "hgb", "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    raw = capsys.readouterr().out
+    assert "NaN" not in raw  # strict JSON: a figure that does not apply is null
+    rep = json.loads(raw)
     assert set(rep["metrics"]) == {"vigil (xgboost, calibrated)", "baseline: sklearn HGB", "survey score: rb_pix"}
     for m in rep["metrics"].values():
         assert 0.5 < m["aurak"] <= 1.0 and 0.5 < m["auc"] <= 1.0
+        assert 0 < m["recall_at_k"] <= 1 and 0 < m["list_for_99"] <= 1
+    assert rep["metrics"]["survey score: rb_pix"]["ece"] is None
 
 
 @pytest.mark.shared
