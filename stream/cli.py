@@ -31,8 +31,15 @@ def _annotation_sinks(outs):
 
     sinks = []
     for o in outs or ():
+        _check_suffix("--out", o, (".jsonl", ".ndjson", ".parquet"))
         sinks.append(ParquetSink(o) if str(o).endswith(".parquet") else JsonlSink(o))
     return sinks
+
+
+def _check_suffix(flag: str, path, suffixes) -> None:
+    """Refuse an output whose name promises a format that will not be written (``a.csv`` of JSON Lines)."""
+    if not str(path).endswith(suffixes):
+        raise ValueError(f"{flag} {path}: name it {' or '.join('*' + x for x in suffixes)} (the format written)")
 
 
 def _scorer(args):
@@ -50,6 +57,8 @@ def cmd_replay(args) -> int:
     from stream.sinks import JsonlSink
     from stream.sources import FileSource, count_files
 
+    if args.rejected:  # before any output is created
+        _check_suffix("--rejected", args.rejected, (".jsonl", ".ndjson"))
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     sinks = _annotation_sinks(args.out)
     if args.queue:

@@ -205,6 +205,15 @@ def test_unknown_path_is_a_clear_error(capsys):
     assert "no such file or directory: /no/such/dir" in capsys.readouterr().err
 
 
+def test_output_names_must_promise_the_format_written(tmp_path, capsys):
+    data = str(DATA / "ztf_fink" / "2018-12-02_schema3.2")
+    assert main(["replay", data, "--out", str(tmp_path / "a.csv")]) == 2  # would be JSON Lines
+    assert "--out" in capsys.readouterr().err
+    assert main(["replay", data, "--rejected", str(tmp_path / "r.parquet"), "--queue", str(tmp_path / "q.sqlite")]) == 2
+    assert "--rejected" in capsys.readouterr().err
+    assert not (tmp_path / "q.sqlite").exists() and not (tmp_path / "a.csv").exists()
+
+
 def test_replay_fills_the_queue_store(tmp_path, capsys):
     import sqlite3
 
