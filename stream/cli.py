@@ -36,6 +36,21 @@ def _annotation_sinks(outs):
     return sinks
 
 
+def _say_what_is_not_read(paths) -> None:
+    """Warn when a walked directory holds files that are not read, or nothing to read at all."""
+    from stream.sources import AVRO_SUFFIXES, TAR_SUFFIXES, expand_paths
+
+    skipped: list = []
+    files = expand_paths(paths, skipped)
+    kinds = ", ".join("*" + x for x in AVRO_SUFFIXES + TAR_SUFFIXES)
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"vigil: warning: {len(skipped)} file(s) not read, not named like alerts or archives ({kinds}): "
+              f"{names}", file=sys.stderr)
+    if not files:
+        print("vigil: warning: nothing to read in " + " ".join(map(str, paths)), file=sys.stderr)
+
+
 def _check_suffix(flag: str, path, suffixes) -> None:
     """Refuse an output whose name promises a format that will not be written (``a.csv`` of JSON Lines)."""
     if not str(path).endswith(suffixes):
@@ -66,6 +81,7 @@ def cmd_replay(args) -> int:
 
         sinks.append(QueueSink(args.queue))
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
+    _say_what_is_not_read(args.paths)
     progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
     counts = drive(FileSource(args.paths, args.batch_size), pipeline, sinks, rejected, progress)
     print(counts.line())

@@ -21,8 +21,13 @@ def _is_tar(p: Path) -> bool:
     return p.name.endswith(TAR_SUFFIXES)
 
 
-def expand_paths(paths) -> list[Path]:
-    """Files to read, in a stable order: directories are walked, archives kept whole."""
+def expand_paths(paths, skipped: list | None = None) -> list[Path]:
+    """Files to read, in a stable order: directories are walked, archives kept whole.
+
+    In a walked directory only alert files (:data:`AVRO_SUFFIXES`) and archives are read;
+    the others are appended to ``skipped`` when it is given. A file named on its own is
+    always read.
+    """
     out = []
     for raw in paths:
         p = Path(raw)
@@ -33,6 +38,8 @@ def expand_paths(paths) -> list[Path]:
                     q = Path(root) / f
                     if q.name.endswith(AVRO_SUFFIXES) or _is_tar(q):
                         out.append(q)
+                    elif skipped is not None:
+                        skipped.append(q)
         elif p.exists():
             out.append(p)
         else:

@@ -160,9 +160,12 @@ def test_unreadable_files_and_damaged_archives_are_rejected_and_the_replay_goes_
             t.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
     (tmp_path / "cut.tar.gz").write_bytes(raw[: len(raw) * 3 // 4])
+    (tmp_path / "notes.txt").write_text("not an alert")  # not read in a walked directory: said, not silent
     rej = tmp_path / "r.jsonl"
     assert main(["replay", str(tmp_path), "--rejected", str(rej), "--no-progress"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr()
+    assert "1 file(s) not read" in out.err and "notes.txt" in out.err
+    line = out.out.strip().splitlines()[-1]
     rejected = {r["source"].rsplit("/", 1)[-1]: r for r in map(json.loads, rej.read_text().splitlines())}
     assert set(rejected) == {"broken.avro", "fake.tar", f"cut.tar.gz!in-{good[1].name}"}, set(rejected)
     assert {r["reason"] for r in rejected.values()} == {"unreadable"}
