@@ -74,6 +74,7 @@ def cmd_replay(args) -> int:
 
     if args.rejected:  # before any output is created
         _check_suffix("--rejected", args.rejected, (".jsonl", ".ndjson"))
+    _say_what_is_not_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     sinks = _annotation_sinks(args.out)
     if args.queue:
@@ -81,7 +82,6 @@ def cmd_replay(args) -> int:
 
         sinks.append(QueueSink(args.queue))
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
-    _say_what_is_not_read(args.paths)
     progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
     counts = drive(FileSource(args.paths, args.batch_size), pipeline, sinks, rejected, progress)
     print(counts.line())
