@@ -896,6 +896,11 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = 
     fig = within_object_slopes([a.object_id for a in alerts], seeing, scores, controls, n_boot=n_boot)
     fig.update(model_version=version, alerts_read=len(alerts), history=history,
                image_level_seeing=int(np.isfinite(seeing).sum()))
+    if not all(np.isfinite(fig["slopes"][s]).all() for s in ("p_extragalactic", "p_fast")):
+        # Not a failure of the scorers: the data cannot say (a FAIL line with "nan" read as one).
+        raise ValueError(f"inconclusive: {fig['objects']} object(s) with an image-level seeing at two or more "
+                         f"epochs of {len(alerts)} alerts read, and no seeing change within an object left to fit; "
+                         "give more alerts (a night's archive, or omit --alerts-only to add their histories)")
     checks = []
     for s in ("p_extragalactic", "p_fast"):
         b, lo, hi = fig["slopes"][s]

@@ -253,6 +253,16 @@ def test_validate_causal_real_finds_a_seeing_dependent_scorer_on_real_alerts():
     assert np.allclose(fig["slopes"]["p_extragalactic"], 0.0, atol=1e-12) and checks[0].passed and checks[1].passed
 
 
+def test_validate_causal_real_without_repeat_visits_is_inconclusive_not_a_fail(capsys):
+    from conftest import DATA
+
+    from stream.cli import main
+
+    # six alerts of six objects: no object is seen twice, so there is no within-object slope
+    rc = main(["validate", "causal", "--real", str(DATA / "ztf_fink" / "2018-12-02_schema3.2"), "--alerts-only"])
+    assert rc == 2 and "inconclusive" in capsys.readouterr().err
+
+
 @needs_shared
 def test_validate_causal_real_cli_reports_the_shipped_model(capsys):
     from stream.cli import main
