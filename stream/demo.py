@@ -107,7 +107,7 @@ def _print_ranked(anns, top: int) -> None:
 
     for i, a in enumerate(sorted(anns, key=key)[:top], 1):
         mag, prio = a["lightcurve"]["mag"], a["priority"]
-        mag_s = f"{mag:6.2f}" if mag is not None else "    --"
+        mag_s = f"{mag:6.2f}" if mag is not None else "  neg."  # flux ≤ 0 in the difference image
         prio_s = f"{prio:8.3f}" if prio is not None else "unscored"
         ss = (a.get("features") or {}).get("ss_distance")
         note = "  known asteroid" if ss is not None and ss <= KNOWN_SSO_ARCSEC else ""

@@ -521,6 +521,11 @@ def test_list_page_order_flags_and_polling(client, db, batch):
         "SELECT object_id FROM objects ORDER BY COALESCE(priority, -1.0) DESC, object_id")]
     assert ids == expect[:200]
     assert html.count('class="badge new"') == len(ids)  # first look: everything is new
+    # a detection with negative difference flux has no magnitude: said so, not a blank
+    n_neg = sqlite3.connect(db).execute(
+        "SELECT COUNT(*) FROM (SELECT mag FROM objects ORDER BY COALESCE(priority, -1.0) DESC, object_id "
+        "LIMIT 200) WHERE mag IS NULL").fetchone()[0]
+    assert n_neg > 0 and html.count(">neg.</span>") == n_neg
     assert "<svg class=\"spark\"" in html
     html2 = client.get("/?per_page=200").get_data(as_text=True)
     assert 'class="badge new"' not in html2  # seen now
