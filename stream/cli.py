@@ -100,7 +100,13 @@ def cmd_run(args) -> int:
 
         rc = cfg.replay or ReplayConfig()
         cfg = replace(cfg, replay=replace(rc, start=args.start or rc.start, end=args.end or rc.end))
-        validate(cfg)
+        try:
+            validate(cfg)
+        except ValueError as e:  # the config's names for what came from the command line
+            import re
+
+            msg = re.sub(r"\breplay\.start\b", "--from", str(e))
+            raise ValueError(re.sub(r"\breplay\.end\b", "--until", msg)) from None
     stop = StopFlag()
     stop.install()
     counts = run_service(cfg, stop, replay=args.replay or bool(args.start or args.end))

@@ -492,7 +492,7 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
     but does not shrink (``VACUUM`` does that).
     """
     if not keep_days > 0:
-        raise ValueError(f"keep_days must be > 0, not {keep_days!r}")
+        raise ValueError(f"--keep-days must be > 0, not {keep_days!r}")
     if now_mjd is None:
         now_mjd = conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()[0]
     out = {"horizon_mjd": None, "cutouts": 0, "lightcurves": 0}

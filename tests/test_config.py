@@ -101,4 +101,6 @@ def test_command_line_replay_times_are_checked_like_the_file(tmp_path, capsys):
     p = tmp_path / "ok.toml"
     p.write_text('[source]\ntopics = ["x"]\n')
     assert main(["run", "--config", str(p), "--from", "2023-10-20", "--until", "2023-10-19"]) == 2
-    assert "replay.end: 2023-10-19 is not after replay.start 2023-10-20" in capsys.readouterr().err
+    assert "--until: 2023-10-19 is not after --from 2023-10-20" in capsys.readouterr().err  # the flags' names
+    assert main(["run", "--config", str(p), "--from", "yesterday"]) == 2
+    assert "--from: " in capsys.readouterr().err
