@@ -790,7 +790,7 @@ def _check_retention(target, records):
     for oid in {r["object_id"] for r in records}:  # every object page still opens
         assert store.get_object(oid) is not None
     assert prune(c, keep_days) == dict(done, cutouts=0, lightcurves=0)  # idempotent
-    with pytest.raises(ValueError, match="keep_days"):
+    with pytest.raises(ValueError, match="keep-days"):
         prune(c, 0)
     store.close()
 
