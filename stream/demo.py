@@ -57,6 +57,8 @@ def main(args) -> int:
         create_topics(broker.bootstrap, [*s.topics, o.annotations_topic, o.dead_letter_topic])
         produced = produce_files([data], s.topics[0], broker.bootstrap)
         n = sum(produced.values())
+        if not n:
+            raise ValueError(f"no alerts to replay in {data}")
         print(f"2. produced {n} real alerts from {data} to topic {s.topics[0]} "
               f"({', '.join(f'{k}={v}' for k, v in sorted(produced.items()))})")
         queue = _queue_available() and args.queue

@@ -591,9 +591,8 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                 producer.poll(0.1)
 
     for env in iter_envelopes(paths):
-        if env.unreadable is not None:  # nothing to send; the archive's readable part still goes
+        if env.unreadable is not None:  # nothing to send (so not counted); the archive's readable part still goes
             log.warning("not produced: %s: %s", env.source, env.unreadable)
-            counts["unreadable"] = counts.get("unreadable", 0) + 1
             continue
         payload, how = env.payload, "as-is"
         if payload[:4] == b"Obj\x01":
