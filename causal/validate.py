@@ -220,7 +220,9 @@ def run_real(paths) -> dict:
     from stream.sources import iter_envelopes
 
     dec = Decoder(keep_cutouts=False)
-    alerts = [x for env in iter_envelopes(paths) for x in dec.decode(env) if hasattr(x, "lightcurve")]
+    decoded = [x for env in iter_envelopes(paths) for x in dec.decode(env)]
+    alerts = [x for x in decoded if hasattr(x, "lightcurve")]
+    rejected = pd.Series([x.reason for x in decoded if not hasattr(x, "lightcurve")], dtype=object).value_counts()
     hsr = HSR()
     fits = _stream(alerts, hsr)
     per_exp = pd.Series([a.exposure for a in alerts]).value_counts()
@@ -235,7 +237,8 @@ def run_real(paths) -> dict:
             shift = np.abs(f.corrected[ok] - a.lightcurve.flux[ok]) / a.lightcurve.flux_err[ok]
             max_pull = max(max_pull, float(shift.max()))
     return {
-        "alerts": len(alerts), "exposures": int(len(per_exp)),
+        "alerts": len(alerts), "rejected": {str(k): int(v) for k, v in rejected.items()},
+        "exposures": int(len(per_exp)),
         "alerts_per_exposure": {str(k): int(v) for k, v in per_exp.head(10).items()},
         "sibling_rows": hsr.store.n_rows, "modes": modes,
         "median_rms_after_over_before": float(np.median(ratios)) if ratios else None,

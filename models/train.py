@@ -784,15 +784,20 @@ def real_alerts(paths, history: bool = False) -> list:
     from stream.sources import iter_envelopes
 
     dec = Decoder(keep_cutouts=False)
-    own, earlier = {}, {}
+    own, earlier, rejected = {}, {}, {}
     for env in iter_envelopes(paths):
         for epochs in (dec.decode_history(env) if history else [[x] for x in dec.decode(env)]):
             *before, last = epochs
             if isinstance(last, Alert):
                 own.setdefault((last.object_id, last.alert_id), last)
+            else:
+                rejected[last.reason] = rejected.get(last.reason, 0) + 1
             for x in before:
                 if isinstance(x, Alert):
                     earlier.setdefault((x.object_id, x.alert_id), x)
+    if rejected:  # not silently: the figures rest on the alerts that were read
+        log.warning("%d input(s) rejected and not used (%s)", sum(rejected.values()),
+                    ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
     alerts = list(own.values()) + [a for k, a in earlier.items() if k not in own]
     alerts.sort(key=lambda a: a.mjd)
     return alerts

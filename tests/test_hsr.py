@@ -370,3 +370,13 @@ def test_prior_mode_errors_carry_the_sibling_offsets_own_noise():
         corrected += list(batch.corrected[:4] / batch.corrected_err[:4])
     assert 0.8 < np.std(raw) < 1.2
     assert 0.8 < np.std(corrected) < 1.2
+
+
+def test_validate_hsr_on_real_alerts_counts_what_it_could_not_read(tmp_path):
+    from conftest import DATA
+
+    from causal.validate import run_real
+
+    (tmp_path / "notes.avro").write_bytes(b"not an alert")
+    out = run_real([DATA / "ztf_fink" / "2018-12-02_schema3.2", tmp_path])
+    assert out["alerts"] == 6 and out["rejected"] == {"bad_magic_byte": 1}
