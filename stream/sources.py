@@ -68,7 +68,7 @@ def iter_envelopes(paths):
 
 
 def _tar_envelopes(p: Path):
-    name = str(p)
+    name, last = str(p), "its start"
     try:
         with tarfile.open(p, "r|*") as tar:
             for member in tar:
@@ -77,9 +77,26 @@ def _tar_envelopes(p: Path):
                 name = f"{p}!{member.name}"
                 fh = tar.extractfile(member)
                 yield Envelope(fh.read(), name, timestamp_ms=int(member.mtime * 1000))
-                name = str(p)
+                name, last = str(p), member.name
+            # A streamed tar stops quietly at a damaged or missing header: it must end in
+            # zero blocks (its end marker, then padding), or members were lost.
+            damage = _tar_tail(tar.fileobj)
+            if damage:
+                yield Envelope(b"", name, unreadable=f"archive: {damage} after {last}")
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:  # zlib/bz2/lzma errors are OSError or EOFError
         yield Envelope(b"", name, unreadable=f"archive: {type(e).__name__}: {e}")
+
+
+def _tar_tail(stream) -> str | None:
+    """What is wrong with the bytes after a streamed tar's last header, or None."""
+    seen = 0
+    while True:
+        chunk = stream.read(1 << 20)
+        if not chunk:
+            return None if seen else "ends without its end-of-archive marker (cut short?)"
+        if any(chunk):
+            return "a damaged header (more data follows that is not read)"
+        seen += len(chunk)
 
 
 def count_files(paths) -> int | None:

@@ -160,6 +160,15 @@ def test_unreadable_files_and_damaged_archives_are_rejected_and_the_replay_goes_
             t.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
     (tmp_path / "cut.tar.gz").write_bytes(raw[: len(raw) * 3 // 4])
+    plain = io.BytesIO()  # a plain tar cut at its second header: a streamed read stops there quietly
+    with tarfile.open(fileobj=plain, mode="w") as t:
+        for f in good[:2]:
+            data = f.read_bytes()
+            info = tarfile.TarInfo("p-" + f.name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    first = 512 + -(-good[0].stat().st_size // 512) * 512  # header + padded data of member 1
+    (tmp_path / "cut.tar").write_bytes(plain.getvalue()[:first])
     (tmp_path / "notes.txt").write_text("not an alert")  # not read in a walked directory: said, not silent
     rej = tmp_path / "r.jsonl"
     assert main(["replay", str(tmp_path), "--rejected", str(rej), "--no-progress"]) == 0
@@ -167,11 +176,12 @@ def test_unreadable_files_and_damaged_archives_are_rejected_and_the_replay_goes_
     assert "1 file(s) not read" in out.err and "notes.txt" in out.err
     line = out.out.strip().splitlines()[-1]
     rejected = {r["source"].rsplit("/", 1)[-1]: r for r in map(json.loads, rej.read_text().splitlines())}
-    assert set(rejected) == {"broken.avro", "fake.tar", f"cut.tar.gz!in-{good[1].name}"}, set(rejected)
+    assert set(rejected) == {"broken.avro", "fake.tar", f"cut.tar.gz!in-{good[1].name}", "cut.tar"}, set(rejected)
     assert {r["reason"] for r in rejected.values()} == {"unreadable"}
     assert "No such file" in rejected["broken.avro"]["detail"]
-    # the archive's first member was read and annotated before the damage
-    assert line == (f"read {len(good) + 4}, annotated {len(good) + 1}, rejected 3 (by reason: unreadable=3)")
+    assert "end-of-archive marker" in rejected["cut.tar"]["detail"]
+    # the archives' first members were read and annotated before the damage
+    assert line == (f"read {len(good) + 6}, annotated {len(good) + 2}, rejected 4 (by reason: unreadable=4)")
 
 
 def test_annotations_carry_scores_priority_and_explanation(ztf_files):
