@@ -183,11 +183,12 @@ MIN_CLASS_ROWS = 10
 
 
 def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_column: str | None = None,
-                   exclude=()) -> LabelledTable:
+                   exclude=(), require_all_labels: bool = True) -> LabelledTable:
     """Select the rows whose label is in ``positive`` or ``negative`` and build X, y, ids.
 
     Raises ``ValueError`` naming the column or label when a named column is absent, a
-    named label matches no row, a class is (nearly) empty, or an id is missing.
+    named label matches no row (with ``require_all_labels``; else a warning, as for a
+    held-out split that lacks a rare label), a class is empty, or an id is missing.
     """
     from models.scorer import numeric_table
 
@@ -198,17 +199,21 @@ def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_c
     pos, neg = set(_split_list(positive)), set(_split_list(negative))
     if not pos or not neg or pos & neg:
         raise ValueError("need non-empty, disjoint --positive and --negative label lists")
-    present = df[label_column].dropna()
-    lab = present.astype(str)
-    seen = set(lab)
+    given = df[label_column].notna().to_numpy()
+    lab = df[label_column].astype(str).to_numpy()
+    seen = set(lab[given])
     absent = sorted((pos | neg) - seen)
-    if absent:  # a typo would otherwise train a constant model on one class
-        raise ValueError(f"label(s) {absent} match no row of column {label_column!r} "
-                         f"(labels present: {sorted(seen)[:20]})")
+    if absent:
+        if require_all_labels:  # a typo would otherwise train a constant model on one class
+            raise ValueError(f"label(s) {absent} match no row of column {label_column!r} "
+                             f"(labels present: {sorted(seen)[:20]})")
+        log.warning("label(s) %s match no row of column %r", absent, label_column)
     unknown = sorted(seen - pos - neg)
     if unknown:
         log.info("ignoring rows with labels %s", unknown)
-    keep = df.index.isin(lab.index[lab.isin(pos | neg)])
+    keep = given & np.isin(lab, sorted(pos | neg))
+    if not (keep & np.isin(lab, sorted(pos))).any() or not (keep & np.isin(lab, sorted(neg))).any():
+        raise ValueError(f"no row of column {label_column!r} is of the positive class or none of the negative")
     sub = df.loc[keep].reset_index(drop=True)
     feats = feature_columns(sub, exclude={label_column, id_column, *exclude})
     if not feats:
@@ -911,7 +916,8 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = 
         # Not a failure of the scorers: the data cannot say (a FAIL line with "nan" read as one).
         raise ValueError(f"inconclusive: {fig['objects']} object(s) with an image-level seeing at two or more "
                          f"epochs of {len(alerts)} alerts read, and no seeing change within an object left to fit; "
-                         "give more alerts (a night's archive, or omit --alerts-only to add their histories)")
+                         "give more alerts (a night's archive" + ("" if history else ", or omit --alerts-only to "
+                                                                  "add their histories") + ")")
     checks = []
     for s in ("p_extragalactic", "p_fast"):
         b, lo, hi = fig["slopes"][s]
@@ -1003,14 +1009,17 @@ def cmd_evaluate(args) -> int:
     if not args.table:
         raise ValueError("give --table CSV or --simulate")
     df = pd.read_csv(args.table)
-    t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column)
+    t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
+                       require_all_labels=not args.model)  # a held-out split may lack a rare label
     bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)
     if args.model:
         from models.scorer import TableScorer, data_hash, numeric_table
 
         model = TableScorer.load(args.model)
         theirs, ours = model.metadata.get("task"), _table_task(args)["task"]
-        if theirs is not None and theirs != ours:
+        if theirs is not None and (theirs["label_column"] != ours["label_column"]
+                                   or not set(ours["positive"]) <= set(theirs["positive"])
+                                   or not set(ours["negative"]) <= set(theirs["negative"])):
             raise ValueError(f"{args.model} was trained for {theirs}, not for {ours}")
         cols = list(model.features)
         if set(cols) <= set(t.frame.columns) and \

@@ -72,7 +72,9 @@ def cmd_replay(args) -> int:
     from stream.sinks import JsonlSink
     from stream.sources import FileSource, count_files
 
-    if args.rejected:  # before any output is created
+    for o in args.out or ():  # every output name before any output is created (a sink truncates its file)
+        _check_suffix("--out", o, (".jsonl", ".ndjson", ".parquet"))
+    if args.rejected:
         _check_suffix("--rejected", args.rejected, (".jsonl", ".ndjson"))
     _say_what_is_not_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
@@ -105,8 +107,11 @@ def cmd_run(args) -> int:
         except ValueError as e:  # the config's names for what came from the command line
             import re
 
-            msg = re.sub(r"\breplay\.start\b", "--from", str(e))
-            raise ValueError(re.sub(r"\breplay\.end\b", "--until", msg)) from None
+            msg = str(e)
+            for flag, key, given in (("--from", "replay.start", args.start), ("--until", "replay.end", args.end)):
+                if given:
+                    msg = re.sub(rf"\b{re.escape(key)}\b", flag, msg)
+            raise ValueError(msg) from None
     stop = StopFlag()
     stop.install()
     counts = run_service(cfg, stop, replay=args.replay or bool(args.start or args.end))
@@ -209,9 +214,12 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except (ValueError, OSError, sqlite3.DatabaseError) as e:
+        if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+            raise  # Vigil's own SQL is wrong: a bug, with its traceback
         # Usage, configuration and environment errors (a path that is a directory, a file
-        # that is not a database, a port in use): one clear line, no traceback (-v adds it).
-        _fail(e, args.verbose)
+        # that is not a database, a port in use): one clear line (-v, and a running service,
+        # also log the traceback).
+        _fail(e, args.verbose or getattr(args, "func", None) is cmd_run)
         return 2
     except Exception as e:
         pg = sys.modules.get("psycopg")  # loaded only if a PostgreSQL queue store was named

@@ -132,7 +132,11 @@ class SchemaRegistry:
             m = cls._LSST.search(f.name)
             if not m or not f.name.endswith(".alert.avsc"):
                 continue
-            reg.add(int(m.group(1)) * 100 + int(m.group(2)), load_schema(str(f)))
+            try:
+                schema = load_schema(str(f))
+            except Exception as e:  # noqa: BLE001 - fastavro's parse errors share no base beyond Exception
+                raise ValueError(f"schema {f}: not a readable Avro schema ({type(e).__name__}: {e})") from None
+            reg.add(int(m.group(1)) * 100 + int(m.group(2)), schema)
         return reg
 
     def add(self, schema_id: int, schema) -> None:
@@ -172,8 +176,10 @@ def load_ztf_schema(path):
         # fastavro names an unresolved type by itself ("ztf.alert.candidate"): say where it was looked for
         what = e if isinstance(e, (OSError, json.JSONDecodeError)) else f"{type(e).__name__}: {e}"
         raise ValueError(f"ZTF schema {p}: not a readable Avro schema ({what})") from None
-    if not (isinstance(schema, dict) and schema.get("type") == "record"):
-        raise ValueError(f"ZTF schema {p}: not an Avro record schema")
+    if not (isinstance(schema, dict) and schema.get("type") == "record"
+            and str(schema.get("name", "")).rsplit(".", 1)[-1] == "alert"):
+        raise ValueError(f"ZTF schema {p}: not the ZTF alert record (got {schema.get('name')!r}"
+                         + ("; a split schema directory needs alert.avsc)" if p.is_dir() else ")"))
     return schema
 
 
@@ -300,6 +306,8 @@ class Decoder:
             ``Rejected`` items. Other surveys' alerts come alone, as :meth:`decode` gives
             them; a record that cannot be read is a list holding its ``Rejected``.
         """
+        if env.unreadable is not None:
+            return [[Rejected(env, "decode", "unreadable", env.unreadable)]]
         try:
             records, version = self._records(env.payload)
         except DecodeError as e:

@@ -426,10 +426,15 @@ def serve_metrics(metrics: Metrics, host: str, port: int):
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
+        import errno
+
         from stream.config import ConfigError
 
-        raise ConfigError(f"service.metrics_port: cannot listen on {host}:{port} ({e.strerror or e}); each "
-                          "service process on a host needs its own port, or 0 for none") from None
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"service.metrics_port: {host}:{port} is in use; each service process on a host "
+                              "needs its own port, or 0 for none") from None
+        raise ConfigError(f"service.metrics_host/metrics_port: cannot listen on {host}:{port} "
+                          f"({e.strerror or e})") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server
 
@@ -555,7 +560,8 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
     ZTF alerts go as Avro containers (default) or schemaless with ``ztf_schema``; Rubin
     alerts go Confluent-framed when ``rubin_schemas`` has their version, else as
     containers. Files that are not alerts are sent as they are (the consumer will
-    reject them), so a replay sees exactly what the archive holds.
+    reject them), so a replay sees what the archive holds; only what cannot be read at
+    all (an unreadable file, the damaged part of an archive) is logged and not sent.
 
     Returns
     -------
@@ -638,7 +644,9 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
         send(payload, None)
         counts[how] = counts.get(how, 0) + 1
     left = producer.flush(60)
-    if left or errors:
-        raise ConnectionError(f"produce to {topic} at {bootstrap}: {left} undelivered, {len(errors)} failed "
-                              f"({errors[:1]})")
+    if left:
+        raise ConnectionError(f"produce to {topic} at {bootstrap}: {left} messages undelivered after 60 s "
+                              f"({len(errors)} refused)")
+    if errors:  # the broker answered, and refused them (e.g. a message over its size limit)
+        raise ValueError(f"produce to {topic}: {len(errors)} messages refused by the broker (first: {errors[0]})")
     return counts

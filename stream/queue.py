@@ -1260,7 +1260,8 @@ def register(subparsers) -> None:
                    help="queue store: SQLite file or postgresql:// URL (written by the service's queue sink)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--token", help="access token (default: $VIGIL_QUEUE_TOKEN, then --token-file, else random)")
+    s.add_argument("--token", help="access token (default: the contents of --token-file, then "
+                                   "$VIGIL_QUEUE_TOKEN, else random)")
     s.add_argument("--token-file", help="file holding the access token")
     s.add_argument("--workers", type=int, default=0,
                    help="serve with gunicorn, this many worker processes (default 0: Flask's built-in server)")

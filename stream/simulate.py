@@ -1787,6 +1787,9 @@ def _summary(res: SimResult) -> str:
 def cmd_simulate(args) -> int:
     """``vigil simulate``: run, write, print counts, timings, systematic RMS and the class mix."""
     t0 = time.perf_counter()
+    alerts_dir = Path(args.out) / "alerts"
+    if alerts_dir.is_dir() and any(alerts_dir.iterdir()):  # said before the minutes of simulating, not after
+        raise FileExistsError(f"{alerts_dir} already holds alerts: give an empty or new output directory")
     res = simulate(args.seed, nights=args.nights, fields=args.fields, quadrants=args.quadrants, mode=args.mode,
                    n_alerts=args.n_alerts, history_days=args.history_days, sys_scale=args.sys_scale,
                    cadence=args.cadence)

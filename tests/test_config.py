@@ -104,3 +104,7 @@ def test_command_line_replay_times_are_checked_like_the_file(tmp_path, capsys):
     assert "--until: 2023-10-19 is not after --from 2023-10-20" in capsys.readouterr().err  # the flags' names
     assert main(["run", "--config", str(p), "--from", "yesterday"]) == 2
     assert "--from: " in capsys.readouterr().err
+    q = tmp_path / "end.toml"  # the end from the file, the start from the command line: each by its own name
+    q.write_text('[source]\ntopics = ["x"]\n[replay]\nend = "2023-10-19"\n')
+    assert main(["run", "--config", str(q), "--from", "2023-10-20"]) == 2
+    assert "replay.end: 2023-10-19 is not after --from 2023-10-20" in capsys.readouterr().err

@@ -164,11 +164,24 @@ def test_a_bad_ztf_schema_path_is_named(tmp_path):
     (tmp_path / "split" / "alert.avsc").write_text(
         '{"type": "record", "name": "alert", "namespace": "ztf.alert", "fields": '
         '[{"name": "candidate", "type": "ztf.alert.candidate"}]}')
+    (tmp_path / "noalert").mkdir()  # the split files without alert.avsc: some record, not the alert
+    (tmp_path / "noalert" / "candidate.avsc").write_text(
+        '{"type": "record", "name": "candidate", "namespace": "ztf.alert", "fields": [{"name": "x", "type": "int"}]}')
     for p, words in ((tmp_path / "bad.avsc", "bad.avsc: not a readable Avro schema"),
                      (tmp_path / "split", "UnknownType: ztf.alert.candidate"),
+                     (tmp_path / "noalert", "not the ZTF alert record"),
                      (tmp_path / "none.avsc", "ZTF schema not found")):
         with pytest.raises((ValueError, FileNotFoundError), match=words):
             load_ztf_schema(p)
+    # a broken Rubin schema in a schema directory is named too
+    (tmp_path / "rubin").mkdir()
+    (tmp_path / "rubin" / "lsst.v7_0.alert.avsc").write_text('{"type": "record", "name": "alert", "fields": '
+                                                             '[{"name": "x", "type": "int", "default": "no"}]}')
+    with pytest.raises(ValueError, match="lsst.v7_0.alert.avsc"):
+        SchemaRegistry.from_dir(tmp_path / "rubin")
+    # an envelope the source could not read is that, in the history view too
+    env = Envelope(b"", "gone.avro", unreadable="FileNotFoundError: No such file or directory")
+    assert [[r.reason for r in e] for e in Decoder().decode_history(env)] == [["unreadable"]]
 
 
 def test_ztf_schemaless_with_given_schema():

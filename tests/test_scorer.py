@@ -191,6 +191,39 @@ def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
         np.testing.assert_array_equal(a.contributions[s], b.contributions[s])
 
 
+def test_reduced_intrinsic_scorers_train_on_residuals_taken_without_the_optional_inputs(tiny_sim, monkeypatch):
+    import models.train as mt
+    from models.features import SURVEY_OPTIONAL
+
+    seen = []
+
+    def recording(random_state=0):
+        est = _fast(random_state=random_state)
+        fit = est.fit
+
+        def record(D, *a, **k):
+            seen.append(D.copy())
+            return fit(D, *a, **k)
+
+        est.fit = record
+        return est
+
+    monkeypatch.setattr(mt, "_sim_estimator", recording)
+    model, _ = train_alert_model(tiny_sim)
+    blank = [c for g in SURVEY_OPTIONAL for c in g]
+    X = tiny_sim.X[list(FEATURES)]
+    Xb = X.copy()
+    Xb.loc[:, blank] = np.nan
+    lab = tiny_sim.truth["vetted"].to_numpy(bool)
+    # fits in order: per score, the full scorer then the reduced one; P(extragalactic) is the second score
+    reduced_x = seen[3]
+    want = model.residualiser.cross_fitted(X, Xb)[list(reduced_x.columns)][lab]
+    want.loc[:, [c for c in blank if c in want.columns]] = np.nan
+    pd.testing.assert_frame_equal(reduced_x.reset_index(drop=True), want.reset_index(drop=True))
+    # ... which differ from the full scorer's residuals where the depth was known (it is a condition)
+    assert not np.allclose(reduced_x["snr"].to_numpy(), seen[2]["snr"].to_numpy())
+
+
 def test_alerts_lacking_a_survey_optional_group_go_to_the_reduced_scorers(tiny_sim, tiny_model, tmp_path):
     from models.features import SURVEY_OPTIONAL
 
@@ -354,8 +387,13 @@ def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
                  "--out", str(tmp_path / "x.csv")]) == 2
     assert "ATLAS_ID" in capsys.readouterr().err
     assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive", "good",
-                 "--negative", "garbage", "--model", str(model)]) == 2
+                 "--negative", "pm", "--model", str(model)]) == 2  # pm was a positive label in training
     assert "trained for" in capsys.readouterr().err
+    # a held-out split lacking one of the training labels (here AGN) is still evaluated, on the labels it has
+    df.loc[df["label"] != "AGN"].to_csv(tmp_path / "no_agn.csv", index=False)
+    assert main(["evaluate", "--table", str(tmp_path / "no_agn.csv"), "--label-column", "label", "--positive",
+                 "good,AGN,galactic,pm", "--negative", "garbage", "--model", str(model)]) == 0
+    assert "in-sample" not in capsys.readouterr().err
     assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive",
                  "good,AGN,galactic,pm", "--negative", "garbage", "--model", str(model)]) == 0
     out = capsys.readouterr()
