@@ -32,7 +32,9 @@ def expand_paths(paths, skipped: list | None = None) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for root, dirs, files in os.walk(p):
+            # A subdirectory that cannot be listed is kept as an entry: reading it fails, and it
+            # is rejected as unreadable rather than silently missing from the count.
+            for root, dirs, files in os.walk(p, onerror=lambda e: out.append(Path(e.filename))):
                 dirs.sort()
                 for f in sorted(files):
                     q = Path(root) / f
@@ -59,6 +61,9 @@ def iter_envelopes(paths):
     for p in expand_paths(paths):
         if _is_tar(p):
             yield from _tar_envelopes(p)
+            continue
+        if p.is_dir():  # only a subdirectory os.walk could not list comes here
+            yield Envelope(b"", str(p), unreadable="a directory that cannot be listed (permission?)")
             continue
         try:
             ts = int(p.stat().st_mtime * 1000)

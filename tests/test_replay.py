@@ -238,3 +238,24 @@ def test_replay_fills_the_queue_store(tmp_path, capsys):
         n_obj = db.execute("select count(*) from objects").fetchone()[0]
     objects = {fastavro.reader(open(f, "rb")).__next__()["objectId"] for f in files}
     assert n_obj == len(objects)
+
+
+def test_a_subdirectory_that_cannot_be_listed_is_an_unreadable_input(tmp_path, monkeypatch):
+    import os
+
+    from stream.sources import iter_envelopes
+
+    good = avro_files("ztf_fink", "2018-12-02_schema3.2")[0]
+    (tmp_path / "a.avro").write_bytes(good.read_bytes())
+    (tmp_path / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for a directory without read permission (root ignores chmod)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    envs = list(iter_envelopes([tmp_path]))
+    assert [e.unreadable is None for e in envs] == [True, False]
+    assert envs[1].source.endswith("locked") and "cannot be listed" in envs[1].unreadable
