@@ -30,8 +30,7 @@ def _annotation_sinks(outs):
     from stream.sinks import JsonlSink, ParquetSink
 
     sinks = []
-    for o in outs or ():
-        _check_suffix("--out", o, (".jsonl", ".ndjson", ".parquet"))
+    for o in outs or ():  # (names checked by cmd_replay first)
         sinks.append(ParquetSink(o) if str(o).endswith(".parquet") else JsonlSink(o))
     return sinks
 
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
         # Usage, configuration and environment errors (a path that is a directory, a file
         # that is not a database, a port in use): one clear line (-v, and a running service,
         # also log the traceback).
-        _fail(e, args.verbose or getattr(args, "func", None) is cmd_run)
+        _fail(e, args.verbose or (args.func is cmd_run and not isinstance(e, ValueError)))
         return 2
     except Exception as e:
         pg = sys.modules.get("psycopg")  # loaded only if a PostgreSQL queue store was named

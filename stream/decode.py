@@ -176,9 +176,10 @@ def load_ztf_schema(path):
         # fastavro names an unresolved type by itself ("ztf.alert.candidate"): say where it was looked for
         what = e if isinstance(e, (OSError, json.JSONDecodeError)) else f"{type(e).__name__}: {e}"
         raise ValueError(f"ZTF schema {p}: not a readable Avro schema ({what})") from None
-    if not (isinstance(schema, dict) and schema.get("type") == "record"
-            and str(schema.get("name", "")).rsplit(".", 1)[-1] == "alert"):
-        raise ValueError(f"ZTF schema {p}: not the ZTF alert record (got {schema.get('name')!r}"
+    name = schema.get("name") if isinstance(schema, dict) and schema.get("type") == "record" else None
+    if str(name).rsplit(".", 1)[-1] != "alert":
+        got = repr(name) if name else f"a {type(schema).__name__}, not a record"
+        raise ValueError(f"ZTF schema {p}: not the ZTF alert record (got {got}"
                          + ("; a split schema directory needs alert.avsc)" if p.is_dir() else ")"))
     return schema
 

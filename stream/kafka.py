@@ -615,10 +615,10 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                             try:
                                 out.append((encode_schemaless(rec, ztf_schema), "ztf-schemaless"))
                             except (ValueError, TypeError, KeyError) as e:
-                                sent = producer.flush(60)  # what went before is delivered, then stop
+                                left = producer.flush(60)  # what went before is delivered, then stop
                                 raise ValueError(f"{env.source}: this alert does not fit --ztf-schema ({e}); "
                                                  f"{sum(counts.values())} messages produced before it"
-                                                 + (f", {sent} undelivered" if sent else "")) from None
+                                                 + (f", {left} undelivered" if left else "")) from None
                         else:
                             buf = io.BytesIO()
                             fastavro.writer(buf, reader.writer_schema, [rec])

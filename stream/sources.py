@@ -99,7 +99,7 @@ def _tar_tail(stream) -> str | None:
         chunk = stream.read(1 << 20)
         if not chunk:
             return None if seen else "ends without its end-of-archive marker (cut short?)"
-        if any(chunk):
+        if chunk.strip(b"\0"):
             return "a damaged header (more data follows that is not read)"
         seen += len(chunk)
 
