@@ -151,24 +151,21 @@ def test_unreadable_files_and_damaged_archives_are_rejected_and_the_replay_goes_
         (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "broken.avro").symlink_to(tmp_path / "gone.avro")  # a dangling link
     (tmp_path / "fake.tar").write_bytes(b"not a tar archive " * 40)
-    buf = io.BytesIO()  # an archive cut short inside its second member
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
-        for f in good[:2]:
-            data = f.read_bytes()
-            info = tarfile.TarInfo("in-" + f.name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    raw = buf.getvalue()
+    def tar_of_two(prefix, mode):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as t:
+            for f in good[:2]:
+                data = f.read_bytes()
+                info = tarfile.TarInfo(prefix + f.name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    raw = tar_of_two("in-", "w:gz")  # an archive cut short inside its second member
     (tmp_path / "cut.tar.gz").write_bytes(raw[: len(raw) * 3 // 4])
-    plain = io.BytesIO()  # a plain tar cut at its second header: a streamed read stops there quietly
-    with tarfile.open(fileobj=plain, mode="w") as t:
-        for f in good[:2]:
-            data = f.read_bytes()
-            info = tarfile.TarInfo("p-" + f.name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
     first = 512 + -(-good[0].stat().st_size // 512) * 512  # header + padded data of member 1
-    (tmp_path / "cut.tar").write_bytes(plain.getvalue()[:first])
+    # a plain tar cut at its second header: a streamed read stops there quietly
+    (tmp_path / "cut.tar").write_bytes(tar_of_two("p-", "w")[:first])
     (tmp_path / "notes.txt").write_text("not an alert")  # not read in a walked directory: said, not silent
     rej = tmp_path / "r.jsonl"
     assert main(["replay", str(tmp_path), "--rejected", str(rej), "--no-progress"]) == 0
