@@ -71,6 +71,12 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedBroker:
+        with socket.socket() as probe:  # else another broker on that port would answer for ours
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot start the embedded broker: 127.0.0.1:{self.port} is in use "
+                                       f"({e.strerror}); leave out --port for a free one") from None
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
@@ -90,7 +96,9 @@ class EmbeddedBroker:
                 raise RuntimeError(f"Tansu exited with code {self.proc.returncode} during start-up")
             try:
                 admin.list_topics(timeout=1)
-                return
+                if self.proc.poll() is None:  # it answered, and it is ours
+                    return
+                continue  # (it exited meanwhile: reported above on the next turn)
             except Exception:  # KafkaException until the listener is up
                 if time.monotonic() > deadline:
                     self.stop()

@@ -452,3 +452,16 @@ def test_a_message_of_many_bad_records_puts_its_payload_on_the_dead_letter_topic
         assert h["vigil.source.offset"] == b"0" and h["vigil.reason"]
         if not m.value():
             assert h["vigil.payload_in"] == b"first" and h["vigil.payload_omitted"] == str(len(buf.getvalue())).encode()
+
+
+def test_embedded_broker_refuses_a_port_in_use():
+    import socket
+
+    from stream.broker import EmbeddedBroker
+
+    with socket.socket() as busy:  # another broker (or anything) already listens there
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"127.0.0.1:{port} is in use"):
+            EmbeddedBroker(port=port).start()
