@@ -685,6 +685,10 @@ class QueueSink:
     the raw flux for the "after HSR" plot.
     """
 
+    #: ``write_result`` takes the store's write lock until ``flush``: the service writes this
+    #: sink after its Kafka outputs are flushed (:func:`stream.service.drive`).
+    holds_write_lock = True
+
     #: Refresh planner statistics every this many committed batches.
     ANALYZE_EVERY = 50
     #: Apply the retention window every this many committed batches.

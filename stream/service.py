@@ -102,6 +102,13 @@ def _prepare(result, records: list, sinks) -> list:
     return [records[i] for i in keep]
 
 
+def _write_annotations(sink, result, records) -> None:
+    if hasattr(sink, "write_result"):
+        sink.write_result(result, records)
+    else:
+        sink.write(records)
+
+
 def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Progress | None = None,
           stop=None, on_batch=None) -> Counts:
     """Run ``source`` through ``pipeline`` into the sinks until the source ends or ``stop()``.
@@ -119,6 +126,11 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
     """
     counts = Counts()
     sinks = list(annotation_sinks) + list(rejected_sinks)
+    # A store sink holds its database's write lock from write to flush (one transaction per
+    # batch): it goes last, after the streamed outputs are durable, so a Kafka stall never
+    # keeps the lock (other workers and the vetters' page share that store).
+    stores = [s for s in annotation_sinks if getattr(s, "holds_write_lock", False)]
+    streamed = [s for s in annotation_sinks if s not in stores]
     # Decoding allocates thousands of short-lived containers per alert: with Python's default
     # gen-0 threshold (700) the cyclic collector runs every few alerts and keeps walking the
     # long-lived heap (models, sibling store). A higher threshold while streaming cut
@@ -131,18 +143,19 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
             result = pipeline.process(batch) if batch else None
             if result is not None:
                 records = _prepare(result, [a.to_record() for a in result.annotations], annotation_sinks)
-                for s in annotation_sinks:
-                    if hasattr(s, "write_result"):
-                        s.write_result(result, records)
-                    else:
-                        s.write(records)
+                for s in streamed:
+                    _write_annotations(s, result, records)
                 for s in rejected_sinks:
                     if hasattr(s, "write_rejected"):
                         s.write_rejected(result.rejected)
                     else:
                         s.write([r.to_record() for r in result.rejected])
-                for s in sinks:  # every sink durable before the source may forget the batch
+                for s in streamed + list(rejected_sinks):
                     s.flush()
+                for s in stores:
+                    _write_annotations(s, result, records)
+                    s.flush()
+                # every sink is durable before the source may forget the batch
                 counts.add(result)
             source.done(batch)
             if on_batch is not None and result is not None:

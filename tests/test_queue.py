@@ -973,3 +973,40 @@ def test_queue_token_prefers_what_the_operator_names(tmp_path, monkeypatch):
     f.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
         queue_token(None, f)
+
+
+def test_the_store_write_lock_is_not_held_while_streamed_outputs_flush(tmp_path):
+    from stream.service import drive
+    from stream.sources import MemorySource
+
+    path = tmp_path / "q.sqlite"
+    QueueSink(path).close()  # the store exists, as another worker and the page see it
+    free_during_flush = []
+
+    class SlowKafkaLike:
+        """A streamed output whose flush stands for a Kafka flush that takes a while."""
+
+        def write(self, records):
+            pass
+
+        def flush(self):
+            # another writer (a second worker, the vetters' page) can take the lock meanwhile
+            other = sqlite3.connect(path, timeout=0.1)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.rollback()
+                free_during_flush.append(True)
+            except sqlite3.OperationalError:
+                free_during_flush.append(False)
+            finally:
+                other.close()
+
+        def close(self):
+            pass
+
+    files = _alert_files()[:30]
+    source = MemorySource([f.read_bytes() for f in files], batch_size=10)
+    store = QueueSink(path)  # listed after the topic sink, as the service does
+    counts = drive(source, Pipeline(), [SlowKafkaLike(), store], [])
+    assert counts.read == 30 and free_during_flush == [True, True, True]
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == counts.annotated
