@@ -221,6 +221,10 @@ def main(argv=None) -> int:
         _fail(e, args.verbose or (args.func is cmd_run and not isinstance(e, ValueError)))
         return 2
     except Exception as e:
+        kafka = sys.modules.get("stream.kafka")
+        if kafka is not None and isinstance(e, kafka.DeliveryError):
+            _fail(e, True)  # the broker did not take the outputs: said in one line, traceback in the log
+            return 1
         pg = sys.modules.get("psycopg")  # loaded only if a PostgreSQL queue store was named
         if pg is None or not isinstance(e, pg.OperationalError):
             raise

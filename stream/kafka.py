@@ -225,6 +225,10 @@ def _delivery_errors(errors: list):
     return cb
 
 
+class DeliveryError(RuntimeError):
+    """Outputs the broker did not acknowledge; the batch's offsets were not stored."""
+
+
 class _ProducerSink:
     def __init__(self, bootstrap: str, topic: str, settings=None):
         self.topic = topic
@@ -243,6 +247,9 @@ class _ProducerSink:
         st = settings or {}
         timeout_ms = st.get("delivery.timeout.ms", st.get("message.timeout.ms", 300_000))  # librdkafka aliases
         self.flush_timeout_s = float(timeout_ms) / 1000.0 + 5.0
+        #: Returns True once the operator insists on stopping (a second signal): a flush then
+        #: gives up instead of waiting out the broker (the batch's offsets are not stored).
+        self.give_up = lambda: False
 
     def _produce(self, value: bytes, key, headers) -> None:
         while True:
@@ -254,15 +261,24 @@ class _ProducerSink:
 
     def flush(self) -> None:
         """Block until every message is acknowledged by the broker; raise if any failed."""
-        left = self.producer.flush(self.flush_timeout_s)
-        if left:
-            raise RuntimeError(f"{left} messages to {self.topic} not delivered within {self.flush_timeout_s:.0f} s")
+        deadline = time.monotonic() + self.flush_timeout_s
+        while True:  # in steps, so that a second stop signal is heard
+            left = self.producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            if not left:
+                break
+            if self.give_up():
+                raise DeliveryError(f"{left} messages to {self.topic} abandoned on a second stop signal; their "
+                                    "alerts' offsets were not stored, so they will be read again")
+            if time.monotonic() >= deadline:
+                raise DeliveryError(f"{left} messages to {self.topic} not delivered within "
+                                    f"{self.flush_timeout_s:.0f} s")
         if self._errors:
             errs, self._errors[:] = list(self._errors), []
-            raise RuntimeError(f"delivery to {self.topic} failed: {errs[0]}")
+            raise DeliveryError(f"delivery to {self.topic} failed: {errs[0]}")
 
     def close(self) -> None:
-        self.flush()
+        if not self.give_up():  # after a second signal, nothing more is waited for
+            self.flush()
 
 
 class AnnotationTopicSink(_ProducerSink):
@@ -447,13 +463,20 @@ class StopFlag:
 
     def __init__(self):
         self.event = threading.Event()
+        self.hard = threading.Event()  # a second signal: stop waiting on the broker
 
     def __call__(self) -> bool:
         return self.event.is_set()
 
     def install(self) -> None:
         def handler(signum, frame):
-            log.info("signal %s: finishing the current batch, then stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self.event.is_set():
+                log.warning("signal %s again: not waiting for undelivered outputs (the batch will be read again)",
+                            name)
+                self.hard.set()
+            else:
+                log.info("signal %s: finishing the current batch, then stopping (again to stop at once)", name)
             self.event.set()
 
         signal.signal(signal.SIGTERM, handler)
@@ -504,12 +527,20 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         rc = cfg.replay or ReplayConfig()
         queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
-        source = KafkaReplaySource(s.bootstrap_servers, s.topics, rc.start, rc.end, s.kafka, s.batch_size,
-                                   s.batch_timeout_s, rc.group_id, end_grace_s=rc.end_grace_s)
+        group = rc.group_id
+        try:
+            source = KafkaReplaySource(s.bootstrap_servers, s.topics, rc.start, rc.end, s.kafka, s.batch_size,
+                                       s.batch_timeout_s, rc.group_id, end_grace_s=rc.end_grace_s)
+        except KafkaException as e:  # librdkafka refuses a setting: name the section it came from
+            raise ConfigError(f"source.kafka: {_kafka_text(e)}") from None
         stats = None
     else:
-        source = KafkaSource(s.bootstrap_servers, s.topics, s.group_id, s.kafka, s.batch_size, s.batch_timeout_s,
-                             s.auto_offset_reset)
+        group = s.group_id
+        try:
+            source = KafkaSource(s.bootstrap_servers, s.topics, s.group_id, s.kafka, s.batch_size,
+                                 s.batch_timeout_s, s.auto_offset_reset)
+        except KafkaException as e:
+            raise ConfigError(f"source.kafka: {_kafka_text(e)}") from None
         stats = source.stats
     metrics = metrics or Metrics(stats)
     metrics.stats = stats
@@ -520,12 +551,18 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     except ValueError:
         source.close()  # leave the group at once rather than at the session timeout
         raise
-    sinks = [AnnotationTopicSink(s.bootstrap_servers, ann_topic, o.kafka)]
+    try:
+        sinks = [AnnotationTopicSink(s.bootstrap_servers, ann_topic, o.kafka)]
+        dlq = DeadLetterSink(s.bootstrap_servers, dlq_topic, o.kafka)
+    except KafkaException as e:
+        source.close()
+        raise ConfigError(f"output.kafka: {_kafka_text(e)}") from None
+    for sink in (sinks[0], dlq):
+        sink.give_up = stop.hard.is_set
     if queue_db:
         from stream.queue import QueueSink
 
         sinks.append(QueueSink(queue_db, retention_days=o.queue_retention_days))
-    dlq = DeadLetterSink(s.bootstrap_servers, dlq_topic, o.kafka)
     counts_box = {"c": Counts()}
     last_log = [time.monotonic()]
 
@@ -539,8 +576,13 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     def should_stop():
         return stop() or (until is not None and until(counts_box["c"]))
 
-    log.info("vigil %s: %s → %s (dead letters → %s)", "replay" if replay else "run", ",".join(s.topics), ann_topic,
-             dlq_topic)
+    from stream.queue import redacted
+
+    log.info("vigil %s: %s → %s (dead letters → %s); group %s, bootstrap %s, queue %s, metrics %s",
+             "replay" if replay else "run", ",".join(s.topics), ann_topic, dlq_topic,
+             group, s.bootstrap_servers, redacted(queue_db) if queue_db else "none",
+             f"{cfg.service.metrics_host}:{cfg.service.metrics_port}" if server is not None else "off")
+    _warn_if_unreachable(sinks[0].producer, s.bootstrap_servers)
     try:
         counts = drive(source, pipeline, sinks, [dlq], stop=should_stop, on_batch=on_batch)
     finally:
@@ -548,6 +590,20 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
             server.shutdown()
     log.info("stopped: %s", counts.line())
     return counts
+
+
+def _kafka_text(e: KafkaException) -> str:
+    err = e.args[0] if e.args else None
+    return err.str() if hasattr(err, "str") else str(e)
+
+
+def _warn_if_unreachable(client, bootstrap: str) -> None:
+    """Say so, once and in Vigil's words, when the broker does not answer at start (the service keeps trying)."""
+    try:
+        client.list_topics(timeout=REACH_TIMEOUT_S)
+    except KafkaException as e:
+        log.error("cannot reach Kafka at bootstrap.servers=%s within %g s (%s); still trying", bootstrap,
+                  REACH_TIMEOUT_S, _kafka_text(e))
 
 
 # --------------------------------------------------------------------------- vigil produce

@@ -465,3 +465,37 @@ def test_embedded_broker_refuses_a_port_in_use():
         port = busy.getsockname()[1]
         with pytest.raises(OSError, match=f"127.0.0.1:{port} is in use"):
             EmbeddedBroker(port=port).start()
+
+
+def test_a_setting_librdkafka_refuses_names_its_section(broker, topics):
+    from stream.config import ConfigError
+
+    cfg = _config(broker, topics, source={"kafka": {"fetch.wait.max.msx": 5}}, output={"queue_db": ""})
+    with pytest.raises(ConfigError, match="source.kafka: .*fetch.wait.max.msx"):
+        run_service(cfg, until=lambda counts: True)
+
+
+def test_a_second_stop_signal_stops_waiting_for_the_broker():
+    import os
+    import signal
+
+    from stream.broker import free_port
+    from stream.kafka import AnnotationTopicSink, DeliveryError, StopFlag
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = StopFlag()
+    try:
+        stop.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() and not stop.hard.is_set()  # the first: finish the batch
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.hard.is_set()  # the second: give up waiting
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    sink = AnnotationTopicSink(f"127.0.0.1:{free_port()}", "t")  # a broker that is down
+    sink.give_up = stop.hard.is_set
+    sink._produce(b"x", b"k", None)
+    with pytest.raises(DeliveryError, match="abandoned on a second stop signal"):
+        sink.flush()  # at once, not after the 305 s delivery timeout
+    sink.close()  # and closing does not wait either
