@@ -499,14 +499,13 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     -------
     stream.service.Counts
     """
-    from stream.config import load_configured_model
+    from stream.config import ConfigError, load_configured_model
     from stream.decode import Decoder, SchemaRegistry, load_ztf_schema
     from stream.pipeline import ErrorBudget, Pipeline
     from stream.service import Counts, drive
 
     s, o = cfg.source, cfg.output
     stop = stop or StopFlag()
-    from stream.config import ConfigError
 
     def loaded(key, load, value):
         try:
@@ -556,6 +555,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         dlq = DeadLetterSink(s.bootstrap_servers, dlq_topic, o.kafka)
     except KafkaException as e:
         source.close()
+        if server is not None:
+            server.shutdown()
         raise ConfigError(f"output.kafka: {_kafka_text(e)}") from None
     for sink in (sinks[0], dlq):
         sink.give_up = stop.hard.is_set
