@@ -56,7 +56,8 @@ def iter_envelopes(paths):
     never sits in memory whole. A file or archive that cannot be read (permission, a
     broken link, a damaged or truncated archive) yields an envelope marked
     ``unreadable`` with the reason, after any members read before the damage: it is
-    rejected like any bad input and the replay goes on.
+    rejected like any bad input and the replay goes on. So does an archive member that is
+    a link or a special file (links are not followed); directory members are skipped.
     """
     for p in expand_paths(paths):
         if _is_tar(p):
@@ -77,7 +78,11 @@ def _tar_envelopes(p: Path):
     try:
         with tarfile.open(p, "r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
+                    continue
+                if not member.isfile():  # said, not skipped: an alert stored as a link is not read
+                    what = "a link" if member.issym() or member.islnk() else "not a regular file"
+                    yield Envelope(b"", f"{p}!{member.name}", unreadable=f"archive: member is {what} (not followed)")
                     continue
                 name = f"{p}!{member.name}"
                 fh = tar.extractfile(member)

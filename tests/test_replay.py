@@ -181,6 +181,28 @@ def test_unreadable_files_and_damaged_archives_are_rejected_and_the_replay_goes_
     assert line == (f"read {len(good) + 6}, annotated {len(good) + 2}, rejected 4 (by reason: unreadable=4)")
 
 
+def test_link_members_of_an_archive_are_rejected_not_skipped(tmp_path):
+    from stream.sources import iter_envelopes
+
+    good = avro_files("ztf_fink", "2018-12-02_schema3.2")[0]
+    data = good.read_bytes()
+    with tarfile.open(tmp_path / "night.tar.gz", "w:gz") as t:
+        d = tarfile.TarInfo("alerts")
+        d.type = tarfile.DIRTYPE
+        t.addfile(d)
+        info = tarfile.TarInfo("alerts/a.avro")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+        for name, kind in (("alerts/b.avro", tarfile.SYMTYPE), ("alerts/c.avro", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "alerts/a.avro"
+            t.addfile(link)
+    envs = list(iter_envelopes([tmp_path / "night.tar.gz"]))
+    assert [e.source.rsplit("!", 1)[-1] for e in envs] == ["alerts/a.avro", "alerts/b.avro", "alerts/c.avro"]
+    assert envs[0].unreadable is None and envs[0].payload == data
+    assert all("link" in e.unreadable and not e.payload for e in envs[1:])
+
+
 def test_annotations_carry_scores_priority_and_explanation(ztf_files):
     res = Pipeline().process([Envelope(f.read_bytes(), str(f)) for f in ztf_files])
     assert len(res.annotations) == len(ztf_files)
