@@ -371,10 +371,14 @@ class Metrics:
         self.kafka_latency_seconds_last = float("nan")  # message timestamp → annotation published
         self.stats = stats
         self.source = None  # the consumer source, for its count of (non-fatal) consumer errors
+        self.started = time.monotonic()
+        self.last_message = None  # monotonic time of the last batch that brought messages
 
     def observe(self, result, seconds: float) -> None:
         now = time.time()
         with self.lock:
+            if result.n_read:
+                self.last_message = time.monotonic()
             self.batches += 1
             self.consumed += result.n_read
             self.annotated += len(result.annotations)
@@ -414,10 +418,16 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def log_line(self) -> str:
+        """One status line for the service log (also written while the stream is idle)."""
         with self.lock:
             rej = sum(self.rejected.values())
+            now = time.monotonic()
+            quiet = (f"no message yet ({now - self.started:.0f} s)" if self.last_message is None
+                     else f"last message {now - self.last_message:.0f} s ago")
+            lag = sum(self.stats.lag.values()) if self.stats is not None and self.stats.lag else None
             return (f"consumed {self.consumed}, annotated {self.annotated}, rejected {rej}, "
-                    f"last batch {self.batch_seconds_last * 1000:.0f} ms")
+                    f"last batch {self.batch_seconds_last * 1000:.0f} ms, {quiet}"
+                    + (f", consumer lag {lag}" if lag is not None else ""))
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int):
@@ -568,8 +578,10 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     last_log = [time.monotonic()]
 
     def on_batch(result, seconds):
-        metrics.observe(result, seconds)
-        counts_box["c"].add(result)
+        if result is not None:
+            metrics.observe(result, seconds)
+            counts_box["c"].add(result)
+        # Also when idle: a quiet log would not tell a quiet night from a stuck consumer.
         if time.monotonic() - last_log[0] >= cfg.service.log_interval_s:
             last_log[0] = time.monotonic()
             log.info("%s", metrics.log_line())

@@ -122,7 +122,8 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
         plain record sinks taking annotation records via ``write``.
     rejected_sinks : sinks taking ``Rejected`` objects via ``write_rejected`` or records via ``write``.
     stop : callable returning True to stop after the current batch (signals).
-    on_batch : callable(result, seconds), for metrics.
+    on_batch : callable(result, seconds), for metrics and logs: called after every poll of the
+        source, with ``result`` None when the poll brought nothing (an idle stream still ticks).
     """
     counts = Counts()
     sinks = list(annotation_sinks) + list(rejected_sinks)
@@ -158,7 +159,7 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
                 # every sink is durable before the source may forget the batch
                 counts.add(result)
             source.done(batch)
-            if on_batch is not None and result is not None:
+            if on_batch is not None:
                 on_batch(result, time.monotonic() - t0)
             if progress is not None:
                 progress.update(counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,10 +306,12 @@ def test_sigterm_finishes_batch_and_commits(broker, topics, tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(_annotated_ids(broker, topics[1])) < len(files):
         time.sleep(0.2)
+    time.sleep(2.0)  # idle: the status line goes on (log_interval_s = 0.5), saying how long since a message
     svc.send_signal(signal.SIGTERM)
     out, _ = svc.communicate(timeout=30)
     assert svc.returncode == 0, out
     assert "signal SIGTERM" in out and f"read {len(files)}" in out
+    assert re.search(rf"consumed {len(files)}, .*, last message [1-9][0-9]* s ago", out), out
     # The group's committed offsets cover every message: a restart would re-deliver nothing.
     c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group})
     md = c.list_topics(topics[0], timeout=10)
