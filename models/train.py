@@ -288,8 +288,22 @@ def train_table(t: LabelledTable, source: str = "", id_column: str | None = None
     est.fit(t.X, t.y, groups=_groups_for(t, est.calibration_folds))
     h = data_hash(t.X, t.y)
     meta = {"training_data_hash": h, "training_source": str(source), "n_train": int(len(t.y)),
-            "n_positive": int(t.y.sum()), "id_column": id_column, **(task or {})}
+            "n_positive": int(t.y.sum()), "id_column": id_column, **(task or {}),
+            "training_ids": sorted(set(id_digests(t.ids)))}
     return TableScorer(est, f"xgb-table-{_version_tag(h, est)}", meta)
+
+
+def id_digests(ids) -> list:
+    """Short digests of object ids (12 hex digits each), to recognise training objects later.
+
+    Kept in a table model's metadata in place of the ids themselves: enough to tell whether
+    an evaluation table shares objects with the training one (a held-out id passes for a
+    training one with probability n / 2⁴⁸, 4·10⁻⁹ for n = 10⁶ training objects), without
+    shipping the list of a survey's vetted objects.
+    """
+    import hashlib
+
+    return [hashlib.blake2b(str(i).encode(), digest_size=6).hexdigest() for i in ids]
 
 
 def _hgb(random_state: int = 0):
@@ -960,8 +974,8 @@ def cmd_train(args) -> int:
         print(f"saved to {args.out}")
         return 0
     if args.table:
-        t = labelled_table(pd.read_csv(args.table), args.label_column, args.positive, args.negative,
-                           args.id_column)
+        t = labelled_table(read_table(args.table, args.id_column), args.label_column, args.positive,
+                           args.negative, args.id_column)
         model = train_table(t, source=args.table, id_column=args.id_column, random_state=args.seed,
                             task=_table_task(args))
         model.save(args.out)
@@ -980,6 +994,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def read_table(path, id_column: str | None = None) -> pd.DataFrame:
+    """A feature table from CSV, the id column read as text.
+
+    As text, an id stays what the file says: read as a number, one blank id would turn
+    the column into floats and round 18-digit ids (ATLAS's) to the nearest 256.
+    """
+    return pd.read_csv(path, dtype={id_column: str} if id_column else None)
+
+
 def _table_task(args) -> dict:
     """The binary task of a table command, as recorded in a table model's metadata."""
     return {"task": {"label_column": args.label_column, "positive": sorted(_split_list(args.positive)),
@@ -990,9 +1013,9 @@ def cmd_score(args) -> int:
     from models.scorer import TableScorer
 
     model = TableScorer.load(args.model)
-    df = pd.read_csv(args.table)
-    p = model.predict(df)
     idc = args.id_column or model.metadata.get("id_column")
+    df = read_table(args.table, idc)
+    p = model.predict(df)
     if idc and idc not in df.columns:
         how = "--id-column" if args.id_column else f"the model's id column (trained with --id-column {idc})"
         raise ValueError(f"{how} {idc!r} is not in {args.table} (columns: {list(df.columns)})")
@@ -1008,29 +1031,33 @@ def cmd_evaluate(args) -> int:
         return _evaluate_sim(args)
     if not args.table:
         raise ValueError("give --table CSV or --simulate")
-    df = pd.read_csv(args.table)
+    from models.scorer import TableScorer, data_hash, numeric_table
+
+    model = TableScorer.load(args.model) if args.model else None
+    df = read_table(args.table, args.id_column or (model.metadata.get("id_column") if model else None))
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
                        require_all_labels=not args.model)  # a held-out split may lack a rare label
     bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)
-    if args.model:
-        from models.scorer import TableScorer, data_hash, numeric_table
-
-        model = TableScorer.load(args.model)
+    if model is not None:
         theirs, ours = model.metadata.get("task"), _table_task(args)["task"]
         if theirs is not None and (theirs["label_column"] != ours["label_column"]
                                    or not set(ours["positive"]) <= set(theirs["positive"])
                                    or not set(ours["negative"]) <= set(theirs["negative"])):
             raise ValueError(f"{args.model} was trained for {theirs}, not for {ours}")
         cols = list(model.features)
+        seen = _rows_in_training(model, t)
         if set(cols) <= set(t.frame.columns) and \
                 model.metadata.get("training_data_hash") == data_hash(numeric_table(t.frame[cols]), t.y):
             print("note: this is the model's own training table: the figures are in-sample", file=sys.stderr)
+        elif seen:
+            print(f"note: {seen} of {len(t.y)} rows are of objects the model was trained on: those figures are "
+                  "in-sample (evaluate on held-out objects)", file=sys.stderr)
         metrics = {"vigil": ranking_metrics(t.y, model.predict(t.frame))}
         if bcol:
             metrics[f"survey score: {bcol}"] = ranking_metrics(t.y, t.frame[bcol].to_numpy(float), probability=False)
         if args.json:
             _write_json({"model": model.model_version, "n": len(t.y), "n_positive": int(t.y.sum()),
-                         "metrics": metrics})
+                         "rows_of_training_objects": seen, "metrics": metrics})
         else:
             print(f"{model.model_version} on {len(t.y)} rows ({int(t.y.sum())} positive)")
             print("\n".join(ranking_lines(metrics)))
@@ -1041,6 +1068,14 @@ def cmd_evaluate(args) -> int:
     else:
         print("\n".join(rep.lines()))
     return 0
+
+
+def _rows_in_training(model, t: LabelledTable) -> int | None:
+    """Rows of ``t`` whose object the table model was trained on (None: cannot tell)."""
+    known, col = model.metadata.get("training_ids"), model.metadata.get("id_column")
+    if known is None or not col or col not in t.frame.columns:
+        return None
+    return int(np.isin(id_digests(t.frame[col].to_numpy().astype(str)), known).sum())
 
 
 def _evaluate_sim(args) -> int:

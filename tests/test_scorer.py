@@ -372,8 +372,9 @@ def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
     assert main([*train, "--positive", "Good", "--id-column", "ATLAS_ID"]) == 2
     assert "['Good']" in capsys.readouterr().err
     # a blank id
-    df.loc[3, "ATLAS_ID"] = np.nan
-    df.to_csv(tmp_path / "blank.csv", index=False)
+    blank = df.astype({"ATLAS_ID": object})
+    blank.loc[3, "ATLAS_ID"] = None
+    blank.to_csv(tmp_path / "blank.csv", index=False)
     assert main([*train[:2], str(tmp_path / "blank.csv"), *train[3:], "--positive", "good", "--id-column",
                  "ATLAS_ID"]) == 2
     assert "empty in 1" in capsys.readouterr().err
@@ -391,13 +392,46 @@ def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
     assert "trained for" in capsys.readouterr().err
     # a held-out split lacking one of the training labels (here AGN) is still evaluated, on the labels it has
     df.loc[df["label"] != "AGN"].to_csv(tmp_path / "no_agn.csv", index=False)
+    # (its rows are the training table's: they are counted as in-sample)
     assert main(["evaluate", "--table", str(tmp_path / "no_agn.csv"), "--label-column", "label", "--positive",
                  "good,AGN,galactic,pm", "--negative", "garbage", "--model", str(model)]) == 0
-    assert "in-sample" not in capsys.readouterr().err
+    n_no_agn = int((df["label"] != "AGN").sum())
+    assert f"{n_no_agn} of {n_no_agn} rows are of objects the model was trained on" in capsys.readouterr().err
     assert main(["evaluate", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive",
                  "good,AGN,galactic,pm", "--negative", "garbage", "--model", str(model)]) == 0
     out = capsys.readouterr()
     assert "in-sample" in out.err and "R@K=P" in out.out
+    # scored, a table with a blank id keeps the other ids as written (read as numbers they would be
+    # floats, rounded: 18 digits do not fit a double)
+    assert main(["score", "--table", str(tmp_path / "blank.csv"), "--model", str(model),
+                 "--out", str(tmp_path / "b.csv")]) == 0
+    written = pd.read_csv(tmp_path / "b.csv", dtype={"ATLAS_ID": str})["ATLAS_ID"]
+    assert written.isna().tolist() == [i == 3 for i in range(len(df))]
+    assert (written.drop(index=3) == df["ATLAS_ID"].drop(index=3).astype(str)).all()
+
+
+def test_evaluate_counts_the_rows_of_objects_the_model_was_trained_on(tmp_path, capsys):
+    df = _table_csv(tmp_path / "all.csv", n=300)
+    ids = np.sort(df["ATLAS_ID"].unique())
+    train_ids, held_ids = ids[: len(ids) // 2], ids[len(ids) // 2:]
+    df[df["ATLAS_ID"].isin(train_ids)].to_csv(tmp_path / "train.csv", index=False)
+    held = df[df["ATLAS_ID"].isin(held_ids)]
+    held.to_csv(tmp_path / "held.csv", index=False)
+    mixed = pd.concat([held, df[df["ATLAS_ID"].isin(train_ids[:7])]])
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    model, _ = _train_score(tmp_path / "train.csv", tmp_path, capsys)
+    args = ["--label-column", "label", "--positive", "good,AGN,galactic,pm", "--negative", "garbage",
+            "--model", str(model)]
+    assert main(["evaluate", "--table", str(tmp_path / "held.csv"), *args]) == 0
+    assert "in-sample" not in capsys.readouterr().err  # held-out objects only
+    assert main(["evaluate", "--table", str(tmp_path / "mixed.csv"), *args, "--json"]) == 0
+    out = capsys.readouterr()
+    n_seen = int(df["ATLAS_ID"].isin(train_ids[:7]).sum())
+    assert f"{n_seen} of {len(mixed)} rows are of objects the model was trained on" in out.err
+    assert json.loads(out.out)["rows_of_training_objects"] == n_seen
+    # the model keeps digests of its training ids, not the ids
+    meta = TableScorer.load(model).metadata
+    assert len(meta["training_ids"]) == len(train_ids) and str(train_ids[0]) not in json.dumps(meta)
 
 
 def test_numeric_table_reads_infinity_as_missing():
