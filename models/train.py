@@ -32,6 +32,7 @@ import math
 import sys
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -192,6 +193,10 @@ def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_c
     """
     from models.scorer import numeric_table
 
+    if {"decision_id", "action", "is_real"} <= set(df.columns):
+        # Its decision and score columns (is_real, p_real, ...) would be read as features.
+        raise ValueError("this is a `vigil queue export-labels` table: retrain an alert model on it with "
+                         "`vigil train --labels PATH --out DIR`")
     if label_column not in df.columns:
         raise ValueError(f"label column {label_column!r} not in the table (columns: {list(df.columns)})")
     if id_column and id_column not in df.columns:
@@ -542,6 +547,118 @@ class _NaiveAlertScorer:
         A = X[list(FEATURES)]
         p = {s: e.predict_proba(A)[:, 1] for s, e in self.scorers.items()}
         return ScoreBatch(p["p_real"], p["p_extragalactic"], p["p_fast"], tuple(FEATURES), {}, self.model_version)
+
+
+# --------------------------------------------------------------------------- vetters' decisions
+
+#: Scores that the eyeball queue's decisions label, and the column of ``vigil queue
+#: export-labels`` holding each (1/0, empty where the decision says nothing about it). No
+#: vetting action says whether a source is fast, so P(fast) is never retrained from them.
+DECISION_TARGETS = {"p_real": "is_real", "p_extragalactic": "is_extragalactic"}
+
+
+def read_decisions(path) -> pd.DataFrame:
+    """A ``vigil queue export-labels`` table (``.parquet`` or ``.csv``), checked for its columns."""
+    from models.features import FEATURES
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        df = pd.read_csv(path, dtype={"object_id": str})
+    else:
+        raise ValueError(f"--labels must end in .parquet or .csv (as `vigil queue export-labels` writes), "
+                         f"not {path.name!r}")
+    missing = [c for c in ("object_id", "decided_ms", *DECISION_TARGETS.values(), *FEATURES) if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a `vigil queue export-labels` table: it lacks {missing[:6]}"
+                         + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+    return df
+
+
+def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random_state: int = 0) -> tuple:
+    """Retrain P(real) and P(extragalactic) of an alert model on vetters' decisions.
+
+    Each object counts once per question, with its latest decision and the features of
+    the alert the vetter saw then (a vetter may change their mind; the earlier call is
+    superseded). A score is retrained only with at least :data:`MIN_CLASS_ROWS` objects of
+    each class; otherwise, and always for P(fast), the base model's scorer is kept. Inputs
+    are those of the base model: the raw features for P(real), and for P(extragalactic) the
+    features residualised by the base model's ĝ(z) (fitted on the stream, not on these
+    labels). The reduced scorers of a retrained score are retrained on the same decisions
+    with the survey-optional inputs blanked.
+
+    No inverse-propensity weights: vetters pick alerts from the ranked list, that is mainly
+    on the features the scorer sees, and selection on the inputs leaves P(label | inputs)
+    unbiased where the vetted alerts reach. It does not where vetters pick on what the
+    inputs lack (the cutouts), and the calibration is that of vetted-like alerts.
+
+    Parameters
+    ----------
+    base : AlertScorer
+    decisions : pandas.DataFrame
+        From :func:`read_decisions`.
+    source : str
+        Where the decisions came from (recorded in the metadata).
+
+    Returns
+    -------
+    (AlertScorer, dict)
+        The model (version ``<base>+v<hash>``) and, per labelled score, the counts and the
+        ranking metrics of the base scorer and of the retrained one, out of fold (grouped
+        by object), on the same decisions.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from models.features import FEATURES, SURVEY_OPTIONAL
+    from models.scorer import AlertScorer, data_hash
+
+    folds = _sim_estimator().calibration_folds
+    blank = [c for g in SURVEY_OPTIONAL for c in g]
+    scorers, reduced = dict(base.scorers), dict(base.reduced)
+    report, fitted, hashes = {}, [], []
+    for s, col in DECISION_TARGETS.items():
+        d = decisions[decisions[col].notna()].sort_values("decided_ms", kind="stable")
+        d = d.groupby("object_id", sort=False).tail(1).reset_index(drop=True)
+        y = d[col].astype(int).to_numpy()
+        groups = d["object_id"].astype(str).to_numpy()
+        n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+        entry = {"objects": len(y), "positive": n_pos, "negative": n_neg}
+        report[s] = entry
+        if min(n_pos, n_neg) < MIN_CLASS_ROWS:
+            entry["retrained"] = False
+            entry["why"] = f"{n_pos} positive and {n_neg} negative objects; need {MIN_CLASS_ROWS} of each"
+            continue
+        X = d[list(FEATURES)].apply(pd.to_numeric, errors="coerce").astype(float)
+        D = base.design(X)[s]
+        before = getattr(base.score(X, contributions=False), s)
+        oof = np.full(len(y), np.nan)
+        for tr, te in GroupKFold(n_splits=folds).split(D, y, groups):
+            est = _sim_estimator(random_state).fit(D.iloc[tr], y[tr], groups=groups[tr])
+            oof[te] = est.predict_proba(D.iloc[te])[:, 1]
+        entry.update(retrained=True, base=ranking_metrics(y, before), retrained_out_of_fold=ranking_metrics(y, oof))
+        scorers[s] = _sim_estimator(random_state).fit(D, y, groups=groups)
+        fitted.append(scorers[s])
+        if base.reduced:  # as score() does for an alert lacking a group: blank, then residualise
+            Xb = X.copy()
+            Xb.loc[:, blank] = np.nan
+            Db = base.design(Xb)[s].copy()
+            Db.loc[:, [c for c in blank if c in Db.columns]] = np.nan
+            reduced[s] = _sim_estimator(random_state).fit(Db, y, groups=groups)
+            fitted.append(reduced[s])
+        hashes.append(data_hash(X, y))
+    if not fitted:
+        raise ValueError("too few decisions to retrain any score: "
+                         + "; ".join(f"{s}: {r['why']}" for s, r in report.items()))
+    base_version = base.model_version
+    tag = _version_tag(":".join(hashes), *fitted)
+    meta = dict(base.metadata, created=None,
+                decisions_fit={"source": str(source), "from_version": base_version, "data_hash": ":".join(hashes),
+                               "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",
+                                                                                    "retrained", "why")}
+                                          for s, r in report.items()}})
+    model = AlertScorer(scorers, base.residualiser, f"{base_version}+v{tag}", meta, reduced=reduced or None)
+    return model, report
 
 
 # --------------------------------------------------------------------------- do(seeing)
@@ -959,10 +1076,29 @@ def _write_json(obj) -> None:
 
 
 def cmd_train(args) -> int:
-    if sum(map(bool, (args.simulate, args.table, args.refit_conditions))) != 1:
-        raise ValueError("give exactly one of --simulate, --table or --refit-conditions")
-    if args.model and not args.refit_conditions:
-        raise ValueError("--model goes with --refit-conditions")
+    if sum(map(bool, (args.simulate, args.table, args.refit_conditions, args.labels))) != 1:
+        raise ValueError("give exactly one of --simulate, --table, --refit-conditions or --labels")
+    if args.model and not (args.refit_conditions or args.labels):
+        raise ValueError("--model goes with --refit-conditions or --labels")
+    if args.labels:
+        from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
+
+        base = AlertScorer.load(args.model or DEFAULT_MODEL_DIR)
+        model, report = retrain_on_decisions(base, read_decisions(args.labels), source=args.labels,
+                                             random_state=args.seed)
+        model.save(args.out)
+        print(f"{base.model_version} → {model.model_version}: retrained on the vetters' decisions in {args.labels}")
+        for s, r in report.items():
+            head = f"{s}: {r['objects']} objects ({r['positive']} positive, {r['negative']} negative)"
+            if not r["retrained"]:
+                print(f"{head}: kept from {base.model_version} ({r['why']})")
+                continue
+            print(f"{head}: retrained; both scorers on these decisions:")
+            print("\n".join("  " + line for line in ranking_lines(
+                {f"{base.model_version}": r["base"], "retrained, out of fold": r["retrained_out_of_fold"]})))
+        print("p_fast: kept (no vetting action labels it)")
+        print(f"saved to {args.out}")
+        return 0
     if args.refit_conditions:
         from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
 
@@ -1207,7 +1343,10 @@ def register(subparsers) -> None:
     p.add_argument("--refit-conditions", nargs="+", metavar="PATH",
                    help="instead: refit the condition regressions ĝ(z) of --model (default: the shipped model) on "
                         "these unlabelled alerts of the survey (files, directories, archives); scorers unchanged")
-    p.add_argument("--model", help="with --refit-conditions: the alert model to start from")
+    p.add_argument("--labels", metavar="PATH",
+                   help="instead: retrain P(real) and P(extragalactic) of --model (default: the shipped model) on the "
+                        "vetters' decisions exported by `vigil queue export-labels` (.parquet or .csv)")
+    p.add_argument("--model", help="with --refit-conditions or --labels: the alert model to start from")
     _add_table_args(p)
     _add_sim_args(p)
     p.set_defaults(func=cmd_train)

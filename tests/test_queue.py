@@ -1010,3 +1010,87 @@ def test_the_store_write_lock_is_not_held_while_streamed_outputs_flush(tmp_path)
     counts = drive(source, Pipeline(), [SlowKafkaLike(), store], [])
     assert counts.read == 30 and free_during_flush == [True, True, True]
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == counts.annotated
+
+
+def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
+    """Queue → export-labels → `vigil train --labels` → a model the service loads, that learnt the decisions."""
+    from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
+    from stream.cli import main
+
+    _, records = batch
+    latest = {}
+    store = QueueStore(db)
+    rows = store.list_objects(ListQuery(per_page=500)).rows
+    by_alert = {r["alert_id"]: r for r in records}
+    snr = np.median([by_alert[r["latest_alert_id"]]["features"]["snr"] for r in rows])
+    # The vetters' calls follow a rule of their own (not the model's): real = bright in S/N,
+    # extragalactic = northern Galactic hemisphere. One object is first called the other way.
+    flip = rows[0]["object_id"]
+    store.record_decision(flip, "bogus" if by_alert[rows[0]["latest_alert_id"]]["features"]["snr"] > snr else "real",
+                          "dora")
+    for r in rows:
+        f = by_alert[r["latest_alert_id"]]["features"]
+        latest[r["object_id"]] = (f["snr"] > snr, f["galactic_latitude"] > 0)
+        store.record_decision(r["object_id"], "real" if latest[r["object_id"]][0] else "bogus", "dora")
+        store.record_decision(r["object_id"], "extragalactic" if latest[r["object_id"]][1] else "galactic", "dora")
+    store.close()
+    labels = tmp_path / "labels.parquet"
+    assert main(["queue", "export-labels", "--db", str(db), "--out", str(labels)]) == 0
+    out_dir = tmp_path / "retrained"
+    assert main(["train", "--labels", str(labels), "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    n_real = sum(v[0] for v in latest.values())
+    assert f"p_real: {len(latest)} objects ({n_real} positive, {len(latest) - n_real} negative): retrained" in out
+    assert "p_fast: kept" in out
+
+    base, model = AlertScorer.load(DEFAULT_MODEL_DIR), AlertScorer.load(out_dir)
+    assert model.model_version.startswith(base.model_version + "+v")
+    raw = {m: bytes(m.scorers["p_fast"].booster_.save_raw("ubj")) for m in (base, model)}
+    assert raw[base] == raw[model]
+    assert model.metadata["decisions_fit"]["scores"]["p_real"]["retrained"] is True
+    # It learnt the vetters' rule: out of fold, it ranks their calls far better than the model it started from.
+    from models.train import read_decisions, retrain_on_decisions
+
+    _, report = retrain_on_decisions(base, read_decisions(labels))
+    for s in ("p_real", "p_extragalactic"):
+        before, after = report[s]["base"]["auc"], report[s]["retrained_out_of_fold"]["auc"]
+        assert after > 0.85 and after > before + 0.1, (s, before, after)
+    # ... and the pipeline scores with it
+    files = _alert_files()[:5]
+    res = Pipeline(scorer=model).process([Envelope(p.read_bytes(), str(p)) for p in files])
+    assert {a.to_record()["model_version"] for a in res.annotations} == {model.model_version}
+
+    # The export read as a plain table would hand its decision columns to the model as features.
+    csv = tmp_path / "labels.csv"
+    assert main(["queue", "export-labels", "--db", str(db), "--out", str(csv)]) == 0
+    assert main(["train", "--table", str(csv), "--label-column", "action", "--positive", "real", "--negative", "bogus",
+                 "--id-column", "object_id", "--out", str(tmp_path / "t")]) == 2
+    assert "vigil train --labels" in capsys.readouterr().err
+
+
+def test_too_few_decisions_keep_the_model_and_say_why(tmp_path, db, capsys):
+    from stream.cli import main
+
+    store = QueueStore(db)
+    rows = store.list_objects(ListQuery(per_page=500)).rows
+    for i, r in enumerate(rows[:40]):
+        store.record_decision(r["object_id"], "real" if i % 2 else "bogus", "eve")
+    for r in rows[:3]:
+        store.record_decision(r["object_id"], "galactic", "eve")
+    store.close()
+    labels = tmp_path / "labels.csv"
+    assert main(["queue", "export-labels", "--db", str(db), "--out", str(labels)]) == 0
+    assert main(["train", "--labels", str(labels), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "p_real: 40 objects (20 positive, 20 negative): retrained" in out
+    assert "p_extragalactic: 3 objects (0 positive, 3 negative): kept" in out and "need 10 of each" in out
+    store = QueueStore(db)
+    store.record_decision(rows[0]["object_id"], "extragalactic", "eve")
+    store.close()
+    few = tmp_path / "few.parquet"
+    pd.read_csv(labels).head(5).to_parquet(few)  # 5 decisions: nothing can be retrained
+    assert main(["train", "--labels", str(few), "--out", str(tmp_path / "m2")]) == 2
+    assert "too few decisions" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
+    assert main(["train", "--labels", str(tmp_path / "nope.xlsx"), "--out", str(tmp_path / "m3")]) == 2
+    assert ".parquet or .csv" in capsys.readouterr().err

@@ -574,7 +574,7 @@ def test_cli_refit_conditions(tmp_path, capsys):
     assert main(["train", "--simulate", "--model", str(out), "--out", str(tmp_path / "x")]) == 2
     assert "--model goes with --refit-conditions" in capsys.readouterr().err
     assert main(["train", "--simulate", "--refit-conditions", "x", "--out", str(tmp_path / "y")]) == 2
-    assert "exactly one of --simulate, --table or --refit-conditions" in capsys.readouterr().err
+    assert "exactly one of --simulate, --table, --refit-conditions or --labels" in capsys.readouterr().err
 
 
 def test_condition_refit_refuses_too_few_alerts():
