@@ -1243,6 +1243,53 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    """The ranked list in a terminal (or as JSON), as the web page's first page shows it."""
+    if not is_url(args.db) and not Path(args.db).exists():
+        raise FileNotFoundError(f"no such queue store: {args.db}")
+    q = ListQuery(stage=args.stage, min_p_real=args.min_p_real, min_p_extragalactic=args.min_p_extragalactic,
+                  min_p_fast=args.min_p_fast, sort=args.sort, hide_vetted=args.hide_vetted,
+                  hide_known_sso=args.hide_known_sso, per_page=args.top)
+    store = QueueStore(args.db)
+    try:
+        page, now = store.list_objects(q), store.newest_mjd()
+    finally:
+        store.close()
+    keep = ("object_id", "survey", "ra", "dec", "band", "mag", "stage", "status", *SCORES, "priority", "n_alerts",
+            "latest_alert_id", "latest_mjd", "vet_real", "vet_extragalactic", "vet_follow_up", "vetted_by",
+            "ss_distance")
+    rows = [{k: r[k] for k in keep} for r in page.rows]
+    for r in rows:
+        r["age_days"] = None if now is None or r["latest_mjd"] is None else float(now) - float(r["latest_mjd"])
+    if args.json:
+        print(json.dumps({"total": page.total, "newest_mjd": now, "rows": rows}, indent=1))
+        return 0
+    head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} {'age/d':>6} {'P(real)':>7} "
+            f"{'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}  notes")
+    print(head)
+    print("-" * len(head))
+
+    def num(x, w, d=2):
+        return f"{x:{w}.{d}f}" if x is not None else f"{'--':>{w}}"
+
+    for i, r in enumerate(rows, 1):
+        notes = []
+        if r["ss_distance"] is not None and r["ss_distance"] <= KNOWN_SSO_ARCSEC:
+            notes.append("known asteroid")
+        calls = [c for c, v in (("real", r["vet_real"] == 1), ("bogus", r["vet_real"] == 0),
+                                ("xgal", r["vet_extragalactic"] == 1), ("galactic", r["vet_extragalactic"] == 0),
+                                ("follow-up", r["vet_follow_up"] == 1)) if v]
+        if calls:
+            notes.append(f"vetted {'/'.join(calls)} by {r['vetted_by']}")
+        prio = num(r["priority"], 8, 3) if r["priority"] is not None else "unscored"
+        mag = num(r["mag"], 6) if r["mag"] is not None else "  neg."  # flux ≤ 0 in the difference image, as on the page
+        print(f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} "
+              f"{r['stage'] or '':<9} {num(r['age_days'], 6, 1)} {num(r['p_real'], 7)} "
+              f"{num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}  {'; '.join(notes)}".rstrip())
+    print(f"{len(rows)} of {page.total} objects" + (f"; ages against the newest alert, MJD {now:.4f}" if now else ""))
+    return 0
+
+
 def _count(text: str) -> int:
     """argparse type: a whole number ≥ 0."""
     import argparse
@@ -1253,7 +1300,7 @@ def _count(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``vigil queue serve|export-labels|ingest``."""
+    """Add ``vigil queue serve|list|export-labels|prune|ingest``."""
     from stream.cli import _add_decoder_args
 
     p = subparsers.add_parser("queue", help="the human eyeball queue (web app, labels export)")
@@ -1277,6 +1324,18 @@ def register(subparsers) -> None:
                    help="trust X-Forwarded-For/-Proto from N reverse proxies (default 0), so that failed-login "
                         "limits apply per client, not to the proxy")
     s.set_defaults(func=cmd_serve)
+
+    li = sub.add_parser("list", help="the top of the ranked list in the terminal (or --json)")
+    li.add_argument("--db", required=True, help="queue store: SQLite file or postgresql:// URL")
+    li.add_argument("--top", type=int, default=20, help="rows to show (at most 500; default 20)")
+    li.add_argument("--stage", choices=STAGES)
+    li.add_argument("--sort", choices=sorted(SORTS), default="priority")
+    for name in SCORES:
+        li.add_argument(f"--min-{name.replace('_', '-')}", type=float, metavar="P", dest=f"min_{name}")
+    li.add_argument("--hide-vetted", action="store_true")
+    li.add_argument("--hide-known-sso", action="store_true", help="leave out known asteroids")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_list)
 
     e = sub.add_parser("export-labels", help="vetting decisions as a labelled feature table")
     e.add_argument("--db", required=True)

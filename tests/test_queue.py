@@ -1094,3 +1094,26 @@ def test_too_few_decisions_keep_the_model_and_say_why(tmp_path, db, capsys):
     assert not (tmp_path / "m2").exists()
     assert main(["train", "--labels", str(tmp_path / "nope.xlsx"), "--out", str(tmp_path / "m3")]) == 2
     assert ".parquet or .csv" in capsys.readouterr().err
+
+
+def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, capsys):
+    from stream.cli import main
+
+    store = QueueStore(db)
+    top = store.list_objects(ListQuery(per_page=5)).rows
+    first = store.list_objects(ListQuery(stage="first", per_page=500))
+    store.record_decision(top[1]["object_id"], "bogus", "fay")
+    store.close()
+    assert main(["queue", "list", "--db", str(db), "--top", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    body = lines[2:7]
+    assert [ln.split()[1] for ln in body] == [r["object_id"] for r in top]
+    assert "vetted bogus by fay" in body[1] and lines[-1].startswith("5 of ")
+    assert main(["queue", "list", "--db", str(db), "--top", "500", "--stage", "first", "--hide-vetted", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [r["stage"] for r in got["rows"]] == ["first"] * len(got["rows"])
+    vetted_first = int(top[1]["stage"] == "first")
+    assert got["total"] == first.total - vetted_first
+    assert top[1]["object_id"] not in {r["object_id"] for r in got["rows"]}
+    assert main(["queue", "list", "--db", str(db.parent / "none.sqlite")]) == 2
+    assert "no such queue store" in capsys.readouterr().err
