@@ -581,7 +581,8 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
 
     Each object counts once per question, with its latest decision and the features of
     the alert the vetter saw then (a vetter may change their mind; the earlier call is
-    superseded). A score is retrained only with at least :data:`MIN_CLASS_ROWS` objects of
+    superseded); an alert the model cannot score (no evidence on the detection) is left
+    out. A score is retrained only with at least :data:`MIN_CLASS_ROWS` objects of
     each class; otherwise, and always for P(fast), the base model's scorer is kept. Inputs
     are those of the base model: the raw features for P(real), and for P(extragalactic) the
     features residualised by the base model's ĝ(z) (fitted on the stream, not on these
@@ -611,7 +612,7 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
     from sklearn.model_selection import GroupKFold
 
     from models.features import FEATURES, SURVEY_OPTIONAL
-    from models.scorer import AlertScorer, data_hash
+    from models.scorer import MIN_EVIDENCE, AlertScorer, data_hash
 
     folds = _sim_estimator().calibration_folds
     blank = [c for g in SURVEY_OPTIONAL for c in g]
@@ -619,7 +620,9 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
     report, fitted, hashes = {}, [], []
     for s, col in DECISION_TARGETS.items():
         d = decisions[decisions[col].notna()].sort_values("decided_ms", kind="stable")
-        d = d.groupby("object_id", sort=False).tail(1).reset_index(drop=True)
+        d = d.groupby("object_id", sort=False).tail(1)
+        # An alert without any evidence on the detection is never scored, so it teaches nothing.
+        d = d[d[list(MIN_EVIDENCE)].apply(pd.to_numeric, errors="coerce").notna().any(axis=1)].reset_index(drop=True)
         y = d[col].astype(int).to_numpy()
         groups = d["object_id"].astype(str).to_numpy()
         n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
