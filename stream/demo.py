@@ -78,7 +78,8 @@ def main(args) -> int:
     _print_ranked(anns, args.top)
     if queue:
         print(f"\nEyeball queue filled: {queue}\nOpen it with:  vigil queue serve --db {queue} --port 8080"
-              "  (then http://127.0.0.1:8080; token from --token or VIGIL_QUEUE_TOKEN)")
+              "  (then http://127.0.0.1:8080; token from --token or VIGIL_QUEUE_TOKEN)"
+              f"\nor list it here:  vigil queue list --db {queue}")
     else:
         print("\n(eyeball-queue store not available in this build)")
     print(f"demo finished in {time.monotonic() - t0:.1f} s; broker stopped")
