@@ -301,10 +301,10 @@ def train_table(t: LabelledTable, source: str = "", id_column: str | None = None
 def id_digests(ids) -> list:
     """Short digests of object ids (12 hex digits each), to recognise training objects later.
 
-    Kept in a table model's metadata in place of the ids themselves: enough to tell whether
-    an evaluation table shares objects with the training one (a held-out id passes for a
-    training one with probability n / 2⁴⁸, 4·10⁻⁹ for n = 10⁶ training objects), without
-    shipping the list of a survey's vetted objects.
+    Enough to tell whether an evaluation table shares objects with the training one (a
+    held-out id passes for a training one with probability n / 2⁴⁸, 4·10⁻⁹ for n = 10⁶
+    training objects). Not a secret: survey ids can be enumerated and hashed, so the list of
+    training objects can be recovered from a model.
     """
     import hashlib
 
@@ -569,6 +569,8 @@ def read_decisions(path) -> pd.DataFrame:
     else:
         raise ValueError(f"--labels must end in .parquet or .csv (as `vigil queue export-labels` writes), "
                          f"not {path.name!r}")
+    if df.empty:  # an export of a store without decisions has no feature columns either
+        raise ValueError(f"{path} holds no decisions: nothing to retrain on")
     missing = [c for c in ("object_id", "decided_ms", *DECISION_TARGETS.values(), *FEATURES) if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a `vigil queue export-labels` table: it lacks {missing[:6]}"
@@ -617,11 +619,27 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
     folds = _sim_estimator().calibration_folds
     blank = [c for g in SURVEY_OPTIONAL for c in g]
     scorers, reduced = dict(base.scorers), dict(base.reduced)
-    report, fitted, hashes = {}, [], []
+    # Objects whose decisions trained the base model already (a model retrained before): its
+    # figures on them are in-sample.
+    known = set(base.metadata.get("decisions_fit", {}).get("object_digests", ()))
+    report, fitted, hashes, objects = {}, [], [], set()
+
+    def fit(s, X, y, groups):
+        """Full scorer and, where the base has them, reduced scorer, trained as score() will use them."""
+        D = base.design(X)[s]
+        full = _sim_estimator(random_state).fit(D, y, groups=groups)
+        if not base.reduced:
+            return full, None
+        Xb = X.copy()  # as score() does for an alert lacking a group: blank, then residualise
+        Xb.loc[:, blank] = np.nan
+        Db = base.design(Xb)[s].copy()
+        Db.loc[:, [c for c in blank if c in Db.columns]] = np.nan
+        return full, _sim_estimator(random_state).fit(Db, y, groups=groups)
+
     for s, col in DECISION_TARGETS.items():
         d = decisions[decisions[col].notna()].sort_values("decided_ms", kind="stable")
-        d = d.groupby("object_id", sort=False).tail(1)
-        # An alert without any evidence on the detection is never scored, so it teaches nothing.
+        d = d.groupby("object_id", sort=False).tail(1)  # the latest call on each object
+        # A call on an alert without any evidence on the detection (never scored) teaches nothing.
         d = d[d[list(MIN_EVIDENCE)].apply(pd.to_numeric, errors="coerce").notna().any(axis=1)].reset_index(drop=True)
         y = d[col].astype(int).to_numpy()
         groups = d["object_id"].astype(str).to_numpy()
@@ -633,34 +651,40 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
             entry["why"] = f"{n_pos} positive and {n_neg} negative objects; need {MIN_CLASS_ROWS} of each"
             continue
         X = d[list(FEATURES)].apply(pd.to_numeric, errors="coerce").astype(float)
-        D = base.design(X)[s]
         before = getattr(base.score(X, contributions=False), s)
+        # Out of fold, each row scored as the deployed model would score it: by the reduced
+        # scorer where the alert lacks a group of survey-optional inputs (Rubin), else the full one.
+        probe = AlertScorer(dict(base.scorers), base.residualiser, "probe", reduced=dict(base.reduced) or None)
         oof = np.full(len(y), np.nan)
-        for tr, te in GroupKFold(n_splits=folds).split(D, y, groups):
-            est = _sim_estimator(random_state).fit(D.iloc[tr], y[tr], groups=groups[tr])
-            oof[te] = est.predict_proba(D.iloc[te])[:, 1]
-        entry.update(retrained=True, base=ranking_metrics(y, before), retrained_out_of_fold=ranking_metrics(y, oof))
-        scorers[s] = _sim_estimator(random_state).fit(D, y, groups=groups)
+        for tr, te in GroupKFold(n_splits=folds).split(X, y, groups):
+            probe.scorers[s], r = fit(s, X.iloc[tr], y[tr], groups[tr])
+            if r is not None:
+                probe.reduced[s] = r
+            oof[te] = getattr(probe.score(X.iloc[te], contributions=False), s)
+        digests = id_digests(groups)
+        entry.update(retrained=True, base=ranking_metrics(y, before), retrained_out_of_fold=ranking_metrics(y, oof),
+                     base_in_sample=int(np.isin(digests, sorted(known)).sum()) if known else 0)
+        scorers[s], r = fit(s, X, y, groups)
         fitted.append(scorers[s])
-        if base.reduced:  # as score() does for an alert lacking a group: blank, then residualise
-            Xb = X.copy()
-            Xb.loc[:, blank] = np.nan
-            Db = base.design(Xb)[s].copy()
-            Db.loc[:, [c for c in blank if c in Db.columns]] = np.nan
-            reduced[s] = _sim_estimator(random_state).fit(Db, y, groups=groups)
-            fitted.append(reduced[s])
+        if r is not None:
+            reduced[s] = r
+            fitted.append(r)
         hashes.append(data_hash(X, y))
+        objects.update(digests)
     if not fitted:
         raise ValueError("too few decisions to retrain any score: "
                          + "; ".join(f"{s}: {r['why']}" for s, r in report.items()))
-    base_version = base.model_version
     tag = _version_tag(":".join(hashes), *fitted)
-    meta = dict(base.metadata, created=None,
-                decisions_fit={"source": str(source), "from_version": base_version, "data_hash": ":".join(hashes),
-                               "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",
-                                                                                    "retrained", "why")}
-                                          for s, r in report.items()}})
-    model = AlertScorer(scorers, base.residualiser, f"{base_version}+v{tag}", meta, reduced=reduced or None)
+    # The base's provenance moves under "base": P(fast) and the kept scorers are still its, the
+    # retrained ones are not. Without conditions_fit at the top, a later refit of ĝ(z) names the
+    # model after this version rather than after the one before the retraining.
+    meta = {"base": {k: v for k, v in base.metadata.items() if k not in ("format", "kind", "scores", "reduced")},
+            "decisions_fit": {"source": str(source), "from_version": base.model_version,
+                              "data_hash": ":".join(hashes), "object_digests": sorted(objects | known),
+                              "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",
+                                                                                   "retrained", "why")}
+                                         for s, r in report.items()}}}
+    model = AlertScorer(scorers, base.residualiser, f"{base.model_version}+v{tag}", meta, reduced=reduced or None)
     return model, report
 
 
@@ -1096,7 +1120,9 @@ def cmd_train(args) -> int:
             if not r["retrained"]:
                 print(f"{head}: kept from {base.model_version} ({r['why']})")
                 continue
-            print(f"{head}: retrained; both scorers on these decisions:")
+            print(f"{head}: retrained; both scorers on these decisions:"
+                  + (f" ({r['base_in_sample']} of these objects trained {base.model_version} already: its figures "
+                     "are partly in-sample)" if r["base_in_sample"] else ""))
             print("\n".join("  " + line for line in ranking_lines(
                 {f"{base.model_version}": r["base"], "retrained, out of fold": r["retrained_out_of_fold"]})))
         print("p_fast: kept (no vetting action labels it)")
@@ -1133,13 +1159,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def read_table(path, id_column: str | None = None) -> pd.DataFrame:
-    """A feature table from CSV, the id column read as text.
+def read_table(path, *id_columns) -> pd.DataFrame:
+    """A feature table from CSV, the id column(s) read as text.
 
     As text, an id stays what the file says: read as a number, one blank id would turn
     the column into floats and round 18-digit ids (ATLAS's) to the nearest 256.
     """
-    return pd.read_csv(path, dtype={id_column: str} if id_column else None)
+    return pd.read_csv(path, dtype={c: str for c in id_columns if c} or None)
 
 
 def _table_task(args) -> dict:
@@ -1173,7 +1199,7 @@ def cmd_evaluate(args) -> int:
     from models.scorer import TableScorer, data_hash, numeric_table
 
     model = TableScorer.load(args.model) if args.model else None
-    df = read_table(args.table, args.id_column or (model.metadata.get("id_column") if model else None))
+    df = read_table(args.table, args.id_column, model.metadata.get("id_column") if model else None)
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
                        require_all_labels=not args.model)  # a held-out split may lack a rare label
     bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)

@@ -51,10 +51,12 @@ class Stats:
 
     def __call__(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
-        for topic, t in stats.get("topics", {}).items():
-            for pid, p in t.get("partitions", {}).items():
-                if int(pid) >= 0 and p.get("consumer_lag", -1) >= 0:
-                    self.lag[(topic, int(pid))] = p["consumer_lag"]
+        # Rebuilt on every report: a partition revoked in a rebalance reports lag −1 and leaves,
+        # rather than keeping its last lag in the totals forever.
+        self.lag = {(topic, int(pid)): p["consumer_lag"]
+                    for topic, t in stats.get("topics", {}).items()
+                    for pid, p in t.get("partitions", {}).items()
+                    if int(pid) >= 0 and p.get("consumer_lag", -1) >= 0}
 
 
 class KafkaSource:

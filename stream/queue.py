@@ -1280,7 +1280,7 @@ def cmd_list(args) -> int:
                                 ("xgal", r["vet_extragalactic"] == 1), ("galactic", r["vet_extragalactic"] == 0),
                                 ("follow-up", r["vet_follow_up"] == 1)) if v]
         if calls:
-            notes.append(f"vetted {'/'.join(calls)} by {r['vetted_by']}")
+            notes.append(f"vetted {'/'.join(calls)} (last by {r['vetted_by']})")
         prio = num(r["priority"], 8, 3) if r["priority"] is not None else "unscored"
         mag = num(r["mag"], 6) if r["mag"] is not None else "  neg."  # flux ≤ 0 in the difference image, as on the page
         print(f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} "
@@ -1297,6 +1297,16 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
     return int(text)
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number ≥ 1."""
+    n = _count(text)
+    if n < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count ≥ 1")
+    return n
 
 
 def register(subparsers) -> None:
@@ -1327,7 +1337,7 @@ def register(subparsers) -> None:
 
     li = sub.add_parser("list", help="the top of the ranked list in the terminal (or --json)")
     li.add_argument("--db", required=True, help="queue store: SQLite file or postgresql:// URL")
-    li.add_argument("--top", type=int, default=20, help="rows to show (at most 500; default 20)")
+    li.add_argument("--top", type=_positive, default=20, help="rows to show (1–500; default 20)")
     li.add_argument("--stage", choices=STAGES)
     li.add_argument("--sort", choices=sorted(SORTS), default="priority")
     for name in SCORES:

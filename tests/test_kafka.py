@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -502,3 +503,17 @@ def test_a_second_stop_signal_stops_waiting_for_the_broker():
     with pytest.raises(DeliveryError, match="abandoned on a second stop signal"):
         sink.flush()  # at once, not after the 305 s delivery timeout
     sink.close()  # and closing does not wait either
+
+
+def test_consumer_lag_forgets_partitions_revoked_in_a_rebalance():
+    from stream.kafka import Stats
+
+    def report(**lags):
+        parts = {p: {"consumer_lag": v} for p, v in lags.items()}
+        return json.dumps({"topics": {"alerts": {"partitions": {**parts, "-1": {"consumer_lag": 0}}}}})
+
+    s = Stats()
+    s(report(**{"0": 5, "1": 7}))
+    assert s.lag == {("alerts", 0): 5, ("alerts", 1): 7}
+    s(report(**{"0": 2, "1": -1}))  # partition 1 went to another member
+    assert s.lag == {("alerts", 0): 2}

@@ -1014,6 +1014,7 @@ def test_the_store_write_lock_is_not_held_while_streamed_outputs_flush(tmp_path)
 
 def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
     """Queue → export-labels → `vigil train --labels` → a model the service loads, that learnt the decisions."""
+    from models.features import FEATURES
     from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
     from stream.cli import main
 
@@ -1055,10 +1056,18 @@ def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
     for s in ("p_real", "p_extragalactic"):
         before, after = report[s]["base"]["auc"], report[s]["retrained_out_of_fold"]["auc"]
         assert after > 0.85 and after > before + 0.1, (s, before, after)
-    # ... and the pipeline scores with it
-    files = _alert_files()[:5]
+    # The reduced scorers (alerts lacking survey-optional inputs: Rubin's) were retrained too, and
+    # the pipeline scores with the new model, Rubin alerts included.
+    for s, kept in (("p_real", False), ("p_extragalactic", False), ("p_fast", True)):
+        raw = [bytes(m.reduced[s].booster_.save_raw("ubj")) for m in (base, model)]
+        assert (raw[0] == raw[1]) is kept, s
+    files = [f for f in _alert_files() if "rubin" in str(f)][:3] + _alert_files()[:3]
     res = Pipeline(scorer=model).process([Envelope(p.read_bytes(), str(p)) for p in files])
+    assert len(res.annotations) == 6
     assert {a.to_record()["model_version"] for a in res.annotations} == {model.model_version}
+    # A later refit of ĝ(z) keeps the retraining in the name (it used to fall back to the base's).
+    refit = model.with_conditions_fitted_on(pd.read_parquet(labels)[list(FEATURES)].astype(float))
+    assert refit.model_version.startswith(model.model_version + "+g")
 
     # The export read as a plain table would hand its decision columns to the model as features.
     csv = tmp_path / "labels.csv"
@@ -1084,9 +1093,6 @@ def test_too_few_decisions_keep_the_model_and_say_why(tmp_path, db, capsys):
     out = capsys.readouterr().out
     assert "p_real: 40 objects (20 positive, 20 negative): retrained" in out
     assert "p_extragalactic: 3 objects (0 positive, 3 negative): kept" in out and "need 10 of each" in out
-    store = QueueStore(db)
-    store.record_decision(rows[0]["object_id"], "extragalactic", "eve")
-    store.close()
     few = tmp_path / "few.parquet"
     pd.read_csv(labels).head(5).to_parquet(few)  # 5 decisions: nothing can be retrained
     assert main(["train", "--labels", str(few), "--out", str(tmp_path / "m2")]) == 2
@@ -1108,7 +1114,7 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
     lines = capsys.readouterr().out.splitlines()
     body = lines[2:7]
     assert [ln.split()[1] for ln in body] == [r["object_id"] for r in top]
-    assert "vetted bogus by fay" in body[1] and lines[-1].startswith("5 of ")
+    assert "vetted bogus (last by fay)" in body[1] and lines[-1].startswith("5 of ")
     assert main(["queue", "list", "--db", str(db), "--top", "500", "--stage", "first", "--hide-vetted", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in got["rows"]] == ["first"] * len(got["rows"])
@@ -1117,3 +1123,36 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
     assert top[1]["object_id"] not in {r["object_id"] for r in got["rows"]}
     assert main(["queue", "list", "--db", str(db.parent / "none.sqlite")]) == 2
     assert "no such queue store" in capsys.readouterr().err
+
+
+def test_retraining_leaves_out_unscorable_calls_and_says_when_the_base_saw_the_objects(tmp_path, db):
+    from models.scorer import DEFAULT_MODEL_DIR, MIN_EVIDENCE, AlertScorer
+    from models.train import read_decisions, retrain_on_decisions
+
+    store = QueueStore(db)
+    rows = store.list_objects(ListQuery(per_page=500)).rows
+    for i, r in enumerate(rows[:60]):
+        store.record_decision(r["object_id"], "real" if i % 2 else "bogus", "gus")
+    store.close()
+    labels = tmp_path / "labels.parquet"
+    export_labels(db, labels)
+    d = read_decisions(labels)
+    d.loc[:4, list(MIN_EVIDENCE)] = np.nan  # five calls on alerts without evidence on the detection
+    base = AlertScorer.load(DEFAULT_MODEL_DIR)
+    first, report = retrain_on_decisions(base, d)
+    assert report["p_real"]["objects"] == 55 and report["p_real"]["base_in_sample"] == 0
+    assert len(first.metadata["decisions_fit"]["object_digests"]) == 55
+    assert first.metadata["base"]["version"] == base.model_version and "conditions_fit" not in first.metadata
+    # Retrained again on the same calls: the first retrained model has seen all of them.
+    _, again = retrain_on_decisions(first, d)
+    assert again["p_real"]["base_in_sample"] == 55
+    with pytest.raises(ValueError, match="no decisions"):
+        read_decisions(_empty_export(tmp_path))
+
+
+def _empty_export(tmp_path):
+    out = tmp_path / "empty.csv"
+    empty = tmp_path / "empty.sqlite"
+    QueueSink(empty).close()
+    export_labels(empty, out)
+    return out
