@@ -34,6 +34,46 @@ from stream.annotation import ANNOTATION_SCHEMA_VERSION, encode_annotation, mjd_
 from stream.config import parse_time_ms
 
 log = logging.getLogger(__name__)
+
+
+class RepeatFilter(logging.Filter):
+    """Let a message through once per ``window_s``; say how many like it were held back.
+
+    Messages are alike when they differ only in their numbers (librdkafka's "after 0ms",
+    timestamps, counters). With the broker down, librdkafka logs a failed connection per
+    client every ~50 ms (measured: 785 lines in 25 s for one `vigil run`), which would bury
+    the service's own log; through this filter, one line per kind of failure per window.
+    """
+
+    def __init__(self, window_s: float = 60.0, max_keys: int = 1000):
+        super().__init__()
+        self.window_s, self.max_keys = window_s, max_keys
+        self.seen: dict = {}  # key → [time let through, suppressed since]
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import re
+
+        key = (record.levelno, re.sub(r"\d+", "#", record.getMessage()))
+        now = time.monotonic()
+        with self.lock:
+            entry = self.seen.get(key)
+            if entry is not None and now - entry[0] < self.window_s:
+                entry[1] += 1
+                return False
+            held = entry[1] if entry is not None else 0
+            if len(self.seen) >= self.max_keys:
+                self.seen.clear()
+            self.seen[key] = [now, 0]
+        if held:
+            record.msg = f"{record.getMessage()} ({held} like it in the last {self.window_s:g} s not shown)"
+            record.args = ()
+        return True
+
+
+#: librdkafka's own log, through Python logging (given to every client as its ``logger``).
+KAFKA_LOG = logging.getLogger("stream.kafka.librdkafka")
+KAFKA_LOG.addFilter(RepeatFilter())
 #: Seconds a command that writes to Kafka waits for the broker to answer before it gives up.
 REACH_TIMEOUT_S = 10.0
 
@@ -84,6 +124,7 @@ class KafkaSource:
             "fetch.wait.max.ms": 50,
             "statistics.interval.ms": 5000,
             "stats_cb": self.stats,
+            "logger": KAFKA_LOG,
             **FAST_GROUP_SETTINGS,
             **(settings or {}),
         }
@@ -153,6 +194,7 @@ class KafkaReplaySource:
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,  # the embedded broker's watermarks are unreliable
             "fetch.wait.max.ms": 50,
+            "logger": KAFKA_LOG,
             **(settings or {}),
         }
         self.consumer = Consumer(conf)
@@ -239,6 +281,7 @@ class _ProducerSink:
             "enable.idempotence": True,
             "linger.ms": 5,
             "compression.type": "lz4",
+            "logger": KAFKA_LOG,
             **(settings or {}),
         })
         self._errors: list = []
@@ -583,6 +626,9 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         if result is not None:
             metrics.observe(result, seconds)
             counts_box["c"].add(result)
+        else:  # idle: serve the producers' callbacks and log queue, which only polling empties
+            for sink in (sinks[0], dlq):
+                sink.producer.poll(0)
         # Also when idle: a quiet log would not tell a quiet night from a stuck consumer.
         if time.monotonic() - last_log[0] >= cfg.service.log_interval_s:
             last_log[0] = time.monotonic()
@@ -647,7 +693,7 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
     from stream.sources import iter_envelopes
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
-                         **(settings or {})})
+                         "logger": KAFKA_LOG, **(settings or {})})
     try:  # fail in seconds, naming the address, rather than after a minute of undelivered messages
         producer.list_topics(timeout=REACH_TIMEOUT_S)
     except KafkaException as e:

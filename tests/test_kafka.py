@@ -517,3 +517,34 @@ def test_consumer_lag_forgets_partitions_revoked_in_a_rebalance():
     assert s.lag == {("alerts", 0): 5, ("alerts", 1): 7}
     s(report(**{"0": 2, "1": -1}))  # partition 1 went to another member
     assert s.lag == {("alerts", 0): 2}
+
+
+def test_librdkafka_log_goes_through_logging_once_per_kind_of_failure(caplog):
+    """With the broker down librdkafka logs every ~50 ms per client; the service log gets one line per kind."""
+    import logging
+    import socket
+
+    from stream.kafka import KAFKA_LOG, KafkaSource, RepeatFilter
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    KAFKA_LOG.filters[0].seen.clear()
+    caplog.set_level(logging.INFO, logger="stream.kafka.librdkafka")
+    src = KafkaSource(f"127.0.0.1:{port}", ["alerts"], "g-down", batch_timeout_s=0.2)
+    t0, polls = time.monotonic(), 0
+    for _ in src.batches():
+        polls += 1
+        if time.monotonic() - t0 > 3:
+            break
+    src.close()
+    refused = [r for r in caplog.records if r.name == "stream.kafka.librdkafka" and "Connection refused" in r.message]
+    assert polls >= 5 and len(refused) == 1, [r.message for r in caplog.records]
+
+    # After the window, the next one says how many were held back.
+    f = RepeatFilter(window_s=0.05)
+    rec = [logging.LogRecord("x", logging.ERROR, __file__, 1, f"connect failed after {i}ms", (), None)
+           for i in range(4)]
+    assert [f.filter(r) for r in rec[:3]] == [True, False, False]
+    time.sleep(0.06)
+    assert f.filter(rec[3]) and rec[3].getMessage().endswith("(2 like it in the last 0.05 s not shown)")
