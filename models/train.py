@@ -562,16 +562,16 @@ def read_decisions(path) -> pd.DataFrame:
     from models.features import FEATURES
 
     path = Path(path)
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    elif path.suffix == ".csv":
-        df = pd.read_csv(path, dtype={"object_id": str})
-    else:
+    if path.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--labels must end in .parquet or .csv (as `vigil queue export-labels` writes), "
                          f"not {path.name!r}")
-    if df.empty:  # an export of a store without decisions has no feature columns either
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"object_id": str})
+    missing = [c for c in ("object_id", "decided_ms", "action", *DECISION_TARGETS.values()) if c not in df.columns]
+    if not missing and df.empty:  # an export of a store without decisions has no feature columns either
         raise ValueError(f"{path} holds no decisions: nothing to retrain on")
-    missing = [c for c in ("object_id", "decided_ms", *DECISION_TARGETS.values(), *FEATURES) if c not in df.columns]
+    missing += [c for c in FEATURES if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a `vigil queue export-labels` table: it lacks {missing[:6]}"
                          + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
