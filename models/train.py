@@ -1085,6 +1085,132 @@ def validate_causal_real(paths, model=None, n_boot: int = 2000, history: bool = 
     return checks, fig
 
 
+# --------------------------------------------------------------------------- real alerts, weak labels
+
+#: SIMBAD main types (as a broker's cross-match names them, e.g. Fink's ``cdsxmatch``) of
+#: sources outside the Galaxy.
+SIMBAD_EXTRAGALACTIC = frozenset({
+    "QSO", "QSO_Candidate", "AGN", "AGN_Candidate", "Seyfert", "Seyfert_1", "Seyfert_2", "LINER", "Blazar",
+    "Blazar_Candidate", "BLLac", "BLLac_Candidate", "RadioG", "Galaxy", "GinPair", "GinCl", "GinGroup", "PartofG",
+    "EmG", "StarburstG", "HII_G", "LSB_G", "BClG", "BrightestCG", "ClG", "GroupG", "Compact_Gr_G", "IG", "PairG",
+    "LensedImage", "LensedQ", "LensingEv", "SN", "SN_Candidate"})
+#: Types that do not say which side of the Galaxy's edge a source is on: detections in one band,
+#: unknowns, failed cross-matches. Every other type is a kind of star or Galactic nebula.
+SIMBAD_UNINFORMATIVE = frozenset({
+    "Unknown", "Fail", "", "IR", "NIR", "MIR", "FIR", "UV", "Blue", "Radio", "Radio(cm)", "Radio(mm)",
+    "Radio(sub-mm)", "X", "gamma", "EmObj", "Candidate_Lens", "multiple_object", "Inexistent", "Transient",
+    "Candidate_SN*", "Planet?", "Planet"})
+#: TNS classifications of Galactic transients (every other classified TNS object is extragalactic).
+TNS_GALACTIC = frozenset({"CV", "Nova", "M dwarf", "Varstar", "Galactic Nuclear", "LBV", "ILRT", "Other",
+                          "Impostor-SN", "YSO"})
+
+
+def xmatch_label(simbad, tns) -> int | None:
+    """1 extragalactic, 0 Galactic, None unknown, from a SIMBAD main type and a TNS class.
+
+    A TNS classification (spectroscopic) wins over the SIMBAD type of the position.
+    """
+    tns = (tns or "").strip()
+    if tns:
+        return 0 if tns in TNS_GALACTIC else 1
+    simbad = (simbad or "").strip()
+    if simbad in SIMBAD_UNINFORMATIVE:
+        return None
+    return 1 if simbad in SIMBAD_EXTRAGALACTIC else 0
+
+
+def xmatch_labelled_alerts(paths) -> tuple:
+    """Real ZTF alerts stored as rows of Parquet files, labelled by the broker's cross-match.
+
+    Each row is a ZTF alert (``candidate``, ``prv_candidates``, ...) plus the broker's
+    annotations: Fink's ``cdsxmatch`` (SIMBAD main type at the position) and, where present,
+    ``tns`` (TNS classification). Rows whose label is unknown are left out; an alert in
+    several files counts once.
+
+    Returns
+    -------
+    (list of Alert, numpy.ndarray of {0, 1}, list of str)
+        The alerts in time order, the extragalactic label and the type it came from.
+    """
+    import pyarrow.parquet as pq
+
+    from stream.alert import Alert, Envelope
+    from stream.decode import Decoder
+
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("*.parquet"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or directory: {p}")
+    dec = Decoder(keep_cutouts=False)
+    out, seen, rejected = [], set(), {}
+    for f in dict.fromkeys(files):
+        try:
+            cols = pq.read_schema(f).names
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors name neither the file nor the format wanted
+            raise ValueError(f"{f}: not a Parquet table of alerts ({e})") from None
+        if "cdsxmatch" not in cols:
+            raise ValueError(f"{f}: no cdsxmatch column (a broker's SIMBAD cross-match) to label the alerts with")
+        for rec in pq.read_table(f).to_pylist():
+            if rec.get("candid") in seen:
+                continue
+            seen.add(rec.get("candid"))
+            y = xmatch_label(rec.get("cdsxmatch"), rec.get("tns"))
+            if y is None:
+                continue
+            a = dec.to_alert(rec, Envelope(b"", f"{f}!{rec.get('candid')}"))
+            if isinstance(a, Alert):
+                out.append((a, y, (rec.get("tns") or "").strip() or rec.get("cdsxmatch")))
+            else:
+                rejected[a.reason] = rejected.get(a.reason, 0) + 1
+    if rejected:
+        log.warning("%d alert(s) rejected and not used (%s)", sum(rejected.values()),
+                    ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
+    if not out:
+        raise ValueError(f"no alert with an informative cross-match label in {[str(p) for p in paths]}")
+    out.sort(key=lambda t: t[0].mjd)
+    return [t[0] for t in out], np.array([t[1] for t in out]), [t[2] for t in out]
+
+
+def evaluate_xmatch(paths, model=None, n_boot: int = 2000) -> dict:
+    """P(extragalactic) of an alert model against a broker's SIMBAD/TNS cross-match labels.
+
+    Weak labels (a SIMBAD type is the catalogued source at the position, not a vetted
+    class), but independent of the simulation the model learnt from. The ROC AUC's 95 %
+    interval resamples objects.
+    """
+    from models.scorer import default_scorer
+
+    model = model or default_scorer()
+    alerts, y, kinds = xmatch_labelled_alerts(paths)
+    sb = model.score(pipeline_features(alerts), contributions=False)
+    p = np.asarray(sb.p_extragalactic, float)
+    ok = np.isfinite(p)
+    obj = np.array([a.object_id for a in alerts])[ok]
+    y, p = y[ok], p[ok]
+    codes, inv = np.unique(obj, return_inverse=True)
+    rng = np.random.default_rng(0)
+    boots = []
+    members = [np.flatnonzero(inv == k) for k in range(len(codes))]
+    for _ in range(n_boot):
+        idx = np.concatenate([members[k] for k in rng.integers(0, len(codes), len(codes))])
+        if 0 < y[idx].sum() < len(idx):
+            boots.append(roc_auc(y[idx], p[idx]))
+    unsure = (p > 0.1) & (p < 0.9)
+    return {"model_version": model.model_version, "alerts": int(len(y)), "unscored": int((~ok).sum()),
+            "objects": {"extragalactic": len(set(obj[y == 1])), "galactic": len(set(obj[y == 0]))},
+            "alerts_by_class": {"extragalactic": int(y.sum()), "galactic": int(len(y) - y.sum())},
+            "p_extragalactic": ranking_metrics(y, p),
+            "auc_interval": [float(v) for v in np.percentile(boots, [2.5, 97.5])] if boots else [None, None],
+            "unsure_fraction": {"extragalactic": float(unsure[y == 1].mean()),
+                                "galactic": float(unsure[y == 0].mean())},
+            "mean_p_real": float(np.nanmean(np.asarray(sb.p_real, float)[ok])),
+            "types": dict(sorted({k: kinds.count(k) for k in set(kinds)}.items()))}
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1194,6 +1320,8 @@ def cmd_score(args) -> int:
 def cmd_evaluate(args) -> int:
     if args.simulate:
         return _evaluate_sim(args)
+    if args.xmatch_labels:
+        return _evaluate_xmatch(args)
     if not args.table:
         raise ValueError("give --table CSV or --simulate")
     from models.scorer import TableScorer, data_hash, numeric_table
@@ -1241,6 +1369,29 @@ def _rows_in_training(model, t: LabelledTable) -> int | None:
     if known is None or not col or col not in t.frame.columns:
         return None
     return int(np.isin(id_digests(t.frame[col].to_numpy().astype(str)), known).sum())
+
+
+def _evaluate_xmatch(args) -> int:
+    from models.scorer import AlertScorer
+
+    r = evaluate_xmatch(args.xmatch_labels, AlertScorer.load(args.model) if args.model else None)
+    if args.json:
+        _write_json(r)
+        return 0
+    o, a = r["objects"], r["alerts_by_class"]
+    print(f"{r['model_version']} on {r['alerts']} real alerts labelled by their SIMBAD/TNS cross-match: "
+          f"{a['extragalactic']} extragalactic ({o['extragalactic']} objects), {a['galactic']} galactic "
+          f"({o['galactic']} objects)" + (f"; {r['unscored']} unscored, left out" if r["unscored"] else ""))
+    lo, hi = r["auc_interval"]
+    print("\n".join(ranking_lines({"P(extragalactic)": r["p_extragalactic"]})[:2]))
+    if lo is not None:
+        print(f"ROC AUC 95 % interval, resampling objects: [{lo:.3f}, {hi:.3f}]")
+    u = r["unsure_fraction"]
+    print(f"unsure (0.1 < p < 0.9): {u['extragalactic']:.1%} of extragalactic, {u['galactic']:.1%} of galactic alerts; "
+          f"mean P(real) {r['mean_p_real']:.3f} (every one is a catalogued real source)")
+    print("weak labels: a SIMBAD type is the catalogued source at the position; types: "
+          + ", ".join(f"{k} {v}" for k, v in r["types"].items()))
+    return 0
 
 
 def _evaluate_sim(args) -> int:
@@ -1394,6 +1545,9 @@ def register(subparsers) -> None:
     p.add_argument("--baseline", choices=["hgb", "none"], default="hgb", help="ML baseline trained the same way")
     p.add_argument("--baseline-column", help="survey score column as baseline ordering (default: rb_pix if present)")
     p.add_argument("--simulate", action="store_true", help="evaluate an alert model on a simulated stream")
+    p.add_argument("--xmatch-labels", nargs="+", metavar="PATH",
+                   help="evaluate an alert model's P(extragalactic) on real alerts stored as Parquet rows with a "
+                        "broker's SIMBAD (cdsxmatch) and TNS (tns) cross-match as weak labels")
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--json", action="store_true")
     _add_sim_args(p)
