@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED, avro_files
+from conftest import DATA, SHARED, avro_files
 
 from models.features import FEATURES
 from models.score import SCORES, ScoreBatch, explain
@@ -618,11 +618,9 @@ def test_xmatch_labels_map_simbad_and_tns_types():
     assert xmatch_label("Galaxy", "CV") == 0
 
 
-@pytest.mark.skipif(not (SHARED / "fink_science_samples" / "ztf_fink_annotated_dev").is_dir(),
-                    reason="needs ../shared/data/fink_science_samples (Fink alerts with SIMBAD/TNS cross-match)")
 def test_p_extragalactic_on_real_alerts_with_cross_match_labels(capsys):
     """The shipped model's P(extragalactic) against SIMBAD/TNS types of real ZTF alerts (weak, independent labels)."""
-    data = SHARED / "fink_science_samples" / "ztf_fink_annotated_dev"
+    data = DATA / "fink_xmatch"  # fink-science's annotated sample, cutouts dropped (tests/data/NOTICE)
     assert main(["evaluate", "--xmatch-labels", str(data), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["alerts_by_class"] == {"extragalactic": 15, "galactic": 54} and r["unscored"] == 0
@@ -631,4 +629,5 @@ def test_p_extragalactic_on_real_alerts_with_cross_match_labels(capsys):
     # Seyferts that Gaia and PS1 see as point sources are called Galactic.
     assert r["p_extragalactic"]["auc"] > 0.7 and r["auc_interval"][0] > 0.5
     assert r["mean_p_real"] > 0.9
-    assert main(["evaluate", "--xmatch-labels", str(SHARED / "ztf_alerts_ampel" / "index.csv")]) == 2
+    assert main(["evaluate", "--xmatch-labels", str(DATA / "NOTICE")]) == 2
+    assert "not a Parquet table of alerts" in capsys.readouterr().err
