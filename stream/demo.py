@@ -95,24 +95,13 @@ def _queue_available() -> bool:
 
 
 def _print_ranked(anns, top: int) -> None:
-    from stream.queue import KNOWN_SSO_ARCSEC
+    from stream.queue import ranked_lines
 
     def key(a):
         return -(a["priority"] if a["priority"] is not None else -1)
 
-    head = f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} {'P(real)':>7} " \
-           f"{'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}"
-    print(head)
-    print("-" * len(head))
-
-    def f(x):
-        return f"{x:7.2f}" if x is not None else "   --  "
-
-    for i, a in enumerate(sorted(anns, key=key)[:top], 1):
-        mag, prio = a["lightcurve"]["mag"], a["priority"]
-        mag_s = f"{mag:6.2f}" if mag is not None else "  neg."  # flux ≤ 0 in the difference image
-        prio_s = f"{prio:8.3f}" if prio is not None else "unscored"
-        ss = (a.get("features") or {}).get("ss_distance")
-        note = "  known asteroid" if ss is not None and ss <= KNOWN_SSO_ARCSEC else ""
-        print(f"{i:>3} {a['object_id']:<20} {a['survey']:<6} {a['band']:<4} {mag_s} {a['stage']:<9} "
-              f"{f(a['p_real'])} {f(a['p_extragalactic'])} {f(a['p_fast'])} {prio_s}{note}")
+    rows = [{"object_id": a["object_id"], "survey": a["survey"], "band": a["band"], "mag": a["lightcurve"]["mag"],
+             "stage": a["stage"], "p_real": a["p_real"], "p_extragalactic": a["p_extragalactic"],
+             "p_fast": a["p_fast"], "priority": a["priority"],
+             "ss_distance": (a.get("features") or {}).get("ss_distance")} for a in sorted(anns, key=key)[:top]]
+    print("\n".join(ranked_lines(rows)))

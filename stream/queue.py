@@ -1243,6 +1243,40 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def ranked_lines(rows) -> list:
+    """The ranked list as terminal lines (``vigil queue list``, ``vigil demo``).
+
+    Each row is a dict with ``object_id, survey, band, mag, stage, p_real, p_extragalactic,
+    p_fast, priority, ss_distance`` and, optionally, ``age_days`` (a column then) and the
+    vetting columns of the store (``vet_real, vet_extragalactic, vet_follow_up, vetted_by``).
+    """
+    ages = any("age_days" in r for r in rows)
+    head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} "
+            + (f"{'age/d':>6} " if ages else "") + f"{'P(real)':>7} {'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}")
+    out = [head, "-" * len(head)]
+
+    def num(x, w, d=2):
+        return f"{x:{w}.{d}f}" if x is not None else f"{'--':>{w}}"
+
+    for i, r in enumerate(rows, 1):
+        notes = []
+        if r.get("ss_distance") is not None and r["ss_distance"] <= KNOWN_SSO_ARCSEC:
+            notes.append("known asteroid")
+        calls = [c for c, v in (("real", r.get("vet_real") == 1), ("bogus", r.get("vet_real") == 0),
+                                ("xgal", r.get("vet_extragalactic") == 1),
+                                ("galactic", r.get("vet_extragalactic") == 0),
+                                ("follow-up", r.get("vet_follow_up") == 1)) if v]
+        if calls:
+            notes.append(f"vetted {'/'.join(calls)} (last by {r.get('vetted_by')})")
+        prio = num(r["priority"], 8, 3) if r["priority"] is not None else "unscored"
+        mag = num(r["mag"], 6) if r["mag"] is not None else "  neg."  # flux ≤ 0 in the difference image, as on the page
+        out.append(f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} {r['stage'] or '':<9} "
+                   + (f"{num(r.get('age_days'), 6, 1)} " if ages else "")
+                   + f"{num(r['p_real'], 7)} {num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}"
+                   + (f"  {'; '.join(notes)}" if notes else ""))
+    return out
+
+
 def cmd_list(args) -> int:
     """The ranked list in a terminal (or as JSON), as the web page's first page shows it."""
     if not is_url(args.db) and not Path(args.db).exists():
@@ -1264,28 +1298,7 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps({"total": page.total, "newest_mjd": now, "rows": rows}, indent=1))
         return 0
-    head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} {'age/d':>6} {'P(real)':>7} "
-            f"{'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}  notes")
-    print(head)
-    print("-" * len(head))
-
-    def num(x, w, d=2):
-        return f"{x:{w}.{d}f}" if x is not None else f"{'--':>{w}}"
-
-    for i, r in enumerate(rows, 1):
-        notes = []
-        if r["ss_distance"] is not None and r["ss_distance"] <= KNOWN_SSO_ARCSEC:
-            notes.append("known asteroid")
-        calls = [c for c, v in (("real", r["vet_real"] == 1), ("bogus", r["vet_real"] == 0),
-                                ("xgal", r["vet_extragalactic"] == 1), ("galactic", r["vet_extragalactic"] == 0),
-                                ("follow-up", r["vet_follow_up"] == 1)) if v]
-        if calls:
-            notes.append(f"vetted {'/'.join(calls)} (last by {r['vetted_by']})")
-        prio = num(r["priority"], 8, 3) if r["priority"] is not None else "unscored"
-        mag = num(r["mag"], 6) if r["mag"] is not None else "  neg."  # flux ≤ 0 in the difference image, as on the page
-        print(f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} "
-              f"{r['stage'] or '':<9} {num(r['age_days'], 6, 1)} {num(r['p_real'], 7)} "
-              f"{num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}  {'; '.join(notes)}".rstrip())
+    print("\n".join(ranked_lines(rows)))
     print(f"{len(rows)} of {page.total} objects" + (f"; ages against the newest alert, MJD {now:.4f}" if now else ""))
     return 0
 
