@@ -35,8 +35,12 @@ def _annotation_sinks(outs):
     return sinks
 
 
-def _say_what_is_not_read(paths) -> None:
-    """Warn when a walked directory holds files that are not read, or nothing to read at all."""
+def files_to_read(paths) -> list:
+    """The files a replay reads (directories walked once), warning about what it will not read.
+
+    Said on stderr: files of a walked directory not named like alerts or archives, or nothing
+    to read at all. The list goes to :class:`stream.sources.FileSource` as it is.
+    """
     from stream.sources import AVRO_SUFFIXES, TAR_SUFFIXES, expand_paths
 
     skipped: list = []
@@ -48,6 +52,7 @@ def _say_what_is_not_read(paths) -> None:
               f"{names}", file=sys.stderr)
     if not files:
         print("vigil: warning: nothing to read in " + " ".join(map(str, paths)), file=sys.stderr)
+    return files
 
 
 def _check_suffix(flag: str, path, suffixes) -> None:
@@ -75,7 +80,7 @@ def cmd_replay(args) -> int:
         _check_suffix("--out", o, (".jsonl", ".ndjson", ".parquet"))
     if args.rejected:
         _check_suffix("--rejected", args.rejected, (".jsonl", ".ndjson"))
-    _say_what_is_not_read(args.paths)
+    files = files_to_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     sinks = _annotation_sinks(args.out)
     if args.queue:
@@ -83,8 +88,8 @@ def cmd_replay(args) -> int:
 
         sinks.append(QueueSink(args.queue))
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
-    progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
-    counts = drive(FileSource(args.paths, args.batch_size), pipeline, sinks, rejected, progress)
+    progress = Progress(count_files(files), enabled=False if args.no_progress else None)
+    counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress)
     print(counts.line())
     return 0
 

@@ -1231,14 +1231,15 @@ def cmd_prune(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from stream.cli import _decoder, _scorer
+    from stream.cli import _decoder, _scorer, files_to_read
     from stream.pipeline import Pipeline
     from stream.service import Progress, drive
     from stream.sources import FileSource, count_files
 
+    files = files_to_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), clock="stream")
-    progress = Progress(count_files(args.paths), enabled=False if args.no_progress else None)
-    counts = drive(FileSource(args.paths, args.batch_size), pipeline, [QueueSink(args.db)], [], progress)
+    progress = Progress(count_files(files), enabled=False if args.no_progress else None)
+    counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, [QueueSink(args.db)], [], progress)
     print(counts.line())
     return 0
 

@@ -49,7 +49,7 @@ def expand_paths(paths, skipped: list | None = None) -> list[Path]:
     return out
 
 
-def iter_envelopes(paths):
+def iter_envelopes(paths, expanded: bool = False):
     """Yield one envelope per file, or per member of a tar archive.
 
     Archives are read as a stream (``r|*``), so a nightly ZTF tarball of several GB
@@ -59,7 +59,7 @@ def iter_envelopes(paths):
     rejected like any bad input and the replay goes on. So does an archive member that is
     a link or a special file (links are not followed); directory members are skipped.
     """
-    for p in expand_paths(paths):
+    for p in (paths if expanded else expand_paths(paths)):  # expanded: a list from expand_paths, not walked again
         if _is_tar(p):
             yield from _tar_envelopes(p)
             continue
@@ -109,9 +109,8 @@ def _tar_tail(stream) -> str | None:
         seen += len(chunk)
 
 
-def count_files(paths) -> int | None:
-    """Number of envelopes :func:`iter_envelopes` will yield, or None if archives make it costly."""
-    files = expand_paths(paths)
+def count_files(files) -> int | None:
+    """Envelopes :func:`iter_envelopes` will yield for ``files`` (:func:`expand_paths`' list); None for archives."""
     return None if any(_is_tar(p) for p in files) else len(files)
 
 
@@ -130,12 +129,13 @@ def batched(iterable, size: int):
 class FileSource:
     """Archived alerts (files, directories, tarballs) as micro-batches."""
 
-    def __init__(self, paths, batch_size: int = 500):
+    def __init__(self, paths, batch_size: int = 500, expanded: bool = False):
         self.paths = list(paths)
+        self.expanded = expanded  # paths is already expand_paths' list (directories walked)
         self.batch_size = batch_size
 
     def batches(self):
-        yield from batched(iter_envelopes(self.paths), self.batch_size)
+        yield from batched(iter_envelopes(self.paths, self.expanded), self.batch_size)
 
     def done(self, batch) -> None:  # files have no offsets
         pass
