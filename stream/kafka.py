@@ -698,7 +698,7 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
         producer.list_topics(timeout=REACH_TIMEOUT_S)
     except KafkaException as e:
         raise ConnectionError(f"cannot reach Kafka at bootstrap.servers={bootstrap} within {REACH_TIMEOUT_S:g} s "
-                              f"({e.args[0].str() if e.args and hasattr(e.args[0], 'str') else e}); "
+                              f"({_kafka_text(e)}); "
                               "`vigil broker` prints the address of the embedded one") from None
     errors: list = []
     cb = _delivery_errors(errors)
