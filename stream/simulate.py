@@ -87,8 +87,8 @@ sso / pid (alert nights)       Poisson(A × (0.2 + 0.8 exp(−|β|/15°))), β t
 periodic                       r 14–18.5, P log-uniform 0.05–30 d, amplitude 0.05–0.6 mag (g ×1.3)
 cv                             quiescent r 18.5–22.5, outbursts 3–5 mag, rise 0.5–1.5 d, one starting
                                in the alert nights (or ≤ 10 d before), recurrence log-uniform 15–1500 d
-flare                          M dwarf r 16.5–22, g−r 1.3–1.6, 0.05 flares/d, 0.5–3 mag in g (r ×0.35),
-                               τ 0.02–0.15 d
+flare                          M dwarf r 16.5–22, g−r 1.3–1.6, 0.05 flares/d, 0.5–3 mag in g, τ 0.02–0.15 d;
+                               the flare's own light is hot: difference flux g−r = −0.25 (r = g × 0.79)
 pm_star                        r 14–18, μ 0.05–0.3″/yr since the reference (JD 2458250): dipole
                                flux F·(1 − exp(−d²/4s²)), position drifts
 fast                           peak r 17.5–20 from 3 d before to 3 d after the alert nights, rise
@@ -181,6 +181,8 @@ REF_JD = 2458250.0  # epoch of the reference images (PM-star displacement grows 
 PS1_JD = 2456000.0
 HISTORY_DAYS = 30.0
 SEEING_MEDIAN = 2.0
+#: g − r of an M-dwarf flare's own light (~10,000 K; its difference flux in g and r).
+FLARE_GR = -0.25
 BANDS = {1: "g", 2: "r"}
 LIM0 = {1: 20.8, 2: 20.6}
 ZP0 = {1: 26.35, 2: 26.25}
@@ -938,7 +940,8 @@ def _signals(o, t, fid, seeing, rng):
             dt = t - tf_[k]
             prof = np.where(dt >= 0, np.exp(-np.clip(dt, 0, None) / tau[k]), 0.0)
             boost = 10 ** (0.4 * amp[k]) - 1
-            Q[j] += prof * np.where(fid == 1, f_g[j, 0] * boost, f_r[j, 0] * boost * 0.35)
+            # The flare is hot (~10,000 K): its difference flux is blue whatever the red star's colour.
+            Q[j] += prof * f_g[j, 0] * boost * np.where(fid == 1, 1.0, 10 ** (0.4 * FLARE_GR))
     m = cls == "pm_star"
     if m.any():
         d = o["pm_arcsec_yr"][m, None] * (T - REF_JD) / 365.25

@@ -410,3 +410,18 @@ def test_cross_match_outages_look_like_the_real_damaged_run_and_decode_as_missin
             assert np.isnan([ctx.ps1_distance, ctx.star_galaxy, ctx.gaia_distance, ctx.first_det_mjd]).all()
         else:
             assert ctx.ps1_distance == pytest.approx(c["distpsnr1"]) and np.isfinite(ctx.first_det_mjd)
+
+
+def test_flare_difference_flux_is_blue_on_a_red_star():
+    from stream.simulate import FLARE_GR, _signals
+
+    # An M dwarf (g − r = 1.4) flaring by 2 mag in g, seen in g and r at the same moment.
+    f_r = 100.0
+    o = {"class": np.array(["flare"]), "ref_flux_r": np.array([f_r]),
+         "ref_flux_g": np.array([f_r * 10 ** (-0.4 * 1.4)]),
+         "flares": [(np.array([100.0]), np.array([2.0]), np.array([0.1]))]}
+    q = _signals(o, np.array([100.05, 100.05]), np.array([1, 2]), np.array([2.0, 2.0]), np.random.default_rng(0))[0]
+    assert q[0] > 0 and q[1] > 0
+    gr = -2.5 * np.log10(q[0] / q[1])
+    assert gr == pytest.approx(FLARE_GR, abs=1e-9)  # the hot flare's colour, not the star's
+    assert gr < 0
