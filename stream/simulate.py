@@ -930,7 +930,7 @@ def _signals(o, t, fid, seeing, rng):
         tau = np.mod(T - o["t0"][m, None], rec)
         dm = np.where(tau < tr, A * tau / tr, np.where(tau < tr + pl, A - 0.1 * (tau - tr),
                                                        A - 0.1 * pl - 1.2 * (tau - tr - pl)))
-        # Outbursts are blue (g−r ≈ 0): the g signal is the r signal × 10^(0.4 (g−r)_quiescent).
+        # Outbursts are blue: their difference flux has g − r ≈ 0, the same signal in both bands.
         sig_r = f_r[m] * (10 ** (0.4 * np.clip(dm, 0, None)) - 1)
         Q[m] = np.where(g, sig_r, sig_r)
     m = cls == "flare"
