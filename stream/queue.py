@@ -53,7 +53,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: An alert within this distance of a known solar-system object (ZTF ``ssdistnr``; Rubin's
 #: association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them.
 KNOWN_SSO_ARCSEC = 5.0
@@ -85,6 +85,10 @@ SORTS = {
     "mag": ("COALESCE(mag, 99.0)", "ASC"),
 }
 
+_LOGIN_FAILURES_DDL = """CREATE TABLE IF NOT EXISTS login_failures (
+        address TEXT NOT NULL,
+        failed_ms INTEGER NOT NULL
+    )"""
 _DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS objects (
@@ -177,6 +181,9 @@ _DDL = [
         seen_rank INTEGER,
         PRIMARY KEY (vetter, object_id)
     )""",
+    # Failed logins to the web app, shared by all its worker processes (see stream.web).
+    _LOGIN_FAILURES_DDL,
+    "CREATE INDEX IF NOT EXISTS ix_login_failures ON login_failures (address, failed_ms)",
     "CREATE INDEX IF NOT EXISTS ix_ann_object ON annotations (object_id, event_mjd)",
     "CREATE INDEX IF NOT EXISTS ix_lc_object ON lightcurves (object_id)",
     "CREATE INDEX IF NOT EXISTS ix_dec_object ON decisions (object_id, decided_ms)",
@@ -411,6 +418,12 @@ def _ensure_schema(conn) -> None:
                      (str(SCHEMA_VERSION),))
 
 
+def _migrate_2_to_3(conn) -> None:
+    """Version 3 keeps the web app's failed logins in the store, so all its workers share one limit."""
+    conn.execute(_LOGIN_FAILURES_DDL)
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_login_failures ON login_failures (address, failed_ms)")
+
+
 def _migrate_1_to_2(conn) -> None:
     """Version 2 adds ``objects.ss_distance`` (filled in SQL from each object's latest stored
     annotation), puts it in the filter index, sorts "youngest" with NULLs last in both backends,
@@ -424,12 +437,12 @@ def _migrate_1_to_2(conn) -> None:
     for name in ("ix_obj_filter", "ix_obj_sort_first"):  # same names, new definitions
         conn.execute(f"DROP INDEX IF EXISTS {name}")
     for stmt in _DDL:
-        if stmt.startswith("CREATE INDEX"):
+        if stmt.startswith("CREATE INDEX") and "login_failures" not in stmt:  # (that table comes with version 3)
             conn.execute(stmt)
 
 
 #: Upgrades of an older store, from the version they start at (each ends one version later).
-_MIGRATIONS = {1: _migrate_1_to_2}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def _migrate(conn) -> None:
@@ -1110,6 +1123,28 @@ class QueueStore:
         """Run ``fn(conn)`` in one write transaction."""
         with _write_transaction(self.conn) as c:
             return fn(c)
+
+    # -- failed logins (the web app's throttle)
+    def login_failures(self, address: str, window_ms: int, now_ms: int | None = None) -> int:
+        """Failed logins from ``address`` within the last ``window_ms``, by every process of the store."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return int(self.conn.execute("SELECT COUNT(*) FROM login_failures WHERE address = ? AND failed_ms > ?",
+                                     (address, now - window_ms)).fetchone()[0])
+
+    def record_login_failure(self, address: str, window_ms: int, max_rows: int, now_ms: int | None = None) -> None:
+        """Remember one failed login, forgetting those out of the window and, past ``max_rows``, the oldest."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+
+        def tx(c):
+            c.execute("DELETE FROM login_failures WHERE failed_ms <= ?", (now - window_ms,))
+            c.execute("INSERT INTO login_failures (address, failed_ms) VALUES (?, ?)", (address, now))
+            n = int(c.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0])
+            if n > max_rows:  # a flood from many addresses: keep the newest
+                cut = c.execute("SELECT failed_ms FROM login_failures ORDER BY failed_ms DESC LIMIT 1 OFFSET ?",
+                                (max_rows - 1,)).fetchone()[0]
+                c.execute("DELETE FROM login_failures WHERE failed_ms < ?", (cut,))
+
+        self._write(tx)
 
     # -- labels
     def labels_frame(self):

@@ -417,10 +417,11 @@ class Settings:
 
 #: How long a vetter's login lasts.
 SESSION_HOURS = 12
-#: Failed logins from one address within LOGIN_WINDOW_S before it must wait (per worker process).
+#: Failed logins from one address within LOGIN_WINDOW_S before it must wait. They are kept in
+#: the queue store, so every worker process (and every app on the same store) shares the limit.
 LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 600
-#: Addresses with failed logins remembered at most (per worker process).
-LOGIN_ADDRESSES = 10_000
+#: Failed logins remembered at most (from all addresses; past it, the oldest are forgotten).
+LOGIN_FAILURE_ROWS = 100_000
 
 
 def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = False, proxy_hops: int = 0):
@@ -473,7 +474,6 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                       SESSION_COOKIE_NAME="vigil_queue", PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
                       VIGIL=settings)
     token_tag = hmac.new(app.secret_key, b"tag", "sha256").hexdigest()[:16]
-    failures: dict = {}  # address -> times of failed logins in the window
 
     def store() -> QueueStore:
         if "store" not in g:
@@ -561,23 +561,15 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         if request.method == "POST":
             name = (request.form.get("vetter") or "").strip()[:80]
             given = (request.form.get("token") or "").strip()
-            now, who = time.monotonic(), request.remote_addr or "?"
-            recent = [t for t in failures.get(who, ()) if now - t < LOGIN_WINDOW_S]
-            if len(recent) >= LOGIN_FAILURES:
-                failures[who] = recent
+            who, window_ms = request.remote_addr or "?", LOGIN_WINDOW_S * 1000
+            if store().login_failures(who, window_ms) >= LOGIN_FAILURES:
                 return render_template("login.html", error="Too many failed logins; try again later.",
                                        next=nxt), 429
             if not name:
                 error = "Please give your name (it is recorded with your decisions)."
             elif not hmac.compare_digest(given.encode(), token.encode()):
                 error = "Wrong token."
-                failures.pop(who, None)  # re-inserted last: the dict stays in order of latest failure
-                failures[who] = [*recent, now]
-                if len(failures) > LOGIN_ADDRESSES:  # many addresses: forget the expired, then the oldest
-                    for k in [k for k, ts in failures.items() if now - ts[-1] >= LOGIN_WINDOW_S]:
-                        del failures[k]
-                    while len(failures) > LOGIN_ADDRESSES:
-                        del failures[next(iter(failures))]
+                store().record_login_failure(who, window_ms, LOGIN_FAILURE_ROWS)
             else:
                 session.clear()
                 session.update(auth=token_tag, vetter=name, csrf=secrets.token_urlsafe(16),

@@ -271,6 +271,7 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
               "snoozed_mjd, latest_mjd, vetted_ms)")
     c.execute("CREATE INDEX ix_obj_sort_first ON objects (first_mjd DESC, object_id)")
     c.execute("ALTER TABLE objects DROP COLUMN ss_distance")
+    c.execute("DROP TABLE login_failures")  # (version 3)
     c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     c.commit()
     c.close()
@@ -280,7 +281,8 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     assert dict(store.conn.execute("SELECT object_id, ss_distance FROM objects").fetchall()) == want
     index_sql = dict(store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
     assert "ss_distance" in index_sql["ix_obj_filter"] and "COALESCE(first_mjd" in index_sql["ix_obj_sort_first"]
-    assert {"ix_dec_alert", "ix_obj_latest"} <= set(index_sql)
+    assert {"ix_dec_alert", "ix_obj_latest", "ix_login_failures"} <= set(index_sql)
+    assert store.login_failures("192.0.2.1", 600_000) == 0  # the table version 3 added
     assert store.list_objects(ListQuery(hide_known_sso=True)).total < len(want)
     store.close()
     # A store from a newer Vigil is refused, naming its version.
@@ -471,9 +473,12 @@ def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db)
     for _ in range(LOGIN_FAILURES):
         assert c.post("/login", data={"vetter": "eve", "token": "guess"}).status_code == 401
     assert c.post("/login", data={"vetter": "eve", "token": TOKEN}).status_code == 429  # even the right one, for now
-    app2 = create_app(db, token=TOKEN, secure_cookie=True)  # a fresh app: a clean failure window
+    # Another app on the same store (another worker process) keeps the same limit; another address is let in.
+    app2 = create_app(db, token=TOKEN, secure_cookie=True)
     c2 = app2.test_client()
-    r = c2.post("/login", data={"vetter": "vera", "token": TOKEN, "next": "/"})
+    assert c2.post("/login", data={"vetter": "eve", "token": TOKEN}).status_code == 429
+    r = c2.post("/login", data={"vetter": "vera", "token": TOKEN, "next": "/"},
+                environ_base={"REMOTE_ADDR": "192.0.2.8"})
     cookie = r.headers["Set-Cookie"]
     assert r.status_code == 302 and "Secure" in cookie and "HttpOnly" in cookie
     assert app2.permanent_session_lifetime.total_seconds() == SESSION_HOURS * 3600
@@ -491,20 +496,26 @@ def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db)
         assert (r.status_code == 302) == other_gets_in, hops
 
 
-def test_failed_login_memory_is_bounded(db, monkeypatch):
-    import stream.web
-    from stream.web import LOGIN_FAILURES, create_app
+def _login_failure_memory(store) -> None:
+    """Failed logins are counted per address within the window and forgotten after it or past the cap."""
+    window, t0 = 600_000, 1_800_000_000_000
+    for k in range(10):
+        store.record_login_failure("192.0.2.1", window, max_rows=12, now_ms=t0 + k)
+    assert store.login_failures("192.0.2.1", window, now_ms=t0 + 10) == 10
+    assert store.login_failures("192.0.2.9", window, now_ms=t0 + 10) == 0
+    assert store.login_failures("192.0.2.1", window, now_ms=t0 + window + 4) == 5  # the first five have expired
+    for i in range(2, 5):  # three more addresses: past 12 rows the oldest are forgotten
+        store.record_login_failure(f"192.0.2.{i}", window, max_rows=12, now_ms=t0 + 20 + i)
+    assert store.login_failures("192.0.2.1", window, now_ms=t0 + 30) == 9
+    assert store.conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 12
+    store.record_login_failure("192.0.2.5", window, max_rows=12, now_ms=t0 + 2 * window)  # the rest expire
+    assert store.conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 1
 
-    monkeypatch.setattr(stream.web, "LOGIN_ADDRESSES", 3)
-    c = create_app(db, token=TOKEN).test_client()
-    for _ in range(LOGIN_FAILURES):
-        c.post("/login", data={"vetter": "eve", "token": "guess"}, environ_base={"REMOTE_ADDR": "192.0.2.1"})
-    assert c.post("/login", data={"vetter": "eve", "token": TOKEN},
-                  environ_base={"REMOTE_ADDR": "192.0.2.1"}).status_code == 429
-    for i in range(2, 5):  # three more addresses: the oldest is forgotten
-        c.post("/login", data={"vetter": "x", "token": "guess"}, environ_base={"REMOTE_ADDR": f"192.0.2.{i}"})
-    assert c.post("/login", data={"vetter": "eve", "token": TOKEN},
-                  environ_base={"REMOTE_ADDR": "192.0.2.1"}).status_code == 302
+
+def test_failed_login_memory_is_bounded(db):
+    store = QueueStore(db)
+    _login_failure_memory(store)
+    store.close()
 
 
 def test_list_page_order_flags_and_polling(client, db, batch):
@@ -688,6 +699,7 @@ def test_postgres_store_behaves_like_sqlite(postgres_server, batch, db):
     assert pg.get_object(ids[1])["snoozed_mjd"] == sq.get_object(ids[1])["snoozed_mjd"] is not None
     with pytest.raises(KeyError):
         pg.record_decision("NO-SUCH-OBJECT", "real", "vera")
+    _login_failure_memory(pg)
     sq.close()
     pg.close()
 
@@ -916,6 +928,19 @@ def test_queue_serve_with_gunicorn_workers(db):
             with opener.open(f"{base}/api/changes?since=0", timeout=10) as r:
                 assert r.status == 200 and json.loads(r.read())["objects"] > 0
                 assert "gunicorn" in r.headers.get("Server", "")
+        # Failed logins count against one limit, whichever worker answered each of them.
+        from stream.web import LOGIN_FAILURES
+
+        def login(token):
+            form = urllib.parse.urlencode({"vetter": "eve", "token": token}).encode()
+            try:
+                with urllib.request.urlopen(f"{base}/login", data=form, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert [login("guess") for _ in range(LOGIN_FAILURES)] == [401] * LOGIN_FAILURES
+        assert login(TOKEN) == 429
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=30)[0]
