@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 #: Target seeing values (arcsec) of the two interventions contrasted by the invariance test;
 #: both lie inside the simulator's seeing distribution (median 2.0″).
 DO_SEEING = (1.8, 2.8)
+#: do(moon): the Moon's illuminated fraction, a dark sky against a full Moon wherever it is up.
+DO_MOON = (0.0, 1.0)
+#: A survey start whose six alert nights (after 30 history nights) are around full moon
+#: (2023-10-28); the default start's fall at new moon, where do(moon) has nothing to act on.
+MOONLIT_START_JD = 2460214.5
 
 TARGETS = {"p_real": "is_real", "p_extragalactic": "is_extragalactic", "p_fast": "is_fast"}
 
@@ -693,20 +698,22 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
 
 @dataclass(frozen=True)
 class Intervention:
-    """The same simulated stream observed under do(seeing = s) for each s in ``seeing``.
+    """The same simulated stream observed under do(condition = v) for each v in ``values``.
 
-    Built by re-running the simulator with the seeing of every exposure, or of those of the
-    last alert nights, set (see :func:`stream.simulate.simulate`): the same objects with the
-    same noise realisations, and everything seeing causes — depth, noise, detections and so
-    the light-curve histories, systematics, artefacts, PSF width and survey scores —
-    follows the generative model. Each run goes through the pipeline's own decode → HSR → features.
+    Built by re-running the simulator with the seeing (or the Moon's illuminated fraction) of
+    every exposure, or of those of the last alert nights, set (see
+    :func:`stream.simulate.simulate`): the same objects with the same noise realisations, and
+    everything the condition causes — depth, noise, detections and so the light-curve
+    histories, systematics, artefacts, PSF width and survey scores — follows the generative
+    model. Each run goes through the pipeline's own decode → HSR → features.
     ``rows[k]`` picks, in run *k*, the real alerts (same object, same exposure) detected
     in every run, in one common order: the fixed population whose mean score must not move.
     """
 
-    seeing: tuple
+    values: tuple
     tables: tuple
     rows: tuple
+    condition: str = "seeing"
 
     def _paired(self, model, scores) -> dict:
         """Per common alert, score in the last run minus in the first."""
@@ -755,16 +762,32 @@ def intervene_seeing(seed: int, seeing=DO_SEEING, last_nights: int | None = 1, *
     included, and every alert).
     """
     tables = tuple(simulated_table(seed, seeing=float(s), seeing_nights=last_nights, **sim_kwargs) for s in seeing)
+    # The intervened exposures are those at the set seeing (all of them without last_nights).
+    return _matched(tables, tables[0].truth["seeing_arcsec"].to_numpy() == float(seeing[0]), tuple(seeing), "seeing")
+
+
+def intervene_moon(seed: int, moon=DO_MOON, last_nights: int | None = 1, **sim_kwargs) -> Intervention:
+    """Simulate stream ``seed`` under do(the Moon's illuminated fraction = v) for each ``v`` and match the alerts.
+
+    As :func:`intervene_seeing`; the intervention matters only where the Moon is up, so give a
+    ``start_jd`` whose alert nights are moonlit (:data:`MOONLIT_START_JD`).
+    """
+    tables = tuple(simulated_table(seed, moon=float(v), seeing_nights=last_nights, **sim_kwargs) for v in moon)
+    night = tables[0].truth["night"].to_numpy()
+    intervened = night > night.max() - last_nights if last_nights is not None else np.ones(len(night), bool)
+    return _matched(tables, intervened, tuple(moon), "moon")
+
+
+def _matched(tables, intervened, values, condition) -> Intervention:
+    """The real alerts of the intervened exposures of run 0 that every run detected, in one order."""
     keys = [t.truth["sim_key"].to_numpy() for t in tables]
-    t0 = tables[0].truth
-    # Real alerts of the intervened exposures (all of them without last_nights).
-    keep = ~t0["class"].eq("bogus").to_numpy() & (t0["seeing_arcsec"].to_numpy() == float(seeing[0]))
+    keep = ~tables[0].truth["class"].eq("bogus").to_numpy() & intervened
     common = set(keys[0][keep])
     for k in keys[1:]:
         common &= set(k)
     order = np.array(sorted(common))
     rows = tuple(pd.Series(np.arange(len(k)), index=k).loc[order].to_numpy() for k in keys)
-    return Intervention(tuple(seeing), tables, rows)
+    return Intervention(values, tables, rows, condition)
 
 
 # --------------------------------------------------------------------------- validation
@@ -787,6 +810,9 @@ class Check:
 
 def validate_causal(train_seed: int = 1, test_seed: int = 2, **sim_kwargs) -> tuple:
     """science.md §3 checks of the adjusted scorer on simulated streams (train on one seed, test on another).
+
+    do(seeing) on the test stream, and do(moon) on the same seed observed from a start whose
+    alert nights are moonlit (:data:`MOONLIT_START_JD`; the training stream's are at new moon).
 
     Returns
     -------
@@ -823,6 +849,19 @@ def validate_causal(train_seed: int = 1, test_seed: int = 2, **sim_kwargs) -> tu
                 for s, (v, v_lo, v_hi) in do.shift_interval(model, mask=m).items():
                     by_stage.append({"intervention": what, "stage": st, "scorer": who, "score": s, "shift": v,
                                      "low": v_lo, "high": v_hi, "n": int(m.sum())})
+    # do(moon) where the Moon is up: the training stream's alert nights fall at new moon, so the
+    # scorers never saw moonlight; it reaches them through the depth and the artefacts it costs.
+    m_lo, m_hi = DO_MOON
+    for nights, what in ((1, "last night"), (None, "every night")):
+        do = intervene_moon(test_seed, last_nights=nights, **dict(sim_kwargs, start_jd=MOONLIT_START_JD))
+        d_adj, d_naive = do.shift_interval(adj), do.shift_interval(naive)
+        for s in ("p_extragalactic", "p_fast"):
+            (a, a_lo, a_hi), n = d_adj[s], d_naive[s][0]
+            checks.append(Check(f"{s}: adjusted |Δ mean| do(moon {m_lo:g}→{m_hi:g}), {what}", abs(a), "≤ 0.03",
+                                abs(a) <= 0.03, f"Δ {a:+.4f}, 95 % [{a_lo:+.4f}, {a_hi:+.4f}]; naive {n:+.4f}"))
+    full = do.tables[-1]  # every night under a full Moon
+    e = expected_calibration_error(full.truth["is_real"].to_numpy(int), adj.score(full.X, contributions=False).p_real)
+    checks.append(Check("p_real: ECE under a full Moon (every night)", e, "≤ 0.05", e <= 0.05))
     for s in ("p_real", "p_extragalactic", "p_fast"):
         y, p = test.truth[TARGETS[s]].to_numpy(int), getattr(sa, s)
         e = expected_calibration_error(y, p)
@@ -1414,6 +1453,12 @@ def _evaluate_sim(args) -> int:
         for s, (v, v_lo, v_hi) in do.shift_interval(model).items():
             print(f"do(seeing {lo}→{hi}″), {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}, "
                   f"95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
+    m_lo, m_hi = DO_MOON
+    for nights, what in ((1, "last night"), (None, "every night")):
+        do = intervene_moon(args.seed, last_nights=nights, **dict(_sim_kwargs(args), start_jd=MOONLIT_START_JD))
+        for s, (v, v_lo, v_hi) in do.shift_interval(model).items():
+            print(f"do(moon {m_lo:g}→{m_hi:g}, moonlit nights), {what}, {len(do.rows[0])} alerts: Δ mean {s} = "
+                  f"{v:+.4f}, 95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
     lab = sim.truth["vetted"].to_numpy(bool)
     diag = PropensityWeighter().fit(sim.selection, lab).diagnostics(sim.selection, lab)
     print(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} labelled; "

@@ -130,7 +130,9 @@ bogus), ``noise_flux_ujy``, ``meas_flux_ujy`` (= the sum of the four; what the a
 ``propensity`` (true P(vetted)) and ``vetted``.
 
 Interventions: ``seeing=s`` is do(seeing = s) for every exposure (or, with
-``seeing_nights=k``, for those of the last *k* alert nights). Every random draw of a real
+``seeing_nights=k``, for those of the last *k* alert nights); ``moon=v`` is do(the Moon's
+illuminated fraction = v) on the same exposures (0: a dark sky wherever the Moon is up), which
+changes the sky, hence the depth, the noise, the detections and the artefacts. Every random draw of a real
 object stays that of the run without it: per-object draws come from streams split between
 long-lived objects and single-epoch sources (asteroids, whose number does not depend on
 seeing, then artefacts), per-detection draws from (object × exposure) matrices, and the
@@ -266,6 +268,7 @@ class SimConfig:
     fp_bad_fraction: float = 0.01
     seeing: float | None = None  # do(seeing): exposures taken at this seeing (arcsec) ...
     seeing_nights: int | None = None  # ... on the last this many alert nights (None: every night)
+    moon: float | None = None  # do(moon): the Moon's illuminated fraction on those nights
     cadence: str = "nightly"  # see CADENCES
 
     def __post_init__(self):
@@ -281,11 +284,13 @@ class SimConfig:
             raise ValueError(f"seeing={self.seeing}: the intervention wants 0.3–10 arcsec")
         if self.seeing_nights is not None and not 1 <= self.seeing_nights <= self.nights:
             raise ValueError(f"seeing_nights={self.seeing_nights}: must be 1 … nights ({self.nights})")
-        if self.seeing_nights is not None and self.seeing is None:
-            raise ValueError("seeing_nights needs seeing (the value the intervention sets)")
-        if self.seeing is not None and self.n_alerts is not None:
-            # Sizing the run and cutting it both depend on the alert count, which seeing changes.
-            raise ValueError("seeing (an intervention) cannot be combined with n_alerts")
+        if self.moon is not None and not 0.0 <= self.moon <= 1.0:
+            raise ValueError(f"moon={self.moon}: an illuminated fraction, 0–1")
+        if self.seeing_nights is not None and self.seeing is None and self.moon is None:
+            raise ValueError("seeing_nights needs seeing or moon (the value the intervention sets)")
+        if (self.seeing is not None or self.moon is not None) and self.n_alerts is not None:
+            # Sizing the run and cutting it both depend on the alert count, which the conditions change.
+            raise ValueError("seeing or moon (an intervention) cannot be combined with n_alerts")
 
 
 @dataclass(eq=False)
@@ -378,7 +383,7 @@ class SimResult:
 def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, quadrants: int = 4,
              mode: str = "dense", fmt: str = "files", n_alerts: int | None = None, history_days: int = 30,
              start_jd: float = 2460200.5, sys_scale: float = 1.0, seeing: float | None = None,
-             seeing_nights: int | None = None, cadence: str = "nightly") -> SimResult:
+             seeing_nights: int | None = None, moon: float | None = None, cadence: str = "nightly") -> SimResult:
     """Simulate a ZTF alert stream with known truth.
 
     Parameters
@@ -413,8 +418,12 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
         seeing (depth, noise, systematics, artefacts, detections, PSF and survey scores)
         changes. :meth:`SimResult.alert_keys` matches alerts across such runs.
     seeing_nights : int, optional
-        Apply ``seeing`` only to the last this many alert nights (default: every night of
-        the survey, histories included).
+        Apply ``seeing`` (and ``moon``) only to the last this many alert nights (default:
+        every night of the survey, histories included).
+    moon : float, optional
+        The intervention do(moon): the Moon's illuminated fraction (0–1) on those nights, where
+        it is up (its position stays the ephemeris'), with the same draws as for ``seeing``;
+        the sky, depth, noise, detections and artefacts follow.
     cadence : {"nightly", "public"}
         See :data:`CADENCES`.
 
@@ -427,7 +436,7 @@ def simulate(seed: int = 0, out_dir=None, *, nights: int = 2, fields: int = 1, q
         raise ValueError(f"start_jd={start_jd}: must be 0h UT of a day (a JD ending in .5)")
     cfg = SimConfig(seed=int(seed), nights=nights, fields=fields, quadrants=quadrants, mode=mode,
                     n_alerts=n_alerts, history_days=history_days, start_jd=start_jd, sys_scale=sys_scale,
-                    seeing=seeing, seeing_nights=seeing_nights, cadence=cadence)
+                    seeing=seeing, seeing_nights=seeing_nights, moon=moon, cadence=cadence)
     result = _run(cfg)
     if out_dir is not None:
         result.write(out_dir, fmt)
@@ -734,6 +743,9 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
     mra, mdec, _, _ = moon_position(e_jd)
     m_alt = altitude(mra, mdec, e_jd)
     m_ill = moon_illumination(e_jd)
+    first = 0 if cfg.seeing_nights is None else n_days - cfg.seeing_nights  # the intervened nights
+    if cfg.moon is not None:  # do(moon); the ephemeris draws nothing, so no draw moves
+        m_ill = np.where(e_night >= first, float(cfg.moon), m_ill)
     z_exp = cfg.sys_scale * (rng.normal(0, 0.012, n_exp) + 0.05 * e_cloud)
 
     rows = []
@@ -755,7 +767,6 @@ def _survey(cfg: SimConfig, boost: float = 1.0):
     radius = np.hypot(dx, dy) / (4 * QUAD_DEG)
     seeing = e_seeing[ei] * (1 + 0.04 * radius + rng.normal(0, 0.02, n))
     if cfg.seeing is not None:  # after the draws, so that the rest stays the same
-        first = 0 if cfg.seeing_nights is None else n_days - cfg.seeing_nights
         seeing = np.where(e_night[ei] >= first, float(cfg.seeing), seeing)
     cloud = np.clip(e_cloud[ei] * np.exp(rng.normal(0, 0.1, n)), 0, 1.5)
     msep = separation(q_ra, q_dec, mra[ei], mdec[ei])

@@ -154,13 +154,13 @@ def test_ipw_balances_a_synthetic_selection():
 class _ReadsOneColumn:
     """A stand-in scorer whose two intrinsic scores are a fixed function of one feature."""
 
-    def __init__(self, column):
-        self.column = column
+    def __init__(self, column, centre=0.0):
+        self.column, self.centre = column, centre
 
     def score(self, X, contributions=False):
         from types import SimpleNamespace
 
-        p = 1 / (1 + np.exp(-np.nan_to_num(X[self.column].to_numpy(float))))
+        p = 1 / (1 + np.exp(-np.nan_to_num(X[self.column].to_numpy(float) - self.centre)))
         return SimpleNamespace(p_extragalactic=p, p_fast=p)
 
 
@@ -190,6 +190,27 @@ def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependen
     last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
     nights = last.tables[0].truth["night"].iloc[last.rows[0]]
     assert 0 < len(nights) < len(lo) and nights.nunique() == 1
+
+
+def test_do_moon_by_resimulation_darkens_the_sky_only_where_the_moon_is_up():
+    from models.train import MOONLIT_START_JD, intervene_moon
+
+    kw = {"mode": "transient", "quadrants": 3, "nights": 2}
+    do = intervene_moon(5, moon=(0.0, 1.0), last_nights=1, start_jd=MOONLIT_START_JD, **kw)
+    dark, full = (t.truth.iloc[r].reset_index(drop=True) for t, r in zip(do.tables, do.rows, strict=True))
+    assert len(dark) > 30 and do.condition == "moon"
+    assert (dark["sim_key"] == full["sim_key"]).all() and not dark["class"].eq("bogus").any()
+    assert dark["night"].nunique() == 1  # the last night only
+    assert (dark["seeing_arcsec"] == full["seeing_arcsec"]).all()  # seeing is not the Moon's
+    # Moonlight costs depth where the Moon is up; a score reading the depth moves, a catalogue one cannot.
+    lim = [t.X["limit_mag"].to_numpy()[r] for t, r in zip(do.tables, do.rows, strict=True)]
+    assert np.nanmedian(lim[0] - lim[1]) > 0.2
+    assert do.shift(_ReadsOneColumn("limit_mag", centre=20.0))["p_fast"] < -0.05
+    assert do.shift(_ReadsOneColumn("star_galaxy")) == {"p_extragalactic": 0.0, "p_fast": 0.0}
+    # At the default start the alert nights fall at new moon: the Moon is down, nothing to act on.
+    new = intervene_moon(5, moon=(0.0, 1.0), last_nights=1, **kw)
+    lim = [t.X["limit_mag"].to_numpy()[r] for t, r in zip(new.tables, new.rows, strict=True)]
+    assert np.nanmax(np.abs(lim[0] - lim[1])) < 1e-9
 
 
 def test_within_object_slopes_recover_a_seeing_effect_and_hold_controls_fixed():
