@@ -512,6 +512,37 @@ class AlertScorer:
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
                           self.model_version, {s: relative for s in INTRINSIC})
 
+    def standardised_scores(self, X: pd.DataFrame) -> dict | None:
+        """Scores under typical conditions: each averaged over the model's reference bank of conditions.
+
+        The backdoor formula of science.md §2 (estimator 3): the alert's features are kept and
+        its observing conditions are replaced by each of the bank's rows (drawn from the training
+        stream) in turn. A display of what the scores would read in typical conditions, beside
+        the scores themselves; never a ranking score. Conditions an alert lacks stay missing (a
+        survey that sends no depth must still go to the reduced scorers).
+
+        Parameters
+        ----------
+        X : pandas.DataFrame
+            Feature rows (:data:`models.features.FEATURES`).
+
+        Returns
+        -------
+        dict or None
+            ``{score: array}`` (NaN for unscored rows), or None for a model saved without a bank.
+        """
+        bank = self.metadata.get("condition_bank")
+        if not bank or not len(X):
+            return None
+        Z = np.asarray(bank["rows"], dtype=float)
+        n, k = len(X), len(Z)
+        R = pd.concat([X[list(FEATURES)]] * k, ignore_index=True)
+        for j, c in enumerate(bank["columns"]):
+            have = R[c].notna().to_numpy()
+            R.loc[have, c] = np.repeat(Z[:, j], n)[have]
+        sb = self.score(R, contributions=False)
+        return {s: np.asarray(getattr(sb, s), dtype=float).reshape(k, n).mean(axis=0) for s in SCORES}
+
     def save(self, directory) -> Path:
         """Write boosters (UBJSON) and ``metadata.json`` into ``directory``."""
         directory = Path(directory)

@@ -523,10 +523,29 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
     version = f"xgb-sim{sim.seed}-{tag}" + ("" if adjust else "-naive")
     meta = {"training_data_hash": h, "training_source": f"stream.simulate seed={sim.seed} {sim.config}",
             "n_alerts": len(X), "n_labelled": int(lab.sum()), "positives_labelled": positives,
-            "ipw": diag.to_json(), "propensity_model": pw.to_json(), "adjusted": adjust}
+            "ipw": diag.to_json(), "propensity_model": pw.to_json(), "adjusted": adjust,
+            "condition_bank": condition_bank(X, random_state=random_state)}
     model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else \
         AlertScorer(scorers, res, version, meta, reduced=small or None)
     return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives)
+
+
+#: Rows of observing conditions a model keeps for its standardised ("typical conditions") scores.
+CONDITION_BANK_ROWS = 32
+
+
+def condition_bank(X: pd.DataFrame, rows: int = CONDITION_BANK_ROWS, random_state: int = 0) -> dict:
+    """A reference bank of observing conditions: ``rows`` alerts of ``X`` drawn at random, every condition known.
+
+    Drawn from all the alerts of a training stream (labelled or not), so the bank follows the
+    survey's distribution of conditions; see :meth:`models.scorer.AlertScorer.standardised_scores`.
+    """
+    from models.features import CONDITIONS
+
+    Z = X[list(CONDITIONS)].to_numpy(float)
+    Z = Z[np.isfinite(Z).all(axis=1)]
+    pick = np.random.default_rng(random_state).choice(len(Z), size=min(rows, len(Z)), replace=False)
+    return {"columns": list(CONDITIONS), "rows": np.round(Z[np.sort(pick)], 6).tolist()}
 
 
 def _conditions():

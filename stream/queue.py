@@ -1231,7 +1231,7 @@ def cmd_serve(args) -> int:
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
     app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie,
-                     proxy_hops=args.proxy_hops)
+                     proxy_hops=args.proxy_hops, model=args.model)
     how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\
         "for a team)"
     print(f"vigil queue: serving {redacted(args.db)} on http://{args.host}:{args.port}/ with {how}", flush=True)
@@ -1382,6 +1382,8 @@ def register(subparsers) -> None:
     s.add_argument("--proxy-hops", type=_count, default=0, metavar="N",
                    help="trust X-Forwarded-For/-Proto from N reverse proxies (default 0), so that failed-login "
                         "limits apply per client, not to the proxy")
+    s.add_argument("--model", metavar="DIR", help="model directory for the object page's typical-conditions "
+                                                  "scores (default: the shipped model; the service's [scoring] model)")
     s.set_defaults(func=cmd_serve)
 
     li = sub.add_parser("list", help="the top of the ranked list in the terminal (or --json)")

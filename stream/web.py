@@ -424,7 +424,8 @@ LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 600
 LOGIN_FAILURE_ROWS = 100_000
 
 
-def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = False, proxy_hops: int = 0):
+def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = False, proxy_hops: int = 0,
+               model=None):
     """The Flask application.
 
     Parameters
@@ -442,6 +443,9 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         Number of reverse proxies in front of the app whose ``X-Forwarded-For`` and
         ``X-Forwarded-Proto`` to trust (0: none). Behind a proxy, every request otherwise comes
         from the proxy's address, and one person's failed logins would lock everyone out.
+    model : str or Path, optional
+        Model directory (default: the shipped model) whose reference bank of conditions gives the
+        object page's "typical conditions" scores, shown for alerts that model scored.
 
     Returns
     -------
@@ -474,6 +478,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                       SESSION_COOKIE_NAME="vigil_queue", PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
                       VIGIL=settings)
     token_tag = hmac.new(app.secret_key, b"tag", "sha256").hexdigest()[:16]
+    scorer = _Scorer(model)
 
     def store() -> QueueStore:
         if "store" not in g:
@@ -634,7 +639,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         trig = rec.get("event_mjd")
         explanation_text = rec.get("explanation_text") or {}
         return render_template(
-            "object.html", obj=obj, rec=rec, feats=feats, qs=qs,
+            "object.html", obj=obj, rec=rec, feats=feats, qs=qs, typical=scorer.typical(rec),
             svg_raw=Markup(lightcurve_svg(lc, "raw", trigger_mjd=trig)),
             svg_corr=Markup(lightcurve_svg(lc, "corrected", trigger_mjd=trig)),
             explanation_text=explanation_text, links=archive_links(obj["ra"], obj["dec"], object_id, obj["survey"]),
@@ -739,7 +744,39 @@ def wsgi_app():
     hops = os.environ.get("VIGIL_QUEUE_PROXY_HOPS", "0")
     if not hops.isdigit():
         raise ValueError(f"VIGIL_QUEUE_PROXY_HOPS: must be a count of proxies (0, 1, ...), not {hops!r}")
-    return create_app(db, token=token, clock=clock, secure_cookie=secure == "1", proxy_hops=int(hops))
+    return create_app(db, token=token, clock=clock, secure_cookie=secure == "1", proxy_hops=int(hops),
+                      model=os.environ.get("VIGIL_QUEUE_MODEL") or None)
+
+
+class _Scorer:
+    """The model behind the object page's "typical conditions" scores, loaded on first use."""
+
+    def __init__(self, directory=None):
+        from models.scorer import AlertScorer, default_scorer
+
+        # A named directory is read now, so that a wrong one fails at start, not on a vetter's page.
+        self.model = AlertScorer.load(directory) if directory is not None else None
+        self._default = default_scorer
+
+    def typical(self, rec: dict) -> dict:
+        """``{"scores": {score: p}}`` under typical conditions for one stored annotation, or ``{"why": ...}``."""
+        import pandas as pd
+
+        from models.features import FEATURES
+
+        if self.model is None:
+            self.model = self._default()
+        if rec.get("status") != "scored":
+            return {"why": "unscored"}
+        if rec.get("model_version") != self.model.model_version:
+            return {"why": f"scored by {rec.get('model_version')}; this page has {self.model.model_version}"}
+        feats = rec.get("features") or {}
+        X = pd.DataFrame([{f: feats.get(f) for f in FEATURES}], dtype=float)
+        out = self.model.standardised_scores(X)
+        if out is None:
+            return {"why": f"{self.model.model_version} keeps no reference conditions"}
+        n = len(self.model.metadata["condition_bank"]["rows"])
+        return {"scores": {s: float(v[0]) for s, v in out.items()}, "n": n}
 
 
 def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> None:

@@ -592,6 +592,38 @@ def test_object_page_plots_cutouts_and_vetting_form(client, db, batch):
     assert client.get(f"/cutout/{obj[1]}/bogus.png").status_code == 404
 
 
+def test_object_page_shows_typical_conditions_scores_of_the_model_that_scored_it(client, db, tmp_path):
+    import shutil
+
+    from models.scorer import DEFAULT_MODEL_DIR, default_scorer
+    from stream.web import create_app
+
+    _login(client)
+    oid, record = sqlite3.connect(db).execute(
+        "SELECT a.object_id, a.record FROM objects o JOIN annotations a ON a.alert_id = o.latest_alert_id "
+        "WHERE o.p_real IS NOT NULL ORDER BY o.priority DESC LIMIT 1").fetchone()
+    rec = json.loads(record)
+    html = client.get(f"/object/{oid}").get_data(as_text=True)
+    want = default_scorer().standardised_scores(pd.DataFrame([rec["features"]], dtype=float))
+    shown = re.search(r"Under typical conditions \((\d+) reference conditions\): P\(real\) ([\d.]+) · "
+                      r"P\(extragalactic\) ([\d.]+) · P\(fast\) ([\d.]+)", html)
+    assert shown and int(shown[1]) == 32
+    for s, v in zip(("p_real", "p_extragalactic", "p_fast"), shown.groups()[1:], strict=True):
+        assert float(v) == pytest.approx(want[s][0], abs=0.006)  # as printed
+    # A page serving another model says so rather than mixing models.
+    other = tmp_path / "other"
+    shutil.copytree(DEFAULT_MODEL_DIR, other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["version"] = "xgb-other"
+    (other / "metadata.json").write_text(json.dumps(meta))
+    c2 = create_app(db, token=TOKEN, model=other).test_client()
+    _login(c2)
+    html = c2.get(f"/object/{oid}").get_data(as_text=True)
+    assert "Typical-conditions scores not shown: scored by " in html and "this page has xgb-other" in html
+    with pytest.raises(FileNotFoundError):
+        create_app(db, token=TOKEN, model=tmp_path / "nowhere")
+
+
 def test_png_encoder_roundtrip():
     from stream.web import png_encode
 

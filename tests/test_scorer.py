@@ -191,6 +191,41 @@ def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
         np.testing.assert_array_equal(a.contributions[s], b.contributions[s])
 
 
+def test_standardised_scores_average_over_the_bank_and_ignore_the_alerts_own_conditions(tiny_sim, tiny_model,
+                                                                                         tmp_path):
+    from models.features import CONDITIONS
+
+    bank = tiny_model.metadata["condition_bank"]
+    assert bank["columns"] == list(CONDITIONS) and len(bank["rows"]) == 32
+    X = tiny_sim.X.iloc[:40].reset_index(drop=True)
+    st = tiny_model.standardised_scores(X)
+    # By hand for one alert: its features with each bank row's conditions, scored and averaged.
+    one = pd.concat([X.iloc[[3]]] * len(bank["rows"]), ignore_index=True)
+    one[bank["columns"]] = np.asarray(bank["rows"])
+    by_hand = tiny_model.score(one, contributions=False)
+    for s in SCORES:
+        assert st[s][3] == pytest.approx(np.mean(getattr(by_hand, s)))
+    # The alert's own conditions do not enter; its features do.
+    moved = X.copy()
+    moved[list(CONDITIONS)] = moved[list(CONDITIONS)] * 1.4
+    assert all(np.array_equal(tiny_model.standardised_scores(moved)[s], st[s]) for s in SCORES)
+    # A condition the alert lacks stays missing (a survey without depth keeps its reduced scorers).
+    lacking = X.iloc[[3]].copy()
+    lacking[["ref_mag", "ref_distance", "n_negative_pixels", "limit_mag"]] = np.nan
+    one = pd.concat([lacking] * len(bank["rows"]), ignore_index=True)
+    kept = [c for c in bank["columns"] if c != "limit_mag"]
+    one[kept] = np.asarray(bank["rows"])[:, [bank["columns"].index(c) for c in kept]]
+    assert tiny_model.lacking_rows(one).all()
+    assert tiny_model.standardised_scores(lacking)["p_fast"][0] == pytest.approx(
+        np.mean(tiny_model.score(one, contributions=False).p_fast))
+    # The bank is saved with the model; a model without one has no such scores.
+    tiny_model.save(tmp_path / "m")
+    back = load(tmp_path / "m")
+    assert all(np.array_equal(back.standardised_scores(X)[s], st[s]) for s in SCORES)
+    bare = AlertScorer(tiny_model.scorers, tiny_model.residualiser, "v", {}, reduced=tiny_model.reduced)
+    assert bare.standardised_scores(X) is None
+
+
 def test_reduced_intrinsic_scorers_train_on_residuals_taken_without_the_optional_inputs(tiny_sim, monkeypatch):
     import models.train as mt
     from models.features import SURVEY_OPTIONAL
