@@ -70,6 +70,21 @@ MIN_CONDITION_ROWS = 50
 
 #: Inputs of the intrinsic scorers: every feature except the conditions themselves.
 INTRINSIC_FEATURES = tuple(f for f in FEATURES if f not in CONDITIONS)
+#: Rows of observing conditions a model keeps for its standardised ("typical conditions") scores.
+CONDITION_BANK_ROWS = 32
+
+
+def condition_bank(X: pd.DataFrame, rows: int = CONDITION_BANK_ROWS, random_state: int = 0) -> dict:
+    """A reference bank of observing conditions: ``rows`` alerts of ``X`` drawn at random, every condition known.
+
+    Drawn from all the alerts of a training stream (labelled or not), or of the survey stream a
+    ĝ(z) is refitted on, so the bank follows that distribution of conditions; see
+    :meth:`AlertScorer.standardised_scores`.
+    """
+    Z = X[list(CONDITIONS)].to_numpy(float)
+    Z = Z[np.isfinite(Z).all(axis=1)]
+    pick = np.random.default_rng(random_state).choice(len(Z), size=min(rows, len(Z)), replace=False)
+    return {"columns": list(CONDITIONS), "rows": np.round(Z[np.sort(pick)], 6).tolist()}
 
 
 def _sigmoid(x):
@@ -448,7 +463,8 @@ class AlertScorer:
         h = data_hash(X[list(FEATURES)])
         base = self.metadata.get("conditions_fit", {}).get("from_version", self.model_version)
         meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),
-                                                                 "data_hash": h, "from_version": base})
+                                                                 "data_hash": h, "from_version": base},
+                    condition_bank=condition_bank(X))  # typical conditions of that survey now
         return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta, reduced=self.reduced)
 
     def design(self, X: pd.DataFrame) -> dict:

@@ -488,7 +488,14 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
     from causal.adjust import ConditionResidualiser, PropensityWeighter
     from models.features import FEATURES, SURVEY_OPTIONAL
     from models.score import SCORES
-    from models.scorer import CONDITION_SENSITIVE, CONDITION_TRANSFORMS, INTRINSIC, AlertScorer, data_hash
+    from models.scorer import (
+        CONDITION_SENSITIVE,
+        CONDITION_TRANSFORMS,
+        INTRINSIC,
+        AlertScorer,
+        condition_bank,
+        data_hash,
+    )
 
     X = sim.X[list(FEATURES)]
     lab = sim.truth["vetted"].to_numpy(bool)
@@ -528,24 +535,6 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
     model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else \
         AlertScorer(scorers, res, version, meta, reduced=small or None)
     return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives)
-
-
-#: Rows of observing conditions a model keeps for its standardised ("typical conditions") scores.
-CONDITION_BANK_ROWS = 32
-
-
-def condition_bank(X: pd.DataFrame, rows: int = CONDITION_BANK_ROWS, random_state: int = 0) -> dict:
-    """A reference bank of observing conditions: ``rows`` alerts of ``X`` drawn at random, every condition known.
-
-    Drawn from all the alerts of a training stream (labelled or not), so the bank follows the
-    survey's distribution of conditions; see :meth:`models.scorer.AlertScorer.standardised_scores`.
-    """
-    from models.features import CONDITIONS
-
-    Z = X[list(CONDITIONS)].to_numpy(float)
-    Z = Z[np.isfinite(Z).all(axis=1)]
-    pick = np.random.default_rng(random_state).choice(len(Z), size=min(rows, len(Z)), replace=False)
-    return {"columns": list(CONDITIONS), "rows": np.round(Z[np.sort(pick)], 6).tolist()}
 
 
 def _conditions():
@@ -702,7 +691,9 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
     # The base's provenance moves under "base": P(fast) and the kept scorers are still its, the
     # retrained ones are not. Without conditions_fit at the top, a later refit of ĝ(z) names the
     # model after this version rather than after the one before the retraining.
-    meta = {"base": {k: v for k, v in base.metadata.items() if k not in ("format", "kind", "scores", "reduced")},
+    meta = {"base": {k: v for k, v in base.metadata.items()
+                     if k not in ("format", "kind", "scores", "reduced", "condition_bank")},
+            "condition_bank": base.metadata.get("condition_bank"),  # the same conditions model
             "decisions_fit": {"source": str(source), "from_version": base.model_version,
                               "data_hash": ":".join(hashes), "object_digests": sorted(objects | known),
                               "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",

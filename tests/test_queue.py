@@ -1123,8 +1123,16 @@ def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
     assert len(res.annotations) == 6
     assert {a.to_record()["model_version"] for a in res.annotations} == {model.model_version}
     # A later refit of ĝ(z) keeps the retraining in the name (it used to fall back to the base's).
-    refit = model.with_conditions_fitted_on(pd.read_parquet(labels)[list(FEATURES)].astype(float))
+    res_frame = pd.read_parquet(labels)[list(FEATURES)].astype(float)
+    refit = model.with_conditions_fitted_on(res_frame)
     assert refit.model_version.startswith(model.model_version + "+g")
+    # Both keep a bank of conditions for the typical-conditions scores: the retrained model its
+    # base's (the same conditions model), the refitted one drawn from the alerts it was refitted on.
+    assert model.metadata["condition_bank"] == base.metadata["condition_bank"]
+    assert model.standardised_scores(res_frame) is not None
+    bank = np.asarray(refit.metadata["condition_bank"]["rows"])
+    own = res_frame[refit.metadata["condition_bank"]["columns"]].round(6).to_numpy()
+    assert len(bank) == 32 and all((own == row).all(axis=1).any() for row in bank)
 
     # The export read as a plain table would hand its decision columns to the model as features.
     csv = tmp_path / "labels.csv"
