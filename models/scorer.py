@@ -548,7 +548,7 @@ class AlertScorer:
             ``{score: array}`` (NaN for unscored rows), or None for a model saved without a bank.
         """
         bank = self.metadata.get("condition_bank")
-        if not bank or not len(X):
+        if not bank or not bank.get("rows") or not len(X):
             return None
         Z = np.asarray(bank["rows"], dtype=float)
         n, k = len(X), len(Z)

@@ -782,10 +782,13 @@ def intervene_moon(seed: int, moon=DO_MOON, last_nights: int | None = 1, **sim_k
     As :func:`intervene_seeing`; the intervention matters only where the Moon is up, so give a
     ``start_jd`` whose alert nights are moonlit (:data:`MOONLIT_START_JD`).
     """
+    from stream.simulate import SimConfig
+
     tables = tuple(simulated_table(seed, moon=float(v), seeing_nights=last_nights, **sim_kwargs) for v in moon)
-    night = tables[0].truth["night"].to_numpy()
-    intervened = night > night.max() - last_nights if last_nights is not None else np.ones(len(night), bool)
-    return _matched(tables, intervened, tuple(moon), "moon")
+    # The nights the simulator intervened on (as it counts them, whether or not each has alerts).
+    cfg = tables[0].config
+    first = 0 if last_nights is None else cfg.get("history_days", SimConfig.history_days) + cfg["nights"] - last_nights
+    return _matched(tables, tables[0].truth["night"].to_numpy() >= first, tuple(moon), "moon")
 
 
 def _matched(tables, intervened, values, condition) -> Intervention:

@@ -86,6 +86,7 @@ SORTS = {
 }
 
 _LOGIN_FAILURES_DDL = """CREATE TABLE IF NOT EXISTS login_failures (
+        attempt_id INTEGER PRIMARY KEY AUTOINCREMENT,
         address TEXT NOT NULL,
         failed_ms INTEGER NOT NULL
     )"""
@@ -1126,25 +1127,45 @@ class QueueStore:
 
     # -- failed logins (the web app's throttle)
     def login_failures(self, address: str, window_ms: int, now_ms: int | None = None) -> int:
-        """Failed logins from ``address`` within the last ``window_ms``, by every process of the store."""
+        """Failed (or undecided) logins from ``address`` within the last ``window_ms``, by every process."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         return int(self.conn.execute("SELECT COUNT(*) FROM login_failures WHERE address = ? AND failed_ms > ?",
                                      (address, now - window_ms)).fetchone()[0])
 
-    def record_login_failure(self, address: str, window_ms: int, max_rows: int, now_ms: int | None = None) -> None:
-        """Remember one failed login, forgetting those out of the window and, past ``max_rows``, the oldest."""
+    def begin_login(self, address: str, window_ms: int, limit: int, max_rows: int,
+                    now_ms: int | None = None) -> int | None:
+        """Count one login attempt from ``address`` as failed until :meth:`login_succeeded` says otherwise.
+
+        In one write transaction: refused (None) if ``limit`` failures of the window are already
+        there, else recorded; so concurrent guesses in any number of worker processes cannot all
+        pass the check before any of them is counted. Failures out of the window are forgotten,
+        and past ``max_rows`` (a flood from many addresses) the oldest.
+
+        Returns
+        -------
+        int or None
+            The attempt's id, or None when the address must wait.
+        """
         now = int(time.time() * 1000) if now_ms is None else now_ms
 
         def tx(c):
             c.execute("DELETE FROM login_failures WHERE failed_ms <= ?", (now - window_ms,))
-            c.execute("INSERT INTO login_failures (address, failed_ms) VALUES (?, ?)", (address, now))
-            n = int(c.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0])
-            if n > max_rows:  # a flood from many addresses: keep the newest
-                cut = c.execute("SELECT failed_ms FROM login_failures ORDER BY failed_ms DESC LIMIT 1 OFFSET ?",
+            n = c.execute("SELECT COUNT(*) FROM login_failures WHERE address = ?", (address,)).fetchone()[0]
+            if int(n) >= limit:
+                return None
+            attempt = int(c.execute("INSERT INTO login_failures (address, failed_ms) VALUES (?, ?) "
+                                    "RETURNING attempt_id", (address, now)).fetchone()[0])
+            if int(c.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0]) > max_rows:
+                cut = c.execute("SELECT attempt_id FROM login_failures ORDER BY attempt_id DESC LIMIT 1 OFFSET ?",
                                 (max_rows - 1,)).fetchone()[0]
-                c.execute("DELETE FROM login_failures WHERE failed_ms < ?", (cut,))
+                c.execute("DELETE FROM login_failures WHERE attempt_id < ?", (cut,))
+            return attempt
 
-        self._write(tx)
+        return self._write(tx)
+
+    def login_succeeded(self, attempt: int) -> None:
+        """The attempt begun by :meth:`begin_login` gave the right token: it is no failure."""
+        self._write(lambda c: c.execute("DELETE FROM login_failures WHERE attempt_id = ?", (attempt,)))
 
     # -- labels
     def labels_frame(self):

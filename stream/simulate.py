@@ -130,9 +130,10 @@ bogus), ``noise_flux_ujy``, ``meas_flux_ujy`` (= the sum of the four; what the a
 ``propensity`` (true P(vetted)) and ``vetted``.
 
 Interventions: ``seeing=s`` is do(seeing = s) for every exposure (or, with
-``seeing_nights=k``, for those of the last *k* alert nights); ``moon=v`` is do(the Moon's
-illuminated fraction = v) on the same exposures (0: a dark sky wherever the Moon is up), which
-changes the sky, hence the depth, the noise, the detections and the artefacts. Every random draw of a real
+``seeing_nights=k``, for those of the last *k* alert nights); ``moon=v`` sets the Moon's
+illuminated fraction to v on the same exposures (0: a dark sky wherever the Moon is up), which
+changes the sky, hence the depth, the noise, the detections and the artefacts (alerts carry no
+Moon value; a reader computing the Moon from the ephemeris sees the natural one). Every random draw of a real
 object stays that of the run without it: per-object draws come from streams split between
 long-lived objects and single-epoch sources (asteroids, whose number does not depend on
 seeing, then artefacts), per-detection draws from (object × exposure) matrices, and the

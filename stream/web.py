@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import math
 import secrets
 import struct
@@ -29,6 +30,8 @@ from urllib.parse import urlencode
 import numpy as np
 
 from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze
+
+log = logging.getLogger(__name__)
 
 MJD_UNIX_EPOCH = 40587.0
 BAND_COLOURS = {"u": "#7b3fb5", "g": "#1f9e3a", "r": "#d62728", "i": "#e07b00", "z": "#8c564b", "y": "#333333"}
@@ -566,16 +569,26 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         if request.method == "POST":
             name = (request.form.get("vetter") or "").strip()[:80]
             given = (request.form.get("token") or "").strip()
-            who, window_ms = request.remote_addr or "?", LOGIN_WINDOW_S * 1000
-            if store().login_failures(who, window_ms) >= LOGIN_FAILURES:
+            if not name:
+                return render_template("login.html", error="Please give your name (it is recorded with your "
+                                       "decisions).", next=nxt), 401
+            try:  # counted before the token is compared, so that a burst of guesses cannot outrun the count
+                attempt = store().begin_login(request.remote_addr or "?", LOGIN_WINDOW_S * 1000, LOGIN_FAILURES,
+                                              LOGIN_FAILURE_ROWS)
+            except _busy_errors() as exc:  # the service holds the store's write lock: no guess goes unrecorded
+                app.logger.warning("login not checked, store busy: %r", exc)
+                return render_template("login.html", error="The queue store is busy; try again in a moment.",
+                                       next=nxt), 503
+            if attempt is None:
                 return render_template("login.html", error="Too many failed logins; try again later.",
                                        next=nxt), 429
-            if not name:
-                error = "Please give your name (it is recorded with your decisions)."
-            elif not hmac.compare_digest(given.encode(), token.encode()):
+            if not hmac.compare_digest(given.encode(), token.encode()):
                 error = "Wrong token."
-                store().record_login_failure(who, window_ms, LOGIN_FAILURE_ROWS)
             else:
+                try:
+                    store().login_succeeded(attempt)
+                except _busy_errors() as exc:  # it stays counted as a failure; the vetter still gets in
+                    app.logger.warning("successful login left counted, store busy: %r", exc)
                 session.clear()
                 session.update(auth=token_tag, vetter=name, csrf=secrets.token_urlsafe(16),
                                login_ms=int(time.time() * 1000))
@@ -748,35 +761,54 @@ def wsgi_app():
                       model=os.environ.get("VIGIL_QUEUE_MODEL") or None)
 
 
+def _busy_errors() -> tuple:
+    """What a store raises when a write waited for the lock and gave up (SQLite, PostgreSQL)."""
+    from stream.queue import _errors
+
+    return _errors("LockNotAvailable")
+
+
 class _Scorer:
     """The model behind the object page's "typical conditions" scores, loaded on first use."""
 
     def __init__(self, directory=None):
-        from models.scorer import AlertScorer, default_scorer
+        import threading
+
+        from models.scorer import AlertScorer
 
         # A named directory is read now, so that a wrong one fails at start, not on a vetter's page.
         self.model = AlertScorer.load(directory) if directory is not None else None
-        self._default = default_scorer
+        self._lock = threading.Lock()  # one load, and one booster set-up, among the worker's threads
 
     def typical(self, rec: dict) -> dict:
-        """``{"scores": {score: p}}`` under typical conditions for one stored annotation, or ``{"why": ...}``."""
+        """Typical-conditions scores of one annotation: ``{"scores": {score: p}, "n": rows}`` or ``{"why": ...}``.
+
+        A line to read beside the scores: whatever goes wrong here says so instead of failing the page.
+        """
         import pandas as pd
 
         from models.features import FEATURES
+        from models.scorer import AlertScorer, default_scorer
 
-        if self.model is None:
-            self.model = self._default()
         if rec.get("status") != "scored":
             return {"why": "unscored"}
-        if rec.get("model_version") != self.model.model_version:
-            return {"why": f"scored by {rec.get('model_version')}; this page has {self.model.model_version}"}
-        feats = rec.get("features") or {}
-        X = pd.DataFrame([{f: feats.get(f) for f in FEATURES}], dtype=float)
-        out = self.model.standardised_scores(X)
+        with self._lock:
+            if self.model is None:
+                self.model = default_scorer()
+            model = self.model
+            if not isinstance(model, AlertScorer):  # the placeholder of a missing shipped model
+                return {"why": "no alert model to read them from"}
+            if rec.get("model_version") != model.model_version:
+                return {"why": f"scored by {rec.get('model_version')}; this page has {model.model_version}"}
+            feats = rec.get("features") or {}
+            try:
+                out = model.standardised_scores(pd.DataFrame([{f: feats.get(f) for f in FEATURES}], dtype=float))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("typical-conditions scores failed for alert %s: %r", rec.get("alert_id"), exc)
+                return {"why": "they could not be computed for this alert"}
         if out is None:
-            return {"why": f"{self.model.model_version} keeps no reference conditions"}
-        n = len(self.model.metadata["condition_bank"]["rows"])
-        return {"scores": {s: float(v[0]) for s, v in out.items()}, "n": n}
+            return {"why": f"{model.model_version} keeps no reference conditions"}
+        return {"scores": {s: float(v[0]) for s, v in out.items()}, "n": len(model.metadata["condition_bank"]["rows"])}
 
 
 def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> None:

@@ -497,18 +497,21 @@ def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db)
 
 
 def _login_failure_memory(store) -> None:
-    """Failed logins are counted per address within the window and forgotten after it or past the cap."""
+    """Attempts count as failures until they succeed; per address, within the window, and past the cap the oldest go."""
     window, t0 = 600_000, 1_800_000_000_000
-    for k in range(10):
-        store.record_login_failure("192.0.2.1", window, max_rows=12, now_ms=t0 + k)
+    ids = [store.begin_login("192.0.2.1", window, limit=10, max_rows=12, now_ms=t0 + k) for k in range(10)]
+    assert None not in ids and len(set(ids)) == 10
+    assert store.begin_login("192.0.2.1", window, limit=10, max_rows=12, now_ms=t0 + 10) is None  # must wait
     assert store.login_failures("192.0.2.1", window, now_ms=t0 + 10) == 10
+    store.login_succeeded(ids[-1])  # the last one gave the right token: not a failure
+    assert store.login_failures("192.0.2.1", window, now_ms=t0 + 10) == 9
     assert store.login_failures("192.0.2.9", window, now_ms=t0 + 10) == 0
-    assert store.login_failures("192.0.2.1", window, now_ms=t0 + window + 4) == 5  # the first five have expired
-    for i in range(2, 5):  # three more addresses: past 12 rows the oldest are forgotten
-        store.record_login_failure(f"192.0.2.{i}", window, max_rows=12, now_ms=t0 + 20 + i)
-    assert store.login_failures("192.0.2.1", window, now_ms=t0 + 30) == 9
+    assert store.login_failures("192.0.2.1", window, now_ms=t0 + window + 4) == 4  # the first five have expired
+    for i in range(2, 6):  # four more addresses: past 12 rows the oldest are forgotten
+        assert store.begin_login(f"192.0.2.{i}", window, limit=10, max_rows=12, now_ms=t0 + 20 + i) is not None
+    assert store.login_failures("192.0.2.1", window, now_ms=t0 + 30) == 8
     assert store.conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 12
-    store.record_login_failure("192.0.2.5", window, max_rows=12, now_ms=t0 + 2 * window)  # the rest expire
+    store.begin_login("192.0.2.6", window, limit=10, max_rows=12, now_ms=t0 + 2 * window)  # the rest expire
     assert store.conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 1
 
 
@@ -516,6 +519,27 @@ def test_failed_login_memory_is_bounded(db):
     store = QueueStore(db)
     _login_failure_memory(store)
     store.close()
+
+
+def test_concurrent_guesses_cannot_outrun_the_login_limit(db):
+    """Check and count are one transaction: 40 guesses from 4 connections at once, and exactly 10 get through."""
+    import threading
+
+    accepted, start = [], threading.Barrier(4)
+
+    def guesses():
+        store = QueueStore(db)
+        start.wait()
+        for _ in range(10):
+            accepted.append(store.begin_login("203.0.113.5", 600_000, limit=10, max_rows=1000) is not None)
+        store.close()
+
+    threads = [threading.Thread(target=guesses) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(accepted) == 40 and sum(accepted) == 10
 
 
 def test_list_page_order_flags_and_polling(client, db, batch):
@@ -622,6 +646,18 @@ def test_object_page_shows_typical_conditions_scores_of_the_model_that_scored_it
     assert "Typical-conditions scores not shown: scored by " in html and "this page has xgb-other" in html
     with pytest.raises(FileNotFoundError):
         create_app(db, token=TOKEN, model=tmp_path / "nowhere")
+
+
+def test_typical_conditions_line_never_fails_the_page(monkeypatch):
+    import models.scorer
+    from models.score import PlaceholderScorer
+    from stream.web import _Scorer
+
+    # Without the shipped model the service scores with the placeholder rule, version "none".
+    monkeypatch.setattr(models.scorer, "default_scorer", PlaceholderScorer)
+    rec = {"status": "scored", "model_version": "none", "features": {}}
+    assert _Scorer().typical(rec) == {"why": "no alert model to read them from"}
+    assert _Scorer().typical({"status": "unscored"}) == {"why": "unscored"}
 
 
 def test_png_encoder_roundtrip():

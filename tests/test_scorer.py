@@ -224,6 +224,8 @@ def test_standardised_scores_average_over_the_bank_and_ignore_the_alerts_own_con
     assert all(np.array_equal(back.standardised_scores(X)[s], st[s]) for s in SCORES)
     bare = AlertScorer(tiny_model.scorers, tiny_model.residualiser, "v", {}, reduced=tiny_model.reduced)
     assert bare.standardised_scores(X) is None
+    empty = AlertScorer(tiny_model.scorers, tiny_model.residualiser, "v", {"condition_bank": dict(bank, rows=[])})
+    assert empty.standardised_scores(X) is None
 
 
 def test_reduced_intrinsic_scorers_train_on_residuals_taken_without_the_optional_inputs(tiny_sim, monkeypatch):
