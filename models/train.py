@@ -1462,18 +1462,16 @@ def _evaluate_sim(args) -> int:
         y, p = sim.truth[tcol].to_numpy(int), getattr(sb, s)
         print(f"{s:<16} {roc_auc(y, p):8.4f} {aurak(y, p):8.4f} {aurak(y, rb):9.4f} "
               f"{expected_calibration_error(y, p):8.4f} {calibration_in_the_large(y, p):12.4f}")
-    lo, hi = DO_SEEING
-    for nights, what in ((1, "last night"), (None, "every night")):
-        do = intervene_seeing(args.seed, last_nights=nights, **_sim_kwargs(args))
-        for s, (v, v_lo, v_hi) in do.shift_interval(model).items():
-            print(f"do(seeing {lo}→{hi}″), {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}, "
-                  f"95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
-    m_lo, m_hi = DO_MOON
-    for nights, what in ((1, "last night"), (None, "every night")):
-        do = intervene_moon(args.seed, last_nights=nights, **dict(_sim_kwargs(args), start_jd=MOONLIT_START_JD))
-        for s, (v, v_lo, v_hi) in do.shift_interval(model).items():
-            print(f"do(moon {m_lo:g}→{m_hi:g}, moonlit nights), {what}, {len(do.rows[0])} alerts: Δ mean {s} = "
-                  f"{v:+.4f}, 95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
+    kw = _sim_kwargs(args)
+    interventions = ((f"do(seeing {DO_SEEING[0]}→{DO_SEEING[1]}″)", intervene_seeing, kw),
+                     (f"do(moon {DO_MOON[0]:g}→{DO_MOON[1]:g}, moonlit nights)", intervene_moon,
+                      dict(kw, start_jd=MOONLIT_START_JD)))
+    for label, intervene, skw in interventions:
+        for nights, what in ((1, "last night"), (None, "every night")):
+            do = intervene(args.seed, last_nights=nights, **skw)
+            for s, (v, v_lo, v_hi) in do.shift_interval(model).items():
+                print(f"{label}, {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}, "
+                      f"95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
     lab = sim.truth["vetted"].to_numpy(bool)
     diag = PropensityWeighter().fit(sim.selection, lab).diagnostics(sim.selection, lab)
     print(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} labelled; "
