@@ -35,11 +35,12 @@ Assumed causal graph
   made invariant; it keeps Z as an input and is calibrated within condition strata.
 * L (labelling) depends on observables (brightness, conditions, later data, catalogue
   membership), not on C given those (selection on observables). Inverse-propensity
-  weights 1/ê(v), ê(v) = P(L=1 | v) fitted on all alerts, make the labelled set stand
-  in for the whole stream. Alerts with ê < 0.01 are outside the labelled support and
+  weights 1/ê(v), ê(v) = P(L=1 | v) fitted on all alerts (so that the weighted labelled
+  set has the stream's covariate means), make the labelled set stand in for the whole
+  stream. Alerts with ê < 0.01 are outside the labelled support and
   are flagged as extrapolated.
 
-Everything here is plain numpy/scikit-learn; every fitted quantity serialises to JSON
+Everything here is plain numpy/scipy/scikit-learn; every fitted quantity serialises to JSON
 arrays and coefficients (never pickle).
 """
 
@@ -376,21 +377,61 @@ class IPWDiagnostics:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _balancing_logit(P: np.ndarray, lab: np.ndarray, C: float) -> tuple:
+    """Intercept and coefficients of a logistic ê whose inverse weights balance the columns of ``P``.
+
+    The gradient of J(β) = [Σ_L e^(−η) + Σ_unlabelled η] / n + ‖β‖² / (2Cn), η = β₀ + Pβ,
+    is zero where Σ_L (1 + e^(−η)) p = Σ_all p, i.e. Σ_L p / ê = Σ_all p (without the
+    penalty). J is convex, so L-BFGS finds it.
+    """
+    from scipy.optimize import minimize
+
+    A = np.column_stack([np.ones(len(P)), P])
+    L = lab.astype(float)
+    n, lam = len(L), 1.0 / (C * len(L))
+
+    def objective(b):
+        eta = A @ b
+        t = np.exp(-np.clip(eta, -50.0, 50.0))
+        f = float(L @ t + (1.0 - L) @ eta) / n + 0.5 * lam * float(b[1:] @ b[1:])
+        g = A.T @ (1.0 - L - L * t) / n
+        g[1:] += lam * b[1:]
+        return f, g
+
+    b0 = np.zeros(A.shape[1])
+    b0[0] = np.log(L.mean() / (1.0 - L.mean()))
+    res = minimize(objective, b0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-9})
+    if not res.success:  # said, not hidden: the diagnostics show what balance it reached
+        warnings.warn(f"balancing propensity fit did not converge: {res.message}", ConvergenceWarning, stacklevel=3)
+    return float(res.x[0]), res.x[1:]
+
+
 class PropensityWeighter(BaseEstimator):
     """Inverse-propensity weights for label selection.
 
-    ê(v) = P(labelled | v) by an L2 logistic regression on standardised covariates
-    (missing values imputed by the median, with a missing-indicator column), fitted on
-    all alerts. Weights of labelled alerts are stabilised, ``w = P(L=1) / ê``, with ê
-    clipped below at ``min_propensity`` (those alerts are flagged as extrapolated) and
-    the weights truncated at their ``max_quantile`` quantile.
+    ê(v) = P(labelled | v) is logistic in the standardised covariates (missing values
+    imputed by the median, with a missing-indicator column) and fitted on all alerts.
+    Weights of labelled alerts are stabilised, ``w = P(L=1) / ê``, with ê clipped below at
+    ``min_propensity`` (those alerts are flagged as extrapolated) and the weights
+    truncated at their ``max_quantile`` quantile.
+
+    By default (``fit_by="balance"``) the coefficients solve the balance equations
+    Σ_labelled v / ê(v) = Σ_all v for every covariate and the intercept (inverse
+    probability tilting, Graham, Pinto & Egel 2012): the weighted labelled set then has
+    the stream's covariate means by construction, however the true selection bends (the
+    simulated one saturates in the number of later detections, which a maximum-likelihood
+    line cannot follow). They minimise the convex Σ_L e^(−η) + Σ_unlabelled η, plus the
+    same L2 penalty. ``fit_by="likelihood"`` is the ordinary maximum-likelihood fit.
+    Either is consistent when the logistic form is right.
 
     Parameters
     ----------
     C : float
-        Inverse L2 strength of the logistic regression.
+        Inverse L2 strength (on the coefficients, not the intercept; per alert, as in
+        scikit-learn's logistic regression).
     min_propensity : float
     max_quantile : float
+    fit_by : {"balance", "likelihood"}
 
     Attributes
     ----------
@@ -403,10 +444,12 @@ class PropensityWeighter(BaseEstimator):
         P(L=1) on the fit data (the stabiliser).
     """
 
-    def __init__(self, C: float = 1.0, min_propensity: float = EXTRAPOLATION_THRESHOLD, max_quantile: float = 0.99):
+    def __init__(self, C: float = 1.0, min_propensity: float = EXTRAPOLATION_THRESHOLD, max_quantile: float = 0.99,
+                 fit_by: str = "balance"):
         self.C = C
         self.min_propensity = min_propensity
         self.max_quantile = max_quantile
+        self.fit_by = fit_by
 
     def _prep(self, V: pd.DataFrame) -> np.ndarray:
         X = V[list(self.columns_)].to_numpy(float)
@@ -415,9 +458,11 @@ class PropensityWeighter(BaseEstimator):
         return np.column_stack([(X - self.mean_) / self.scale_, miss[:, self.miss_cols_].astype(float)])
 
     def fit(self, V: pd.DataFrame, labelled):
-        from sklearn.linear_model import LogisticRegression
-
+        if self.fit_by not in ("balance", "likelihood"):
+            raise ValueError(f"fit_by must be 'balance' or 'likelihood', not {self.fit_by!r}")
         lab = np.asarray(labelled, bool)
+        if lab.all() or not lab.any():
+            raise ValueError("propensity needs labelled and unlabelled alerts")
         self.columns_ = tuple(V.columns)
         X = V.to_numpy(float)
         miss = ~np.isfinite(X)
@@ -427,8 +472,14 @@ class PropensityWeighter(BaseEstimator):
         sd = X.std(axis=0)
         self.scale_ = np.where(sd > 0, sd, 1.0)
         self.miss_cols_ = np.flatnonzero(miss.any(axis=0) & ~miss.all(axis=0))
-        lr = LogisticRegression(C=self.C, max_iter=2000).fit(self._prep(V), lab)
-        self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
+        P = self._prep(V)
+        if self.fit_by == "likelihood":
+            from sklearn.linear_model import LogisticRegression
+
+            lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
+            self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
+        else:
+            self.intercept_, self.coef_ = _balancing_logit(P, lab, self.C)
         self.base_rate_ = float(lab.mean())
         return self
 
@@ -462,4 +513,5 @@ class PropensityWeighter(BaseEstimator):
         return {"columns": list(self.columns_), "median": self.median_.tolist(), "mean": self.mean_.tolist(),
                 "scale": self.scale_.tolist(), "missing_indicators": self.miss_cols_.tolist(),
                 "coef": self.coef_.tolist(), "intercept": self.intercept_, "base_rate": self.base_rate_,
-                "min_propensity": self.min_propensity, "max_quantile": self.max_quantile, "C": self.C}
+                "min_propensity": self.min_propensity, "max_quantile": self.max_quantile, "C": self.C,
+                "fit_by": self.fit_by}

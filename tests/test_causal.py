@@ -151,6 +151,29 @@ def test_ipw_balances_a_synthetic_selection():
     assert smd == d.smd_after
 
 
+def test_balancing_propensity_balances_a_selection_a_line_cannot_follow():
+    # Selection saturates in the later detections (as the simulator's does): a logistic line in
+    # n_later fitted by likelihood leaves the weighted labelled set off the stream's mean; the
+    # balancing fit of the same model matches every covariate mean by construction.
+    rng = np.random.default_rng(5)
+    n = 6000
+    mag, later = rng.uniform(16, 21, n), rng.poisson(rng.uniform(0, 6, n)).astype(float)
+    e = 1 / (1 + np.exp(-(-2.5 + 0.9 * (18.5 - mag) + 1.2 * np.minimum(later, 2))))
+    lab = rng.random(n) < e
+    V = pd.DataFrame({"mag": mag, "n_later": later})
+    untruncated = {"min_propensity": 1e-6, "max_quantile": 1.0}
+    bal = PropensityWeighter(**untruncated).fit(V, lab).diagnostics(V, lab)
+    mle = PropensityWeighter(fit_by="likelihood", **untruncated).fit(V, lab).diagnostics(V, lab)
+    assert abs(bal.smd_before["mag"]) > 0.5 and bal.smd_before["n_later"] > 0.2
+    assert max(abs(v) for v in bal.smd_after.values()) < 0.005
+    assert mle.smd_after["n_later"] > 0.03
+    assert bal.ess_fraction >= 0.2
+    with pytest.raises(ValueError, match="fit_by"):
+        PropensityWeighter(fit_by="cbps").fit(V, lab)
+    with pytest.raises(ValueError, match="unlabelled"):
+        PropensityWeighter().fit(V, np.ones(n, bool))
+
+
 class _ReadsOneColumn:
     """A stand-in scorer whose two intrinsic scores are a fixed function of one feature."""
 
