@@ -589,7 +589,7 @@ class AlertScorer:
         directory = Path(directory)
         meta = _read_metadata(directory)
         if meta.get("kind") != "alert":
-            raise ValueError(f"{directory}: a {meta.get('kind')!r} model, not an alert scorer")
+            raise ValueError(f"{directory}: a model of kind {meta.get('kind')!r}, not an alert scorer")
         if tuple(meta.get("features", ())) != tuple(FEATURES):
             theirs, ours = meta.get("features", []), list(FEATURES)
             diff = sorted(set(theirs) ^ set(ours)) or "same names, different order"
@@ -681,7 +681,7 @@ class TableScorer:
         directory = Path(directory)
         meta = _read_metadata(directory)
         if meta.get("kind") != "table":
-            raise ValueError(f"{directory}: a {meta.get('kind')!r} model, not a table scorer")
+            raise ValueError(f"{directory}: a model of kind {meta.get('kind')!r}, not a table scorer")
         est = _load_scorer(meta["scores"]["score"], directory, meta["features"])
         return cls(est, meta["version"], meta)
 

@@ -1345,7 +1345,10 @@ def read_table(path, *id_columns) -> pd.DataFrame:
     As text, an id stays what the file says: read as a number, one blank id would turn
     the column into floats and round 18-digit ids (ATLAS's) to the nearest 256.
     """
-    return pd.read_csv(path, dtype={c: str for c in id_columns if c} or None)
+    try:
+        return pd.read_csv(path, dtype={c: str for c in id_columns if c} or None)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a CSV table ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def _table_task(args) -> dict:
@@ -1377,10 +1380,15 @@ def cmd_evaluate(args) -> int:
     if args.xmatch_labels:
         return _evaluate_xmatch(args)
     if not args.table:
-        raise ValueError("give --table CSV or --simulate")
+        raise ValueError("give --table CSV, --simulate or --xmatch-labels PATH")
     from models.scorer import TableScorer, data_hash, numeric_table
 
     model = TableScorer.load(args.model) if args.model else None
+    task = model.metadata.get("task") if model is not None else None
+    if task and not args.positive and not args.negative:  # the labels the model was trained for
+        args.positive, args.negative = ",".join(task["positive"]), ",".join(task["negative"])
+        if args.label_column == "label":  # the flag's default, not a choice
+            args.label_column = task["label_column"]
     df = read_table(args.table, args.id_column, model.metadata.get("id_column") if model else None)
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
                        require_all_labels=not args.model)  # a held-out split may lack a rare label
@@ -1559,8 +1567,10 @@ def _add_sim_args(p) -> None:
 def _add_table_args(p) -> None:
     p.add_argument("--table", help="labelled feature table (CSV)")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--positive", help="comma-separated labels of the positive class")
-    p.add_argument("--negative", help="comma-separated labels of the negative class")
+    p.add_argument("--positive", help="comma-separated labels of the positive class (evaluate --model: "
+                                      "default, the model's own)")
+    p.add_argument("--negative", help="comma-separated labels of the negative class (evaluate --model: "
+                                      "default, the model's own)")
     p.add_argument("--id-column", help="object id column; required to train or cross-validate (rows of one "
                                        "object stay in one fold)")
 

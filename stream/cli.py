@@ -6,6 +6,7 @@ import argparse
 import logging
 import sqlite3
 import sys
+from pathlib import Path
 
 log = logging.getLogger("vigil")
 
@@ -61,6 +62,18 @@ def _check_suffix(flag: str, path, suffixes) -> None:
         raise ValueError(f"{flag} {path}: name it {' or '.join('*' + x for x in suffixes)} (the format written)")
 
 
+def _check_distinct(outputs) -> None:
+    """Refuse two outputs that are one file: each sink would write over the other's records."""
+    seen = {}
+    for flag, path in outputs:
+        if not path or "://" in str(path):  # a database URL is no file here
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} both name {path}: give each output its own file")
+        seen[key] = flag
+
+
 def _scorer(args):
     """The alert model ``--model`` names, or None for the shipped default."""
     if not args.model:
@@ -76,10 +89,15 @@ def cmd_replay(args) -> int:
     from stream.sinks import JsonlSink
     from stream.sources import FileSource, count_files
 
+    if not (args.out or args.queue or args.rejected):  # --rejected alone: a check of the input
+        raise ValueError("replay would write nothing: give --out, --queue or --rejected")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
     for o in args.out or ():  # every output name before any output is created (a sink truncates its file)
         _check_suffix("--out", o, (".jsonl", ".ndjson", ".parquet"))
     if args.rejected:
         _check_suffix("--rejected", args.rejected, (".jsonl", ".ndjson"))
+    _check_distinct([("--out", o) for o in args.out or ()] + [("--rejected", args.rejected), ("--queue", args.queue)])
     files = files_to_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     sinks = _annotation_sinks(args.out)

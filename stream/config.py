@@ -288,7 +288,11 @@ def load_config(path) -> Config:
     """Load and validate a TOML config file."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        text = p.read_text()
+    except OSError as e:  # a missing file or a directory: a usage error, said in one line
+        raise ConfigError(f"config {p}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: {e}") from None
     return parse_config(data)

@@ -55,7 +55,7 @@ REASONS = {
     "unknown_schema_id": "Confluent schema id not in the schema directory",
     "truncated": "payload ends before the Avro record does",
     "corrupt_avro": "bytes do not decode with the schema",
-    "trailing_bytes": "schemaless record decoded but bytes were left over",
+    "trailing_bytes": "a record or a container's last block decoded but bytes were left over",
     "unknown_survey": "record is neither a ZTF nor a Rubin alert",
     "missing_field": "a field Vigil requires is absent or null",
     "bad_coordinates": "ra/dec non-finite or out of range",
@@ -596,11 +596,17 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
     if codec not in makers:
         raise DecodeError("corrupt_avro", f"container codec {codec!r} not accepted (null, deflate, bzip2, xz)")
     total = records = 0
+    end = None  # where the last block that ended in the sync marker ended
     try:
         while buf.read(1):
             buf.seek(-1, 1)
             count = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
             records += count
+            if end is not None and count < 0:
+                # Whole blocks, then bytes that are no block (a file with something appended).
+                left = len(buf.getbuffer()) - end
+                raise DecodeError("trailing_bytes", f"{left} bytes after the container's last complete block "
+                                                    f"(at byte {end}) are not an Avro block")
             if count < 0 or records > MAX_RECORDS_PER_MESSAGE:
                 raise DecodeError("corrupt_avro", f"blocks claim {records} records (at most {MAX_RECORDS_PER_MESSAGE})")
             size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
@@ -617,6 +623,7 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
                     raise DecodeError("corrupt_avro", f"a {codec} block holds more than one compressed stream")
             if buf.read(16) != sync:
                 return  # the checked path names the damage
+            end = buf.tell()
     except DecodeError:
         raise
     except Exception:  # damaged blocks: left to the checked path, which names them
@@ -639,8 +646,9 @@ def _schemaless(body: bytes, schema) -> dict:
     buf = io.BytesIO(body)
     try:
         rec = fastavro.schemaless_reader(buf, schema, None)
-    except (EOFError, StopIteration) as e:
-        raise DecodeError("truncated", f"schemaless record: {e or 'EOF'}") from None
+    except (EOFError, StopIteration):  # fastavro's message names its buffer object, not the place
+        raise DecodeError("truncated", f"schemaless record: the bytes ran out at byte {buf.tell()} "
+                                       f"of {len(body)}") from None
     except Exception as e:  # UnicodeDecodeError, IndexError, ValueError, MemoryError...
         raise DecodeError("corrupt_avro", f"schemaless record: {type(e).__name__}: {e}") from None
     left = len(body) - buf.tell()
@@ -654,12 +662,14 @@ def _version_of_id(schema_id: int) -> str:
 
 
 def _container_version(schema) -> str:
+    """A container's schema version as MAJOR.MINOR (one spelling, however the writer put it)."""
     if isinstance(schema, dict):
+        for text in (schema.get("version"), schema.get("namespace"), schema.get("name")):
+            m = re.search(r"lsst\.v(\d+)_(\d+)", str(text or ""))
+            if m:  # a Rubin schema written as "lsst.v9_0" (Fink's containers) is version 9.0
+                return f"{m.group(1)}.{m.group(2)}"
         if schema.get("version"):
             return str(schema["version"])
-        m = re.search(r"lsst\.v(\d+)_(\d+)", schema.get("namespace", "") or schema.get("name", ""))
-        if m:
-            return f"{m.group(1)}.{m.group(2)}"
     return ""
 
 
@@ -1313,7 +1323,8 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
             if data:
                 cutouts[name] = data
     return Alert(
-        survey="rubin", schema_version=version or str(rec.get("lsst_schema_version") or ""), alert_id=alert_id,
+        survey="rubin", schema_version=version or _container_version({"version": rec.get("lsst_schema_version")}),
+        alert_id=alert_id,
         object_id=object_id, ra=ra, dec=dec, mjd=mjd, time_scale="tai", band=band, exposure=exposure, field=visit,
         chip=det, lightcurve=_sane_history(rows.build(), mjd), context=ctx, cutouts=cutouts,
     )

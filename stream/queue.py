@@ -1369,6 +1369,29 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _top(text: str) -> int:
+    """argparse type: rows of ``queue list`` (1–500, the page size the store serves)."""
+    n = _positive(text)
+    if n > 500:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r}: at most 500 rows (page through the web queue for more)")
+    return n
+
+
+def _probability(text: str) -> float:
+    """argparse type: a probability in [0, 1]."""
+    import argparse
+
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability (0 to 1)")
+    return p
+
+
 def _positive(text: str) -> int:
     """argparse type: a whole number ≥ 1."""
     n = _count(text)
@@ -1409,11 +1432,14 @@ def register(subparsers) -> None:
 
     li = sub.add_parser("list", help="the top of the ranked list in the terminal (or --json)")
     li.add_argument("--db", required=True, help="queue store: SQLite file or postgresql:// URL")
-    li.add_argument("--top", type=_positive, default=20, help="rows to show (1–500; default 20)")
+    li.add_argument("--top", type=_top, default=20, help="rows to show (1–500; default 20)")
     li.add_argument("--stage", choices=STAGES)
-    li.add_argument("--sort", choices=sorted(SORTS), default="priority")
+    li.add_argument("--sort", choices=sorted(SORTS), default="priority",
+                    help="priority or a score (highest first), latest (newest alert first), first (most "
+                         "recently discovered first: by first detection), mag (brightest first)")
     for name in SCORES:
-        li.add_argument(f"--min-{name.replace('_', '-')}", type=float, metavar="P", dest=f"min_{name}")
+        li.add_argument(f"--min-{name.replace('_', '-')}", type=_probability, metavar="P", dest=f"min_{name}",
+                        help=f"only objects with {name} ≥ P (0–1)")
     li.add_argument("--hide-vetted", action="store_true")
     li.add_argument("--hide-known-sso", action="store_true", help="leave out known asteroids")
     li.add_argument("--json", action="store_true")
@@ -1435,7 +1461,7 @@ def register(subparsers) -> None:
     i = sub.add_parser("ingest", help="annotate archived alerts straight into the queue store")
     i.add_argument("paths", nargs="+")
     i.add_argument("--db", required=True)
-    i.add_argument("--batch-size", type=int, default=500)
+    i.add_argument("--batch-size", type=_positive, default=500)
     i.add_argument("--no-progress", action="store_true")
     i.add_argument("--model", help="scorer model directory (default: the shipped models/default_model)")
     _add_decoder_args(i)

@@ -24,6 +24,17 @@ def test_there_are_deploy_configs():
     assert {"demo.toml", "local.toml", "rubin.toml", "ztf.toml"} <= {p.name for p in DEPLOY}
 
 
+def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
+    from stream.cli import main
+
+    for path, why in ((tmp_path / "missing.toml", "No such file"), (tmp_path, "Is a directory")):
+        with pytest.raises(ConfigError, match=f"config {path}: cannot be read .{why}"):
+            load_config(path)
+        assert main(["run", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vigil: error: config {path}: cannot be read ({why}") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("data, key", [
     ({"source": {"bootstrap_server": "x"}}, "source.bootstrap_server: unknown key"),
     ({"sources": {}}, "sources: unknown section"),

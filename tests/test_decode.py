@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import fastavro
 import numpy as np
@@ -193,6 +194,30 @@ def test_ztf_schemaless_with_given_schema():
     b = _decode_one(Decoder(), f.read_bytes())
     assert isinstance(a, Alert)
     assert (a.alert_id, a.ra, a.flux, len(a.lightcurve)) == (b.alert_id, b.ra, b.flux, len(b.lightcurve))
+
+
+def test_appended_bytes_and_cut_records_are_named_where_they_go_wrong(rubin_files):
+    # A file with something appended after its last block: named as such, not as a block
+    # claiming -51 records.
+    payload = avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0].read_bytes()
+    rej = _decode_one(Decoder(), payload + b"garbage\n")
+    assert isinstance(rej, Rejected) and rej.reason == "trailing_bytes", rej
+    assert f"8 bytes after the container's last complete block (at byte {len(payload)})" in rej.detail
+    # A Confluent-framed record cut short: where the bytes ran out, not a buffer object's repr.
+    schema, (rec,) = _read(rubin_files[0])
+    reg = SchemaRegistry()
+    reg.add(909, schema)
+    body = encode_schemaless(rec, reg.get(909))
+    rej = _decode_one(Decoder(schemas=reg), frame_confluent(909, body[: len(body) // 2]))
+    assert isinstance(rej, Rejected) and rej.reason == "truncated", rej
+    assert f"ran out at byte {len(body) // 2} of {len(body) // 2}" in rej.detail and "BytesIO" not in rej.detail
+
+
+def test_rubin_schema_version_has_one_spelling(rubin_files):
+    # Fink's containers carry "lsst.v9_0" in the record; a Confluent frame gives 9.0: the same.
+    versions = {x.schema_version for f in rubin_files for x in Decoder().decode(Envelope(f.read_bytes()))
+                if isinstance(x, Alert)}
+    assert versions and all(re.fullmatch(r"\d+\.\d+", v) for v in versions), versions
 
 
 def test_confluent_frame_to_a_ztf_only_decoder_names_the_missing_schema(rubin_files):

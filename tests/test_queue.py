@@ -1224,6 +1224,11 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
     assert top[1]["object_id"] not in {r["object_id"] for r in got["rows"]}
     assert main(["queue", "list", "--db", str(db.parent / "none.sqlite")]) == 2
     assert "no such queue store" in capsys.readouterr().err
+    # Out of range is refused, not clipped to 500 rows or read as "nothing passes".
+    for flag, value, says in (("--top", "501", "at most 500"), ("--min-p-real", "1.5", "not a probability")):
+        with pytest.raises(SystemExit):
+            main(["queue", "list", "--db", str(db), flag, value])
+        assert says in capsys.readouterr().err
 
 
 def test_retraining_leaves_out_unscorable_calls_and_says_when_the_base_saw_the_objects(tmp_path, db):

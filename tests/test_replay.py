@@ -232,8 +232,8 @@ def test_replay_of_all_real_sample_alerts(tmp_path, capsys):
         validate_annotation(r)
 
 
-def test_unknown_path_is_a_clear_error(capsys):
-    assert main(["replay", "/no/such/dir"]) == 2
+def test_unknown_path_is_a_clear_error(tmp_path, capsys):
+    assert main(["replay", "/no/such/dir", "--out", str(tmp_path / "a.jsonl")]) == 2
     assert "no such file or directory: /no/such/dir" in capsys.readouterr().err
 
 
@@ -244,6 +244,23 @@ def test_output_names_must_promise_the_format_written(tmp_path, capsys):
     assert main(["replay", data, "--rejected", str(tmp_path / "r.parquet"), "--queue", str(tmp_path / "q.sqlite")]) == 2
     assert "--rejected" in capsys.readouterr().err
     assert not (tmp_path / "q.sqlite").exists() and not (tmp_path / "a.csv").exists()
+
+
+def test_replay_refuses_outputs_that_would_overwrite_each_other(tmp_path, capsys, monkeypatch):
+    # One file named twice: each sink would write over the other's records (seen: a rejection
+    # written over an annotation, a Parquet file turned into SQLite). Nothing is created.
+    data = str(DATA / "ztf_fink" / "2018-12-02_schema3.2")
+    monkeypatch.chdir(tmp_path)
+    for argv, flags in ((["--out", "x.jsonl", "--rejected", "./x.jsonl"], "--out and --rejected"),
+                        (["--out", "y.parquet", "--queue", str(tmp_path / "y.parquet")], "--out and --queue"),
+                        (["--out", "a.jsonl", "--out", "a.jsonl"], "--out and --out")):
+        assert main(["replay", data, *argv]) == 2
+        assert f"{flags} both name" in capsys.readouterr().err
+    assert main(["replay", data]) == 2
+    assert "would write nothing" in capsys.readouterr().err
+    assert main(["replay", data, "--out", "b.jsonl", "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_replay_fills_the_queue_store(tmp_path, capsys):
