@@ -51,12 +51,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import KFold
 
 #: Propensities below this are outside the labelled support (flagged, and clipped).
 EXTRAPOLATION_THRESHOLD = 0.01
+#: A balancing propensity fit whose weighted labelled means stay further than this from the
+#: stream's (standardised units, per alert) warns: no ê of its form balances them.
+BALANCE_TOLERANCE = 0.01
 
 _TRANSFORMS = ("identity", "log", "logit")
 
@@ -381,8 +385,17 @@ def _balancing_logit(P: np.ndarray, lab: np.ndarray, C: float) -> tuple:
     """Intercept and coefficients of a logistic ê whose inverse weights balance the columns of ``P``.
 
     The gradient of J(β) = [Σ_L e^(−η) + Σ_unlabelled η] / n + ‖β‖² / (2Cn), η = β₀ + Pβ,
-    is zero where Σ_L (1 + e^(−η)) p = Σ_all p, i.e. Σ_L p / ê = Σ_all p (without the
-    penalty). J is convex, so L-BFGS finds it.
+    is zero where Σ_L p / ê = Σ_all p − β_p / C for every column p (the intercept is not
+    penalised, so the weights' sum is exact). J is strictly convex, so L-BFGS finds it.
+    Where no ê balances a column (a flag set only on unlabelled alerts, a region with no
+    labels at all), the penalty alone holds its coefficient, which then grows with n and
+    drags the others: the third value returned, the worst standardised imbalance left per
+    alert (~|β|/(Cn) where balance is reachable), says so.
+
+    Returns
+    -------
+    (float, ndarray, float)
+        Intercept, coefficients, worst imbalance (inf if the optimiser failed).
     """
     from scipy.optimize import minimize
 
@@ -392,18 +405,24 @@ def _balancing_logit(P: np.ndarray, lab: np.ndarray, C: float) -> tuple:
 
     def objective(b):
         eta = A @ b
-        t = np.exp(-np.clip(eta, -50.0, 50.0))
+        # e^(−η), continued linearly below η = −50: no overflow, and J stays convex and
+        # consistent with its gradient (−e^(−η), constant −e^50 below the join).
+        slope = np.exp(-np.maximum(eta, -50.0))
+        t = np.where(eta < -50.0, slope * (1.0 - (eta + 50.0)), slope)
         f = float(L @ t + (1.0 - L) @ eta) / n + 0.5 * lam * float(b[1:] @ b[1:])
-        g = A.T @ (1.0 - L - L * t) / n
+        g = A.T @ (1.0 - L - L * slope) / n
         g[1:] += lam * b[1:]
         return f, g
 
     b0 = np.zeros(A.shape[1])
     b0[0] = np.log(L.mean() / (1.0 - L.mean()))
-    res = minimize(objective, b0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-9})
-    if not res.success:  # said, not hidden: the diagnostics show what balance it reached
-        warnings.warn(f"balancing propensity fit did not converge: {res.message}", ConvergenceWarning, stacklevel=3)
-    return float(res.x[0]), res.x[1:]
+    res = minimize(objective, b0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": 5000, "gtol": 1e-8, "ftol": 1e-13})
+    b = res.x
+    # L-BFGS reports success at a penalty-held minimum too: look at the balance itself.
+    w = np.where(L > 0, 1.0 + np.exp(-np.maximum(A @ b, -700.0)), 0.0)  # L / ê
+    off = float(np.max(np.abs(A.T @ (w - 1.0)))) / n
+    return float(b[0]), b[1:], (off if res.success else float("inf"))
 
 
 class PropensityWeighter(BaseEstimator):
@@ -417,12 +436,17 @@ class PropensityWeighter(BaseEstimator):
 
     By default (``fit_by="balance"``) the coefficients solve the balance equations
     Σ_labelled v / ê(v) = Σ_all v for every covariate and the intercept (inverse
-    probability tilting, Graham, Pinto & Egel 2012): the weighted labelled set then has
-    the stream's covariate means by construction, however the true selection bends (the
-    simulated one saturates in the number of later detections, which a maximum-likelihood
-    line cannot follow). They minimise the convex Σ_L e^(−η) + Σ_unlabelled η, plus the
-    same L2 penalty. ``fit_by="likelihood"`` is the ordinary maximum-likelihood fit.
-    Either is consistent when the logistic form is right.
+    probability tilting, Graham, Pinto & Egel 2012), up to the L2 penalty's β/C: the
+    weighted labelled set then has the stream's covariate means even where the logistic
+    form is wrong (the simulated selection saturates in the number of later detections,
+    and a maximum-likelihood line leaves that mean off). Only the means: functions of the
+    covariates (the saturated count itself) stay as unbalanced as the form leaves them.
+    The coefficients minimise the convex Σ_L e^(−η) + Σ_unlabelled η plus an L2 penalty
+    of the same C (on a different loss, so not the same shrinkage). Where no ê of the
+    form balances them (a covariate the labelled alerts do not reach), it warns and falls
+    back to the likelihood fit. ``fit_by="likelihood"``
+    is the ordinary maximum-likelihood fit. Either is consistent when the logistic form
+    is right.
 
     Parameters
     ----------
@@ -432,6 +456,8 @@ class PropensityWeighter(BaseEstimator):
     min_propensity : float
     max_quantile : float
     fit_by : {"balance", "likelihood"}
+        How the logistic coefficients are fitted: to balance the covariate means (default)
+        or by maximum likelihood.
 
     Attributes
     ----------
@@ -440,6 +466,8 @@ class PropensityWeighter(BaseEstimator):
     coef_, intercept_ : ndarray, float
         Logistic-regression coefficients (on the preprocessed covariates).
     columns_ : tuple
+    fitted_by_ : str
+        ``"balance"``, ``"likelihood"``, or ``"likelihood (balance unreachable)"``.
     base_rate_ : float
         P(L=1) on the fit data (the stabiliser).
     """
@@ -472,21 +500,31 @@ class PropensityWeighter(BaseEstimator):
         sd = X.std(axis=0)
         self.scale_ = np.where(sd > 0, sd, 1.0)
         self.miss_cols_ = np.flatnonzero(miss.any(axis=0) & ~miss.all(axis=0))
+        from sklearn.linear_model import LogisticRegression
+
         P = self._prep(V)
         if self.fit_by == "likelihood":
-            from sklearn.linear_model import LogisticRegression
-
             lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
             self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
+            self.fitted_by_ = "likelihood"
         else:
-            self.intercept_, self.coef_ = _balancing_logit(P, lab, self.C)
+            self.intercept_, self.coef_, off = _balancing_logit(P, lab, self.C)
+            self.fitted_by_ = "balance"
+            if not off <= BALANCE_TOLERANCE:
+                # No ê of this form balances the covariates: a fit that tries anyway is
+                # worse than the likelihood one, so use that, and say so.
+                warnings.warn(f"propensity: no logistic ê balances these covariates (the best leaves "
+                              f"{off:.3f} standardised units per alert; a covariate the labelled alerts do not "
+                              "reach?); fitted by likelihood instead", ConvergenceWarning, stacklevel=2)
+                lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
+                self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
+                self.fitted_by_ = "likelihood (balance unreachable)"
         self.base_rate_ = float(lab.mean())
         return self
 
     def propensity(self, V: pd.DataFrame) -> np.ndarray:
         """ê(v) for every row (unclipped)."""
-        eta = self._prep(V) @ self.coef_ + self.intercept_
-        return 1.0 / (1.0 + np.exp(-eta))
+        return expit(self._prep(V) @ self.coef_ + self.intercept_)
 
     def weights(self, V: pd.DataFrame) -> np.ndarray:
         """Stabilised, clipped weights for the rows of ``V`` (meant for the labelled ones)."""
@@ -514,4 +552,4 @@ class PropensityWeighter(BaseEstimator):
                 "scale": self.scale_.tolist(), "missing_indicators": self.miss_cols_.tolist(),
                 "coef": self.coef_.tolist(), "intercept": self.intercept_, "base_rate": self.base_rate_,
                 "min_propensity": self.min_propensity, "max_quantile": self.max_quantile, "C": self.C,
-                "fit_by": self.fit_by}
+                "fit_by": self.fit_by, "fitted_by": self.fitted_by_}

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import SHARED, needs_shared
+from sklearn.exceptions import ConvergenceWarning
 
 from causal.adjust import (
     ConditionResidualiser,
@@ -168,6 +169,13 @@ def test_balancing_propensity_balances_a_selection_a_line_cannot_follow():
     assert max(abs(v) for v in bal.smd_after.values()) < 0.005
     assert mle.smd_after["n_later"] > 0.03
     assert bal.ess_fraction >= 0.2
+    # A flag that only unlabelled alerts carry cannot be balanced: the fit says so and falls
+    # back to likelihood, instead of tilting every other coefficient to chase it.
+    V["flag"] = (~lab & (rng.random(n) < 0.2)).astype(float)
+    with pytest.warns(ConvergenceWarning, match="no logistic ê balances"):
+        pw = PropensityWeighter().fit(V, lab)
+    assert pw.fitted_by_ == "likelihood (balance unreachable)"
+    assert abs(pw.diagnostics(V, lab).smd_after["mag"]) < 0.1
     with pytest.raises(ValueError, match="fit_by"):
         PropensityWeighter(fit_by="cbps").fit(V, lab)
     with pytest.raises(ValueError, match="unlabelled"):
