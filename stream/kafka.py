@@ -201,7 +201,7 @@ class KafkaReplaySource:
         self.end_ms = None if end in ("", "end") else parse_time_ms(end)
         self.start_ms = None if start in ("", "earliest") else parse_time_ms(start)
         self.end_grace_ms = int(round(end_grace_s * 1000))
-        md = self.consumer.list_topics(timeout=10)
+        md = self.consumer.list_topics(timeout=REACH_TIMEOUT_S)
         parts = []
         for t in topics:
             if t not in md.topics or md.topics[t].error is not None:
@@ -585,8 +585,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         try:
             source = KafkaReplaySource(s.bootstrap_servers, s.topics, rc.start, rc.end, s.kafka, s.batch_size,
                                        s.batch_timeout_s, rc.group_id, end_grace_s=rc.end_grace_s)
-        except KafkaException as e:  # librdkafka refuses a setting: name the section it came from
-            raise ConfigError(f"source.kafka: {_kafka_text(e)}") from None
+        except KafkaException as e:
+            raise _source_error(e, s.bootstrap_servers) from None
         stats = None
     else:
         group = s.group_id
@@ -594,7 +594,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
             source = KafkaSource(s.bootstrap_servers, s.topics, s.group_id, s.kafka, s.batch_size,
                                  s.batch_timeout_s, s.auto_offset_reset)
         except KafkaException as e:
-            raise ConfigError(f"source.kafka: {_kafka_text(e)}") from None
+            raise _source_error(e, s.bootstrap_servers) from None
         stats = source.stats
     metrics = metrics or Metrics(stats)
     metrics.stats = stats
@@ -651,6 +651,18 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
             server.shutdown()
     log.info("stopped: %s", counts.line())
     return counts
+
+
+def _source_error(e: KafkaException, bootstrap: str) -> Exception:
+    """A source that could not start: a setting librdkafka refuses names its config section;
+    anything else (a replay asks the broker for offsets at start) is the broker's."""
+    from stream.config import ConfigError
+
+    err = e.args[0] if e.args else None
+    code = err.code() if hasattr(err, "code") else None
+    if code in (KafkaError._INVALID_ARG, KafkaError._UNKNOWN_PROTOCOL, KafkaError._NOT_IMPLEMENTED, None):
+        return ConfigError(f"source.kafka: {_kafka_text(e)}")
+    return ConnectionError(f"Kafka at bootstrap.servers={bootstrap}: {_kafka_text(e)}")
 
 
 def _kafka_text(e: KafkaException) -> str:

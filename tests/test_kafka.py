@@ -58,6 +58,21 @@ def test_produce_to_an_unreachable_broker_fails_fast_naming_it(monkeypatch, caps
     assert f"cannot reach Kafka at bootstrap.servers={where}" in capsys.readouterr().err
 
 
+def test_a_replay_against_an_unreachable_broker_names_the_broker_not_a_config_key(monkeypatch, capsys, tmp_path):
+    import stream.kafka
+    from stream.broker import free_port
+    from stream.cli import main
+
+    monkeypatch.setattr(stream.kafka, "REACH_TIMEOUT_S", 1.0)
+    where = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[source]\nbootstrap_servers = "{where}"\ntopics = ["a"]\n'
+                   '[output]\nannotations_topic = "b"\ndead_letter_topic = "c"\nqueue_db = ""\n')
+    assert main(["run", "--config", str(cfg), "--from", "earliest", "--until", "end"]) == 2
+    err = capsys.readouterr().err
+    assert f"Kafka at bootstrap.servers={where}" in err and "source.kafka" not in err
+
+
 def test_a_missing_schema_is_a_config_error_naming_the_key(broker, topics, tmp_path):
     from stream.config import ConfigError
 
