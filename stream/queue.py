@@ -1412,8 +1412,8 @@ def register(subparsers) -> None:
     s = sub.add_parser("serve", help="serve the ranked list and vetting pages")
     s.add_argument("--db", required=True,
                    help="queue store: SQLite file or postgresql:// URL (written by the service's queue sink)")
-    s.add_argument("--port", type=int, default=8765)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765, help="default 8765")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--token", help="access token (default: the contents of --token-file, then "
                                    "$VIGIL_QUEUE_TOKEN, else random)")
     s.add_argument("--token-file", help="file holding the access token")
