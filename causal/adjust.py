@@ -444,9 +444,8 @@ class PropensityWeighter(BaseEstimator):
     The coefficients minimise the convex Σ_L e^(−η) + Σ_unlabelled η plus an L2 penalty
     of the same C (on a different loss, so not the same shrinkage). Where no ê of the
     form balances them (a covariate the labelled alerts do not reach), it warns and falls
-    back to the likelihood fit. ``fit_by="likelihood"``
-    is the ordinary maximum-likelihood fit. Either is consistent when the logistic form
-    is right.
+    back to the likelihood fit. ``fit_by="likelihood"`` is the ordinary maximum-likelihood
+    fit. Either is consistent when the logistic form is right.
 
     Parameters
     ----------
@@ -486,6 +485,8 @@ class PropensityWeighter(BaseEstimator):
         return np.column_stack([(X - self.mean_) / self.scale_, miss[:, self.miss_cols_].astype(float)])
 
     def fit(self, V: pd.DataFrame, labelled):
+        from sklearn.linear_model import LogisticRegression
+
         if self.fit_by not in ("balance", "likelihood"):
             raise ValueError(f"fit_by must be 'balance' or 'likelihood', not {self.fit_by!r}")
         lab = np.asarray(labelled, bool)
@@ -500,8 +501,6 @@ class PropensityWeighter(BaseEstimator):
         sd = X.std(axis=0)
         self.scale_ = np.where(sd > 0, sd, 1.0)
         self.miss_cols_ = np.flatnonzero(miss.any(axis=0) & ~miss.all(axis=0))
-        from sklearn.linear_model import LogisticRegression
-
         P = self._prep(V)
         if self.fit_by == "likelihood":
             lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
