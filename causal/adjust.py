@@ -58,9 +58,10 @@ from sklearn.model_selection import KFold
 
 #: Propensities below this are outside the labelled support (flagged, and clipped).
 EXTRAPOLATION_THRESHOLD = 0.01
-#: A balancing propensity fit whose weighted labelled means stay further than this from the
-#: stream's (standardised units, per alert) warns: no ê of its form balances them.
-BALANCE_TOLERANCE = 0.01
+#: A balancing propensity fit with a coefficient beyond this (per standard deviation of a
+#: covariate, or for a missing-value flag) has no balancing solution to find: only the
+#: penalty holds it, and it grows with the sample (reachable fits stay within a few units).
+MAX_BALANCING_COEF = 20.0
 
 _TRANSFORMS = ("identity", "log", "logit")
 
@@ -385,17 +386,16 @@ def _balancing_logit(P: np.ndarray, lab: np.ndarray, C: float) -> tuple:
     """Intercept and coefficients of a logistic ê whose inverse weights balance the columns of ``P``.
 
     The gradient of J(β) = [Σ_L e^(−η) + Σ_unlabelled η] / n + ‖β‖² / (2Cn), η = β₀ + Pβ,
-    is zero where Σ_L p / ê = Σ_all p − β_p / C for every column p (the intercept is not
+    is zero where Σ_L p / ê = Σ_all p + β_p / C for every column p (the intercept is not
     penalised, so the weights' sum is exact). J is strictly convex, so L-BFGS finds it.
     Where no ê balances a column (a flag set only on unlabelled alerts, a region with no
     labels at all), the penalty alone holds its coefficient, which then grows with n and
-    drags the others: the third value returned, the worst standardised imbalance left per
-    alert (~|β|/(Cn) where balance is reachable), says so.
+    drags the others (see :data:`MAX_BALANCING_COEF`).
 
     Returns
     -------
-    (float, ndarray, float)
-        Intercept, coefficients, worst imbalance (inf if the optimiser failed).
+    (float, ndarray, str)
+        Intercept, coefficients, and the optimiser's message if it failed (else "").
     """
     from scipy.optimize import minimize
 
@@ -418,11 +418,7 @@ def _balancing_logit(P: np.ndarray, lab: np.ndarray, C: float) -> tuple:
     b0[0] = np.log(L.mean() / (1.0 - L.mean()))
     res = minimize(objective, b0, jac=True, method="L-BFGS-B",
                    options={"maxiter": 5000, "gtol": 1e-8, "ftol": 1e-13})
-    b = res.x
-    # L-BFGS reports success at a penalty-held minimum too: look at the balance itself.
-    w = np.where(L > 0, 1.0 + np.exp(-np.maximum(A @ b, -700.0)), 0.0)  # L / ê
-    off = float(np.max(np.abs(A.T @ (w - 1.0)))) / n
-    return float(b[0]), b[1:], (off if res.success else float("inf"))
+    return float(res.x[0]), res.x[1:], ("" if res.success else str(res.message))
 
 
 class PropensityWeighter(BaseEstimator):
@@ -485,6 +481,25 @@ class PropensityWeighter(BaseEstimator):
         return np.column_stack([(X - self.mean_) / self.scale_, miss[:, self.miss_cols_].astype(float)])
 
     def fit(self, V: pd.DataFrame, labelled):
+        """Fit ê on all alerts.
+
+        Parameters
+        ----------
+        V : pandas.DataFrame
+            Selection covariates of every alert (NaN allowed).
+        labelled : array of bool
+            Which alerts have a label.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``fit_by``, or when every alert or none is labelled.
+
+        Warns
+        -----
+        ConvergenceWarning
+            When the balancing fit cannot balance (it then falls back to likelihood).
+        """
         from sklearn.linear_model import LogisticRegression
 
         if self.fit_by not in ("balance", "likelihood"):
@@ -507,14 +522,17 @@ class PropensityWeighter(BaseEstimator):
             self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
             self.fitted_by_ = "likelihood"
         else:
-            self.intercept_, self.coef_, off = _balancing_logit(P, lab, self.C)
+            self.intercept_, self.coef_, failed = _balancing_logit(P, lab, self.C)
             self.fitted_by_ = "balance"
-            if not off <= BALANCE_TOLERANCE:
-                # No ê of this form balances the covariates: a fit that tries anyway is
-                # worse than the likelihood one, so use that, and say so.
-                warnings.warn(f"propensity: no logistic ê balances these covariates (the best leaves "
-                              f"{off:.3f} standardised units per alert; a covariate the labelled alerts do not "
-                              "reach?); fitted by likelihood instead", ConvergenceWarning, stacklevel=2)
+            # L-BFGS reports success at a penalty-held minimum too, so look at the coefficients.
+            big = float(np.max(np.abs(self.coef_), initial=0.0))
+            if failed or big > MAX_BALANCING_COEF:
+                # A fit that chases an unreachable balance is worse than the likelihood one:
+                # use that, and say so.
+                why = (f"the optimiser failed: {failed}" if failed else
+                       f"no logistic ê balances these covariates (a coefficient of {big:.0f}; a covariate "
+                       "the labelled alerts do not reach?)")
+                warnings.warn(f"propensity: {why}; fitted by likelihood instead", ConvergenceWarning, stacklevel=2)
                 lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
                 self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
                 self.fitted_by_ = "likelihood (balance unreachable)"

@@ -1319,6 +1319,7 @@ def cmd_train(args) -> int:
         print(f"saved to {args.out}")
         return 0
     if args.table:
+        args.label_column = args.label_column or "label"
         t = labelled_table(read_table(args.table, args.id_column), args.label_column, args.positive,
                            args.negative, args.id_column)
         model = train_table(t, source=args.table, id_column=args.id_column, random_state=args.seed,
@@ -1385,10 +1386,11 @@ def cmd_evaluate(args) -> int:
 
     model = TableScorer.load(args.model) if args.model else None
     task = model.metadata.get("task") if model is not None else None
-    if task and not args.positive and not args.negative:  # the labels the model was trained for
-        args.positive, args.negative = ",".join(task["positive"]), ",".join(task["negative"])
-        if args.label_column == "label":  # the flag's default, not a choice
-            args.label_column = task["label_column"]
+    if task:  # what is not given is what the model was trained for
+        args.label_column = args.label_column or task["label_column"]
+        args.positive = args.positive or ",".join(task["positive"])
+        args.negative = args.negative or ",".join(task["negative"])
+    args.label_column = args.label_column or "label"
     df = read_table(args.table, args.id_column, model.metadata.get("id_column") if model else None)
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
                        require_all_labels=not args.model)  # a held-out split may lack a rare label
@@ -1566,7 +1568,7 @@ def _add_sim_args(p) -> None:
 
 def _add_table_args(p) -> None:
     p.add_argument("--table", help="labelled feature table (CSV)")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--label-column", help="label column (default: label; evaluate --model: the model's own)")
     p.add_argument("--positive", help="comma-separated labels of the positive class (evaluate --model: "
                                       "default, the model's own)")
     p.add_argument("--negative", help="comma-separated labels of the negative class (evaluate --model: "

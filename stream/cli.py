@@ -68,10 +68,11 @@ def _check_distinct(outputs) -> None:
     for flag, path in outputs:
         if not path or "://" in str(path):  # a database URL is no file here
             continue
-        key = Path(path).expanduser().resolve()
+        key = Path(path).resolve()  # as the sinks open it (no ~ expansion: a shell does that)
         if key in seen:
-            raise ValueError(f"{seen[key]} and {flag} both name {path}: give each output its own file")
-        seen[key] = flag
+            first, where = seen[key]
+            raise ValueError(f"{first} {where} and {flag} {path} both name {key}: give each output its own file")
+        seen[key] = (flag, path)
 
 
 def _scorer(args):

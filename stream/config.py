@@ -288,9 +288,11 @@ def load_config(path) -> Config:
     """Load and validate a TOML config file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
     except OSError as e:  # a missing file or a directory: a usage error, said in one line
         raise ConfigError(f"config {p}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {p}: not UTF-8 text (byte {e.start}), so not TOML") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -585,7 +585,9 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
     The blocks may hold at most :data:`MAX_RECORDS_PER_MESSAGE` records together (survey
     containers hold one; a 2 MB container of 2 million one-byte records cost 384 MB to read), and a
     compressed block must be one stream that inflates to at most ``limit`` bytes (fastavro
-    inflates whole blocks, and decompresses streams written one after another).
+    inflates whole blocks, and decompresses streams written one after another). Bytes after
+    a complete block that do not form a whole block of their own (a file with something
+    appended, or cut inside a later block) are ``trailing_bytes``.
     """
     import bz2
     import lzma
@@ -595,39 +597,48 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
               "xz": lzma.LZMADecompressor}
     if codec not in makers:
         raise DecodeError("corrupt_avro", f"container codec {codec!r} not accepted (null, deflate, bzip2, xz)")
+    n_bytes = len(buf.getbuffer())
     total = records = 0
     end = None  # where the last block that ended in the sync marker ended
-    try:
-        while buf.read(1):
-            buf.seek(-1, 1)
+
+    def trailing():
+        left = n_bytes - end
+        return DecodeError("trailing_bytes", f"{left} byte{'s' * (left != 1)} after the container's last complete "
+                                             f"block (at byte {end}) are not a whole Avro block")
+
+    while buf.read(1):
+        buf.seek(-1, 1)
+        try:
             count = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
-            records += count
-            if end is not None and count < 0:
-                # Whole blocks, then bytes that are no block (a file with something appended).
-                left = len(buf.getbuffer()) - end
-                raise DecodeError("trailing_bytes", f"{left} bytes after the container's last complete block "
-                                                    f"(at byte {end}) are not an Avro block")
-            if count < 0 or records > MAX_RECORDS_PER_MESSAGE:
-                raise DecodeError("corrupt_avro", f"blocks claim {records} records (at most {MAX_RECORDS_PER_MESSAGE})")
             size = fastavro.schemaless_reader(buf, _LONG_SCHEMA, None)
-            data = buf.read(max(size, 0))
-            if makers[codec] is not None:
-                d = makers[codec]()
+        except Exception:  # damaged blocks: left to the checked path, which names them
+            if end is not None:
+                raise trailing() from None
+            return
+        if end is not None and (count < 0 or size < 0 or buf.tell() + size + 16 > n_bytes):
+            raise trailing()
+        records += count
+        if count < 0 or records > MAX_RECORDS_PER_MESSAGE:
+            raise DecodeError("corrupt_avro", f"blocks claim {records} records (at most {MAX_RECORDS_PER_MESSAGE})")
+        data = buf.read(max(size, 0))
+        if makers[codec] is not None:
+            d = makers[codec]()
+            try:
                 out = d.decompress(data, max(limit - total, 0) + 1)
-                total += len(out)
-                if total > limit:
-                    raise DecodeError("oversize", f"{codec} blocks inflate to more than {limit} bytes")
-                # fastavro reads every bzip2/xz stream written one after another (a deflate
-                # block is one stream, and fastavro's own writer leaves a byte after it).
-                if codec != "deflate" and d.eof and d.unused_data:
-                    raise DecodeError("corrupt_avro", f"a {codec} block holds more than one compressed stream")
-            if buf.read(16) != sync:
-                return  # the checked path names the damage
-            end = buf.tell()
-    except DecodeError:
-        raise
-    except Exception:  # damaged blocks: left to the checked path, which names them
-        return
+            except Exception:  # a damaged stream: left to the checked path
+                return
+            total += len(out)
+            if total > limit:
+                raise DecodeError("oversize", f"{codec} blocks inflate to more than {limit} bytes")
+            # fastavro reads every bzip2/xz stream written one after another (a deflate
+            # block is one stream, and fastavro's own writer leaves a byte after it).
+            if codec != "deflate" and d.eof and d.unused_data:
+                raise DecodeError("corrupt_avro", f"a {codec} block holds more than one compressed stream")
+        if buf.read(16) != sync:
+            if end is not None:
+                raise trailing()
+            return  # the checked path names the damage
+        end = buf.tell()
 
 
 def _stamp(data) -> bytes | None:
@@ -647,8 +658,8 @@ def _schemaless(body: bytes, schema) -> dict:
     try:
         rec = fastavro.schemaless_reader(buf, schema, None)
     except (EOFError, StopIteration):  # fastavro's message names its buffer object, not the place
-        raise DecodeError("truncated", f"schemaless record: the bytes ran out at byte {buf.tell()} "
-                                       f"of {len(body)}") from None
+        raise DecodeError("truncated", f"schemaless record: needs more than the {len(body)} bytes "
+                                       "given") from None
     except Exception as e:  # UnicodeDecodeError, IndexError, ValueError, MemoryError...
         raise DecodeError("corrupt_avro", f"schemaless record: {type(e).__name__}: {e}") from None
     left = len(body) - buf.tell()

@@ -201,6 +201,16 @@ class KafkaReplaySource:
         self.end_ms = None if end in ("", "end") else parse_time_ms(end)
         self.start_ms = None if start in ("", "earliest") else parse_time_ms(start)
         self.end_grace_ms = int(round(end_grace_s * 1000))
+        try:
+            self.open = self._assign(topics, start)
+        except BaseException:  # a source that cannot start leaves no consumer behind
+            self.consumer.close()
+            raise
+        self.batch_size = batch_size
+        self.batch_timeout_s = min(batch_timeout_s, 1.0)
+
+    def _assign(self, topics, start: str) -> set:
+        """Assign every partition of ``topics`` from ``start``; the (topic, partition) pairs."""
         md = self.consumer.list_topics(timeout=REACH_TIMEOUT_S)
         parts = []
         for t in topics:
@@ -213,7 +223,7 @@ class KafkaReplaySource:
         else:
             ms = parse_time_ms(start)
             found = self.consumer.offsets_for_times([TopicPartition(tp.topic, tp.partition, ms) for tp in parts],
-                                                    timeout=10)
+                                                    timeout=REACH_TIMEOUT_S)
             for tp in found:
                 if tp.error is not None:
                     raise KafkaException(tp.error)
@@ -221,9 +231,7 @@ class KafkaReplaySource:
             parts = [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END)
                      for tp in found]
         self.consumer.assign(parts)
-        self.open = {(tp.topic, tp.partition) for tp in parts}
-        self.batch_size = batch_size
-        self.batch_timeout_s = min(batch_timeout_s, 1.0)
+        return {(tp.topic, tp.partition) for tp in parts}
 
     def batches(self):
         while self.open:
@@ -654,8 +662,11 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
 
 
 def _source_error(e: KafkaException, bootstrap: str) -> Exception:
-    """A source that could not start: a setting librdkafka refuses names its config section;
-    anything else (a replay asks the broker for offsets at start) is the broker's."""
+    """The error to raise for a source that could not start.
+
+    A setting librdkafka refuses names its config section; anything else (a replay asks
+    the broker for its offsets at start) is the broker's.
+    """
     from stream.config import ConfigError
 
     err = e.args[0] if e.args else None

@@ -75,6 +75,9 @@ ACTIONS = {
 
 #: Sort keys of the list → (SQL expression, direction). NULL scores sort last through COALESCE,
 #: and each expression has an index of exactly the same text so ORDER BY ... LIMIT walks it.
+#: The most rows one page of the ranked list holds (web page, ``queue list --top``).
+MAX_PAGE_ROWS = 500
+
 SORTS = {
     "priority": ("COALESCE(priority, -1.0)", "DESC"),
     "p_real": ("COALESCE(p_real, -1.0)", "DESC"),
@@ -957,7 +960,7 @@ class QueueStore:
     def list_objects(self, q: ListQuery, vetter: str | None = None) -> ListPage:
         """One page of objects, ranked by ``q.sort``, with the vetter's previous look."""
         where, args = q.where()
-        per = max(1, min(int(q.per_page), 500))
+        per = max(1, min(int(q.per_page), MAX_PAGE_ROWS))
         page = max(1, int(q.page))
         rows = self.conn.execute(
             f"SELECT {LIST_COLUMNS} FROM objects WHERE {where} ORDER BY {q.order()} LIMIT ? OFFSET ?",
@@ -1372,10 +1375,11 @@ def _count(text: str) -> int:
 def _top(text: str) -> int:
     """argparse type: rows of ``queue list`` (1–500, the page size the store serves)."""
     n = _positive(text)
-    if n > 500:
+    if n > MAX_PAGE_ROWS:
         import argparse
 
-        raise argparse.ArgumentTypeError(f"{text!r}: at most 500 rows (page through the web queue for more)")
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_PAGE_ROWS} rows (page through the web queue "
+                                         "for more)")
     return n
 
 
@@ -1412,7 +1416,7 @@ def register(subparsers) -> None:
     s = sub.add_parser("serve", help="serve the ranked list and vetting pages")
     s.add_argument("--db", required=True,
                    help="queue store: SQLite file or postgresql:// URL (written by the service's queue sink)")
-    s.add_argument("--port", type=int, default=8765, help="default 8765")
+    s.add_argument("--port", type=int, default=8765, help="default %(default)s")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--token", help="access token (default: the contents of --token-file, then "
                                    "$VIGIL_QUEUE_TOKEN, else random)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import ROOT
 
@@ -27,12 +29,15 @@ def test_there_are_deploy_configs():
 def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     from stream.cli import main
 
-    for path, why in ((tmp_path / "missing.toml", "No such file"), (tmp_path, "Is a directory")):
-        with pytest.raises(ConfigError, match=f"config {path}: cannot be read .{why}"):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[source]\xff\xfe")
+    for path, why in ((tmp_path / "missing.toml", "cannot be read (No such file"),
+                      (tmp_path, "cannot be read (Is a directory"), (binary, "not UTF-8 text (byte 8)")):
+        with pytest.raises(ConfigError, match=re.escape(f"config {path}: {why}")):
             load_config(path)
         assert main(["run", "--config", str(path)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"vigil: error: config {path}: cannot be read ({why}") and err.count("\n") == 1
+        assert err.startswith(f"vigil: error: config {path}: {why}") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("data, key", [

@@ -466,10 +466,23 @@ def test_evaluate_counts_the_rows_of_objects_the_model_was_trained_on(tmp_path, 
     n_seen = int(df["ATLAS_ID"].isin(train_ids[:7]).sum())
     assert f"{n_seen} of {len(mixed)} rows are of objects the model was trained on" in out.err
     assert json.loads(out.out)["rows_of_training_objects"] == n_seen
-    # Without label flags, the labels are the model's own task: the same figures.
-    assert main(["evaluate", "--table", str(tmp_path / "mixed.csv"), "--model", str(model), "--json"]) == 0
-    again = capsys.readouterr()
-    assert json.loads(again.out) == json.loads(out.out)
+    # Label flags not given are the model's own task: the same figures.
+    for given in ([], ["--negative", "garbage"], ["--positive", "good,AGN,galactic,pm"]):
+        assert main(["evaluate", "--table", str(tmp_path / "mixed.csv"), "--model", str(model), *given,
+                     "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == json.loads(out.out), given
+    # ... the label column too, when the model was trained on another one.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for name in ("train", "mixed"):
+        pd.read_csv(tmp_path / f"{name}.csv").rename(columns={"label": "vet"}).to_csv(renamed / f"{name}.csv",
+                                                                                         index=False)
+    assert main(["train", "--table", str(renamed / "train.csv"), "--label-column", "vet", "--positive",
+                 "good,AGN,galactic,pm", "--negative", "garbage", "--id-column", "ATLAS_ID",
+                 "--out", str(renamed / "m")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--table", str(renamed / "mixed.csv"), "--model", str(renamed / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == json.loads(out.out)["metrics"]
     # the model keeps digests of its training ids, not the ids
     meta = TableScorer.load(model).metadata
     assert len(meta["training_ids"]) == len(train_ids) and str(train_ids[0]) not in json.dumps(meta)
