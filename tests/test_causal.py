@@ -163,8 +163,8 @@ def test_balancing_propensity_balances_a_selection_a_line_cannot_follow():
     lab = rng.random(n) < e
     V = pd.DataFrame({"mag": mag, "n_later": later})
     untruncated = {"min_propensity": 1e-6, "max_quantile": 1.0}
-    bal = PropensityWeighter(**untruncated).fit(V, lab).diagnostics(V, lab)
-    mle = PropensityWeighter(fit_by="likelihood", **untruncated).fit(V, lab).diagnostics(V, lab)
+    bal = PropensityWeighter(fit_by="balance", **untruncated).fit(V, lab).diagnostics(V, lab)
+    mle = PropensityWeighter(**untruncated).fit(V, lab).diagnostics(V, lab)  # the default: likelihood
     assert abs(bal.smd_before["mag"]) > 0.5 and bal.smd_before["n_later"] > 0.2
     assert max(abs(v) for v in bal.smd_after.values()) < 0.005
     assert mle.smd_after["n_later"] > 0.03
@@ -173,7 +173,7 @@ def test_balancing_propensity_balances_a_selection_a_line_cannot_follow():
     # back to likelihood, instead of tilting every other coefficient to chase it.
     V["flag"] = (~lab & (rng.random(n) < 0.2)).astype(float)
     with pytest.warns(ConvergenceWarning, match="no logistic ê balances"):
-        pw = PropensityWeighter().fit(V, lab)
+        pw = PropensityWeighter(fit_by="balance").fit(V, lab)
     assert pw.fitted_by_ == "likelihood (balance unreachable)"
     assert abs(pw.diagnostics(V, lab).smd_after["mag"]) < 0.1
     with pytest.raises(ValueError, match="fit_by"):
