@@ -39,7 +39,7 @@ Assumed causal graph
   in for the whole stream. Alerts with ê < 0.01 are outside the labelled support and
   are flagged as extrapolated.
 
-Everything here is plain numpy/scipy/scikit-learn; every fitted quantity serialises to JSON
+Everything here is plain numpy/scikit-learn; every fitted quantity serialises to JSON
 arrays and coefficients (never pickle).
 """
 
@@ -50,17 +50,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import KFold
 
 #: Propensities below this are outside the labelled support (flagged, and clipped).
 EXTRAPOLATION_THRESHOLD = 0.01
-#: A balancing propensity fit with a coefficient beyond this (per standard deviation of a
-#: covariate, or for a missing-value flag) has no balancing solution to find: only the
-#: penalty holds it, and it grows with the sample (reachable fits stay within a few units).
-MAX_BALANCING_COEF = 20.0
 
 _TRANSFORMS = ("identity", "log", "logit")
 
@@ -381,80 +376,21 @@ class IPWDiagnostics:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _balancing_logit(P: np.ndarray, lab: np.ndarray, C: float) -> tuple:
-    """Intercept and coefficients of a logistic ê whose inverse weights balance the columns of ``P``.
-
-    The gradient of J(β) = [Σ_L e^(−η) + Σ_unlabelled η] / n + ‖β‖² / (2Cn), η = β₀ + Pβ,
-    is zero where Σ_L p / ê = Σ_all p + β_p / C for every column p (the intercept is not
-    penalised, so the weights' sum is exact). J is strictly convex, so L-BFGS finds it.
-    Where no ê balances a column (a flag set only on unlabelled alerts, a region with no
-    labels at all), the penalty alone holds its coefficient, which then grows with n and
-    drags the others (see :data:`MAX_BALANCING_COEF`).
-
-    Returns
-    -------
-    (float, ndarray, str)
-        Intercept, coefficients, and the optimiser's message if it failed (else "").
-    """
-    from scipy.optimize import minimize
-
-    A = np.column_stack([np.ones(len(P)), P])
-    L = lab.astype(float)
-    n, lam = len(L), 1.0 / (C * len(L))
-
-    def objective(b):
-        eta = A @ b
-        # e^(−η), continued linearly below η = −50: no overflow, and J stays convex and
-        # consistent with its gradient (−e^(−η), constant −e^50 below the join).
-        slope = np.exp(-np.maximum(eta, -50.0))
-        t = np.where(eta < -50.0, slope * (1.0 - (eta + 50.0)), slope)
-        f = float(L @ t + (1.0 - L) @ eta) / n + 0.5 * lam * float(b[1:] @ b[1:])
-        g = A.T @ (1.0 - L - L * slope) / n
-        g[1:] += lam * b[1:]
-        return f, g
-
-    b0 = np.zeros(A.shape[1])
-    b0[0] = np.log(L.mean() / (1.0 - L.mean()))
-    res = minimize(objective, b0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": 5000, "gtol": 1e-8, "ftol": 1e-13})
-    return float(res.x[0]), res.x[1:], ("" if res.success else str(res.message))
-
-
 class PropensityWeighter(BaseEstimator):
     """Inverse-propensity weights for label selection.
 
-    ê(v) = P(labelled | v) is logistic in the standardised covariates (missing values
-    imputed by the median, with a missing-indicator column) and fitted on all alerts.
-    Weights of labelled alerts are stabilised, ``w = P(L=1) / ê``, with ê clipped below at
-    ``min_propensity`` (those alerts are flagged as extrapolated) and the weights
-    truncated at their ``max_quantile`` quantile.
-
-    With ``fit_by="balance"`` the coefficients solve the balance equations
-    Σ_labelled v / ê(v) = Σ_all v for every covariate and the intercept (inverse
-    probability tilting, Graham, Pinto & Egel 2012), up to the L2 penalty's β/C: the
-    weighted labelled set then has the stream's covariate means even where the logistic
-    form is wrong (the simulated selection saturates in the number of later detections,
-    and a maximum-likelihood line leaves that mean off). Only the means: functions of the
-    covariates (the saturated count itself) stay as unbalanced as the form leaves them.
-    The coefficients minimise the convex Σ_L e^(−η) + Σ_unlabelled η plus an L2 penalty
-    of the same C (on a different loss, so not the same shrinkage). Where no ê of the
-    form balances them (a covariate the labelled alerts do not reach), it warns and falls
-    back to the likelihood fit. ``fit_by="likelihood"`` (the default) is the ordinary
-    maximum-likelihood fit. Either is consistent when the logistic form is right; the
-    balancing one's weights are more extreme (lower ESS), and on the simulated streams it
-    improved no calibration figure while real cross-match labels leaned slightly against it
-    (README, "Balancing weights"), so it is not the default.
+    ê(v) = P(labelled | v) by an L2 logistic regression on standardised covariates
+    (missing values imputed by the median, with a missing-indicator column), fitted on
+    all alerts. Weights of labelled alerts are stabilised, ``w = P(L=1) / ê``, with ê
+    clipped below at ``min_propensity`` (those alerts are flagged as extrapolated) and
+    the weights truncated at their ``max_quantile`` quantile.
 
     Parameters
     ----------
     C : float
-        Inverse L2 strength (on the coefficients, not the intercept; per alert, as in
-        scikit-learn's logistic regression).
+        Inverse L2 strength of the logistic regression.
     min_propensity : float
     max_quantile : float
-    fit_by : {"balance", "likelihood"}
-        How the logistic coefficients are fitted: by maximum likelihood (default) or to
-        balance the covariate means.
 
     Attributes
     ----------
@@ -463,18 +399,14 @@ class PropensityWeighter(BaseEstimator):
     coef_, intercept_ : ndarray, float
         Logistic-regression coefficients (on the preprocessed covariates).
     columns_ : tuple
-    fitted_by_ : str
-        ``"balance"``, ``"likelihood"``, or ``"likelihood (balance unreachable)"``.
     base_rate_ : float
         P(L=1) on the fit data (the stabiliser).
     """
 
-    def __init__(self, C: float = 1.0, min_propensity: float = EXTRAPOLATION_THRESHOLD, max_quantile: float = 0.99,
-                 fit_by: str = "likelihood"):
+    def __init__(self, C: float = 1.0, min_propensity: float = EXTRAPOLATION_THRESHOLD, max_quantile: float = 0.99):
         self.C = C
         self.min_propensity = min_propensity
         self.max_quantile = max_quantile
-        self.fit_by = fit_by
 
     def _prep(self, V: pd.DataFrame) -> np.ndarray:
         X = V[list(self.columns_)].to_numpy(float)
@@ -483,32 +415,9 @@ class PropensityWeighter(BaseEstimator):
         return np.column_stack([(X - self.mean_) / self.scale_, miss[:, self.miss_cols_].astype(float)])
 
     def fit(self, V: pd.DataFrame, labelled):
-        """Fit ê on all alerts.
-
-        Parameters
-        ----------
-        V : pandas.DataFrame
-            Selection covariates of every alert (NaN allowed).
-        labelled : array of bool
-            Which alerts have a label.
-
-        Raises
-        ------
-        ValueError
-            For an unknown ``fit_by``, or when every alert or none is labelled.
-
-        Warns
-        -----
-        ConvergenceWarning
-            When the balancing fit cannot balance (it then falls back to likelihood).
-        """
         from sklearn.linear_model import LogisticRegression
 
-        if self.fit_by not in ("balance", "likelihood"):
-            raise ValueError(f"fit_by must be 'balance' or 'likelihood', not {self.fit_by!r}")
         lab = np.asarray(labelled, bool)
-        if lab.all() or not lab.any():
-            raise ValueError("propensity needs labelled and unlabelled alerts")
         self.columns_ = tuple(V.columns)
         X = V.to_numpy(float)
         miss = ~np.isfinite(X)
@@ -518,32 +427,15 @@ class PropensityWeighter(BaseEstimator):
         sd = X.std(axis=0)
         self.scale_ = np.where(sd > 0, sd, 1.0)
         self.miss_cols_ = np.flatnonzero(miss.any(axis=0) & ~miss.all(axis=0))
-        P = self._prep(V)
-        if self.fit_by == "likelihood":
-            lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
-            self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
-            self.fitted_by_ = "likelihood"
-        else:
-            self.intercept_, self.coef_, failed = _balancing_logit(P, lab, self.C)
-            self.fitted_by_ = "balance"
-            # L-BFGS reports success at a penalty-held minimum too, so look at the coefficients.
-            big = float(np.max(np.abs(self.coef_), initial=0.0))
-            if failed or big > MAX_BALANCING_COEF:
-                # A fit that chases an unreachable balance is worse than the likelihood one:
-                # use that, and say so.
-                why = (f"the optimiser failed: {failed}" if failed else
-                       f"no logistic ê balances these covariates (a coefficient of {big:.0f}; a covariate "
-                       "the labelled alerts do not reach?)")
-                warnings.warn(f"propensity: {why}; fitted by likelihood instead", ConvergenceWarning, stacklevel=2)
-                lr = LogisticRegression(C=self.C, max_iter=2000).fit(P, lab)
-                self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
-                self.fitted_by_ = "likelihood (balance unreachable)"
+        lr = LogisticRegression(C=self.C, max_iter=2000).fit(self._prep(V), lab)
+        self.coef_, self.intercept_ = lr.coef_.ravel(), float(lr.intercept_[0])
         self.base_rate_ = float(lab.mean())
         return self
 
     def propensity(self, V: pd.DataFrame) -> np.ndarray:
         """ê(v) for every row (unclipped)."""
-        return expit(self._prep(V) @ self.coef_ + self.intercept_)
+        eta = self._prep(V) @ self.coef_ + self.intercept_
+        return 1.0 / (1.0 + np.exp(-eta))
 
     def weights(self, V: pd.DataFrame) -> np.ndarray:
         """Stabilised, clipped weights for the rows of ``V`` (meant for the labelled ones)."""
@@ -570,5 +462,4 @@ class PropensityWeighter(BaseEstimator):
         return {"columns": list(self.columns_), "median": self.median_.tolist(), "mean": self.mean_.tolist(),
                 "scale": self.scale_.tolist(), "missing_indicators": self.miss_cols_.tolist(),
                 "coef": self.coef_.tolist(), "intercept": self.intercept_, "base_rate": self.base_rate_,
-                "min_propensity": self.min_propensity, "max_quantile": self.max_quantile, "C": self.C,
-                "fit_by": self.fit_by, "fitted_by": self.fitted_by_}
+                "min_propensity": self.min_propensity, "max_quantile": self.max_quantile, "C": self.C}

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import SHARED, needs_shared
-from sklearn.exceptions import ConvergenceWarning
 
 from causal.adjust import (
     ConditionResidualiser,
@@ -150,36 +149,6 @@ def test_ipw_balances_a_synthetic_selection():
     assert d.n_extrapolated == int((ehat < 0.01).sum()) > 0  # faint alerts outside the labelled support
     smd = standardised_mean_differences(V, lab, pw.weights(V[lab]))
     assert smd == d.smd_after
-
-
-def test_balancing_propensity_balances_a_selection_a_line_cannot_follow():
-    # Selection saturates in the later detections (as the simulator's does): a logistic line in
-    # n_later fitted by likelihood leaves the weighted labelled set off the stream's mean; the
-    # balancing fit of the same model matches every covariate mean by construction.
-    rng = np.random.default_rng(5)
-    n = 6000
-    mag, later = rng.uniform(16, 21, n), rng.poisson(rng.uniform(0, 6, n)).astype(float)
-    e = 1 / (1 + np.exp(-(-2.5 + 0.9 * (18.5 - mag) + 1.2 * np.minimum(later, 2))))
-    lab = rng.random(n) < e
-    V = pd.DataFrame({"mag": mag, "n_later": later})
-    untruncated = {"min_propensity": 1e-6, "max_quantile": 1.0}
-    bal = PropensityWeighter(fit_by="balance", **untruncated).fit(V, lab).diagnostics(V, lab)
-    mle = PropensityWeighter(**untruncated).fit(V, lab).diagnostics(V, lab)  # the default: likelihood
-    assert abs(bal.smd_before["mag"]) > 0.5 and bal.smd_before["n_later"] > 0.2
-    assert max(abs(v) for v in bal.smd_after.values()) < 0.005
-    assert mle.smd_after["n_later"] > 0.03
-    assert bal.ess_fraction >= 0.2
-    # A flag that only unlabelled alerts carry cannot be balanced: the fit says so and falls
-    # back to likelihood, instead of tilting every other coefficient to chase it.
-    V["flag"] = (~lab & (rng.random(n) < 0.2)).astype(float)
-    with pytest.warns(ConvergenceWarning, match="no logistic ê balances"):
-        pw = PropensityWeighter(fit_by="balance").fit(V, lab)
-    assert pw.fitted_by_ == "likelihood (balance unreachable)"
-    assert abs(pw.diagnostics(V, lab).smd_after["mag"]) < 0.1
-    with pytest.raises(ValueError, match="fit_by"):
-        PropensityWeighter(fit_by="cbps").fit(V, lab)
-    with pytest.raises(ValueError, match="unlabelled"):
-        PropensityWeighter().fit(V, np.ones(n, bool))
 
 
 class _ReadsOneColumn:

@@ -679,7 +679,7 @@ def test_p_extragalactic_on_real_alerts_with_cross_match_labels(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["alerts_by_class"] == {"extragalactic": 15, "galactic": 54} and r["unscored"] == 0
     assert r["objects"] == {"extragalactic": 14, "galactic": 43}
-    # Better than chance, with room to improve (0.83 [0.69, 0.95] for xgb-sim1-70f67d92): quasars and
+    # Better than chance, with room to improve (0.83 [0.69, 0.95] for xgb-sim1-ec761f73): quasars and
     # Seyferts that Gaia and PS1 see as point sources are called Galactic.
     assert r["p_extragalactic"]["auc"] > 0.7 and r["auc_interval"][0] > 0.5
     assert r["mean_p_real"] > 0.9
