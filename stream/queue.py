@@ -73,11 +73,11 @@ ACTIONS = {
     "snooze": ("snooze", 1),
 }
 
-#: Sort keys of the list → (SQL expression, direction). NULL scores sort last through COALESCE,
-#: and each expression has an index of exactly the same text so ORDER BY ... LIMIT walks it.
 #: The most rows one page of the ranked list holds (web page, ``queue list --top``).
 MAX_PAGE_ROWS = 500
 
+#: Sort keys of the list → (SQL expression, direction). NULL scores sort last through COALESCE,
+#: and each expression has an index of exactly the same text so ORDER BY ... LIMIT walks it.
 SORTS = {
     "priority": ("COALESCE(priority, -1.0)", "DESC"),
     "p_real": ("COALESCE(p_real, -1.0)", "DESC"),
@@ -93,6 +93,7 @@ _LOGIN_FAILURES_DDL = """CREATE TABLE IF NOT EXISTS login_failures (
         address TEXT NOT NULL,
         failed_ms INTEGER NOT NULL
     )"""
+_LOGIN_FAILURES_INDEX = "CREATE INDEX IF NOT EXISTS ix_login_failures ON login_failures (address, failed_ms)"
 _DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS objects (
@@ -187,7 +188,7 @@ _DDL = [
     )""",
     # Failed logins to the web app, shared by all its worker processes (see stream.web).
     _LOGIN_FAILURES_DDL,
-    "CREATE INDEX IF NOT EXISTS ix_login_failures ON login_failures (address, failed_ms)",
+    _LOGIN_FAILURES_INDEX,
     "CREATE INDEX IF NOT EXISTS ix_ann_object ON annotations (object_id, event_mjd)",
     "CREATE INDEX IF NOT EXISTS ix_lc_object ON lightcurves (object_id)",
     "CREATE INDEX IF NOT EXISTS ix_dec_object ON decisions (object_id, decided_ms)",
@@ -425,7 +426,7 @@ def _ensure_schema(conn) -> None:
 def _migrate_2_to_3(conn) -> None:
     """Version 3 keeps the web app's failed logins in the store, so all its workers share one limit."""
     conn.execute(_LOGIN_FAILURES_DDL)
-    conn.execute("CREATE INDEX IF NOT EXISTS ix_login_failures ON login_failures (address, failed_ms)")
+    conn.execute(_LOGIN_FAILURES_INDEX)
 
 
 def _migrate_1_to_2(conn) -> None:
@@ -441,7 +442,7 @@ def _migrate_1_to_2(conn) -> None:
     for name in ("ix_obj_filter", "ix_obj_sort_first"):  # same names, new definitions
         conn.execute(f"DROP INDEX IF EXISTS {name}")
     for stmt in _DDL:
-        if stmt.startswith("CREATE INDEX") and "login_failures" not in stmt:  # (that table comes with version 3)
+        if stmt.startswith("CREATE INDEX") and stmt != _LOGIN_FAILURES_INDEX:  # (its table comes with version 3)
             conn.execute(stmt)
 
 
