@@ -49,9 +49,11 @@ CONDITIONS = ("seeing", "airmass", "limit_mag", "moon_illumination", "moon_separ
 #: missing together. The simulator writes ZTF alerts, which always have them: the full scorers
 #: never saw them missing and would send a missing value down whatever branch XGBoost
 #: defaulted to (for Rubin alerts, "bogus": P(real) < 0.05 for all 288 of the Fink sample).
-#: An alert lacking a whole group is scored by *reduced* scorers trained without any of them
+#: An alert lacking any of them is scored by *reduced* scorers trained without any of them
 #: (:class:`models.scorer.AlertScorer`).
 SURVEY_OPTIONAL = (("ref_mag", "ref_distance", "n_negative_pixels", "limit_mag"), ("fwhm", "elongation"))
+#: Largest float32; the boosters read features as float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Observatory sites (geodetic lat, lon in degrees east, height in m).
 SITES = {"ztf": (33.3563, -116.8650, 1712.0), "rubin": (-30.2446, -70.7494, 2663.0)}
 
@@ -518,5 +520,7 @@ def alert_features(alerts, corrected_flux=None, companions: ExposureCompanions |
         if c != "limit_mag":
             df[c] = cond[c].to_numpy()
     # A non-finite value in an alert (a survey's overflowed float) is no measurement: NaN, as
-    # XGBoost refuses ±inf and one such alert would otherwise fail its whole batch.
-    return df[list(FEATURES)].astype(float).replace([np.inf, -np.inf], np.nan)
+    # XGBoost refuses ±inf and one such alert would otherwise fail its whole batch. So is one
+    # beyond float32, which the boosters read: it would become inf there.
+    df = df[list(FEATURES)].astype(float)
+    return df.where(np.abs(df) <= FLOAT32_MAX)

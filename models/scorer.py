@@ -64,7 +64,10 @@ CONDITION_TRANSFORMS = (("seeing", "log"), ("airmass", "identity"), ("limit_mag"
                         ("moon_illumination", "identity"), ("moon_separation", "identity"), ("det_seeing", "log"))
 
 #: An alert with none of these is not scored (its scores and priority are null, status ``unscored``).
-MIN_EVIDENCE = ("real_bogus", "snr")
+#: The survey's real/bogus score alone: every alert a model learnt from had one, so without it
+#: the boosters would send the alert down whichever branch training defaulted to (for P(real),
+#: "real": P(real) ≈ 1 and the top of the queue).
+MIN_EVIDENCE = ("real_bogus",)
 #: Fewest alerts (with every condition known) a refit of the condition regressions accepts.
 MIN_CONDITION_ROWS = 50
 
@@ -92,10 +95,17 @@ def _sigmoid(x):
 
 
 def _as_float32(X, names=None) -> np.ndarray:
+    """Float32 rows for XGBoost, a value that overflows float32 (or was ±inf) as NaN: missing,
+    not an error that fails the whole batch."""
     if isinstance(X, pd.DataFrame):
         X = X[list(names)] if names is not None else X
-        return np.ascontiguousarray(X.to_numpy(dtype=np.float32, na_value=np.nan))
-    return np.ascontiguousarray(np.asarray(X, dtype=np.float32))
+        A = X.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        A = np.asarray(X, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        A = A.astype(np.float32)
+    A[np.isinf(A)] = np.nan
+    return np.ascontiguousarray(A)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -402,9 +412,9 @@ class AlertScorer:
         Provenance and training diagnostics (saved with the model).
     reduced : dict, optional
         ``score name → fitted XGBBinaryScorer`` trained with every input of
-        :data:`models.features.SURVEY_OPTIONAL` blanked. An alert that lacks one of those
-        groups entirely (a survey that does not send it) is scored by these; the full scorers
-        never saw such alerts in training. Without them, such alerts go to the full scorers.
+        :data:`models.features.SURVEY_OPTIONAL` blanked. An alert that lacks any of those
+        inputs (a survey that does not send a group, a null field) is scored by these; the full
+        scorers never saw such alerts in training. Without them, such alerts go to the full scorers.
     """
 
     def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None,
@@ -425,11 +435,12 @@ class AlertScorer:
                        for s in SCORES}
 
     def lacking_rows(self, X: pd.DataFrame) -> np.ndarray:
-        """Rows that lack a whole group of :data:`models.features.SURVEY_OPTIONAL` (scored by the reduced scorers)."""
-        out = np.zeros(len(X), dtype=bool)
-        for group in SURVEY_OPTIONAL:
-            out |= X[list(group)].isna().to_numpy().all(axis=1)
-        return out
+        """Rows that lack any input of :data:`models.features.SURVEY_OPTIONAL` (scored by the reduced scorers).
+
+        A part of a group missing (a null ``elong`` beside a known ``fwhm``) counts too: the
+        full scorers never saw one missing and would send it down an arbitrary branch.
+        """
+        return X[list(_OPTIONAL)].isna().to_numpy().any(axis=1)
 
     def with_conditions_fitted_on(self, X: pd.DataFrame, source: str = "") -> AlertScorer:
         """A copy whose condition regressions ĝ(z) are refitted on the feature rows ``X``.
@@ -498,8 +509,8 @@ class AlertScorer:
             X = X.copy()
             X.loc[thin, list(_OPTIONAL)] = np.nan
         D = self.design(X)
-        # Without the survey's real/bogus score and a signal-to-noise there is no evidence about
-        # the detection itself: such an alert is unscored (NaN), not given the training prior.
+        # Without the survey's real/bogus score the boosters have no learnt answer: such an
+        # alert is unscored (NaN), not given an arbitrary branch's score.
         blind = X[list(MIN_EVIDENCE)].isna().to_numpy().all(axis=1) if n else np.zeros(0, dtype=bool)
         full_rows = ~thin
         probs, contrib = {}, {}

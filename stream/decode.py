@@ -24,6 +24,7 @@ import operator
 import re
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import fastavro
@@ -412,7 +413,9 @@ class Decoder:
             for rec in reader:
                 records.append(rec)
         except (EOFError, StopIteration) as e:
-            records.append(DecodeError("truncated", f"after {len(records)} records: {e or 'EOF'}"))
+            # fastavro reads a block length gone negative (a flipped bit) as a short read.
+            reason = "corrupt_avro" if str(e).startswith("Expected -") else "truncated"
+            records.append(DecodeError(reason, f"after {len(records)} records: {e or 'EOF'}"))
         except Exception as e:  # corrupt block: keep what decoded, reject the rest
             records.append(DecodeError("corrupt_avro", f"after {len(records)} records: {type(e).__name__}: {e}"))
         if not records:
@@ -729,12 +732,19 @@ def _ztf_first_detection(cand: dict, jd: float) -> float:
 
     The damaged run that carries cross-match fill values (see :data:`ZTF_MATCH_RADIUS`)
     also has jdstarthist set to a time after jdendhist, which makes objects with years of
-    history look new.
+    history look new. A time outside :data:`MJD_RANGE` (0, −1) is no date either: it would
+    make any object look years old and halve its priority.
     """
     start, end = _fs(cand.get("jdstarthist")), _fs(cand.get("jdendhist"))
     if start > jd + ZTF_PID_JD_TOLERANCE_D or start > end:  # NaN end compares False
         return float("nan")
-    return start
+    return start if MJD_RANGE[0] < start - JD_MJD < MJD_RANGE[1] else float("nan")
+
+
+def _real_bogus(v) -> float:
+    """A survey real/bogus score: a probability, NaN where missing or outside [0, 1]."""
+    x = _f(v)
+    return x if 0.0 <= x <= 1.0 else float("nan")
 
 
 def _fs_within(v, radius: float) -> float:
@@ -753,6 +763,12 @@ def _check_position(ra, dec, ids):
 #: How far past the wall clock an observation time may lie (clock skew, TAI − UTC) before it is
 #: refused: one alert dated in the future would become the queue's "now" and age every other alert.
 FUTURE_TOLERANCE_D = 1.0
+
+
+def _mjd_or_nan(v) -> float:
+    """An MJD inside :data:`MJD_RANGE`, else NaN (a sentinel such as −999 is no date)."""
+    x = _f(v)
+    return x if MJD_RANGE[0] < x < MJD_RANGE[1] else float("nan")
 
 
 def _check_mjd(mjd, ids):
@@ -1077,7 +1093,7 @@ def _ztf_prepare(rec: dict) -> tuple:
     isdiffpos = _req(cand, "candidate", "isdiffpos", ids=ids)
     if str(isdiffpos).strip().lower() not in _SIGNS:  # the flux's sign rests on it: no guessing
         raise DecodeError("bad_value", f"isdiffpos={isdiffpos!r} (t/f/1/0)", *ids)
-    if not (MAG_RANGE[0] < mag < MAG_RANGE[1] and 0 < magerr < 10):  # NaN fails too
+    if not (MAG_RANGE[0] < mag < MAG_RANGE[1] and MIN_MAG_ERR <= magerr < 10):  # NaN fails too
         raise DecodeError("bad_value", f"magpsf={mag} sigmapsf={magerr}", *ids)
 
     flux, err = _mag_flux(mag, magerr, isdiffpos)
@@ -1094,10 +1110,11 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
     mjd = _check_mjd(mjd, ids)
     jd = mjd + JD_MJD
 
-    drb = cand.get("drb")
+    # drb where it is a probability, else rb (a NaN drb must not hide a valid rb).
+    drb = cand.get("drb") if math.isfinite(_real_bogus(cand.get("drb"))) else None
     ps1_d, gaia_d, ss_d = (_fs_within(cand.get(k), r) for k, r in ZTF_MATCH_RADIUS.items())
     ctx = Context(
-        real_bogus=_fs(drb if drb is not None else cand.get("rb")),
+        real_bogus=_real_bogus(drb if drb is not None else cand.get("rb")),
         real_bogus_version=str((cand.get("drbversion") if drb is not None else cand.get("rbversion")) or ""),
         # The PS1 star/galaxy score belongs to the match at distpsnr1: unknown with it.
         star_galaxy=_fs(cand.get("sgscore1")) if math.isfinite(ps1_d) else np.nan,
@@ -1138,7 +1155,7 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
         survey="ztf", schema_version=str(rec.get("schemavsn") or ""), alert_id=alert_id,
         object_id=str(object_id), ra=ra, dec=dec, mjd=mjd, time_scale="utc",
         band=ZTF_BANDS.get(fid, "?"), exposure=pid, field=int(_first(cand, "field", default=-1)),
-        chip=int(_first(cand, "rcid", default=-1)), lightcurve=_sane_history(lightcurve, mjd), context=ctx,
+        chip=int(_first(cand, "rcid", default=-1)), lightcurve=_sane_history(lightcurve, mjd, ra, dec), context=ctx,
         cutouts=cutouts,
     )
 
@@ -1157,24 +1174,55 @@ HISTORY_AFTER_ALERT_D = 0.5
 MAX_ABS_FLUX_UJY = 1e9
 
 
-def _sane_history(lc: LightCurve, alert_mjd: float) -> LightCurve:
+#: A history detection measured farther than this from the alert (arcsec) is not of this
+#: object (ZTF associates within 1.5″; decades of the fastest proper motions stay far inside).
+MAX_HISTORY_OFFSET_ARCSEC = 60.0
+
+
+def _sane_history(lc: LightCurve, alert_mjd: float, ra: float, dec: float) -> LightCurve:
     """The light curve without history rows that cannot be measurements.
 
-    Dropped: a time outside :data:`MJD_RANGE` or after the alert (by more than
-    :data:`HISTORY_AFTER_ALERT_D`); an uncertainty that is infinite, zero or negative; a flux
-    beyond :data:`MAX_ABS_FLUX_UJY`. Unknown values (NaN) stay unknown: such rows still count
-    in the history. The alert's own detection is checked on its own and always kept. A
-    damaged row of a long history should not cost the alert, nor reach HSR and the features
-    as an infinite or negative-error point.
+    Dropped: a time that is unknown, outside :data:`MJD_RANGE` or after the alert (by more
+    than :data:`HISTORY_AFTER_ALERT_D`); an uncertainty that is infinite, zero or negative; a
+    flux beyond :data:`MAX_ABS_FLUX_UJY`; a repeat of a row of the same kind, time, band and
+    exposure (a detection repeating the alert's own, a history listed twice), which would
+    count as more detections. Other unknown values (NaN) stay unknown: such rows still count in the
+    history. A position outside the sky or beyond :data:`MAX_HISTORY_OFFSET_ARCSEC` from the
+    alert becomes unknown (NaN), the row kept. The alert's own detection is checked on its
+    own and always kept. A damaged row of a long history should not cost the alert, nor
+    reach HSR and the features as an infinite or negative-error point.
     """
     with np.errstate(invalid="ignore"):
         ok = ((lc.kind == DETECTION)
-              | (~((lc.mjd <= MJD_RANGE[0]) | (lc.mjd >= min(MJD_RANGE[1], alert_mjd + HISTORY_AFTER_ALERT_D)))
+              | ((lc.mjd > MJD_RANGE[0]) & (lc.mjd < min(MJD_RANGE[1], alert_mjd + HISTORY_AFTER_ALERT_D))
                  & ~((lc.flux_err <= 0) | (lc.flux_err == np.inf))
                  & ~(np.abs(lc.flux) > MAX_ABS_FLUX_UJY)))  # comparisons with NaN are False: kept
-    if ok.all():
+    repeats = np.flatnonzero(lc.mjd[1:] == lc.mjd[:-1])  # sorted by time: repeats are neighbours
+    if len(repeats):
+        ok &= ~_repeated_rows(lc, np.union1d(repeats, repeats + 1))
+    lc = lc if ok.all() else LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
+    with np.errstate(invalid="ignore"):
+        dra = (lc.ra - ra + 180.0) % 360.0 - 180.0
+        off = 3600.0 * np.hypot(dra * math.cos(math.radians(dec)), lc.dec - dec)
+        bad = ((lc.ra < 0) | (lc.ra > 360) | (np.abs(lc.dec) > 90) | (off > MAX_HISTORY_OFFSET_ARCSEC)
+               | (np.isfinite(lc.ra) != np.isfinite(lc.dec)))  # half a position is none
+    if not bad.any():
         return lc
-    return LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
+    return replace(lc, ra=np.where(bad, np.nan, lc.ra), dec=np.where(bad, np.nan, lc.dec))
+
+
+def _repeated_rows(lc: LightCurve, rows: np.ndarray) -> np.ndarray:
+    """Mask of the rows (among ``rows``, which share a time with a neighbour) that repeat an
+    earlier row of the same kind, time, band and exposure; the alert's own detection is never
+    one, and an earlier detection in its exposure repeats it."""
+    out = np.zeros(len(lc), dtype=bool)
+    seen = set()
+    for i in sorted(rows.tolist(), key=lambda i: lc.kind[i] != DETECTION):
+        kind = PREVIOUS if lc.kind[i] == DETECTION else int(lc.kind[i])
+        key = (kind, float(lc.mjd[i]), str(lc.band[i]), int(lc.exposure[i]))
+        out[i] = key in seen
+        seen.add(key)
+    return out
 
 
 #: Most rows one history list of an alert may hold. Real ones hold hundreds (ZTF: 30 days;
@@ -1191,6 +1239,10 @@ def _check_history_sizes(rec: dict, keys, ids) -> None:
 
 #: Plausible PSF magnitudes of a detection (AB); beyond them a flux overflows or means nothing.
 MAG_RANGE = (-2.0, 40.0)
+#: Smallest believable magnitude error (S/N 10^5); 1e-39 would make an S/N beyond float32.
+MIN_MAG_ERR = 1e-5
+#: Longest object id accepted (ZTF's are 12 characters, Rubin's 19 digits).
+MAX_OBJECT_ID_CHARS = 64
 
 
 def _alert_id(v, name: str, ids) -> int:
@@ -1201,10 +1253,20 @@ def _alert_id(v, name: str, ids) -> int:
 
 
 def _object_id(v, ids) -> str:
-    """An object id: text or an integer, never empty (alerts of one object group under it)."""
+    """An object id: text or an integer, never empty (alerts of one object group under it).
+
+    Printable and at most :data:`MAX_OBJECT_ID_CHARS` long: ids are shown in terminals and
+    pages, where a control character could rewrite the screen.
+    """
     if isinstance(v, bool) or not isinstance(v, (str, int, np.integer)) or not str(v).strip():
         raise DecodeError("bad_value", f"object id {v!r}: empty or not text/an integer", *ids)
-    return str(v)
+    s = str(v)
+    # The rejection names the alert only: the id itself is what is unfit to show.
+    if len(s) > MAX_OBJECT_ID_CHARS:
+        raise DecodeError("bad_value", f"object id of {len(s)} characters (> {MAX_OBJECT_ID_CHARS})", ids[0])
+    if not s.isprintable():
+        raise DecodeError("bad_value", f"object id {s!r}: not printable", ids[0])
+    return s
 
 
 def _rubin_exposure(s: dict, ids=(None, None)):
@@ -1312,15 +1374,15 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     dobj = rec.get("diaObject") or {}
     snr = _first(src, "snr")
     ctx = Context(
-        real_bogus=_f(_first(src, "reliability")),
-        real_bogus_version="reliability" if src.get("reliability") is not None else "",
+        real_bogus=_real_bogus(_first(src, "reliability")),
+        real_bogus_version="reliability" if math.isfinite(_real_bogus(src.get("reliability"))) else "",
         ps1_distance=_f(dobj.get("nearbyObj1Dist")),
         extendedness=_f(src.get("extendedness")),
         n_bad_pixels=float(sum(bool(src.get(k)) for k in _RUBIN_CENTRE_FLAGS))
         if any(k in src for k in _RUBIN_CENTRE_FLAGS) else np.nan,
         snr=_f(snr) if snr is not None else (abs(flux) / ferr if ferr > 0 else np.nan),
         n_det_history=int(_first(dobj, "nDiaSources", default=-1)),
-        first_det_mjd=_f(_first(dobj, "firstDiaSourceMjdTai")),
+        first_det_mjd=_mjd_or_nan(_first(dobj, "firstDiaSourceMjdTai")),
         mag=float(23.9 - 2.5 * math.log10(flux)) if flux > 0 else np.nan,
         mag_err=1.0857 * ferr / abs(flux) if flux else np.nan,
         # Rubin associates a source with a known solar-system object outright: distance 0.
@@ -1337,5 +1399,5 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         survey="rubin", schema_version=version or _container_version({"version": rec.get("lsst_schema_version")}),
         alert_id=alert_id,
         object_id=object_id, ra=ra, dec=dec, mjd=mjd, time_scale="tai", band=band, exposure=exposure, field=visit,
-        chip=det, lightcurve=_sane_history(rows.build(), mjd), context=ctx, cutouts=cutouts,
+        chip=det, lightcurve=_sane_history(rows.build(), mjd, ra, dec), context=ctx, cutouts=cutouts,
     )

@@ -159,6 +159,54 @@ def test_history_rows_that_cannot_be_measurements_are_dropped_and_bad_ids_reject
         assert isinstance(rej, Rejected) and rej.reason == "bad_value" and words in rej.detail, (change, rej)
 
 
+def test_impossible_history_values_and_repeats_do_not_reach_the_features():
+    """A fuzzing review's cases: a history position off the sky or a minute of arc away, a
+    history listed twice, a time that is NaN, an impossible first-detection time, a real/bogus
+    score that is no probability, and ids unfit to print."""
+    rec = next(r for f in avro_files("ztf_fink") for r in _read(f)[1]
+               if any(q.get("magpsf") is not None for q in r["prv_candidates"] or ()))
+    c = rec["candidate"]
+    det = [q for q in rec["prv_candidates"] if q.get("magpsf") is not None]
+    dec = Decoder()
+    clean = dec.to_alert(copy.deepcopy(rec), Envelope(b"", "x"))
+    n_det = clean.lightcurve.n_detections
+    # Positions: off the sky, 1e100, or 2′ away become unknown; the rows stay.
+    far = [dict(det[0], dec=1e100), dict(det[0], ra=400.0), dict(det[0], dec=c["dec"] + 2 / 60)]
+    for row in far:
+        r = copy.deepcopy(rec)
+        r["prv_candidates"] = [row if q is det[0] else q for q in rec["prv_candidates"]]
+        lc = dec.to_alert(r, Envelope(b"", "x")).lightcurve
+        i = np.flatnonzero(lc.exposure == det[0]["pid"])
+        assert lc.n_detections == n_det and len(i) == 1 and np.isnan(lc.ra[i]).all() and np.isnan(lc.dec[i]).all()
+        assert np.isfinite(lc.dec[lc.kind == DETECTION]).all()
+    # Repeats: the history twice, and the alert's own detection among its history.
+    own = {k: c.get(k) for k in det[0]}
+    r = copy.deepcopy(rec)
+    r["prv_candidates"] = rec["prv_candidates"] * 3 + [own]
+    assert dec.to_alert(r, Envelope(b"", "x")).lightcurve.n_detections == n_det
+    # A NaN time: the row goes, the first-detection time stays.
+    r = copy.deepcopy(rec)
+    r["prv_candidates"] = [dict(det[0], jd=float("nan")), *rec["prv_candidates"][1:]]
+    lc = dec.to_alert(r, Envelope(b"", "x")).lightcurve
+    assert np.isfinite(lc.mjd).all() and len(lc) == len(clean.lightcurve) - 1
+    # First detection: 0 or −1 is no date.
+    for v in (0.0, -1.0, 99.0):
+        a = dec.to_alert(dict(copy.deepcopy(rec), candidate=dict(c, jdstarthist=v)), Envelope(b"", "x"))
+        assert math.isnan(a.context.first_det_mjd)
+    # Real/bogus: a NaN drb leaves rb; out of [0, 1] is unknown.
+    a = dec.to_alert(dict(copy.deepcopy(rec), candidate=dict(c, drb=float("nan"), rb=0.25)), Envelope(b"", "x"))
+    assert a.context.real_bogus == 0.25
+    a = dec.to_alert(dict(copy.deepcopy(rec), candidate=dict(c, drb=99.0, rb=-3.0)), Envelope(b"", "x"))
+    assert math.isnan(a.context.real_bogus)
+    # Ids a terminal would obey, or 100 kB of them, and an error too small to be measured.
+    for change, words in ((dict(objectId="ZTF\x1b[2J"), "not printable"), (dict(objectId="Z" * 100_000),
+                                                                              "object id of 100000 characters"),
+                          (dict(candidate=dict(c, sigmapsf=1e-39)), "sigmapsf=1e-39")):
+        rej = dec.to_alert(dict(copy.deepcopy(rec), **change), Envelope(b"", "x"))
+        assert isinstance(rej, Rejected) and rej.reason == "bad_value" and words in rej.detail, (change, rej)
+        assert rej.object_id is None or len(str(rej.object_id)) < 100
+
+
 def test_a_bad_ztf_schema_path_is_named(tmp_path):
     (tmp_path / "bad.avsc").write_text('{"type": "record",\n "name"')
     (tmp_path / "split").mkdir()  # an official split directory lacking the candidate schema
@@ -274,7 +322,9 @@ def test_every_rubin_schema_version_decodes_from_confluent_frame():
             assert isinstance(a, Alert), (sid, a)
             assert a.schema_version == f"{sid // 100}.{sid % 100}"
             assert a.alert_id == rec["diaSource"]["diaSourceId"]
-            assert len(a.lightcurve) >= 1 + len(rec.get("prvDiaSources") or [])
+            # (Some fake alerts' earlier sources repeat the alert's own visit and time: not counted again.)
+            assert 1 <= a.lightcurve.n_detections <= 1 + len(rec.get("prvDiaSources") or [])
+            assert (a.lightcurve.kind == DETECTION).sum() == 1
 
 
 @needs_shared
@@ -506,7 +556,8 @@ def test_batch_decode_gives_what_each_envelope_gives(ztf_files, rubin_files):
 
 def test_rows_at_equal_times_keep_detection_history_limit_forced_order():
     """At one time the order is the alert's detection, earlier detections, limits, forced
-    photometry (each in its input order), in a batch as alone; a NaN time sorts last."""
+    photometry (each in its input order), in a batch as alone; a NaN time sorts last, and the
+    finished alert drops that row (a measurement without a time cannot be placed)."""
     _, (rec,) = _read(avro_files("ztf_fink", "2023-10-19to21_schema4.02")[0])
     jd = rec["candidate"]["jd"]
     base = rec["prv_candidates"][0]
@@ -526,13 +577,15 @@ def test_rows_at_equal_times_keep_detection_history_limit_forced_order():
     # (This schema has no fp_hists, so the records go in as decoded dicts.)
     alone = [Decoder().to_alert(r, Envelope(b"", "x")).lightcurve for r in recs]
     batched = [lc for lc, _ in _ztf_lightcurves([_ztf_prepare(r)[-1] for r in recs])]
-    for a, b in zip(alone, batched, strict=True):
-        assert all(getattr(a, c).tobytes() == getattr(b, c).tobytes() for c in a.COLUMNS)
+    for k, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        timed = np.isfinite(b.mjd)
+        assert timed.all() == (k == 3) and np.isfinite(a.mjd).all()
+        assert all(getattr(a, c).tobytes() == getattr(b, c)[timed].tobytes() for c in a.COLUMNS)
     lc = alone[0]
     at_jd = lc.mjd == jd - 2400000.5
     assert lc.kind[at_jd].tolist() == [DETECTION, PREVIOUS, PREVIOUS, NONDETECTION, NONDETECTION, FORCED, FORCED]
     assert lc.exposure[at_jd].tolist()[1:] == [11, 13, 10, 14, 20, 21]
-    assert np.isnan(lc.mjd[-1]) and lc.exposure[-1] == 12
+    assert np.isnan(batched[0].mjd[-1]) and batched[0].exposure[-1] == 12 and 12 not in lc.exposure
 
 
 def _same_value(x, y):
