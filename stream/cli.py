@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="consumer-group service: Kafka alerts in, annotations and dead letters out")
     p.add_argument("--config", required=True, help="TOML config (see deploy/)")
     p.add_argument("--replay", action="store_true", help="use the config's [replay] section (never commits)")
-    p.add_argument("--from", dest="start", help="replay from this time (ISO-8601) or 'earliest'")
-    p.add_argument("--until", dest="end", help="replay until this time (ISO-8601) or 'end'")
+    p.add_argument("--from", dest="start", help="replay from this time (ISO-8601) or 'earliest' "
+                   "(without --until, the end is the config's [replay] end, else 'end')")
+    p.add_argument("--until", dest="end", help="replay until this time (ISO-8601) or 'end' "
+                   "(without --from, the start is the config's [replay] start, else 'earliest')")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("produce", help="push archived alerts into a Kafka topic")

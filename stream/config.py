@@ -12,7 +12,9 @@ Example: see ``deploy/*.toml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,8 +46,11 @@ def parse_time_ms(text: str) -> int:
     return int(dt.timestamp() * 1000)
 
 
+#: Settings that hold secrets (ssl.key.pem is a private key; sasl.oauthbearer.config may hold clientSecret=).
 SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "ssl.keystore.password",
-               "token")
+               "token", "ssl.key.pem", "sasl.oauthbearer.config")
+#: Most messages one librdkafka consume() call returns.
+MAX_BATCH_SIZE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -198,8 +203,38 @@ OFFSET_RESETS = ("earliest", "smallest", "beginning", "latest", "largest", "end"
 #: committed by librdkafka's auto-commit; these would break that or shadow a Vigil key.
 _OWNED_CONSUMER_KEYS = {
     "group.id": "source.group_id", "bootstrap.servers": "source.bootstrap_servers",
+    "metadata.broker.list": "source.bootstrap_servers",
     "enable.auto.offset.store": None, "enable.auto.commit": None, "auto.offset.reset": "source.auto_offset_reset",
 }
+
+
+#: A Kafka topic name (what the broker accepts).
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_output_topics(cfg: Config) -> None:
+    """Output topics: valid names, apart from each other and from every source topic.
+
+    A dead-letter topic that is also read would loop its first bad message for ever; an
+    annotations topic that is read would feed every annotation back in as a bad alert.
+    """
+    out = cfg.output
+    for key in ("annotations_topic", "dead_letter_topic"):
+        name = getattr(out, key)
+        if not _TOPIC_NAME.fullmatch(name):
+            raise ConfigError(f"output.{key}: {name!r} is not a topic name (letters, digits, '.', '_', '-')")
+        for t in cfg.source.topics:
+            if name == t or (t.startswith("^") and _matches(t, name)):  # "^…": librdkafka's topic pattern
+                raise ConfigError(f"output.{key}: {name!r} is also read (source.topics {t!r})")
+    if out.annotations_topic == out.dead_letter_topic:
+        raise ConfigError("output.dead_letter_topic: the same topic as output.annotations_topic")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return re.search(pattern, name) is not None
+    except re.error as e:
+        raise ConfigError(f"source.topics: {pattern!r} is not a valid pattern ({e})") from None
 
 
 def _check_queue(key: str, value: str) -> None:
@@ -220,15 +255,19 @@ def validate(cfg: Config) -> None:
     ConfigError
         Naming the first offending key.
     """
-    src, svc = cfg.source, cfg.service
-    if src.batch_size < 1:
-        raise ConfigError("source.batch_size: must be ≥ 1")
-    if not (src.batch_timeout_s > 0):
+    src, svc, out = cfg.source, cfg.service, cfg.output
+    if not 1 <= src.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"source.batch_size: must be 1 … {MAX_BATCH_SIZE} (librdkafka's most per call)")
+    if not (0 < src.batch_timeout_s < math.inf):
         raise ConfigError("source.batch_timeout_s: must be > 0 (a wait that never ends ignores stop signals)")
     if src.max_message_bytes < 1:
         raise ConfigError("source.max_message_bytes: must be ≥ 1")
     if not src.topics or not all(src.topics):
         raise ConfigError("source.topics: at least one topic, none empty")
+    if len(set(src.topics)) < len(src.topics):
+        twice = next(t for t in src.topics if src.topics.count(t) > 1)
+        raise ConfigError(f"source.topics: {twice!r} is listed twice")
+    _check_output_topics(cfg)
     if src.auto_offset_reset not in OFFSET_RESETS:
         raise ConfigError(f"source.auto_offset_reset: one of {', '.join(OFFSET_RESETS)}")
     if svc.error_budget < 0:
@@ -236,8 +275,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= svc.metrics_port <= 65535:
         raise ConfigError("service.metrics_port: a TCP port (1–65535), or 0 for none")
     _check_queue("output.queue_db", cfg.output.queue_db)
-    if cfg.output.queue_retention_days < 0:
+    if not 0 <= out.queue_retention_days < math.inf:
         raise ConfigError("output.queue_retention_days: must be ≥ 0 (0 keeps everything)")
+    if not 0 < svc.log_interval_s < math.inf:
+        raise ConfigError("service.log_interval_s: must be > 0")
     if cfg.scoring.model and not (Path(cfg.scoring.model) / "metadata.json").is_file():
         raise ConfigError(f"scoring.model: no model directory (with metadata.json) at {cfg.scoring.model}")
     if cfg.service.clock not in ("wall", "stream"):
@@ -251,6 +292,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output.kafka.acks: must be 'all' (-1): offsets move only once every output is durable")
     if cfg.replay is not None:
         rc, times = cfg.replay, {}
+        if not rc.namespace.strip() or not _TOPIC_NAME.fullmatch(rc.namespace):
+            raise ConfigError(f"replay.namespace: {rc.namespace!r} is not a topic-name suffix "
+                              "(letters, digits, '.', '_', '-')")
         for name, word in (("start", "earliest"), ("end", "end")):
             text = getattr(rc, name)
             if text in ("", word):

@@ -587,6 +587,9 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         from stream.config import ReplayConfig
 
         rc = cfg.replay or ReplayConfig()
+        patterns = [t for t in s.topics if t.startswith("^")]
+        if patterns:  # a replay assigns partitions of named topics
+            raise ConfigError(f"source.topics: a replay reads named topics, not the pattern {patterns[0]!r}")
         queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
         group = rc.group_id
@@ -623,10 +626,21 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         raise ConfigError(f"output.kafka: {_kafka_text(e)}") from None
     for sink in (sinks[0], dlq):
         sink.give_up = stop.hard.is_set
-    if queue_db:
-        from stream.queue import QueueSink
+    from stream.queue import QueueSink, redacted
 
-        sinks.append(QueueSink(queue_db, retention_days=o.queue_retention_days))
+    if queue_db:
+        try:
+            store = QueueSink(queue_db, retention_days=o.queue_retention_days)
+        except Exception as e:  # an unopenable path or an unreachable database: name the key
+            source.close()
+            for sink in (sinks[0], dlq):
+                sink.close()
+            if server is not None:
+                server.shutdown()
+            key = "replay.queue_db" if replay else "output.queue_db"
+            raise ConfigError(f"{key}: cannot open the queue store {redacted(queue_db)}: {e}") from None
+        store.give_up = stop.hard.is_set
+        sinks.append(store)
     counts_box = {"c": Counts()}
     last_log = [time.monotonic()]
 
@@ -644,8 +658,6 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
 
     def should_stop():
         return stop() or (until is not None and until(counts_box["c"]))
-
-    from stream.queue import redacted
 
     log.info("vigil %s: %s → %s (dead letters → %s); group %s, bootstrap %s, queue %s, metrics %s",
              "replay" if replay else "run", ",".join(s.topics), ann_topic, dlq_topic,

@@ -329,6 +329,16 @@ class _PgConnection:
         self._pg.close()
 
 
+#: How long a batch waits, in all, for another writer to release the store's write lock
+#: before the error stops the run.
+LOCK_PATIENCE_S = 600.0
+
+
+def _is_lock_wait(exc) -> bool:
+    """A lock wait that timed out (SQLite "database is locked", PostgreSQL LockNotAvailable)."""
+    return not isinstance(exc, sqlite3.OperationalError) or "locked" in str(exc) or "busy" in str(exc)
+
+
 def _errors(pg_name: str) -> tuple:
     """``sqlite3.OperationalError`` and the named ``psycopg.errors`` class, where psycopg is installed.
 
@@ -721,6 +731,8 @@ class QueueSink:
         self._in_tx = False
         self._flushes = 0
         self.n_written = 0
+        #: Set by the service to its hard-stop flag: stop waiting for the write lock.
+        self.give_up = lambda: False
 
     def write_result(self, result, records=None) -> None:
         """Stage one pipeline batch (``BatchResult``) in the current transaction.
@@ -783,9 +795,27 @@ class QueueSink:
             self._in_tx = False
 
     def _begin(self) -> None:
-        if not self._in_tx:
-            self.conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not mid-batch
-            self._in_tx = True
+        if self._in_tx:
+            return
+        # Take the write lock now, not mid-batch. Another writer (a retention pass, a replay
+        # into this store, a VACUUM) may hold it past the busy timeout: wait on, with a warning,
+        # rather than stop the service (its batch is safe: offsets move only after this).
+        waited_s, pause_s = 0.0, 1.0
+        while True:
+            t0 = time.monotonic()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                break
+            except _errors("LockNotAvailable") as exc:
+                waited_s += time.monotonic() - t0
+                if not _is_lock_wait(exc) or waited_s >= LOCK_PATIENCE_S or self.give_up():
+                    raise
+                log.warning("queue store %s: another writer has held the write lock for %.0f s; waiting on",
+                            redacted(str(self.path)), waited_s)
+                time.sleep(pause_s)
+                waited_s += pause_s
+                pause_s = min(2 * pause_s, 30.0)
+        self._in_tx = True
 
     def flush(self) -> None:
         """Commit the open batch; durable on return."""

@@ -72,6 +72,22 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"replay": {"queue_db": "sqlite:///q"}}, "replay.queue_db: queue store"),
     ({"replay": {"end_grace_s": -1}}, "replay.end_grace_s: -1.0 is not within"),
     ({"replay": {"end_grace_s": "5m"}}, "replay.end_grace_s"),
+    # found by a review that ran the service against a broker
+    ({"source": {"topics": ["in"]}, "output": {"dead_letter_topic": "in"}},
+     "output.dead_letter_topic: 'in' is also read"),  # it looped one bad message for ever
+    ({"source": {"topics": ["^alerts[0-9]$"]}, "output": {"annotations_topic": "alerts7"}},
+     "output.annotations_topic: 'alerts7' is also read (source.topics '^alerts[0-9]$')"),
+    ({"output": {"annotations_topic": "a", "dead_letter_topic": "a"}}, "output.dead_letter_topic: the same topic"),
+    ({"output": {"annotations_topic": "has space"}}, "output.annotations_topic: 'has space' is not a topic name"),
+    ({"source": {"topics": ["t", "t"]}}, "source.topics: 't' is listed twice"),
+    ({"source": {"topics": ["^a["]}}, "source.topics: '^a[' is not a valid pattern"),
+    ({"source": {"batch_size": 1_000_001}}, "source.batch_size: must be 1 … 1000000"),
+    ({"source": {"batch_timeout_s": float("inf")}}, "source.batch_timeout_s: must be > 0"),
+    ({"source": {"kafka": {"metadata.broker.list": "h:9092"}}}, "(use source.bootstrap_servers)"),
+    ({"source": {"kafka": {"ssl.key.pem": "-----BEGIN"}}}, "source.kafka.ssl.key.pem: secrets must come from"),
+    ({"service": {"log_interval_s": float("nan")}}, "service.log_interval_s: must be > 0"),
+    ({"output": {"queue_retention_days": float("nan")}}, "output.queue_retention_days: must be ≥ 0"),
+    ({"replay": {"namespace": ""}}, "replay.namespace: '' is not a topic-name suffix"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
@@ -124,3 +140,19 @@ def test_command_line_replay_times_are_checked_like_the_file(tmp_path, capsys):
     q.write_text('[source]\ntopics = ["x"]\n[replay]\nend = "2023-10-19"\n')
     assert main(["run", "--config", str(q), "--from", "2023-10-20"]) == 2
     assert "replay.end: 2023-10-19 is not after --from 2023-10-20" in capsys.readouterr().err
+    r = tmp_path / "pattern.toml"  # a pattern subscribes live, but a replay needs the topics' names
+    r.write_text('[source]\ntopics = ["^alerts.*"]\n')
+    assert main(["run", "--config", str(r), "--replay"]) == 2
+    assert "source.topics: a replay reads named topics, not the pattern '^alerts.*'" in capsys.readouterr().err
+
+
+def test_a_queue_store_that_cannot_be_opened_names_the_key(tmp_path, capsys):
+    """Before, a directory as the store stopped the service with a traceback and no key."""
+    from stream.cli import main
+
+    p = tmp_path / "q.toml"
+    p.write_text(f'[source]\nbootstrap_servers = "127.0.0.1:9"\ntopics = ["x"]\n'
+                 f'[output]\nqueue_db = "{tmp_path}"\n')
+    assert main(["run", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"vigil: error: output.queue_db: cannot open the queue store {tmp_path}" in err and "Traceback" not in err

@@ -1105,6 +1105,38 @@ def test_the_store_write_lock_is_not_held_while_streamed_outputs_flush(tmp_path)
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == counts.annotated
 
 
+def test_a_batch_waits_for_another_writer_past_the_busy_timeout(tmp_path, batch, caplog):
+    """Another writer holding the store's write lock longer than the busy timeout (a VACUUM,
+    a replay into the live store) is waited for with a warning, not an error that stops the
+    service; a hard stop gives up."""
+    import threading
+
+    result, records = batch
+    path = tmp_path / "q.sqlite"
+    QueueSink(path).close()
+    sink = QueueSink(path)
+    sink.conn.execute("PRAGMA busy_timeout=200")  # (10 s in service; short here)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.5, other.execute, ("COMMIT",))
+    release.start()
+    try:
+        with caplog.at_level("WARNING", logger="stream.queue"):
+            sink.write_result(result, records)
+            sink.flush()
+    finally:
+        release.join()
+    assert "another writer has held the write lock" in caplog.text
+    assert _counts(path)["annotations"] == len(records)
+    other.execute("BEGIN IMMEDIATE")
+    sink.give_up = lambda: True
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        sink.write_result(result, records)
+    other.execute("ROLLBACK")
+    other.close()
+    sink.close()
+
+
 def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
     """Queue → export-labels → `vigil train --labels` → a model the service loads, that learnt the decisions."""
     from models.features import FEATURES
