@@ -57,6 +57,14 @@ class ErrorBudget:
             raise RuntimeError(f"error budget exhausted ({self.spent} unexpected errors)") from exc
 
 
+def _unscored_text(features: dict) -> dict:
+    """Why an alert has no scores, in each score's explanation (the vetter's page shows it)."""
+    rb = features.get("real_bogus")
+    why = ("unscored: the alert has no survey real/bogus score in [0, 1], and the models never learnt without one"
+           if rb is None or not math.isfinite(rb) else "unscored")
+    return {s: why for s in ("p_real", "p_extragalactic", "p_fast")}
+
+
 class Pipeline:
     """Decode, correct, score and rank micro-batches of envelopes.
 
@@ -161,7 +169,7 @@ class Pipeline:
         for i, (a, env) in enumerate(zip(alerts, envelopes, strict=True)):
             scores = (p_lists[0][i], p_lists[1][i], p_lists[2][i])
             scored = all(math.isfinite(s) for s in scores)
-            items, text = explained[i] if scored else ([], {})
+            items, text = explained[i] if scored else ([], _unscored_text(feats[i]))
             n_kind = counts[i]
             anns.append(Annotation(
                 alert_id=a.alert_id, object_id=a.object_id, survey=a.survey,

@@ -657,6 +657,7 @@ def test_an_alert_without_evidence_about_its_detection_is_unscored_not_given_the
     blind = dataclasses.replace(alerts[0], context=dataclasses.replace(alerts[0].context, real_bogus=np.nan))
     anns, _ = pipe.annotate([blind, *alerts[1:]], [Envelope(b"")] * len(alerts))
     assert anns[0].status == "unscored" and anns[0].priority is None and anns[0].p_real is None
+    assert "no survey real/bogus score" in anns[0].explanation_text["p_real"]  # the vetter's page says why
     assert all(a.status == "scored" for a in anns[1:])
     X = pd.DataFrame(np.nan, index=[0], columns=list(FEATURES))  # nothing known at all
     sb = pipe.scorer.score(X)
