@@ -1102,6 +1102,41 @@ def _ztf_prepare(rec: dict) -> tuple:
                                                     rec.get("fp_hists"))
 
 
+#: Earlier detections of one object agree on its position to within this (arcsec) before they
+#: may stand in for a damaged alert position.
+HISTORY_POSITION_AGREEMENT_ARCSEC = 5.0
+
+
+def _offsets_arcsec(ra, dec, ra0: float, dec0: float) -> np.ndarray:
+    dra = (np.asarray(ra) - ra0 + 180.0) % 360.0 - 180.0
+    return 3600.0 * np.hypot(dra * math.cos(math.radians(dec0)), np.asarray(dec) - dec0)
+
+
+def _ztf_position_from_history(lc: LightCurve, ra: float, dec: float):
+    """The position of an alert of the damaged run, from its earlier detections where they say it.
+
+    In the Fink 2023 export the 329 alerts of the run with cross-match fill values (see
+    :data:`ZTF_MATCH_RADIUS`) also carry one of six made-up positions ((3.38, 52.69), (4.38,
+    53.69), …, each shared by up to 95 objects of different fields), while their earlier
+    detections sit where the object is, agreeing to ~0.1″. Where those detections agree (within
+    :data:`HISTORY_POSITION_AGREEMENT_ARCSEC`) and lie beyond :data:`MAX_HISTORY_OFFSET_ARCSEC`
+    of the alert's position, their median is the alert's position and its own measured position
+    is unknown (NaN); otherwise nothing changes (97 alerts of that run have no earlier
+    detection: their made-up position stays).
+    """
+    prev = (lc.kind == PREVIOUS) & (lc.ra >= 0) & (lc.ra < 360) & (np.abs(lc.dec) <= 90)
+    if not prev.any():
+        return lc, ra, dec
+    r0 = float(lc.ra[prev][0])
+    r = float((r0 + np.median((lc.ra[prev] - r0 + 180.0) % 360.0 - 180.0)) % 360.0)
+    d = float(np.median(lc.dec[prev]))
+    if (_offsets_arcsec(lc.ra[prev], lc.dec[prev], r, d).max() > HISTORY_POSITION_AGREEMENT_ARCSEC
+            or _offsets_arcsec(ra, dec, r, d) <= MAX_HISTORY_OFFSET_ARCSEC):
+        return lc, ra, dec
+    own = lc.kind == DETECTION
+    return replace(lc, ra=np.where(own, np.nan, lc.ra), dec=np.where(own, np.nan, lc.dec)), r, d
+
+
 def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
     """The ``Alert`` of a prepared ZTF record, given its light curve and detection time."""
     ids, cand, fid, pid, mag, magerr, flux, (_, _, _, ra, dec, _, _) = prep
@@ -1109,6 +1144,8 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
     lightcurve, mjd = lc
     mjd = _check_mjd(mjd, ids)
     jd = mjd + JD_MJD
+    if any(_fs(cand.get(k)) > r for k, r in ZTF_MATCH_RADIUS.items()):  # the damaged run's signature
+        lightcurve, ra, dec = _ztf_position_from_history(lightcurve, ra, dec)
 
     # drb where it is a probability, else rb (a NaN drb must not hide a valid rb).
     drb = cand.get("drb") if math.isfinite(_real_bogus(cand.get("drb"))) else None
@@ -1202,8 +1239,7 @@ def _sane_history(lc: LightCurve, alert_mjd: float, ra: float, dec: float) -> Li
         ok &= ~_repeated_rows(lc, np.union1d(repeats, repeats + 1))
     lc = lc if ok.all() else LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
     with np.errstate(invalid="ignore"):
-        dra = (lc.ra - ra + 180.0) % 360.0 - 180.0
-        off = 3600.0 * np.hypot(dra * math.cos(math.radians(dec)), lc.dec - dec)
+        off = _offsets_arcsec(lc.ra, lc.dec, ra, dec)
         bad = ((lc.ra < 0) | (lc.ra > 360) | (np.abs(lc.dec) > 90) | (off > MAX_HISTORY_OFFSET_ARCSEC)
                | (np.isfinite(lc.ra) != np.isfinite(lc.dec)))  # half a position is none
     if not bad.any():

@@ -494,15 +494,34 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         if s is not None:
             s.close()
 
-    def bearer_ok() -> bool:
-        h = request.headers.get("Authorization", "")
-        return h.startswith("Bearer ") and hmac.compare_digest(h[7:].strip().encode(), token.encode())
+    def _json_error(message: str, status: int, headers=None):
+        return Response(json.dumps({"error": message}), status, {"Content-Type": "application/json", **(headers or {})})
+
+    def bearer_refusal(given: str):
+        """None when the Bearer token is right; else the answer. A wrong token counts as a failed
+        login, and an address with too many is refused, as on the login page, so the token cannot
+        be guessed here without limit. A right one writes nothing: reads go on while the service
+        holds the store's write lock."""
+        address = request.remote_addr or "?"
+        if store().login_failures(address, LOGIN_WINDOW_S * 1000) >= LOGIN_FAILURES:
+            return _json_error("too many failed logins from this address; try again later", 429)
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return None
+        try:
+            store().begin_login(address, LOGIN_WINDOW_S * 1000, LOGIN_FAILURES, LOGIN_FAILURE_ROWS)
+        except _busy_errors() as exc:
+            app.logger.warning("failed token check not counted, store busy: %r", exc)
+        return _json_error("wrong token", 401, {"WWW-Authenticate": 'Bearer realm="vigil-queue"'})
 
     @app.before_request
     def _auth():
         if request.endpoint in ("health", "login"):
             return None
-        if bearer_ok():
+        h = request.headers.get("Authorization", "")
+        if h.startswith("Bearer "):
+            refused = bearer_refusal(h[7:].strip())
+            if refused is not None:
+                return refused
             g.vetter = (request.headers.get("X-Vetter") or "api").strip()[:80] or "api"
             g.via_bearer = True
             return None
@@ -516,8 +535,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             return None
         if request.path.startswith("/api/") or request.path.startswith("/cutout/") or request.method != "GET" \
                 or "application/json" in request.headers.get("Accept", ""):
-            return Response(json.dumps({"error": "authentication required"}), 401,
-                            {"WWW-Authenticate": 'Bearer realm="vigil-queue"', "Content-Type": "application/json"})
+            return _json_error("authentication required", 401, {"WWW-Authenticate": 'Bearer realm="vigil-queue"'})
         return redirect(url_for("login", next=request.full_path.rstrip("?")))
 
     @app.after_request
@@ -605,6 +623,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
     def index():
         q = query_from_args(request.args)
         page = store().list_objects(q, vetter=g.vetter)
+        if page.page > max(page.n_pages, 1):  # past the end (the list shrank, or a typed URL): its last page
+            return redirect(url_for("index", **query_args(q, page=max(page.n_pages, 1))))
         now = now_mjd()
         default_view = is_default_view(q)
         rows = []
@@ -636,7 +656,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                                          if page.page < page.n_pages else None),
                                loaded_ms=int(time.time() * 1000), now_mjd=now, clock=settings.clock)
 
-    @app.get("/object/<object_id>")
+    @app.get("/object/<path:object_id>")  # (path: an id may hold "/")
     def object_page(object_id):
         obj = store().get_object(object_id)
         if obj is None:
@@ -664,7 +684,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
 
     @app.get("/cutout/<int:alert_id>/<kind>.png")
     def cutout(alert_id, kind):
-        if kind not in ("science", "template", "difference"):
+        if kind not in ("science", "template", "difference") or not 0 < alert_id < 2**63:
             abort(404)
         data = store().cutout(alert_id, kind)
         if data is None:
@@ -686,12 +706,25 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         alert_id = body.get("alert_id")
         if not (isinstance(object_id, str) and isinstance(action, str)):
             return jsonify(error="object_id and action must be strings"), 400
+        note = body.get("note")
+        if not isinstance(note, (str, type(None))):
+            return jsonify(error="note must be a string"), 400
+        if alert_id in (None, ""):
+            alert_id = None
+        elif isinstance(alert_id, str) and alert_id.strip().isdigit():
+            alert_id = int(alert_id)
+        elif isinstance(alert_id, bool) or not isinstance(alert_id, int):  # 1.7, 1e20, [1], {...}
+            return jsonify(error="alert_id must be a whole number"), 400
+        if alert_id is not None and not 0 < alert_id < 2**63:
+            return jsonify(error="alert_id must be a positive 64-bit integer"), 400
         try:
-            alert_id = int(alert_id) if alert_id not in (None, "") else None
-            d = store().record_decision(object_id, action, g.vetter, alert_id, str(body.get("note", "")))
+            d = store().record_decision(object_id, action, g.vetter, alert_id, note or "")
         except (KeyError, ValueError) as exc:
             # KeyError's str() quotes its message: take the message itself
             return jsonify(error=str(exc.args[0]) if exc.args else str(exc)), 400
+        except _busy_errors() as exc:  # another writer held the store past the busy timeout: nothing saved
+            app.logger.warning("decision not saved, store busy: %r", exc)
+            return jsonify(error="the queue store is busy; the decision was not saved, try again"), 503
         if request.is_json:
             return jsonify(decision_id=d.decision_id, object_id=d.object_id, alert_id=d.alert_id, vetter=d.vetter,
                            decided_ms=d.decided_ms, action=d.action)

@@ -499,6 +499,41 @@ def test_ztf_damaged_run_times_come_from_the_pid_and_a_backwards_history_start_i
     assert damaged == 4
 
 
+def test_ztf_damaged_run_positions_come_from_the_earlier_detections():
+    """The damaged run's alerts carry made-up positions shared by objects of other fields;
+    where earlier detections agree on where the object is, that is the alert's position."""
+    dec = Decoder(keep_cutouts=False)
+    repaired = kept = 0
+    for f in avro_files("ztf_fink", "2023-10-19to21_schema4.02"):
+        _, (rec,) = _read(f)
+        c = rec["candidate"]
+        a = dec.to_alert(rec, Envelope(b"", str(f)))
+        prv = [q for q in rec["prv_candidates"] or () if q.get("magpsf") is not None]
+        if c["distpsnr1"] != 120:  # sound alerts: as sent
+            assert (a.ra, a.dec) == (c["ra"], c["dec"])
+        elif prv:
+            repaired += 1
+            assert (c["ra"], c["dec"]) in {(3.38, 52.69), (4.38, 53.69)}
+            assert a.ra == pytest.approx(np.median([q["ra"] for q in prv]), abs=1e-9)
+            assert a.dec == pytest.approx(np.median([q["dec"] for q in prv]), abs=1e-9)
+            own = a.lightcurve.kind == DETECTION
+            assert np.isnan(a.lightcurve.ra[own]).all()  # its own measured position is unknown
+            assert np.isfinite(a.lightcurve.ra[a.lightcurve.kind == PREVIOUS]).all()  # the history's is kept
+        else:
+            kept += 1  # nothing says where it is
+            assert (a.ra, a.dec) == (c["ra"], c["dec"])
+    assert (repaired, kept) == (2, 2)
+    # An alert of that run whose history disagrees with itself keeps its position.
+    rec = next(r for f in avro_files("ztf_fink", "2023-10-19to21_schema4.02") for r in _read(f)[1]
+               if r["candidate"]["distpsnr1"] == 120
+               and sum(q.get("magpsf") is not None for q in r["prv_candidates"] or ()) >= 4)
+    prv = [dict(q) for q in rec["prv_candidates"]]
+    det = [q for q in prv if q.get("magpsf") is not None]
+    det[0]["dec"] += 0.01  # 36″ off the others
+    a = dec.to_alert(dict(rec, prv_candidates=prv), Envelope(b"", "x"))
+    assert (a.ra, a.dec) == (rec["candidate"]["ra"], rec["candidate"]["dec"])
+
+
 def test_rubin_source_of_a_known_solar_system_object_is_at_distance_zero(rubin_files):
     for f in rubin_files:
         schema, (rec,) = _read(f)

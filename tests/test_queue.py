@@ -431,7 +431,7 @@ def test_auth_required_except_health(client, db):
     assert client.get("/cutout/1/science.png").status_code == 401
     assert client.get("/static/queue.js").status_code == 302
     assert client.post("/api/decision", json={"object_id": oid, "action": "real"}).status_code == 401
-    assert client.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 302
+    assert client.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401  # an API client: no redirect
     assert client.get("/api/changes", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     bad = client.post("/login", data={"vetter": "eve", "token": "nope"})
@@ -457,7 +457,22 @@ def test_auth_required_except_health(client, db):
     assert client.post("/api/decision", json={"object_id": [oid], "action": "real"}, headers=bearer).status_code == 400
     r = client.post("/api/decision", json={"object_id": "NOPE", "action": "real"}, headers=bearer)
     assert r.status_code == 400 and r.get_json()["error"].count("'") % 2 == 0 and "NOPE" in r.get_json()["error"]
-    assert client.get("/?page=99999999999999999999", headers=bearer).status_code == 200
+    r = client.get("/?page=99999999999999999999", headers=bearer)
+    assert r.status_code == 302 and re.search(r"page=\d+$", r.headers["Location"])  # past the end: the last page
+    last = client.get(r.headers["Location"], headers=bearer)
+    assert last.status_code == 200 and b"next-page" not in last.data
+    # alert ids that are no 64-bit integer (they were 500s), a note that is no text, an id far out of range
+    for alert_id in (1e20, 1.7, [1], {"a": 1}, True, -3, 2**63):
+        r = client.post("/api/decision", json={"object_id": oid, "action": "real", "alert_id": alert_id},
+                        headers=bearer)
+        assert r.status_code == 400 and "alert_id" in r.get_json()["error"], alert_id
+    r = client.post("/api/decision", json={"object_id": oid, "action": "real", "note": {"x": 1}}, headers=bearer)
+    assert r.status_code == 400
+    assert client.get("/cutout/100000000000000000000/science.png", headers=bearer).status_code == 404
+    r = client.post("/api/decision", json={"object_id": oid, "action": "real", "note": None}, headers=bearer)
+    assert r.status_code == 200
+    last_note = sqlite3.connect(db).execute("SELECT note FROM decisions ORDER BY decision_id DESC").fetchone()[0]
+    assert last_note in ("", None)  # not "None"
     assert client.get("/api/changes?since=99999999999999999999", headers=bearer).status_code == 200
 
 
@@ -473,6 +488,13 @@ def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db)
     for _ in range(LOGIN_FAILURES):
         assert c.post("/login", data={"vetter": "eve", "token": "guess"}).status_code == 401
     assert c.post("/login", data={"vetter": "eve", "token": TOKEN}).status_code == 429  # even the right one, for now
+    # The same limit holds for Bearer tokens (they could be guessed without limit before).
+    assert c.get("/api/changes", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 429
+    other = {"REMOTE_ADDR": "192.0.2.9"}
+    for _ in range(LOGIN_FAILURES):
+        assert c.get("/api/changes", headers={"Authorization": "Bearer guess"}, environ_base=other).status_code == 401
+    r = c.get("/api/changes", headers={"Authorization": f"Bearer {TOKEN}"}, environ_base=other)
+    assert r.status_code == 429 and "too many" in r.get_json()["error"]
     # Another app on the same store (another worker process) keeps the same limit; another address is let in.
     app2 = create_app(db, token=TOKEN, secure_cookie=True)
     c2 = app2.test_client()

@@ -115,6 +115,18 @@ def test_vetting_session_in_chromium(server, browser, tmp_path):
     page.keyboard.press("b")
     page.wait_for_selector("tr.cursor td.vet .lab.no")
     assert (shown[1], "bogus", "Vera") in _decisions(db)
+    # A second call on the same question replaces the label rather than adding one.
+    page.keyboard.press("r")
+    page.wait_for_selector("tr.cursor td.vet .lab.yes")
+    assert page.eval_on_selector("tr.cursor td.vet", "c => c.textContent.trim()") == "real"
+    # Enter on a focused link follows that link, not the cursor row (it opened row 1's object before).
+    page.focus(f'#queue tbody tr[data-object-id="{shown[3]}"] a')
+    assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == shown[3]  # focus moves the cursor
+    page.keyboard.press("Enter")
+    page.wait_for_url(lambda u: "/object/" in u)
+    assert page.url.split("?")[0].endswith("/object/" + shown[3])
+    page.go_back()
+    page.wait_for_selector("#queue tbody tr[data-object-id]")
 
     # Object page of the top object with a cutout (not the one just marked bogus): plots and stamps load.
     top_with_stamps = sqlite3.connect(db).execute(

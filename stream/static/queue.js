@@ -7,6 +7,18 @@
   var KEYS = { r: "real", b: "bogus", g: "galactic", x: "extragalactic", f: "follow_up", n: "no_follow_up", s: "snooze" };
   var LABEL = { real: "real", bogus: "bogus", galactic: "galactic", extragalactic: "extragal.",
                 follow_up: "follow-up", no_follow_up: "no f-up", snooze: "snoozed" };
+  // Calls that answer one question replace each other's label (a later "bogus" replaces "real").
+  var GROUP = { real: "real", bogus: "real", galactic: "xgal", extragalactic: "xgal",
+                follow_up: "fup", no_follow_up: "fup", snooze: "snooze" };
+
+  function showLabel(cell, action, text) {
+    var old = cell.querySelector('span.lab[data-group="' + GROUP[action] + '"]');
+    var span = document.createElement("span");
+    span.className = "lab" + (action === "real" || action === "follow_up" ? " yes" : action === "bogus" ? " no" : "");
+    span.dataset.group = GROUP[action];
+    span.textContent = text;
+    if (old) cell.replaceChild(span, old); else cell.appendChild(span);
+  }
 
   function toast(msg, err) {
     var t = document.getElementById("toast");
@@ -45,13 +57,26 @@
       rows.forEach(function (r, i) { r.classList.toggle("cursor", i === cur); });
       if (cur >= 0) rows[cur].scrollIntoView({ block: "nearest" });
     }
-    rows.forEach(function (r, i) { r.addEventListener("click", function (ev) { if (ev.target.tagName !== "A") { cur = i; show(); } }); });
+    rows.forEach(function (r, i) {
+      r.addEventListener("click", function (ev) { if (ev.target.tagName !== "A") { cur = i; show(); } });
+      // Tabbing into a row makes it the row the keys act on.
+      r.addEventListener("focusin", function () { cur = i; show(); });
+    });
     show();
+    // Decided rows that leave this view (hidden once vetted, or snoozed): the next page then starts
+    // earlier than its number says, so "next" reloads this page instead of skipping objects.
+    var gone = 0;
+    var hideVetted = new URLSearchParams(location.search).get("hide_vetted");
+    hideVetted = hideVetted && hideVetted !== "0";
     document.addEventListener("keydown", function (ev) {
       if (typing(ev) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
       var k = ev.key;
+      var t = ev.target;
+      if (k === "Enter" && t && (t.tagName === "A" || t.tagName === "BUTTON")) return;  // the focused control's own
       if (k === "j") {
-        if (cur < rows.length - 1) { cur++; show(); } else { var n = document.getElementById("next-page"); if (n) location = n.href; }
+        if (cur < rows.length - 1) { cur++; show(); }
+        else if (gone) { location.reload(); }
+        else { var n = document.getElementById("next-page"); if (n) location = n.href; }
       } else if (k === "k") {
         if (cur > 0) { cur--; show(); } else { var p = document.getElementById("prev-page"); if (p) location = p.href; }
       } else if ((k === "o" || k === "Enter") && cur >= 0) {
@@ -59,12 +84,9 @@
       } else if (KEYS[k] && cur >= 0) {
         var row = rows[cur], action = KEYS[k];
         decide(row.dataset.objectId, row.dataset.alertId, action).then(function () {
-          var cell = row.querySelector("td.vet");
-          var span = document.createElement("span");
-          span.className = "lab" + (action === "real" || action === "follow_up" ? " yes" : action === "bogus" ? " no" : "");
-          span.textContent = LABEL[action];
-          cell.appendChild(span);
+          showLabel(row.querySelector("td.vet"), action, LABEL[action]);
           if (action === "snooze") row.classList.add("snoozed");
+          if ((hideVetted || action === "snooze") && !row.dataset.gone) { row.dataset.gone = "1"; gone++; }
         }, function () {});
       } else { return; }
       ev.preventDefault();
@@ -95,6 +117,11 @@
       decide(oid, aid, action).then(function (j) {
         var btn = document.querySelector('.vetbar button[data-action="' + action + '"]');
         if (btn) btn.classList.add("done");
+        var current = document.querySelector(".vetbar .current");
+        if (current && action !== "snooze") {
+          showLabel(current, action, action.replace(/_/g, " ").replace("no follow up", "no follow-up")
+                    .replace("follow up", "follow-up"));
+        }
         var ul = document.getElementById("decisions");
         var li = document.createElement("li");
         li.textContent = action.replace(/_/g, " ") + " by " + j.vetter + " just now";
