@@ -1234,7 +1234,10 @@ def _sane_history(lc: LightCurve, alert_mjd: float, ra: float, dec: float) -> Li
               | ((lc.mjd > MJD_RANGE[0]) & (lc.mjd < min(MJD_RANGE[1], alert_mjd + HISTORY_AFTER_ALERT_D))
                  & ~((lc.flux_err <= 0) | (lc.flux_err == np.inf))
                  & ~(np.abs(lc.flux) > MAX_ABS_FLUX_UJY)))  # comparisons with NaN are False: kept
-    repeats = np.flatnonzero(lc.mjd[1:] == lc.mjd[:-1])  # sorted by time: repeats are neighbours
+    # Sorted by time, and at one time by kind in input order: repeats are neighbours. (A
+    # detection and its forced photometry share a time in most ZTF alerts; they are no repeat.)
+    cls = np.where(lc.kind == DETECTION, PREVIOUS, lc.kind)
+    repeats = np.flatnonzero((lc.mjd[1:] == lc.mjd[:-1]) & (cls[1:] == cls[:-1]))
     if len(repeats):
         ok &= ~_repeated_rows(lc, np.union1d(repeats, repeats + 1))
     lc = lc if ok.all() else LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
