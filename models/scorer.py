@@ -27,10 +27,12 @@ differ from the running code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,10 +144,22 @@ class Calibrator:
 
     @classmethod
     def from_json(cls, d: dict) -> Calibrator:
+        """Read a calibrator, refusing one :func:`fit_calibrator` could not have written (an edited
+        metadata file: a Platt slope ≤ 0 would reverse the ranking)."""
         if d["method"] not in ("platt", "isotonic", "identity"):
             raise ValueError(f"unknown calibration method {d['method']!r}")
-        return cls(d["method"], {k: (tuple(float(x) for x in v) if isinstance(v, list) else float(v))
-                                 for k, v in d["params"].items()})
+        cal = cls(d["method"], {k: (tuple(float(x) for x in v) if isinstance(v, list) else float(v))
+                                for k, v in d.get("params", {}).items()})
+        p = cal.params
+        if cal.method == "platt" and not (p.get("a", 0.0) > 0 and math.isfinite(p["a"])
+                                          and math.isfinite(p.get("b", math.nan))):
+            raise ValueError(f"Platt calibration {p}: the slope must be a positive number and the offset finite")
+        if cal.method == "isotonic":
+            x, y = np.asarray(p.get("x", ()), float), np.asarray(p.get("y", ()), float)
+            if not (len(x) == len(y) >= 1 and np.all(np.diff(x) >= 0) and np.all(np.diff(y) >= 0)
+                    and np.all((y >= 0) & (y <= 1))):
+                raise ValueError("isotonic calibration: thresholds must be paired, sorted, and map into [0, 1]")
+        return cal
 
 
 def fit_calibrator(margin, y, sample_weight=None, method: str = "platt") -> Calibrator:
@@ -349,11 +363,17 @@ def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
     path = directory / d["file"]
     # The calibrator in the metadata belongs to one booster file: a file copied in from another
     # training run would load and give miscalibrated scores without a word.
-    if "sha256" in d and _sha256(path) != d["sha256"]:
+    if "sha256" not in d:
+        raise ValueError(f"{d['file']}: the metadata records no SHA-256 for it, so it cannot be told from "
+                         "another run's booster")
+    if _sha256(path) != d["sha256"]:
         raise ValueError(f"{path}: SHA-256 differs from the metadata's; the booster is not the one "
                          "this metadata describes")
     booster = xgb.Booster()
-    booster.load_model(str(path))
+    try:
+        booster.load_model(str(path))
+    except xgb.core.XGBoostError as e:  # a file XGBoost cannot read: one line, not its C++ trace
+        raise ValueError(f"{path}: XGBoost cannot read it ({str(e).splitlines()[0][:200]})") from None
     est.booster_ = booster
     est.calibrator_ = Calibrator.from_json(d["calibrator"])
     est.classes_ = np.array([0, 1])
@@ -383,11 +403,26 @@ def _read_metadata(directory) -> dict:
     meta_path = directory / "metadata.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"no model at {directory} (metadata.json missing)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: not a JSON model description ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: not a JSON model description (a {type(meta).__name__})")
     if meta.get("format") not in SUPPORTED_FORMATS:
         raise ValueError(f"{directory}: unknown model format {meta.get('format')!r} "
                          f"(this code reads {', '.join(SUPPORTED_FORMATS)})")
     return meta
+
+
+@contextlib.contextmanager
+def _complete_model(directory):
+    """A metadata file lacking a key, or holding a value of the wrong type, as one line naming the model."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError) as e:
+        what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{directory}: not a complete Vigil model ({what} in metadata.json)") from None
 
 
 def _now() -> str:
@@ -611,15 +646,17 @@ class AlertScorer:
         if "classes" in meta and meta["classes"] != CLASSES:
             raise ValueError(f"{directory}: score classes {meta['classes']} differ from this code's {CLASSES}")
         names = {s: INTRINSIC_FEATURES if s in INTRINSIC else FEATURES for s in SCORES}
-        scorers = {s: _load_scorer(meta["scores"][s], directory, names[s]) for s in SCORES}
-        reduced = None
-        if "reduced" in meta:
-            if [list(g) for g in SURVEY_OPTIONAL] != meta["reduced"]["blanked"]:
-                raise ValueError(f"{directory}: reduced scorers blank {meta['reduced']['blanked']}, this code's "
-                                 f"survey-optional inputs are {[list(g) for g in SURVEY_OPTIONAL]}; retrain")
-            reduced = {s: _load_scorer(meta["reduced"]["scores"][s], directory, names[s]) for s in SCORES}
-        return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
-                   reduced=reduced)
+        with _complete_model(directory):
+            scorers = {s: _load_scorer(meta["scores"][s], directory, names[s]) for s in SCORES}
+            reduced = None
+            if "reduced" in meta:
+                if [list(g) for g in SURVEY_OPTIONAL] != meta["reduced"]["blanked"]:
+                    raise ValueError(f"{directory}: reduced scorers blank {meta['reduced']['blanked']}, this "
+                                     f"code's survey-optional inputs are {[list(g) for g in SURVEY_OPTIONAL]}; "
+                                     "retrain")
+                reduced = {s: _load_scorer(meta["reduced"]["scores"][s], directory, names[s]) for s in SCORES}
+            return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
+                       reduced=reduced)
 
 
 def _json_default(o):
@@ -693,8 +730,36 @@ class TableScorer:
         meta = _read_metadata(directory)
         if meta.get("kind") != "table":
             raise ValueError(f"{directory}: a model of kind {meta.get('kind')!r}, not a table scorer")
-        est = _load_scorer(meta["scores"]["score"], directory, meta["features"])
-        return cls(est, meta["version"], meta)
+        with _complete_model(directory):
+            est = _load_scorer(meta["scores"]["score"], directory, meta["features"])
+            return cls(est, meta["version"], meta)
+
+
+_TRUE, _FALSE = {"true", "t", "yes"}, {"false", "f", "no"}
+
+
+def as_number_column(col: pd.Series) -> pd.Series | None:
+    """A text column read as numbers (booleans as 0/1, blanks as missing), or None if it is text.
+
+    Raises ``ValueError`` naming the column when most of its values are numbers but some are
+    not (a typo would otherwise drop the whole column from a model, or fail scoring unnamed).
+    """
+    text = col.astype("string").str.strip()
+    filled = text.notna() & (text != "")
+    if not filled.any():
+        return None
+    low = text[filled].str.lower()
+    if low.isin(_TRUE | _FALSE).all():  # True/False with blanks: pandas leaves it as text
+        return pd.Series(np.where(filled, text.str.lower().isin(_TRUE), np.nan), index=col.index, dtype=float)
+    num = pd.to_numeric(text.where(filled), errors="coerce")
+    bad = filled & num.isna()
+    if not bad.any():
+        return num.astype(float)
+    if bad.sum() <= 0.1 * filled.sum():
+        raise ValueError(f"column {col.name!r}: {int(bad.sum())} value(s) are not numbers (e.g. "
+                         f"{text[bad].iloc[0]!r} in row {int(np.flatnonzero(bad.to_numpy())[0]) + 1}); "
+                         "fix them, or drop the column")
+    return None
 
 
 def numeric_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -703,6 +768,11 @@ def numeric_table(df: pd.DataFrame) -> pd.DataFrame:
     for c in out.columns:
         if out[c].dtype == bool or str(out[c].dtype) == "boolean":
             out[c] = out[c].astype(float)
+        elif not pd.api.types.is_numeric_dtype(out[c]):
+            num = as_number_column(out[c])
+            if num is None:
+                raise ValueError(f"column {c!r} holds text, not numbers")
+            out[c] = num
     # ±inf is no measurement: as missing (XGBoost refuses it in training, and would read it
     # as a huge value when scoring).
     return out.astype(float).replace([np.inf, -np.inf], np.nan)

@@ -173,12 +173,20 @@ def _split_list(s) -> list:
 
 
 def feature_columns(df: pd.DataFrame, exclude=()) -> list:
-    """Numeric (or boolean) columns that are not ids, labels or split markers."""
+    """Numeric (or boolean) columns that are not ids, labels or split markers.
+
+    A column of numbers or True/False that pandas read as text because of a blank cell is one
+    too; one whose numbers are spoilt by a few other values is refused by name
+    (:func:`models.scorer.as_number_column`); a column of text is left out.
+    """
+    from models.scorer import as_number_column
+
     out = []
     for c in df.columns:
         if c in exclude or "split" in c.lower():
             continue
-        if pd.api.types.is_bool_dtype(df[c]) or pd.api.types.is_numeric_dtype(df[c]):
+        if pd.api.types.is_bool_dtype(df[c]) or pd.api.types.is_numeric_dtype(df[c]) \
+                or as_number_column(df[c]) is not None:
             out.append(c)
     return out
 
@@ -209,9 +217,18 @@ def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_c
     pos, neg = set(_split_list(positive)), set(_split_list(negative))
     if not pos or not neg or pos & neg:
         raise ValueError("need non-empty, disjoint --positive and --negative label lists")
-    given = df[label_column].notna().to_numpy()
-    lab = df[label_column].astype(str).to_numpy()
-    seen = set(lab[given])
+    # Labels as text without surrounding spaces (" good" is "good"); a label that differs from a
+    # class only in case is refused rather than silently left out.
+    labels = df[label_column].astype("string").str.strip()
+    given = (labels.notna() & (labels != "")).to_numpy()
+    lab = labels.fillna("").to_numpy(dtype=str)
+    seen = {str(v) for v in lab[given]}
+    folded = {c.casefold(): c for c in pos | neg}
+    near = sorted(v for v in seen - pos - neg if v.casefold() in folded)
+    if near:
+        counts = ", ".join(f"{v!r} ({int((lab == v).sum())} rows)" for v in near)
+        raise ValueError(f"label(s) {counts} of column {label_column!r} differ from "
+                         f"{sorted({folded[v.casefold()] for v in near})} only in case: fix the table or name them")
     absent = sorted((pos | neg) - seen)
     if absent:
         if require_all_labels:  # a typo would otherwise train a constant model on one class
@@ -236,8 +253,8 @@ def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_c
         ids = ids.astype(str)  # one type, so that grouping can sort them
     else:
         ids = None
-    return LabelledTable(numeric_table(sub[feats]), sub[label_column].astype(str).isin(pos).to_numpy().astype(int),
-                         ids, sub, tuple(feats))
+    return LabelledTable(numeric_table(sub[feats]), np.isin(lab[keep], sorted(pos)).astype(int), ids, sub,
+                         tuple(feats))
 
 
 def _groups_for(t: LabelledTable, folds: int):
@@ -254,6 +271,12 @@ def _groups_for(t: LabelledTable, folds: int):
     n_groups = len(np.unique(t.ids))
     if n_groups < folds:
         raise ValueError(f"{n_groups} distinct ids in the id column: grouped {folds}-fold splits need at least {folds}")
+    # Rows of a class in fewer objects than folds leave some training fold without that class.
+    for name, cls in (("positive", 1), ("negative", 0)):
+        n = len(np.unique(t.ids[t.y == cls]))
+        if n < folds:
+            raise ValueError(f"the {name} rows belong to {n} distinct ids: grouped {folds}-fold splits need at "
+                             f"least {folds}")
     return t.ids
 
 
@@ -353,8 +376,10 @@ def cross_validate_table(t: LabelledTable, folds: int = 5, baseline: str | None 
         est = _table_estimator(random_state).fit(t.X.iloc[tr], t.y[tr], groups=t.ids[tr])
         scores["vigil (xgboost, calibrated)"][te] = est.predict_proba(t.X.iloc[te])[:, 1]
         if baseline == "hgb":
-            h = _hgb(random_state).fit(t.X.iloc[tr], t.y[tr])
-            scores["baseline: sklearn HGB"][te] = h.predict_proba(t.X.iloc[te])[:, 1]
+            # HGB cannot fit a column with no value in the training fold (XGBoost ignores it).
+            cols = t.X.columns[t.X.iloc[tr].notna().any().to_numpy()]
+            h = _hgb(random_state).fit(t.X.iloc[tr][cols], t.y[tr])
+            scores["baseline: sklearn HGB"][te] = h.predict_proba(t.X.iloc[te][cols])[:, 1]
     if baseline_column:
         if baseline_column not in t.frame.columns:
             raise ValueError(f"baseline column {baseline_column!r} not in the table")
@@ -1282,11 +1307,29 @@ def _write_json(obj) -> None:
     print()
 
 
+def _check_model_out(out, kind: str) -> None:
+    """Refuse an ``--out`` that cannot take a model of ``kind``: a file, or a directory holding a
+    model of another kind (its booster files would stay beside the new metadata)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a model directory")
+    meta = out / "metadata.json"
+    if meta.is_file():
+        try:
+            theirs = json.loads(meta.read_text(encoding="utf-8")).get("kind")
+        except (ValueError, AttributeError):
+            theirs = "unreadable"
+        if theirs != kind:
+            raise ValueError(f"--out {out} holds a model of kind {theirs!r}; a {kind} model goes in a directory "
+                             "of its own")
+
+
 def cmd_train(args) -> int:
     if sum(map(bool, (args.simulate, args.table, args.refit_conditions, args.labels))) != 1:
         raise ValueError("give exactly one of --simulate, --table, --refit-conditions or --labels")
     if args.model and not (args.refit_conditions or args.labels):
         raise ValueError("--model goes with --refit-conditions or --labels")
+    _check_model_out(args.out, "table" if args.table else "alert")  # before the training, not after
     if args.labels:
         from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
 
@@ -1320,8 +1363,8 @@ def cmd_train(args) -> int:
         return 0
     if args.table:
         args.label_column = args.label_column or "label"
-        t = labelled_table(read_table(args.table, args.id_column), args.label_column, args.positive,
-                           args.negative, args.id_column)
+        t = labelled_table(read_table(args.table, args.id_column, label_column=args.label_column), args.label_column,
+                           args.positive, args.negative, args.id_column)
         model = train_table(t, source=args.table, id_column=args.id_column, random_state=args.seed,
                             task=_table_task(args))
         model.save(args.out)
@@ -1340,14 +1383,24 @@ def cmd_train(args) -> int:
     return 0
 
 
-def read_table(path, *id_columns) -> pd.DataFrame:
-    """A feature table from CSV, the id column(s) read as text.
+def read_table(path, *id_columns, label_column: str | None = None) -> pd.DataFrame:
+    """A feature table from CSV, the id column(s) and the label column read as text.
 
     As text, an id stays what the file says: read as a number, one blank id would turn
-    the column into floats and round 18-digit ids (ATLAS's) to the nearest 256.
+    the column into floats and round 18-digit ids (ATLAS's) to the nearest 256; an id
+    written ``NA`` or ``null`` stays that, not a missing value. Labels as text match ``1``
+    and ``0`` whether or not some are blank (read as numbers they would become 1.0 and 0.0).
     """
+    ids = [c for c in id_columns if c]
+    text = {c: str for c in [*ids, label_column] if c}
     try:
-        return pd.read_csv(path, dtype={c: str for c in id_columns if c} or None)
+        df = pd.read_csv(path, dtype=text or None)
+        present = [c for c in ids if c in df.columns]
+        if present:
+            raw = pd.read_csv(path, usecols=present, dtype=str, keep_default_na=False)
+            for c in present:
+                df[c] = raw[c].to_numpy()
+        return df
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a CSV table ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
@@ -1361,6 +1414,8 @@ def _table_task(args) -> dict:
 def cmd_score(args) -> int:
     from models.scorer import TableScorer
 
+    if Path(args.out).resolve() == Path(args.table).resolve():
+        raise ValueError(f"--out {args.out} is the input table: choose another file")
     model = TableScorer.load(args.model)
     idc = args.id_column or model.metadata.get("id_column")
     df = read_table(args.table, idc)
@@ -1391,14 +1446,15 @@ def cmd_evaluate(args) -> int:
         args.positive = args.positive or ",".join(task["positive"])
         args.negative = args.negative or ",".join(task["negative"])
     args.label_column = args.label_column or "label"
-    df = read_table(args.table, args.id_column, model.metadata.get("id_column") if model else None)
+    df = read_table(args.table, args.id_column, model.metadata.get("id_column") if model else None,
+                    label_column=args.label_column)
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
                        require_all_labels=not args.model)  # a held-out split may lack a rare label
     bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)
     if model is not None:
         theirs, ours = model.metadata.get("task"), _table_task(args)["task"]
-        if theirs is not None and (theirs["label_column"] != ours["label_column"]
-                                   or not set(ours["positive"]) <= set(theirs["positive"])
+        # The classes must be the model's; the column may be named otherwise in this table.
+        if theirs is not None and (not set(ours["positive"]) <= set(theirs["positive"])
                                    or not set(ours["negative"]) <= set(theirs["negative"])):
             raise ValueError(f"{args.model} was trained for {theirs}, not for {ours}")
         cols = list(model.features)

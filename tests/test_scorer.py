@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -487,6 +488,103 @@ def test_evaluate_counts_the_rows_of_objects_the_model_was_trained_on(tmp_path, 
     # the model keeps digests of its training ids, not the ids
     meta = TableScorer.load(model).metadata
     assert len(meta["training_ids"]) == len(train_ids) and str(train_ids[0]) not in json.dumps(meta)
+
+
+def test_table_mistakes_are_named_not_silently_dropped(tmp_path, capsys):
+    """A review's cases: label spellings, spoilt numeric cells, blank booleans, numeric labels
+    with blanks, ids that look like missing values, edited or mixed-up model directories."""
+    df = _table_csv(tmp_path / "t.csv")
+    args = ["--label-column", "label", "--positive", "good,AGN,galactic,pm", "--negative", "garbage",
+            "--id-column", "ATLAS_ID"]
+
+    def train(frame, *extra, out="m"):
+        frame.to_csv(tmp_path / "x.csv", index=False)
+        code = main(["train", "--table", str(tmp_path / "x.csv"), *args, *extra, "--out", str(tmp_path / out)])
+        return code, capsys.readouterr()
+
+    spaced = df.copy()
+    spaced.loc[spaced.index[:5], "label"] = " good "  # spaces around a label: the same label
+    spaced.loc[spaced.index[5:8], "label"] = "Good"  # another case: refused, with the count
+    code, out = train(spaced)
+    assert code == 2 and "'Good' (3 rows)" in out.err and "only in case" in out.err
+    spaced.loc[spaced.index[5:8], "label"] = "good"
+    code, out = train(spaced)
+    assert code == 0 and f"on {int((df['label'].isin(['good', 'AGN', 'galactic', 'pm', 'garbage'])).sum())} rows" \
+        in out.out
+    spoilt = df.astype({"rb_pix": object})
+    spoilt.loc[7, "rb_pix"] = "n/a?"  # one bad cell used to drop the whole column without a word
+    code, out = train(spoilt)
+    assert code == 2 and "column 'rb_pix': 1 value(s) are not numbers (e.g. 'n/a?' in row 8)" in out.err
+    blank_bool = df.astype({"CV": object})
+    blank_bool.loc[2, "CV"] = None  # a blank turns True/False into text: still a feature
+    code, out = train(blank_bool)
+    assert code == 0 and "CV" in out.out.split("features:")[1]
+    numeric = df.assign(is_good=np.where(df["label"] == "garbage", "0", "1").astype(object))
+    numeric.loc[4, "is_good"] = None  # with a blank, pandas reads 0/1 as 0.0/1.0 unless read as text
+    numeric.to_csv(tmp_path / "n.csv", index=False)
+    assert main(["train", "--table", str(tmp_path / "n.csv"), "--label-column", "is_good", "--positive", "1",
+                 "--negative", "0", "--id-column", "ATLAS_ID", "--out", str(tmp_path / "mn")]) == 0
+    capsys.readouterr()
+    # ids written NA or null stay what they are
+    ids = df.astype({"ATLAS_ID": object})
+    ids.loc[0, "ATLAS_ID"], ids.loc[1, "ATLAS_ID"] = "NA", "null"
+    code, _ = train(ids)
+    assert code == 0
+    assert main(["score", "--table", str(tmp_path / "x.csv"), "--model", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "s.csv")]) == 0
+    got = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)["ATLAS_ID"]
+    assert got[:2].tolist() == ["NA", "null"]
+    assert main(["score", "--table", str(tmp_path / "s.csv"), "--model", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "s.csv")]) == 2
+    assert "is the input table" in capsys.readouterr().err
+    # the same classes under another column name are the same task
+    df.rename(columns={"label": "vet_label"}).to_csv(tmp_path / "v.csv", index=False)
+    assert main(["evaluate", "--table", str(tmp_path / "v.csv"), "--model", str(tmp_path / "m"),
+                 "--label-column", "vet_label"]) == 0
+    capsys.readouterr()
+    # an alert model's directory is not overwritten by a table model, and a file is no directory
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "alert")
+    code, out = train(df, out="alert")
+    assert code == 2 and "holds a model of kind 'alert'" in out.err
+    (tmp_path / "f").write_text("x")
+    code, out = train(df, out="f")
+    assert code == 2 and "a file, not a model directory" in out.err
+    # edited model directories: a reversed calibrator, a missing entry or hash, an unreadable booster
+    model = tmp_path / "m"
+    good = json.loads((model / "metadata.json").read_text())
+    for edit, words in ((lambda m: m["scores"]["score"]["calibrator"]["params"].update(a=-5.0), "slope"),
+                        (lambda m: m.pop("scores"), "no 'scores' entry"),
+                        (lambda m: m["scores"]["score"].pop("sha256"), "no SHA-256")):
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        (model / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=words):
+            TableScorer.load(model)
+    (model / "metadata.json").write_text(json.dumps(good))
+    booster = (model / "score.ubj").read_bytes()
+    (model / "score.ubj").write_bytes(booster[: len(booster) // 2])
+    meta = dict(good, scores={"score": dict(good["scores"]["score"],
+                                            sha256=hashlib.sha256(booster[: len(booster) // 2]).hexdigest())})
+    (model / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="XGBoost cannot read it"):
+        TableScorer.load(model)
+
+
+def test_cross_validation_needs_each_class_in_enough_objects_and_survives_an_empty_column(tmp_path, capsys):
+    df = _table_csv(tmp_path / "t.csv", n=200)
+    cv = ["evaluate", "--table", str(tmp_path / "x.csv"), "--label-column", "label", "--positive",
+          "good,AGN,galactic,pm", "--negative", "garbage", "--id-column", "ATLAS_ID", "--cv", "5"]
+    few = df.copy()
+    pos = few["label"] != "garbage"
+    few.loc[pos, "ATLAS_ID"] = np.where(np.arange(pos.sum()) % 2, 1, 2)  # every positive in two objects
+    few.to_csv(tmp_path / "x.csv", index=False)
+    assert main(cv) == 2
+    assert "the positive rows belong to 2 distinct ids" in capsys.readouterr().err
+    empty = df.assign(z=np.nan)
+    empty.loc[empty.index[:3], "z"] = 0.1  # values in one fold only: HGB cannot fit a column with none
+    empty.to_csv(tmp_path / "x.csv", index=False)
+    assert main([*cv, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["metrics"]) >= {"baseline: sklearn HGB"}
 
 
 def test_numeric_table_reads_infinity_as_missing():
