@@ -228,6 +228,33 @@ def test_batched_corrections_equal_one_by_one(sim):
         np.testing.assert_allclose(b.corrected_err, s.corrected_err, rtol=1e-9, atol=1e-9)
 
 
+def test_targets_of_unlike_history_lengths_are_fitted_apart_with_the_same_result(sim, monkeypatch):
+    """Above a padded size, the batched regressions group targets by history length (one long
+    history had padded every target to its length: 2.3 GB for 2 in 300); the results do not move."""
+    import causal.hsr as hsr_module
+
+    _, alerts = sim
+    h = HSR()
+    h.store.ingest(alerts)
+    together = h.fit_batch(alerts)
+    calls = []
+    real = hsr_module.HalfSiblingRegressor._fit_many
+
+    def counting(self, ks, *a, **k):
+        calls.append(len(ks))
+        return real(self, ks, *a, **k)
+
+    monkeypatch.setattr(hsr_module, "_MAX_PADDED_ROWS", 0)
+    monkeypatch.setattr(hsr_module, "_PADDING_FACTOR", 1)
+    monkeypatch.setattr(hsr_module.HalfSiblingRegressor, "_fit_many", counting)
+    apart = h.fit_batch(alerts)
+    assert len(calls) > 2  # split into groups of like length
+    for a, b in zip(together, apart, strict=True):
+        assert a.diagnostics.mode == b.diagnostics.mode
+        np.testing.assert_allclose(a.corrected, b.corrected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(a.corrected_err, b.corrected_err, rtol=1e-9, atol=1e-9)
+
+
 def test_hsr_runs_on_every_vendored_alert():
     """Real ZTF and Rubin alerts in one batch (Rubin sources carry no reference flux: empty
     per-band groups must not break the batched medians)."""
@@ -380,3 +407,26 @@ def test_validate_hsr_on_real_alerts_counts_what_it_could_not_read(tmp_path):
     (tmp_path / "notes.avro").write_bytes(b"not an alert")
     out = run_real([DATA / "ztf_fink" / "2018-12-02_schema3.2", tmp_path])
     assert out["alerts"] == 6 and out["rejected"] == {"bad_magic_byte": 1}
+
+
+def test_rows_of_an_unknown_exposure_pass_through_uncorrected():
+    """A row HSR cannot correct (exposure −1: a Rubin source without a visit) keeps its measured
+    flux, so the features still count it (before, the detections vanished: n_det 16 → 1)."""
+    from conftest import avro_files
+
+    from stream.alert import PREVIOUS, Envelope
+    from stream.pipeline import Pipeline
+
+    dec = Decoder()
+    alerts = [dec.decode(Envelope(f.read_bytes(), str(f)))[0] for f in avro_files("ztf_fink")]
+    a = max(alerts, key=lambda x: x.lightcurve.n_detections)
+    lc = a.lightcurve
+    assert lc.n_detections >= 3
+    unknown = dataclasses.replace(a, lightcurve=dataclasses.replace(
+        lc, exposure=np.where(lc.kind == PREVIOUS, -1, lc.exposure)))
+    feats = {}
+    for on, hsr in ((True, None), (False, False)):  # (None: the pipeline's own HSR)
+        anns, _ = Pipeline(hsr=hsr).annotate([unknown], [Envelope(b"")])
+        feats[on] = anns[0].features
+    assert feats[True]["n_det"] == feats[False]["n_det"] == lc.n_detections
+    assert feats[True]["days_since_first"] == feats[False]["days_since_first"] > 0
