@@ -1236,18 +1236,29 @@ def _sane_history(lc: LightCurve, alert_mjd: float, ra: float, dec: float) -> Li
                  & ~(np.abs(lc.flux) > MAX_ABS_FLUX_UJY)))  # comparisons with NaN are False: kept
     # Sorted by time, and at one time by kind in input order: repeats are neighbours. (A
     # detection and its forced photometry share a time in most ZTF alerts; they are no repeat.)
-    cls = np.where(lc.kind == DETECTION, PREVIOUS, lc.kind)
-    repeats = np.flatnonzero((lc.mjd[1:] == lc.mjd[:-1]) & (cls[1:] == cls[:-1]))
-    if len(repeats):
-        ok &= ~_repeated_rows(lc, np.union1d(repeats, repeats + 1))
+    same_time = np.flatnonzero(lc.mjd[1:] == lc.mjd[:-1])
+    if len(same_time):
+        k0, k1 = lc.kind[same_time], lc.kind[same_time + 1]
+        repeats = same_time[(np.where(k0 == DETECTION, PREVIOUS, k0) == np.where(k1 == DETECTION, PREVIOUS, k1))]
+        if len(repeats):
+            ok &= ~_repeated_rows(lc, np.union1d(repeats, repeats + 1))
     lc = lc if ok.all() else LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
-    with np.errstate(invalid="ignore"):
-        off = _offsets_arcsec(lc.ra, lc.dec, ra, dec)
-        bad = ((lc.ra < 0) | (lc.ra > 360) | (np.abs(lc.dec) > 90) | (off > MAX_HISTORY_OFFSET_ARCSEC)
-               | (np.isfinite(lc.ra) != np.isfinite(lc.dec)))  # half a position is none
+    # Positions (only detections have one): off the sky, outside a box of ±MAX_HISTORY_OFFSET_ARCSEC
+    # around the alert, or half of one (a NaN dec). (A box, not a circle: a few cheap operations,
+    # as this runs for every alert.)
+    at = np.flatnonzero(lc.ra == lc.ra)
+    if not len(at):
+        return lc
+    r, d = lc.ra[at], lc.dec[at]
+    lim = MAX_HISTORY_OFFSET_ARCSEC / 3600.0
+    dra = np.abs(r - ra)  # (no modulo, which would warn on an infinite ra: inf fails the test below)
+    near = (np.abs(d - dec) <= lim) & (np.abs(np.minimum(dra, 360.0 - dra)) * math.cos(math.radians(dec)) <= lim)
+    bad = ~near | (r < 0) | (r > 360)
     if not bad.any():
         return lc
-    return replace(lc, ra=np.where(bad, np.nan, lc.ra), dec=np.where(bad, np.nan, lc.dec))
+    ra_, dec_ = lc.ra.copy(), lc.dec.copy()
+    ra_[at[bad]] = dec_[at[bad]] = np.nan
+    return replace(lc, ra=ra_, dec=dec_)
 
 
 def _repeated_rows(lc: LightCurve, rows: np.ndarray) -> np.ndarray:
