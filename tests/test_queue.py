@@ -476,6 +476,30 @@ def test_auth_required_except_health(client, db):
     assert client.get("/api/changes?since=99999999999999999999", headers=bearer).status_code == 200
 
 
+def test_a_decision_the_store_is_too_busy_to_save_is_a_json_503(db, monkeypatch):
+    """Another writer past the busy timeout: the page is told the call was not saved (it used to
+    get an HTML 500 that the page's script could not read)."""
+    import stream.queue as queue_module
+    from stream.web import create_app
+
+    monkeypatch.setattr(queue_module, "BUSY_TIMEOUT_MS", 200)
+    app = create_app(db, token=TOKEN)
+    app.config["TESTING"] = True
+    client = app.test_client()
+    oid = sqlite3.connect(db).execute("SELECT object_id FROM objects LIMIT 1").fetchone()[0]
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        r = client.post("/api/decision", json={"object_id": oid, "action": "real"},
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 503 and "not saved" in r.get_json()["error"]
+        assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200  # reads go on
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 0
+
+
 def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db):
     from stream.web import LOGIN_FAILURES, SESSION_HOURS, create_app
 
