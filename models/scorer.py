@@ -365,7 +365,7 @@ def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
     # training run would load and give miscalibrated scores without a word.
     if "sha256" not in d:
         raise ValueError(f"{d['file']}: the metadata records no SHA-256 for it, so it cannot be told from "
-                         "another run's booster")
+                         "another run's booster (a model written before 2026-11-26: retrain it with `vigil train`)")
     if _sha256(path) != d["sha256"]:
         raise ValueError(f"{path}: SHA-256 differs from the metadata's; the booster is not the one "
                          "this metadata describes")
@@ -741,8 +741,22 @@ _TRUE, _FALSE = {"true", "t", "yes"}, {"false", "f", "no"}
 def as_number_column(col: pd.Series) -> pd.Series | None:
     """A text column read as numbers (booleans as 0/1, blanks as missing), or None if it is text.
 
-    Raises ``ValueError`` naming the column when most of its values are numbers but some are
-    not (a typo would otherwise drop the whole column from a model, or fail scoring unnamed).
+    Parameters
+    ----------
+    col : pandas.Series
+        A column that pandas did not read as numbers (a blank turns True/False into text).
+
+    Returns
+    -------
+    pandas.Series or None
+        Floats (NaN where blank), or None for a column of text (at most 90 % numbers).
+
+    Raises
+    ------
+    ValueError
+        Naming the column, the count and the first bad value, when most of its values are
+        numbers but some are not: a typo would otherwise drop the whole column from a model,
+        or fail scoring without a name.
     """
     text = col.astype("string").str.strip()
     filled = text.notna() & (text != "")

@@ -639,7 +639,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
                 server.shutdown()
             key = "replay.queue_db" if replay else "output.queue_db"
             raise ConfigError(f"{key}: cannot open the queue store {redacted(queue_db)}: {e}") from None
-        store.give_up = stop.hard.is_set
+        store.give_up = stop  # unlike a Kafka flush, a store wait ends at the first signal
         sinks.append(store)
     counts_box = {"c": Counts()}
     last_log = [time.monotonic()]

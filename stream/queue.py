@@ -330,8 +330,9 @@ class _PgConnection:
 
 
 #: How long a batch waits, in all, for another writer to release the store's write lock
-#: before the error stops the run.
-LOCK_PATIENCE_S = 600.0
+#: before the error stops the run: under librdkafka's default max.poll.interval.ms (300 s), past
+#: which the consumer would leave its group (nothing lost, but its partitions move).
+LOCK_PATIENCE_S = 240.0
 
 
 def _is_lock_wait(exc) -> bool:
@@ -731,7 +732,8 @@ class QueueSink:
         self._in_tx = False
         self._flushes = 0
         self.n_written = 0
-        #: Set by the service to its hard-stop flag: stop waiting for the write lock.
+        #: Set by the service to its stop flag: stop waiting for the write lock (the batch, its
+        #: offsets not stored, is read again after a restart).
         self.give_up = lambda: False
 
     def write_result(self, result, records=None) -> None:
@@ -812,7 +814,9 @@ class QueueSink:
                     raise
                 log.warning("queue store %s: another writer has held the write lock for %.0f s; waiting on",
                             redacted(str(self.path)), waited_s)
-                time.sleep(pause_s)
+                end = time.monotonic() + pause_s
+                while time.monotonic() < end and not self.give_up():  # a stop signal ends the wait at once
+                    time.sleep(0.2)
                 waited_s += pause_s
                 pause_s = min(2 * pause_s, 30.0)
         self._in_tx = True

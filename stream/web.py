@@ -497,35 +497,47 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
     def _json_error(message: str, status: int, headers=None):
         return Response(json.dumps({"error": message}), status, {"Content-Type": "application/json", **(headers or {})})
 
+    # Wrong Bearer tokens this process could not record in the store (busy): counted here instead,
+    # so that a long write elsewhere does not open a window for unlimited guessing.
+    unrecorded: dict = {}
+
     def bearer_refusal(given: str):
         """None when the Bearer token is right; else the answer. A wrong token counts as a failed
         login, and an address with too many is refused, as on the login page, so the token cannot
         be guessed here without limit. A right one writes nothing: reads go on while the service
         holds the store's write lock."""
         address = request.remote_addr or "?"
-        if store().login_failures(address, LOGIN_WINDOW_S * 1000) >= LOGIN_FAILURES:
+        now = time.monotonic()
+        mine = unrecorded[address] = [t for t in unrecorded.get(address, []) if now - t < LOGIN_WINDOW_S]
+        if store().login_failures(address, LOGIN_WINDOW_S * 1000) + len(mine) >= LOGIN_FAILURES:
             return _json_error("too many failed logins from this address; try again later", 429)
         if hmac.compare_digest(given.encode(), token.encode()):
             return None
         try:
             store().begin_login(address, LOGIN_WINDOW_S * 1000, LOGIN_FAILURES, LOGIN_FAILURE_ROWS)
         except _busy_errors() as exc:
-            app.logger.warning("failed token check not counted, store busy: %r", exc)
+            app.logger.warning("failed token check counted in this process only, store busy: %r", exc)
+            mine.append(now)
         return _json_error("wrong token", 401, {"WWW-Authenticate": 'Bearer realm="vigil-queue"'})
 
     @app.before_request
     def _auth():
         if request.endpoint in ("health", "login"):
             return None
+        logged_in = session.get("auth") == token_tag and session.get("vetter")
         h = request.headers.get("Authorization", "")
-        if h.startswith("Bearer "):
-            refused = bearer_refusal(h[7:].strip())
+        # A logged-in browser goes by its session when its Authorization header is not our token
+        # (a proxy in front of the app may add its own, which would otherwise count as a guess).
+        given = h[7:].strip() if h.startswith("Bearer ") else None
+        ours = given is not None and hmac.compare_digest(given.encode(), token.encode())
+        if given is not None and (ours or not logged_in):
+            refused = bearer_refusal(given)
             if refused is not None:
                 return refused
             g.vetter = (request.headers.get("X-Vetter") or "api").strip()[:80] or "api"
             g.via_bearer = True
             return None
-        if session.get("auth") == token_tag and session.get("vetter"):
+        if logged_in:
             g.vetter = session["vetter"]
             g.via_bearer = False
             if request.method == "POST":  # cookie-authenticated writes must prove they came from our pages
@@ -711,7 +723,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             return jsonify(error="note must be a string"), 400
         if alert_id in (None, ""):
             alert_id = None
-        elif isinstance(alert_id, str) and alert_id.strip().isdigit():
+        elif isinstance(alert_id, str) and alert_id.strip().isdecimal():  # ("²" is a digit, not a decimal)
             alert_id = int(alert_id)
         elif isinstance(alert_id, bool) or not isinstance(alert_id, int):  # 1.7, 1e20, [1], {...}
             return jsonify(error="alert_id must be a whole number"), 400

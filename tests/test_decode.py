@@ -16,6 +16,8 @@ from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert, Envel
 from stream.decode import (
     Decoder,
     SchemaRegistry,
+    _rubin_exposure,
+    _rubin_time,
     _ztf_lightcurves,
     _ztf_prepare,
     encode_schemaless,
@@ -184,6 +186,16 @@ def test_impossible_history_values_and_repeats_do_not_reach_the_features():
     r = copy.deepcopy(rec)
     r["prv_candidates"] = rec["prv_candidates"] * 3 + [own]
     assert dec.to_alert(r, Envelope(b"", "x")).lightcurve.n_detections == n_det
+    # Two detections of one exposure: the one nearer the alert stays; a damaged copy (error 0) does
+    # not take a sound one with it.
+    off = dict(det[0], dec=c["dec"] + 0.5 / 3600, magpsf=det[0]["magpsf"] + 0.3)
+    for first, second, kept in ((off, det[0], det[0]), (det[0], off, det[0]),
+                                (dict(det[0], sigmapsf=0.0), off, off)):
+        r = copy.deepcopy(rec)
+        r["prv_candidates"] = [first, second, *[q for q in rec["prv_candidates"] if q is not det[0]]]
+        lc = dec.to_alert(r, Envelope(b"", "x")).lightcurve
+        i = np.flatnonzero(lc.exposure == det[0]["pid"])
+        assert len(i) == 1 and lc.dec[i[0]] == pytest.approx(kept["dec"]), (first is off, kept is off)
     # A NaN time: the row goes, the first-detection time stays.
     r = copy.deepcopy(rec)
     r["prv_candidates"] = [dict(det[0], jd=float("nan")), *rec["prv_candidates"][1:]]
@@ -322,8 +334,13 @@ def test_every_rubin_schema_version_decodes_from_confluent_frame():
             assert isinstance(a, Alert), (sid, a)
             assert a.schema_version == f"{sid // 100}.{sid % 100}"
             assert a.alert_id == rec["diaSource"]["diaSourceId"]
-            # (Some fake alerts' earlier sources repeat the alert's own visit and time: not counted again.)
-            assert 1 <= a.lightcurve.n_detections <= 1 + len(rec.get("prvDiaSources") or [])
+            # Some fake alerts' earlier sources repeat the alert's own exposure and time: one
+            # detection per (time, exposure, band), the alert's own among them.
+            src = rec["diaSource"]
+            own = (_rubin_time(src), _rubin_exposure(src)[0], src.get("band", src.get("filterName")))
+            prv = {(_rubin_time(p), _rubin_exposure(p)[0], p.get("band", p.get("filterName")))
+                   for p in rec.get("prvDiaSources") or []}
+            assert a.lightcurve.n_detections == 1 + len(prv - {own}), sid
             assert (a.lightcurve.kind == DETECTION).sum() == 1
 
 

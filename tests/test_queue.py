@@ -500,6 +500,34 @@ def test_a_decision_the_store_is_too_busy_to_save_is_a_json_503(db, monkeypatch)
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 0
 
 
+def test_bearer_guesses_are_counted_even_when_the_store_is_busy_and_a_proxys_token_is_no_guess(db, monkeypatch):
+    import stream.queue as queue_module
+    from stream.web import LOGIN_FAILURES, create_app
+
+    monkeypatch.setattr(queue_module, "BUSY_TIMEOUT_MS", 100)
+    app = create_app(db, token=TOKEN)
+    app.config["TESTING"] = True
+    client = app.test_client()
+    # A logged-in browser behind a proxy that adds its own Bearer token goes by its session.
+    _login(client)
+    proxy = {"Authorization": "Bearer proxy-access-token"}
+    assert [client.get("/api/changes", headers=proxy).status_code for _ in range(LOGIN_FAILURES + 2)] == \
+        [200] * (LOGIN_FAILURES + 2)
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 0
+    # Guesses while another writer holds the store: not recorded there, but counted all the same.
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        guesser = app.test_client()
+        codes = [guesser.get("/api/changes", headers={"Authorization": "Bearer guess"}).status_code
+                 for _ in range(LOGIN_FAILURES)]
+        assert codes == [401] * LOGIN_FAILURES
+        assert guesser.get("/api/changes", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 429
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 def test_login_is_throttled_sessions_expire_and_pages_carry_security_headers(db):
     from stream.web import LOGIN_FAILURES, SESSION_HOURS, create_app
 

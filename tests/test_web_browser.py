@@ -122,6 +122,8 @@ def test_vetting_session_in_chromium(server, browser, tmp_path):
     # Enter on a focused link follows that link, not the cursor row (it opened row 1's object before).
     page.focus(f'#queue tbody tr[data-object-id="{shown[3]}"] a')
     assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == shown[3]  # focus moves the cursor
+    page.keyboard.press("j")  # the cursor moves on; the focus stays on the link
+    assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == shown[4]
     page.keyboard.press("Enter")
     page.wait_for_url(lambda u: "/object/" in u)
     assert page.url.split("?")[0].endswith("/object/" + shown[3])

@@ -66,8 +66,7 @@
     // Decided rows that leave this view (hidden once vetted, or snoozed): the next page then starts
     // earlier than its number says, so "next" reloads this page instead of skipping objects.
     var gone = 0;
-    var hideVetted = new URLSearchParams(location.search).get("hide_vetted");
-    hideVetted = hideVetted && hideVetted !== "0";
+    var hideVetted = new URLSearchParams(location.search).get("hide_vetted") === "1";  // as the server reads it
     document.addEventListener("keydown", function (ev) {
       if (typing(ev) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
       var k = ev.key;
