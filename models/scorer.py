@@ -99,14 +99,15 @@ def _sigmoid(x):
 def _as_float32(X, names=None) -> np.ndarray:
     """Float32 rows for XGBoost, a value that overflows float32 (or was ±inf) as NaN: missing,
     not an error that fails the whole batch."""
-    if isinstance(X, pd.DataFrame):
-        X = X[list(names)] if names is not None else X
-        A = X.to_numpy(dtype=np.float64, na_value=np.nan)
-    else:
-        A = np.asarray(X, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        A = A.astype(np.float32)
-    A[np.isinf(A)] = np.nan
+    with np.errstate(over="ignore"):  # (a float64 beyond float32 becomes inf, then NaN below)
+        if isinstance(X, pd.DataFrame):
+            X = X[list(names)] if names is not None else X
+            A = X.to_numpy(dtype=np.float32, na_value=np.nan)
+        else:
+            A = np.asarray(X, dtype=np.float32)
+    inf = np.isinf(A)
+    if inf.any():
+        A = np.where(inf, np.float32(np.nan), A)  # a new array: X is never written to
     return np.ascontiguousarray(A)
 
 

@@ -785,3 +785,22 @@ def test_p_extragalactic_on_real_alerts_with_cross_match_labels(capsys):
     assert r["mean_p_real"] > 0.9
     assert main(["evaluate", "--xmatch-labels", str(DATA / "NOTICE")]) == 2
     assert "not a Parquet table of alerts" in capsys.readouterr().err
+
+
+def test_a_feature_beyond_float32_is_missing_not_a_failed_batch(tiny_model, tiny_sim):
+    """XGBoost reads float32: a finite float64 beyond its range became inf there and failed the
+    whole batch (a fuzzing review stopped a replay with 120 such alerts)."""
+    from models.features import FLOAT32_MAX
+
+    X = tiny_sim.X.iloc[:5].copy()
+    X.loc[X.index[0], "pos_scatter"] = 1e100
+    X.loc[X.index[1], "snr"] = 1e39
+    X.loc[X.index[2], "snr"] = np.inf
+    sb = tiny_model.score(X)
+    for s in SCORES:
+        assert np.isfinite(getattr(sb, s)).all()
+    blank = tiny_sim.X.iloc[:5].copy()
+    blank.loc[blank.index[0], "pos_scatter"] = np.nan
+    blank.loc[blank.index[1:3], "snr"] = np.nan
+    np.testing.assert_array_equal(sb.p_real, tiny_model.score(blank).p_real)  # read as missing
+    assert FLOAT32_MAX < 1e39
