@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-from stream.alert import PIXEL_SCALE
+from stream.alert import PIXEL_SCALE, TAI_MINUS_UTC_S
 
 # Column order is part of every saved model's metadata; append, never reorder.
 FEATURES = (
@@ -437,9 +437,6 @@ def conditions(alerts, companions: ExposureCompanions | None = None) -> pd.DataF
             out.loc[idx, c] = geo[c]
     return out
 
-
-#: TAI − UTC (s) since 2017: Rubin times are TAI, the ephemerides below want UT (UT1 ≈ UTC here).
-TAI_MINUS_UTC_S = 37.0
 
 
 def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Light-curve row kinds. A row is one measurement of the target at one epoch.
+#: TAI − UTC (s) since 2017: Rubin times are TAI; Unix times, ZTF's and the ephemerides' are UTC.
+TAI_MINUS_UTC_S = 37.0
+
 DETECTION = 0  # the alert's own (triggering) detection
 PREVIOUS = 1  # an earlier detection carried in the alert's history
 NONDETECTION = 2  # an upper limit: flux is NaN, flux_err is limit/5

@@ -16,6 +16,8 @@ from importlib import resources
 
 import fastavro
 
+from stream.alert import TAI_MINUS_UTC_S
+
 ANNOTATION_SCHEMA_VERSION = "1.0"
 _SCHEMA_FILE = "vigil.annotation.v1.avsc"
 MJD_UNIX_EPOCH = 40587.0
@@ -38,7 +40,10 @@ def annotation_schema() -> dict:
     return fastavro.parse_schema(json.loads(text))
 
 
-def mjd_to_unix_ms(mjd: float) -> int:
+def mjd_to_unix_ms(mjd: float, scale: str = "utc") -> int:
+    """Unix milliseconds (UTC) of an MJD in ``scale`` ("utc", or "tai": Rubin's, 37 s ahead)."""
+    if scale == "tai":
+        mjd = mjd - TAI_MINUS_UTC_S / 86400.0
     return int(round((mjd - MJD_UNIX_EPOCH) * 86400000.0))
 
 
@@ -126,7 +131,7 @@ class Annotation:
             "exposure": int(self.exposure),
             "event_mjd": float(self.event_mjd),
             "event_time_scale": self.event_time_scale,
-            "event_time_ms": mjd_to_unix_ms(self.event_mjd),
+            "event_time_ms": mjd_to_unix_ms(self.event_mjd, self.event_time_scale),  # UTC, as timestamp-millis
             "processing_time_ms": int(self.processing_time_ms),
             "status": self.status,
             "p_real": _num(self.p_real),

@@ -138,6 +138,8 @@ class SchemaRegistry:
             except Exception as e:  # noqa: BLE001 - fastavro's parse errors share no base beyond Exception
                 raise ValueError(f"schema {f}: not a readable Avro schema ({type(e).__name__}: {e})") from None
             reg.add(int(m.group(1)) * 100 + int(m.group(2)), schema)
+        if not reg.ids():  # a service given it would dead-letter every Rubin message of the night
+            raise ValueError(f"schema directory {root} holds no Rubin alert schema (lsst.vMAJOR_MINOR.alert.avsc)")
         return reg
 
     def add(self, schema_id: int, schema) -> None:
@@ -407,7 +409,7 @@ class Decoder:
             if isinstance(e.__context__, EOFError):  # header cut short, e.g. a partial download
                 raise DecodeError("truncated", f"container header: {e.__context__}") from None
             raise DecodeError("corrupt_avro", f"container header: {type(e).__name__}: {e}") from None
-        version = _container_version(reader.writer_schema)
+        version = container_version(reader.writer_schema)
         records = []
         try:
             for rec in reader:
@@ -461,7 +463,7 @@ class Decoder:
             parsed = parse_schema(writer)
         except Exception as e:
             raise DecodeError("corrupt_avro", f"container schema: {type(e).__name__}: {e}") from None
-        cached = (text, parsed, _container_version(writer))
+        cached = (text, parsed, container_version(writer))
         if len(text) <= MAX_CACHED_SCHEMA_BYTES:  # the real ZTF schema is ~22 kB
             if len(self._container_schemas) >= 64:  # a stream of ever-new schemas: stay bounded
                 self._container_schemas.clear()
@@ -675,7 +677,7 @@ def _version_of_id(schema_id: int) -> str:
     return f"{schema_id // 100}.{schema_id % 100}"
 
 
-def _container_version(schema) -> str:
+def container_version(schema) -> str:
     """A container's schema version as MAJOR.MINOR (one spelling, however the writer put it)."""
     if isinstance(schema, dict):
         for text in (schema.get("version"), schema.get("namespace"), schema.get("name")):
@@ -1371,11 +1373,15 @@ def _psf_fwhm_px(s: dict) -> float:
     return FWHM_PER_SIGMA * math.sqrt(m) / PIXEL_SCALE["rubin"] if m > 0 else float("nan")
 
 
-def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
-    src = rec.get("diaSource")
-    if not isinstance(src, dict):
-        raise DecodeError("missing_field", "diaSource is missing or null")
-    alert_id = _alert_id(_req(src, "diaSource", "diaSourceId"), "diaSourceId", (None, None))
+def rubin_object_id(rec: dict, alert_id=None) -> str:
+    """The object a Rubin alert belongs to: its ``diaObjectId``, else ``ss<ssObjectId>``.
+
+    Raises
+    ------
+    DecodeError
+        When the alert names neither (or an id unfit to show).
+    """
+    src = rec.get("diaSource") if isinstance(rec.get("diaSource"), dict) else {}
     obj = src.get("diaObjectId")
     if obj in (None, 0) and isinstance(rec.get("diaObject"), dict):
         obj = rec["diaObject"].get("diaObjectId")  # early schemas fill only the object record
@@ -1383,9 +1389,16 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         ss = src.get("ssObjectId")
         if ss in (None, 0):
             raise DecodeError("missing_field", "diaSource.diaObjectId and ssObjectId are both null", alert_id)
-        object_id = f"ss{ss}"
-    else:
-        object_id = _object_id(obj, (alert_id, None))
+        return f"ss{ss}"
+    return _object_id(obj, (alert_id, None))
+
+
+def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
+    src = rec.get("diaSource")
+    if not isinstance(src, dict):
+        raise DecodeError("missing_field", "diaSource is missing or null")
+    alert_id = _alert_id(_req(src, "diaSource", "diaSourceId"), "diaSourceId", (None, None))
+    object_id = rubin_object_id(rec, alert_id)
     ids = (alert_id, object_id)
     ra, dec = _check_position(_req(src, "diaSource", "ra", ids=ids), _req(src, "diaSource", "dec", "decl", ids=ids),
                               ids)
@@ -1402,7 +1415,9 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     def add_source(s, kind):
         e, v, d = _rubin_exposure(s, ids)
         fl = _first(s, "psfFlux", "psFlux")
-        if fl is None or _first(s, "midpointMjdTai", "midPointTai") is None:
+        # (A record Rubin has withdrawn, marked invalid from schema 9 on, is no measurement.)
+        if fl is None or _first(s, "midpointMjdTai", "midPointTai") is None or \
+                (kind != DETECTION and s.get("timeWithdrawnMjdTai") is not None):
             return
         t = _rubin_time(s)
         # The PSF model's width at the source is image-level seeing (fitted to the image's stars,
@@ -1453,7 +1468,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
             if data:
                 cutouts[name] = data
     return Alert(
-        survey="rubin", schema_version=version or _container_version({"version": rec.get("lsst_schema_version")}),
+        survey="rubin", schema_version=version or container_version({"version": rec.get("lsst_schema_version")}),
         alert_id=alert_id,
         object_id=object_id, ra=ra, dec=dec, mjd=mjd, time_scale="tai", band=band, exposure=exposure, field=visit,
         chip=det, lightcurve=_sane_history(rows.build(), mjd, ra, dec), context=ctx, cutouts=cutouts,

@@ -440,7 +440,8 @@ class Metrics:
             self.batch_seconds_sum += seconds
             self.batch_seconds_last = seconds
             if result.annotations:
-                self.e2e_seconds_last = now - max(mjd_to_unix_ms(a.event_mjd) for a in result.annotations) / 1000
+                self.e2e_seconds_last = now - max(mjd_to_unix_ms(a.event_mjd, a.event_time_scale)
+                                                  for a in result.annotations) / 1000
                 ts = [e.timestamp_ms for e in result.envelopes if e.timestamp_ms > 0]
                 if ts:
                     self.kafka_latency_seconds_last = now - min(ts) / 1000
@@ -724,7 +725,7 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
 
     import fastavro
 
-    from stream.decode import encode_schemaless, frame_confluent
+    from stream.decode import DecodeError, container_version, encode_schemaless, frame_confluent, rubin_object_id
     from stream.sources import iter_envelopes
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
@@ -777,10 +778,15 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                             out.append((buf.getvalue(), "ztf-container"))
                         key = str(rec.get("objectId")).encode()
                     else:
-                        src = rec.get("diaSource") or {}
-                        key = str(src.get("diaObjectId")).encode()
-                        m = re.search(r"v(\d+)_(\d+)", str(rec.get("lsst_schema_version") or "") + " "
-                                      + str(reader.writer_schema.get("namespace", "")))
+                        try:  # keyed by object, as the decoder names it (ssObjectId where no diaObjectId)
+                            key = rubin_object_id(rec).encode()
+                        except DecodeError:
+                            key = None
+                        # The version from the record, else from the writer schema's name or
+                        # namespace (the official samples name it "lsst.v9_0.alert").
+                        version = (container_version({"version": rec.get("lsst_schema_version")})
+                                   or container_version(reader.writer_schema))
+                        m = re.fullmatch(r"(\d+)\.(\d+)", version)
                         sid = int(m.group(1)) * 100 + int(m.group(2)) if m else None
                         if rubin_schemas is not None and sid is not None and rubin_schemas.get(sid) is not None:
                             out.append((frame_confluent(sid, encode_schemaless(rec, rubin_schemas.get(sid))),

@@ -551,6 +551,27 @@ def test_ztf_damaged_run_positions_come_from_the_earlier_detections():
     assert (a.ra, a.dec) == (rec["candidate"]["ra"], rec["candidate"]["dec"])
 
 
+def test_rubin_withdrawn_history_is_dropped_and_event_times_are_utc(rubin_files, tmp_path):
+    """Schema 9 on marks invalid records with timeWithdrawnMjdTai: no measurements. Annotation
+    times (timestamp-millis) are UTC, Rubin's own TAI less 37 s. An empty schema directory is refused."""
+    from stream.annotation import mjd_to_unix_ms
+
+    dec = Decoder()
+    rec = _read(rubin_files[0])[1][0]
+    own = rec["diaSource"]
+    earlier = dict(own, diaSourceId=own["diaSourceId"] - 1, midpointMjdTai=own["midpointMjdTai"] - 3.0,
+                   visit=own["visit"] - 10)
+    a = dec.to_alert(dict(copy.deepcopy(rec), prvDiaSources=[earlier]), Envelope(b"", "x"))
+    gone = dict(earlier, timeWithdrawnMjdTai=own["midpointMjdTai"])
+    b = dec.to_alert(dict(copy.deepcopy(rec), prvDiaSources=[gone]), Envelope(b"", "x"))
+    assert (a.lightcurve.n_detections, b.lightcurve.n_detections) == (2, 1)
+    assert a.time_scale == "tai"
+    assert mjd_to_unix_ms(a.mjd, "tai") == mjd_to_unix_ms(a.mjd) - 37_000
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="holds no Rubin alert schema"):
+        SchemaRegistry.from_dir(tmp_path / "none")
+
+
 def test_rubin_source_of_a_known_solar_system_object_is_at_distance_zero(rubin_files):
     for f in rubin_files:
         schema, (rec,) = _read(f)

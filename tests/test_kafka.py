@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from conftest import DATA, ROOT, avro_files
+from conftest import DATA, ROOT, SHARED, avro_files
 
 from stream.annotation import decode_annotation, validate_annotation
 from stream.config import parse_config
@@ -80,6 +80,44 @@ def test_a_missing_schema_is_a_config_error_naming_the_key(broker, topics, tmp_p
         cfg = _config(broker, topics, source={key: str(tmp_path / "absent")}, output={"queue_db": ""})
         with pytest.raises(ConfigError, match=f"source.{key}: .*absent"):
             run_service(cfg, until=lambda counts: True)
+
+
+def test_a_schema_directory_without_rubin_schemas_is_a_config_error(broker, topics, tmp_path):
+    """It used to start, then dead-letter every Rubin message of the night."""
+    from stream.config import ConfigError
+
+    (tmp_path / "empty").mkdir()
+    cfg = _config(broker, topics, source={"schema_dir": str(tmp_path / "empty")}, output={"queue_db": ""})
+    with pytest.raises(ConfigError, match="source.schema_dir: .*holds no Rubin alert schema"):
+        run_service(cfg, until=lambda counts: True)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "rubin_alert_schema_lsst" / "schema").is_dir(),
+                    reason="official Rubin schemas (../shared) not available")
+def test_official_rubin_samples_are_produced_framed_and_keyed_by_object(broker, topics):
+    """Their version is in the writer schema's name ("lsst.v9_0.alert"), which produce used to miss
+    (every one went as a container), and their key was b"None"."""
+    from stream.decode import SchemaRegistry, rubin_object_id
+
+    root = SHARED / "rubin_alert_schema_lsst" / "schema"
+    reg = SchemaRegistry.from_dir(root)
+    samples = sorted(root.glob("*/*/sample_data/fakeAlert.avro"))
+    assert len(samples) >= 9
+    assert produce_files(samples, topics[0], broker.bootstrap, rubin_schemas=reg) == {"rubin-confluent": len(samples)}
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"k-{topics[0]}",
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([topics[0]])
+    keys, deadline = [], time.monotonic() + 30
+    while len(keys) < len(samples) and time.monotonic() < deadline:
+        m = consumer.poll(0.5)
+        if m is not None and not m.error():
+            keys.append(m.key())
+    consumer.close()
+    import fastavro
+
+    want = sorted(rubin_object_id(next(iter(fastavro.reader(open(f, "rb"))))).encode() for f in samples)
+    assert sorted(keys) == want and b"None" not in keys
 
 
 def test_metrics_port_in_use_is_a_config_error_naming_the_key(broker, topics):
