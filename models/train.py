@@ -1522,12 +1522,16 @@ def _evaluate_sim(args) -> int:
     sim = simulated_table(args.seed, **_sim_kwargs(args))
     sb = model.score(sim.X, contributions=False)
     rb = sim.X["real_bogus"].to_numpy(float)
-    print(f"{model.model_version} on simulated seed {args.seed}: {len(sim.X)} alerts")
-    print(f"{'score':<16} {'ROC AUC':>8} {'AuRaK':>8} {'AuRaK rb':>9} {'ECE':>8} {'mean p−rate':>12}")
+    out = {"model": model.model_version, "seed": args.seed, "n_alerts": len(sim.X), "scores": {}, "interventions": []}
+    lines = [f"{model.model_version} on simulated seed {args.seed}: {len(sim.X)} alerts",
+             f"{'score':<16} {'ROC AUC':>8} {'AuRaK':>8} {'AuRaK rb':>9} {'ECE':>8} {'mean p−rate':>12}"]
     for s, tcol in TARGETS.items():
         y, p = sim.truth[tcol].to_numpy(int), getattr(sb, s)
-        print(f"{s:<16} {roc_auc(y, p):8.4f} {aurak(y, p):8.4f} {aurak(y, rb):9.4f} "
-              f"{expected_calibration_error(y, p):8.4f} {calibration_in_the_large(y, p):12.4f}")
+        m = out["scores"][s] = {"auc": roc_auc(y, p), "aurak": aurak(y, p), "aurak_real_bogus": aurak(y, rb),
+                                "ece": expected_calibration_error(y, p),
+                                "calibration_in_the_large": calibration_in_the_large(y, p)}
+        lines.append(f"{s:<16} {m['auc']:8.4f} {m['aurak']:8.4f} {m['aurak_real_bogus']:9.4f} "
+                     f"{m['ece']:8.4f} {m['calibration_in_the_large']:12.4f}")
     kw = _sim_kwargs(args)
     interventions = ((f"do(seeing {DO_SEEING[0]}→{DO_SEEING[1]}″)", intervene_seeing, kw),
                      (f"do(moon {DO_MOON[0]:g}→{DO_MOON[1]:g}, moonlit nights)", intervene_moon,
@@ -1536,12 +1540,19 @@ def _evaluate_sim(args) -> int:
         for nights, what in ((1, "last night"), (None, "every night")):
             do = intervene(args.seed, last_nights=nights, **skw)
             for s, (v, v_lo, v_hi) in do.shift_interval(model).items():
-                print(f"{label}, {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}, "
-                      f"95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
+                out["interventions"].append({"intervention": label, "nights": what, "alerts": len(do.rows[0]),
+                                             "score": s, "shift": v, "low": v_lo, "high": v_hi})
+                lines.append(f"{label}, {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}, "
+                             f"95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
     lab = sim.truth["vetted"].to_numpy(bool)
     diag = PropensityWeighter().fit(sim.selection, lab).diagnostics(sim.selection, lab)
-    print(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} labelled; "
-          f"{diag.n_extrapolated} alerts with ê < 0.01")
+    out["ipw"] = diag.to_json()
+    lines.append(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} labelled; "
+                 f"{diag.n_extrapolated} alerts with ê < 0.01")
+    if args.json:
+        _write_json(out)
+    else:
+        print("\n".join(lines))
     return 0
 
 
@@ -1609,7 +1620,9 @@ def _validate_causal_real(args) -> int:
 
 
 def _sim_kwargs(args) -> dict:
-    return {k: getattr(args, k) for k in ("mode", "fields", "quadrants", "nights", "cadence") if getattr(args, k, None)}
+    # Every value given, 0 included: the simulator refuses a size of 0 (it used to mean "the default").
+    return {k: getattr(args, k) for k in ("mode", "fields", "quadrants", "nights", "cadence")
+            if getattr(args, k, None) is not None}
 
 
 def _add_sim_args(p) -> None:

@@ -8,6 +8,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from stream.config import port_number
+
 log = logging.getLogger("vigil")
 
 #: Modules that add subcommands (see ``register`` in each).
@@ -101,14 +103,22 @@ def cmd_replay(args) -> int:
     _check_distinct([("--out", o) for o in args.out or ()] + [("--rejected", args.rejected), ("--queue", args.queue)])
     files = files_to_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
-    sinks = _annotation_sinks(args.out)
-    if args.queue:
+    store = None
+    if args.queue:  # opened first: a store that cannot be opened must not cost the --out files
         from stream.queue import QueueSink
 
-        sinks.append(QueueSink(args.queue))
+        try:
+            store = QueueSink(args.queue)
+        except (OSError, sqlite3.DatabaseError) as e:
+            raise ValueError(f"--queue {args.queue}: cannot open it as a queue store ({e})") from None
+    sinks = _annotation_sinks(args.out) + ([store] if store is not None else [])
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
-    counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress)
+    try:
+        counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress)
+    except KeyboardInterrupt:  # the outputs hold every batch finished so far (each flushed whole)
+        print("interrupted: the outputs hold the batches finished before it", file=sys.stderr)
+        return 130
     print(counts.line())
     return 0
 
@@ -214,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("broker", help="start the embedded Kafka-protocol broker and print its address")
-    p.add_argument("--port", type=int, default=None, help="default: a free port")
+    p.add_argument("--port", type=port_number, default=None, help="default: a free port")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("demo", help="broker + sample alerts + service + ranked queue, in one command")
@@ -238,6 +248,11 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # the reader went away (`... | head`): not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no complaint at exit's flush)
+        return 0
     except (ValueError, OSError, sqlite3.DatabaseError) as e:
         if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
             raise  # Vigil's own SQL is wrong: a bug, with its traceback

@@ -1444,6 +1444,7 @@ def _positive(text: str) -> int:
 def register(subparsers) -> None:
     """Add ``vigil queue serve|list|export-labels|prune|ingest``."""
     from stream.cli import _add_decoder_args
+    from stream.config import port_number
 
     p = subparsers.add_parser("queue", help="the human eyeball queue (web app, labels export)")
     sub = p.add_subparsers(dest="queue_command", required=True)
@@ -1451,7 +1452,7 @@ def register(subparsers) -> None:
     s = sub.add_parser("serve", help="serve the ranked list and vetting pages")
     s.add_argument("--db", required=True,
                    help="queue store: SQLite file or postgresql:// URL (written by the service's queue sink)")
-    s.add_argument("--port", type=int, default=8765, help="default %(default)s")
+    s.add_argument("--port", type=port_number, default=8765, help="default %(default)s")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--token", help="access token (default: the contents of --token-file, then "
                                    "$VIGIL_QUEUE_TOKEN, else random)")

@@ -87,6 +87,7 @@ class ParquetSink:
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)  # as JsonlSink truncates: no earlier run's file survives this one
         self._rows: list[dict] = []
         self._writer = None
 
@@ -107,6 +108,9 @@ class ParquetSink:
 
     def close(self) -> None:
         self.flush()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._writer is None:  # no annotation at all: an empty file, not an earlier run's left in place
+            import pyarrow.parquet as pq
+
+            self._writer = pq.ParquetWriter(self.path, _arrow_schema())
+        self._writer.close()
+        self._writer = None

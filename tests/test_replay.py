@@ -297,3 +297,41 @@ def test_a_subdirectory_that_cannot_be_listed_is_an_unreadable_input(tmp_path, m
     envs = list(iter_envelopes([tmp_path]))
     assert [e.unreadable is None for e in envs] == [True, False]
     assert envs[1].source.endswith("locked") and "cannot be listed" in envs[1].unreadable
+
+
+def test_outputs_of_an_earlier_run_do_not_survive_and_a_bad_queue_costs_nothing(tmp_path, capsys):
+    """A CLI review's cases: a rerun with no annotation left the old Parquet file in place; a
+    --queue that is no database truncated the --out files, then failed without naming the flag."""
+    good = avro_files("ztf_fink")[:3]
+    out = [f"--out={tmp_path / 'a.jsonl'}", f"--out={tmp_path / 'a.parquet'}"]
+    assert main(["replay", *map(str, good), *out, "--no-progress"]) == 0
+    assert pq.read_table(tmp_path / "a.parquet").num_rows == 3
+    junk = tmp_path / "junk.avro"
+    junk.write_bytes(b"not avro")
+    assert main(["replay", str(junk), *out, "--rejected", str(tmp_path / "r.jsonl"), "--no-progress"]) == 0
+    assert pq.read_table(tmp_path / "a.parquet").num_rows == 0  # empty, with the schema
+    assert main(["replay", *map(str, good), *out, "--no-progress"]) == 0
+    notdb = tmp_path / "notdb.sqlite"
+    notdb.write_text("this is no database\n" * 100)
+    capsys.readouterr()
+    assert main(["replay", *map(str, good), *out, "--queue", str(notdb), "--no-progress"]) == 2
+    assert f"--queue {notdb}: cannot open it as a queue store" in capsys.readouterr().err
+    assert pq.read_table(tmp_path / "a.parquet").num_rows == 3  # untouched
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+
+
+def test_sizes_of_zero_and_ports_out_of_range_are_refused(capsys):
+    import pytest
+
+    assert main(["evaluate", "--simulate", "--seed", "2", "--quadrants", "0"]) == 2  # was: the default size
+    assert "quadrants" in capsys.readouterr().err
+    for argv in (["queue", "serve", "--db", "x.sqlite", "--port", "70000"], ["broker", "--port", "-5"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+def test_evaluate_simulate_json_is_json(capsys):
+    assert main(["evaluate", "--simulate", "--seed", "2", "--quadrants", "2", "--nights", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # it printed the text report before
+    assert set(out["scores"]) == {"p_real", "p_extragalactic", "p_fast"} and len(out["interventions"]) == 8
