@@ -277,10 +277,13 @@ class SimConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.cadence not in CADENCES:
             raise ValueError(f"cadence must be one of {', '.join(CADENCES)}, not {self.cadence!r}")
-        if self.nights < 1 or self.fields < 1 or not 1 <= self.quadrants <= 64:
-            raise ValueError("need nights ≥ 1, fields ≥ 1 and 1 ≤ quadrants ≤ 64")
-        if self.n_alerts is not None and self.n_alerts < 1:
-            raise ValueError("n_alerts must be positive")
+        for name, ok, want in (("nights", self.nights >= 1, "≥ 1"), ("fields", self.fields >= 1, "≥ 1"),
+                               ("quadrants", 1 <= self.quadrants <= 64, "1 … 64"),
+                               ("n_alerts", self.n_alerts is None or self.n_alerts >= 1, "≥ 1"),
+                               ("history_days", 0 <= self.history_days < math.inf, "≥ 0"),
+                               ("sys_scale", 0 <= self.sys_scale < math.inf, "≥ 0")):
+            if not ok:  # (as --nights, --n-alerts, ... on the command line)
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) = {getattr(self, name)}: must be {want}")
         if self.seeing is not None and not 0.3 <= self.seeing <= 10:
             raise ValueError(f"seeing={self.seeing}: the intervention wants 0.3–10 arcsec")
         if self.seeing_nights is not None and not 1 <= self.seeing_nights <= self.nights:
@@ -1803,8 +1806,11 @@ def cmd_simulate(args) -> int:
     """``vigil simulate``: run, write, print counts, timings, systematic RMS and the class mix."""
     t0 = time.perf_counter()
     alerts_dir = Path(args.out) / "alerts"
-    if alerts_dir.is_dir() and any(alerts_dir.iterdir()):  # said before the minutes of simulating, not after
-        raise FileExistsError(f"{alerts_dir} already holds alerts: give an empty or new output directory")
+    # Said before the minutes of simulating, not after.
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: a file, not a directory")
+    if alerts_dir.is_dir() and any(alerts_dir.iterdir()):
+        raise ValueError(f"{alerts_dir} already holds alerts: give an empty or new output directory")
     res = simulate(args.seed, nights=args.nights, fields=args.fields, quadrants=args.quadrants, mode=args.mode,
                    n_alerts=args.n_alerts, history_days=args.history_days, sys_scale=args.sys_scale,
                    cadence=args.cadence)

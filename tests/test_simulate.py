@@ -264,6 +264,12 @@ def test_tarballs_and_cli(tmp_path, capsys):
                  "--mode", "sparse", "--n-alerts", "20"]) == 2
     assert "already holds alerts" in capsys.readouterr().err
     assert len(pd.read_parquet(out / "truth.parquet")) == len(truth)
+    # bad sizes are named by their flag, before any simulating (a NaN scale had written 16 bogus alerts)
+    for flag, value in (("--history-days", "-3"), ("--sys-scale", "nan"), ("--n-alerts", "0"), ("--nights", "0")):
+        assert main(["simulate", "--seed", "5", "--out", str(out.parent / "other"), flag, value]) == 2
+        assert f"({flag}) = " in capsys.readouterr().err, flag
+    assert main(["simulate", "--seed", "5", "--out", str(out / "truth.parquet")]) == 2
+    assert "a file, not a directory" in capsys.readouterr().err
 
 
 def test_n_alerts_cut_is_exact():
