@@ -8,8 +8,6 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from stream.config import port_number
-
 log = logging.getLogger("vigil")
 
 #: Modules that add subcommands (see ``register`` in each).
@@ -222,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ztf-format", choices=["container", "schemaless"], default="container")
     _add_decoder_args(p)
     p.set_defaults(func=cmd_produce)
+
+    from stream.queue import port_number
 
     p = sub.add_parser("broker", help="start the embedded Kafka-protocol broker and print its address")
     p.add_argument("--port", type=port_number, default=None, help="default: a free port")

@@ -47,19 +47,6 @@ def parse_time_ms(text: str) -> int:
 
 
 #: Settings that hold secrets (ssl.key.pem is a private key; sasl.oauthbearer.config may hold clientSecret=).
-def port_number(text: str) -> int:
-    """A TCP port (1–65535) from the command line; argparse names the flag in its error."""
-    import argparse
-
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1–65535)")
-    return port
-
-
 SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "ssl.keystore.password",
                "token", "ssl.key.pem", "sasl.oauthbearer.config")
 #: Most messages one librdkafka consume() call returns.

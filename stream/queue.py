@@ -1441,10 +1441,18 @@ def _positive(text: str) -> int:
     return n
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port (1–65535)."""
+    if not (text.isdigit() and 1 <= int(text) <= 65535):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1–65535)")
+    return int(text)
+
+
 def register(subparsers) -> None:
     """Add ``vigil queue serve|list|export-labels|prune|ingest``."""
     from stream.cli import _add_decoder_args
-    from stream.config import port_number
 
     p = subparsers.add_parser("queue", help="the human eyeball queue (web app, labels export)")
     sub = p.add_subparsers(dest="queue_command", required=True)
