@@ -16,7 +16,7 @@ import numpy as np
 
 from models.features import ExposureCompanions, alert_features
 from models.rank import priority, stage_of
-from models.score import explain_batch
+from models.score import SCORES, explain_batch
 from models.scorer import default_scorer
 from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert, Envelope, Rejected
 from stream.annotation import Annotation, Contribution, HSRDiagnostics, code_version
@@ -62,7 +62,7 @@ def _unscored_text(features: dict) -> dict:
     rb = features.get("real_bogus")
     why = ("unscored: the alert has no survey real/bogus score in [0, 1], and the models never learnt without one"
            if rb is None or not math.isfinite(rb) else "unscored")
-    return {s: why for s in ("p_real", "p_extragalactic", "p_fast")}
+    return {s: why for s in SCORES}
 
 
 class Pipeline:
