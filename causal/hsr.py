@@ -1557,7 +1557,7 @@ class HalfSiblingRegressor(BaseEstimator):
                               rms_before=None, rms_after=None,
                               flux_raw=float(flux[det][0]) if det.any() else None,
                               flux_corrected=float(corrected[det][0]) if det.any() else None)
-        return TargetFit(corrected, np.where(np.isfinite(corrected), lc.flux_err + 0.0, np.nan), np.zeros(len(lc)),
+        return TargetFit(corrected, np.where(np.isfinite(corrected), lc.flux_err, np.nan), np.zeros(len(lc)),
                          diag, np.zeros(len(lc), dtype=bool))
 
 

@@ -292,7 +292,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output.kafka.acks: must be 'all' (-1): offsets move only once every output is durable")
     if cfg.replay is not None:
         rc, times = cfg.replay, {}
-        if not rc.namespace.strip() or not _TOPIC_NAME.fullmatch(rc.namespace):
+        if not _TOPIC_NAME.fullmatch(rc.namespace):
             raise ConfigError(f"replay.namespace: {rc.namespace!r} is not a topic-name suffix "
                               "(letters, digits, '.', '_', '-')")
         for name, word in (("start", "earliest"), ("end", "end")):
