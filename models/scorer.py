@@ -10,8 +10,8 @@
   observing conditions (:class:`causal.adjust.ConditionResidualiser`) and never the
   conditions themselves; P(real) reads the raw features *and* the conditions (bad
   seeing really makes bogus detections). One ``score(X)`` call per micro-batch:
-  ``inplace_predict`` on a float32 array, plus ``pred_contribs`` on one DMatrix per
-  score for the explanations.
+  ``inplace_predict`` on a float32 array, plus the explanations' per-feature
+  contributions (:class:`TreeShap`: XGBoost's ``pred_contribs`` values, batch-wise).
 * :class:`TableScorer` — a single calibrated score on the numeric columns of a labelled
   feature table (e.g. the ATLAS vetting features), for ``vigil train/score --table``.
 
@@ -323,15 +323,153 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
     def contributions(self, X, nthread: int | None = None) -> np.ndarray:
         """Per-row signed feature contributions to the margin (XGBoost ``pred_contribs``), bias dropped.
 
-        ``nthread`` bounds the threads that build the DMatrix (default: all cores).
+        Computed by :class:`TreeShap` (the same values, 2.5–5× faster on the shipped models)
+        where the booster allows, else by XGBoost itself. ``nthread`` bounds the threads
+        that build XGBoost's DMatrix (default: all cores).
         """
         import xgboost as xgb
 
         Xa = self._check_X(X)
+        cached = getattr(self, "_tree_shap", None)
+        if cached is None or cached[0] is not self.booster_:  # built once per booster
+            cached = self._tree_shap = (self.booster_, TreeShap.of(self.booster_))
+        if cached[1] is not None:
+            return cached[1].contributions(Xa)
         names = list(getattr(self, "feature_names_in_", [])) or None
         c = self.booster_.predict(xgb.DMatrix(Xa, feature_names=names, missing=np.nan, nthread=nthread),
                                   pred_contribs=True)
         return np.asarray(c[:, :-1], dtype=float)
+
+
+class TreeShap:
+    """Exact path-dependent Tree SHAP of a binary XGBoost booster, vectorised over rows.
+
+    The values of XGBoost's ``pred_contribs`` (Lundberg et al. 2020, Algorithm 1: features
+    outside the coalition follow the trees' covers), bias dropped, computed batch-wise.
+    Why: XGBoost walks each row through each tree one at a time, which cost ~50 µs per row
+    and score on the shipped models, more than every other scoring step together.
+
+    How: a tree's expected value given a coalition S is a sum over its leaves of the leaf
+    value times, along the leaf's path, the product over the path's features of either
+    "the row goes this way at every node of that feature" (feature in S) or the covers'
+    fraction (not in S). Each leaf is therefore a product game over the few features of its
+    path, whose Shapley values depend on the row only through which of the path's nodes the
+    row would pass: one bit per node. So every path gets a table of its features' Shapley
+    values for each pattern of bits (built once), and a batch needs only each node's
+    comparison, one table lookup per row and path, and a sum per feature.
+
+    Use :meth:`of`, which returns None for a booster this does not cover (not a single-output
+    ``gbtree``, categorical splits, or paths deeper than :attr:`MAX_PATH`): XGBoost then does it.
+    """
+
+    #: Deepest root-to-leaf path tabulated (a table holds 2**depth patterns per path).
+    MAX_PATH = 6
+
+    def __init__(self, trees: list, n_features: int):
+        feat, thr, default_left, paths = [], [], [], []
+        for t in trees:
+            left, right, cover, value = t["left_children"], t["right_children"], t["sum_hessian"], t["split_conditions"]
+            node = {}  # this tree's split nodes → index among all split nodes
+            for i, child in enumerate(left):
+                if child != -1:
+                    node[i] = len(feat)
+                    feat.append(t["split_indices"][i])
+                    thr.append(value[i])
+                    default_left.append(bool(t["default_left"][i]))
+            stack = [(0, ())]
+            while stack:
+                i, path = stack.pop()
+                if left[i] == -1:  # a leaf: its value is in split_conditions
+                    paths.append((path, value[i]))
+                    continue
+                for child, goes_left in ((left[i], True), (right[i], False)):
+                    stack.append((child, (*path, (node[i], goes_left, cover[child] / cover[i]))))
+        k = max([len(p) for p, _ in paths] + [1])
+        if k > self.MAX_PATH:
+            raise ValueError(f"paths of {k} nodes (at most {self.MAX_PATH} tabulated)")
+        n_paths = len(paths)
+        self.node_feature = np.asarray(feat, dtype=np.int64)
+        self.node_threshold = np.asarray(thr, dtype=np.float32)  # XGBoost compares in float32
+        self.node_default_left = np.asarray(default_left, dtype=bool)
+        self.slot_node = np.zeros((k, n_paths), dtype=np.int64)  # slot s of each path: its node
+        self.slot_flip = np.zeros((k, n_paths), dtype=np.uint8)  # 1 where the path goes right
+        self.slot_used = np.zeros((k, n_paths), dtype=np.uint8)  # 0 past the path's end
+        table = np.zeros((k, n_paths, 2 ** k))  # [slot, path, bit pattern] → Shapley value
+        self.slot_feature = np.zeros((k, n_paths, n_features))  # one-hot: the slot's feature
+        for j, (path, value) in enumerate(paths):
+            n = len(path)
+            nodes = [g for g, _, _ in path]
+            self.slot_node[:n, j] = nodes
+            self.slot_flip[:n, j] = [not goes_left for _, goes_left, _ in path]
+            self.slot_used[:n, j] = 1
+            table[:n, j, :2 ** n] = value * _path_shapley([f for _, _, f in path], self.node_feature[nodes].tolist()).T
+            self.slot_feature[np.arange(n), j, self.node_feature[nodes]] = 1.0
+        self.table = table.reshape(k, -1)
+        self.n_patterns = 2 ** k
+
+    @classmethod
+    def of(cls, booster) -> TreeShap | None:
+        """The tables of ``booster``, or None where XGBoost must compute the contributions."""
+        try:
+            model = json.loads(booster.save_raw("json"))
+            learner = model["learner"]
+            gb = learner["gradient_booster"]
+            param = learner["learner_model_param"]
+            trees = gb["model"]["trees"]
+            if (gb["name"] != "gbtree" or int(param.get("num_class", 0)) > 1 or int(param.get("num_target", 1)) != 1
+                    or any(t.get("categories_nodes") or any(t["split_type"]) for t in trees)):
+                return None
+            return cls(trees, int(param["num_feature"]))
+        except (KeyError, TypeError, ValueError) as e:
+            log.debug("Tree SHAP tables not built (%s); XGBoost computes the contributions", e)
+            return None
+
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """Contributions of each feature to each row's margin, shape (n, n_features)."""
+        X = np.asarray(X, dtype=np.float32)
+        x = X[:, self.node_feature]
+        with np.errstate(invalid="ignore"):
+            goes_left = np.where(np.isnan(x), self.node_default_left, x < self.node_threshold).astype(np.uint8)
+        pattern = np.zeros((len(X), self.slot_node.shape[1]), dtype=np.int64)
+        for s in range(len(self.slot_node)):  # bit s: the row passes the path's node s
+            bit = goes_left[:, self.slot_node[s]] ^ self.slot_flip[s]
+            bit &= self.slot_used[s]
+            pattern |= bit.astype(np.int64) << s
+        pattern += np.arange(pattern.shape[1]) * self.n_patterns  # row of the flattened table
+        out = np.zeros((len(X), self.slot_feature.shape[2]))
+        for s in range(len(self.slot_node)):
+            out += np.take(self.table[s], pattern) @ self.slot_feature[s]
+        return out
+
+
+def _path_shapley(fractions: list, features: list) -> np.ndarray:
+    """Shapley values of one leaf's product game, for every pattern of the path's node bits.
+
+    ``fractions`` and ``features`` give, per node of the path, the covers' fraction of the
+    child taken and the node's feature. Returns (2**len, len): for pattern c (bit s = the row
+    passes node s), each feature's value at the first node that splits on it (0 elsewhere).
+    The game over the path's distinct features: v(S) = Π_f (o_f if f in S else z_f), with o_f
+    the product of the bits and z_f of the fractions of f's nodes. Then
+    φ_f = (o_f − z_f) Σ_{S ⊆ others} |S|! (d − |S| − 1)! / d! Π_{g∈S} o_g Π_{g∉S} z_g,
+    the sum taken as the coefficients of Π_g (z_g + o_g t).
+    """
+    k = len(features)
+    players = list(dict.fromkeys(features))
+    d = len(players)
+    weight = [math.factorial(m) * math.factorial(d - m - 1) / math.factorial(d) for m in range(d)]
+    out = np.zeros((2 ** k, k))
+    for c in range(2 ** k):
+        o, z = dict.fromkeys(players, 1.0), dict.fromkeys(players, 1.0)
+        for s, f in enumerate(features):
+            o[f] *= (c >> s) & 1
+            z[f] *= fractions[s]
+        for f in players:
+            coef = [1.0]  # coefficients of Π over the other features of (z + o t)
+            for g in players:
+                if g != f:
+                    coef = [a * z[g] + b * o[g] for a, b in zip([*coef, 0.0], [0.0, *coef], strict=True)]
+            out[c, features.index(f)] = (o[f] - z[f]) * sum(w * a for w, a in zip(weight, coef, strict=True))
+    return out
 
 
 # --------------------------------------------------------------------------- persistence helpers

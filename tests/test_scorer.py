@@ -128,6 +128,63 @@ def test_contributions_sum_to_the_margin():
     np.testing.assert_allclose(c.sum(axis=1) + bias, est.decision_function(X), rtol=1e-4, atol=1e-4)
 
 
+def _xgb_contribs(booster, X):
+    import xgboost as xgb
+
+    return booster.predict(xgb.DMatrix(np.asarray(X, np.float32), missing=np.nan,
+                                       feature_names=booster.feature_names), pred_contribs=True)[:, :-1]
+
+
+def test_tree_shap_tables_equal_xgboost_on_deeper_trees_with_repeats_and_gaps():
+    from models.scorer import TreeShap
+
+    rng = np.random.default_rng(5)
+    X, y = _binary(1500, seed=5)
+    # Missing values in both directions: NaN where a feature is high for some rows and low for
+    # others, so the trees learn default directions both ways. Three columns, depth 5: paths
+    # must split on one feature twice.
+    X.loc[rng.random(1500) < 0.15, "a"] = np.nan
+    X.loc[(X["b"] > 0.5) & (rng.random(1500) < 0.5), "b"] = np.nan
+    X = X[["a", "b", "c"]]
+    est = XGBBinaryScorer(n_estimators=30, max_depth=5, learning_rate=0.3, calibration="identity").fit(X, y)
+    tables = TreeShap.of(est.booster_)
+    assert tables is not None and len(tables.slot_node) == 5
+    # at least one path splits twice on one feature
+    feats = tables.node_feature[tables.slot_node] * tables.slot_used + 99 * (1 - tables.slot_used)
+    assert any(len(set(col[col != 99].tolist())) < int((col != 99).sum()) for col in feats.T)
+    Xt, _ = _binary(400, seed=6)
+    Xt = Xt[["a", "b", "c"]].copy()
+    Xt.iloc[::7, 0] = np.nan
+    Xt.iloc[::5, 1] = np.nan
+    Xt.iloc[::11, 2] = np.inf  # read as missing, as by every scorer
+    seen = Xt.replace(np.inf, np.nan)
+    np.testing.assert_allclose(est.contributions(Xt), _xgb_contribs(est.booster_, seen), rtol=1e-5, atol=2e-6)
+    # deeper than the tables go: XGBoost computes them, with the same result
+    deep = XGBBinaryScorer(n_estimators=5, max_depth=8, learning_rate=0.3, calibration="identity").fit(X, y)
+    assert TreeShap.of(deep.booster_) is None
+    np.testing.assert_allclose(deep.contributions(Xt), _xgb_contribs(deep.booster_, seen), rtol=1e-5, atol=2e-6)
+
+
+def test_tree_shap_equals_xgboost_on_the_shipped_model_and_real_alerts(ztf_files):
+    from models.features import alert_features
+    from stream.alert import Envelope
+    from stream.decode import Decoder
+    from stream.pipeline import Pipeline
+
+    alerts = [a for f in ztf_files for a in Decoder().decode(Envelope(f.read_bytes(), "test", 0, 0))
+              if hasattr(a, "lightcurve")]
+    assert len(alerts) >= 20
+    pl = Pipeline(hsr=False)
+    X = alert_features(alerts, None, pl.companions)
+    D = pl.scorer.design(X)
+    for s in SCORES:
+        est = pl.scorer.scorers[s]
+        A = D[s].to_numpy(np.float32)
+        assert np.isnan(A).any()  # missing inputs are part of the check
+        np.testing.assert_allclose(est.contributions(A), _xgb_contribs(est.booster_, A), rtol=1e-5, atol=2e-6)
+        assert est._tree_shap[1] is not None  # and the tables, not XGBoost, computed them
+
+
 def test_platt_never_inverts_the_ranking():
     from models.scorer import fit_calibrator
 
