@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-from stream.alert import PIXEL_SCALE, TAI_MINUS_UTC_S
+from stream.alert import PIXEL_SCALE, TAI_MINUS_UTC_S, median
 
 # Column order is part of every saved model's metadata; append, never reorder.
 FEATURES = (
@@ -284,10 +284,10 @@ def _image_seeing(alerts) -> tuple:
         exp, see = lc.exposure[has], lc.seeing[has]
         own = exp == a.exposure
         if own.any():
-            own_fp[i] = float(np.median(see[own])) * scale
+            own_fp[i] = median(see[own]) * scale
         at_det = np.isin(exp, lc.exposure[(lc.kind == DETECTION) | (lc.kind == PREVIOUS)])
         if at_det.any():
-            det_fp[i] = float(np.median(see[at_det])) * scale
+            det_fp[i] = median(see[at_det]) * scale
     return own_fp, det_fp
 
 
@@ -354,7 +354,7 @@ class ExposureCompanions:
                     else:
                         out[j] = 0.5 * ((v[h - 1] if h - 1 < i else v[h]) + hi)
                 elif len(v) >= min_others:
-                    out[j] = float(np.median(v))
+                    out[j] = median(v)
         return out
 
 

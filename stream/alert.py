@@ -6,6 +6,7 @@ name appears outside :mod:`stream.decode`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,16 @@ AB_UJY_ZERO = 23.9
 def mag_to_ujy(mag):
     """Convert AB magnitudes to µJy (vectorised, NaN-safe)."""
     return np.power(10.0, -0.4 * (np.asarray(mag, dtype=float) - AB_UJY_ZERO))
+
+
+def median(values) -> float:
+    """``np.median`` of a 1-D array, bit for bit (NaN if any value is NaN or none is given), in a
+    tenth of the time on the short arrays of one light curve (np.median's dispatch costs ~10 µs)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    n = len(v)
+    if not n or np.isnan(v[-1]):  # (sorting puts NaN last)
+        return math.nan
+    return float(v[n // 2]) if n % 2 else float((v[n // 2 - 1] + v[n // 2]) / 2.0)
 
 
 #: Pixel scale (arcsec per pixel) of each survey's images: PSF widths and image seeing come in pixels.

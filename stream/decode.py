@@ -43,6 +43,7 @@ from stream.alert import (
     LightCurve,
     Rejected,
     mag_to_ujy,
+    median,
 )
 
 log = logging.getLogger(__name__)
@@ -1130,8 +1131,8 @@ def _ztf_position_from_history(lc: LightCurve, ra: float, dec: float):
     if not prev.any():
         return lc, ra, dec
     r0 = float(lc.ra[prev][0])
-    r = float((r0 + np.median((lc.ra[prev] - r0 + 180.0) % 360.0 - 180.0)) % 360.0)
-    d = float(np.median(lc.dec[prev]))
+    r = float((r0 + median((lc.ra[prev] - r0 + 180.0) % 360.0 - 180.0)) % 360.0)
+    d = median(lc.dec[prev])
     if (_offsets_arcsec(lc.ra[prev], lc.dec[prev], r, d).max() > HISTORY_POSITION_AGREEMENT_ARCSEC
             or _offsets_arcsec(ra, dec, r, d) <= MAX_HISTORY_OFFSET_ARCSEC):
         return lc, ra, dec

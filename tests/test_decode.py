@@ -877,3 +877,18 @@ def test_a_cutout_that_is_not_bytes_is_dropped_not_allocated():
     fastavro.writer(buf, schema, [rec])
     (alert,) = Decoder().decode(Envelope(buf.getvalue()))
     assert isinstance(alert, Alert) and "science" not in alert.cutouts and "template" in alert.cutouts
+
+
+def test_median_is_numpys_bit_for_bit():
+    from stream.alert import median
+
+    rng = np.random.default_rng(0)
+    for n in range(1, 30):
+        for k in range(40):
+            a = rng.normal(size=n) * 10 ** rng.uniform(-5, 5)
+            if k % 5 == 0 and n > 2:
+                a[: n // 2] = a[0]  # ties
+            assert median(a) == np.median(a)
+            a[rng.integers(n)] = np.nan
+            assert np.isnan(median(a))
+    assert np.isnan(median([]))
