@@ -894,9 +894,12 @@ def _ztf_history(prv, fps) -> tuple:
 
 
 def _ztf_lightcurves(items) -> list:
-    """Light curves of a batch of ZTF alerts, and each detection's time (MJD).
+    """Light curves of a batch of ZTF alerts, each detection's time (MJD), and whether it is checked.
 
-    ``items``: per alert ``(candidate, flux, err, ra, dec, prv_candidates, fp_hists)``.
+    ``items``: per alert ``(candidate, flux, err, ra, dec, prv_candidates, fp_hists, check)``.
+    Where ``check`` is true and no two history rows share a time and kind, the light curve
+    has had :func:`_sane_history` with the alert's ``ra``/``dec`` (the same element-wise
+    operations, done for the whole batch at once); the third value says whether it has.
     Per alert, rows are stacked detection, earlier detections, limits, forced photometry,
     and a stable sort by MJD keeps that order among equal times. The detection and the
     history share one matrix (the candidate has every history field), so the detection's
@@ -907,7 +910,7 @@ def _ztf_lightcurves(items) -> list:
     if not items:
         return []
     rows, fprows, n_rows, n_fp = [], [], [], []
-    for cand, _flux, _err, _ra, _dec, prv, fps in items:
+    for cand, _flux, _err, _ra, _dec, prv, fps, _check in items:
         prv, fps = _ztf_history(prv, fps)
         rows.append(cand)
         rows.extend(prv)
@@ -958,7 +961,8 @@ def _ztf_lightcurves(items) -> list:
     alert = np.concatenate(alerts)
     # Per alert, a stable sort by time of the stacked blocks (blocks, then position, break ties).
     order = np.lexsort((np.arange(len(alert)), np.concatenate(groups), m[_LC["mjd"]], alert))
-    m = m[:, order]
+    m, alert = m[:, order], alert[order]
+    m, alert, checked = _check_histories(m, alert, det_mjd, items)
     band = _BAND_ARRAY[m[_LC["band"]].astype(np.int64)]
     kinds = m[_LC["kind"]].astype(np.int8)
     ints = m[_INT_ROWS]
@@ -973,8 +977,48 @@ def _ztf_lightcurves(items) -> list:
         sub_int = ints[:, lo:hi].copy()
         for name, col in zip(_INT_COLS, sub_int, strict=True):
             cols[name] = col
-        out.append((LightCurve(**cols), float(det_mjd[k])))
+        out.append((LightCurve(**cols), float(det_mjd[k]), bool(checked[k])))
     return out
+
+
+def _check_histories(m: np.ndarray, alert: np.ndarray, det_mjd: np.ndarray, items) -> tuple:
+    """:func:`_sane_history` on a batch matrix at once: ``(m, alert, checked)`` after it.
+
+    ``m`` holds a LightCurve row per column (sorted by alert, then time) and ``alert`` each
+    column's alert. The rows :func:`_sane_history` would drop are dropped and the positions it
+    would blank are blanked, with the same element-wise operations (so bit for bit the same),
+    for the alerts whose item asks for the check (its last element) and whose history holds no
+    two rows of one time and kind; ``checked`` says which those were. The others (a position
+    still to repair, repeats to resolve by distance) are left for :func:`_sane_history`.
+    """
+    checked = np.array([it[7] for it in items], dtype=bool)
+    mjd, kind = m[_LC["mjd"]], m[_LC["kind"]]
+    same = np.flatnonzero((mjd[1:] == mjd[:-1]) & (alert[1:] == alert[:-1]))
+    if len(same):
+        k0, k1 = kind[same], kind[same + 1]
+        repeats = same[np.where(k0 == DETECTION, PREVIOUS, k0) == np.where(k1 == DETECTION, PREVIOUS, k1)]
+        checked[alert[repeats]] = False
+    if not checked.any():
+        return m, alert, checked
+    on = checked[alert]
+    err, flux, ra, dec = m[_LC["flux_err"]], m[_LC["flux"]], m[_LC["ra"]], m[_LC["dec"]]
+    latest = np.minimum(MJD_RANGE[1], det_mjd + HISTORY_AFTER_ALERT_D)[alert]
+    with np.errstate(invalid="ignore"):
+        ok = ((kind == DETECTION)
+              | ((mjd > MJD_RANGE[0]) & (mjd < latest) & ~((err <= 0) | (err == np.inf))
+                 & ~(np.abs(flux) > MAX_ABS_FLUX_UJY)))
+    ra0 = np.array([it[3] for it in items], dtype=float)
+    dec0 = np.array([it[4] for it in items], dtype=float)
+    cos0 = np.array([math.cos(math.radians(it[4])) for it in items])  # math.cos, as _sane_history
+    lim = MAX_HISTORY_OFFSET_ARCSEC / 3600.0
+    dra = np.abs(ra - ra0[alert])
+    near = (np.abs(dec - dec0[alert]) <= lim) & (np.abs(np.minimum(dra, 360.0 - dra)) * cos0[alert] <= lim)
+    blank = on & ok & (ra == ra) & (~near | (ra < 0) | (ra > 360))
+    m[_LC["ra"], blank] = m[_LC["dec"], blank] = np.nan
+    keep = ~on | ok
+    if not keep.all():
+        m, alert = m[:, keep], alert[keep]
+    return m, alert, checked
 
 
 def _mag_flux(mag, magerr, isdiffpos):
@@ -1101,8 +1145,10 @@ def _ztf_prepare(rec: dict) -> tuple:
 
     flux, err = _mag_flux(mag, magerr, isdiffpos)
     _check_history_sizes(rec, ("prv_candidates", "fp_hists"), ids)
-    return ids, cand, fid, pid, mag, magerr, flux, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
-                                                    rec.get("fp_hists"))
+    damaged = any(_fs(cand.get(k)) > r for k, r in ZTF_MATCH_RADIUS.items())  # the damaged run's signature
+    # (A damaged alert's history is checked once its position is repaired, in _ztf_finish.)
+    return ids, cand, fid, pid, mag, magerr, flux, damaged, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
+                                                             rec.get("fp_hists"), not damaged)
 
 
 #: Earlier detections of one object agree on its position to within this (arcsec) before they
@@ -1142,12 +1188,12 @@ def _ztf_position_from_history(lc: LightCurve, ra: float, dec: float):
 
 def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
     """The ``Alert`` of a prepared ZTF record, given its light curve and detection time."""
-    ids, cand, fid, pid, mag, magerr, flux, (_, _, _, ra, dec, _, _) = prep
+    ids, cand, fid, pid, mag, magerr, flux, damaged, (_, _, _, ra, dec, _, _, _) = prep
     alert_id, object_id = ids
-    lightcurve, mjd = lc
+    lightcurve, mjd, checked = lc
     mjd = _check_mjd(mjd, ids)
     jd = mjd + JD_MJD
-    if any(_fs(cand.get(k)) > r for k, r in ZTF_MATCH_RADIUS.items()):  # the damaged run's signature
+    if damaged:
         lightcurve, ra, dec = _ztf_position_from_history(lightcurve, ra, dec)
 
     # drb where it is a probability, else rb (a NaN drb must not hide a valid rb).
@@ -1195,7 +1241,8 @@ def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
         survey="ztf", schema_version=str(rec.get("schemavsn") or ""), alert_id=alert_id,
         object_id=str(object_id), ra=ra, dec=dec, mjd=mjd, time_scale="utc",
         band=ZTF_BANDS.get(fid, "?"), exposure=pid, field=int(_first(cand, "field", default=-1)),
-        chip=int(_first(cand, "rcid", default=-1)), lightcurve=_sane_history(lightcurve, mjd, ra, dec), context=ctx,
+        chip=int(_first(cand, "rcid", default=-1)),
+        lightcurve=lightcurve if checked else _sane_history(lightcurve, mjd, ra, dec), context=ctx,
         cutouts=cutouts,
     )
 
