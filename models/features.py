@@ -414,8 +414,13 @@ def conditions(alerts, companions: ExposureCompanions | None = None) -> pd.DataF
     (:func:`sky_geometry`, vectorised over the batch, no network). ``companions``: see
     :func:`image_level_seeing`.
     """
+    return pd.DataFrame(_conditions(alerts, companions), columns=list(CONDITIONS))
+
+
+def _conditions(alerts, companions) -> dict:
+    """:func:`conditions` as a dict of arrays."""
     n = len(alerts)
-    out = pd.DataFrame({c: np.full(n, np.nan) for c in CONDITIONS})
+    out = {c: np.full(n, np.nan) for c in CONDITIONS}
     if n == 0:
         return out
     own_fp, det_fp = _image_seeing(alerts)
@@ -424,7 +429,7 @@ def conditions(alerts, companions: ExposureCompanions | None = None) -> pd.DataF
     # transient's share tonight's; a long-lived source's span many nights, and their median is
     # what its history features saw); tonight's where none of them has a forced measurement.
     out["det_seeing"] = np.where(np.isfinite(det_fp), det_fp, seeing)
-    out["limit_mag"] = [a.context.limit_mag for a in alerts]
+    out["limit_mag"] = np.array([a.context.limit_mag for a in alerts], dtype=float)
     surveys = np.array([a.survey for a in alerts])
     for survey in np.unique(surveys):
         if survey not in SITES:
@@ -434,9 +439,8 @@ def conditions(alerts, companions: ExposureCompanions | None = None) -> pd.DataF
         geo = sky_geometry(np.array([a.ra for a in sub]), np.array([a.dec for a in sub]),
                            np.array([a.mjd for a in sub]), SITES[survey], scale=sub[0].time_scale)
         for c in ("airmass", "moon_illumination", "moon_separation"):
-            out.loc[idx, c] = geo[c]
+            out[c][idx] = geo[c]
     return out
-
 
 
 def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
@@ -494,30 +498,24 @@ def alert_features(alerts, corrected_flux=None, companions: ExposureCompanions |
     pandas.DataFrame
         One row per alert, columns :data:`FEATURES`, index = position in ``alerts``.
     """
-    rows = []
-    for a in alerts:
-        c = a.context
-        row = {
-            "real_bogus": c.real_bogus, "star_galaxy": c.star_galaxy, "ps1_distance": c.ps1_distance,
-            "gaia_distance": c.gaia_distance, "gaia_mag": c.gaia_mag, "ref_mag": c.ref_mag,
-            "ref_distance": c.ref_distance, "ss_distance": c.ss_distance, "elongation": c.elongation,
-            "fwhm": c.fwhm * PIXEL_SCALE.get(a.survey, 1.0),  # arcsec, like every other distance
-            "n_bad_pixels": c.n_bad_pixels, "n_negative_pixels": c.n_negative_pixels,
-            "snr": c.snr, "extendedness": c.extendedness, "mag": c.mag, "limit_mag": c.limit_mag,
-            "n_det_history": c.n_det_history if c.n_det_history >= 0 else np.nan,
-        }
-        rows.append(row)
-    cond = conditions(alerts, companions)
-    df = pd.DataFrame(rows, columns=_CONTEXT_FEATURES)
-    for k, v in lightcurve_features(alerts, corrected_flux).items():
-        df[k] = v
-    df.insert(FEATURES.index("galactic_latitude"), "galactic_latitude",
-              galactic_latitude([a.ra for a in alerts], [a.dec for a in alerts]) if len(alerts) else [])
-    for c in CONDITIONS:
-        if c != "limit_mag":
-            df[c] = cond[c].to_numpy()
+    cols = dict(zip(_CONTEXT_FEATURES, np.array([
+        (c.real_bogus, c.star_galaxy, c.ps1_distance, c.gaia_distance, c.gaia_mag, c.ref_mag, c.ref_distance,
+         c.ss_distance, c.elongation,
+         c.fwhm * PIXEL_SCALE.get(a.survey, 1.0),  # arcsec, like every other distance
+         c.n_bad_pixels, c.n_negative_pixels, c.snr, c.extendedness, c.mag, c.limit_mag,
+         c.n_det_history if c.n_det_history >= 0 else np.nan)
+        for a in alerts for c in (a.context,)], dtype=float).reshape(len(alerts), len(_CONTEXT_FEATURES)).T,
+        strict=True))
+    cols.update(lightcurve_features(alerts, corrected_flux))
+    cols["galactic_latitude"] = galactic_latitude([a.ra for a in alerts], [a.dec for a in alerts]) \
+        if len(alerts) else np.zeros(0)
+    cond = _conditions(alerts, companions)
+    cols.update((c, cond[c]) for c in CONDITIONS if c != "limit_mag")
+    X = np.column_stack([np.asarray(cols[f], dtype=float) for f in FEATURES]) if len(alerts) \
+        else np.zeros((0, len(FEATURES)))
     # A non-finite value in an alert (a survey's overflowed float) is no measurement: NaN, as
     # XGBoost refuses ±inf and one such alert would otherwise fail its whole batch. So is one
     # beyond float32, which the boosters read: it would become inf there.
-    df = df[list(FEATURES)].astype(float)
-    return df.where(np.abs(df) <= FLOAT32_MAX)
+    with np.errstate(invalid="ignore"):
+        X[~(np.abs(X) <= FLOAT32_MAX)] = np.nan
+    return pd.DataFrame(X, columns=list(FEATURES))
