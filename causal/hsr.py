@@ -1603,13 +1603,29 @@ class HSR:
                                       for i in todo])
         for i, v in zip(todo, vecs, strict=True):
             sibs[i] = v
-        firsts, n_nows = [], []
-        for a, lc, sib in zip(alerts, lcs, sibs, strict=True):
-            det = (lc.kind == DETECTION) | (lc.kind == PREVIOUS)
-            firsts.append(np.nanmin(np.append(lc.mjd[det], a.context.first_det_mjd)))
-            now_i = np.flatnonzero(lc.kind == DETECTION)
-            n_now = int(sib["n"][now_i[0]]) if len(now_i) and sib is not None else 0
+        # Per alert, the first detection (light curve or survey context; NaN if neither, as
+        # nanmin) and its current detection's row, for the whole batch at once.
+        firsts = np.array([a.context.first_det_mjd for a in alerts], dtype=float)
+        now_at = np.full(len(lcs), -1, dtype=np.int64)
+        lens = np.array([len(lc) for lc in lcs], dtype=np.int64)
+        full = np.flatnonzero(lens)
+        if len(full):
+            kind = np.concatenate([lcs[i].kind for i in full.tolist()])
+            mjd = np.concatenate([lcs[i].mjd for i in full.tolist()])
+            starts = np.cumsum(lens[full]) - lens[full]
+            det_mjd = np.where((kind == DETECTION) | (kind == PREVIOUS), mjd, np.nan)
+            firsts[full] = np.fmin(firsts[full], np.fmin.reduceat(det_mjd, starts))
+            owner = np.repeat(np.arange(len(full)), lens[full])
+            rows = np.flatnonzero(kind == DETECTION)
+            first_row = np.full(len(full), len(kind))
+            np.minimum.at(first_row, owner[rows], rows)
+            has = first_row < len(kind)
+            now_at[full[has]] = (first_row - starts)[has]
+        n_nows = []
+        for a, sib, i in zip(alerts, sibs, now_at.tolist(), strict=True):
+            n_now = int(sib["n"][i]) if i >= 0 and sib is not None else 0
             n_nows.append(max(n_now, len(store._fwhm.get(a.exposure, {})) - 1))  # other alerts of this exposure
+        firsts = firsts.tolist()
         nows, ras, decs, surveys = ([getattr(a, k) for a in alerts] for k in ("mjd", "ra", "dec", "survey"))
         if max_train is not None:  # (validation: a capped training set) one by one
             return [self.regressor.correct(*args, max_train) for args in zip(lcs, sibs, nows, firsts, ras, decs,
