@@ -320,6 +320,13 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
 
+    def tree_shap(self) -> TreeShap | None:
+        """The booster's :class:`TreeShap` tables (built on first use, once per booster), or None."""
+        cached = getattr(self, "_tree_shap", None)
+        if cached is None or cached[0] is not self.booster_:
+            cached = self._tree_shap = (self.booster_, TreeShap.of(self.booster_))
+        return cached[1]
+
     def contributions(self, X, nthread: int | None = None) -> np.ndarray:
         """Per-row signed feature contributions to the margin (XGBoost ``pred_contribs``), bias dropped.
 
@@ -330,11 +337,9 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
         import xgboost as xgb
 
         Xa = self._check_X(X)
-        cached = getattr(self, "_tree_shap", None)
-        if cached is None or cached[0] is not self.booster_:  # built once per booster
-            cached = self._tree_shap = (self.booster_, TreeShap.of(self.booster_))
-        if cached[1] is not None:
-            return cached[1].contributions(Xa)
+        tables = self.tree_shap()
+        if tables is not None:
+            return tables.contributions(Xa)
         names = list(getattr(self, "feature_names_in_", [])) or None
         c = self.booster_.predict(xgb.DMatrix(Xa, feature_names=names, missing=np.nan, nthread=nthread),
                                   pred_contribs=True)
@@ -817,6 +822,8 @@ class AlertScorer:
                                      f"code's survey-optional inputs are {[list(g) for g in SURVEY_OPTIONAL]}; "
                                      "retrain")
                 reduced = {s: _load_scorer(meta["reduced"]["scores"][s], directory, names[s]) for s in SCORES}
+            for est in [*scorers.values(), *(reduced or {}).values()]:
+                est.tree_shap()  # the explanations' tables, built at start rather than in the first batch
             return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
                        reduced=reduced)
 

@@ -182,7 +182,7 @@ def test_tree_shap_equals_xgboost_on_the_shipped_model_and_real_alerts(ztf_files
         A = D[s].to_numpy(np.float32)
         assert np.isnan(A).any()  # missing inputs are part of the check
         np.testing.assert_allclose(est.contributions(A), _xgb_contribs(est.booster_, A), rtol=1e-5, atol=2e-6)
-        assert est._tree_shap[1] is not None  # and the tables, not XGBoost, computed them
+        assert est.tree_shap() is not None  # and the tables, not XGBoost, computed them
 
 
 def test_platt_never_inverts_the_ranking():
