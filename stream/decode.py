@@ -893,13 +893,16 @@ def _ztf_history(prv, fps) -> tuple:
     return prv, list(fps or ())
 
 
-def _ztf_lightcurves(items) -> list:
-    """Light curves of a batch of ZTF alerts, each detection's time (MJD), and whether it is checked.
+def _ztf_lightcurves(items, check: bool = True) -> list:
+    """Per ZTF alert of a batch: ``(light curve, detection time (MJD), checked, ra, dec)``.
 
-    ``items``: per alert ``(candidate, flux, err, ra, dec, prv_candidates, fp_hists, check)``.
-    Where ``check`` is true and no two history rows share a time and kind, the light curve
-    has had :func:`_sane_history` with the alert's ``ra``/``dec`` (the same element-wise
-    operations, done for the whole batch at once); the third value says whether it has.
+    ``items``: per alert ``(candidate, flux, err, ra, dec, prv_candidates, fp_hists, repair)``.
+    ``repair`` marks an alert of the damaged run: its position is taken from its history
+    where that says it (:func:`_history_position`). ``ra``/``dec`` returned are the alert's
+    position after that. Unless two history rows share a time and kind (``checked`` False,
+    left to :func:`_sane_history`), the light curve has had :func:`_sane_history` at that
+    position (the same element-wise operations, done for the whole batch at once).
+    ``check=False`` gives the light curves as sent (never checked, positions as given).
     Per alert, rows are stacked detection, earlier detections, limits, forced photometry,
     and a stable sort by MJD keeps that order among equal times. The detection and the
     history share one matrix (the candidate has every history field), so the detection's
@@ -910,7 +913,7 @@ def _ztf_lightcurves(items) -> list:
     if not items:
         return []
     rows, fprows, n_rows, n_fp = [], [], [], []
-    for cand, _flux, _err, _ra, _dec, prv, fps, _check in items:
+    for cand, _flux, _err, _ra, _dec, prv, fps, _repair in items:
         prv, fps = _ztf_history(prv, fps)
         rows.append(cand)
         rows.extend(prv)
@@ -962,7 +965,22 @@ def _ztf_lightcurves(items) -> list:
     # Per alert, a stable sort by time of the stacked blocks (blocks, then position, break ties).
     order = np.lexsort((np.arange(len(alert)), np.concatenate(groups), m[_LC["mjd"]], alert))
     m, alert = m[:, order], alert[order]
-    m, alert, checked = _check_histories(m, alert, det_mjd, items)
+    ra0 = np.array([it[3] for it in items], dtype=float)
+    dec0 = np.array([it[4] for it in items], dtype=float)
+    repair = [k for k, it in enumerate(items) if it[7]] if check else []
+    if repair:  # the damaged run: the position from the history, the alert's own measurement unknown
+        lo = np.searchsorted(alert, repair)
+        hi = np.searchsorted(alert, repair, side="right")
+        for k, a, b in zip(repair, lo.tolist(), hi.tolist(), strict=True):
+            pos = _history_position(m[_LC["kind"], a:b], m[_LC["ra"], a:b], m[_LC["dec"], a:b], ra0[k], dec0[k])
+            if pos is not None:
+                ra0[k], dec0[k] = pos
+                own = a + np.flatnonzero(m[_LC["kind"], a:b] == DETECTION)
+                m[_LC["ra"], own] = m[_LC["dec"], own] = np.nan
+    if check:
+        m, alert, checked = _check_histories(m, alert, det_mjd, ra0, dec0)
+    else:
+        checked = np.zeros(n_alerts, dtype=bool)
     band = _BAND_ARRAY[m[_LC["band"]].astype(np.int64)]
     kinds = m[_LC["kind"]].astype(np.int8)
     ints = m[_INT_ROWS]
@@ -977,21 +995,22 @@ def _ztf_lightcurves(items) -> list:
         sub_int = ints[:, lo:hi].copy()
         for name, col in zip(_INT_COLS, sub_int, strict=True):
             cols[name] = col
-        out.append((LightCurve(**cols), float(det_mjd[k]), bool(checked[k])))
+        out.append((LightCurve(**cols), float(det_mjd[k]), bool(checked[k]), float(ra0[k]), float(dec0[k])))
     return out
 
 
-def _check_histories(m: np.ndarray, alert: np.ndarray, det_mjd: np.ndarray, items) -> tuple:
+def _check_histories(m: np.ndarray, alert: np.ndarray, det_mjd: np.ndarray, ra0: np.ndarray,
+                     dec0: np.ndarray) -> tuple:
     """:func:`_sane_history` on a batch matrix at once: ``(m, alert, checked)`` after it.
 
     ``m`` holds a LightCurve row per column (sorted by alert, then time) and ``alert`` each
-    column's alert. The rows :func:`_sane_history` would drop are dropped and the positions it
-    would blank are blanked, with the same element-wise operations (so bit for bit the same),
-    for the alerts whose item asks for the check (its last element) and whose history holds no
-    two rows of one time and kind; ``checked`` says which those were. The others (a position
-    still to repair, repeats to resolve by distance) are left for :func:`_sane_history`.
+    column's alert; ``det_mjd``, ``ra0``, ``dec0`` are per alert. The rows
+    :func:`_sane_history` would drop are dropped and the positions it would blank are
+    blanked, with the same element-wise operations (so bit for bit the same), for the alerts
+    whose history holds no two rows of one time and kind; ``checked`` says which those were.
+    The others (repeats, to resolve by distance) are left for :func:`_sane_history`.
     """
-    checked = np.array([it[7] for it in items], dtype=bool)
+    checked = np.ones(len(det_mjd), dtype=bool)
     mjd, kind = m[_LC["mjd"]], m[_LC["kind"]]
     same = np.flatnonzero((mjd[1:] == mjd[:-1]) & (alert[1:] == alert[:-1]))
     if len(same):
@@ -1007,9 +1026,7 @@ def _check_histories(m: np.ndarray, alert: np.ndarray, det_mjd: np.ndarray, item
         ok = ((kind == DETECTION)
               | ((mjd > MJD_RANGE[0]) & (mjd < latest) & ~((err <= 0) | (err == np.inf))
                  & ~(np.abs(flux) > MAX_ABS_FLUX_UJY)))
-    ra0 = np.array([it[3] for it in items], dtype=float)
-    dec0 = np.array([it[4] for it in items], dtype=float)
-    cos0 = np.array([math.cos(math.radians(it[4])) for it in items])  # math.cos, as _sane_history
+    cos0 = np.array([math.cos(math.radians(d)) for d in dec0.tolist()])  # math.cos, as _sane_history
     lim = MAX_HISTORY_OFFSET_ARCSEC / 3600.0
     dra = np.abs(ra - ra0[alert])
     near = (np.abs(dec - dec0[alert]) <= lim) & (np.abs(np.minimum(dra, 360.0 - dra)) * cos0[alert] <= lim)
@@ -1146,9 +1163,8 @@ def _ztf_prepare(rec: dict) -> tuple:
     flux, err = _mag_flux(mag, magerr, isdiffpos)
     _check_history_sizes(rec, ("prv_candidates", "fp_hists"), ids)
     damaged = any(_fs(cand.get(k)) > r for k, r in ZTF_MATCH_RADIUS.items())  # the damaged run's signature
-    # (A damaged alert's history is checked once its position is repaired, in _ztf_finish.)
-    return ids, cand, fid, pid, mag, magerr, flux, damaged, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
-                                                             rec.get("fp_hists"), not damaged)
+    return ids, cand, fid, pid, mag, magerr, flux, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
+                                                    rec.get("fp_hists"), damaged)
 
 
 #: Earlier detections of one object agree on its position to within this (arcsec) before they
@@ -1161,40 +1177,38 @@ def _offsets_arcsec(ra, dec, ra0: float, dec0: float) -> np.ndarray:
     return 3600.0 * np.hypot(dra * math.cos(math.radians(dec0)), np.asarray(dec) - dec0)
 
 
-def _ztf_position_from_history(lc: LightCurve, ra: float, dec: float):
-    """The position of an alert of the damaged run, from its earlier detections where they say it.
+def _history_position(kind: np.ndarray, ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float):
+    """The position of an alert of the damaged run from its earlier detections, or None.
 
     In the Fink 2023 export the 329 alerts of the run with cross-match fill values (see
     :data:`ZTF_MATCH_RADIUS`) also carry one of six made-up positions ((3.38, 52.69), (4.38,
     53.69), …, each shared by up to 95 objects of different fields), while their earlier
-    detections sit where the object is, agreeing to ~0.1″. Where those detections agree (within
-    :data:`HISTORY_POSITION_AGREEMENT_ARCSEC`) and lie beyond :data:`MAX_HISTORY_OFFSET_ARCSEC`
-    of the alert's position, their median is the alert's position and its own measured position
-    is unknown (NaN); otherwise nothing changes (97 alerts of that run have no earlier
-    detection: their made-up position stays).
+    detections sit where the object is, agreeing to ~0.1″. ``kind``, ``ra``, ``dec``: the
+    light curve's rows, in time order; ``ra0``, ``dec0``: the alert's position. Where those
+    detections agree (within :data:`HISTORY_POSITION_AGREEMENT_ARCSEC`) and lie beyond
+    :data:`MAX_HISTORY_OFFSET_ARCSEC` of the alert's position, their median is the alert's
+    position (and its own measured position is then unknown); otherwise None (97 alerts of
+    that run have no earlier detection: their made-up position stays).
     """
-    prev = (lc.kind == PREVIOUS) & (lc.ra >= 0) & (lc.ra < 360) & (np.abs(lc.dec) <= 90)
+    prev = (kind == PREVIOUS) & (ra >= 0) & (ra < 360) & (np.abs(dec) <= 90)
     if not prev.any():
-        return lc, ra, dec
-    r0 = float(lc.ra[prev][0])
-    r = float((r0 + median((lc.ra[prev] - r0 + 180.0) % 360.0 - 180.0)) % 360.0)
-    d = median(lc.dec[prev])
-    if (_offsets_arcsec(lc.ra[prev], lc.dec[prev], r, d).max() > HISTORY_POSITION_AGREEMENT_ARCSEC
-            or _offsets_arcsec(ra, dec, r, d) <= MAX_HISTORY_OFFSET_ARCSEC):
-        return lc, ra, dec
-    own = lc.kind == DETECTION
-    return replace(lc, ra=np.where(own, np.nan, lc.ra), dec=np.where(own, np.nan, lc.dec)), r, d
+        return None
+    r0 = float(ra[prev][0])
+    r = float((r0 + median((ra[prev] - r0 + 180.0) % 360.0 - 180.0)) % 360.0)
+    d = median(dec[prev])
+    if (_offsets_arcsec(ra[prev], dec[prev], r, d).max() > HISTORY_POSITION_AGREEMENT_ARCSEC
+            or _offsets_arcsec(ra0, dec0, r, d) <= MAX_HISTORY_OFFSET_ARCSEC):
+        return None
+    return r, d
 
 
 def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
     """The ``Alert`` of a prepared ZTF record, given its light curve and detection time."""
-    ids, cand, fid, pid, mag, magerr, flux, damaged, (_, _, _, ra, dec, _, _, _) = prep
+    ids, cand, fid, pid, mag, magerr, flux, _ = prep
     alert_id, object_id = ids
-    lightcurve, mjd, checked = lc
+    lightcurve, mjd, checked, ra, dec = lc
     mjd = _check_mjd(mjd, ids)
     jd = mjd + JD_MJD
-    if damaged:
-        lightcurve, ra, dec = _ztf_position_from_history(lightcurve, ra, dec)
 
     # drb where it is a probability, else rb (a NaN drb must not hide a valid rb).
     drb = cand.get("drb") if math.isfinite(_real_bogus(cand.get("drb"))) else None

@@ -224,13 +224,16 @@ def test_batched_history_checks_equal_the_alert_by_alert_ones(ztf_files):
     ``_sane_history`` gives alert by alert: on the vendored alerts as sent (including the
     damaged run, whose positions are repaired first), and on copies with damaged rows, next
     to an identical copy (rows of one time on both sides of an alert boundary are no repeats)."""
-    from stream.decode import _sane_history, _ztf_position_from_history
+    from dataclasses import replace
+
+    from stream.decode import _history_position, _sane_history
 
     recs = [r for f in ztf_files for r in _read(f)[1] if "candidate" in r]
+    repaired = [r for r in recs if _ztf_prepare(r)[-1][-1]]
+    assert len(repaired) >= 4
     bad = []
-    sound = [r for r in recs if not _ztf_prepare(r)[-2]]  # (not the damaged run, which is not checked at once)
     changes = (dict(sigmapsf=-0.1), dict(ra=float("nan")), dict(magpsf=-40.0), dict(dec=None))
-    for r in [r for r in sound if any(q.get("magpsf") is not None for q in r["prv_candidates"] or ())][:12]:
+    for r in [r for r in recs if any(q.get("magpsf") is not None for q in r["prv_candidates"] or ())][:16]:
         c, prv = r["candidate"], list(r["prv_candidates"])
         det = [q for q in prv if q.get("magpsf") is not None]
         changed = {id(q): dict(q, **{k: (c["dec"] + 0.1 if v is None else v) for k, v in change.items()})
@@ -244,20 +247,27 @@ def test_batched_history_checks_equal_the_alert_by_alert_ones(ztf_files):
     got = [Decoder()._checked(r, None, _ztf_prepare, r) for r in batch]
     assert not any(isinstance(g, Rejected) for g in got)
     lcs = _ztf_lightcurves([g[-1] for g in got])
-    checks = [chk for _, _, chk in lcs][len(recs) * 2::2]  # both ways are exercised
-    assert sum(c for c, (_, rep) in zip(checks, bad, strict=True) if not rep) >= 4
+    checks = [lc[2] for lc in lcs][len(recs) * 2::2]  # both ways are exercised
+    assert sum(c for c, (_, rep) in zip(checks, bad, strict=True) if not rep) >= 8
     assert not any(c for c, (_, rep) in zip(checks, bad, strict=True) if rep)
-    for r, prep, (lc, mjd, checked) in zip(batch, got, lcs, strict=True):
-        raw, _, _ = _ztf_lightcurves([(*prep[-1][:-1], False)])[0]
+    moved = 0
+    for r, prep, (lc, mjd, checked, ra1, dec1) in zip(batch, got, lcs, strict=True):
+        raw = _ztf_lightcurves([prep[-1]], check=False)[0][0]
         ra, dec = prep[-1][3], prep[-1][4]
-        if prep[-2]:  # the damaged run: the position first
-            raw, ra, dec = _ztf_position_from_history(raw, ra, dec)
+        pos = _history_position(raw.kind, raw.ra, raw.dec, ra, dec) if prep[-1][-1] else None
+        if pos is not None:  # the damaged run: the position first
+            own = raw.kind == DETECTION
+            raw, (ra, dec) = replace(raw, ra=np.where(own, np.nan, raw.ra), dec=np.where(own, np.nan, raw.dec)), pos
+            moved += 1
+        assert (ra1, dec1) == (ra, dec)
         want = _sane_history(raw, mjd, ra, dec)
-        final = Decoder().to_alert(r, Envelope(b"", "x")).lightcurve
+        final = Decoder().to_alert(r, Envelope(b"", "x"))
+        assert (final.ra, final.dec) == (ra, dec)
         for c in want.COLUMNS:
-            assert getattr(final, c).tobytes() == getattr(want, c).tobytes(), c
+            assert getattr(final.lightcurve, c).tobytes() == getattr(want, c).tobytes(), c
             if checked:
                 assert getattr(lc, c).tobytes() == getattr(want, c).tobytes(), c
+    assert moved >= 4
     # and the damaged rows did go, or lost their position
     for r, _ in bad:
         lc = Decoder().to_alert(r, Envelope(b"", "x")).lightcurve
@@ -694,7 +704,7 @@ def test_rows_at_equal_times_keep_detection_history_limit_forced_order():
         recs.append(r)
     # (This schema has no fp_hists, so the records go in as decoded dicts.)
     alone = [Decoder().to_alert(r, Envelope(b"", "x")).lightcurve for r in recs]
-    batched = [lc for lc, _, _ in _ztf_lightcurves([(*_ztf_prepare(r)[-1][:-1], False) for r in recs])]
+    batched = [lc[0] for lc in _ztf_lightcurves([_ztf_prepare(r)[-1] for r in recs], check=False)]
     for k, (a, b) in enumerate(zip(alone, batched, strict=True)):
         timed = np.isfinite(b.mjd)
         assert timed.all() == (k == 3) and np.isfinite(a.mjd).all()
