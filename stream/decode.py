@@ -26,6 +26,7 @@ import struct
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import fastavro
 import numpy as np
@@ -838,14 +839,29 @@ _ZTF_PRV = _ZTF_META + ("magpsf", "sigmapsf", "ra", "dec")
 _ZTF_FP = _ZTF_META + ("forcediffimflux", "forcediffimfluxunc", "sciinpseeing", "scibckgnd")
 
 
-def _ztf_values(rows, keys) -> np.ndarray:
-    """``keys`` of ZTF history records as a (len(keys), n) float matrix (None → NaN)."""
+def _ztf_values(rows, keys) -> list:
+    """``keys`` of ZTF history records, a tuple per record (None where missing)."""
     try:  # every field present (the schema has them all): one C-level getter per record
         get = operator.itemgetter(*keys)
-        vals = [get(r) for r in rows]
+        return [get(r) for r in rows]
     except KeyError:  # an older schema without some of them
-        vals = [[r.get(k) for k in keys] for r in rows]
-    return np.array(vals, dtype=float).reshape(len(rows), len(keys)).T
+        return [tuple(r.get(k) for k in keys) for r in rows]
+
+
+class _ZtfRows(NamedTuple):
+    """What the batch light-curve pass needs of one ZTF alert, read by :func:`_ztf_prepare`.
+
+    Read right after the record is decoded, while its dicts are still in the CPU's cache.
+    """
+
+    flux: float  # the detection's signed flux and error (µJy) and position
+    err: float
+    ra: float
+    dec: float
+    values: list  # _ZTF_PRV values of the candidate, then of its earlier rows that have a time
+    signs: list  # their isdiffpos
+    forced: list  # _ZTF_FP values of its forced photometry
+    repair: bool  # an alert of the damaged run (see _history_position)
 
 
 _INT_ROWS = [_LC[name] for name in _INT_COLS]
@@ -896,12 +912,12 @@ def _ztf_history(prv, fps) -> tuple:
 def _ztf_lightcurves(items, check: bool = True) -> list:
     """Per ZTF alert of a batch: ``(light curve, detection time (MJD), checked, ra, dec)``.
 
-    ``items``: per alert ``(candidate, flux, err, ra, dec, prv_candidates, fp_hists, repair)``.
-    ``repair`` marks an alert of the damaged run: its position is taken from its history
-    where that says it (:func:`_history_position`). ``ra``/``dec`` returned are the alert's
-    position after that. Unless two history rows share a time and kind (``checked`` False,
-    left to :func:`_sane_history`), the light curve has had :func:`_sane_history` at that
-    position (the same element-wise operations, done for the whole batch at once).
+    ``items``: per alert a :class:`_ZtfRows`. The position of an alert of the damaged run
+    (``repair``) is taken from its history where that says it (:func:`_history_position`);
+    ``ra``/``dec`` returned are the alert's position after that. Unless two history rows
+    share a time and kind (``checked`` False, left to :func:`_sane_history`), the light curve
+    has had :func:`_sane_history` at that position (the same element-wise operations, done
+    for the whole batch at once).
     ``check=False`` gives the light curves as sent (never checked, positions as given).
     Per alert, rows are stacked detection, earlier detections, limits, forced photometry,
     and a stable sort by MJD keeps that order among equal times. The detection and the
@@ -912,19 +928,18 @@ def _ztf_lightcurves(items, check: bool = True) -> list:
     """
     if not items:
         return []
-    rows, fprows, n_rows, n_fp = [], [], [], []
-    for cand, _flux, _err, _ra, _dec, prv, fps, _repair in items:
-        prv, fps = _ztf_history(prv, fps)
-        rows.append(cand)
-        rows.extend(prv)
-        fprows.extend(fps)
-        n_rows.append(1 + len(prv))
-        n_fp.append(len(fps))
+    vals, signs, fpvals, n_rows, n_fp = [], [], [], [], []
+    for it in items:
+        vals += it.values
+        signs += it.signs
+        fpvals += it.forced
+        n_rows.append(len(it.values))
+        n_fp.append(len(it.forced))
     n_alerts = len(items)
     n_rows = np.asarray(n_rows, dtype=np.int64)
-    v = _ztf_values(rows, _ZTF_PRV)
+    v = np.array(vals, dtype=float).reshape(len(vals), len(_ZTF_PRV)).T  # (None → NaN)
     first = np.concatenate([[0], np.cumsum(n_rows)[:-1]])
-    is_first = np.zeros(len(rows), dtype=bool)
+    is_first = np.zeros(len(vals), dtype=bool)
     is_first[first] = True
     pmag, sig, lim = v[10], v[11], v[8]
     det = ~is_first & np.isfinite(pmag) & np.isfinite(sig)
@@ -934,19 +949,18 @@ def _ztf_lightcurves(items, check: bool = True) -> list:
     m = _ztf_block(v[:, keep], kind[keep])
     k_first, k_det, k_lim = is_first[keep], det[keep], lim_ok[keep]
     f = mag_to_ujy(pmag[det])
-    neg = np.array([str(rows[i].get("isdiffpos")).strip().lower() in _NEG for i in np.flatnonzero(det).tolist()],
-                   dtype=bool)
+    neg = np.array([str(signs[i]).strip().lower() in _NEG for i in np.flatnonzero(det).tolist()], dtype=bool)
     m[_LC["flux"], k_det], m[_LC["flux_err"], k_det] = np.where(neg, -f, f), f * sig[det] * math.log(10) / 2.5
     m[_LC["ra"], k_det], m[_LC["dec"], k_det] = v[12, det], v[13, det]
     m[_LC["flux_err"], k_lim] = mag_to_ujy(lim[lim_ok]) / 5.0
     det_mjd = m[_LC["mjd"], k_first].copy()
-    for j, name in ((1, "flux"), (2, "flux_err"), (3, "ra"), (4, "dec")):
+    for j, name in ((0, "flux"), (1, "flux_err"), (2, "ra"), (3, "dec")):
         m[_LC[name], k_first] = [it[j] for it in items]
     alert = np.repeat(np.arange(n_alerts), n_rows)[keep]
     group = np.where(k_first, 0, np.where(k_det, 1, 2))
     blocks, alerts, groups = [m], [alert], [group]
-    if fprows:
-        v = _ztf_values(fprows, _ZTF_FP)
+    if fpvals:
+        v = np.array(fpvals, dtype=float).reshape(len(fpvals), len(_ZTF_FP)).T
         jd, zp, fl, fe = v[0], v[5], v[10], v[11]
         # The survey's own "no measurement" marker is forcediffimflux = -99999 (procstatus != 0).
         with np.errstate(invalid="ignore"):
@@ -965,9 +979,9 @@ def _ztf_lightcurves(items, check: bool = True) -> list:
     # Per alert, a stable sort by time of the stacked blocks (blocks, then position, break ties).
     order = np.lexsort((np.arange(len(alert)), np.concatenate(groups), m[_LC["mjd"]], alert))
     m, alert = m[:, order], alert[order]
-    ra0 = np.array([it[3] for it in items], dtype=float)
-    dec0 = np.array([it[4] for it in items], dtype=float)
-    repair = [k for k, it in enumerate(items) if it[7]] if check else []
+    ra0 = np.array([it.ra for it in items], dtype=float)
+    dec0 = np.array([it.dec for it in items], dtype=float)
+    repair = [k for k, it in enumerate(items) if it.repair] if check else []
     if repair:  # the damaged run: the position from the history, the alert's own measurement unknown
         lo = np.searchsorted(alert, repair)
         hi = np.searchsorted(alert, repair, side="right")
@@ -1163,8 +1177,11 @@ def _ztf_prepare(rec: dict) -> tuple:
     flux, err = _mag_flux(mag, magerr, isdiffpos)
     _check_history_sizes(rec, ("prv_candidates", "fp_hists"), ids)
     damaged = any(_fs(cand.get(k)) > r for k, r in ZTF_MATCH_RADIUS.items())  # the damaged run's signature
-    return ids, cand, fid, pid, mag, magerr, flux, (cand, flux, err, ra, dec, rec.get("prv_candidates"),
-                                                    rec.get("fp_hists"), damaged)
+    prv, fps = _ztf_history(rec.get("prv_candidates"), rec.get("fp_hists"))
+    rows = [cand, *prv]
+    return ids, cand, fid, pid, mag, magerr, flux, _ZtfRows(
+        flux, err, ra, dec, _ztf_values(rows, _ZTF_PRV), [r.get("isdiffpos") for r in rows],
+        _ztf_values(fps, _ZTF_FP), damaged)
 
 
 #: Earlier detections of one object agree on its position to within this (arcsec) before they

@@ -229,7 +229,7 @@ def test_batched_history_checks_equal_the_alert_by_alert_ones(ztf_files):
     from stream.decode import _history_position, _sane_history
 
     recs = [r for f in ztf_files for r in _read(f)[1] if "candidate" in r]
-    repaired = [r for r in recs if _ztf_prepare(r)[-1][-1]]
+    repaired = [r for r in recs if _ztf_prepare(r)[-1].repair]
     assert len(repaired) >= 4
     bad = []
     changes = (dict(sigmapsf=-0.1), dict(ra=float("nan")), dict(magpsf=-40.0), dict(dec=None))
@@ -253,8 +253,8 @@ def test_batched_history_checks_equal_the_alert_by_alert_ones(ztf_files):
     moved = 0
     for r, prep, (lc, mjd, checked, ra1, dec1) in zip(batch, got, lcs, strict=True):
         raw = _ztf_lightcurves([prep[-1]], check=False)[0][0]
-        ra, dec = prep[-1][3], prep[-1][4]
-        pos = _history_position(raw.kind, raw.ra, raw.dec, ra, dec) if prep[-1][-1] else None
+        ra, dec = prep[-1].ra, prep[-1].dec
+        pos = _history_position(raw.kind, raw.ra, raw.dec, ra, dec) if prep[-1].repair else None
         if pos is not None:  # the damaged run: the position first
             own = raw.kind == DETECTION
             raw, (ra, dec) = replace(raw, ra=np.where(own, np.nan, raw.ra), dec=np.where(own, np.nan, raw.dec)), pos
