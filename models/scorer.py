@@ -349,8 +349,9 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
 class TreeShap:
     """Exact path-dependent Tree SHAP of a binary XGBoost booster, vectorised over rows.
 
-    The values of XGBoost's ``pred_contribs`` (Lundberg et al. 2020, Algorithm 1: features
-    outside the coalition follow the trees' covers), bias dropped, computed batch-wise.
+    The values of XGBoost's ``pred_contribs`` (Lundberg, Erion & Lee 2018, arXiv:1802.03888,
+    Algorithm 1: features outside the coalition follow the trees' covers), bias dropped,
+    computed batch-wise.
     Why: XGBoost walks each row through each tree one at a time, which cost ~50 µs per row
     and score on the shipped models, more than every other scoring step together.
 
@@ -432,7 +433,7 @@ class TreeShap:
                     or any(t.get("categories_nodes") or any(t["split_type"]) for t in trees)):
                 return None
             return cls(trees, int(param["num_feature"]))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # (a node of zero cover)
             log.debug("Tree SHAP tables not built (%s); XGBoost computes the contributions", e)
             return None
 
