@@ -165,6 +165,14 @@ def test_tree_shap_tables_equal_xgboost_on_deeper_trees_with_repeats_and_gaps():
     np.testing.assert_allclose(deep.contributions(Xt), _xgb_contribs(deep.booster_, seen), rtol=1e-5, atol=2e-6)
 
 
+def test_tree_shap_of_a_booster_without_splits_is_zero():
+    X, _ = _binary(300, seed=8)
+    est = XGBBinaryScorer(n_estimators=5, calibration="identity").fit(X, np.zeros(300, dtype=int))  # one class
+    assert est.tree_shap() is not None and not len(est.tree_shap().node_feature)
+    np.testing.assert_array_equal(est.contributions(X.iloc[:3]), np.zeros((3, 4)))
+    np.testing.assert_array_equal(_xgb_contribs(est.booster_, X.iloc[:3]), np.zeros((3, 4)))
+
+
 def test_tree_shap_equals_xgboost_on_the_shipped_model_and_real_alerts(ztf_files):
     from models.features import alert_features
     from stream.alert import Envelope
