@@ -1220,7 +1220,7 @@ def _history_position(kind: np.ndarray, ra: np.ndarray, dec: np.ndarray, ra0: fl
 
 
 def _ztf_finish(rec: dict, prep: tuple, lc: tuple, keep_cutouts: bool) -> Alert:
-    """The ``Alert`` of a prepared ZTF record, given its light curve and detection time."""
+    """The ``Alert`` of a prepared ZTF record, given what :func:`_ztf_lightcurves` made of it."""
     ids, cand, fid, pid, mag, magerr, flux, _ = prep
     alert_id, object_id = ids
     lightcurve, mjd, checked, ra, dec = lc
