@@ -20,7 +20,8 @@ Tables
     flux) and the three FITS stamps as they came (ZTF gzipped, Rubin raw).
 ``decisions``
     One row per vetting action, with vetter, time and a snapshot of the scores and
-    features of the alert the vetter was looking at (the training labels).
+    features of the alert the vetter was looking at (the training labels). A withdrawn
+    action stays, marked (``withdrawn_ms``, ``withdrawn_by``), and counts no more.
 ``vetter_views``
     Per vetter and object: when it was last seen, its rank and priority then, so the
     list can flag what is new or has moved.
@@ -53,7 +54,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: An alert within this distance of a known solar-system object (ZTF ``ssdistnr``; Rubin's
 #: association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them.
 KNOWN_SSO_ARCSEC = 5.0
@@ -175,7 +176,9 @@ _DDL = [
         p_fast REAL,
         priority REAL,
         stage TEXT,
-        features TEXT NOT NULL
+        features TEXT NOT NULL,
+        withdrawn_ms INTEGER,
+        withdrawn_by TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS vetter_views (
         vetter TEXT NOT NULL,
@@ -434,6 +437,12 @@ def _ensure_schema(conn) -> None:
                      (str(SCHEMA_VERSION),))
 
 
+def _migrate_3_to_4(conn) -> None:
+    """Version 4 lets a vetter withdraw a decision: it stays in the log, marked, and counts no more."""
+    conn.execute("ALTER TABLE decisions ADD COLUMN withdrawn_ms INTEGER")
+    conn.execute("ALTER TABLE decisions ADD COLUMN withdrawn_by TEXT")
+
+
 def _migrate_2_to_3(conn) -> None:
     """Version 3 keeps the web app's failed logins in the store, so all its workers share one limit."""
     conn.execute(_LOGIN_FAILURES_DDL)
@@ -458,7 +467,7 @@ def _migrate_1_to_2(conn) -> None:
 
 
 #: Upgrades of an older store, from the version they start at (each ends one version later).
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def _migrate(conn) -> None:
@@ -1080,7 +1089,8 @@ class QueueStore:
             "SELECT alert_id, model_version, event_mjd, status, p_real, p_extragalactic, p_fast, priority, stage "
             "FROM annotations WHERE object_id = ? ORDER BY event_mjd DESC, alert_id DESC LIMIT 200", (object_id,))]
         obj["decisions"] = [dict(r) for r in self.conn.execute(
-            "SELECT decision_id, vetter, decided_ms, action, alert_id FROM decisions WHERE object_id = ? "
+            "SELECT decision_id, vetter, decided_ms, action, alert_id, withdrawn_ms, withdrawn_by FROM decisions "
+            "WHERE object_id = ? "
             "ORDER BY decided_ms DESC, decision_id DESC LIMIT 50", (object_id,))]
         return obj
 
@@ -1158,6 +1168,69 @@ class QueueStore:
 
         return self._write(tx)
 
+    def withdraw_decision(self, decision_id: int, vetter: str) -> dict:
+        """Withdraw one vetting decision (a mis-key, a change of mind): it stays in the log, marked.
+
+        The object's vetting state is then what its other standing decisions say: each
+        question's latest standing answer (or none), and a snooze up to the latest alert a
+        standing snooze saw (or none). A withdrawn decision is no label for retraining.
+
+        Parameters
+        ----------
+        decision_id : int
+        vetter : str
+            Who withdraws it (any vetter may: the log keeps both names).
+
+        Returns
+        -------
+        dict
+            The object's vetting state after it: ``object_id``, ``decision_id``, ``action``,
+            ``withdrawn_ms``, ``vet_real``, ``vet_extragalactic``, ``vet_follow_up``,
+            ``snoozed_mjd``.
+
+        Raises
+        ------
+        KeyError
+            Unknown decision.
+        ValueError
+            Already withdrawn.
+        """
+        vetter = (vetter or "").strip()[:80] or "anonymous"
+        now = int(time.time() * 1000)
+
+        def tx(c):
+            d = c.execute("SELECT object_id, action, withdrawn_ms FROM decisions WHERE decision_id = ?",
+                          (int(decision_id),)).fetchone()
+            if d is None:
+                raise KeyError(f"unknown decision {decision_id}")
+            if d["withdrawn_ms"] is not None:
+                raise ValueError(f"decision {decision_id} was already withdrawn")
+            object_id, (column, _) = d["object_id"], ACTIONS[d["action"]]
+            c.execute("UPDATE decisions SET withdrawn_ms = ?, withdrawn_by = ? WHERE decision_id = ?",
+                      (now, vetter, int(decision_id)))
+            standing = "object_id = ? AND withdrawn_ms IS NULL"
+            if column == "snooze":
+                seen = c.execute("SELECT MAX(a.event_mjd) FROM decisions d JOIN annotations a ON "
+                                 "a.alert_id = d.alert_id AND a.object_id = d.object_id WHERE d.object_id = ? "
+                                 "AND d.withdrawn_ms IS NULL AND d.snooze IS NOT NULL", (object_id,)).fetchone()[0]
+                c.execute("UPDATE objects SET snoozed_mjd = ? WHERE object_id = ?", (seen, object_id))
+            else:
+                last = c.execute(f"SELECT {column} FROM decisions WHERE {standing} AND {column} IS NOT NULL "
+                                 "ORDER BY decided_ms DESC, decision_id DESC LIMIT 1", (object_id,)).fetchone()
+                latest = c.execute(f"SELECT decided_ms, vetter FROM decisions WHERE {standing} AND snooze IS NULL "
+                                   "ORDER BY decided_ms DESC, decision_id DESC LIMIT 1", (object_id,)).fetchone()
+                col = {"is_real": "vet_real", "is_extragalactic": "vet_extragalactic",
+                       "follow_up": "vet_follow_up"}[column]
+                c.execute(f"UPDATE objects SET {col} = ?, vetted_ms = ?, vetted_by = ? WHERE object_id = ?",
+                          (last[0] if last else None, latest[0] if latest else None,
+                           latest[1] if latest else None, object_id))
+            obj = c.execute("SELECT vet_real, vet_extragalactic, vet_follow_up, snoozed_mjd FROM objects "
+                            "WHERE object_id = ?", (object_id,)).fetchone()
+            return {"object_id": object_id, "decision_id": int(decision_id), "action": d["action"],
+                    "withdrawn_ms": now, **(dict(obj) if obj is not None else {})}
+
+        return self._write(tx)
+
     def _write(self, fn):
         """Run ``fn(conn)`` in one write transaction."""
         with _write_transaction(self.conn) as c:
@@ -1207,7 +1280,7 @@ class QueueStore:
 
     # -- labels
     def labels_frame(self):
-        """All decisions as a labelled feature table (pandas DataFrame).
+        """All standing (not withdrawn) decisions as a labelled feature table (pandas DataFrame).
 
         Columns: ``decision_id, object_id, alert_id, vetter, decided_at`` (UTC),
         ``decided_ms, action, is_real, is_extragalactic, follow_up, snooze, note``, the
@@ -1217,7 +1290,8 @@ class QueueStore:
         """
         import pandas as pd
 
-        rows = [dict(r) for r in self.conn.execute("SELECT * FROM decisions ORDER BY decision_id")]
+        rows = [dict(r) for r in self.conn.execute("SELECT * FROM decisions WHERE withdrawn_ms IS NULL "
+                                                   "ORDER BY decision_id")]
         fixed = ["decision_id", "object_id", "alert_id", "vetter", "decided_at", "decided_ms", "action", "is_real",
                  "is_extragalactic", "follow_up", "snooze", "note", "model_version", "status", *SCORES, "priority",
                  "stage"]
@@ -1246,7 +1320,7 @@ class QueueStore:
 
 
 def export_labels(db, out) -> int:
-    """Write all decisions to ``out`` (``.parquet`` or ``.csv``); return the row count."""
+    """Write all standing (not withdrawn) decisions to ``out`` (``.parquet`` or ``.csv``); return the row count."""
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out must end in .parquet or .csv, not {out.name!r}")

@@ -743,6 +743,25 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         return redirect(_local_path(body.get("back")) if body.get("back") else
                         url_for("object_page", object_id=object_id))
 
+    @app.post("/api/decision/<int:decision_id>/withdraw")
+    def withdraw(decision_id):
+        """Withdraw one decision (kept in the log, marked); JSON with the object's vetting state after."""
+        if not 0 < decision_id < 2**63:  # (a 64-bit SQL integer)
+            return jsonify(error=f"unknown decision {decision_id}"), 404
+        try:
+            state = store().withdraw_decision(decision_id, g.vetter)
+        except KeyError as exc:
+            return jsonify(error=str(exc.args[0]) if exc.args else str(exc)), 404
+        except ValueError as exc:
+            return jsonify(error=str(exc)), 409
+        except _busy_errors() as exc:
+            app.logger.warning("withdrawal not saved, store busy: %r", exc)
+            return jsonify(error="the queue store is busy; nothing was withdrawn, try again"), 503
+        if request.is_json or "application/json" in request.headers.get("Accept", ""):
+            return jsonify(state)
+        back = request.form.get("back")
+        return redirect(_local_path(back) if back else url_for("object_page", object_id=state["object_id"]))
+
     @app.get("/api/changes")
     def changes():
         try:

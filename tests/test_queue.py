@@ -272,6 +272,8 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     c.execute("CREATE INDEX ix_obj_sort_first ON objects (first_mjd DESC, object_id)")
     c.execute("ALTER TABLE objects DROP COLUMN ss_distance")
     c.execute("DROP TABLE login_failures")  # (version 3)
+    c.execute("ALTER TABLE decisions DROP COLUMN withdrawn_ms")  # (version 4)
+    c.execute("ALTER TABLE decisions DROP COLUMN withdrawn_by")
     c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     c.commit()
     c.close()
@@ -283,6 +285,9 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     assert "ss_distance" in index_sql["ix_obj_filter"] and "COALESCE(first_mjd" in index_sql["ix_obj_sort_first"]
     assert {"ix_dec_alert", "ix_obj_latest", "ix_login_failures"} <= set(index_sql)
     assert store.login_failures("192.0.2.1", 600_000) == 0  # the table version 3 added
+    oid = next(iter(want))
+    d = store.record_decision(oid, "real", "vera")  # the columns version 4 added
+    assert store.withdraw_decision(d.decision_id, "vera")["vet_real"] is None
     assert store.list_objects(ListQuery(hide_known_sso=True)).total < len(want)
     store.close()
     # A store from a newer Vigil is refused, naming its version.
@@ -355,6 +360,51 @@ def test_decision_stores_snapshot_and_snooze_waits_for_new_data(db, batch):
     assert top["object_id"] not in {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}
     store.record_decision(top["object_id"], "snooze", "carol", alert_id=rec["alert_id"])  # never un-snoozes
     assert store.get_object(top["object_id"])["snoozed_mjd"] == pytest.approx(newer["event_mjd"])
+    store.close()
+
+
+def test_a_withdrawn_decision_stays_logged_and_counts_no_more(db, batch):
+    """Undo: each question goes back to its latest standing answer (or none), a snooze to the latest
+    alert a standing snooze saw (or none); the log keeps the call, marked; it is no label."""
+    _, records = batch
+    store = QueueStore(db)
+    rows = store.list_objects(ListQuery(per_page=2)).rows
+    oid, other = rows[0]["object_id"], rows[1]["object_id"]
+    real = store.record_decision(oid, "real", "alice")
+    xgal = store.record_decision(oid, "extragalactic", "alice")
+    bogus = store.record_decision(oid, "bogus", "bob")
+    assert store.get_object(oid)["vet_real"] == 0
+    state = store.withdraw_decision(bogus.decision_id, "bob")
+    assert (state["vet_real"], state["vet_extragalactic"], state["action"]) == (1, 1, "bogus")
+    obj = store.get_object(oid)
+    assert (obj["vet_real"], obj["vetted_by"], obj["vetted_ms"]) == (1, "alice", xgal.decided_ms)
+    logged = {d["decision_id"]: d for d in obj["decisions"]}
+    assert logged[bogus.decision_id]["withdrawn_by"] == "bob" and logged[real.decision_id]["withdrawn_ms"] is None
+    store.withdraw_decision(real.decision_id, "alice")
+    store.withdraw_decision(xgal.decision_id, "carol")  # any vetter may
+    obj = store.get_object(oid)
+    assert (obj["vet_real"], obj["vet_extragalactic"], obj["vetted_ms"], obj["vetted_by"]) == (None, None, None, None)
+    with pytest.raises(ValueError, match="already withdrawn"):
+        store.withdraw_decision(real.decision_id, "alice")
+    with pytest.raises(KeyError):
+        store.withdraw_decision(10**9, "alice")
+    # Snoozes: a later alert, then two snoozes; withdrawing the later one re-snoozes to the earlier.
+    rec = next(r for r in records if r["alert_id"] == rows[1]["latest_alert_id"])
+    newer = dict(copy.deepcopy(rec), alert_id=rec["alert_id"] + 1, event_mjd=rec["event_mjd"] + 0.5)
+    with QueueSink(db) as sink:
+        sink.write([newer])
+        sink.flush()
+    early = store.record_decision(other, "snooze", "ivo", alert_id=rec["alert_id"])
+    late = store.record_decision(other, "snooze", "ivo", alert_id=newer["alert_id"])
+    assert store.get_object(other)["snoozed_mjd"] == pytest.approx(newer["event_mjd"])
+    store.withdraw_decision(late.decision_id, "ivo")
+    assert store.get_object(other)["snoozed_mjd"] == pytest.approx(rec["event_mjd"])
+    assert other in {r["object_id"] for r in store.list_objects(ListQuery(per_page=500)).rows}  # new data since
+    store.withdraw_decision(early.decision_id, "ivo")
+    assert store.get_object(other)["snoozed_mjd"] is None
+    # Labels: only the standing ones (none of these).
+    store.record_decision(other, "galactic", "ivo")
+    assert list(store.labels_frame()["action"]) == ["galactic"]
     store.close()
 
 
@@ -474,6 +524,29 @@ def test_auth_required_except_health(client, db):
     last_note = sqlite3.connect(db).execute("SELECT note FROM decisions ORDER BY decision_id DESC").fetchone()[0]
     assert last_note in ("", None)  # not "None"
     assert client.get("/api/changes?since=99999999999999999999", headers=bearer).status_code == 200
+
+
+def test_withdrawing_a_decision_over_the_api_and_from_the_object_page(client, db):
+    oid = sqlite3.connect(db).execute("SELECT object_id FROM objects LIMIT 1").fetchone()[0]
+    bearer = {"Authorization": f"Bearer {TOKEN}", "X-Vetter": "bot"}
+    d = client.post("/api/decision", json={"object_id": oid, "action": "bogus"}, headers=bearer).get_json()
+    r = client.post(f"/api/decision/{d['decision_id']}/withdraw", json={}, headers=bearer)
+    assert r.status_code == 200 and r.get_json()["vet_real"] is None and r.get_json()["object_id"] == oid
+    assert client.post(f"/api/decision/{d['decision_id']}/withdraw", json={}, headers=bearer).status_code == 409
+    assert client.post("/api/decision/999999/withdraw", json={}, headers=bearer).status_code == 404
+    assert client.post(f"/api/decision/{2**70}/withdraw", json={}, headers=bearer).status_code == 404
+    assert client.post(f"/api/decision/{d['decision_id']}/withdraw", json={}).status_code == 401
+    # From the object page: a form with the page's CSRF token; without it, refused.
+    csrf = _login(client)
+    d = client.post("/api/decision", json={"object_id": oid, "action": "real"},
+                    headers={"X-CSRF-Token": csrf}).get_json()
+    page = client.get(f"/object/{oid}").get_data(as_text=True)
+    assert f"/api/decision/{d['decision_id']}/withdraw" in page and "withdrawn by" in page  # the bot's
+    assert client.post(f"/api/decision/{d['decision_id']}/withdraw", data={}).status_code == 403
+    r = client.post(f"/api/decision/{d['decision_id']}/withdraw", data={"csrf": csrf, "back": f"/object/{oid}"})
+    assert r.status_code == 302 and r.headers["Location"].endswith(f"/object/{oid}")
+    withdrawn = dict(sqlite3.connect(db).execute("SELECT decision_id, withdrawn_by FROM decisions").fetchall())
+    assert withdrawn[d["decision_id"]] == "vera"
 
 
 def test_a_decision_the_store_is_too_busy_to_save_is_a_json_503(db, monkeypatch):
@@ -841,6 +914,18 @@ def test_postgres_store_behaves_like_sqlite(postgres_server, batch, db):
     assert pg.get_object(ids[1])["snoozed_mjd"] == sq.get_object(ids[1])["snoozed_mjd"] is not None
     with pytest.raises(KeyError):
         pg.record_decision("NO-SUCH-OBJECT", "real", "vera")
+    # Withdrawals: the same state after them, and the same labels.
+    for store in (sq, pg):
+        later = store.record_decision(ids[0], "bogus", "ivo")
+        snooze = max(d["decision_id"] for d in store.get_object(ids[1])["decisions"] if d["action"] == "snooze")
+        store.withdraw_decision(later.decision_id, "ivo")
+        store.withdraw_decision(snooze, "ivo")
+    for oid in ids[:2]:
+        a, b = sq.get_object(oid), pg.get_object(oid)
+        for k in ("vet_real", "vet_extragalactic", "snoozed_mjd", "vetted_by"):
+            assert a[k] == b[k], k
+    assert pg.get_object(ids[0])["vet_real"] == 1 and pg.get_object(ids[1])["snoozed_mjd"] is None
+    pd.testing.assert_frame_equal(pg.labels_frame().drop(columns=drop), sq.labels_frame().drop(columns=drop))
     _login_failure_memory(pg)
     sq.close()
     pg.close()

@@ -79,7 +79,8 @@ def browser():
 def _decisions(db) -> list:
     c = sqlite3.connect(db)
     try:
-        return c.execute("SELECT object_id, action, vetter FROM decisions ORDER BY decision_id").fetchall()
+        return c.execute("SELECT object_id, action, vetter FROM decisions WHERE withdrawn_ms IS NULL "
+                         "ORDER BY decision_id").fetchall()
     finally:
         c.close()
 
@@ -167,3 +168,47 @@ def test_vetting_session_in_chromium(server, browser, tmp_path):
     assert got == _decisions(db)
     row = labels[(labels["object_id"] == top_with_stamps) & (labels["action"] == "real")].iloc[0]
     assert row["is_real"] == 1 and row["p_real"] > 0 and "real_bogus" in labels.columns
+
+
+def test_undoing_a_call_in_chromium(server, browser):
+    """z withdraws the page's last call (the list and the object page), and so does the object page's
+    button; the labels go back to what the standing decisions say."""
+    base, db = server
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base + "/login")
+    page.fill("#vetter", "Uma")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#queue tbody tr[data-object-id]")
+    rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
+    target = next(o for o in rows[5:] if not any(d[0] == o for d in _decisions(db)))
+    page.focus(f'#queue tbody tr[data-object-id="{target}"] a')
+    cell = f'#queue tbody tr[data-object-id="{target}"] td.vet'
+    page.keyboard.press("x")
+    page.wait_for_selector(cell + " .lab")
+    assert (target, "extragalactic", "Uma") in _decisions(db)
+    page.keyboard.press("z")  # the page reloads with the object's state as the other decisions leave it
+    page.wait_for_function(f"!document.querySelector('{cell} .lab')")
+    assert (target, "extragalactic", "Uma") not in _decisions(db)
+    withdrawn = sqlite3.connect(db).execute("SELECT action, withdrawn_by FROM decisions WHERE object_id = ? AND "
+                                            "withdrawn_ms IS NOT NULL", (target,)).fetchall()
+    assert withdrawn == [("extragalactic", "Uma")]
+    # The object page: b, then z; then r, withdrawn with its button.
+    page.goto(f"{base}/object/{target}")
+    page.wait_for_load_state("load")
+    page.keyboard.press("b")
+    page.wait_for_selector(".vetbar .current .lab.no")
+    page.keyboard.press("z")
+    page.wait_for_function("!document.querySelector('.vetbar .current .lab.no')")
+    assert page.locator("#decisions li.withdrawn").count() == 2
+    page.keyboard.press("r")
+    page.wait_for_selector(".vetbar .current .lab.yes")
+    page.reload()
+    page.click("#decisions li:not(.withdrawn) button.undo")
+    page.wait_for_selector("#decisions li.withdrawn >> nth=2")
+    assert page.locator(".vetbar .current .lab").count() == 0
+    assert not any(d[0] == target for d in _decisions(db))
+    assert not errors, errors
+

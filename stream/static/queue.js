@@ -40,9 +40,27 @@
         return j;
       });
     }).then(function (j) {
-      toast(objectId + ": " + action.replace(/_/g, " "));
+      last = j.decision_id;
+      toast(objectId + ": " + action.replace(/_/g, " ") + " (z: undo)");
       return j;
     }, function (e) { toast("not saved: " + e.message, true); throw e; });
+  }
+
+  // z withdraws this page's last call (kept in the store's log, marked); the page then reloads
+  // to show the object's vetting state as the remaining decisions leave it.
+  var last = null;
+  function undo() {
+    if (last === null) { toast("nothing to undo on this page"); return; }
+    var id = last;
+    last = null;
+    fetch("/api/decision/" + id + "/withdraw", {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
+      body: "{}"
+    }).then(function (r) {
+      return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || r.statusText); return j; });
+    }).then(function () { location.reload(); },
+            function (e) { last = id; toast("not withdrawn: " + e.message, true); });
   }
 
   function typing(ev) {
@@ -78,6 +96,8 @@
         else { var n = document.getElementById("next-page"); if (n) location = n.href; }
       } else if (k === "k") {
         if (cur > 0) { cur--; show(); } else { var p = document.getElementById("prev-page"); if (p) location = p.href; }
+      } else if (k === "z") {
+        undo();
       } else if ((k === "o" || k === "Enter") && cur >= 0) {
         location = rows[cur].dataset.href;
       } else if (KEYS[k] && cur >= 0) {
@@ -134,6 +154,7 @@
       if (k === "j" && body.dataset.next) location = body.dataset.next;
       else if (k === "k" && body.dataset.prev) location = body.dataset.prev;
       else if (k === "u" || k === "Escape") location = body.dataset.list;
+      else if (k === "z") undo();
       else if (KEYS[k]) act(KEYS[k]);
       else return;
       ev.preventDefault();
