@@ -675,8 +675,11 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
         return full, _sim_estimator(random_state).fit(Db, y, groups=groups)
 
     for s, col in DECISION_TARGETS.items():
-        d = decisions[decisions[col].notna()].sort_values("decided_ms", kind="stable")
-        d = d.groupby("object_id", sort=False).tail(1)  # the latest call on each object
+        # The latest call on each object, in the store's commit order (its decision ids) where the
+        # table has them: the order in which the queue's own state took the calls.
+        order = "decision_id" if "decision_id" in decisions.columns else "decided_ms"
+        d = decisions[decisions[col].notna()].sort_values(order, kind="stable")
+        d = d.groupby("object_id", sort=False).tail(1)
         # A call on an alert without any evidence on the detection (never scored) teaches nothing.
         d = d[d[list(MIN_EVIDENCE)].apply(pd.to_numeric, errors="coerce").notna().any(axis=1)].reset_index(drop=True)
         y = d[col].astype(int).to_numpy()

@@ -1090,8 +1090,7 @@ class QueueStore:
             "FROM annotations WHERE object_id = ? ORDER BY event_mjd DESC, alert_id DESC LIMIT 200", (object_id,))]
         obj["decisions"] = [dict(r) for r in self.conn.execute(
             "SELECT decision_id, vetter, decided_ms, action, alert_id, withdrawn_ms, withdrawn_by FROM decisions "
-            "WHERE object_id = ? "
-            "ORDER BY decided_ms DESC, decision_id DESC LIMIT 50", (object_id,))]
+            "WHERE object_id = ? ORDER BY decision_id DESC LIMIT 50", (object_id,))]
         return obj
 
     def cutout(self, alert_id: int, kind: str) -> bytes | None:
@@ -1128,9 +1127,10 @@ class QueueStore:
         if action not in ACTIONS:
             raise KeyError(f"unknown action {action!r}")
         vetter = (vetter or "").strip()[:80] or "anonymous"
-        now = int(time.time() * 1000)
 
         def tx(c):
+            # The time under the write lock: decisions that waited for it keep their commit order.
+            now = int(time.time() * 1000)
             obj = c.execute("SELECT latest_alert_id, latest_mjd FROM objects WHERE object_id = ?",
                             (object_id,)).fetchone()
             if obj is None:
@@ -1196,9 +1196,9 @@ class QueueStore:
             Already withdrawn.
         """
         vetter = (vetter or "").strip()[:80] or "anonymous"
-        now = int(time.time() * 1000)
 
         def tx(c):
+            now = int(time.time() * 1000)
             d = c.execute("SELECT object_id, action, withdrawn_ms FROM decisions WHERE decision_id = ?",
                           (int(decision_id),)).fetchone()
             if d is None:
@@ -1215,10 +1215,12 @@ class QueueStore:
                                  "AND d.withdrawn_ms IS NULL AND d.snooze IS NOT NULL", (object_id,)).fetchone()[0]
                 c.execute("UPDATE objects SET snoozed_mjd = ? WHERE object_id = ?", (seen, object_id))
             else:
+                # "Latest" in commit order, as record_decision left it (ids are handed out under the
+                # write lock; clocks of several web hosts need not agree).
                 last = c.execute(f"SELECT {column} FROM decisions WHERE {standing} AND {column} IS NOT NULL "
-                                 "ORDER BY decided_ms DESC, decision_id DESC LIMIT 1", (object_id,)).fetchone()
+                                 "ORDER BY decision_id DESC LIMIT 1", (object_id,)).fetchone()
                 latest = c.execute(f"SELECT decided_ms, vetter FROM decisions WHERE {standing} AND snooze IS NULL "
-                                   "ORDER BY decided_ms DESC, decision_id DESC LIMIT 1", (object_id,)).fetchone()
+                                   "ORDER BY decision_id DESC LIMIT 1", (object_id,)).fetchone()
                 col = {"is_real": "vet_real", "is_extragalactic": "vet_extragalactic",
                        "follow_up": "vet_follow_up"}[column]
                 c.execute(f"UPDATE objects SET {col} = ?, vetted_ms = ?, vetted_by = ? WHERE object_id = ?",

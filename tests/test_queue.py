@@ -408,6 +408,25 @@ def test_a_withdrawn_decision_stays_logged_and_counts_no_more(db, batch):
     store.close()
 
 
+def test_withdrawal_follows_the_order_the_calls_were_committed_in(db, monkeypatch):
+    """Two web hosts with skewed clocks (or a call that waited for the write lock): the later commit
+    holds, and withdrawing an older, superseded call leaves it holding."""
+    import stream.queue as queue_module
+
+    store = QueueStore(db)
+    oid = store.list_objects(ListQuery(per_page=1)).rows[0]["object_id"]
+    clock = iter([3000.0, 2000.0, 1000.0])  # each call's host runs 1000 s behind the one before
+    monkeypatch.setattr(queue_module.time, "time", lambda: next(clock))
+    first = store.record_decision(oid, "real", "alice")
+    store.record_decision(oid, "real", "carol")
+    store.record_decision(oid, "bogus", "bob")
+    monkeypatch.undo()
+    assert store.get_object(oid)["vet_real"] == 0
+    assert store.withdraw_decision(first.decision_id, "alice")["vet_real"] == 0
+    assert store.get_object(oid)["vetted_by"] == "bob"
+    store.close()
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_export_labels(tmp_path, db, batch, suffix):
     from models.features import FEATURES

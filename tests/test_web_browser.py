@@ -205,8 +205,7 @@ def test_undoing_a_call_in_chromium(server, browser):
     assert page.locator("#decisions li.withdrawn").count() == 2
     page.keyboard.press("r")
     page.wait_for_selector(".vetbar .current .lab.yes")
-    page.reload()
-    page.click("#decisions li:not(.withdrawn) button.undo")
+    page.click("#decisions li:not(.withdrawn) button.undo")  # the new call's own button, before any reload
     page.wait_for_selector("#decisions li.withdrawn >> nth=2")
     assert page.locator(".vetbar .current .lab").count() == 0
     assert not any(d[0] == target for d in _decisions(db))

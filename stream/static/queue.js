@@ -30,6 +30,8 @@
   }
 
   function decide(objectId, alertId, action) {
+    last = null;  // z acts on this call once it is saved, never on the one before it
+    pending++;
     return fetch("/api/decision", {
       method: "POST", credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
@@ -40,27 +42,32 @@
         return j;
       });
     }).then(function (j) {
+      pending--;
       last = j.decision_id;
       toast(objectId + ": " + action.replace(/_/g, " ") + " (z: undo)");
       return j;
-    }, function (e) { toast("not saved: " + e.message, true); throw e; });
+    }, function (e) { pending--; toast("not saved: " + e.message, true); throw e; });
   }
 
   // z withdraws this page's last call (kept in the store's log, marked); the page then reloads
   // to show the object's vetting state as the remaining decisions leave it.
-  var last = null;
-  function undo() {
-    if (last === null) { toast("nothing to undo on this page"); return; }
-    var id = last;
-    last = null;
-    fetch("/api/decision/" + id + "/withdraw", {
+  var last = null, pending = 0;
+  function withdraw(id) {
+    return fetch("/api/decision/" + id + "/withdraw", {
       method: "POST", credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: "{}"
     }).then(function (r) {
       return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || r.statusText); return j; });
     }).then(function () { location.reload(); },
-            function (e) { last = id; toast("not withdrawn: " + e.message, true); });
+            function (e) { toast("not withdrawn: " + e.message, true); throw e; });
+  }
+  function undo() {
+    if (pending) { toast("a call is still being saved: press z again once it is", true); return; }
+    if (last === null) { toast("nothing to undo on this page"); return; }
+    var id = last;
+    last = null;
+    withdraw(id).then(null, function () { if (last === null) last = id; });
   }
 
   function typing(ev) {
@@ -143,7 +150,13 @@
         }
         var ul = document.getElementById("decisions");
         var li = document.createElement("li");
-        li.textContent = action.replace(/_/g, " ") + " by " + j.vetter + " just now";
+        li.textContent = action.replace(/_/g, " ") + " by " + j.vetter + " just now ";
+        var b = document.createElement("button");  // as the page's own rows: withdraw this one
+        b.className = "undo";
+        b.type = "button";
+        b.textContent = "withdraw";
+        b.addEventListener("click", function () { withdraw(j.decision_id).then(null, function () {}); });
+        li.appendChild(b);
         var none = ul.querySelector(".muted"); if (none) none.remove();
         ul.insertBefore(li, ul.firstChild);
       }, function () {});
