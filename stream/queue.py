@@ -74,6 +74,9 @@ ACTIONS = {
     "snooze": ("snooze", 1),
 }
 
+#: The object's column that holds each question's current answer.
+_VET_COLUMNS = {"is_real": "vet_real", "is_extragalactic": "vet_extragalactic", "follow_up": "vet_follow_up"}
+
 #: The most rows one page of the ranked list holds (web page, ``queue list --top``).
 MAX_PAGE_ROWS = 500
 
@@ -1160,10 +1163,8 @@ class QueueStore:
                 c.execute("UPDATE objects SET snoozed_mjd = CASE WHEN snoozed_mjd IS NULL OR snoozed_mjd < ? "
                           "THEN ? ELSE snoozed_mjd END WHERE object_id = ?", (seen, seen, object_id))
             else:
-                col = {"is_real": "vet_real", "is_extragalactic": "vet_extragalactic",
-                       "follow_up": "vet_follow_up"}[column]
-                c.execute(f"UPDATE objects SET {col} = ?, vetted_ms = ?, vetted_by = ? WHERE object_id = ?",
-                          (value, now, vetter, object_id))
+                c.execute(f"UPDATE objects SET {_VET_COLUMNS[column]} = ?, vetted_ms = ?, vetted_by = ? "
+                          "WHERE object_id = ?", (value, now, vetter, object_id))
             return Decision(decision_id, object_id, aid, vetter, now, action)
 
         return self._write(tx)
@@ -1221,11 +1222,9 @@ class QueueStore:
                                  "ORDER BY decision_id DESC LIMIT 1", (object_id,)).fetchone()
                 latest = c.execute(f"SELECT decided_ms, vetter FROM decisions WHERE {standing} AND snooze IS NULL "
                                    "ORDER BY decision_id DESC LIMIT 1", (object_id,)).fetchone()
-                col = {"is_real": "vet_real", "is_extragalactic": "vet_extragalactic",
-                       "follow_up": "vet_follow_up"}[column]
-                c.execute(f"UPDATE objects SET {col} = ?, vetted_ms = ?, vetted_by = ? WHERE object_id = ?",
-                          (last[0] if last else None, latest[0] if latest else None,
-                           latest[1] if latest else None, object_id))
+                c.execute(f"UPDATE objects SET {_VET_COLUMNS[column]} = ?, vetted_ms = ?, vetted_by = ? "
+                          "WHERE object_id = ?", (last[0] if last else None, latest[0] if latest else None,
+                                                  latest[1] if latest else None, object_id))
             obj = c.execute("SELECT vet_real, vet_extragalactic, vet_follow_up, snoozed_mjd FROM objects "
                             "WHERE object_id = ?", (object_id,)).fetchone()
             return {"object_id": object_id, "decision_id": int(decision_id), "action": d["action"],
