@@ -1028,23 +1028,15 @@ def _check_histories(m: np.ndarray, alert: np.ndarray, det_mjd: np.ndarray, ra0:
     mjd, kind = m[_LC["mjd"]], m[_LC["kind"]]
     same = np.flatnonzero((mjd[1:] == mjd[:-1]) & (alert[1:] == alert[:-1]))
     if len(same):
-        k0, k1 = kind[same], kind[same + 1]
-        repeats = same[np.where(k0 == DETECTION, PREVIOUS, k0) == np.where(k1 == DETECTION, PREVIOUS, k1)]
-        checked[alert[repeats]] = False
+        checked[alert[same[_same_kind(kind[same], kind[same + 1])]]] = False
     if not checked.any():
         return m, alert, checked
     on = checked[alert]
-    err, flux, ra, dec = m[_LC["flux_err"]], m[_LC["flux"]], m[_LC["ra"]], m[_LC["dec"]]
-    latest = np.minimum(MJD_RANGE[1], det_mjd + HISTORY_AFTER_ALERT_D)[alert]
-    with np.errstate(invalid="ignore"):
-        ok = ((kind == DETECTION)
-              | ((mjd > MJD_RANGE[0]) & (mjd < latest) & ~((err <= 0) | (err == np.inf))
-                 & ~(np.abs(flux) > MAX_ABS_FLUX_UJY)))
+    ra, dec = m[_LC["ra"]], m[_LC["dec"]]
+    ok = _sound_rows(kind, mjd, m[_LC["flux_err"]], m[_LC["flux"]],
+                     np.minimum(MJD_RANGE[1], det_mjd + HISTORY_AFTER_ALERT_D)[alert])
     cos0 = np.array([math.cos(math.radians(d)) for d in dec0.tolist()])  # math.cos, as _sane_history
-    lim = MAX_HISTORY_OFFSET_ARCSEC / 3600.0
-    dra = np.abs(ra - ra0[alert])
-    near = (np.abs(dec - dec0[alert]) <= lim) & (np.abs(np.minimum(dra, 360.0 - dra)) * cos0[alert] <= lim)
-    blank = on & ok & (ra == ra) & (~near | (ra < 0) | (ra > 360))
+    blank = on & ok & (ra == ra) & _far_positions(ra, dec, ra0[alert], dec0[alert], cos0[alert])
     m[_LC["ra"], blank] = m[_LC["dec"], blank] = np.nan
     keep = ~on | ok
     if not keep.all():
@@ -1311,36 +1303,53 @@ def _sane_history(lc: LightCurve, alert_mjd: float, ra: float, dec: float) -> Li
     own and always kept. A damaged row of a long history should not cost the alert, nor
     reach HSR and the features as an infinite or negative-error point.
     """
-    with np.errstate(invalid="ignore"):
-        ok = ((lc.kind == DETECTION)
-              | ((lc.mjd > MJD_RANGE[0]) & (lc.mjd < min(MJD_RANGE[1], alert_mjd + HISTORY_AFTER_ALERT_D))
-                 & ~((lc.flux_err <= 0) | (lc.flux_err == np.inf))
-                 & ~(np.abs(lc.flux) > MAX_ABS_FLUX_UJY)))  # comparisons with NaN are False: kept
-    # Sorted by time, and at one time by kind in input order: repeats are neighbours. (A
-    # detection and its forced photometry share a time in most ZTF alerts; they are no repeat.)
+    ok = _sound_rows(lc.kind, lc.mjd, lc.flux_err, lc.flux, min(MJD_RANGE[1], alert_mjd + HISTORY_AFTER_ALERT_D))
+    # Sorted by time, and at one time by kind in input order: repeats are neighbours.
     same_time = np.flatnonzero(lc.mjd[1:] == lc.mjd[:-1])
     if len(same_time):
-        k0, k1 = lc.kind[same_time], lc.kind[same_time + 1]
-        repeats = same_time[(np.where(k0 == DETECTION, PREVIOUS, k0) == np.where(k1 == DETECTION, PREVIOUS, k1))]
+        repeats = same_time[_same_kind(lc.kind[same_time], lc.kind[same_time + 1])]
         if len(repeats):
             ok &= ~_repeated_rows(lc, np.union1d(repeats, repeats + 1), ok, ra, dec)
     lc = lc if ok.all() else LightCurve(**{c: getattr(lc, c)[ok] for c in LightCurve.COLUMNS})
-    # Positions (only detections have one): off the sky, outside a box of ±MAX_HISTORY_OFFSET_ARCSEC
-    # around the alert, or half of one (a NaN dec). (A box, not a circle: a few cheap operations,
-    # as this runs for every alert.)
-    at = np.flatnonzero(lc.ra == lc.ra)
+    at = np.flatnonzero(lc.ra == lc.ra)  # (only detections have a position)
     if not len(at):
         return lc
-    r, d = lc.ra[at], lc.dec[at]
-    lim = MAX_HISTORY_OFFSET_ARCSEC / 3600.0
-    dra = np.abs(r - ra)  # (no modulo, which would warn on an infinite ra: inf fails the test below)
-    near = (np.abs(d - dec) <= lim) & (np.abs(np.minimum(dra, 360.0 - dra)) * math.cos(math.radians(dec)) <= lim)
-    bad = ~near | (r < 0) | (r > 360)
+    bad = _far_positions(lc.ra[at], lc.dec[at], ra, dec, math.cos(math.radians(dec)))
     if not bad.any():
         return lc
     ra_, dec_ = lc.ra.copy(), lc.dec.copy()
     ra_[at[bad]] = dec_[at[bad]] = np.nan
     return replace(lc, ra=ra_, dec=dec_)
+
+
+def _sound_rows(kind, mjd, err, flux, latest) -> np.ndarray:
+    """Rows :func:`_sane_history` keeps (``latest``: the last time history may have, per row or one).
+
+    The alert's own detection always; others with a time in :data:`MJD_RANGE` up to
+    ``latest``, an uncertainty neither ≤ 0 nor infinite, and a flux within
+    :data:`MAX_ABS_FLUX_UJY` (comparisons with NaN are False: an unknown error or flux is kept).
+    """
+    with np.errstate(invalid="ignore"):
+        return ((kind == DETECTION)
+                | ((mjd > MJD_RANGE[0]) & (mjd < latest) & ~((err <= 0) | (err == np.inf))
+                   & ~(np.abs(flux) > MAX_ABS_FLUX_UJY)))
+
+
+def _same_kind(k0, k1) -> np.ndarray:
+    """Whether rows of one time are of one kind (a detection counts as an earlier one: an earlier
+    detection in the alert's exposure repeats it; a detection and its forced photometry do not)."""
+    return np.where(k0 == DETECTION, PREVIOUS, k0) == np.where(k1 == DETECTION, PREVIOUS, k1)
+
+
+def _far_positions(ra, dec, ra0, dec0, cos0) -> np.ndarray:
+    """Positions to blank: off the sky, outside a box of ±:data:`MAX_HISTORY_OFFSET_ARCSEC` around
+    the alert's (``ra0``, ``dec0``; ``cos0`` its cos(dec)), or half of one (a NaN dec). (A box, not
+    a circle: a few cheap operations, as this runs for every alert; no modulo, which would warn on
+    an infinite ra: inf fails the test.)"""
+    lim = MAX_HISTORY_OFFSET_ARCSEC / 3600.0
+    dra = np.abs(ra - ra0)
+    near = (np.abs(dec - dec0) <= lim) & (np.abs(np.minimum(dra, 360.0 - dra)) * cos0 <= lim)
+    return ~near | (ra < 0) | (ra > 360)
 
 
 def _repeated_rows(lc: LightCurve, rows: np.ndarray, ok: np.ndarray, ra: float, dec: float) -> np.ndarray:
