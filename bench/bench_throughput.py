@@ -385,10 +385,13 @@ def service_main(args) -> int:
 
 def _service(bootstrap: str, topic: str, group: str, out_topic: str, tmp: Path, name: str, cpus=None,
              hsr: bool = True):
+    from stream.broker import FAST_GROUP_SETTINGS
+
     cfg = tmp / f"{name}.toml"
     cfg.write_text(
         f'[source]\nbootstrap_servers = "{bootstrap}"\ntopics = ["{topic}"]\ngroup_id = "{group}"\n'
-        f'batch_size = {BATCH}\nbatch_timeout_s = 0.2\n\n'
+        f'batch_size = {BATCH}\nbatch_timeout_s = 0.2\n\n[source.kafka]\n'
+        + "".join(f'"{k}" = {v}\n' for k, v in FAST_GROUP_SETTINGS.items()) + '\n'
         f'[output]\nannotations_topic = "{out_topic}"\ndead_letter_topic = "{out_topic}.dlq"\n\n'
         '[service]\nmetrics_port = 0\nlog_interval_s = 3600.0\nclock = "wall"\n')
     log = open(tmp / f"{name}.log", "w")

@@ -6,7 +6,7 @@ Kafka (KRaft) or the surveys' brokers instead (``deploy/compose.kafka.yaml``).
 
 Tansu quirks handled elsewhere: end-of-partition is detected with
 ``enable.partition.eof`` (its watermarks are unreliable), and group joins need a short
-``session.timeout.ms`` (the broker holds a join for half of it).
+``session.timeout.ms`` (the broker holds a join for half of it): :data:`FAST_GROUP_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import subprocess
 import time
 from pathlib import Path
 
-#: Consumer settings that make group joins take ~3 s instead of ~22 s on Tansu
-#: (also valid, if not needed, on real Kafka).
+#: Consumer settings that make group joins take ~3 s instead of ~22 s on Tansu. For the
+#: embedded broker only (the demo, tests, ``deploy/local.toml``): on a survey's broker across the
+#: internet a 6 s session would turn a few seconds of network trouble into a rebalance, so
+#: ``vigil run`` keeps librdkafka's defaults unless ``[source.kafka]`` sets them.
 FAST_GROUP_SETTINGS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 
 

@@ -174,7 +174,9 @@ def cmd_broker(args) -> int:
 
     broker = EmbeddedBroker(port=args.port).start()
     print(f"bootstrap.servers={broker.bootstrap}", flush=True)
-    print("embedded Tansu broker (memory only); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print("embedded Tansu broker (memory only); Ctrl-C to stop. A consumer group on it joins in ~3 s "
+          "with session.timeout.ms=6000 and heartbeat.interval.ms=1000 in [source.kafka] (deploy/local.toml "
+          "has them), ~22 s without", file=sys.stderr, flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     try:

@@ -89,6 +89,9 @@ class ReplayConfig:
 class OutputConfig:
     """Where annotations, dead letters and the eyeball queue go."""
 
+    # The cluster the annotation and dead-letter topics live on; "" is the source's. A survey's
+    # community broker is read-only to its consumers, so a broker operator writes to their own.
+    bootstrap_servers: str = ""
     annotations_topic: str = "vigil.annotations"
     dead_letter_topic: str = "vigil.deadletter"
     queue_db: str = ""  # eyeball queue: SQLite path or postgresql:// URL; "" disables
@@ -100,8 +103,8 @@ class OutputConfig:
 class ServiceConfig:
     """Process behaviour."""
 
-    metrics_port: int = 0  # Prometheus text endpoint on 127.0.0.1; 0 disables
-    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # Prometheus text endpoint (/metrics) on metrics_host; 0 disables
+    metrics_host: str = "127.0.0.1"  # "0.0.0.0" for a scraper on another host or container
     log_interval_s: float = 30.0
     error_budget: int = 100  # unexpected exceptions tolerated before the service stops
     clock: str = "wall"  # "wall" for live streams, "stream" to rank by event time
@@ -206,6 +209,9 @@ _OWNED_CONSUMER_KEYS = {
     "metadata.broker.list": "source.bootstrap_servers",
     "enable.auto.offset.store": None, "enable.auto.commit": None, "auto.offset.reset": "source.auto_offset_reset",
 }
+#: Producer settings with a Vigil key of their own.
+_OWNED_PRODUCER_KEYS = {"bootstrap.servers": "output.bootstrap_servers",
+                        "metadata.broker.list": "output.bootstrap_servers"}
 
 
 #: A Kafka topic name (what the broker accepts).
@@ -219,11 +225,13 @@ def _check_output_topics(cfg: Config) -> None:
     annotations topic that is read would feed every annotation back in as a bad alert.
     """
     out = cfg.output
+    # On another cluster, a topic of the same name is another topic.
+    same_cluster = out.bootstrap_servers in ("", cfg.source.bootstrap_servers)
     for key in ("annotations_topic", "dead_letter_topic"):
         name = getattr(out, key)
         if not _TOPIC_NAME.fullmatch(name):
             raise ConfigError(f"output.{key}: {name!r} is not a topic name (letters, digits, '.', '_', '-')")
-        for t in cfg.source.topics:
+        for t in cfg.source.topics if same_cluster else ():
             if name == t or (t.startswith("^") and _matches(t, name)):  # "^…": librdkafka's topic pattern
                 raise ConfigError(f"output.{key}: {name!r} is also read (source.topics {t!r})")
     if out.annotations_topic == out.dead_letter_topic:
@@ -287,6 +295,9 @@ def validate(cfg: Config) -> None:
         if k in src.kafka:
             why = f"use {instead}" if instead else "offsets are committed after outputs are durable"
             raise ConfigError(f"source.kafka.{k}: set by Vigil ({why})")
+    for k, instead in _OWNED_PRODUCER_KEYS.items():
+        if k in out.kafka:
+            raise ConfigError(f"output.kafka.{k}: set by Vigil (use {instead})")
     acks = cfg.output.kafka.get("acks", cfg.output.kafka.get("request.required.acks"))
     if acks is not None and str(acks) not in ("all", "-1"):
         raise ConfigError("output.kafka.acks: must be 'all' (-1): offsets move only once every output is durable")

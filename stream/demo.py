@@ -40,7 +40,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.
 
 def main(args) -> int:
     from stream.annotation import decode_annotation
-    from stream.broker import EmbeddedBroker, create_topics
+    from stream.broker import FAST_GROUP_SETTINGS, EmbeddedBroker, create_topics
     from stream.config import load_config
     from stream.kafka import StopFlag, produce_files, run_service
 
@@ -62,8 +62,12 @@ def main(args) -> int:
         print(f"2. produced {n} real alerts from {data} to topic {s.topics[0]} "
               f"({', '.join(f'{k}={v}' for k, v in sorted(produced.items()))})")
         queue = _queue_available() and args.queue
-        cfg = replace(cfg, source=replace(s, bootstrap_servers=broker.bootstrap),
-                      output=replace(o, queue_db=str(queue) if queue else ""))
+        # Whatever the config (an installed Vigil has no deploy/demo.toml): the embedded broker's
+        # group settings, and archived alerts ranked by their own time, not the wall clock's.
+        cfg = replace(cfg, source=replace(s, bootstrap_servers=broker.bootstrap,
+                                          kafka={**FAST_GROUP_SETTINGS, **s.kafka}),
+                      output=replace(o, queue_db=str(queue) if queue else ""),
+                      service=replace(cfg.service, clock="stream"))
         stop = StopFlag()
         stop.install()
         counts = run_service(cfg, stop, until=lambda c: c.read >= n)

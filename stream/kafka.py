@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -76,6 +77,9 @@ KAFKA_LOG = logging.getLogger("stream.kafka.librdkafka")
 KAFKA_LOG.addFilter(RepeatFilter())
 #: Seconds a command that writes to Kafka waits for the broker to answer before it gives up.
 REACH_TIMEOUT_S = 10.0
+#: The consumer's ``max.poll.interval.ms`` unless ``[source.kafka]`` sets it (librdkafka's
+#: default is 300,000): above one delivery timeout plus the queue store's lock patience.
+MAX_POLL_INTERVAL_MS = 600_000
 
 
 def _envelope(msg) -> Envelope:
@@ -112,8 +116,6 @@ class KafkaSource:
 
     def __init__(self, bootstrap: str, topics, group_id: str, settings=None, batch_size: int = 500,
                  batch_timeout_s: float = 1.0, auto_offset_reset: str = "earliest"):
-        from stream.broker import FAST_GROUP_SETTINGS
-
         self.stats = Stats()
         conf = {
             "bootstrap.servers": bootstrap,
@@ -125,7 +127,10 @@ class KafkaSource:
             "statistics.interval.ms": 5000,
             "stats_cb": self.stats,
             "logger": KAFKA_LOG,
-            **FAST_GROUP_SETTINGS,
+            # A batch may wait out a broker outage (one delivery timeout, 305 s) and then a busy
+            # queue store (up to 240 s): past librdkafka's default 300 s between polls the consumer
+            # would be dropped from its group in mid-batch.
+            "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
             **(settings or {}),
         }
         self.consumer = Consumer(conf)
@@ -210,13 +215,26 @@ class KafkaReplaySource:
         self.batch_timeout_s = min(batch_timeout_s, 1.0)
 
     def _assign(self, topics, start: str) -> set:
-        """Assign every partition of ``topics`` from ``start``; the (topic, partition) pairs."""
+        """Assign every partition of ``topics`` from ``start``; the (topic, partition) pairs.
+
+        A ``^`` pattern stands for the topics it matches now (e.g. ZTF's one topic a night):
+        a replay assigns partitions, so it cannot follow a subscription.
+        """
         md = self.consumer.list_topics(timeout=REACH_TIMEOUT_S)
-        parts = []
+        names = []
         for t in topics:
-            if t not in md.topics or md.topics[t].error is not None:
+            if t.startswith("^"):
+                hit = sorted(n for n, tm in md.topics.items()
+                             if tm.error is None and not n.startswith("__") and re.search(t, n))
+                if not hit:
+                    raise ValueError(f"replay: no topic matches the pattern {t!r}")
+                log.info("replay: %s matches %s", t, ", ".join(hit))
+                names += [n for n in hit if n not in names]
+            elif t not in md.topics or md.topics[t].error is not None:
                 raise ValueError(f"replay: topic {t!r} does not exist")
-            parts += [TopicPartition(t, p) for p in md.topics[t].partitions]
+            elif t not in names:
+                names.append(t)
+        parts = [TopicPartition(t, p) for t in names for p in md.topics[t].partitions]
         if start in ("", "earliest"):
             for tp in parts:
                 tp.offset = OFFSET_BEGINNING
@@ -569,6 +587,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     from stream.service import Counts, drive
 
     s, o = cfg.source, cfg.output
+    out_bootstrap = o.bootstrap_servers or s.bootstrap_servers
     stop = stop or StopFlag()
 
     def loaded(key, load, value):
@@ -588,11 +607,13 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         from stream.config import ReplayConfig
 
         rc = cfg.replay or ReplayConfig()
-        patterns = [t for t in s.topics if t.startswith("^")]
-        if patterns:  # a replay assigns partitions of named topics
-            raise ConfigError(f"source.topics: a replay reads named topics, not the pattern {patterns[0]!r}")
         queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
+        if out_bootstrap == s.bootstrap_servers:  # a pattern that took in the replay's outputs would loop
+            for t in s.topics:
+                hit = [n for n in (ann_topic, dlq_topic) if t.startswith("^") and re.search(t, n)]
+                if hit:
+                    raise ConfigError(f"source.topics: the pattern {t!r} matches the replay's output {hit[0]!r}")
         group = rc.group_id
         try:
             source = KafkaReplaySource(s.bootstrap_servers, s.topics, rc.start, rc.end, s.kafka, s.batch_size,
@@ -618,8 +639,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         source.close()  # leave the group at once rather than at the session timeout
         raise
     try:
-        sinks = [AnnotationTopicSink(s.bootstrap_servers, ann_topic, o.kafka)]
-        dlq = DeadLetterSink(s.bootstrap_servers, dlq_topic, o.kafka)
+        sinks = [AnnotationTopicSink(out_bootstrap, ann_topic, o.kafka)]
+        dlq = DeadLetterSink(out_bootstrap, dlq_topic, o.kafka)
     except KafkaException as e:
         source.close()
         if server is not None:
@@ -660,11 +681,15 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     def should_stop():
         return stop() or (until is not None and until(counts_box["c"]))
 
-    log.info("vigil %s: %s → %s (dead letters → %s); group %s, bootstrap %s, queue %s, metrics %s",
+    log.info("vigil %s: %s → %s (dead letters → %s); group %s, bootstrap %s%s, queue %s, metrics %s",
              "replay" if replay else "run", ",".join(s.topics), ann_topic, dlq_topic,
-             group, s.bootstrap_servers, redacted(queue_db) if queue_db else "none",
+             group, s.bootstrap_servers,
+             f", outputs to {out_bootstrap}" if out_bootstrap != s.bootstrap_servers else "",
+             redacted(queue_db) if queue_db else "none",
              f"{cfg.service.metrics_host}:{cfg.service.metrics_port}" if server is not None else "off")
-    _warn_if_unreachable(sinks[0].producer, s.bootstrap_servers)
+    if out_bootstrap != s.bootstrap_servers and not replay:  # a replay source has already reached its broker
+        _warn_if_unreachable(source.consumer, s.bootstrap_servers)
+    _warn_if_unreachable(sinks[0].producer, out_bootstrap)
     try:
         counts = drive(source, pipeline, sinks, [dlq], stop=should_stop, on_batch=on_batch)
     finally:

@@ -16,6 +16,8 @@ DEPLOY = sorted((ROOT / "deploy").glob("*.toml"))
 def test_every_deploy_config_loads(path, monkeypatch):
     monkeypatch.setenv("VIGIL_KAFKA_USERNAME", "user")
     monkeypatch.setenv("VIGIL_KAFKA_PASSWORD", "s3cret")
+    monkeypatch.setenv("VIGIL_OUTPUT_KAFKA_USERNAME", "us")
+    monkeypatch.setenv("VIGIL_OUTPUT_KAFKA_PASSWORD", "0urs")
     cfg = load_config(path)
     assert cfg.source.topics and cfg.output.annotations_topic
     if "sasl.password" in cfg.source.kafka:
@@ -88,11 +90,21 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"service": {"log_interval_s": float("nan")}}, "service.log_interval_s: must be > 0"),
     ({"output": {"queue_retention_days": float("nan")}}, "output.queue_retention_days: must be ≥ 0"),
     ({"replay": {"namespace": ""}}, "replay.namespace: '' is not a topic-name suffix"),
+    ({"output": {"kafka": {"bootstrap.servers": "ours:9092"}}}, "output.kafka.bootstrap.servers: set by Vigil "
+                                                                 "(use output.bootstrap_servers)"),
+    ({"output": {"bootstrap_servers": "127.0.0.1:9092", "annotations_topic": "ztf_alerts"}},
+     "output.annotations_topic: 'ztf_alerts' is also read"),  # naming the source's cluster is the same cluster
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
         parse_config(data)
     assert key in str(e.value)
+
+
+def test_outputs_on_another_cluster_may_reuse_a_source_topic_name():
+    cfg = parse_config({"source": {"topics": ["alerts"]},
+                        "output": {"bootstrap_servers": "ours:9092", "annotations_topic": "alerts"}})
+    assert cfg.output.bootstrap_servers == "ours:9092"
 
 
 def test_librdkafka_settings_pass_through_untouched():
@@ -140,10 +152,11 @@ def test_command_line_replay_times_are_checked_like_the_file(tmp_path, capsys):
     q.write_text('[source]\ntopics = ["x"]\n[replay]\nend = "2023-10-19"\n')
     assert main(["run", "--config", str(q), "--from", "2023-10-20"]) == 2
     assert "replay.end: 2023-10-19 is not after --from 2023-10-20" in capsys.readouterr().err
-    r = tmp_path / "pattern.toml"  # a pattern subscribes live, but a replay needs the topics' names
-    r.write_text('[source]\ntopics = ["^alerts.*"]\n')
+    r = tmp_path / "pattern.toml"  # a replay reads the topics a pattern matches: never its own outputs
+    r.write_text('[source]\ntopics = ["^.*[.]replay$"]\n')
     assert main(["run", "--config", str(r), "--replay"]) == 2
-    assert "source.topics: a replay reads named topics, not the pattern '^alerts.*'" in capsys.readouterr().err
+    assert "source.topics: the pattern '^.*[.]replay$' matches the replay's output 'vigil.annotations.replay'" \
+        in capsys.readouterr().err
 
 
 def test_a_queue_store_that_cannot_be_opened_names_the_key(tmp_path, capsys):

@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from conftest import DATA, ROOT, SHARED, avro_files
 
 from stream.annotation import decode_annotation, validate_annotation
+from stream.broker import FAST_GROUP_SETTINGS
 from stream.config import parse_config
 from stream.demo import read_topic
 from stream.kafka import Metrics, produce_files, run_service
@@ -27,7 +28,7 @@ def _config(broker, topics, **extra):
     alerts, ann, dlq = topics
     data = {
         "source": {"bootstrap_servers": broker.bootstrap, "topics": [alerts], "group_id": f"g-{alerts}",
-                   "batch_size": 50, "batch_timeout_s": 0.2},
+                   "batch_size": 50, "batch_timeout_s": 0.2, "kafka": dict(FAST_GROUP_SETTINGS)},
         "output": {"annotations_topic": ann, "dead_letter_topic": dlq},
         "service": {"clock": "stream"},
     }
@@ -268,6 +269,8 @@ batch_size = {batch_size}
 batch_timeout_s = 0.2
 [source.kafka]
 "auto.commit.interval.ms" = 100
+"session.timeout.ms" = {FAST_GROUP_SETTINGS["session.timeout.ms"]}
+"heartbeat.interval.ms" = {FAST_GROUP_SETTINGS["heartbeat.interval.ms"]}
 [output]
 annotations_topic = "{ann}"
 dead_letter_topic = "{dlq}"
@@ -412,6 +415,48 @@ def test_replay_through_kafka_between_times_never_commits(broker, topics, tmp_pa
     committed = c.committed([TopicPartition(topics[0], 0), TopicPartition(topics[0], 1)], timeout=10)
     c.close()
     assert all(tp.offset < 0 for tp in committed)  # no commits, ever
+
+
+def test_replay_reads_every_topic_a_pattern_matches(broker, topics):
+    """ZTF writes one topic a night: ``^ztf_.*`` in a replay stands for the nights on the broker."""
+    from stream.broker import create_topics
+
+    nights = [f"{topics[0]}.night{i}" for i in (1, 2)]
+    create_topics(broker.bootstrap, nights + [f"{topics[1]}.replay", f"{topics[2]}.replay"])
+    files = avro_files("ztf_fink", "2023-10-19to21_schema4.02")[:6]
+    assert produce_files(files[:4], nights[0], broker.bootstrap) == {"ztf-container": 4}
+    assert produce_files(files[4:], nights[1], broker.bootstrap) == {"ztf-container": 2}
+    pattern = "^" + re.escape(topics[0]) + r"\.night\d$"  # not the test's own alerts topic
+    cfg = _config(broker, topics, source={"topics": [pattern]}, replay={"group_id": "replay-pattern"})
+    counts = run_service(cfg, replay=True)
+    assert counts.read == 6 and counts.annotated + counts.rejected == 6
+    got = {decode_annotation(m.value())["alert_id"] for m in read_topic(broker.bootstrap, f"{topics[1]}.replay", 6)}
+    assert got == _ids(files)
+    none = _config(broker, topics, source={"topics": ["^" + re.escape(topics[0]) + r"\.day\d$"]})
+    with pytest.raises(ValueError, match="no topic matches the pattern"):
+        run_service(none, replay=True)
+
+
+def test_outputs_can_go_to_another_cluster(broker, topics):
+    """A survey's broker is read-only to its consumers: annotations and dead letters go to the
+    operator's own cluster (output.bootstrap_servers), the alerts are read from the survey's."""
+    from stream.broker import EmbeddedBroker, create_topics
+
+    with EmbeddedBroker() as ours:
+        create_topics(ours.bootstrap, topics[1:])
+        files = avro_files("ztf_ampel")[:5]
+        produce_files(files, topics[0], broker.bootstrap)
+        bad = Producer({"bootstrap.servers": broker.bootstrap})
+        bad.produce(topics[0], value=b"not an alert")
+        bad.flush(10)
+        cfg = _config(broker, topics, output={"bootstrap_servers": ours.bootstrap})
+        counts = run_service(cfg, until=lambda c: c.read >= 6)
+        assert (counts.annotated, counts.rejected) == (5, 1)
+        got = {decode_annotation(m.value())["alert_id"] for m in read_topic(ours.bootstrap, topics[1], 5)}
+        assert got == _ids(files)
+        assert len(read_topic(ours.bootstrap, topics[2], 1)) == 1
+    assert read_topic(broker.bootstrap, topics[1], 1, timeout_s=2) == []  # nothing written to the source's
+    assert read_topic(broker.bootstrap, topics[2], 1, timeout_s=2) == []
 
 
 def _two_services(broker, topics, tmp_path, files, group, queue_db="") -> None:
