@@ -126,6 +126,7 @@ def cmd_run(args) -> int:
     from stream.kafka import StopFlag, run_service
 
     cfg = load_config(args.config)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else cfg.service.log_level)  # -v wins
     if args.start or args.end:
         from dataclasses import replace
 
@@ -191,7 +192,7 @@ def cmd_broker(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vigil", description="Real-time annotator for astronomical alert streams.")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("replay", help="annotate archived alerts (Avro files, directories, tarballs)")
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in PLUGIN_MODULES:
         importlib.import_module(mod).register(sub)
+    for p in sub.choices.values():  # `vigil run -v` as well as `vigil -v run`
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging and tracebacks")
     return ap
 
 

@@ -4,7 +4,9 @@
 * ``[source.kafka]`` and ``[output.kafka]`` hold librdkafka settings and pass through
   untouched (SASL/SSL for the ZTF and Rubin community brokers).
 * Secrets never live in the file: a secret setting (e.g. ``sasl.password``) must be
-  written ``{ env = "VARIABLE" }`` and is read from the environment at load time.
+  written ``{ env = "VARIABLE" }`` (read from the environment at load time) or
+  ``{ file = "PATH" }`` (the file's text without its final newline: Docker and Kubernetes
+  secrets are mounted as files).
 
 Example: see ``deploy/*.toml``.
 """
@@ -49,6 +51,8 @@ def parse_time_ms(text: str) -> int:
 #: Settings that hold secrets (ssl.key.pem is a private key; sasl.oauthbearer.config may hold clientSecret=).
 SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "ssl.keystore.password",
                "token", "ssl.key.pem", "sasl.oauthbearer.config")
+#: ``service.log_level`` values (Python logging's names).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Most messages one librdkafka consume() call returns.
 MAX_BATCH_SIZE = 1_000_000
 
@@ -108,6 +112,7 @@ class ServiceConfig:
     log_interval_s: float = 30.0
     error_budget: int = 100  # unexpected exceptions tolerated before the service stops
     clock: str = "wall"  # "wall" for live streams, "stream" to rank by event time
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR (`vigil -v` is DEBUG whatever this says)
 
 
 @dataclass(frozen=True)
@@ -135,14 +140,21 @@ def _resolve_secrets(table: dict, where: str) -> dict:
     for k, v in table.items():
         key = f"{where}.{k}"
         if isinstance(v, dict):
-            if set(v) != {"env"}:
-                raise ConfigError(f"{key}: librdkafka settings must be scalars or {{ env = \"VAR\" }}")
-            var = v["env"]
-            if var not in os.environ:
-                raise ConfigError(f"{key}: environment variable {var} is not set")
-            out[k] = os.environ[var]
+            if set(v) not in ({"env"}, {"file"}) or not isinstance(next(iter(v.values())), str):
+                raise ConfigError(f"{key}: librdkafka settings must be scalars, {{ env = \"VAR\" }} "
+                                  "or { file = \"PATH\" }")
+            if "env" in v:
+                if v["env"] not in os.environ:
+                    raise ConfigError(f"{key}: environment variable {v['env']} is not set")
+                out[k] = os.environ[v["env"]]
+            else:
+                try:
+                    out[k] = Path(v["file"]).read_text(encoding="utf-8").rstrip("\r\n")
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"{key}: cannot read the secret file {v['file']} ({e})") from None
         elif k in SECRET_KEYS:
-            raise ConfigError(f"{key}: secrets must come from the environment: write {k} = {{ env = \"VAR\" }}")
+            raise ConfigError(f"{key}: secrets must come from the environment or a file: write "
+                              f"{k} = {{ env = \"VAR\" }} or {{ file = \"PATH\" }}")
         elif isinstance(v, (str, int, float, bool)):
             out[k] = v
         else:
@@ -291,6 +303,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"scoring.model: no model directory (with metadata.json) at {cfg.scoring.model}")
     if cfg.service.clock not in ("wall", "stream"):
         raise ConfigError("service.clock: must be 'wall' or 'stream'")
+    if svc.log_level not in LOG_LEVELS:
+        raise ConfigError(f"service.log_level: one of {', '.join(LOG_LEVELS)}")
     for k, instead in _OWNED_CONSUMER_KEYS.items():
         if k in src.kafka:
             why = f"use {instead}" if instead else "offsets are committed after outputs are durable"

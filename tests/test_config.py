@@ -90,6 +90,11 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"service": {"log_interval_s": float("nan")}}, "service.log_interval_s: must be > 0"),
     ({"output": {"queue_retention_days": float("nan")}}, "output.queue_retention_days: must be ≥ 0"),
     ({"replay": {"namespace": ""}}, "replay.namespace: '' is not a topic-name suffix"),
+    ({"service": {"log_level": "verbose"}}, "service.log_level: one of DEBUG, INFO, WARNING, ERROR"),
+    ({"source": {"kafka": {"sasl.password": {"file": "/nonexistent/secret"}}}},
+     "source.kafka.sasl.password: cannot read the secret file /nonexistent/secret"),
+    ({"source": {"kafka": {"sasl.password": {"env": "A", "file": "b"}}}}, "source.kafka.sasl.password: librdkafka"),
+    ({"source": {"kafka": {"sasl.password": {"file": 3}}}}, "source.kafka.sasl.password: librdkafka"),
     ({"output": {"kafka": {"bootstrap.servers": "ours:9092"}}}, "output.kafka.bootstrap.servers: set by Vigil "
                                                                  "(use output.bootstrap_servers)"),
     ({"output": {"bootstrap_servers": "127.0.0.1:9092", "annotations_topic": "ztf_alerts"}},
@@ -99,6 +104,36 @@ def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
         parse_config(data)
     assert key in str(e.value)
+
+
+def test_a_secret_can_come_from_a_file(tmp_path):
+    """Docker and Kubernetes mount secrets as files; the final newline is not part of the secret."""
+    f = tmp_path / "kafka_password"
+    f.write_text("s3cret \n")
+    cfg = parse_config({"output": {"kafka": {"sasl.password": {"file": str(f)}}}})
+    assert cfg.output.kafka["sasl.password"] == "s3cret "
+
+
+def test_the_log_level_comes_from_the_config_and_v_wins(tmp_path, monkeypatch):
+    import logging
+
+    import stream.kafka
+    from stream.cli import main
+
+    seen = []
+    monkeypatch.setattr(stream.kafka, "run_service", lambda *a, **k: seen.append(logging.getLogger().level)
+                        or __import__("stream.service", fromlist=["Counts"]).Counts())
+    p = tmp_path / "quiet.toml"
+    p.write_text('[source]\ntopics = ["x"]\n[service]\nlog_level = "WARNING"\n')
+    root = logging.getLogger()
+    level = root.level
+    try:
+        assert main(["run", "--config", str(p)]) == 0
+        assert main(["run", "-v", "--config", str(p)]) == 0  # -v after the command, too
+        assert main(["-v", "run", "--config", str(p)]) == 0
+    finally:
+        root.setLevel(level)
+    assert seen == [logging.WARNING, logging.DEBUG, logging.DEBUG]
 
 
 def test_outputs_on_another_cluster_may_reuse_a_source_topic_name():
