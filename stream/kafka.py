@@ -652,7 +652,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
 
     if queue_db:
         try:
-            store = QueueSink(queue_db, retention_days=o.queue_retention_days)
+            store = QueueSink(queue_db, retention_days=o.queue_retention_days,
+                              clock="stream" if replay else cfg.service.clock)
         except Exception as e:  # an unopenable path or an unreachable database: name the key
             source.close()
             for sink in (sinks[0], dlq):

@@ -550,6 +550,68 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
     return out
 
 
+#: Seconds of the writer's time between two :func:`age_priorities` passes (one more on close).
+AGE_EVERY_S = 600.0
+#: A stored priority is rewritten once it is off by more than this fraction (or its stage changed).
+AGE_TOLERANCE = 0.005
+_AGE_CANDIDATES = """
+SELECT object_id, latest_alert_id, p_real, p_extragalactic, p_fast, priority, stage, first_mjd, latest_mjd
+FROM objects WHERE priority IS NOT NULL AND (stage <> 'longterm' OR latest_mjd > ?)"""
+_AGE_UPDATE = "UPDATE objects SET priority = ?, stage = ? WHERE object_id = ? AND latest_alert_id = ?"
+
+
+def age_priorities(conn, now_mjd: float | None = None) -> int:
+    """Let the ranked list age: each scored object's priority and stage as of ``now_mjd``.
+
+    An annotation's priority is that of its alert when it was annotated (freshness 1 for a
+    live alert), so an object no new alert has updated would keep its rank for ever. Here
+    the stage follows the time since the first detection (it only ever advances) and the
+    freshness the time since the latest alert, with :func:`models.rank.priority`'s formula
+    on the stored scores; the annotations themselves are not changed.
+
+    Parameters
+    ----------
+    conn
+        A store connection (:func:`connect`), for writing.
+    now_mjd : float, optional
+        "Now"; default the newest alert in the store (the stream clock of a replay).
+
+    Returns
+    -------
+    int
+        Objects rewritten: those whose stage changed or whose priority moved by more than
+        :data:`AGE_TOLERANCE` of itself. Read without the write lock and written in
+        transactions of :data:`PRUNE_CHUNK` objects; an object a newer alert updated
+        meanwhile is left to that alert.
+    """
+    from models.rank import FRESHNESS_DAYS, STAGES, priority, stage_of
+
+    if now_mjd is None:
+        now_mjd = conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()[0]
+        if now_mjd is None:  # empty store
+            return 0
+    # Past ~12 freshness times the factor is 0.5 to 1e-5, and a long-term object's stage is final.
+    rows = conn.execute(_AGE_CANDIDATES, (float(now_mjd) - 12 * FRESHNESS_DAYS,)).fetchall()
+    if not rows:
+        return 0
+    oid, aid, p_r, p_x, p_f, old, stage, first, latest = (list(c) for c in zip(*rows, strict=True))
+    first = np.array([np.nan if v is None else v for v in first], float)
+    rank = {s: i for i, s in enumerate(STAGES)}
+    now_stage = stage_of(float(now_mjd) - first)
+    # Unknown first detection: the stored stage stands; a stage never goes back.
+    new_stage = [s if not np.isfinite(f) or rank.get(s, 0) >= rank[n] else str(n)
+                 for s, n, f in zip(stage, now_stage, first, strict=True)]
+    new = priority(p_r, p_x, p_f, new_stage, float(now_mjd) - np.asarray(latest, float))
+    old = np.asarray(old, float)
+    moved = (np.array(new_stage) != np.array(stage)) | (np.abs(new - old) > AGE_TOLERANCE * np.abs(old))
+    moved &= np.isfinite(new)
+    todo = [(float(new[i]), new_stage[i], oid[i], aid[i]) for i in np.flatnonzero(moved)]
+    for i in range(0, len(todo), PRUNE_CHUNK):
+        with _write_transaction(conn):
+            conn.executemany(_AGE_UPDATE, todo[i:i + PRUNE_CHUNK])
+    return len(todo)
+
+
 # --------------------------------------------------------------------------------------------- writing
 
 
@@ -715,6 +777,10 @@ class QueueSink:
     retention_days : float
         If > 0, every :attr:`PRUNE_EVERY` committed batches the stamps and light curves of
         alerts older than this are deleted (see :func:`prune`); 0 keeps everything.
+    clock : {"stream", "wall"}
+        The pipeline's clock, which the list ages by (:func:`age_priorities`, after the first
+        batch, every :data:`AGE_EVERY_S` seconds and on closing): the wall clock live, the
+        newest alert in the store for a replay.
 
     Notes
     -----
@@ -735,9 +801,13 @@ class QueueSink:
     #: Apply the retention window every this many committed batches.
     PRUNE_EVERY = 50
 
-    def __init__(self, path, retention_days: float = 0.0):
+    def __init__(self, path, retention_days: float = 0.0, clock: str = "stream"):
         if retention_days < 0:
             raise ValueError(f"retention_days must be ≥ 0, not {retention_days!r}")
+        if clock not in ("stream", "wall"):
+            raise ValueError(f"clock must be 'stream' or 'wall', not {clock!r}")
+        self.clock = clock
+        self._aged_at, self._unaged = -math.inf, False
         self.path = _store_target(path)
         self.retention_days = float(retention_days)
         self.conn = connect(self.path, writer=True)
@@ -843,6 +913,20 @@ class QueueSink:
                 self._analyze()
             if self.retention_days and self._flushes % self.PRUNE_EVERY == 0:
                 self._prune()
+            self._unaged = True
+            if time.monotonic() - self._aged_at >= AGE_EVERY_S:
+                self._age()
+
+    def _age(self) -> None:
+        """Age the ranked list (:func:`age_priorities`); like pruning, a failure is only logged."""
+        self._aged_at, self._unaged = time.monotonic(), False
+        now = time.time() / 86400.0 + 40587.0 if self.clock == "wall" else None
+        try:
+            n = age_priorities(self.conn, now)
+        except Exception as exc:
+            log.warning("queue ageing skipped this time: %s", exc)
+            return
+        log.debug("queue ageing: %d objects re-ranked", n)
 
     def _analyze(self) -> None:
         """Refresh the planner's statistics; like pruning, a failure (a lock held by a reader) is only logged."""
@@ -865,6 +949,8 @@ class QueueSink:
         """Commit and close."""
         if self.conn is not None:
             self.flush()
+            if self._unaged:
+                self._age()
             if self._flushes:
                 self._analyze()
             self.conn.close()

@@ -12,6 +12,7 @@ import re
 import sqlite3
 import struct
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -313,16 +314,83 @@ def test_list_query_reads_objects_only_through_an_index(db):
 def test_older_alert_redelivered_late_does_not_roll_the_object_back(tmp_path, batch):
     _, records = batch
     base = records[0]
-    new = dict(copy.deepcopy(base), object_id="OBJ", alert_id=20, event_mjd=base["event_mjd"] + 1, priority=0.9)
-    old = dict(copy.deepcopy(base), object_id="OBJ", alert_id=10, event_mjd=base["event_mjd"], priority=0.1)
+    # (The stored priority is re-aged from the scores, so the scores tell the two alerts apart.)
+    new = dict(copy.deepcopy(base), object_id="OBJ", alert_id=20, event_mjd=base["event_mjd"] + 1, p_real=0.9)
+    old = dict(copy.deepcopy(base), object_id="OBJ", alert_id=10, event_mjd=base["event_mjd"], p_real=0.1)
     path = tmp_path / "q.sqlite"
     with QueueSink(path) as sink:
         sink.write([new])
         sink.flush()
         sink.write([old])
         sink.flush()
-    row = sqlite3.connect(path).execute("SELECT latest_alert_id, priority, n_alerts FROM objects").fetchone()
+    row = sqlite3.connect(path).execute("SELECT latest_alert_id, p_real, n_alerts FROM objects").fetchone()
     assert row == (20, 0.9, 2)
+
+
+def test_the_list_ages_as_time_passes(tmp_path, batch):
+    """An object no alert has updated for ten days sinks below a younger, less certain one: its
+    stage follows the time since its first detection and its freshness the time since its alert."""
+    from models.rank import priority
+
+    _, records = batch
+    base = records[0]
+    t = max(r["event_mjd"] for r in records)
+
+    def rec(oid, aid, mjd, p):
+        r = dict(copy.deepcopy(base), object_id=oid, alert_id=aid, event_mjd=mjd, stage="first", p_real=p,
+                 p_extragalactic=p, p_fast=p, lightcurve=dict(base["lightcurve"], first_mjd=mjd))
+        r["priority"] = float(priority(p, p, p, "first"))  # as the pipeline gave it: fresh when annotated
+        return r
+
+    path = tmp_path / "q.sqlite"
+    with QueueSink(path) as sink:  # the stream clock: the newest alert in the store
+        sink.write([rec("OLD", 1, t - 10.0, 0.95), _unscored(base, "NONE", 2)])
+        sink.flush()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT stage FROM objects WHERE object_id = 'OLD'").fetchone() == ("first",)  # now then
+    with QueueSink(path) as sink:
+        sink.write([rec("NEW", 3, t, 0.6)])
+        sink.flush()
+    rows = {r[0]: r[1:] for r in conn.execute("SELECT object_id, stage, priority FROM objects")}
+    assert rows["OLD"][0] == "updating" and rows["NEW"][0] == "first"
+    assert rows["OLD"][1] == pytest.approx(float(priority(0.95, 0.95, 0.95, "updating", 10.0)))
+    assert rows["NEW"][1] > rows["OLD"][1] and rows["NONE"] == ("first", None)  # unscored stays unscored
+    ranked = [r["object_id"] for r in QueueStore(path).list_objects(ListQuery(per_page=10)).rows]
+    assert ranked == ["NEW", "OLD", "NONE"]
+    # The annotations keep what the pipeline said.
+    assert conn.execute("SELECT stage FROM annotations WHERE alert_id = 1").fetchone() == ("first",)
+    # Live (the wall clock), years-old sample alerts are all long-term and half-fresh.
+    with QueueSink(path, clock="wall") as sink:
+        sink.write([rec("NEW", 3, t, 0.6)])
+        sink.flush()
+    got = conn.execute("SELECT stage, priority FROM objects WHERE object_id = 'NEW'").fetchone()
+    assert got[0] == "longterm" and got[1] == pytest.approx(float(priority(0.6, 0.6, 0.6, "longterm", 1e9)))
+    conn.close()
+
+
+def test_two_replays_into_one_store_rank_by_the_newest(tmp_path, batch):
+    """A store filled from ZTF's 2018-2023 archive and then Rubin's 2025 alerts: a ZTF object
+    'first seen' years before the newest alert had kept its first-stage priority on top."""
+    from models.rank import stage_of
+
+    result, records = batch
+    path = tmp_path / "q.sqlite"
+    for survey in ("ztf", "rubin"):
+        keep = [i for i, r in enumerate(records) if r["survey"] == survey]
+        assert keep
+        with QueueSink(path) as sink:
+            part = SimpleNamespace(annotations=[result.annotations[i] for i in keep],
+                                   alerts=[result.alerts[i] for i in keep])
+            sink.write_result(part, [records[i] for i in keep])
+            sink.flush()
+    rows = QueueStore(path).list_objects(ListQuery(per_page=500)).rows
+    newest = max(r["latest_mjd"] for r in rows)
+    order = {"first": 0, "updating": 1, "longterm": 2}
+    for r in rows:
+        if r["first_mjd"] is not None and r["priority"] is not None:
+            assert order[r["stage"]] >= order[str(stage_of(newest - r["first_mjd"]))], r["object_id"]
+    top = rows[0]
+    assert newest - top["latest_mjd"] < 30, (top["object_id"], newest - top["latest_mjd"])
 
 
 def test_decision_stores_snapshot_and_snooze_waits_for_new_data(db, batch):
@@ -735,8 +803,11 @@ def test_list_page_order_flags_and_polling(client, db, batch):
     since = t0["now_ms"]
     assert client.get(f"/api/changes?since={since}").get_json()["changed"] == 0
     # The service writes a newer alert of a listed object and an unscored new object; the app sees both.
+    # (Newest in the store, sure of everything and young: the list re-ages priorities from the scores.)
     rec = next(r for r in records if r["object_id"] == ids[-1])
-    newer = dict(copy.deepcopy(rec), alert_id=rec["alert_id"] + 7, event_mjd=rec["event_mjd"] + 1.0, priority=0.99)
+    t = max(r["event_mjd"] for r in records) + 1.0
+    newer = dict(copy.deepcopy(rec), alert_id=rec["alert_id"] + 7, event_mjd=t, priority=1.0, stage="first",
+                 p_real=1.0, p_extragalactic=1.0, p_fast=1.0, lightcurve=dict(rec["lightcurve"], first_mjd=t))
     with QueueSink(db) as sink:
         sink.write([newer, _unscored(records[0], "NEWOBJ", 5)])
         sink.flush()
