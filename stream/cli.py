@@ -152,11 +152,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_produce(args) -> int:
+    from stream.config import check_topic_name
     from stream.decode import SchemaRegistry, load_ztf_schema
     from stream.kafka import produce_files
 
     if args.ztf_format == "schemaless" and not args.ztf_schema:
         raise ValueError("--ztf-format schemaless needs --ztf-schema")
+    check_topic_name(args.topic, "--topic")  # a ConfigError: one line, not librdkafka's traceback
     counts = produce_files(
         args.paths, args.topic, args.bootstrap, ztf_format=args.ztf_format,
         ztf_schema=load_ztf_schema(args.ztf_schema) if args.ztf_schema else None,

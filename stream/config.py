@@ -230,6 +230,12 @@ _OWNED_PRODUCER_KEYS = {"bootstrap.servers": "output.bootstrap_servers",
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def check_topic_name(name: str, key: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``name`` is a topic name a broker accepts."""
+    if not _TOPIC_NAME.fullmatch(name) or len(name) > 249:
+        raise ConfigError(f"{key}: {name!r} is not a topic name (letters, digits, '.', '_', '-'; at most 249)")
+
+
 def _check_output_topics(cfg: Config) -> None:
     """Output topics: valid names, apart from each other and from every source topic.
 
@@ -241,8 +247,7 @@ def _check_output_topics(cfg: Config) -> None:
     same_cluster = out.bootstrap_servers in ("", cfg.source.bootstrap_servers)
     for key in ("annotations_topic", "dead_letter_topic"):
         name = getattr(out, key)
-        if not _TOPIC_NAME.fullmatch(name):
-            raise ConfigError(f"output.{key}: {name!r} is not a topic name (letters, digits, '.', '_', '-')")
+        check_topic_name(name, f"output.{key}")
         for t in cfg.source.topics if same_cluster else ():
             if name == t or (t.startswith("^") and _matches(t, name)):  # "^…": librdkafka's topic pattern
                 raise ConfigError(f"output.{key}: {name!r} is also read (source.topics {t!r})")
@@ -284,6 +289,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("source.max_message_bytes: must be ≥ 1")
     if not src.topics or not all(src.topics):
         raise ConfigError("source.topics: at least one topic, none empty")
+    for t in src.topics:
+        if t.startswith("^"):
+            _matches(t, "")  # a pattern that does not compile is named
+        else:
+            check_topic_name(t, "source.topics")
     if len(set(src.topics)) < len(src.topics):
         twice = next(t for t in src.topics if src.topics.count(t) > 1)
         raise ConfigError(f"source.topics: {twice!r} is listed twice")

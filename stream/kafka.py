@@ -607,6 +607,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         from stream.config import ReplayConfig
 
         rc = cfg.replay or ReplayConfig()
+        if cfg.replay is None:
+            log.info("no [replay] section: the whole topic, earliest to end, under group %s", rc.group_id)
         queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
         if out_bootstrap == s.bootstrap_servers:  # a pattern that took in the replay's outputs would loop
@@ -688,15 +690,20 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
              f", outputs to {out_bootstrap}" if out_bootstrap != s.bootstrap_servers else "",
              redacted(queue_db) if queue_db else "none",
              f"{cfg.service.metrics_host}:{cfg.service.metrics_port}" if server is not None else "off")
-    if out_bootstrap != s.bootstrap_servers and not replay:  # a replay source has already reached its broker
-        _warn_if_unreachable(source.consumer, s.bootstrap_servers)
-    _warn_if_unreachable(sinks[0].producer, out_bootstrap)
+    if not replay:  # (a replay source has already reached its broker and found its topics)
+        _warn_if_unreachable(source.consumer, s.bootstrap_servers, s.topics)
+    if replay or out_bootstrap != s.bootstrap_servers:
+        _warn_if_unreachable(sinks[0].producer, out_bootstrap)
     try:
         counts = drive(source, pipeline, sinks, [dlq], stop=should_stop, on_batch=on_batch)
     finally:
         if server is not None:
             server.shutdown()
     log.info("stopped: %s", counts.line())
+    if replay and not counts.read and (rc.start not in ("", "earliest") or rc.end not in ("", "end")):
+        log.warning("nothing was stamped from %s to %s: a replay selects by Kafka message time (when each message "
+                    "was produced, or appended), not by alert time, and `vigil produce` stamps a message when it "
+                    "sends it", rc.start, rc.end)
     return counts
 
 
@@ -720,13 +727,20 @@ def _kafka_text(e: KafkaException) -> str:
     return err.str() if hasattr(err, "str") else str(e)
 
 
-def _warn_if_unreachable(client, bootstrap: str) -> None:
-    """Say so, once and in Vigil's words, when the broker does not answer at start (the service keeps trying)."""
+def _warn_if_unreachable(client, bootstrap: str, topics=()) -> None:
+    """Say so, once and in Vigil's words, when the broker does not answer at start (the service keeps
+    trying), or lacks a source topic (a misspelt name would otherwise only wait, quietly)."""
     try:
-        client.list_topics(timeout=REACH_TIMEOUT_S)
+        md = client.list_topics(timeout=REACH_TIMEOUT_S)
     except KafkaException as e:
         log.error("cannot reach Kafka at bootstrap.servers=%s within %g s (%s); still trying", bootstrap,
                   REACH_TIMEOUT_S, _kafka_text(e))
+        return
+    names = [n for n, t in md.topics.items() if t.error is None]
+    for t in topics:
+        if not (any(re.search(t, n) for n in names) if t.startswith("^") else t in names):
+            log.warning("source topic %s: %s on %s yet; waiting for it (check the name)", t,
+                        "no topic matches it" if t.startswith("^") else "it does not exist", bootstrap)
 
 
 # --------------------------------------------------------------------------- vigil produce

@@ -383,12 +383,18 @@ def connect(path, *, writer: bool = False):
         return conn
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one batch is exactly one transaction.
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    # dialect: SQLite pragmas (Postgres: none needed)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode=WAL")
+    try:
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        # dialect: SQLite pragmas (Postgres: none needed)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode=WAL")
+    except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise
+        # "file is not a database", "unable to open database file": say which file
+        raise ValueError(f"queue store {path}: {e}") from None
     conn.execute(f"PRAGMA synchronous={'FULL' if writer else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys=ON")
     _ensure_schema(conn)

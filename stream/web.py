@@ -789,7 +789,10 @@ def queue_token(token: str | None = None, token_file=None) -> str | None:
     from pathlib import Path
 
     if not token and token_file:
-        token = Path(token_file).read_text().strip()
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"token file {token_file}: cannot be read ({e})") from None
         if not token:
             raise ValueError(f"token file {token_file} is empty")
     return token or os.environ.get("VIGIL_QUEUE_TOKEN") or None

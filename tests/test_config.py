@@ -81,6 +81,7 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
      "output.annotations_topic: 'alerts7' is also read (source.topics '^alerts[0-9]$')"),
     ({"output": {"annotations_topic": "a", "dead_letter_topic": "a"}}, "output.dead_letter_topic: the same topic"),
     ({"output": {"annotations_topic": "has space"}}, "output.annotations_topic: 'has space' is not a topic name"),
+    ({"source": {"topics": ["ztf alerts"]}}, "source.topics: 'ztf alerts' is not a topic name"),  # it waited for ever
     ({"source": {"topics": ["t", "t"]}}, "source.topics: 't' is listed twice"),
     ({"source": {"topics": ["^a["]}}, "source.topics: '^a[' is not a valid pattern"),
     ({"source": {"batch_size": 1_000_001}}, "source.batch_size: must be 1 … 1000000"),

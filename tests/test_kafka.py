@@ -57,6 +57,10 @@ def test_produce_to_an_unreachable_broker_fails_fast_naming_it(monkeypatch, caps
     where = f"127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["produce", str(DATA / "ztf_fink"), "--topic", "t", "--bootstrap", where]) == 2
     assert f"cannot reach Kafka at bootstrap.servers={where}" in capsys.readouterr().err
+    for bad in ("bad topic!", ""):  # was librdkafka's "Unknown topic" with a traceback
+        assert main(["produce", str(DATA / "ztf_fink"), "--topic", bad, "--bootstrap", where]) == 2
+        assert capsys.readouterr().err == f"vigil: error: --topic: {bad!r} is not a topic name (letters, digits, " \
+                                          "'.', '_', '-'; at most 249)\n"
 
 
 def test_a_replay_against_an_unreachable_broker_names_the_broker_not_a_config_key(monkeypatch, capsys, tmp_path):
@@ -435,6 +439,25 @@ def test_replay_reads_every_topic_a_pattern_matches(broker, topics):
     none = _config(broker, topics, source={"topics": ["^" + re.escape(topics[0]) + r"\.day\d$"]})
     with pytest.raises(ValueError, match="no topic matches the pattern"):
         run_service(none, replay=True)
+
+
+def test_a_missing_source_topic_and_an_empty_time_window_are_said(broker, topics, caplog):
+    """A misspelt topic had only waited, quietly; a replay window on alert times had read 0 without a word."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="stream.kafka")
+    cfg = _config(broker, topics, source={"topics": [topics[0] + "-misspelt"]})
+    run_service(cfg, until=lambda counts: True)
+    assert f"source topic {topics[0]}-misspelt: it does not exist on {broker.bootstrap} yet" in caplog.text
+    caplog.clear()
+    run_service(_config(broker, topics), until=lambda counts: True)
+    assert "source topic" not in caplog.text
+    produce_files(avro_files("ztf_fink", "2023-10-19to21_schema4.02")[:2], topics[0], broker.bootstrap)
+    when = {"start": "2023-10-19T00:00:00Z", "end": "2023-10-22T00:00:00Z", "end_grace_s": 0.0}
+    counts = run_service(_config(broker, topics, replay=when), replay=True)  # the messages are stamped today
+    assert counts.read == 0
+    assert "nothing was stamped from 2023-10-19T00:00:00Z to 2023-10-22T00:00:00Z: a replay selects by Kafka " \
+           "message time" in caplog.text
 
 
 def test_outputs_can_go_to_another_cluster(broker, topics):

@@ -80,6 +80,19 @@ def _unscored(record: dict, object_id: str, alert_id: int) -> dict:
 # ------------------------------------------------------------------------------------------ store and sink
 
 
+def test_a_store_that_is_not_one_is_named(tmp_path):
+    from stream.queue import connect
+    from stream.web import queue_token
+
+    notdb = tmp_path / "annotations.jsonl"
+    notdb.write_text("{}\n" * 100)
+    for path, why in ((notdb, "file is not a database"), (tmp_path, "unable to open database file")):
+        with pytest.raises(ValueError, match=f"^queue store {re.escape(str(path))}: {why}$"):
+            connect(path)
+    with pytest.raises(ValueError, match="^token file /nonexistent/tok: cannot be read"):
+        queue_token(token_file="/nonexistent/tok")
+
+
 def test_upsert_is_idempotent(tmp_path, batch, db):
     result, records = batch
     before = _counts(db)
