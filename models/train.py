@@ -1366,8 +1366,9 @@ def cmd_train(args) -> int:
         return 0
     if args.table:
         args.label_column = args.label_column or "label"
-        t = labelled_table(read_table(args.table, args.id_column, label_column=args.label_column), args.label_column,
-                           args.positive, args.negative, args.id_column)
+        df = read_table(args.table, args.id_column, label_column=args.label_column)
+        t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
+                           exclude=_dropped(args, df))
         model = train_table(t, source=args.table, id_column=args.id_column, random_state=args.seed,
                             task=_table_task(args))
         model.save(args.out)
@@ -1451,7 +1452,10 @@ def cmd_evaluate(args) -> int:
     args.label_column = args.label_column or "label"
     df = read_table(args.table, args.id_column, model.metadata.get("id_column") if model else None,
                     label_column=args.label_column)
+    if args.model and args.drop:
+        raise ValueError("--drop is for training: a trained model reads the features it was trained on")
     t = labelled_table(df, args.label_column, args.positive, args.negative, args.id_column,
+                       exclude=_dropped(args, df),
                        require_all_labels=not args.model)  # a held-out split may lack a rare label
     bcol = args.baseline_column or next((c for c in ("rb_pix", "real_bogus", "drb", "rb") if c in df.columns), None)
     if model is not None:
@@ -1638,6 +1642,15 @@ def _add_sim_args(p) -> None:
     p.add_argument("--cadence", choices=CADENCES, help="simulated survey cadence (default nightly)")
 
 
+def _dropped(args, df: pd.DataFrame) -> set:
+    """``--drop``'s columns, each of which must be in the table."""
+    cols = set(_split_list(getattr(args, "drop", "")))
+    missing = sorted(cols - set(df.columns))
+    if missing:
+        raise ValueError(f"--drop: column(s) {missing} not in the table")
+    return cols
+
+
 def _add_table_args(p) -> None:
     p.add_argument("--table", help="labelled feature table (CSV)")
     p.add_argument("--label-column", help="label column (default: label; evaluate --model: the model's own)")
@@ -1647,6 +1660,8 @@ def _add_table_args(p) -> None:
                                       "default, the model's own)")
     p.add_argument("--id-column", help="object id column; required to train or cross-validate (rows of one "
                                        "object stay in one fold)")
+    p.add_argument("--drop", default="", help="comma-separated columns not to learn from (e.g. ra,dec: every "
+                                              "other numeric column is a feature)")
 
 
 #: The ``vigil validate`` sub-parsers object, so other modules can add checks

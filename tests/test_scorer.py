@@ -465,6 +465,21 @@ def test_table_train_and_score_commands(tmp_path, capsys):
     assert "ebv_sfd" in capsys.readouterr().err
 
 
+def test_table_columns_can_be_left_out(tmp_path, capsys):
+    """Every other numeric column is a feature, sky position included: --drop leaves some out."""
+    _table_csv(tmp_path / "t.csv")
+    args = ["--table", str(tmp_path / "t.csv"), "--label-column", "label", "--positive", "good,AGN,galactic,pm",
+            "--negative", "garbage", "--id-column", "ATLAS_ID"]
+    assert main(["train", *args, "--drop", "ebv_sfd, z", "--out", str(tmp_path / "m")]) == 0
+    assert TableScorer.load(tmp_path / "m").features == ("rb_pix", "magdet_std", "CV")
+    assert main(["evaluate", *args, "--drop", "ebv_sfd", "--baseline", "none"]) == 0
+    capsys.readouterr()
+    assert main(["train", *args, "--drop", "ra", "--out", str(tmp_path / "m2")]) == 2
+    assert "--drop: column(s) ['ra'] not in the table" in capsys.readouterr().err
+    assert main(["evaluate", *args, "--model", str(tmp_path / "m"), "--drop", "z"]) == 2
+    assert "--drop is for training" in capsys.readouterr().err
+
+
 def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
     df = _table_csv(tmp_path / "t.csv")
     train = ["train", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--negative", "garbage",
