@@ -407,6 +407,11 @@ def test_validate_hsr_on_real_alerts_counts_what_it_could_not_read(tmp_path):
     (tmp_path / "notes.avro").write_bytes(b"not an alert")
     out = run_real([DATA / "ztf_fink" / "2018-12-02_schema3.2", tmp_path])
     assert out["alerts"] == 6 and out["rejected"] == {"bad_magic_byte": 1}
+    from causal.validate import _real_report
+
+    text = _real_report(out)  # in words, said to be a report (it had read "noise_added: True" unexplained)
+    assert text.startswith("HSR on 6 real alerts (1 exposures), 0 sibling rows stored: a report, no pass/fail")
+    assert "rejected by the decoder: {'bad_magic_byte': 1}" in text and "median RMS after / before HSR: none" in text
 
 
 def test_rows_of_an_unknown_exposure_pass_through_uncorrected():
