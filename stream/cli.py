@@ -192,6 +192,17 @@ def cmd_broker(args) -> int:
     return 0
 
 
+def _count_of_rows(text: str) -> int:
+    """argparse type: 1 … 500 (as ``queue list --top``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 500:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows from 1 to 500")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vigil", description="Real-time annotator for astronomical alert streams.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -235,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="broker + sample alerts + service + ranked queue, in one command")
     p.add_argument("--data", help="alerts to replay (default: the bundled sample in tests/data)")
     p.add_argument("--queue", default="vigil-demo.sqlite", help="eyeball-queue store to fill")
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--top", type=_count_of_rows, default=15, help="rows of the ranked list to print (1–500)")
     p.set_defaults(func=lambda a: __import__("stream.demo", fromlist=["main"]).main(a))
 
     # Other commands live beside their code; each module has ``register(subparsers)``

@@ -45,6 +45,8 @@ def main(args) -> int:
     from stream.kafka import StopFlag, produce_files, run_service
 
     data = Path(args.data) if args.data else _default_data()
+    if not data.exists():  # before starting anything
+        raise FileNotFoundError(f"--data {data}: no such file or directory")
     cfg = load_config(REPO / "deploy" / "demo.toml") if (REPO / "deploy" / "demo.toml").exists() else None
     if cfg is None:
         from stream.config import Config
