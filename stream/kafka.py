@@ -92,9 +92,11 @@ class Stats:
 
     def __init__(self):
         self.lag: dict[tuple[str, int], int] = {}
+        self.at = None  # time.monotonic() of the last report (librdkafka reports every 5 s)
 
     def __call__(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
+        self.at = time.monotonic()
         # Rebuilt on every report: a partition revoked in a rebalance reports lag −1 and leaves,
         # rather than keeping its last lag in the totals forever.
         self.lag = {(topic, int(pid)): p["consumer_lag"]
@@ -497,9 +499,11 @@ class Metrics:
             quiet = (f"no message yet ({now - self.started:.0f} s)" if self.last_message is None
                      else f"last message {now - self.last_message:.0f} s ago")
             lag = sum(self.stats.lag.values()) if self.stats is not None and self.stats.lag else None
+            # The lag is librdkafka's last report's: say how old, or a fast replay reads as stuck.
+            when = f" ({now - self.stats.at:.0f} s ago)" if lag is not None and self.stats.at is not None else ""
             return (f"consumed {self.consumed}, annotated {self.annotated}, rejected {rej}, "
                     f"last batch {self.batch_seconds_last * 1000:.0f} ms, {quiet}"
-                    + (f", consumer lag {lag}" if lag is not None else ""))
+                    + (f", consumer lag {lag}{when}" if lag is not None else ""))
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int):

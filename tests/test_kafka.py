@@ -638,6 +638,9 @@ def test_consumer_lag_forgets_partitions_revoked_in_a_rebalance():
     assert s.lag == {("alerts", 0): 5, ("alerts", 1): 7}
     s(report(**{"0": 2, "1": -1}))  # partition 1 went to another member
     assert s.lag == {("alerts", 0): 2}
+    m = Metrics(s)
+    s.at -= 4.2  # the status line says how old the lag is (a fast replay's read as a stuck consumer)
+    assert m.log_line().endswith(", consumer lag 2 (4 s ago)")
 
 
 def test_librdkafka_log_goes_through_logging_once_per_kind_of_failure(caplog):
