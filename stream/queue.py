@@ -1545,7 +1545,7 @@ def cmd_list(args) -> int:
         raise FileNotFoundError(f"no such queue store: {args.db}")
     q = ListQuery(stage=args.stage, min_p_real=args.min_p_real, min_p_extragalactic=args.min_p_extragalactic,
                   min_p_fast=args.min_p_fast, sort=args.sort, hide_vetted=args.hide_vetted,
-                  hide_known_sso=args.hide_known_sso, per_page=args.top)
+                  hide_known_sso=args.hide_known_sso, per_page=args.top, sky=args.sky, b_cut=args.b_cut)
     store = QueueStore(args.db)
     try:
         page, now = store.list_objects(q), store.newest_mjd()
@@ -1655,6 +1655,9 @@ def register(subparsers) -> None:
     for name in SCORES:
         li.add_argument(f"--min-{name.replace('_', '-')}", type=_probability, metavar="P", dest=f"min_{name}",
                         help=f"only objects with {name} ≥ P (0–1)")
+    li.add_argument("--sky", choices=("all", "galactic", "extragalactic"), default="all",
+                    help="by Galactic latitude: |b| below --b-cut (galactic) or not (as the web page's filter)")
+    li.add_argument("--b-cut", type=float, default=15.0, metavar="DEG", help="latitude cut of --sky (default 15)")
     li.add_argument("--hide-vetted", action="store_true")
     li.add_argument("--hide-known-sso", action="store_true", help="leave out known asteroids")
     li.add_argument("--json", action="store_true")

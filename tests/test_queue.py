@@ -1516,6 +1516,17 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
     vetted_first = int(top[1]["stage"] == "first")
     assert got["total"] == first.total - vetted_first
     assert top[1]["object_id"] not in {r["object_id"] for r in got["rows"]}
+    halves = []
+    for sky in ("galactic", "extragalactic"):  # as the web page's latitude filter
+        assert main(["queue", "list", "--db", str(db), "--top", "500", "--sky", sky, "--b-cut", "20", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        store = QueueStore(db)
+        want = store.list_objects(ListQuery(sky=sky, b_cut=20.0, per_page=500))
+        store.close()
+        assert [r["object_id"] for r in got["rows"]] == [r["object_id"] for r in want.rows] and got["rows"]
+        assert got["total"] == want.total
+        halves.append({r["object_id"] for r in got["rows"]})
+    assert not halves[0] & halves[1]
     assert main(["queue", "list", "--db", str(db.parent / "none.sqlite")]) == 2
     assert "no such queue store" in capsys.readouterr().err
     # Out of range is refused, not clipped to 500 rows or read as "nothing passes".
