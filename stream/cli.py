@@ -255,9 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in PLUGIN_MODULES:
         importlib.import_module(mod).register(sub)
-    for p in sub.choices.values():  # `vigil run -v` as well as `vigil -v run`
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="debug logging and tracebacks")
+    def verbose_too(parser):  # `vigil run -v` and `vigil queue list -v` as well as `vigil -v run`
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for p in action.choices.values():
+                    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="debug logging and tracebacks")
+                    verbose_too(p)
+
+    verbose_too(ap)
     return ap
 
 

@@ -5,7 +5,7 @@
   untouched (SASL/SSL for the ZTF and Rubin community brokers).
 * Secrets never live in the file: a secret setting (e.g. ``sasl.password``) must be
   written ``{ env = "VARIABLE" }`` (read from the environment at load time) or
-  ``{ file = "PATH" }`` (the file's text without its final newline: Docker and Kubernetes
+  ``{ file = "PATH" }`` (the file's text without trailing line ends: Docker and Kubernetes
   secrets are mounted as files).
 
 Example: see ``deploy/*.toml``.
@@ -230,6 +230,16 @@ _OWNED_PRODUCER_KEYS = {"bootstrap.servers": "output.bootstrap_servers",
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def same_cluster_as_source(cfg: Config) -> bool:
+    """Whether the outputs go to the source's cluster: no ``output.bootstrap_servers``, or one
+    sharing a broker address with ``source.bootstrap_servers`` (aliases of a host cannot be told)."""
+    def brokers(text):
+        return {b.strip().lower() for b in text.split(",") if b.strip()}
+
+    out = cfg.output.bootstrap_servers
+    return not out or bool(brokers(out) & brokers(cfg.source.bootstrap_servers))
+
+
 def check_topic_name(name: str, key: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` unless ``name`` is a topic name a broker accepts."""
     if not _TOPIC_NAME.fullmatch(name) or len(name) > 249:
@@ -243,8 +253,8 @@ def _check_output_topics(cfg: Config) -> None:
     annotations topic that is read would feed every annotation back in as a bad alert.
     """
     out = cfg.output
-    # On another cluster, a topic of the same name is another topic.
-    same_cluster = out.bootstrap_servers in ("", cfg.source.bootstrap_servers)
+    # On another cluster, a topic of the same name is another topic (a broker both lists name is one cluster).
+    same_cluster = same_cluster_as_source(cfg)
     for key in ("annotations_topic", "dead_letter_topic"):
         name = getattr(out, key)
         check_topic_name(name, f"output.{key}")

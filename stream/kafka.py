@@ -585,7 +585,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     -------
     stream.service.Counts
     """
-    from stream.config import ConfigError, load_configured_model
+    from stream.config import ConfigError, load_configured_model, same_cluster_as_source
     from stream.decode import Decoder, SchemaRegistry, load_ztf_schema
     from stream.pipeline import ErrorBudget, Pipeline
     from stream.service import Counts, drive
@@ -615,7 +615,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
             log.info("no [replay] section: the whole topic, earliest to end, under group %s", rc.group_id)
         queue_db = rc.queue_db
         ann_topic, dlq_topic = f"{ann_topic}.{rc.namespace}", f"{dlq_topic}.{rc.namespace}"
-        if out_bootstrap == s.bootstrap_servers:  # a pattern that took in the replay's outputs would loop
+        if same_cluster_as_source(cfg):  # a pattern that took in the replay's outputs would loop
             for t in s.topics:
                 hit = [n for n in (ann_topic, dlq_topic) if t.startswith("^") and re.search(t, n)]
                 if hit:
@@ -680,6 +680,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         else:  # idle: serve the producers' callbacks and log queue, which only polling empties
             for sink in (sinks[0], dlq):
                 sink.producer.poll(0)
+            if queue_db:  # and the eyeball queue's list goes on ageing through a quiet day
+                sinks[-1].idle()
         # Also when idle: a quiet log would not tell a quiet night from a stuck consumer.
         if time.monotonic() - last_log[0] >= cfg.service.log_interval_s:
             last_log[0] = time.monotonic()

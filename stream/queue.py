@@ -302,6 +302,7 @@ class _PgConnection:
                 sql = re.sub(pat, new, sql)
         sql = sql.replace("excluded.priority IS objects.priority",
                           "excluded.priority IS NOT DISTINCT FROM objects.priority")
+        sql = sql.replace(" IS ?", " IS NOT DISTINCT FROM ?")
         return sql.replace("?", "%s")
 
     def execute(self, sql: str, params=()):
@@ -336,8 +337,9 @@ class _PgConnection:
 
 
 #: How long a batch waits, in all, for another writer to release the store's write lock
-#: before the error stops the run: under librdkafka's default max.poll.interval.ms (300 s), past
-#: which the consumer would leave its group (nothing lost, but its partitions move).
+#: before the error stops the run: with one delivery timeout (305 s) before it, under the consumer's
+#: max.poll.interval.ms (600 s, :data:`stream.kafka.MAX_POLL_INTERVAL_MS`), past which the consumer
+#: would leave its group (nothing lost, but its partitions move).
 LOCK_PATIENCE_S = 240.0
 
 
@@ -560,13 +562,19 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
 AGE_EVERY_S = 600.0
 #: A stored priority is rewritten once it is off by more than this fraction (or its stage changed).
 AGE_TOLERANCE = 0.005
+# Every object not yet fully aged: its stage can still advance, or its priority is above the
+# floor it tends to (long-term, freshness 0.5: a quarter of the scores' product).
 _AGE_CANDIDATES = """
-SELECT object_id, latest_alert_id, p_real, p_extragalactic, p_fast, priority, stage, first_mjd, latest_mjd
-FROM objects WHERE priority IS NOT NULL AND (stage <> 'longterm' OR latest_mjd > ?)"""
-_AGE_UPDATE = "UPDATE objects SET priority = ?, stage = ? WHERE object_id = ? AND latest_alert_id = ?"
+SELECT object_id, latest_alert_id, model_version, p_real, p_extragalactic, p_fast, priority, stage, first_mjd,
+       latest_mjd
+FROM objects WHERE stage <> 'longterm'
+   OR priority > ? * p_real * (0.35 + 0.65 * (1.0 - (1.0 - p_extragalactic) * (1.0 - p_fast)))"""
+# Only if nothing changed since it was read (another writer's newer alert, or a rescore by another model).
+_AGE_UPDATE = """UPDATE objects SET priority = ?, stage = ?
+WHERE object_id = ? AND latest_alert_id = ? AND model_version = ? AND priority IS ? AND stage = ?"""
 
 
-def age_priorities(conn, now_mjd: float | None = None) -> int:
+def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
     """Let the ranked list age: each scored object's priority and stage as of ``now_mjd``.
 
     An annotation's priority is that of its alert when it was annotated (freshness 1 for a
@@ -581,41 +589,54 @@ def age_priorities(conn, now_mjd: float | None = None) -> int:
         A store connection (:func:`connect`), for writing.
     now_mjd : float, optional
         "Now"; default the newest alert in the store (the stream clock of a replay).
+    stop : callable, optional
+        Checked between transactions: True ends the pass (the next one goes on).
 
     Returns
     -------
     int
         Objects rewritten: those whose stage changed or whose priority moved by more than
-        :data:`AGE_TOLERANCE` of itself. Read without the write lock and written in
-        transactions of :data:`PRUNE_CHUNK` objects; an object a newer alert updated
-        meanwhile is left to that alert.
+        :data:`AGE_TOLERANCE` of itself. Read without the write lock (a full scan of the
+        objects not yet fully aged: ~1.4 s per 300,000 young objects) and written in
+        transactions of :data:`PRUNE_CHUNK` objects; an object that changed meanwhile (a
+        newer alert, another model's scores) is left as it is. An object without a first
+        detection time is aged from its latest alert, a lower bound on its age.
     """
-    from models.rank import FRESHNESS_DAYS, STAGES, priority, stage_of
+    from models.rank import STAGES, URGENCY, priority, stage_of
 
     if now_mjd is None:
         now_mjd = conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()[0]
         if now_mjd is None:  # empty store
             return 0
-    # Past ~12 freshness times the factor is 0.5 to 1e-5, and a long-term object's stage is final.
-    rows = conn.execute(_AGE_CANDIDATES, (float(now_mjd) - 12 * FRESHNESS_DAYS,)).fetchall()
+    floor = min(URGENCY.values()) * 0.5  # long-term urgency × the freshness of a long-past alert
+    rows = conn.execute(_AGE_CANDIDATES, (floor * (1.0 + AGE_TOLERANCE),)).fetchall()
     if not rows:
         return 0
-    oid, aid, p_r, p_x, p_f, old, stage, first, latest = (list(c) for c in zip(*rows, strict=True))
-    first = np.array([np.nan if v is None else v for v in first], float)
+    oid, aid, model, p_r, p_x, p_f, old, stage, first, latest = (list(c) for c in zip(*rows, strict=True))
+    latest = np.asarray(latest, float)
+    first = np.array([lt if v is None else v for v, lt in zip(first, latest, strict=True)], float)
     rank = {s: i for i, s in enumerate(STAGES)}
-    now_stage = stage_of(float(now_mjd) - first)
-    # Unknown first detection: the stored stage stands; a stage never goes back.
-    new_stage = [s if not np.isfinite(f) or rank.get(s, 0) >= rank[n] else str(n)
-                 for s, n, f in zip(stage, now_stage, first, strict=True)]
-    new = priority(p_r, p_x, p_f, new_stage, float(now_mjd) - np.asarray(latest, float))
-    old = np.asarray(old, float)
-    moved = (np.array(new_stage) != np.array(stage)) | (np.abs(new - old) > AGE_TOLERANCE * np.abs(old))
-    moved &= np.isfinite(new)
-    todo = [(float(new[i]), new_stage[i], oid[i], aid[i]) for i in np.flatnonzero(moved)]
+    # A stage never goes back (a stored stage this Vigil does not know is left alone).
+    new_stage = [s if rank.get(s, len(STAGES)) >= rank[str(n)] else str(n)
+                 for s, n in zip(stage, stage_of(float(now_mjd) - first), strict=True)]
+    def floats(col):
+        return np.array([np.nan if v is None else v for v in col], float)
+
+    new = priority(floats(p_r), floats(p_x), floats(p_f), new_stage, float(now_mjd) - latest)
+    was = floats(old)
+    moved = np.array(new_stage) != np.array(stage)
+    moved |= np.isfinite(new) & np.isfinite(was) & (np.abs(new - was) > AGE_TOLERANCE * np.abs(was))
+    # An unscored object (priority NULL) keeps its NULL; only its stage moves.
+    todo = [(float(new[i]) if old[i] is not None and np.isfinite(new[i]) else old[i], new_stage[i], oid[i], aid[i],
+             model[i], old[i], stage[i]) for i in np.flatnonzero(moved)]
+    done = 0
     for i in range(0, len(todo), PRUNE_CHUNK):
+        if stop is not None and stop():
+            break
         with _write_transaction(conn):
             conn.executemany(_AGE_UPDATE, todo[i:i + PRUNE_CHUNK])
-    return len(todo)
+        done += len(todo[i:i + PRUNE_CHUNK])
+    return done
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -714,11 +735,19 @@ ON CONFLICT (object_id) DO UPDATE SET
     abs_gal_b = excluded.abs_gal_b, latest_alert_id = excluded.latest_alert_id, latest_mjd = excluded.latest_mjd,
     first_mjd = excluded.first_mjd, band = excluded.band, mag = excluded.mag, status = excluded.status,
     p_real = excluded.p_real, p_extragalactic = excluded.p_extragalactic, p_fast = excluded.p_fast,
-    priority = excluded.priority, stage = excluded.stage, model_version = excluded.model_version,
+    -- the same alert scored by the same model again (a redelivery): its aged priority and stage stand
+    priority = CASE WHEN excluded.latest_alert_id = objects.latest_alert_id
+                         AND excluded.model_version = objects.model_version THEN objects.priority
+                    ELSE excluded.priority END,
+    stage = CASE WHEN excluded.latest_alert_id = objects.latest_alert_id
+                      AND excluded.model_version = objects.model_version THEN objects.stage
+                 ELSE excluded.stage END,
+    model_version = excluded.model_version,
     n_det = excluded.n_det, spark = excluded.spark, ss_distance = excluded.ss_distance,
     -- dialect: "IS" (null-safe equality) -> IS NOT DISTINCT FROM
     updated_ms = CASE WHEN excluded.latest_alert_id = objects.latest_alert_id
-                           AND excluded.priority IS objects.priority THEN objects.updated_ms
+                           AND (excluded.model_version = objects.model_version
+                                OR excluded.priority IS objects.priority) THEN objects.updated_ms
                       ELSE excluded.updated_ms END
 WHERE excluded.latest_mjd > objects.latest_mjd
    OR (excluded.latest_mjd = objects.latest_mjd AND excluded.latest_alert_id >= objects.latest_alert_id)
@@ -923,12 +952,17 @@ class QueueSink:
             if time.monotonic() - self._aged_at >= AGE_EVERY_S:
                 self._age()
 
+    def idle(self) -> None:
+        """Called while the stream is quiet: the list goes on ageing (a day without alerts included)."""
+        if self.conn is not None and not self._in_tx and time.monotonic() - self._aged_at >= AGE_EVERY_S:
+            self._age()
+
     def _age(self) -> None:
         """Age the ranked list (:func:`age_priorities`); like pruning, a failure is only logged."""
         self._aged_at, self._unaged = time.monotonic(), False
         now = time.time() / 86400.0 + 40587.0 if self.clock == "wall" else None
         try:
-            n = age_priorities(self.conn, now)
+            n = age_priorities(self.conn, now, stop=self.give_up)
         except Exception as exc:
             log.warning("queue ageing skipped this time: %s", exc)
             return

@@ -650,8 +650,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                 flag = "new data"
             if seen is not None and default_view and seen["seen_rank"]:
                 moved = seen["seen_rank"] - rank  # > 0: moved up
-            dprio = None
-            if seen is not None and seen["seen_priority"] is not None and r["priority"] is not None:
+            dprio = None  # what new data did to the priority (the list's ageing alone moves it down)
+            if flag == "new data" and seen["seen_priority"] is not None and r["priority"] is not None:
                 dprio = r["priority"] - seen["seen_priority"]
             rows.append(dict(r, rank=rank, flag=flag, moved=moved, dprio=dprio,
                              age=(now - r["first_mjd"]) if r["first_mjd"] is not None else None,

@@ -100,6 +100,9 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
                                                                  "(use output.bootstrap_servers)"),
     ({"output": {"bootstrap_servers": "127.0.0.1:9092", "annotations_topic": "ztf_alerts"}},
      "output.annotations_topic: 'ztf_alerts' is also read"),  # naming the source's cluster is the same cluster
+    ({"source": {"bootstrap_servers": "k1:9092,K2:9092"},
+      "output": {"bootstrap_servers": "k2:9092", "annotations_topic": "ztf_alerts"}},
+     "output.annotations_topic: 'ztf_alerts' is also read"),  # one broker in common: one cluster
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
@@ -132,6 +135,7 @@ def test_the_log_level_comes_from_the_config_and_v_wins(tmp_path, monkeypatch):
         assert main(["run", "--config", str(p)]) == 0
         assert main(["run", "-v", "--config", str(p)]) == 0  # -v after the command, too
         assert main(["-v", "run", "--config", str(p)]) == 0
+        assert main(["queue", "list", "--db", str(tmp_path / "none.sqlite"), "-v"]) == 2  # a nested command too
     finally:
         root.setLevel(level)
     assert seen == [logging.WARNING, logging.DEBUG, logging.DEBUG]

@@ -367,7 +367,7 @@ def test_the_list_ages_as_time_passes(tmp_path, batch):
     rows = {r[0]: r[1:] for r in conn.execute("SELECT object_id, stage, priority FROM objects")}
     assert rows["OLD"][0] == "updating" and rows["NEW"][0] == "first"
     assert rows["OLD"][1] == pytest.approx(float(priority(0.95, 0.95, 0.95, "updating", 10.0)))
-    assert rows["NEW"][1] > rows["OLD"][1] and rows["NONE"] == ("first", None)  # unscored stays unscored
+    assert rows["NEW"][1] > rows["OLD"][1] and rows["NONE"] == ("longterm", None)  # unscored stays so; its stage ages
     ranked = [r["object_id"] for r in QueueStore(path).list_objects(ListQuery(per_page=10)).rows]
     assert ranked == ["NEW", "OLD", "NONE"]
     # The annotations keep what the pipeline said.
@@ -379,6 +379,72 @@ def test_the_list_ages_as_time_passes(tmp_path, batch):
     got = conn.execute("SELECT stage, priority FROM objects WHERE object_id = 'NEW'").fetchone()
     assert got[0] == "longterm" and got[1] == pytest.approx(float(priority(0.6, 0.6, 0.6, "longterm", 1e9)))
     conn.close()
+
+
+def test_ageing_reaches_every_object_and_keeps_what_changed_meanwhile(tmp_path, batch):
+    """Found by a review: long-term objects were skipped for good, a redelivered alert undid the
+    ageing, an object without a first detection time kept 'first' for ever, and an object another
+    writer rescored between the read and the write got a priority from the old scores."""
+    from models.rank import priority
+    from stream.queue import _AGE_UPDATE, age_priorities
+
+    _, records = batch
+    base = records[0]
+    t = max(r["event_mjd"] for r in records)
+
+    def rec(oid, aid, mjd, p, stage="first", first=None, model="m1"):
+        r = dict(copy.deepcopy(base), object_id=oid, alert_id=aid, event_mjd=mjd, stage=stage, p_real=p,
+                 p_extragalactic=p, p_fast=p, model_version=model,
+                 lightcurve=dict(base["lightcurve"], first_mjd=mjd if first is None else first))
+        r["priority"] = float(priority(p, p, p, stage))
+        return r
+
+    path = tmp_path / "q.sqlite"
+    lt = rec("LT", 1, t - 400, 0.9, stage="longterm", first=t - 900)  # long-term when written, 400 d ago
+    nofirst = rec("NOFIRST", 2, t - 10, 0.9)
+    nofirst["lightcurve"]["first_mjd"] = None
+    with QueueSink(path, clock="stream") as sink:
+        sink.write([lt, nofirst, rec("NOW", 3, t, 0.5)])
+        sink.flush()
+    conn = sqlite3.connect(path)
+    got = {r[0]: r[1:] for r in conn.execute("SELECT object_id, stage, priority FROM objects")}
+    assert got["LT"] == ("longterm", pytest.approx(float(priority(0.9, 0.9, 0.9, "longterm", 400.0))))
+    assert got["NOFIRST"][0] == "updating"  # 10 d since its latest alert at least
+    # The same alert, redelivered: the aged priority and stage stand (it had gone back to 'first').
+    with QueueSink(path) as sink:
+        sink.write([lt, nofirst])
+        sink.flush()
+    assert {r[0]: r[1:] for r in conn.execute("SELECT object_id, stage, priority FROM objects")} == got
+    # Another model rescored LT's alert after the pass read it: the pass leaves the row alone.
+    s = QueueStore(path)
+    row = (0.1, "updating", "LT", 1, "m1", got["LT"][1], "longterm")
+    s.conn.execute("UPDATE objects SET model_version = 'm2', p_real = 0.05 WHERE object_id = 'LT'")
+    assert s.conn.execute(_AGE_UPDATE, row).rowcount == 0
+    s.conn.execute("UPDATE objects SET model_version = 'm1' WHERE object_id = 'LT'")
+    assert s.conn.execute(_AGE_UPDATE, row).rowcount == 1  # (the guard, not a typo, kept it)
+    assert age_priorities(s.conn, t) >= 1  # and the next pass puts it right
+    assert s.conn.execute("SELECT priority FROM objects WHERE object_id = 'LT'").fetchone()[0] == pytest.approx(
+        float(priority(0.05, 0.9, 0.9, "longterm", 400.0)))
+    assert age_priorities(s.conn, t) == 0  # fully aged: nothing more to do
+    s.close()
+    conn.close()
+
+
+def test_the_list_ages_while_the_stream_is_quiet(tmp_path, batch):
+    from stream.queue import AGE_EVERY_S
+
+    _, records = batch
+    path = tmp_path / "q.sqlite"
+    with QueueSink(path, clock="wall") as sink:
+        sink.write(records[:3])
+        sink.flush()
+        aged = sink.conn.execute("SELECT object_id, priority FROM objects ORDER BY object_id").fetchall()
+        sink.conn.execute("UPDATE objects SET priority = 0.99")  # as if annotated just now
+        sink.idle()
+        assert sink.conn.execute("SELECT MIN(priority) FROM objects").fetchone()[0] == 0.99  # not due yet
+        sink._aged_at -= AGE_EVERY_S
+        sink.idle()  # ten minutes on, no batch: aged all the same
+        assert sink.conn.execute("SELECT object_id, priority FROM objects ORDER BY object_id").fetchall() == aged
 
 
 def test_two_replays_into_one_store_rank_by_the_newest(tmp_path, batch):
