@@ -107,8 +107,9 @@ def cmd_replay(args) -> int:
 
         try:
             store = QueueSink(args.queue)
-        except (OSError, sqlite3.DatabaseError) as e:
-            raise ValueError(f"--queue {args.queue}: cannot open it as a queue store ({e})") from None
+        except (OSError, sqlite3.DatabaseError, ValueError) as e:
+            why = getattr(e, "reason", e)  # a StoreOpenError names the path itself
+            raise ValueError(f"--queue {args.queue}: cannot open it as a queue store ({why})") from None
     sinks = _annotation_sinks(args.out) + ([store] if store is not None else [])
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)

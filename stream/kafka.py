@@ -667,7 +667,8 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
             if server is not None:
                 server.shutdown()
             key = "replay.queue_db" if replay else "output.queue_db"
-            raise ConfigError(f"{key}: cannot open the queue store {redacted(queue_db)}: {e}") from None
+            why = getattr(e, "reason", e)  # a StoreOpenError names the path itself
+            raise ConfigError(f"{key}: cannot open the queue store {redacted(queue_db)}: {why}") from None
         store.give_up = stop  # unlike a Kafka flush, a store wait ends at the first signal
         sinks.append(store)
     counts_box = {"c": Counts()}

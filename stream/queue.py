@@ -361,6 +361,14 @@ def _errors(pg_name: str) -> tuple:
     return sqlite3.OperationalError, getattr(psycopg.errors, pg_name)
 
 
+class StoreOpenError(ValueError):
+    """A SQLite path that is not a store (or cannot be opened): ``reason`` is SQLite's word for it."""
+
+    def __init__(self, path, reason):
+        self.reason = str(reason)
+        super().__init__(f"queue store {path}: {self.reason}")
+
+
 def connect(path, *, writer: bool = False):
     """Open the store, creating the schema if needed.
 
@@ -396,7 +404,7 @@ def connect(path, *, writer: bool = False):
         if "locked" in str(e) or "busy" in str(e):
             raise
         # "file is not a database", "unable to open database file": say which file
-        raise ValueError(f"queue store {path}: {e}") from None
+        raise StoreOpenError(path, e) from None
     conn.execute(f"PRAGMA synchronous={'FULL' if writer else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys=ON")
     _ensure_schema(conn)
@@ -574,14 +582,19 @@ _AGE_UPDATE = """UPDATE objects SET priority = ?, stage = ?
 WHERE object_id = ? AND latest_alert_id = ? AND model_version = ? AND priority IS ? AND stage = ?"""
 
 
+def _floats(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], float)
+
+
 def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
-    """Let the ranked list age: each scored object's priority and stage as of ``now_mjd``.
+    """Let the ranked list age: each object's priority and stage as of ``now_mjd``.
 
     An annotation's priority is that of its alert when it was annotated (freshness 1 for a
     live alert), so an object no new alert has updated would keep its rank for ever. Here
     the stage follows the time since the first detection (it only ever advances) and the
     freshness the time since the latest alert, with :func:`models.rank.priority`'s formula
-    on the stored scores; the annotations themselves are not changed.
+    on the stored scores (an unscored object's stage only); the annotations themselves are
+    not changed.
 
     Parameters
     ----------
@@ -619,11 +632,8 @@ def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
     # A stage never goes back (a stored stage this Vigil does not know is left alone).
     new_stage = [s if rank.get(s, len(STAGES)) >= rank[str(n)] else str(n)
                  for s, n in zip(stage, stage_of(float(now_mjd) - first), strict=True)]
-    def floats(col):
-        return np.array([np.nan if v is None else v for v in col], float)
-
-    new = priority(floats(p_r), floats(p_x), floats(p_f), new_stage, float(now_mjd) - latest)
-    was = floats(old)
+    new = priority(_floats(p_r), _floats(p_x), _floats(p_f), new_stage, float(now_mjd) - latest)
+    was = _floats(old)
     moved = np.array(new_stage) != np.array(stage)
     moved |= np.isfinite(new) & np.isfinite(was) & (np.abs(new - was) > AGE_TOLERANCE * np.abs(was))
     # An unscored object (priority NULL) keeps its NULL; only its stage moves.
