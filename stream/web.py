@@ -543,6 +543,9 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             if request.method == "POST":  # cookie-authenticated writes must prove they came from our pages
                 sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf", "")
                 if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()):
+                    if request.path.startswith("/api/"):  # the page's script shows this, not an HTML page
+                        return _json_error("your session changed (a new login, or it expired): reload the page; "
+                                           "this was not saved", 403)
                     abort(403)
             return None
         if request.path.startswith("/api/") or request.path.startswith("/cutout/") or request.method != "GET" \
@@ -661,7 +664,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                                  with_rank=default_view)
         base = query_args(q, page=1)
         qs = urlencode(base)
-        return render_template("list.html", page=page, rows=rows, q=q, qs=qs, base=base,
+        oqs = urlencode(query_args(q, page=page.page))  # an object's page leads back to this page
+        return render_template("list.html", page=page, rows=rows, q=q, qs=qs, oqs=oqs, base=base,
                                prev_url=(url_for("index", **query_args(q, page=page.page - 1))
                                          if page.page > 1 else None),
                                next_url=(url_for("index", **query_args(q, page=page.page + 1))
@@ -674,7 +678,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         if obj is None:
             abort(404)
         q = query_from_args(request.args)
-        qs = urlencode(query_args(q, page=1))
+        qs = urlencode(query_args(q))  # with the list page it came from, for "↑ list"
         nxt, prv = store().neighbour(object_id, q, 1), store().neighbour(object_id, q, -1)
         if _own_navigation():
             store().record_views(g.vetter, [obj], with_rank=False)

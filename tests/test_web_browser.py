@@ -144,6 +144,10 @@ def test_vetting_session_in_chromium(server, browser, tmp_path):
     assert len(widths) == 3 and all(w > 0 for w in widths), widths
     assert "P(real)=" in page.inner_text(".scores")
     page.screenshot(path=str(SHOTS / "vigil_queue_object.png"), full_page=True)
+    page.set_viewport_size({"width": 375, "height": 800})  # a phone: the difference stamp was off-screen
+    rights = page.eval_on_selector_all("img.cutout", "is => is.map(i => i.getBoundingClientRect().right)")
+    assert len(rights) == 3 and max(rights) <= 375, rights
+    page.set_viewport_size({"width": 1500, "height": 950})
 
     # Keyboard vetting on the object page: r (real), x (extragalactic), f (follow-up); j moves on.
     for key in ("r", "x", "f"):
@@ -211,3 +215,63 @@ def test_undoing_a_call_in_chromium(server, browser):
     assert not any(d[0] == target for d in _decisions(db))
     assert not errors, errors
 
+
+
+def test_a_vetter_keeps_her_place_in_chromium(server, browser):
+    """Found by a vetter's walk-through: z on the list reloaded with the cursor on row 1 (the next key
+    then vetted another object), "↑ list" from an object went back to page 1, k on a page's first row
+    went to the previous page's first row, and a call refused after a new login said only
+    "Unexpected token '<'" for 1.6 s."""
+    base, db = server
+    context = browser.new_context(viewport={"width": 1500, "height": 950})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base + "/login")
+    page.fill("#vetter", "Ida")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    page.goto(base + "/?per_page=10&page=2")
+    page.wait_for_selector("#queue tbody tr[data-object-id]")
+    rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
+    for _ in range(4):
+        page.keyboard.press("j")
+    target = rows[4]
+    page.keyboard.press("g")
+    page.wait_for_selector(f'#queue tbody tr[data-object-id="{target}"] td.vet .lab')
+    page.keyboard.press("z")  # reloads: the cursor stays on the row undone
+    page.wait_for_function(f"""!document.querySelector('#queue tbody tr[data-object-id="{target}"] td.vet .lab')""")
+    assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == target
+    page.keyboard.press("o")  # the object, then back to this page of the list, at this row
+    page.wait_for_url(lambda u: "/object/" in u)
+    assert "page=2" in page.url
+    page.keyboard.press("u")
+    page.wait_for_url(lambda u: "/object/" not in u)
+    page.wait_for_selector("tr.cursor")
+    assert "page=2" in page.url and page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == target
+    for _ in range(4):
+        page.keyboard.press("k")
+    assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == rows[0]
+    page.keyboard.press("k")  # the previous page, at its last row
+    page.wait_for_url(lambda u: "page=2" not in u)
+    page.wait_for_selector("tr.cursor")
+    last = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs[rs.length - 1].dataset.objectId")
+    assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == last
+    # A new login elsewhere in this browser changes the session: this page's next call is refused, and
+    # says so in words until clicked.
+    other = context.new_page()
+    other.goto(base + "/login")
+    other.fill("#vetter", "Ida")
+    other.fill("#token", TOKEN)
+    other.click("button[type=submit]")
+    other.wait_for_selector("#queue tbody tr[data-object-id]")
+    page.bring_to_front()
+    page.keyboard.press("r")
+    page.wait_for_selector("#toast.show.err")
+    assert "session changed" in page.inner_text("#toast")
+    page.wait_for_timeout(2500)  # (an ordinary message is gone after 1.6 s)
+    assert page.locator("#toast.show.err").count() == 1
+    page.click("#toast")
+    assert page.locator("#toast.show").count() == 0
+    assert not errors, errors
+    context.close()

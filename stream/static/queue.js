@@ -20,14 +20,30 @@
     if (old) cell.replaceChild(span, old); else cell.appendChild(span);
   }
 
+  // A call that was not saved stays on screen until clicked (or the next message): a vetter
+  // pressing j at once must still see it.
   function toast(msg, err) {
     var t = document.getElementById("toast");
     if (!t) return;
     t.textContent = msg;
     t.className = "show" + (err ? " err" : "");
     clearTimeout(toast.timer);
-    toast.timer = setTimeout(function () { t.className = ""; }, 1600);
+    if (err) { t.title = "click to dismiss"; t.onclick = function () { t.className = ""; }; }
+    else toast.timer = setTimeout(function () { t.className = ""; }, 1600);
   }
+
+  // The server's JSON answer, or an error a vetter can act on (a login page instead of JSON
+  // means the session changed or ran out).
+  function answer(r) {
+    if ((r.headers.get("Content-Type") || "").indexOf("application/json") < 0) {
+      throw new Error(r.status === 401 || r.status === 403 || r.redirected
+                      ? "your session changed or expired: reload the page" : r.status + " " + r.statusText);
+    }
+    return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || r.statusText); return j; });
+  }
+
+  // Where the list's cursor goes when the list is shown next (an object id, or "last" row).
+  function remember(where) { try { sessionStorage.setItem("vigil-cursor", where); } catch (e) { /* private mode */ } }
 
   function decide(objectId, alertId, action) {
     last = null;  // z acts on this call once it is saved, never on the one before it
@@ -36,14 +52,10 @@
       method: "POST", credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: JSON.stringify({ object_id: objectId, alert_id: alertId, action: action })
-    }).then(function (r) {
-      return r.json().then(function (j) {
-        if (!r.ok) throw new Error(j.error || r.statusText);
-        return j;
-      });
-    }).then(function (j) {
+    }).then(answer).then(function (j) {
       pending--;
       last = j.decision_id;
+      lastObject = objectId;
       toast(objectId + ": " + action.replace(/_/g, " ") + " (z: undo)");
       return j;
     }, function (e) { pending--; toast("not saved: " + e.message, true); throw e; });
@@ -51,23 +63,23 @@
 
   // z withdraws this page's last call (kept in the store's log, marked); the page then reloads
   // to show the object's vetting state as the remaining decisions leave it.
-  var last = null, pending = 0;
-  function withdraw(id) {
+  var last = null, lastObject = null, pending = 0;
+  function withdraw(id, objectId) {
     return fetch("/api/decision/" + id + "/withdraw", {
       method: "POST", credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: "{}"
-    }).then(function (r) {
-      return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || r.statusText); return j; });
-    }).then(function () { location.reload(); },
-            function (e) { toast("not withdrawn: " + e.message, true); throw e; });
+    }).then(answer).then(function () {
+      if (objectId) remember(objectId);  // the reloaded list keeps its cursor on the row undone
+      location.reload();
+    }, function (e) { toast("not withdrawn: " + e.message, true); throw e; });
   }
   function undo() {
     if (pending) { toast("a call is still being saved: press z again once it is", true); return; }
     if (last === null) { toast("nothing to undo on this page"); return; }
     var id = last;
     last = null;
-    withdraw(id).then(null, function () { if (last === null) last = id; });
+    withdraw(id, lastObject).then(null, function () { if (last === null) last = id; });
   }
 
   function typing(ev) {
@@ -78,12 +90,18 @@
   if (page === "list") {
     var rows = Array.prototype.slice.call(document.querySelectorAll("#queue tbody tr[data-object-id]"));
     var cur = rows.length ? 0 : -1;
+    var want = null;
+    try { want = sessionStorage.getItem("vigil-cursor"); sessionStorage.removeItem("vigil-cursor"); } catch (e) { /* */ }
+    if (want === "last") cur = rows.length - 1;
+    else if (want) rows.forEach(function (r, i) { if (r.dataset.objectId === want) cur = i; });
     function show() {
       rows.forEach(function (r, i) { r.classList.toggle("cursor", i === cur); });
       if (cur >= 0) rows[cur].scrollIntoView({ block: "nearest" });
     }
     rows.forEach(function (r, i) {
-      r.addEventListener("click", function (ev) { if (ev.target.tagName !== "A") { cur = i; show(); } });
+      r.addEventListener("click", function (ev) {
+        if (ev.target.tagName !== "A") { cur = i; show(); } else remember(r.dataset.objectId);
+      });
       // Tabbing into a row makes it the row the keys act on.
       r.addEventListener("focusin", function () { cur = i; show(); });
     });
@@ -102,10 +120,12 @@
         else if (gone) { location.reload(); }
         else { var n = document.getElementById("next-page"); if (n) location = n.href; }
       } else if (k === "k") {
-        if (cur > 0) { cur--; show(); } else { var p = document.getElementById("prev-page"); if (p) location = p.href; }
+        if (cur > 0) { cur--; show(); }
+        else { var p = document.getElementById("prev-page"); if (p) { remember("last"); location = p.href; } }
       } else if (k === "z") {
         undo();
       } else if ((k === "o" || k === "Enter") && cur >= 0) {
+        remember(rows[cur].dataset.objectId);
         location = rows[cur].dataset.href;
       } else if (KEYS[k] && cur >= 0) {
         var row = rows[cur], action = KEYS[k];
@@ -132,6 +152,8 @@
 
   if (page === "object") {
     var oid = body.dataset.objectId, aid = body.dataset.alertId;
+    var up = document.getElementById("up-list");
+    if (up) up.addEventListener("click", function () { remember(oid); });
     document.querySelectorAll(".vetbar form").forEach(function (f) {
       f.addEventListener("submit", function (ev) {
         ev.preventDefault();
@@ -144,6 +166,7 @@
         var btn = document.querySelector('.vetbar button[data-action="' + action + '"]');
         if (btn) btn.classList.add("done");
         var current = document.querySelector(".vetbar .current");
+        if (action === "snooze") { var sz = document.getElementById("snoozed"); if (sz) sz.hidden = false; }
         if (current && action !== "snooze") {
           showLabel(current, action, action.replace(/_/g, " ").replace("no follow up", "no follow-up")
                     .replace("follow up", "follow-up"));
@@ -157,7 +180,7 @@
         b.textContent = "withdraw";
         b.addEventListener("click", function () { withdraw(j.decision_id).then(null, function () {}); });
         li.appendChild(b);
-        var none = ul.querySelector(".muted"); if (none) none.remove();
+        var none = ul.querySelector("li.muted"); if (none) none.remove();  // "none yet", not a withdrawal's note
         ul.insertBefore(li, ul.firstChild);
       }, function () {});
     }
@@ -166,7 +189,7 @@
       var k = ev.key;
       if (k === "j" && body.dataset.next) location = body.dataset.next;
       else if (k === "k" && body.dataset.prev) location = body.dataset.prev;
-      else if (k === "u" || k === "Escape") location = body.dataset.list;
+      else if (k === "u" || k === "Escape") { remember(oid); location = body.dataset.list; }
       else if (k === "z") undo();
       else if (KEYS[k]) act(KEYS[k]);
       else return;
