@@ -36,6 +36,27 @@ FEATURES = (
     "det_seeing",
 )
 
+#: How an explanation names each feature to a vetter: (words, unit after the value).
+FEATURE_WORDS = {
+    "real_bogus": ("survey real/bogus score", ""), "star_galaxy": ("PS1 star/galaxy score", ""),
+    "ps1_distance": ("nearest PS1 source at", "″"), "gaia_distance": ("nearest Gaia star at", "″"),
+    "gaia_mag": ("nearest Gaia star's G", " mag"), "ref_mag": ("reference-image source", " mag"),
+    "ref_distance": ("reference-image source at", "″"), "ss_distance": ("known asteroid at", "″"),
+    "elongation": ("elongation", ""), "fwhm": ("PSF width", "″"), "n_bad_pixels": ("bad pixels", ""),
+    "n_negative_pixels": ("negative pixels", ""), "snr": ("S/N", ""), "extendedness": ("extendedness", ""),
+    "galactic_latitude": ("Galactic latitude", "°"), "mag": ("magnitude", ""), "limit_mag": ("depth", " mag"),
+    "n_det": ("detections", ""), "n_nondet": ("non-detections", ""), "n_forced": ("forced-photometry points", ""),
+    "n_det_history": ("detections in the survey's history", ""),
+    "days_since_first": ("days since the first detection", ""),
+    "days_since_last_nondet": ("days since the last non-detection", ""), "peak_flux": ("peak flux", " µJy"),
+    "flux_now_over_peak": ("flux now / peak", ""), "amplitude_mag": ("amplitude", " mag"),
+    "rise_rate": ("rise rate", " mag/d"), "decline_rate": ("decline rate", " mag/d"),
+    "colour_gr": ("g − r colour", " mag"), "frac_negative": ("share of negative detections", ""),
+    "pos_scatter": ("positional scatter", "″"), "pos_offset_now": ("offset from the mean position", "″"),
+    "seeing": ("seeing", "″"), "airmass": ("airmass", ""), "moon_illumination": ("Moon illumination", ""),
+    "moon_separation": ("Moon at", "°"), "det_seeing": ("seeing of the detections", "″"),
+}
+
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
 #: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit
 #: fraction (0 when the Moon is below the horizon), ``moon_separation`` in degrees;

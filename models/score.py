@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from models.features import FEATURE_WORDS
+
 SCORES = ("p_real", "p_extragalactic", "p_fast")
 
 
@@ -92,10 +94,11 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
     -------
     list, one entry per row, of ``(items, text)``: ``items`` a list of
     (score, feature, value, contribution); ``text`` score → one sentence, e.g.
-    ``"P(real)=0.91: real_bogus=0.97 raises it; snr=5.1 lowers it"``; a missing value reads
-    ``"no pos_scatter lowers it"``; a feature the score reads relative to the conditions
-    (``batch.relative``) reads ``"fwhm=2.4 for its conditions raises it"``. Values are the
-    alert's own (raw) values.
+    ``"P(real)=0.91: survey real/bogus score 0.97 raises it; S/N 5.1 lowers it"`` (features
+    in a vetter's words, :data:`models.features.FEATURE_WORDS`; ``items`` keep their names);
+    a missing value reads ``"no positional scatter lowers it"``; a feature the score reads
+    relative to the conditions (``batch.relative``) reads ``"PSF width 2.4″ for its
+    conditions raises it"``. Values are the alert's own (raw) values.
     """
     n = len(X)
     out = [([], {}) for _ in range(n)]
@@ -128,8 +131,9 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                     continue
                 name = names[j]
                 items.append((s, name, val, v))
+                words, unit = FEATURE_WORDS.get(name, (name, ""))
                 # A missing value is evidence too (one detection has no positional scatter).
-                what = f"no {name}" if math.isnan(val) else f"{name}={val:.3g}"
+                what = f"no {words}" if math.isnan(val) else f"{words} {val:.3g}{unit}"
                 if name in relative and not math.isnan(val):
                     what += " for its conditions"
                 parts.append(f"{what} {'raises' if v > 0 else 'lowers'} it")

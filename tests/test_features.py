@@ -284,3 +284,9 @@ def test_exposure_companions_stay_bounded_and_ignore_unknown_exposures():
     mem.add(np.array([None, None], dtype=object), ["a", "b"], np.array([1.0, 3.0]))
     assert None not in mem._widths
     assert np.isnan(mem.loo_median(np.array([None], dtype=object), ["a"], 1)[0])
+
+
+def test_every_feature_has_words_for_the_explanations():
+    from models.features import FEATURE_WORDS, FEATURES
+
+    assert set(FEATURE_WORDS) == set(FEATURES)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import DATA, SHARED, avro_files
 
-from models.features import FEATURES
+from models.features import FEATURE_WORDS, FEATURES
 from models.score import SCORES, ScoreBatch, explain
 from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
 from models.train import (
@@ -237,7 +237,8 @@ def test_explanation_orders_by_size_and_names_missing_values():
     sb = ScoreBatch(np.array([0.9]), np.array([0.02]), np.array([0.1]), tuple(X.columns),
                     {"p_extragalactic": c}, "test")
     items, text = explain(sb, X, 0, k=2)
-    assert text == {"p_extragalactic": "P(extragalactic)=0.02: no pos_scatter lowers it; mag=19.2 raises it"}
+    assert text == {"p_extragalactic": "P(extragalactic)=0.02: no positional scatter lowers it; magnitude 19.2 "
+                                       "raises it"}  # in a vetter's words (the items keep the names)
     assert [(f, v) for _, f, _, v in items] == [("pos_scatter", -3.1), ("mag", 0.8)]
 
 
@@ -726,7 +727,8 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
     for a in res.annotations:
         for c in a.explanation:
             if c.feature in relative and c.value is not None and np.isfinite(c.value):
-                phrase = f"{c.feature}={c.value:.3g} for its conditions"
+                words, unit = FEATURE_WORDS[c.feature]
+                phrase = f"{words} {c.value:.3g}{unit} for its conditions"
                 assert (phrase in a.explanation_text[c.score]) == (c.score != "p_real")
                 said += c.score != "p_real"
     assert said > 0
