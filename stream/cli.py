@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in PLUGIN_MODULES:
         importlib.import_module(mod).register(sub)
+
     def verbose_too(parser):  # `vigil run -v` and `vigil queue list -v` as well as `vigil -v run`
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
