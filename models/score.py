@@ -133,12 +133,20 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                 items.append((s, name, val, v))
                 words, unit = FEATURE_WORDS.get(name, (name, ""))
                 # A missing value is evidence too (one detection has no positional scatter).
-                what = f"no {words}" if math.isnan(val) else f"{words} {val:.3g}{unit}"
+                what = f"no {words.removesuffix(' at')}" if math.isnan(val) else f"{words} {value_text(val)}{unit}"
                 if name in relative and not math.isnan(val):
                     what += " for its conditions"
                 parts.append(f"{what} {'raises' if v > 0 else 'lowers'} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
     return out
+
+
+def value_text(v: float) -> str:
+    """A feature value as an explanation writes it: three significant digits, and no exponent
+    where a vetter would not write one (12,300 µJy, 1,750 detections; 8.5e-05 stays)."""
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
 
 
 def explain(batch: ScoreBatch, X: pd.DataFrame, i: int, k: int = 3):

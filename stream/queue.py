@@ -970,6 +970,8 @@ class QueueSink:
     def _age(self) -> None:
         """Age the ranked list (:func:`age_priorities`); like pruning, a failure is only logged."""
         self._aged_at, self._unaged = time.monotonic(), False
+        if self.give_up():  # stopping: the next start ages the list (a pass would only scan, not write)
+            return
         now = time.time() / 86400.0 + 40587.0 if self.clock == "wall" else None
         try:
             n = age_priorities(self.conn, now, stop=self.give_up)
@@ -1177,6 +1179,19 @@ class QueueStore:
             log.info("vetter views not recorded (%s)", exc)
         finally:
             self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def position(self, object_id: str, q: ListQuery) -> int | None:
+        """0-based place of ``object_id`` in the list ``q`` describes; None if the list leaves it out."""
+        expr, direction = SORTS.get(q.sort, SORTS["priority"])
+        where, args = q.where()
+        cur = self.conn.execute(f"SELECT {expr} AS k FROM objects WHERE object_id = ? AND {where}",
+                                [object_id, *args]).fetchone()
+        if cur is None:
+            return None
+        before = ">" if direction == "DESC" else "<"  # ties broken by object_id ascending, as the list
+        return int(self.conn.execute(
+            f"SELECT COUNT(*) FROM objects WHERE {where} AND ({expr} {before} ? OR ({expr} = ? AND object_id < ?))",
+            [*args, cur["k"], cur["k"], object_id]).fetchone()[0])
 
     def neighbour(self, object_id: str, q: ListQuery, step: int = 1) -> str | None:
         """The object after (``step=1``) or before (``-1``) ``object_id`` in the list order."""

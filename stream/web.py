@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze
+from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, MAX_PAGE_ROWS, SORTS, STAGES, ListQuery, QueueStore, analyze
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +543,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             if request.method == "POST":  # cookie-authenticated writes must prove they came from our pages
                 sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf", "")
                 if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()):
-                    if request.path.startswith("/api/"):  # the page's script shows this, not an HTML page
+                    if "application/json" in request.headers.get("Accept", ""):  # the page's script shows it
                         return _json_error("your session changed (a new login, or it expired): reload the page; "
                                            "this was not saved", 403)
                     abort(403)
@@ -678,7 +678,12 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         if obj is None:
             abort(404)
         q = query_from_args(request.args)
-        qs = urlencode(query_args(q))  # with the list page it came from, for "↑ list"
+        qs = urlencode(query_args(q, page=1))
+        # "↑ list" opens the list page this object is on now (j/k may have crossed pages), else
+        # the one it was opened from (a snooze or "hide vetted" may have taken it off the list).
+        at = store().position(object_id, q)
+        per = max(1, min(int(q.per_page), MAX_PAGE_ROWS))
+        lqs = urlencode(query_args(q, page=at // per + 1 if at is not None else q.page))
         nxt, prv = store().neighbour(object_id, q, 1), store().neighbour(object_id, q, -1)
         if _own_navigation():
             store().record_views(g.vetter, [obj], with_rank=False)
@@ -694,7 +699,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             explanation_text=explanation_text, links=archive_links(obj["ra"], obj["dec"], object_id, obj["survey"]),
             next_url=url_for("object_page", object_id=nxt) + (f"?{qs}" if qs else "") if nxt else None,
             prev_url=url_for("object_page", object_id=prv) + (f"?{qs}" if qs else "") if prv else None,
-            list_url=url_for("index") + (f"?{qs}" if qs else ""), now_mjd=now_mjd(),
+            list_url=url_for("index") + (f"?{lqs}" if lqs else ""), now_mjd=now_mjd(),
             feature_rows=sorted(feats.items()),
         )
 

@@ -656,6 +656,12 @@ def test_auth_required_except_health(client, db):
     assert client.get("/").status_code == 200
     # Cookie-authenticated writes need the CSRF token; bearer clients do not.
     assert client.post("/api/decision", json={"object_id": oid, "action": "real"}).status_code == 403
+    # The page's script asks for JSON and shows its words; a form posted without script gets a page.
+    stale = client.post("/api/decision", json={"object_id": oid, "action": "real"},
+                        headers={"X-CSRF-Token": "stale", "Accept": "application/json"})
+    assert stale.status_code == 403 and "reload the page" in stale.get_json()["error"]
+    form = client.post("/api/decision", data={"object_id": oid, "action": "real", "csrf": "stale"})
+    assert form.status_code == 403 and form.mimetype == "text/html"
     ok = client.post("/api/decision", json={"object_id": oid, "action": "real"}, headers={"X-CSRF-Token": csrf})
     assert ok.status_code == 200 and ok.get_json()["vetter"] == "vera"
     api = client.post("/api/decision", json={"object_id": oid, "action": "bogus"},

@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, SHARED, avro_files
 
 from models.features import FEATURE_WORDS, FEATURES
-from models.score import SCORES, ScoreBatch, explain
+from models.score import SCORES, ScoreBatch, explain, value_text
 from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
 from models.train import (
     SimTable,
@@ -240,6 +240,12 @@ def test_explanation_orders_by_size_and_names_missing_values():
     assert text == {"p_extragalactic": "P(extragalactic)=0.02: no positional scatter lowers it; magnitude 19.2 "
                                        "raises it"}  # in a vetter's words (the items keep the names)
     assert [(f, v) for _, f, _, v in items] == [("pos_scatter", -3.1), ("mag", 0.8)]
+    # A distance that is missing has no "at"; large values have no exponent.
+    X = pd.DataFrame({"ss_distance": [np.nan], "peak_flux": [12345.6], "real_bogus": [8.46e-5]})
+    sb = ScoreBatch(np.array([0.3]), np.array([0.02]), np.array([0.1]), tuple(X.columns),
+                    {"p_real": np.array([[-1.0, 0.5, -2.0]])}, "test")
+    assert explain(sb, X, 0, k=3)[1]["p_real"] == ("P(real)=0.30: survey real/bogus score 8.46e-05 lowers it; "
+                                                   "no known asteroid lowers it; peak flux 12,346 µJy raises it")
 
 
 def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
@@ -728,7 +734,7 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
         for c in a.explanation:
             if c.feature in relative and c.value is not None and np.isfinite(c.value):
                 words, unit = FEATURE_WORDS[c.feature]
-                phrase = f"{words} {c.value:.3g}{unit} for its conditions"
+                phrase = f"{words} {value_text(c.value)}{unit} for its conditions"
                 assert (phrase in a.explanation_text[c.score]) == (c.score != "p_real")
                 said += c.score != "p_real"
     assert said > 0

@@ -249,6 +249,35 @@ def test_a_vetter_keeps_her_place_in_chromium(server, browser):
     page.wait_for_url(lambda u: "/object/" not in u)
     page.wait_for_selector("tr.cursor")
     assert "page=2" in page.url and page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == target
+    # j across the page's end, then u: the list page that object is on now, at its row (a review found
+    # the list page of the first object kept, and the cursor at the top).
+    for _ in range(5):
+        page.keyboard.press("j")
+    page.keyboard.press("o")
+    page.wait_for_url(lambda u: "/object/" in u)
+    page.keyboard.press("j")
+    page.wait_for_url(lambda u: "/object/" + rows[9] not in u)
+    beyond = page.evaluate("document.body.dataset.objectId")
+    page.keyboard.press("u")
+    page.wait_for_url(lambda u: "/object/" not in u)
+    page.wait_for_selector("tr.cursor")
+    assert "page=3" in page.url and page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == beyond
+    # An object snoozed on its page leaves the list: u comes back to the row now in its place.
+    page.goto(base + "/?per_page=10&page=2")
+    page.wait_for_selector("tr.cursor")
+    for _ in range(4):
+        page.keyboard.press("j")
+    gone = page.eval_on_selector("tr.cursor", "r => r.dataset.objectId")
+    page.keyboard.press("o")
+    page.wait_for_url(lambda u: "/object/" in u)
+    page.keyboard.press("s")
+    page.wait_for_selector("#snoozed:not([hidden])")
+    page.keyboard.press("u")
+    page.wait_for_url(lambda u: "/object/" not in u)
+    page.wait_for_selector("tr.cursor")
+    now = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
+    assert gone not in now and page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == now[4]
+    rows = now
     for _ in range(4):
         page.keyboard.press("k")
     assert page.eval_on_selector("tr.cursor", "r => r.dataset.objectId") == rows[0]

@@ -42,8 +42,24 @@
     return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || r.statusText); return j; });
   }
 
-  // Where the list's cursor goes when the list is shown next (an object id, or "last" row).
-  function remember(where) { try { sessionStorage.setItem("vigil-cursor", where); } catch (e) { /* private mode */ } }
+  // Where the cursor goes when the list page ``list`` (path and query) is shown next: on object
+  // ``id``, else on row ``row`` (a number, or "last"). Only that list page uses it.
+  function here(url) {  // one spelling per list page, whatever the order of its query
+    var u = new URL(url || location.href, location.href);
+    u.searchParams.sort();
+    return u.pathname + "?" + u.searchParams.toString();
+  }
+  function remember(list, id, row) {
+    try { sessionStorage.setItem("vigil-cursor", JSON.stringify({ list: here(list), id: id, row: row })); }
+    catch (e) { /* storage off (private mode): the cursor starts at the top */ }
+  }
+  function recalled() {
+    try {
+      var v = JSON.parse(sessionStorage.getItem("vigil-cursor") || "null");
+      sessionStorage.removeItem("vigil-cursor");
+      return v;
+    } catch (e) { return null; }
+  }
 
   function decide(objectId, alertId, action) {
     last = null;  // z acts on this call once it is saved, never on the one before it
@@ -70,7 +86,7 @@
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
       body: "{}"
     }).then(answer).then(function () {
-      if (objectId) remember(objectId);  // the reloaded list keeps its cursor on the row undone
+      if (objectId && page === "list") remember(null, objectId, cur);  // the reloaded list: on the row undone
       location.reload();
     }, function (e) { toast("not withdrawn: " + e.message, true); throw e; });
   }
@@ -90,17 +106,23 @@
   if (page === "list") {
     var rows = Array.prototype.slice.call(document.querySelectorAll("#queue tbody tr[data-object-id]"));
     var cur = rows.length ? 0 : -1;
-    var want = null;
-    try { want = sessionStorage.getItem("vigil-cursor"); sessionStorage.removeItem("vigil-cursor"); } catch (e) { /* */ }
-    if (want === "last") cur = rows.length - 1;
-    else if (want) rows.forEach(function (r, i) { if (r.dataset.objectId === want) cur = i; });
+    var want = recalled();
+    if (want && want.list === here() && rows.length) {
+      var found = -1;
+      rows.forEach(function (r, i) { if (want.id && r.dataset.objectId === want.id) found = i; });
+      // An object that left the list (snoozed, vetted under "hide vetted"): the row now in its place.
+      if (found < 0 && want.row === "last") found = rows.length - 1;
+      else if (found < 0 && typeof want.row === "number") found = Math.min(want.row, rows.length - 1);
+      if (found >= 0) cur = found;
+    }
     function show() {
       rows.forEach(function (r, i) { r.classList.toggle("cursor", i === cur); });
       if (cur >= 0) rows[cur].scrollIntoView({ block: "nearest" });
     }
     rows.forEach(function (r, i) {
       r.addEventListener("click", function (ev) {
-        if (ev.target.tagName !== "A") { cur = i; show(); } else remember(r.dataset.objectId);
+        if (ev.target.tagName !== "A") { cur = i; show(); }
+        else if (ev.button === 0 && !(ev.ctrlKey || ev.metaKey || ev.shiftKey)) remember(null, r.dataset.objectId, i);
       });
       // Tabbing into a row makes it the row the keys act on.
       r.addEventListener("focusin", function () { cur = i; show(); });
@@ -121,11 +143,11 @@
         else { var n = document.getElementById("next-page"); if (n) location = n.href; }
       } else if (k === "k") {
         if (cur > 0) { cur--; show(); }
-        else { var p = document.getElementById("prev-page"); if (p) { remember("last"); location = p.href; } }
+        else { var p = document.getElementById("prev-page"); if (p) { remember(p.href, null, "last"); location = p.href; } }
       } else if (k === "z") {
         undo();
       } else if ((k === "o" || k === "Enter") && cur >= 0) {
-        remember(rows[cur].dataset.objectId);
+        remember(null, rows[cur].dataset.objectId, cur);
         location = rows[cur].dataset.href;
       } else if (KEYS[k] && cur >= 0) {
         var row = rows[cur], action = KEYS[k];
@@ -152,8 +174,13 @@
 
   if (page === "object") {
     var oid = body.dataset.objectId, aid = body.dataset.alertId;
+    // Back to the list at this object (or, if it left the list, at the row it was opened from).
+    var came = recalled();
+    function back() {
+      remember(body.dataset.list, oid, came && came.id === oid && here(body.dataset.list) === came.list ? came.row : null);
+    }
     var up = document.getElementById("up-list");
-    if (up) up.addEventListener("click", function () { remember(oid); });
+    if (up) up.addEventListener("click", back);
     document.querySelectorAll(".vetbar form").forEach(function (f) {
       f.addEventListener("submit", function (ev) {
         ev.preventDefault();
@@ -189,7 +216,7 @@
       var k = ev.key;
       if (k === "j" && body.dataset.next) location = body.dataset.next;
       else if (k === "k" && body.dataset.prev) location = body.dataset.prev;
-      else if (k === "u" || k === "Escape") { remember(oid); location = body.dataset.list; }
+      else if (k === "u" || k === "Escape") { back(); location = body.dataset.list; }
       else if (k === "z") undo();
       else if (KEYS[k]) act(KEYS[k]);
       else return;
