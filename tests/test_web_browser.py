@@ -85,6 +85,14 @@ def _decisions(db) -> list:
         c.close()
 
 
+def _submit_login(page, vetter: str) -> None:
+    """Fill the login form the page shows and wait for the ranked list."""
+    page.fill("#vetter", vetter)
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#queue tbody tr[data-object-id]")
+
+
 def test_vetting_session_in_chromium(server, browser, tmp_path):
     base, db = server
     page = browser.new_page(viewport={"width": 1500, "height": 950})
@@ -94,10 +102,7 @@ def test_vetting_session_in_chromium(server, browser, tmp_path):
     # Not logged in: the list redirects to the login form.
     page.goto(base + "/")
     assert "/login" in page.url
-    page.fill("#vetter", "Vera")
-    page.fill("#token", TOKEN)
-    page.click("button[type=submit]")
-    page.wait_for_selector("#queue tbody tr[data-object-id]")
+    _submit_login(page, "Vera")
 
     # Ranked by priority, as in the store.
     shown = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
@@ -182,10 +187,7 @@ def test_undoing_a_call_in_chromium(server, browser):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(base + "/login")
-    page.fill("#vetter", "Uma")
-    page.fill("#token", TOKEN)
-    page.click("button[type=submit]")
-    page.wait_for_selector("#queue tbody tr[data-object-id]")
+    _submit_login(page, "Uma")
     rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
     target = next(o for o in rows[5:] if not any(d[0] == o for d in _decisions(db)))
     page.focus(f'#queue tbody tr[data-object-id="{target}"] a')
@@ -228,9 +230,7 @@ def test_a_vetter_keeps_her_place_in_chromium(server, browser):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(base + "/login")
-    page.fill("#vetter", "Ida")
-    page.fill("#token", TOKEN)
-    page.click("button[type=submit]")
+    _submit_login(page, "Ida")
     page.goto(base + "/?per_page=10&page=2")
     page.wait_for_selector("#queue tbody tr[data-object-id]")
     rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
@@ -290,10 +290,7 @@ def test_a_vetter_keeps_her_place_in_chromium(server, browser):
     # says so in words until clicked.
     other = context.new_page()
     other.goto(base + "/login")
-    other.fill("#vetter", "Ida")
-    other.fill("#token", TOKEN)
-    other.click("button[type=submit]")
-    other.wait_for_selector("#queue tbody tr[data-object-id]")
+    _submit_login(other, "Ida")
     page.bring_to_front()
     page.keyboard.press("r")
     page.wait_for_selector("#toast.show.err")
