@@ -1605,7 +1605,18 @@ def cmd_list(args) -> int:
     q = ListQuery(stage=args.stage, min_p_real=args.min_p_real, min_p_extragalactic=args.min_p_extragalactic,
                   min_p_fast=args.min_p_fast, sort=args.sort, hide_vetted=args.hide_vetted,
                   hide_known_sso=args.hide_known_sso, per_page=args.top, sky=args.sky, b_cut=args.b_cut)
-    store = QueueStore(args.db)
+    rows, total, now = listed(args.db, q)
+    if args.json:
+        print(json.dumps({"total": total, "newest_mjd": now, "rows": rows}, indent=1))
+        return 0
+    print("\n".join(ranked_lines(rows)))
+    print(f"{len(rows)} of {total} objects" + (f"; ages against the newest alert, MJD {now:.4f}" if now else ""))
+    return 0
+
+
+def listed(db, q: ListQuery) -> tuple:
+    """``(rows, total, newest MJD)`` of the ranked list ``q`` in store ``db``: what ``queue list`` prints."""
+    store = QueueStore(db)
     try:
         page, now = store.list_objects(q), store.newest_mjd()
     finally:
@@ -1616,12 +1627,7 @@ def cmd_list(args) -> int:
     rows = [{k: r[k] for k in keep} for r in page.rows]
     for r in rows:
         r["age_days"] = None if now is None or r["latest_mjd"] is None else float(now) - float(r["latest_mjd"])
-    if args.json:
-        print(json.dumps({"total": page.total, "newest_mjd": now, "rows": rows}, indent=1))
-        return 0
-    print("\n".join(ranked_lines(rows)))
-    print(f"{len(rows)} of {page.total} objects" + (f"; ages against the newest alert, MJD {now:.4f}" if now else ""))
-    return 0
+    return rows, page.total, now
 
 
 def _count(text: str) -> int:

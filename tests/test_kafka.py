@@ -533,6 +533,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert f"read {n}, annotated {n}, rejected 0" in r.stdout
     assert f"{n} annotations on topic" in r.stdout
     assert "Top 15 of the ranked list" in r.stdout and "broker stopped" in r.stdout
+    # The list printed is the eyeball queue's, as `vigil queue list` shows it (aged, not as annotated).
+    listed = subprocess.run([sys.executable, "-m", "stream.cli", "queue", "list", "--db", str(tmp_path / "q.sqlite"),
+                             "--top", "15"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    table = listed.stdout.splitlines()[:17]  # header, rule and 15 rows
+    assert len(table) == 17 and "\n".join(table) in r.stdout
 
 
 def test_service_scores_with_the_configured_model(broker, topics, tmp_path):
