@@ -1083,6 +1083,11 @@ class ListQuery:
             args.append(KNOWN_SSO_ARCSEC)
         return (" AND ".join(sql) or "1=1"), args
 
+    @property
+    def rows_per_page(self) -> int:
+        """``per_page`` as served: 1 … :data:`MAX_PAGE_ROWS`."""
+        return max(1, min(int(self.per_page), MAX_PAGE_ROWS))
+
     def order(self, reverse: bool = False) -> str:
         expr, direction = SORTS.get(self.sort, SORTS["priority"])
         if reverse:
@@ -1145,7 +1150,7 @@ class QueueStore:
     def list_objects(self, q: ListQuery, vetter: str | None = None) -> ListPage:
         """One page of objects, ranked by ``q.sort``, with the vetter's previous look."""
         where, args = q.where()
-        per = max(1, min(int(q.per_page), MAX_PAGE_ROWS))
+        per = q.rows_per_page
         page = max(1, int(q.page))
         rows = self.conn.execute(
             f"SELECT {LIST_COLUMNS} FROM objects WHERE {where} ORDER BY {q.order()} LIMIT ? OFFSET ?",
@@ -1180,8 +1185,8 @@ class QueueStore:
         finally:
             self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
-    def position(self, object_id: str, q: ListQuery) -> int | None:
-        """0-based place of ``object_id`` in the list ``q`` describes; None if the list leaves it out."""
+    def page_of(self, object_id: str, q: ListQuery) -> int | None:
+        """1-based page of the list ``q`` that holds ``object_id``; None if the list leaves it out."""
         expr, direction = SORTS.get(q.sort, SORTS["priority"])
         where, args = q.where()
         cur = self.conn.execute(f"SELECT {expr} AS k FROM objects WHERE object_id = ? AND {where}",
@@ -1189,9 +1194,10 @@ class QueueStore:
         if cur is None:
             return None
         before = ">" if direction == "DESC" else "<"  # ties broken by object_id ascending, as the list
-        return int(self.conn.execute(
+        ahead = int(self.conn.execute(
             f"SELECT COUNT(*) FROM objects WHERE {where} AND ({expr} {before} ? OR ({expr} = ? AND object_id < ?))",
             [*args, cur["k"], cur["k"], object_id]).fetchone()[0])
+        return ahead // q.rows_per_page + 1
 
     def neighbour(self, object_id: str, q: ListQuery, step: int = 1) -> str | None:
         """The object after (``step=1``) or before (``-1``) ``object_id`` in the list order."""

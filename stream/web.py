@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, MAX_PAGE_ROWS, SORTS, STAGES, ListQuery, QueueStore, analyze
+from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze
 
 log = logging.getLogger(__name__)
 
@@ -681,9 +681,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         qs = urlencode(query_args(q, page=1))
         # "↑ list" opens the list page this object is on now (j/k may have crossed pages), else
         # the one it was opened from (a snooze or "hide vetted" may have taken it off the list).
-        at = store().position(object_id, q)
-        per = max(1, min(int(q.per_page), MAX_PAGE_ROWS))
-        lqs = urlencode(query_args(q, page=at // per + 1 if at is not None else q.page))
+        on = store().page_of(object_id, q)
+        lqs = urlencode(query_args(q, page=on if on is not None else q.page))
         nxt, prv = store().neighbour(object_id, q, 1), store().neighbour(object_id, q, -1)
         if _own_navigation():
             store().record_views(g.vetter, [obj], with_rank=False)
