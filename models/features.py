@@ -56,6 +56,17 @@ FEATURE_WORDS = {
     "seeing": ("seeing", "″"), "airmass": ("airmass", ""), "moon_illumination": ("Moon illumination", ""),
     "moon_separation": ("Moon at", "°"), "det_seeing": ("seeing of the detections", "″"),
 }
+#: Counts, which an explanation writes number first ("1 detection", "3 bad pixels"): the
+#: singular of their :data:`FEATURE_WORDS` (which hold the plural).
+COUNT_SINGULAR = {
+    "n_det": "detection", "n_nondet": "non-detection", "n_forced": "forced-photometry point",
+    "n_det_history": "detection in the survey's history", "n_bad_pixels": "bad pixel",
+    "n_negative_pixels": "negative pixel", "days_since_first": "day since the first detection",
+    "days_since_last_nondet": "day since the last non-detection",
+}
+#: What a missing value means, where "no <words>" would not say it.
+MISSING_WORDS = {"days_since_last_nondet": "no earlier non-detection",
+                 "days_since_first": "no first-detection time"}
 
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
 #: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from models.features import FEATURE_WORDS
+from models.features import COUNT_SINGULAR, FEATURE_WORDS, MISSING_WORDS
 
 SCORES = ("p_real", "p_extragalactic", "p_fast")
 
@@ -131,14 +131,31 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                     continue
                 name = names[j]
                 items.append((s, name, val, v))
-                words, unit = FEATURE_WORDS.get(name, (name, ""))
-                # A missing value is evidence too (one detection has no positional scatter).
-                what = f"no {words.removesuffix(' at')}" if math.isnan(val) else f"{words} {value_text(val)}{unit}"
-                if name in relative and not math.isnan(val):
-                    what += " for its conditions"
-                parts.append(f"{what} {'raises' if v > 0 else 'lowers'} it")
+                what = feature_phrase(name, val, relative=name in relative)
+                # "3 bad pixels lower it", "1 detection raises it"
+                plural = name in COUNT_SINGULAR and (val != 1 if not math.isnan(val) else name not in MISSING_WORDS)
+                verb = ("raise" if v > 0 else "lower") if plural else ("raises" if v > 0 else "lowers")
+                parts.append(f"{what} {verb} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
     return out
+
+
+def feature_phrase(name: str, value: float, relative: bool = False) -> str:
+    """A feature and its value in a vetter's words, as an explanation writes them.
+
+    ``"PSF width 2.4″"``, counts number first (``"1 detection"``, ``"3 bad pixels"``), a
+    missing value as what its absence means (``"no positional scatter"``: one detection has
+    none, and that is evidence too); ``relative`` adds ``" for its conditions"`` (a feature
+    the score reads relative to the observing conditions).
+    """
+    words, unit = FEATURE_WORDS.get(name, (name, ""))
+    if math.isnan(value):
+        return MISSING_WORDS.get(name, f"no {words.removesuffix(' at')}")
+    if name in COUNT_SINGULAR:
+        what = f"{value_text(value)} {COUNT_SINGULAR[name] if value == 1 else words}"
+    else:
+        what = f"{words} {value_text(value)}{unit}"
+    return what + (" for its conditions" if relative else "")
 
 
 def value_text(v: float) -> str:

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from conftest import DATA, SHARED, avro_files
 
-from models.features import FEATURE_WORDS, FEATURES
-from models.score import SCORES, ScoreBatch, explain, value_text
+from models.features import FEATURES
+from models.score import SCORES, ScoreBatch, explain, feature_phrase
 from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
 from models.train import (
     SimTable,
@@ -246,6 +246,16 @@ def test_explanation_orders_by_size_and_names_missing_values():
                     {"p_real": np.array([[-1.0, 0.5, -2.0]])}, "test")
     assert explain(sb, X, 0, k=3)[1]["p_real"] == ("P(real)=0.30: survey real/bogus score 8.46e-05 lowers it; "
                                                    "no known asteroid lowers it; peak flux 12,346 µJy raises it")
+    # Counts are written number first, in the singular for one; a missing time says what it means.
+    X = pd.DataFrame({"n_det": [1.0], "n_bad_pixels": [3.0], "days_since_last_nondet": [np.nan],
+                      "days_since_first": [1.5]})
+    sb = ScoreBatch(np.array([0.8]), np.array([0.6]), np.array([0.1]), tuple(X.columns),
+                    {"p_fast": np.array([[0.9, -0.5, 0.4, -0.1]])}, "test")
+    assert explain(sb, X, 0, k=4)[1]["p_fast"] == (
+        "P(fast)=0.10: 1 detection raises it; 3 bad pixels lower it; no earlier non-detection raises it; "
+        "1.5 days since the first detection lower it")
+    assert (feature_phrase("n_det_history", 1750.0, relative=True)
+            == "1,750 detections in the survey's history for its conditions")
 
 
 def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
@@ -733,8 +743,7 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
     for a in res.annotations:
         for c in a.explanation:
             if c.feature in relative and c.value is not None and np.isfinite(c.value):
-                words, unit = FEATURE_WORDS[c.feature]
-                phrase = f"{words} {value_text(c.value)}{unit} for its conditions"
+                phrase = feature_phrase(c.feature, c.value, relative=True)
                 assert (phrase in a.explanation_text[c.score]) == (c.score != "p_real")
                 said += c.score != "p_real"
     assert said > 0
