@@ -93,6 +93,32 @@ def _submit_login(page, vetter: str) -> None:
     page.wait_for_selector("#queue tbody tr[data-object-id]")
 
 
+
+def test_pages_keep_a_phones_width(server, browser):
+    """On a phone (mobile emulation: the browser honours the viewport tag) no page is zoomed out
+    to fit a wide table: the login page had no viewport tag (laid out 980 px wide), the list and
+    the object page's alert history were wider than the screen; those tables now scroll sideways."""
+    base, db = server
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    try:
+        page.goto(base + "/")
+        assert "/login" in page.url
+        widths = "[window.innerWidth, document.documentElement.scrollWidth]"
+        assert page.evaluate(widths) == [390, 390]
+        _submit_login(page, "Mo")
+        assert page.evaluate(widths) == [390, 390]
+        assert page.eval_on_selector("#queue", "t => t.getBoundingClientRect().width") > 390  # it scrolls, on its own
+        most = sqlite3.connect(db).execute(
+            "SELECT object_id FROM objects ORDER BY n_alerts DESC, object_id").fetchone()[0]
+        page.goto(f"{base}/object/{most}")
+        page.wait_for_load_state("load")
+        assert page.evaluate(widths) == [390, 390]
+        # An object nobody snoozed shows no "snoozed" label (a class's display used to override `hidden`).
+        assert page.locator("#snoozed").count() == 1 and not page.is_visible("#snoozed")
+    finally:
+        context.close()
+
 def test_vetting_session_in_chromium(server, browser, tmp_path):
     base, db = server
     page = browser.new_page(viewport={"width": 1500, "height": 950})
