@@ -101,6 +101,8 @@ def test_pages_keep_a_phones_width(server, browser):
     base, db = server
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     page = context.new_page()
+    console = []  # e.g. "Failed to load resource" (every page asked for a /favicon.ico there is none of)
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
     try:
         page.goto(base + "/")
         assert "/login" in page.url
@@ -116,6 +118,7 @@ def test_pages_keep_a_phones_width(server, browser):
         assert page.evaluate(widths) == [390, 390]
         # An object nobody snoozed shows no "snoozed" label (a class's display used to override `hidden`).
         assert page.locator("#snoozed").count() == 1 and not page.is_visible("#snoozed")
+        assert console == []
     finally:
         context.close()
 
