@@ -283,6 +283,8 @@ class ConditionResidualiser(TransformerMixin, BaseEstimator):
             return self.transform(A)
         fold_ids = np.empty(n, int)
         out = A.copy()
+        for name, _ in self.columns:  # residuals are floats, whatever the column held (a count, say)
+            out[name] = out[name].astype(float)
         Z, T = self._zx(X)
         Za, Ta = (Z, T) if applied_to is None else self._zx(A)
         trans = tuple(t for _, t in self.conditions)

@@ -65,6 +65,11 @@ def test_cross_fitting_is_leave_fold_out():
         other = ConditionResidualiser((("fwhm", "log"),), (("seeing", "log"),)).fit(X[~held])
         np.testing.assert_allclose(Rb.loc[held, "fwhm"], other.transform(Xb[held])["fwhm"], rtol=1e-10)
     np.testing.assert_array_equal(r.cross_fitted(X)["fwhm"], R["fwhm"])
+    # A column of whole numbers (a count) takes its float residuals (pandas refused int64 slots).
+    Xi = X.assign(snr=np.round(X["snr"]).astype(np.int64))
+    ri = ConditionResidualiser((("snr", "identity"),), (("seeing", "log"),), n_splits=4, random_state=3)
+    Ri = ri.fit_transform(Xi)
+    assert Ri["snr"].dtype == float and abs(np.corrcoef(Ri["snr"], np.log(X["seeing"]))[0, 1]) < 0.1  # was > 0.5
 
 
 def test_residualiser_json_round_trip_and_missing_values():
