@@ -139,6 +139,10 @@ def expected_calibration_error(y, p, n_bins: int = 10, sample_weight=None) -> fl
     """ECE with equal-width probability bins: Σ_b (n_b/N)·|mean(y)_b − mean(p)_b|."""
     y, p = np.asarray(y, float), np.asarray(p, float)
     w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+    ok = np.isfinite(p)  # an unscored alert has no probability to calibrate
+    y, p, w = y[ok], p[ok], w[ok]
+    if not ok.any():
+        return float("nan")
     b = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
     tot = w.sum()
     e = 0.0
@@ -150,8 +154,10 @@ def expected_calibration_error(y, p, n_bins: int = 10, sample_weight=None) -> fl
 
 
 def calibration_in_the_large(y, p) -> float:
-    """Mean predicted probability minus the observed rate."""
-    return float(np.mean(p) - np.mean(y))
+    """Mean predicted probability minus the observed rate (over the alerts with a probability)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    ok = np.isfinite(p)
+    return float(np.mean(p[ok]) - np.mean(y[ok])) if ok.any() else float("nan")
 
 
 # --------------------------------------------------------------------------- labelled tables
@@ -487,6 +493,8 @@ class TrainReport:
     n_labelled: int
     ipw: dict
     positives: dict
+    n_eyeballed: int = 0
+    ipw_real: dict = field(default_factory=dict)
 
 
 def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, random_state: int = 0,
@@ -500,7 +508,10 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
         Residualise the intrinsic scores' inputs on the conditions (False gives the
         *naive* scorer: raw features with the conditions as plain inputs).
     weight : bool
-        Inverse-propensity weights for the label selection.
+        Inverse-propensity weights for the label selection: P(real) learns from the eyeballed
+        alerts (``truth["eyeballed"]``: a vetter's real/bogus call), the intrinsic scores from
+        the followed-up ones (``truth["vetted"]``: the class is known), each weighted by its own
+        propensity model.
     reduced : bool
         Also train the *reduced* scorers, on the same alerts with every input in
         :data:`models.features.SURVEY_OPTIONAL` blanked: they score alerts of surveys that do not
@@ -524,6 +535,7 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
 
     X = sim.X[list(FEATURES)]
     lab = sim.truth["vetted"].to_numpy(bool)
+    eye = sim.truth["eyeballed"].to_numpy(bool)
     groups = sim.truth["objectId"].to_numpy()
     # Linear in (log seeing, airmass, depth, moon): the PSF width and S/N scale as powers of
     # seeing, and a straight line extrapolates sanely at the edges of the seeing range.
@@ -531,8 +543,12 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
                                 random_state=random_state)
     R = res.fit_transform(X)  # cross-fitted on all alerts, labelled or not
     pw = PropensityWeighter().fit(sim.selection, lab)
-    w = pw.weights(sim.selection[lab]) if weight else np.ones(int(lab.sum()))
     diag = pw.diagnostics(sim.selection, lab)
+    pw_real = PropensityWeighter().fit(sim.selection, eye)
+    diag_real = pw_real.diagnostics(sim.selection, eye)
+    labelled = {s: (eye if s == "p_real" else lab) for s in SCORES}
+    weights = {s: ((pw_real if s == "p_real" else pw).weights(sim.selection[labelled[s]]) if weight
+                   else np.ones(int(labelled[s].sum()))) for s in SCORES}
     blank = [c for group in SURVEY_OPTIONAL for c in group]
     if reduced and adjust:  # residuals as an alert without those inputs gets them (limit_mag is a condition too)
         Xb = X.copy()
@@ -543,23 +559,25 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
         cols = [c for c in FEATURES if not (adjust and s in INTRINSIC and c in _conditions())]
         D = (R if s in INTRINSIC else X)[cols]
         y = sim.truth[TARGETS[s]].to_numpy(int)
-        positives[s] = int(y[lab].sum())
-        scorers[s] = _sim_estimator(random_state).fit(D[lab], y[lab], sample_weight=w, groups=groups[lab])
+        rows, w = labelled[s], weights[s]
+        positives[s] = int(y[rows].sum())
+        scorers[s] = _sim_estimator(random_state).fit(D[rows], y[rows], sample_weight=w, groups=groups[rows])
         if reduced and adjust:
-            Db = (Rb if s in INTRINSIC else X)[cols][lab].copy()
+            Db = (Rb if s in INTRINSIC else X)[cols][rows].copy()
             Db.loc[:, [c for c in blank if c in cols]] = np.nan
-            small[s] = _sim_estimator(random_state).fit(Db, y[lab], sample_weight=w, groups=groups[lab])
-    h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted"]].astype(float))
+            small[s] = _sim_estimator(random_state).fit(Db, y[rows], sample_weight=w, groups=groups[rows])
+    h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted", "eyeballed"]].astype(float))
     # Everything fitted is part of the name: the same trees on other residuals are another model.
     tag = _version_tag(h, res, *(scorers[s] for s in SCORES), *(small[s] for s in small))
     version = f"xgb-sim{sim.seed}-{tag}" + ("" if adjust else "-naive")
     meta = {"training_data_hash": h, "training_source": f"stream.simulate seed={sim.seed} {sim.config}",
-            "n_alerts": len(X), "n_labelled": int(lab.sum()), "positives_labelled": positives,
-            "ipw": diag.to_json(), "propensity_model": pw.to_json(), "adjusted": adjust,
+            "n_alerts": len(X), "n_labelled": int(lab.sum()), "n_eyeballed": int(eye.sum()),
+            "positives_labelled": positives, "ipw": diag.to_json(), "propensity_model": pw.to_json(),
+            "ipw_real": diag_real.to_json(), "propensity_model_real": pw_real.to_json(), "adjusted": adjust,
             "condition_bank": condition_bank(X, random_state=random_state)}
     model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else \
         AlertScorer(scorers, res, version, meta, reduced=small or None)
-    return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives)
+    return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives, int(eye.sum()), diag_real.to_json())
 
 
 def _conditions():
@@ -930,6 +948,9 @@ def validate_causal(train_seed: int = 1, test_seed: int = 2, **sim_kwargs) -> tu
                f"worst before {max(abs(v) for v in before.values()):.2f})") if worst else ""
     checks.append(Check(f"IPW effective sample size / labelled (n={rep.n_labelled})", frac, "≥ 0.20", frac >= 0.20,
                         balance))
+    frac = rep.ipw_real["ess_fraction"]
+    checks.append(Check(f"IPW effective sample size / eyeballed, P(real)'s labels (n={rep.n_eyeballed})", frac,
+                        "≥ 0.20", frac >= 0.20))
     return checks, by_stage
 
 
@@ -1380,9 +1401,10 @@ def cmd_train(args) -> int:
     model, rep = train_alert_model(sim)
     model.save(args.out)
     print(f"trained {model.model_version} on {rep.n_alerts} simulated alerts, {rep.n_labelled} labelled "
-          f"(positives: {rep.positives})")
-    print(f"IPW: ESS {rep.ipw['ess']:.1f} = {rep.ipw['ess_fraction']:.1%} of labelled; "
-          f"{rep.ipw['n_extrapolated']} alerts with ê < 0.01; max weight {rep.ipw['max_weight']:.2f}")
+          f"(followed up: the class known), {rep.n_eyeballed} eyeballed (real/bogus known); positives: {rep.positives}")
+    for what, d in (("labelled", rep.ipw), ("eyeballed", rep.ipw_real)):
+        print(f"IPW: ESS {d['ess']:.1f} = {d['ess_fraction']:.1%} of {what}; "
+              f"{d['n_extrapolated']} alerts with ê < 0.01; max weight {d['max_weight']:.2f}")
     print(f"saved to {args.out}")
     return 0
 
@@ -1551,11 +1573,12 @@ def _evaluate_sim(args) -> int:
                                              "score": s, "shift": v, "low": v_lo, "high": v_hi})
                 lines.append(f"{label}, {what}, {len(do.rows[0])} alerts: Δ mean {s} = {v:+.4f}, "
                              f"95 % [{v_lo:+.4f}, {v_hi:+.4f}]  (target |Δ| ≤ 0.03)")
-    lab = sim.truth["vetted"].to_numpy(bool)
-    diag = PropensityWeighter().fit(sim.selection, lab).diagnostics(sim.selection, lab)
-    out["ipw"] = diag.to_json()
-    lines.append(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} labelled; "
-                 f"{diag.n_extrapolated} alerts with ê < 0.01")
+    for key, what, col in (("ipw", "labelled", "vetted"), ("ipw_real", "eyeballed (P(real))", "eyeballed")):
+        lab = sim.truth[col].to_numpy(bool)
+        diag = PropensityWeighter().fit(sim.selection, lab).diagnostics(sim.selection, lab)
+        out[key] = diag.to_json()
+        lines.append(f"IPW on this stream: ESS {diag.ess:.1f} = {diag.ess_fraction:.1%} of {diag.n_labelled} {what}; "
+                     f"{diag.n_extrapolated} alerts with ê < 0.01")
     if args.json:
         _write_json(out)
     else:

@@ -115,7 +115,11 @@ truth flags                    is_real = not bogus (asteroids are real); is_extr
 label selection                logit e = −1.5 + 0.9(18.5 − magpsf) − 1.2(seeing − 2″) + 0.6 min(n_later, 4)
                                − 2.5·[PS1 star (sgscore > 0.8, r < 18.5) within 0.5″, as alerted];
                                n_later = detections of the object in the next 3 d
-                               (later data); e clipped to [0.002, 0.98]; vetted ~ Bernoulli(e)
+                               (later data); e clipped to [0.002, 0.98]; vetted ~ Bernoulli(e):
+                               the follow-up that reveals the class
+eyeballing                     eyeballed = vetted, or screened ~ Bernoulli(s), logit s = −1 +
+                               0.5(19.5 − magpsf), s clipped to [0.02, 0.9]: a vetter's real/bogus
+                               call (P(real)'s labels; follow-up almost never picks artefacts)
 =============================  ===================================================================
 
 Truth table columns (``truth.parquet``, one row per alert)
@@ -130,7 +134,8 @@ bogus), ``noise_flux_ujy``, ``meas_flux_ujy`` (= the sum of the four; what the a
 ``flux_err_ujy``, ``snr``, ``ref_flux_ujy`` (flux at the position in the reference image), ``magpsf``,
 ``isdiffpos``, ``seeing_arcsec``; history sizes ``n_prv_det``, ``n_prv_nondet``, ``n_fp``;
 ``n_later_det`` (detections of the object in the next 3 days: the "later data" of selection);
-``propensity`` (true P(vetted)) and ``vetted``.
+``propensity`` (true P(vetted)) and ``vetted`` (the class is known); ``eyeball_propensity`` and
+``eyeballed`` (real/bogus is known; every vetted alert is eyeballed).
 
 Interventions: ``seeing=s`` is do(seeing = s) for every exposure (or, with
 ``seeing_nights=k``, for those of the last *k* alert nights); ``moon=v`` sets the Moon's
@@ -248,7 +253,7 @@ TRUTH_COLUMNS = (
     "exposure_id", "field", "rcid", "fid", "band", "jd", "mjd", "night", "ra", "dec", "true_flux_ujy",
     "sys_flux_ujy", "sys_mag", "nuisance_flux_ujy", "noise_flux_ujy", "meas_flux_ujy", "flux_err_ujy", "snr",
     "ref_flux_ujy", "magpsf", "isdiffpos", "seeing_arcsec", "n_prv_det", "n_prv_nondet", "n_fp", "n_later_det",
-    "propensity", "vetted",
+    "propensity", "vetted", "eyeball_propensity", "eyeballed",
 )
 
 
@@ -1593,14 +1598,17 @@ class _Quad:
             "_qi": self.qi, "_row": rows,
         })
 
-    def selection_draws(self, rows: np.ndarray) -> np.ndarray:
-        """The label-selection uniform of each alert ``rows``, tied to its (object, exposure)."""
+    def selection_draws(self, rows: np.ndarray, key: int = 9) -> np.ndarray:
+        """A label-selection uniform of each alert ``rows``, tied to its (object, exposure).
+
+        ``key`` 9: follow-up (``vetted``); 15: eyeballing (``eyeballed``).
+        """
         j, e = self.dj[rows], self.de[rows]
         real = j < self.n_real
         out = np.empty(len(rows))
-        out[real] = _rng(self.cfg.seed, 9, self.qi).random((self.n_real, self.n_e))[j[real], e[real]]
+        out[real] = _rng(self.cfg.seed, key, self.qi).random((self.n_real, self.n_e))[j[real], e[real]]
         slot = 2 * (j[~real] - self.n_real) + self.det_second[rows][~real]  # as in _PerEpoch
-        out[~real] = _rng(self.cfg.seed, 9, self.qi, 1).random(2 * (self.n_obj - self.n_real))[slot]
+        out[~real] = _rng(self.cfg.seed, key, self.qi, 1).random(2 * (self.n_obj - self.n_real))[slot]
         return out
 
     def objects_frame(self):
@@ -1678,10 +1686,17 @@ def _run(cfg: SimConfig) -> SimResult:
              + 0.6 * np.minimum(truth["n_later_det"].to_numpy(), 4) - 2.5 * truth["_ps1_star_close"].to_numpy())
     prop = np.clip(1 / (1 + np.exp(-logit)), 0.002, 0.98)
     truth["propensity"] = prop
-    u = np.empty(len(truth))
+    u, u_eye = np.empty(len(truth)), np.empty(len(truth))
     for qi, g in truth.groupby("_qi"):
         u[g.index.to_numpy()] = quads[qi].selection_draws(g["_row"].to_numpy())
+        u_eye[g.index.to_numpy()] = quads[qi].selection_draws(g["_row"].to_numpy(), key=15)
     truth["vetted"] = u < prop
+    # Eyeballing: a real/bogus call is cheap, a class needs follow-up. Vetters look at every
+    # alert followed up and screen a share of the rest (more of the bright ones), so bogus
+    # alerts, which follow-up almost never picks, get real/bogus labels too.
+    eye = np.clip(1 / (1 + np.exp(-(-1.0 + 0.5 * (19.5 - mag)))), 0.02, 0.9)
+    truth["eyeball_propensity"] = prop + (1 - prop) * eye
+    truth["eyeballed"] = truth["vetted"] | (u_eye < eye)
 
     for q in quads:
         q.kept = np.sort(truth.loc[truth["_qi"] == q.qi, "_row"].to_numpy())
@@ -1797,10 +1812,12 @@ def _summary(res: SimResult) -> str:
         "alerting": res.objects[res.objects["n_alerts"] > 0].groupby("class").size(),
         "alerts": t.groupby("class").size(),
         "vetted": t.groupby("class")["vetted"].sum(),
+        "eyeballed": t.groupby("class")["eyeballed"].sum(),
     }).reindex(list(CLASSES)).fillna(0).astype(int)
     mix["alert_%"] = (100 * mix["alerts"] / max(len(t), 1)).round(1)
     lines.append("class mix:\n" + mix.to_string())
-    lines.append(f"vetted: {int(t['vetted'].sum())} of {len(t)} alerts ({100 * t['vetted'].mean():.1f} %)")
+    lines.append(f"vetted: {int(t['vetted'].sum())} of {len(t)} alerts ({100 * t['vetted'].mean():.1f} %); "
+                 f"eyeballed: {int(t['eyeballed'].sum())} ({100 * t['eyeballed'].mean():.1f} %)")
     sib = res.sibling_counts()
     ex = res.exposures.set_index("pid")
     # Exposures the stream can fill: from 29 days before the first alert to the last alert

@@ -56,8 +56,10 @@ def tiny_sim():
     xgal = real & (X["star_galaxy"].fillna(0) < 0.2)
     fast = real & (X["rise_rate"] > 0.8)
     vetted = rng.random(n) < 1 / (1 + np.exp(-(0.5 - X["mag"])))
+    eyeballed = vetted | (rng.random(n) < 0.3)
     truth = pd.DataFrame({"is_real": real, "is_extragalactic": xgal, "is_fast": fast, "vetted": vetted,
-                          "objectId": [f"obj{i // 2}" for i in range(n)], "seeing_arcsec": X["seeing"]})
+                          "eyeballed": eyeballed, "objectId": [f"obj{i // 2}" for i in range(n)],
+                          "seeing_arcsec": X["seeing"]})
     V = pd.DataFrame({"det_mag": X["mag"], "seeing": X["seeing"]})
     return SimTable(X, truth, V, seed=7)
 
@@ -346,6 +348,11 @@ def test_reduced_intrinsic_scorers_train_on_residuals_taken_without_the_optional
     want = model.residualiser.cross_fitted(X, Xb)[list(reduced_x.columns)][lab]
     want.loc[:, [c for c in blank if c in want.columns]] = np.nan
     pd.testing.assert_frame_equal(reduced_x.reset_index(drop=True), want.reset_index(drop=True))
+    # P(real) learnt from the eyeballed alerts (real/bogus calls), the intrinsic scores from the
+    # followed-up ones (the class known): fits 0-1 are P(real)'s, 2-5 the intrinsic scores'.
+    eye = tiny_sim.truth["eyeballed"].to_numpy(bool)
+    assert eye.sum() > lab.sum()
+    assert [len(D) for D in seen] == [eye.sum()] * 2 + [lab.sum()] * 4
     # ... which differ from the full scorer's residuals where the depth was known (it is a condition)
     assert not np.allclose(reduced_x["snr"].to_numpy(), seen[2]["snr"].to_numpy())
 
@@ -444,6 +451,9 @@ def test_recall_at_rank_and_aurak_hand_example():
 def test_expected_calibration_error_hand_example():
     # two bins: p=0.2 with observed rate 0.5, p=0.9 with rate 1.0 → 0.5·0.3 + 0.5·0.1
     assert expected_calibration_error([0, 1, 1, 1], [0.2, 0.2, 0.9, 0.9]) == pytest.approx(0.2)
+    # an unscored alert (NaN) has no probability to calibrate: it is left out, not counted in bin 0
+    assert expected_calibration_error([0, 1, 1, 1, 0], [0.2, 0.2, 0.9, 0.9, np.nan]) == pytest.approx(0.2)
+    assert calibration_in_the_large([1, 0, 1], [0.5, np.nan, 1.0]) == pytest.approx(-0.25)
 
 
 # --------------------------------------------------------------------------- table commands

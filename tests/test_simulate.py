@@ -239,6 +239,12 @@ def test_label_selection_is_biased(dense):
     # Selection over-represents transients relative to the stream (it shifts the class mix);
     # compared on the true propensity, which the Bernoulli draws of one quadrant only sample.
     assert t.loc[t["is_extragalactic"], "propensity"].mean() > 1.5 * t["propensity"].mean()
+    # Eyeballing (real/bogus calls) covers every followed-up alert and a screened share of the rest,
+    # so artefacts, which follow-up almost never picks, are labelled far more often.
+    assert (t["eyeballed"] >= t["vetted"]).all() and t["eyeballed"].mean() > 1.5 * t["vetted"].mean()
+    assert (t["eyeball_propensity"] >= t["propensity"]).all()
+    bogus = t[~t["is_real"]]
+    assert len(bogus) >= 10 and bogus["eyeball_propensity"].mean() > 3 * bogus["propensity"].mean()
 
 
 def test_tarballs_and_cli(tmp_path, capsys):
@@ -305,7 +311,8 @@ def test_do_seeing_observes_the_same_objects_under_other_conditions():
         early = r.truth["night"] < r.truth["night"].max()
         recs = [a for a, keep in zip(r.alerts(), early, strict=True) if keep]
         # (object_index is a row number of objects.parquet; the next 3 days' detections are later data)
-        t = r.truth[early].drop(columns=["object_index", "n_later_det", "propensity", "vetted"])
+        t = r.truth[early].drop(columns=["object_index", "n_later_det", "propensity", "vetted", "eyeball_propensity",
+                                           "eyeballed"])
         before[r is last] = (t.reset_index(drop=True), recs)
     assert len(before[True][1]) > 20
     pd.testing.assert_frame_equal(before[True][0], before[False][0])
