@@ -384,7 +384,7 @@ class PropensityWeighter(BaseEstimator):
     ê(v) = P(labelled | v) by an L2 logistic regression on standardised covariates
     (missing values imputed by the median, with a missing-indicator column), fitted on
     all alerts. Weights of labelled alerts are stabilised, ``w = P(L=1) / ê``, with ê
-    clipped below at ``min_propensity`` (those alerts are flagged as extrapolated) and
+    clipped below at ``min_propensity`` (:meth:`diagnostics` counts those alerts as extrapolated) and
     the weights truncated at their ``max_quantile`` quantile.
 
     Parameters
