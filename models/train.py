@@ -681,11 +681,18 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
     report, fitted, hashes, objects = {}, [], [], set()
 
     def fit(s, X, y, groups):
-        """Full scorer and, where the base has them, reduced scorer, trained as score() will use them."""
+        """Full scorer and, where the base has them, reduced scorer, trained as score() will use them.
+
+        The full scorer learns only from the alerts it will score: those with every
+        survey-optional input (score() sends the others, Rubin's, to the reduced scorer). Where
+        those alerts hold one class only, the base's full scorer is kept.
+        """
         D = base.design(X)[s]
-        full = _sim_estimator(random_state).fit(D, y, groups=groups)
         if not base.reduced:
-            return full, None
+            return _sim_estimator(random_state).fit(D, y, groups=groups), None
+        full_rows = ~base.lacking_rows(X)
+        full = (_sim_estimator(random_state).fit(D[full_rows], y[full_rows], groups=groups[full_rows])
+                if len(np.unique(y[full_rows])) == 2 else base.scorers[s])
         Xb = X.copy()  # as score() does for an alert lacking a group: blank, then residualise
         Xb.loc[:, blank] = np.nan
         Db = base.design(Xb)[s].copy()

@@ -1471,7 +1471,7 @@ def test_a_batch_waits_for_another_writer_past_the_busy_timeout(tmp_path, batch,
     sink.close()
 
 
-def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
+def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys, monkeypatch):
     """Queue → export-labels → `vigil train --labels` → a model the service loads, that learnt the decisions."""
     from models.features import FEATURES
     from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
@@ -1509,9 +1509,28 @@ def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys):
     assert raw[base] == raw[model]
     assert model.metadata["decisions_fit"]["scores"]["p_real"]["retrained"] is True
     # It learnt the vetters' rule: out of fold, it ranks their calls far better than the model it started from.
+    import models.train as mt
+    from models.features import SURVEY_OPTIONAL
     from models.train import read_decisions, retrain_on_decisions
 
+    seen, make = [], mt._sim_estimator
+
+    def recording(random_state=0):
+        est = make(random_state)
+        fit = est.fit
+        est.fit = lambda D, *a, **k: (seen.append(D.copy()), fit(D, *a, **k))[1]
+        return est
+
+    monkeypatch.setattr(mt, "_sim_estimator", recording)
     _, report = retrain_on_decisions(base, read_decisions(labels))
+    # The full scorers learnt only from decisions on alerts they score (every survey-optional
+    # input present); the reduced ones from all, Rubin's included.
+    optional = [c for g in SURVEY_OPTIONAL for c in g]
+    full = [D for D in seen if not D[[c for c in optional if c in D]].isna().all(axis=None)]
+    reduced = [D for D in seen if D[[c for c in optional if c in D]].isna().all(axis=None)]
+    assert full and reduced and len(full) == len(reduced)
+    assert all(D[[c for c in optional if c in D]].notna().all(axis=None) for D in full)
+    assert sum(map(len, reduced)) > sum(map(len, full))
     for s in ("p_real", "p_extragalactic"):
         before, after = report[s]["base"]["auc"], report[s]["retrained_out_of_fold"]["auc"]
         assert after > 0.85 and after > before + 0.1, (s, before, after)
