@@ -109,6 +109,7 @@ def test_pages_keep_a_phones_width(server, browser):
         widths = "[window.innerWidth, document.documentElement.scrollWidth]"
         assert page.evaluate(widths) == [390, 390]
         _submit_login(page, "Mo")
+        page.wait_for_load_state("load")  # the stylesheet too: the rows can be there before it applies
         assert page.evaluate(widths) == [390, 390]
         assert page.eval_on_selector("#queue", "t => t.getBoundingClientRect().width") > 390  # it scrolls, on its own
         most = sqlite3.connect(db).execute(
