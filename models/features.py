@@ -65,8 +65,7 @@ COUNT_SINGULAR = {
     "days_since_last_nondet": "day since the last non-detection",
 }
 #: What a missing value means, where "no <words>" would not say it.
-MISSING_WORDS = {"days_since_last_nondet": "no earlier non-detection",
-                 "days_since_first": "no first-detection time"}
+MISSING_WORDS = {"days_since_last_nondet": "no earlier non-detection"}
 
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
 #: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit

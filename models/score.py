@@ -133,7 +133,8 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
                 items.append((s, name, val, v))
                 what = feature_phrase(name, val, relative=name in relative)
                 # "3 bad pixels lower it", "1 detection raises it"
-                plural = name in COUNT_SINGULAR and (val != 1 if not math.isnan(val) else name not in MISSING_WORDS)
+                plural = name in COUNT_SINGULAR and (value_text(val) != "1" if not math.isnan(val)
+                                                     else name not in MISSING_WORDS)
                 verb = ("raise" if v > 0 else "lower") if plural else ("raises" if v > 0 else "lowers")
                 parts.append(f"{what} {verb} it")
             text[s] = f"{_LABELS[s]}={p:.2f}" + (": " + "; ".join(parts) if parts else "")
@@ -152,7 +153,8 @@ def feature_phrase(name: str, value: float, relative: bool = False) -> str:
     if math.isnan(value):
         return MISSING_WORDS.get(name, f"no {words.removesuffix(' at')}")
     if name in COUNT_SINGULAR:
-        what = f"{value_text(value)} {COUNT_SINGULAR[name] if value == 1 else words}"
+        text = value_text(value)
+        what = f"{text} {COUNT_SINGULAR[name] if text == '1' else words}"
     else:
         what = f"{words} {value_text(value)}{unit}"
     return what + (" for its conditions" if relative else "")

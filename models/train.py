@@ -680,19 +680,27 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
     known = set(base.metadata.get("decisions_fit", {}).get("object_digests", ()))
     report, fitted, hashes, objects = {}, [], [], set()
 
+    def full_decisions(X, y):
+        """(rows the full scorer scores, whether they hold enough of each class, positives, negatives)."""
+        rows = ~base.lacking_rows(X) if base.reduced else np.ones(len(y), dtype=bool)
+        n1 = int(y[rows].sum())
+        n0 = int(rows.sum()) - n1
+        return rows, min(n0, n1) >= MIN_CLASS_ROWS, n1, n0
+
     def fit(s, X, y, groups):
         """Full scorer and, where the base has them, reduced scorer, trained as score() will use them.
 
         The full scorer learns only from the alerts it will score: those with every
         survey-optional input (score() sends the others, Rubin's, to the reduced scorer). Where
-        those alerts hold one class only, the base's full scorer is kept.
+        those alerts hold fewer than :data:`MIN_CLASS_ROWS` of either class, the base's full
+        scorer is kept (one bogus among 40 taught a constant P(real)).
         """
         D = base.design(X)[s]
         if not base.reduced:
             return _sim_estimator(random_state).fit(D, y, groups=groups), None
-        full_rows = ~base.lacking_rows(X)
+        full_rows, enough = full_decisions(X, y)[:2]
         full = (_sim_estimator(random_state).fit(D[full_rows], y[full_rows], groups=groups[full_rows])
-                if len(np.unique(y[full_rows])) == 2 else base.scorers[s])
+                if enough else base.scorers[s])
         Xb = X.copy()  # as score() does for an alert lacking a group: blank, then residualise
         Xb.loc[:, blank] = np.nan
         Db = base.design(Xb)[s].copy()
@@ -731,6 +739,10 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
         entry.update(retrained=True, base=ranking_metrics(y, before), retrained_out_of_fold=ranking_metrics(y, oof),
                      base_in_sample=int(np.isin(digests, sorted(known)).sum()) if known else 0)
         scorers[s], r = fit(s, X, y, groups)
+        _, enough, n1, n0 = full_decisions(X, y)
+        entry["full_scorer"] = (f"retrained on the {n1} positive and {n0} negative objects with every input" if enough
+                                else f"kept from the base: {n1} positive and {n0} negative objects have every input "
+                                     f"(need {MIN_CLASS_ROWS} of each)")
         fitted.append(scorers[s])
         if r is not None:
             reduced[s] = r
@@ -750,7 +762,7 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
             "decisions_fit": {"source": str(source), "from_version": base.model_version,
                               "data_hash": ":".join(hashes), "object_digests": sorted(objects | known),
                               "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",
-                                                                                   "retrained", "why")}
+                                                                                   "retrained", "why", "full_scorer")}
                                          for s, r in report.items()}}}
     model = AlertScorer(scorers, base.residualiser, f"{base.model_version}+v{tag}", meta, reduced=reduced or None)
     return model, report
@@ -1379,6 +1391,8 @@ def cmd_train(args) -> int:
                      "are partly in-sample)" if r["base_in_sample"] else ""))
             print("\n".join("  " + line for line in ranking_lines(
                 {f"{base.model_version}": r["base"], "retrained, out of fold": r["retrained_out_of_fold"]})))
+            if base.reduced:
+                print(f"  full scorer (alerts with every survey-optional input): {r['full_scorer']}")
         print("p_fast: kept (no vetting action labels it)")
         print(f"saved to {args.out}")
         return 0

@@ -1531,6 +1531,23 @@ def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys, 
     assert full and reduced and len(full) == len(reduced)
     assert all(D[[c for c in optional if c in D]].notna().all(axis=None) for D in full)
     assert sum(map(len, reduced)) > sum(map(len, full))
+    # Too few of one class among the decisions with every input: the base's full scorer is kept
+    # (one bogus among 40 had taught a constant P(real)), and the report says so.
+    from models.train import MIN_CLASS_ROWS
+
+    d = read_decisions(labels)
+    d = d[d["is_real"].notna()].groupby("object_id", sort=False).tail(1).reset_index(drop=True)
+    lacking = base.lacking_rows(d[list(FEATURES)].astype(float))
+    m = max(1, MIN_CLASS_ROWS - int(lacking.sum()))
+    assert 0 < lacking.sum() and m < MIN_CLASS_ROWS and (~lacking).sum() > m + MIN_CLASS_ROWS
+    d["is_real"] = np.where(lacking, 0.0, 1.0)
+    d.loc[np.flatnonzero(~lacking)[:m], "is_real"] = 0.0
+    kept, rep = retrain_on_decisions(base, d)
+    assert rep["p_real"]["retrained"] and rep["p_real"]["full_scorer"].startswith("kept from the base")
+    def raw(m_, part):
+        return bytes(getattr(m_, part)["p_real"].booster_.save_raw("ubj"))
+
+    assert raw(base, "scorers") == raw(kept, "scorers") and raw(base, "reduced") != raw(kept, "reduced")
     for s in ("p_real", "p_extragalactic"):
         before, after = report[s]["base"]["auc"], report[s]["retrained_out_of_fold"]["auc"]
         assert after > 0.85 and after > before + 0.1, (s, before, after)

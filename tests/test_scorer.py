@@ -262,6 +262,9 @@ def test_explanation_orders_by_size_and_names_missing_values():
     assert explain(sb, X, 0, k=4)[1]["p_fast"] == (
         "P(fast)=0.10: 1 detection raises it; 3 bad pixels lower it; no earlier non-detection raises it; "
         "1.5 days since the first detection lower it")
+    # A value that prints as "1" reads as one (a day count of 1.0004 is "1 day", not "1 days").
+    assert feature_phrase("days_since_first", 1.0004) == "1 day since the first detection"
+    assert feature_phrase("n_det", 0.0) == "0 detections"
     assert (feature_phrase("n_det_history", 1750.0, relative=True)
             == "1,750 detections in the survey's history for its conditions")
 
