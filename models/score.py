@@ -26,6 +26,15 @@ import pandas as pd
 from models.features import COUNT_SINGULAR, FEATURE_WORDS, MISSING_WORDS
 
 SCORES = ("p_real", "p_extragalactic", "p_fast")
+#: Source types a model may name (what a real alert most likely is), in a vetter's words. The
+#: contaminants of a transient search are among them, named rather than left as noise.
+SOURCE_TYPES = {
+    "supernova": "supernova-like", "fast_transient": "fast transient", "agn": "AGN", "cv": "CV outburst",
+    "flare": "M-dwarf flare", "pm_star": "proper-motion star", "star": "variable or constant star",
+    "asteroid": "asteroid",
+}
+#: The extragalactic source types: together they hold P(extragalactic), the others 1 − P(extragalactic).
+EXTRAGALACTIC_TYPES = ("supernova", "fast_transient", "agn")
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,9 @@ class ScoreBatch:
     feature moves this alert from the training population's average alert (the bias), so
     an alert below the average can have every top item "lowering" it. ``relative[score]`` names the features
     that score reads relative to their typical value at the alert's observing conditions
-    (residualised on them), so an explanation can say so.
+    (residualised on them), so an explanation can say so. ``type_proba`` is an (n, len(types))
+    array of source-type probabilities given that the alert is real (:data:`SOURCE_TYPES`), NaN
+    rows where there is none; None when the model has no source-type scorer.
     """
 
     p_real: np.ndarray
@@ -49,6 +60,8 @@ class ScoreBatch:
     contributions: dict
     model_version: str
     relative: dict = field(default_factory=dict)
+    types: tuple = ()
+    type_proba: np.ndarray | None = None
 
 
 def _logit(p):

@@ -353,6 +353,129 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
         return np.asarray(c[:, :-1], dtype=float)
 
 
+class XGBTypeScorer(ClassifierMixin, BaseEstimator):
+    """Calibrated multi-class XGBoost classifier of the source type (scikit-learn contract).
+
+    What kind of source a real alert most likely is (a supernova, a CV outburst, an M-dwarf
+    flare...): the contaminants a vetter must recognise, named. ``multi:softprob`` trees,
+    then one temperature ``T`` (probabilities ``softmax(margin / T)``) fitted on out-of-fold
+    margins by weighted log loss: it fixes over- or under-confidence without changing the order.
+
+    Parameters
+    ----------
+    n_estimators, max_depth, learning_rate, subsample, colsample_bytree, min_child_weight, reg_lambda
+        XGBoost booster settings (per class: a round grows one tree per class).
+    calibration_folds : int
+        Folds for the out-of-fold margins (grouped when ``groups`` is given to :meth:`fit`).
+    random_state : int
+    n_jobs : int
+
+    Attributes
+    ----------
+    booster_ : xgboost.Booster
+    classes_ : ndarray of str
+        Sorted type names; the columns of :meth:`predict_proba`.
+    temperature_ : float
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when fitted on a DataFrame.
+    """
+
+    def __init__(self, n_estimators: int = 60, max_depth: int = 3, learning_rate: float = 0.15,
+                 subsample: float = 0.8, colsample_bytree: float = 0.8, min_child_weight: float = 3.0,
+                 reg_lambda: float = 2.0, calibration_folds: int = 5, random_state: int = 0, n_jobs: int = 2):
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.calibration_folds = calibration_folds
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def _train(self, X, y, w, k):
+        import xgboost as xgb
+
+        params = {"objective": "multi:softprob", "num_class": k, "eval_metric": "mlogloss", "tree_method": "hist",
+                  "max_depth": self.max_depth, "eta": self.learning_rate, "subsample": self.subsample,
+                  "colsample_bytree": self.colsample_bytree, "min_child_weight": self.min_child_weight,
+                  "lambda": self.reg_lambda, "seed": self.random_state, "nthread": self.n_jobs}
+        names = list(getattr(self, "feature_names_in_", [])) or None
+        d = xgb.DMatrix(X, label=y, weight=w, feature_names=names, missing=np.nan)
+        return xgb.train(params, d, num_boost_round=self.n_estimators)
+
+    def fit(self, X, y, sample_weight=None, groups=None):
+        """Fit the booster on all rows and the temperature on out-of-fold margins.
+
+        Parameters
+        ----------
+        X : DataFrame or array, shape (n, p)
+        y : array of type names (two or more distinct)
+        sample_weight : array, optional
+            Rescaled to mean 1, as in :class:`XGBBinaryScorer`.
+        groups : array, optional
+            Group ids (object ids): out-of-fold margins never share a group.
+        """
+        from scipy.optimize import minimize_scalar
+        from sklearn.model_selection import GroupKFold, KFold
+
+        if isinstance(X, pd.DataFrame):
+            self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        Xa = _as_float32(X)
+        self.classes_, codes = np.unique(np.asarray(y).astype(str), return_inverse=True)
+        k = len(self.classes_)
+        if k < 2:
+            raise ValueError("y must hold at least two source types")
+        w = np.ones(len(codes)) if sample_weight is None else np.asarray(sample_weight, float)
+        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise ValueError("sample_weight must be finite, non-negative and not all zero")
+        w = w / w.mean()
+        self.n_features_in_ = Xa.shape[1]
+        folds = min(self.calibration_folds, len(np.unique(groups)) if groups is not None else len(codes))
+        self.temperature_ = 1.0
+        if folds >= 2:
+            oof = np.zeros((len(codes), k))
+            splits = (GroupKFold(n_splits=folds).split(Xa, codes, groups) if groups is not None else
+                      KFold(n_splits=folds, shuffle=True, random_state=self.random_state).split(Xa))
+            for tr, te in splits:
+                oof[te] = self._train(Xa[tr], codes[tr], w[tr], k).inplace_predict(Xa[te], predict_type="margin")
+
+            def nll(log_t):
+                z = oof / np.exp(log_t)
+                z = z - z.max(axis=1, keepdims=True)
+                logp = z[np.arange(len(codes)), codes] - np.log(np.exp(z).sum(axis=1))
+                return -float(np.average(logp, weights=w))
+
+            self.temperature_ = float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+        self.booster_ = self._train(Xa, codes, w, k)
+        return self
+
+    def _check_X(self, X) -> np.ndarray:
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "booster_")
+        names = getattr(self, "feature_names_in_", None)
+        Xa = _as_float32(X, names) if isinstance(X, pd.DataFrame) and names is not None else _as_float32(X)
+        if Xa.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Xa.shape[1]} features, the model expects {self.n_features_in_}")
+        return Xa
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Calibrated probabilities, shape (n, len(classes_)); each row sums to 1."""
+        Xa = self._check_X(X)
+        z = self.booster_.inplace_predict(Xa, predict_type="margin").reshape(len(Xa), len(self.classes_))
+        z = z / self.temperature_
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
 class TreeShap:
     """Exact path-dependent Tree SHAP of a binary XGBoost booster, vectorised over rows.
 
@@ -534,10 +657,34 @@ def _save_scorer(est: XGBBinaryScorer, path: Path) -> dict:
             "params": est.get_params(), "n_features": int(est.n_features_in_)}
 
 
+def _save_type_scorer(est: XGBTypeScorer, path: Path) -> dict:
+    est.booster_.save_model(str(path))
+    return {"file": path.name, "sha256": _sha256(path), "classes": [str(c) for c in est.classes_],
+            "temperature": float(est.temperature_), "params": est.get_params(), "n_features": int(est.n_features_in_)}
+
+
+def _load_type_scorer(d: dict, directory: Path, names) -> XGBTypeScorer:
+    est = XGBTypeScorer(**d.get("params", {}))
+    est.classes_ = np.asarray(d["classes"], dtype=object)
+    est.temperature_ = float(d["temperature"])
+    if not (len(est.classes_) >= 2 and est.temperature_ > 0):
+        raise ValueError(f"{d['file']}: a source-type scorer needs two or more types and a temperature > 0")
+    _load_booster(est, d, directory, names)
+    return est
+
+
 def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
+    est = XGBBinaryScorer(**d.get("params", {}))
+    est.calibrator_ = Calibrator.from_json(d["calibrator"])
+    est.classes_ = np.array([0, 1])
+    _load_booster(est, d, directory, names)
+    return est
+
+
+def _load_booster(est, d: dict, directory: Path, names) -> None:
+    """Read ``d["file"]`` into ``est.booster_``, refusing a file the metadata does not describe."""
     import xgboost as xgb
 
-    est = XGBBinaryScorer(**d.get("params", {}))
     path = directory / d["file"]
     # The calibrator in the metadata belongs to one booster file: a file copied in from another
     # training run would load and give miscalibrated scores without a word.
@@ -553,8 +700,6 @@ def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
     except xgb.core.XGBoostError as e:  # a file XGBoost cannot read: one line, not its C++ trace
         raise ValueError(f"{path}: XGBoost cannot read it ({str(e).splitlines()[0][:200]})") from None
     est.booster_ = booster
-    est.calibrator_ = Calibrator.from_json(d["calibrator"])
-    est.classes_ = np.array([0, 1])
     est.n_features_in_ = int(d["n_features"])
     if names is not None:
         est.feature_names_in_ = np.asarray(names, dtype=object)
@@ -563,7 +708,6 @@ def _load_scorer(d: dict, directory: Path, names) -> XGBBinaryScorer:
                          f"{est.n_features_in_}")
     if names is not None and booster.feature_names is not None and list(booster.feature_names) != list(names):
         raise ValueError(f"{d['file']}: the booster's feature names differ from the expected inputs")
-    return est
 
 
 #: What each score is the probability of (negative class, positive class).
@@ -607,6 +751,29 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def _nest_types(proba: np.ndarray, names, p_extragalactic) -> np.ndarray:
+    """Source-type probabilities made coherent with P(extragalactic).
+
+    The extragalactic types (:data:`models.score.EXTRAGALACTIC_TYPES`) share P(extragalactic)
+    and the others 1 − P(extragalactic), each share divided as the type scorer divides it. The
+    binary score is the better-evidenced one (more labels per class, validated under do(seeing)),
+    and a list that said "P(extragalactic) 0.01" beside "supernova-like" would contradict itself:
+    on a real Galactic-plane exposure the type scorer alone called 31 of 100 variable stars
+    supernova-like. A model whose types all fall on one side is left as it is.
+    """
+    from models.score import EXTRAGALACTIC_TYPES
+
+    ext = np.isin(np.asarray(names), EXTRAGALACTIC_TYPES)
+    if ext.all() or not ext.any():
+        return proba
+    pe = np.asarray(p_extragalactic, float)[:, None]
+    out = proba.copy()
+    for block, share in ((ext, pe), (~ext, 1.0 - pe)):
+        part = proba[:, block]
+        out[:, block] = share * part / part.sum(axis=1, keepdims=True)
+    return out
+
+
 # --------------------------------------------------------------------------- alert scorer
 
 
@@ -628,10 +795,15 @@ class AlertScorer:
         :data:`models.features.SURVEY_OPTIONAL` blanked. An alert that lacks any of those
         inputs (a survey that does not send a group, a null field) is scored by these; the full
         scorers never saw such alerts in training. Without them, such alerts go to the full scorers.
+    types : tuple of XGBTypeScorer, optional
+        ``(full, reduced)`` source-type scorers (what a real alert most likely is), reading the
+        intrinsic scores' inputs; the reduced one scores the alerts that lack a survey-optional
+        input (without it, those alerts get no type). None: no source types (models before
+        2026-11-27).
     """
 
     def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None,
-                 reduced: dict | None = None):
+                 reduced: dict | None = None, types: tuple | None = None):
         missing = [s for s in SCORES if s not in scorers]
         if missing:
             raise ValueError(f"scorers missing for {missing}")
@@ -639,6 +811,9 @@ class AlertScorer:
             raise ValueError(f"reduced scorers for {sorted(reduced)}, not for every score")
         self.scorers = scorers
         self.reduced = reduced or {}
+        self.types = tuple(types) if types else None
+        if self.types and self.types[1] is not None and list(self.types[0].classes_) != list(self.types[1].classes_):
+            raise ValueError("the full and reduced source-type scorers know different types")
         self.residualiser = residualiser
         self.model_version = version
         self.metadata = metadata or {}
@@ -689,7 +864,7 @@ class AlertScorer:
         meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),
                                                                  "data_hash": h, "from_version": base},
                     condition_bank=condition_bank(X))  # typical conditions of that survey now
-        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta, reduced=self.reduced)
+        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta, reduced=self.reduced, types=self.types)
 
     def design(self, X: pd.DataFrame) -> dict:
         """Per-score input tables: raw features for P(real), residualised ones for the intrinsic scores."""
@@ -748,9 +923,25 @@ class AlertScorer:
             if contributions:
                 full[blind] = 0.0
                 contrib[s] = full
+        type_names, type_proba = (), None
+        if self.types:
+            # The source type is intrinsic too: it reads the intrinsic scores' (residualised) inputs.
+            A = _as_float32(D[INTRINSIC[0]])
+            type_names = tuple(str(c) for c in self.types[0].classes_)
+            type_proba = np.full((n, len(type_names)), np.nan)
+            for est, rows in zip(self.types, (full_rows, thin), strict=True):
+                if est is None or not rows.any():
+                    continue
+                self._inference_booster(est)
+                B = A[rows]
+                if est is not self.types[0]:
+                    B[:, self._blank[INTRINSIC[0]]] = np.nan
+                type_proba[rows] = est.predict_proba(B)
+            type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"])
+            type_proba[blind] = np.nan
         relative = tuple(c for c, _ in self.residualiser.columns)
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
-                          self.model_version, {s: relative for s in INTRINSIC})
+                          self.model_version, {s: relative for s in INTRINSIC}, type_names, type_proba)
 
     def standardised_scores(self, X: pd.DataFrame) -> dict | None:
         """Scores under typical conditions: each averaged over the model's reference bank of conditions.
@@ -802,6 +993,13 @@ class AlertScorer:
                                           for s in SCORES}}
         else:
             meta.pop("reduced", None)
+        if self.types:
+            meta["source_types"] = {"full": _save_type_scorer(self.types[0], directory / "source_type.ubj")}
+            if self.types[1] is not None:
+                meta["source_types"]["reduced"] = _save_type_scorer(self.types[1],
+                                                                    directory / "source_type.reduced.ubj")
+        else:
+            meta.pop("source_types", None)
         (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         return directory
 
@@ -835,8 +1033,14 @@ class AlertScorer:
                 reduced = {s: _load_scorer(meta["reduced"]["scores"][s], directory, names[s]) for s in SCORES}
             for est in [*scorers.values(), *(reduced or {}).values()]:
                 est.tree_shap()  # the explanations' tables, built at start rather than in the first batch
+            types = None
+            if "source_types" in meta:
+                st = meta["source_types"]
+                types = (_load_type_scorer(st["full"], directory, INTRINSIC_FEATURES),
+                         _load_type_scorer(st["reduced"], directory, INTRINSIC_FEATURES) if "reduced" in st
+                         else None)
             return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
-                       reduced=reduced)
+                       reduced=reduced, types=types)
 
 
 def _json_default(o):

@@ -18,7 +18,7 @@ import fastavro
 
 from stream.alert import TAI_MINUS_UTC_S
 
-ANNOTATION_SCHEMA_VERSION = "1.0"
+ANNOTATION_SCHEMA_VERSION = "1.1"
 _SCHEMA_FILE = "vigil.annotation.v1.avsc"
 MJD_UNIX_EPOCH = 40587.0
 
@@ -100,6 +100,9 @@ class Annotation:
     p_fast: float | None
     priority: float | None
     stage: str
+    source_type: str | None = None
+    source_type_p: float | None = None
+    source_types: dict = field(default_factory=dict)
     explanation: tuple = ()
     explanation_text: dict = field(default_factory=dict)
     hsr: HSRDiagnostics = HSRDiagnostics()
@@ -139,6 +142,9 @@ class Annotation:
             "p_fast": _num(self.p_fast),
             "priority": _num(self.priority),
             "stage": self.stage,
+            "source_type": self.source_type,
+            "source_type_probability": _num(self.source_type_p),
+            "source_type_probabilities": {k: float(v) for k, v in self.source_types.items()},
             "explanation": [
                 {"score": c.score, "feature": c.feature, "value": _num(c.value),
                  "contribution": float(c.contribution)}

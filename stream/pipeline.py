@@ -160,6 +160,9 @@ class Pipeline:
         # pass over the batch rather than a few numpy calls per alert.
         p_lists = [np.asarray(p, dtype=float).tolist() for p in (sb.p_real, sb.p_extragalactic, sb.p_fast)]
         prio_l, mjd_l, stage_l = prio.tolist(), mjd.tolist(), [str(s) for s in stages]
+        # Source types (if the model names them): the most likely one and every probability, per alert.
+        tp = sb.type_proba
+        type_rows = (tp.tolist() if tp is not None else [None] * len(alerts))
         kinds = [a.lightcurve.kind for a in alerts]
         owner = np.repeat(np.arange(len(alerts)), [len(k) for k in kinds])
         kind = np.concatenate(kinds).astype(np.int64)
@@ -171,6 +174,9 @@ class Pipeline:
             scored = all(math.isfinite(s) for s in scores)
             items, text = explained[i] if scored else ([], _unscored_text(feats[i]))
             n_kind = counts[i]
+            probs = type_rows[i]
+            typed = scored and probs is not None and all(math.isfinite(v) for v in probs)
+            best = max(range(len(probs)), key=probs.__getitem__) if typed else None
             anns.append(Annotation(
                 alert_id=a.alert_id, object_id=a.object_id, survey=a.survey,
                 survey_schema_version=a.schema_version, ra=a.ra, dec=a.dec, band=a.band, exposure=a.exposure,
@@ -178,7 +184,10 @@ class Pipeline:
                 status="scored" if scored else "unscored",
                 p_real=scores[0] if scored else None, p_extragalactic=scores[1] if scored else None,
                 p_fast=scores[2] if scored else None, priority=prio_l[i] if scored else None,
-                stage=stage_l[i], explanation=tuple(Contribution(*t) for t in items), explanation_text=text,
+                stage=stage_l[i], source_type=sb.types[best] if typed else None,
+                source_type_p=probs[best] if typed else None,
+                source_types=dict(zip(sb.types, probs, strict=True)) if typed else {},
+                explanation=tuple(Contribution(*t) for t in items), explanation_text=text,
                 hsr=diags[i], n_detections=n_kind[DETECTION] + n_kind[PREVIOUS],
                 n_nondetections=n_kind[NONDETECTION], n_forced=n_kind[FORCED],
                 first_mjd=mjd_l[i] - feats[i]["days_since_first"], mag=a.context.mag,

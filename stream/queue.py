@@ -54,7 +54,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: An alert within this distance of a known solar-system object (ZTF ``ssdistnr``; Rubin's
 #: association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them.
 KNOWN_SSO_ARCSEC = 5.0
@@ -129,7 +129,9 @@ _DDL = [
         vet_follow_up INTEGER,
         vetted_ms INTEGER,
         vetted_by TEXT,
-        ss_distance REAL
+        ss_distance REAL,
+        source_type TEXT,
+        source_type_p REAL
     )""",
     """CREATE TABLE IF NOT EXISTS annotations (
         alert_id INTEGER NOT NULL,
@@ -456,6 +458,21 @@ def _ensure_schema(conn) -> None:
                      (str(SCHEMA_VERSION),))
 
 
+def _migrate_4_to_5(conn) -> None:
+    """Version 5 keeps each object's most likely source type (annotation schema 1.1), filled from
+    its latest stored annotation where that has one."""
+    conn.execute("ALTER TABLE objects ADD COLUMN source_type TEXT")
+    conn.execute("ALTER TABLE objects ADD COLUMN source_type_p REAL")
+    # dialect: JSON access
+    pg = isinstance(conn, _PgConnection)
+    for col, get in (("source_type", "a.record::json ->> 'source_type'" if pg else
+                      "json_extract(a.record, '$.source_type')"),
+                     ("source_type_p", "CAST(a.record::json ->> 'source_type_probability' AS DOUBLE PRECISION)"
+                      if pg else "json_extract(a.record, '$.source_type_probability')")):
+        conn.execute(f"UPDATE objects SET {col} = (SELECT {get} FROM annotations a WHERE "
+                     "a.alert_id = objects.latest_alert_id AND a.model_version = objects.model_version)")
+
+
 def _migrate_3_to_4(conn) -> None:
     """Version 4 lets a vetter withdraw a decision: it stays in the log, marked, and counts no more."""
     conn.execute("ALTER TABLE decisions ADD COLUMN withdrawn_ms INTEGER")
@@ -486,7 +503,7 @@ def _migrate_1_to_2(conn) -> None:
 
 
 #: Upgrades of an older store, from the version they start at (each ends one version later).
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
 
 
 def _migrate(conn) -> None:
@@ -738,8 +755,8 @@ ON CONFLICT (alert_id, kind) DO NOTHING
 _UPSERT_OBJECT = """
 INSERT INTO objects (object_id, survey, ra, dec, gal_b, abs_gal_b, latest_alert_id, latest_mjd, first_mjd, band, mag,
                      status, p_real, p_extragalactic, p_fast, priority, stage, model_version, n_det, spark,
-                     updated_ms, ss_distance)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     updated_ms, ss_distance, source_type, source_type_p)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (object_id) DO UPDATE SET
     survey = excluded.survey, ra = excluded.ra, dec = excluded.dec, gal_b = excluded.gal_b,
     abs_gal_b = excluded.abs_gal_b, latest_alert_id = excluded.latest_alert_id, latest_mjd = excluded.latest_mjd,
@@ -754,6 +771,7 @@ ON CONFLICT (object_id) DO UPDATE SET
                  ELSE excluded.stage END,
     model_version = excluded.model_version,
     n_det = excluded.n_det, spark = excluded.spark, ss_distance = excluded.ss_distance,
+    source_type = excluded.source_type, source_type_p = excluded.source_type_p,
     -- dialect: "IS" (null-safe equality) -> IS NOT DISTINCT FROM
     updated_ms = CASE WHEN excluded.latest_alert_id = objects.latest_alert_id
                            AND (excluded.model_version = objects.model_version
@@ -798,6 +816,7 @@ def object_row(record: dict, spark: dict, now_ms: int) -> tuple:
         _num(record.get("priority")), record["stage"], record.get("model_version", "none"),
         int(lcs.get("n_detections") or 0), json.dumps(spark, separators=(",", ":")), now_ms,
         _num((record.get("features") or {}).get("ss_distance")),
+        record.get("source_type"), _num(record.get("source_type_probability")),
     )
 
 
@@ -1098,7 +1117,8 @@ class ListQuery:
 #: Columns the list page needs (objects table only: the list never touches history).
 LIST_COLUMNS = ("object_id, survey, ra, dec, gal_b, latest_alert_id, latest_mjd, first_mjd, band, mag, status, "
                 "p_real, p_extragalactic, p_fast, priority, stage, n_alerts, n_det, spark, updated_ms, "
-                "snoozed_mjd, vet_real, vet_extragalactic, vet_follow_up, vetted_by, ss_distance")
+                "snoozed_mjd, vet_real, vet_extragalactic, vet_follow_up, vetted_by, ss_distance, source_type, "
+                "source_type_p")
 
 
 @dataclass(frozen=True)
@@ -1570,16 +1590,28 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def type_text(source_type, p) -> str:
+    """A source type as the list shows it: ``"CV outburst 0.71"``, or ``"--"`` without one."""
+    from models.score import SOURCE_TYPES
+
+    if not source_type:
+        return "--"
+    words = SOURCE_TYPES.get(source_type, source_type)
+    return f"{words} {p:.2f}" if p is not None else words
+
+
 def ranked_lines(rows) -> list:
     """The ranked list as terminal lines (``vigil queue list``, ``vigil demo``).
 
     Each row is a dict with ``object_id, survey, band, mag, stage, p_real, p_extragalactic,
-    p_fast, priority, ss_distance`` and, optionally, ``age_days`` (a column then) and the
-    vetting columns of the store (``vet_real, vet_extragalactic, vet_follow_up, vetted_by``).
+    p_fast, priority, ss_distance`` (and ``source_type, source_type_p`` where known) and,
+    optionally, ``age_days`` (a column then) and the vetting columns of the store
+    (``vet_real, vet_extragalactic, vet_follow_up, vetted_by``).
     """
     ages = any("age_days" in r for r in rows)
     head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} "
-            + (f"{'age/d':>6} " if ages else "") + f"{'P(real)':>7} {'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}")
+            + (f"{'age/d':>6} " if ages else "") + f"{'P(real)':>7} {'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}"
+            + f"  {'type if real':<21}")
     out = [head, "-" * len(head)]
 
     def num(x, w, d=2):
@@ -1597,10 +1629,12 @@ def ranked_lines(rows) -> list:
             notes.append(f"vetted {'/'.join(calls)} (last by {r.get('vetted_by')})")
         prio = num(r["priority"], 8, 3) if r["priority"] is not None else "unscored"
         mag = num(r["mag"], 6) if r["mag"] is not None else "  neg."  # flux ≤ 0 in the difference image, as on the page
-        out.append(f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} {r['stage'] or '':<9} "
-                   + (f"{num(r.get('age_days'), 6, 1)} " if ages else "")
-                   + f"{num(r['p_real'], 7)} {num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}"
-                   + (f"  {'; '.join(notes)}" if notes else ""))
+        line = (f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} {r['stage'] or '':<9} "
+                + (f"{num(r.get('age_days'), 6, 1)} " if ages else "")
+                + f"{num(r['p_real'], 7)} {num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}"
+                + f"  {type_text(r.get('source_type'), r.get('source_type_p')):<21}"
+                + (f"  {'; '.join(notes)}" if notes else ""))
+        out.append(line.rstrip())
     return out
 
 
@@ -1629,7 +1663,7 @@ def listed(db, q: ListQuery) -> tuple:
         store.close()
     keep = ("object_id", "survey", "ra", "dec", "band", "mag", "stage", "status", *SCORES, "priority", "n_alerts",
             "latest_alert_id", "latest_mjd", "vet_real", "vet_extragalactic", "vet_follow_up", "vetted_by",
-            "ss_distance")
+            "ss_distance", "source_type", "source_type_p")
     rows = [{k: r[k] for k in keep} for r in page.rows]
     for r in rows:
         r["age_days"] = None if now is None or r["latest_mjd"] is None else float(now) - float(r["latest_mjd"])

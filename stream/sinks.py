@@ -47,6 +47,7 @@ def flatten_annotation(r: dict) -> dict:
     flat["explanation"] = json.dumps(r["explanation"])
     flat["explanation_text"] = json.dumps(r["explanation_text"])
     flat["features"] = json.dumps(r["features"])
+    flat["source_type_probabilities"] = json.dumps(r.get("source_type_probabilities", {}))
     return flat
 
 

@@ -29,12 +29,15 @@ from urllib.parse import urlencode
 
 import numpy as np
 
+from models.score import SOURCE_TYPES
 from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze
 
 log = logging.getLogger(__name__)
 
 MJD_UNIX_EPOCH = 40587.0
 BAND_COLOURS = {"u": "#7b3fb5", "g": "#1f9e3a", "r": "#d62728", "i": "#e07b00", "z": "#8c564b", "y": "#333333"}
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+               '<circle cx="8" cy="8" r="6" fill="#2b5fd9"/></svg>')
 KEYS = {"r": "real", "b": "bogus", "g": "galactic", "x": "extragalactic", "f": "follow_up", "n": "no_follow_up",
         "s": "snooze"}
 
@@ -522,7 +525,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
 
     @app.before_request
     def _auth():
-        if request.endpoint in ("health", "login"):
+        if request.endpoint in ("health", "login", "favicon"):
             return None
         logged_in = session.get("auth") == token_tag and session.get("vetter")
         h = request.headers.get("Authorization", "")
@@ -578,12 +581,18 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000.0))
 
     app.jinja_env.globals.update(sparkline_svg=lambda s: Markup(sparkline_svg(s)), mjd_to_iso=mjd_to_iso,
-                                 SORTS=SORTS, STAGES=STAGES, KNOWN_SSO_ARCSEC=KNOWN_SSO_ARCSEC)
+                                 SORTS=SORTS, STAGES=STAGES, KNOWN_SSO_ARCSEC=KNOWN_SSO_ARCSEC,
+                                 SOURCE_TYPES=SOURCE_TYPES)
 
     def now_mjd() -> float:
         if settings.clock == "wall":
             return time.time() / 86400.0 + MJD_UNIX_EPOCH
         return store().newest_mjd() or (time.time() / 86400.0 + MJD_UNIX_EPOCH)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        # The pages carry an inline icon; error pages (Flask's) do not, and browsers then ask here.
+        return Response(FAVICON_SVG, mimetype="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/health")
     def health():
@@ -691,6 +700,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         lc = obj["lightcurve"]
         trig = rec.get("event_mjd")
         explanation_text = rec.get("explanation_text") or {}
+        types = sorted((rec.get("source_type_probabilities") or {}).items(), key=lambda kv: -kv[1])
+        types = [(SOURCE_TYPES.get(t, t), p) for t, p in types[:3] if p >= 0.01]
         return render_template(
             "object.html", obj=obj, rec=rec, feats=feats, qs=qs, typical=scorer.typical(rec),
             svg_raw=Markup(lightcurve_svg(lc, "raw", trigger_mjd=trig)),
@@ -699,7 +710,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             next_url=url_for("object_page", object_id=nxt) + (f"?{qs}" if qs else "") if nxt else None,
             prev_url=url_for("object_page", object_id=prv) + (f"?{qs}" if qs else "") if prv else None,
             list_url=url_for("index") + (f"?{lqs}" if lqs else ""), now_mjd=now_mjd(),
-            feature_rows=sorted(feats.items()),
+            feature_rows=sorted(feats.items()), types=types,
         )
 
     @app.get("/cutout/<int:alert_id>/<kind>.png")

@@ -277,6 +277,9 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
 
     want = dict(sqlite3.connect(db).execute("SELECT object_id, ss_distance FROM objects").fetchall())
     assert any(v is not None for v in want.values())
+    get_types = "SELECT object_id, source_type, source_type_p FROM objects ORDER BY object_id"
+    types = sqlite3.connect(db).execute(get_types).fetchall()
+    assert any(t is not None for _, t, _ in types)
     # A store as version 1 wrote it: no ss_distance column, its indexes as they were.
     c = sqlite3.connect(db)
     for name in ("ix_obj_filter", "ix_obj_sort_first", "ix_dec_alert", "ix_obj_latest"):
@@ -288,6 +291,8 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     c.execute("DROP TABLE login_failures")  # (version 3)
     c.execute("ALTER TABLE decisions DROP COLUMN withdrawn_ms")  # (version 4)
     c.execute("ALTER TABLE decisions DROP COLUMN withdrawn_by")
+    c.execute("ALTER TABLE objects DROP COLUMN source_type")  # (version 5)
+    c.execute("ALTER TABLE objects DROP COLUMN source_type_p")
     c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     c.commit()
     c.close()
@@ -295,6 +300,7 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == \
         str(SCHEMA_VERSION)
     assert dict(store.conn.execute("SELECT object_id, ss_distance FROM objects").fetchall()) == want
+    assert [tuple(r) for r in store.conn.execute(get_types).fetchall()] == types
     index_sql = dict(store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
     assert "ss_distance" in index_sql["ix_obj_filter"] and "COALESCE(first_mjd" in index_sql["ix_obj_sort_first"]
     assert {"ix_dec_alert", "ix_obj_latest", "ix_login_failures"} <= set(index_sql)
@@ -639,6 +645,9 @@ def _login(client, name="vera"):
 def test_auth_required_except_health(client, db):
     assert client.get("/health").status_code == 200
     assert client.get("/health").get_json() == {"status": "ok"}
+    # the icon, which browsers ask for on any page (Flask's error pages carry no inline one), is open too
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.mimetype == "image/svg+xml" and b"<svg" in icon.data
     r = client.get("/")
     assert r.status_code == 302 and "/login" in r.headers["Location"]
     oid = sqlite3.connect(db).execute("SELECT object_id FROM objects LIMIT 1").fetchone()[0]
@@ -1618,6 +1627,12 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
     body = lines[2:7]
     assert [ln.split()[1] for ln in body] == [r["object_id"] for r in top]
     assert "vetted bogus (last by fay)" in body[1] and lines[-1].startswith("5 of ")
+    # Each row names its most likely source type if real, in words, with its probability.
+    from stream.queue import type_text
+
+    assert "type if real" in lines[0]
+    for ln, r in zip(body, top, strict=True):
+        assert r["source_type"] and type_text(r["source_type"], r["source_type_p"]) in ln
     assert main(["queue", "list", "--db", str(db), "--top", "500", "--stage", "first", "--hide-vetted", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in got["rows"]] == ["first"] * len(got["rows"])

@@ -335,3 +335,5 @@ def test_evaluate_simulate_json_is_json(capsys):
     assert main(["evaluate", "--simulate", "--seed", "2", "--quadrants", "2", "--nights", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # it printed the text report before
     assert set(out["scores"]) == {"p_real", "p_extragalactic", "p_fast"} and len(out["interventions"]) == 8
+    # the shipped model names source types: their accuracy, and how they move under the interventions
+    assert 0 <= out["source_types"]["accuracy"] <= 1 and len(out["source_type_shifts"]) == 4

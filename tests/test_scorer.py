@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, SHARED, avro_files
 
 from models.features import FEATURES
-from models.score import SCORES, ScoreBatch, explain, feature_phrase
+from models.score import SCORES, SOURCE_TYPES, ScoreBatch, explain, feature_phrase
 from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
 from models.train import (
     SimTable,
@@ -22,6 +22,7 @@ from models.train import (
     recall_at_rank,
     train_alert_model,
 )
+from stream.annotation import validate_annotation
 from stream.cli import main
 
 ATLAS_DAY1 = SHARED / "atlas_vra_labeled" / "dev" / "atlas_vra_day1_dev.csv"
@@ -57,7 +58,9 @@ def tiny_sim():
     fast = real & (X["rise_rate"] > 0.8)
     vetted = rng.random(n) < 1 / (1 + np.exp(-(0.5 - X["mag"])))
     eyeballed = vetted | (rng.random(n) < 0.3)
-    truth = pd.DataFrame({"is_real": real, "is_extragalactic": xgal, "is_fast": fast, "vetted": vetted,
+    # simulator classes, consistent with the three truths (the source types learn from them)
+    cls = np.where(~real, "bogus", np.where(xgal, np.where(fast, "fast", "sn"), np.where(fast, "flare", "constant")))
+    truth = pd.DataFrame({"class": cls, "is_real": real, "is_extragalactic": xgal, "is_fast": fast, "vetted": vetted,
                           "eyeballed": eyeballed, "objectId": [f"obj{i // 2}" for i in range(n)],
                           "seeing_arcsec": X["seeing"]})
     V = pd.DataFrame({"det_mag": X["mag"], "seeing": X["seeing"]})
@@ -276,13 +279,51 @@ def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
     assert {"training_data_hash", "version", "created", "residualiser", "ipw"} <= set(meta)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
         "metadata.json", "p_extragalactic.reduced.ubj", "p_extragalactic.ubj", "p_fast.reduced.ubj", "p_fast.ubj",
-        "p_real.reduced.ubj", "p_real.ubj"]
+        "p_real.reduced.ubj", "p_real.ubj", "source_type.reduced.ubj", "source_type.ubj"]
     back = load(tmp_path / "m")
     assert isinstance(back, AlertScorer) and back.model_version == tiny_model.model_version
     a, b = tiny_model.score(tiny_sim.X), back.score(tiny_sim.X)
     for s in SCORES:
         np.testing.assert_array_equal(getattr(a, s), getattr(b, s))
         np.testing.assert_array_equal(a.contributions[s], b.contributions[s])
+    assert a.types == b.types == ("fast_transient", "flare", "star", "supernova")
+    np.testing.assert_array_equal(a.type_proba, b.type_proba)
+    # A source-type booster the metadata does not describe is refused, as the score boosters are.
+    f = tmp_path / "m" / "source_type.ubj"
+    f.write_bytes(f.read_bytes()[:-1] + b"x")
+    with pytest.raises(ValueError, match="source_type.ubj: SHA-256"):
+        load(tmp_path / "m")
+
+
+def test_source_type_scorer_contract_and_calibration():
+    """Multi-class source types: scikit-learn contract, rows sum to 1, a temperature from
+    out-of-fold margins, a rule learnt, and the weights' scale ignored (as for the binary scorers)."""
+    from sklearn.base import clone
+
+    from models.scorer import XGBTypeScorer
+
+    rng = np.random.default_rng(4)
+    n = 2400
+    X = pd.DataFrame(rng.normal(size=(n, 3)), columns=["a", "b", "c"])
+    y = np.where(X["a"] + 0.3 * rng.normal(size=n) > 0.6, "cv",
+                 np.where(X["b"] + 0.3 * rng.normal(size=n) > 0, "flare", "star"))
+    groups = np.arange(n) // 2
+    est = XGBTypeScorer(n_estimators=60)
+    assert clone(est).get_params() == est.get_params()
+    est.fit(X.iloc[:1600], y[:1600], groups=groups[:1600])
+    assert list(est.classes_) == ["cv", "flare", "star"] and est.temperature_ > 0
+    P = est.predict_proba(X.iloc[1600:])
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-6)
+    right = est.predict(X.iloc[1600:]) == y[1600:]
+    assert right.mean() > 0.8
+    # calibrated: the top type's probability matches how often it is right
+    assert expected_calibration_error(right.astype(int), P.max(axis=1)) < 0.06
+    w = rng.uniform(0.5, 2.0, 1600)
+    a = XGBTypeScorer(n_estimators=30).fit(X.iloc[:1600], y[:1600], sample_weight=w).predict_proba(X.iloc[1600:])
+    b = XGBTypeScorer(n_estimators=30).fit(X.iloc[:1600], y[:1600], sample_weight=7 * w).predict_proba(X.iloc[1600:])
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match="two source types"):
+        XGBTypeScorer().fit(X.iloc[:10], ["cv"] * 10)
 
 
 def test_standardised_scores_average_over_the_bank_and_ignore_the_alerts_own_conditions(tiny_sim, tiny_model,
@@ -756,6 +797,10 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
         assert a.priority is not None
         assert set(a.explanation_text) == set(SCORES)
         assert {c.score for c in a.explanation} == set(SCORES)
+        # the most likely source type if real, and every type's probability (they sum to 1)
+        assert a.source_type in SOURCE_TYPES and set(a.source_types) <= set(SOURCE_TYPES)
+        assert a.source_type_p == max(a.source_types.values()) and abs(sum(a.source_types.values()) - 1) < 1e-6
+        validate_annotation(a.to_record())
     # The intrinsic scores read the condition-sensitive features relative to the conditions, and say so.
     relative = {c for c, _ in pipe.scorer.residualiser.columns}
     said = 0

@@ -112,6 +112,7 @@ def test_pages_keep_a_phones_width(server, browser):
         page.wait_for_load_state("load")  # the stylesheet too: the rows can be there before it applies
         assert page.evaluate(widths) == [390, 390]
         assert page.eval_on_selector("#queue", "t => t.getBoundingClientRect().width") > 390  # it scrolls, on its own
+        assert page.locator("#queue .stype").count() > 0  # the most likely source type beside the object
         most = sqlite3.connect(db).execute(
             "SELECT object_id FROM objects ORDER BY n_alerts DESC, object_id").fetchone()[0]
         page.goto(f"{base}/object/{most}")
@@ -119,6 +120,7 @@ def test_pages_keep_a_phones_width(server, browser):
         assert page.evaluate(widths) == [390, 390]
         # An object nobody snoozed shows no "snoozed" label (a class's display used to override `hidden`).
         assert page.locator("#snoozed").count() == 1 and not page.is_visible("#snoozed")
+        assert page.inner_text("#types").startswith("If real, most likely:")
         assert console == []
     finally:
         context.close()
