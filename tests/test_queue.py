@@ -1112,6 +1112,16 @@ def test_postgres_store_behaves_like_sqlite(postgres_server, batch, db):
     pd.testing.assert_frame_equal(pg.labels_frame().drop(columns=drop), sq.labels_frame().drop(columns=drop))
     _login_failure_memory(pg)
     sq.close()
+    # A version-4 store (no source types) is migrated in place, the types filled from the annotations.
+    get_types = "SELECT object_id, source_type, source_type_p FROM objects ORDER BY object_id"
+    before = [tuple(r) for r in pg.conn.execute(get_types).fetchall()]
+    assert any(t is not None for _, t, _ in before)
+    pg.conn.execute("ALTER TABLE objects DROP COLUMN source_type")
+    pg.conn.execute("ALTER TABLE objects DROP COLUMN source_type_p")
+    pg.conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    pg.close()
+    pg = QueueStore(url)
+    assert [tuple(r) for r in pg.conn.execute(get_types).fetchall()] == before
     pg.close()
 
 
