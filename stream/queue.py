@@ -1611,7 +1611,7 @@ def ranked_lines(rows) -> list:
     ages = any("age_days" in r for r in rows)
     head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} "
             + (f"{'age/d':>6} " if ages else "") + f"{'P(real)':>7} {'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}"
-            + f"  {'type if real':<21}")
+            + f"  {'type if real':<21}").rstrip()
     out = [head, "-" * len(head)]
 
     def num(x, w, d=2):
