@@ -35,6 +35,8 @@ SOURCE_TYPES = {
 }
 #: The extragalactic source types: together they hold P(extragalactic), the others 1 − P(extragalactic).
 EXTRAGALACTIC_TYPES = ("supernova", "fast_transient", "agn")
+#: The fast source types (rise < 3 d): together they hold P(fast).
+FAST_TYPES = ("fast_transient", "flare", "cv")
 
 
 @dataclass(frozen=True)

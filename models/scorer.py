@@ -468,7 +468,7 @@ class XGBTypeScorer(ClassifierMixin, BaseEstimator):
         """Calibrated probabilities, shape (n, len(classes_)); each row sums to 1."""
         Xa = self._check_X(X)
         z = self.booster_.inplace_predict(Xa, predict_type="margin").reshape(len(Xa), len(self.classes_))
-        z = z / self.temperature_
+        z = z.astype(np.float64) / self.temperature_  # (in float32 a wide spread could underflow a whole row)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
@@ -667,9 +667,21 @@ def _load_type_scorer(d: dict, directory: Path, names) -> XGBTypeScorer:
     est = XGBTypeScorer(**d.get("params", {}))
     est.classes_ = np.asarray(d["classes"], dtype=object)
     est.temperature_ = float(d["temperature"])
-    if not (len(est.classes_) >= 2 and est.temperature_ > 0):
-        raise ValueError(f"{d['file']}: a source-type scorer needs two or more types and a temperature > 0")
+    from models.score import SOURCE_TYPES
+
+    names_ = [str(c) for c in est.classes_]
+    if not (len(names_) >= 2 and names_ == sorted(set(names_)) and est.temperature_ > 0):
+        raise ValueError(f"{d['file']}: a source-type scorer needs two or more distinct types in sorted order "
+                         f"and a temperature > 0 (metadata: {names_}, {est.temperature_})")
+    unknown = sorted(set(names_) - set(SOURCE_TYPES))
+    if unknown:
+        raise ValueError(f"{d['file']}: source types {unknown} are not ones this code knows ({sorted(SOURCE_TYPES)})")
     _load_booster(est, d, directory, names)
+    # The booster's own class count: a metadata list cut short would fail mid-stream, one
+    # reordered would name every alert's type wrongly (the SHA-256 covers the file, not the list).
+    k = int(json.loads(est.booster_.save_config())["learner"]["learner_model_param"]["num_class"])
+    if k != len(names_):
+        raise ValueError(f"{d['file']}: the booster has {k} classes, the metadata names {len(names_)} types")
     return est
 
 
@@ -751,26 +763,38 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _nest_types(proba: np.ndarray, names, p_extragalactic) -> np.ndarray:
-    """Source-type probabilities made coherent with P(extragalactic).
+def _nest_types(proba: np.ndarray, names, p_extragalactic, p_fast, rounds: int = 30) -> np.ndarray:
+    """Source-type probabilities made coherent with P(extragalactic) and P(fast).
 
-    The extragalactic types (:data:`models.score.EXTRAGALACTIC_TYPES`) share P(extragalactic)
-    and the others 1 − P(extragalactic), each share divided as the type scorer divides it. The
-    binary score is the better-evidenced one (more labels per class, validated under do(seeing)),
-    and a list that said "P(extragalactic) 0.01" beside "supernova-like" would contradict itself:
-    on a real Galactic-plane exposure the type scorer alone called 31 of 100 variable stars
-    supernova-like. A model whose types all fall on one side is left as it is.
+    The extragalactic types (:data:`models.score.EXTRAGALACTIC_TYPES`) together must hold
+    P(extragalactic), the fast ones (:data:`models.score.FAST_TYPES`) P(fast): the type scorer's
+    distribution is raked (iterative proportional fitting, ``rounds`` passes) to those two
+    margins, which keeps its odds within each of the four cells (extragalactic or not × fast or
+    not; every cell has a type). The binary scores are the better-evidenced ones (more labels
+    per class, validated under do(seeing)), and a list that said "P(extragalactic) 0.01" beside
+    "supernova-like" would contradict itself: on a real Galactic-plane exposure the type scorer
+    alone called 31 of 100 variable stars supernova-like. A margin whose types all fall on one
+    side is left alone; a side whose types all hold 0 shares its margin evenly; a NaN score
+    gives a NaN row.
     """
-    from models.score import EXTRAGALACTIC_TYPES
+    from models.score import EXTRAGALACTIC_TYPES, FAST_TYPES
 
-    ext = np.isin(np.asarray(names), EXTRAGALACTIC_TYPES)
-    if ext.all() or not ext.any():
-        return proba
-    pe = np.asarray(p_extragalactic, float)[:, None]
-    out = proba.copy()
-    for block, share in ((ext, pe), (~ext, 1.0 - pe)):
-        part = proba[:, block]
-        out[:, block] = share * part / part.sum(axis=1, keepdims=True)
+    names = np.asarray(names)
+    margins = [(block, np.asarray(p, float)[:, None]) for block, p in
+               ((np.isin(names, EXTRAGALACTIC_TYPES), p_extragalactic), (np.isin(names, FAST_TYPES), p_fast))
+               if block.any() and not block.all()]
+    out = np.asarray(proba, dtype=np.float64).copy()
+    for _ in range(rounds if margins else 0):
+        for block, p in margins:
+            for side, share in ((block, p), (~block, 1.0 - p)):
+                part = out[:, side]
+                tot = part.sum(axis=1, keepdims=True)
+                out[:, side] = np.where(tot > 0, share * part / np.where(tot > 0, tot, 1.0), share / side.sum())
+        block, p = margins[0]
+        if np.nanmax(np.abs(out[:, block].sum(axis=1, keepdims=True) - p), initial=0.0) < 1e-9:
+            break  # (the last margin fitted holds exactly; the first now does too)
+    for _, p in margins:
+        out[~np.isfinite(p[:, 0])] = np.nan
     return out
 
 
@@ -937,7 +961,7 @@ class AlertScorer:
                 if est is not self.types[0]:
                     B[:, self._blank[INTRINSIC[0]]] = np.nan
                 type_proba[rows] = est.predict_proba(B)
-            type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"])
+            type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"], probs["p_fast"])
             type_proba[blind] = np.nan
         relative = tuple(c for c, _ in self.residualiser.columns)
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,

@@ -33,11 +33,32 @@ def code_version() -> str:
         return "dev"
 
 
-@lru_cache(maxsize=1)
-def annotation_schema() -> dict:
-    """The parsed annotation schema (fastavro)."""
-    text = resources.files("stream").joinpath("schemas", _SCHEMA_FILE).read_text()
-    return fastavro.parse_schema(json.loads(text))
+#: Fields each minor version added, at the end of the record (so that a reader of an older
+#: minor version decodes newer schemaless messages: it stops before the new fields).
+ADDED_IN = {"1.1": ("source_type", "source_type_probability", "source_type_probabilities")}
+
+
+@lru_cache(maxsize=4)
+def annotation_schema(version: str = ANNOTATION_SCHEMA_VERSION) -> dict:
+    """The parsed annotation schema (fastavro) of ``version`` (this one or an earlier minor one).
+
+    Raises
+    ------
+    ValueError
+        For a version this code does not know (a newer one, or another major version).
+    """
+    known = ["1.0", *ADDED_IN]
+    if version not in known:
+        raise ValueError(f"annotation schema version {version!r} is not one this Vigil reads ({', '.join(known)})")
+    raw = json.loads(resources.files("stream").joinpath("schemas", _SCHEMA_FILE).read_text())
+
+    def key(v):
+        return tuple(int(x) for x in v.split("."))
+
+    later = {f for v, fs in ADDED_IN.items() if key(v) > key(version) for f in fs}
+    raw["fields"] = [f for f in raw["fields"] if f["name"] not in later]
+    raw["version"] = version
+    return fastavro.parse_schema(raw)
 
 
 def mjd_to_unix_ms(mjd: float, scale: str = "utc") -> int:
@@ -177,9 +198,14 @@ def encode_annotation(record: dict) -> bytes:
     return buf.getvalue()
 
 
-def decode_annotation(data: bytes) -> dict:
-    """Inverse of :func:`encode_annotation` (timestamps come back as Unix milliseconds)."""
-    rec = fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(), None)
+def decode_annotation(data: bytes, version: str = ANNOTATION_SCHEMA_VERSION) -> dict:
+    """Inverse of :func:`encode_annotation` (timestamps come back as Unix milliseconds).
+
+    ``version`` is the writer's (the message's ``vigil.schema_version`` header): a message an
+    older Vigil wrote is decoded with its own schema, and the fields added since get their
+    defaults, so every record comes back in this version's shape.
+    """
+    rec = fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(version), annotation_schema())
     for k in ("event_time_ms", "processing_time_ms"):
         if hasattr(rec[k], "timestamp"):
             rec[k] = round(rec[k].timestamp() * 1000)

@@ -75,7 +75,8 @@ def main(args) -> int:
         counts = run_service(cfg, stop, until=lambda c: c.read >= n)
         print(f"3. service: {counts.line()}")
         msgs = read_topic(broker.bootstrap, o.annotations_topic, counts.annotated)
-        anns = [decode_annotation(m.value()) for m in msgs]
+        # each message in the schema version its header names (a topic may span an upgrade)
+        anns = [decode_annotation(m.value(), dict(m.headers() or ())["vigil.schema_version"].decode()) for m in msgs]
         dead = read_topic(broker.bootstrap, o.dead_letter_topic, counts.rejected, timeout_s=5) \
             if counts.rejected else []
         print(f"4. {len(anns)} annotations on topic {o.annotations_topic}, {len(dead)} dead letters on "

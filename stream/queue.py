@@ -1611,7 +1611,7 @@ def ranked_lines(rows) -> list:
     ages = any("age_days" in r for r in rows)
     head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} "
             + (f"{'age/d':>6} " if ages else "") + f"{'P(real)':>7} {'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}"
-            + f"  {'type if real':<21}").rstrip()
+            + f"  {'type if real':<30}").rstrip()
     out = [head, "-" * len(head)]
 
     def num(x, w, d=2):
@@ -1632,7 +1632,7 @@ def ranked_lines(rows) -> list:
         line = (f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} {r['stage'] or '':<9} "
                 + (f"{num(r.get('age_days'), 6, 1)} " if ages else "")
                 + f"{num(r['p_real'], 7)} {num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}"
-                + f"  {type_text(r.get('source_type'), r.get('source_type_p')):<21}"
+                + f"  {type_text(r.get('source_type'), r.get('source_type_p')):<30}"
                 + (f"  {'; '.join(notes)}" if notes else ""))
         out.append(line.rstrip())
     return out

@@ -13,6 +13,7 @@ import time
 
 import fastavro
 import pyarrow.parquet as pq
+import pytest
 from conftest import DATA, SHARED, avro_files, needs_shared
 
 from stream.alert import Envelope
@@ -130,6 +131,20 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
         validate_annotation(r)
         assert r["model_version"] != "none"  # the shipped default model, not the placeholder rule
         assert decode_annotation(encode_annotation(r)) == r
+    # Schema evolution of the schemaless messages: a 1.0 consumer reads 1.1 messages (the fields
+    # 1.1 added come last), and a 1.0 message decodes, by its header's version, with their defaults.
+    from stream.annotation import annotation_schema
+
+    r = records[0]
+    old = fastavro.schemaless_reader(io.BytesIO(encode_annotation(r)), annotation_schema("1.0"), None)
+    assert set(old) == {k for k in r if not k.startswith("source_type")}
+    assert (old["alert_id"], old["features"], old["source"]) == (r["alert_id"], r["features"], r["source"])
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, annotation_schema("1.0"), {k: r[k] for k in old})
+    back = decode_annotation(buf.getvalue(), "1.0")
+    assert back["source_type"] is None and back["source_type_probabilities"] == {} and back["alert_id"] == r["alert_id"]
+    with pytest.raises(ValueError, match="schema version '2.0'"):
+        decode_annotation(buf.getvalue(), "2.0")
 
 
 def test_replay_reconciliation_counts_rejections(tmp_path, capsys):

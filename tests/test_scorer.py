@@ -12,7 +12,15 @@ import pytest
 from conftest import DATA, SHARED, avro_files
 
 from models.features import FEATURES
-from models.score import SCORES, SOURCE_TYPES, ScoreBatch, explain, feature_phrase
+from models.score import (
+    EXTRAGALACTIC_TYPES,
+    FAST_TYPES,
+    SCORES,
+    SOURCE_TYPES,
+    ScoreBatch,
+    explain,
+    feature_phrase,
+)
 from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
 from models.train import (
     SimTable,
@@ -288,6 +296,17 @@ def test_save_load_round_trip_is_identical(tiny_sim, tiny_model, tmp_path):
         np.testing.assert_array_equal(a.contributions[s], b.contributions[s])
     assert a.types == b.types == ("fast_transient", "flare", "star", "supernova")
     np.testing.assert_array_equal(a.type_proba, b.type_proba)
+    # Type lists the booster does not have, or in another order, are refused on loading (a list cut
+    # short failed at the first batch; one reordered would have named every type wrongly).
+    for bad in (["fast_transient", "flare", "star"], ["flare", "fast_transient", "star", "supernova"],
+                ["fast_transient", "flare", "star", "unicorn"]):
+        m2 = tmp_path / f"m{len(bad)}{bad[0][:2]}"
+        shutil.copytree(tmp_path / "m", m2)
+        meta2 = json.loads((m2 / "metadata.json").read_text())
+        meta2["source_types"]["full"]["classes"] = bad
+        (m2 / "metadata.json").write_text(json.dumps(meta2))
+        with pytest.raises(ValueError, match="classes|types"):
+            load(m2)
     # A source-type booster the metadata does not describe is refused, as the score boosters are.
     f = tmp_path / "m" / "source_type.ubj"
     f.write_bytes(f.read_bytes()[:-1] + b"x")
@@ -800,6 +819,10 @@ def test_pipeline_default_model_scores_and_explains_real_alerts():
         # the most likely source type if real, and every type's probability (they sum to 1)
         assert a.source_type in SOURCE_TYPES and set(a.source_types) <= set(SOURCE_TYPES)
         assert a.source_type_p == max(a.source_types.values()) and abs(sum(a.source_types.values()) - 1) < 1e-6
+        # coherent with the binary scores: the extragalactic types hold P(extragalactic), the fast ones P(fast)
+        ext = sum(v for t, v in a.source_types.items() if t in EXTRAGALACTIC_TYPES)
+        fast = sum(v for t, v in a.source_types.items() if t in FAST_TYPES)
+        assert abs(ext - a.p_extragalactic) < 1e-3 and abs(fast - a.p_fast) < 1e-3
         validate_annotation(a.to_record())
     # The intrinsic scores read the condition-sensitive features relative to the conditions, and say so.
     relative = {c for c, _ in pipe.scorer.residualiser.columns}
