@@ -192,7 +192,58 @@ def fit_calibrator(margin, y, sample_weight=None, method: str = "platt") -> Cali
 # --------------------------------------------------------------------------- binary estimator
 
 
-class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
+class _XGBEstimator(ClassifierMixin, BaseEstimator):
+    """What the XGBoost scorers share: booster settings, inputs, weights. Subclasses define
+    ``__init__`` (the scikit-learn contract wants every parameter spelt out there) and
+    ``_objective`` (the booster's objective settings)."""
+
+    _objective: dict = {}
+
+    def _train(self, X, y, w, **objective):
+        import xgboost as xgb
+
+        params = {**self._objective, **objective, "tree_method": "hist", "max_depth": self.max_depth,
+                  "eta": self.learning_rate, "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
+                  "min_child_weight": self.min_child_weight, "lambda": self.reg_lambda, "seed": self.random_state,
+                  "nthread": self.n_jobs}
+        names = list(getattr(self, "feature_names_in_", [])) or None
+        d = xgb.DMatrix(X, label=y, weight=w, feature_names=names, missing=np.nan)
+        return xgb.train(params, d, num_boost_round=self.n_estimators)
+
+    def _fit_inputs(self, X, sample_weight, n: int) -> tuple:
+        """(float32 rows, weights at mean 1); records the input names and count."""
+        if isinstance(X, pd.DataFrame):
+            self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        Xa = _as_float32(X)
+        self.n_features_in_ = Xa.shape[1]
+        w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
+        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise ValueError("sample_weight must be finite, non-negative and not all zero")
+        # Weights are defined up to a constant (stabilised inverse propensities), but XGBoost's
+        # min_child_weight and lambda are in summed-weight units: at mean 1 they count rows, so
+        # the fit does not depend on the scale (×3 weights moved an ECE from 0.06 to 0.10).
+        return Xa, w / w.mean()
+
+    def _check_X(self, X) -> np.ndarray:
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "booster_")
+        names = getattr(self, "feature_names_in_", None)
+        if isinstance(X, pd.DataFrame) and names is not None:
+            missing = [n for n in names if n not in X.columns]
+            if missing:
+                raise ValueError(f"missing feature columns: {missing}")
+            Xa = _as_float32(X, names)
+        else:
+            Xa = _as_float32(X)
+        if Xa.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Xa.shape[1]} features, the model expects {self.n_features_in_}")
+        return Xa
+
+
+class XGBBinaryScorer(_XGBEstimator):
     """Calibrated binary XGBoost classifier (scikit-learn estimator contract).
 
     Parameters
@@ -236,18 +287,7 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.n_jobs = n_jobs
 
-    def _params(self) -> dict:
-        return {"objective": "binary:logistic", "eval_metric": "logloss", "tree_method": "hist",
-                "max_depth": self.max_depth, "eta": self.learning_rate, "subsample": self.subsample,
-                "colsample_bytree": self.colsample_bytree, "min_child_weight": self.min_child_weight,
-                "lambda": self.reg_lambda, "seed": self.random_state, "nthread": self.n_jobs}
-
-    def _train(self, X, y, w):
-        import xgboost as xgb
-
-        names = list(getattr(self, "feature_names_in_", [])) or None
-        d = xgb.DMatrix(X, label=y, weight=w, feature_names=names, missing=np.nan)
-        return xgb.train(self._params(), d, num_boost_round=self.n_estimators)
+    _objective = {"objective": "binary:logistic", "eval_metric": "logloss"}
 
     def fit(self, X, y, sample_weight=None, groups=None):
         """Fit the booster on all rows and the calibrator on out-of-fold margins.
@@ -264,23 +304,11 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
         """
         from sklearn.model_selection import GroupKFold, StratifiedKFold
 
-        if isinstance(X, pd.DataFrame):
-            self.feature_names_in_ = np.asarray(X.columns, dtype=object)
-        elif hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
-        Xa = _as_float32(X)
         y = np.asarray(y).astype(int)
         if set(np.unique(y)) - {0, 1}:
             raise ValueError("y must be binary (0/1)")
-        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
-        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-            raise ValueError("sample_weight must be finite, non-negative and not all zero")
-        # Weights are defined up to a constant (stabilised inverse propensities), but XGBoost's
-        # min_child_weight and lambda are in summed-weight units: at mean 1 they count rows, so
-        # the fit does not depend on the scale (×3 weights moved an ECE from 0.06 to 0.10).
-        w = w / w.mean()
+        Xa, w = self._fit_inputs(X, sample_weight, len(y))
         self.classes_ = np.array([0, 1])
-        self.n_features_in_ = Xa.shape[1]
         k = min(self.calibration_folds, int(np.bincount(y, minlength=2).min()))
         if self.calibration != "identity" and k >= 2:
             oof = np.full(len(y), np.nan)
@@ -296,22 +324,6 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
             self.calibrator_ = Calibrator("identity")
         self.booster_ = self._train(Xa, y, w)
         return self
-
-    def _check_X(self, X) -> np.ndarray:
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(self, "booster_")
-        names = getattr(self, "feature_names_in_", None)
-        if isinstance(X, pd.DataFrame) and names is not None:
-            missing = [n for n in names if n not in X.columns]
-            if missing:
-                raise ValueError(f"missing feature columns: {missing}")
-            Xa = _as_float32(X, names)
-        else:
-            Xa = _as_float32(X)
-        if Xa.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Xa.shape[1]} features, the model expects {self.n_features_in_}")
-        return Xa
 
     def decision_function(self, X) -> np.ndarray:
         """Raw booster margin (log-odds before calibration)."""
@@ -353,7 +365,7 @@ class XGBBinaryScorer(ClassifierMixin, BaseEstimator):
         return np.asarray(c[:, :-1], dtype=float)
 
 
-class XGBTypeScorer(ClassifierMixin, BaseEstimator):
+class XGBTypeScorer(_XGBEstimator):
     """Calibrated multi-class XGBoost classifier of the source type (scikit-learn contract).
 
     What kind of source a real alert most likely is (a supernova, a CV outburst, an M-dwarf
@@ -395,16 +407,7 @@ class XGBTypeScorer(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.n_jobs = n_jobs
 
-    def _train(self, X, y, w, k):
-        import xgboost as xgb
-
-        params = {"objective": "multi:softprob", "num_class": k, "eval_metric": "mlogloss", "tree_method": "hist",
-                  "max_depth": self.max_depth, "eta": self.learning_rate, "subsample": self.subsample,
-                  "colsample_bytree": self.colsample_bytree, "min_child_weight": self.min_child_weight,
-                  "lambda": self.reg_lambda, "seed": self.random_state, "nthread": self.n_jobs}
-        names = list(getattr(self, "feature_names_in_", [])) or None
-        d = xgb.DMatrix(X, label=y, weight=w, feature_names=names, missing=np.nan)
-        return xgb.train(params, d, num_boost_round=self.n_estimators)
+    _objective = {"objective": "multi:softprob", "eval_metric": "mlogloss"}
 
     def fit(self, X, y, sample_weight=None, groups=None):
         """Fit the booster on all rows and the temperature on out-of-fold margins.
@@ -421,20 +424,11 @@ class XGBTypeScorer(ClassifierMixin, BaseEstimator):
         from scipy.optimize import minimize_scalar
         from sklearn.model_selection import GroupKFold, KFold
 
-        if isinstance(X, pd.DataFrame):
-            self.feature_names_in_ = np.asarray(X.columns, dtype=object)
-        elif hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
-        Xa = _as_float32(X)
         self.classes_, codes = np.unique(np.asarray(y).astype(str), return_inverse=True)
         k = len(self.classes_)
         if k < 2:
             raise ValueError("y must hold at least two source types")
-        w = np.ones(len(codes)) if sample_weight is None else np.asarray(sample_weight, float)
-        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-            raise ValueError("sample_weight must be finite, non-negative and not all zero")
-        w = w / w.mean()
-        self.n_features_in_ = Xa.shape[1]
+        Xa, w = self._fit_inputs(X, sample_weight, len(codes))
         folds = min(self.calibration_folds, len(np.unique(groups)) if groups is not None else len(codes))
         self.temperature_ = 1.0
         if folds >= 2:
@@ -442,7 +436,8 @@ class XGBTypeScorer(ClassifierMixin, BaseEstimator):
             splits = (GroupKFold(n_splits=folds).split(Xa, codes, groups) if groups is not None else
                       KFold(n_splits=folds, shuffle=True, random_state=self.random_state).split(Xa))
             for tr, te in splits:
-                oof[te] = self._train(Xa[tr], codes[tr], w[tr], k).inplace_predict(Xa[te], predict_type="margin")
+                oof[te] = self._train(Xa[tr], codes[tr], w[tr], num_class=k).inplace_predict(
+                    Xa[te], predict_type="margin")
 
             def nll(log_t):
                 z = oof / np.exp(log_t)
@@ -451,18 +446,8 @@ class XGBTypeScorer(ClassifierMixin, BaseEstimator):
                 return -float(np.average(logp, weights=w))
 
             self.temperature_ = float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
-        self.booster_ = self._train(Xa, codes, w, k)
+        self.booster_ = self._train(Xa, codes, w, num_class=k)
         return self
-
-    def _check_X(self, X) -> np.ndarray:
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(self, "booster_")
-        names = getattr(self, "feature_names_in_", None)
-        Xa = _as_float32(X, names) if isinstance(X, pd.DataFrame) and names is not None else _as_float32(X)
-        if Xa.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Xa.shape[1]} features, the model expects {self.n_features_in_}")
-        return Xa
 
     def predict_proba(self, X) -> np.ndarray:
         """Calibrated probabilities, shape (n, len(classes_)); each row sums to 1."""

@@ -488,14 +488,20 @@ def _two_services(broker, topics, tmp_path, files, group, queue_db="") -> None:
     cfg = tmp_path / "svc.toml"
     _write_config(cfg, broker, topics, f"{group}-{time.time_ns()}", batch_size=5, queue_db=queue_db)
     procs = [_service(cfg), _service(cfg)]
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and len(set(_annotated_ids(broker, topics[1]))) < len(files):
-        time.sleep(0.5)
-    outs = []
-    for pr in procs:
-        pr.send_signal(signal.SIGTERM)
-        outs.append(pr.communicate(timeout=30)[0])
-    assert all(pr.returncode == 0 for pr in procs), outs
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(set(_annotated_ids(broker, topics[1]))) < len(files):
+            time.sleep(0.5)
+        outs = []
+        for pr in procs:
+            pr.send_signal(signal.SIGTERM)
+            outs.append(pr.communicate(timeout=30)[0])
+        assert all(pr.returncode == 0 for pr in procs), outs
+    finally:  # a failure above must not leave the services running after the test
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait(10)
 
 
 def test_two_processes_share_a_consumer_group(broker, topics, tmp_path):
