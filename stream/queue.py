@@ -1590,13 +1590,23 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def type_text(source_type, p) -> str:
-    """A source type as the list shows it: ``"CV outburst 0.71"``, or ``"--"`` without one."""
+def type_words(source_type, ss_distance=None) -> str:
+    """A source type in a vetter's words. "Asteroid" where no known solar-system object is near
+    says so: the shipped model calls most lone, hostless detections asteroids (its simulated sky
+    leaves more asteroids uncatalogued than the real one), so the words must not pass for a match."""
     from models.score import SOURCE_TYPES
 
+    words = SOURCE_TYPES.get(source_type, source_type)
+    if source_type == "asteroid" and not (ss_distance is not None and ss_distance <= KNOWN_SSO_ARCSEC):
+        words = "asteroid (none known here)"
+    return words
+
+
+def type_text(source_type, p, ss_distance=None) -> str:
+    """A source type as the list shows it: ``"CV outburst 0.71"``, or ``"--"`` without one."""
     if not source_type:
         return "--"
-    words = SOURCE_TYPES.get(source_type, source_type)
+    words = type_words(source_type, ss_distance)
     return f"{words} {p:.2f}" if p is not None else words
 
 
@@ -1611,7 +1621,7 @@ def ranked_lines(rows) -> list:
     ages = any("age_days" in r for r in rows)
     head = (f"{'#':>3} {'object':<20} {'survey':<6} {'band':<4} {'mag':>6} {'stage':<9} "
             + (f"{'age/d':>6} " if ages else "") + f"{'P(real)':>7} {'P(xgal)':>7} {'P(fast)':>7} {'priority':>8}"
-            + f"  {'type if real':<30}").rstrip()
+            + f"  {'type if real':<32}").rstrip()
     out = [head, "-" * len(head)]
 
     def num(x, w, d=2):
@@ -1632,7 +1642,7 @@ def ranked_lines(rows) -> list:
         line = (f"{i:>3} {r['object_id']:<20} {r['survey']:<6} {r['band'] or '':<4} {mag} {r['stage'] or '':<9} "
                 + (f"{num(r.get('age_days'), 6, 1)} " if ages else "")
                 + f"{num(r['p_real'], 7)} {num(r['p_extragalactic'], 7)} {num(r['p_fast'], 7)} {prio}"
-                + f"  {type_text(r.get('source_type'), r.get('source_type_p')):<30}"
+                + f"  {type_text(r.get('source_type'), r.get('source_type_p'), r.get('ss_distance')):<32}"
                 + (f"  {'; '.join(notes)}" if notes else ""))
         out.append(line.rstrip())
     return out

@@ -29,8 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from models.score import SOURCE_TYPES
-from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze
+from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze, type_words
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +581,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
 
     app.jinja_env.globals.update(sparkline_svg=lambda s: Markup(sparkline_svg(s)), mjd_to_iso=mjd_to_iso,
                                  SORTS=SORTS, STAGES=STAGES, KNOWN_SSO_ARCSEC=KNOWN_SSO_ARCSEC,
-                                 SOURCE_TYPES=SOURCE_TYPES)
+                                 type_words=type_words)
 
     def now_mjd() -> float:
         if settings.clock == "wall":
@@ -701,7 +700,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         trig = rec.get("event_mjd")
         explanation_text = rec.get("explanation_text") or {}
         types = sorted((rec.get("source_type_probabilities") or {}).items(), key=lambda kv: -kv[1])
-        types = [(SOURCE_TYPES.get(t, t), p) for t, p in types[:3] if p >= 0.01]
+        types = [(type_words(t, obj["ss_distance"]), p) for t, p in types[:3] if p >= 0.01]
         return render_template(
             "object.html", obj=obj, rec=rec, feats=feats, qs=qs, typical=scorer.typical(rec),
             svg_raw=Markup(lightcurve_svg(lc, "raw", trigger_mjd=trig)),

@@ -1642,7 +1642,10 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
 
     assert "type if real" in lines[0]
     for ln, r in zip(body, top, strict=True):
-        assert r["source_type"] and type_text(r["source_type"], r["source_type_p"]) in ln
+        assert r["source_type"] and type_text(r["source_type"], r["source_type_p"], r["ss_distance"]) in ln
+    # "asteroid" only reads as one where a known solar-system object is near
+    assert type_text("asteroid", 0.61, 0.0) == "asteroid 0.61"
+    assert type_text("asteroid", 0.61, None) == type_text("asteroid", 0.61, 30.0) == "asteroid (none known here) 0.61"
     assert main(["queue", "list", "--db", str(db), "--top", "500", "--stage", "first", "--hide-vetted", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in got["rows"]] == ["first"] * len(got["rows"])
