@@ -465,3 +465,78 @@ class PropensityWeighter(BaseEstimator):
                 "scale": self.scale_.tolist(), "missing_indicators": self.miss_cols_.tolist(),
                 "coef": self.coef_.tolist(), "intercept": self.intercept_, "base_rate": self.base_rate_,
                 "min_propensity": self.min_propensity, "max_quantile": self.max_quantile, "C": self.C}
+
+    @classmethod
+    def from_json(cls, d: dict) -> PropensityWeighter:
+        """Inverse of :meth:`to_json`, refusing coefficient counts that do not fit the columns."""
+        pw = cls(C=d["C"], min_propensity=d["min_propensity"], max_quantile=d["max_quantile"])
+        pw.columns_ = tuple(d["columns"])
+        pw.median_, pw.mean_, pw.scale_ = (np.asarray(d[k], dtype=float) for k in ("median", "mean", "scale"))
+        pw.miss_cols_ = np.asarray(d["missing_indicators"], dtype=int)
+        pw.coef_, pw.intercept_, pw.base_rate_ = np.asarray(d["coef"], dtype=float), float(d["intercept"]), \
+            float(d["base_rate"])
+        k = len(pw.columns_)
+        if not (len(pw.median_) == len(pw.mean_) == len(pw.scale_) == k and len(pw.coef_) == k + len(pw.miss_cols_)
+                and all(0 <= j < k for j in pw.miss_cols_)):
+            raise ValueError(f"propensity model: {len(pw.coef_)} coefficients do not fit {k} covariates "
+                             f"and {len(pw.miss_cols_)} missing indicators")
+        return pw
+
+
+@dataclass(frozen=True)
+class LabelSupport:
+    """Whether the labels behind each score reach an alert, judged when it is scored.
+
+    The weights' ê(v) conditions on later data an alert does not have yet, so the flag of
+    science.md §2 ("ê < 0.01: extrapolated") is taken from a second propensity model per label
+    set, fitted on all training alerts with only what is known at alert time (its brightness,
+    conditions, a catalogued star under it): ê_now = P(labelled | what is known now), the
+    later data averaged out. Below ``threshold`` the training labels hardly reach alerts like
+    this one, and a score learnt from them is an extrapolation (flagged, not changed).
+
+    Parameters
+    ----------
+    models : dict
+        Label set name (e.g. ``"followed_up"``) → fitted :class:`PropensityWeighter` on the
+        alert-time covariates.
+    scores : dict
+        Score name → the label set it learnt from; a score absent has no flag (its labels came
+        from elsewhere, such as vetters' decisions).
+    threshold : float
+    """
+
+    models: dict
+    scores: dict
+    threshold: float = EXTRAPOLATION_THRESHOLD
+
+    def __post_init__(self):
+        unknown = sorted(set(self.scores.values()) - set(self.models))
+        if unknown:
+            raise ValueError(f"label support: scores learnt from label sets without a propensity model: {unknown}")
+        cols = {m.columns_ for m in self.models.values()}
+        if len(cols) > 1:
+            raise ValueError("label support: the propensity models read different covariates")
+
+    @property
+    def covariates(self) -> tuple:
+        return next(iter(self.models.values())).columns_ if self.models else ()
+
+    def propensity(self, V: pd.DataFrame) -> dict:
+        """Score name → ê_now of each row of ``V`` (the alert-time covariates)."""
+        by_set = {name: m.propensity(V) for name, m in self.models.items() if name in self.scores.values()}
+        return {s: by_set[name] for s, name in self.scores.items()}
+
+    def without(self, scores) -> LabelSupport:
+        """The same support with ``scores`` no longer flagged (their labels changed)."""
+        drop = set(scores)
+        keep = {s: m for s, m in self.scores.items() if s not in drop}
+        return LabelSupport({n: m for n, m in self.models.items() if n in keep.values()}, keep, self.threshold)
+
+    def to_json(self) -> dict:
+        return {"threshold": self.threshold, "scores": dict(self.scores),
+                "models": {n: m.to_json() for n, m in self.models.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> LabelSupport:
+        return cls({n: PropensityWeighter.from_json(m) for n, m in d["models"].items()}, dict(d["scores"]),
+                   float(d["threshold"]))

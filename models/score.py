@@ -53,6 +53,10 @@ class ScoreBatch:
     (residualised on them), so an explanation can say so. ``type_proba`` is an (n, len(types))
     array of source-type probabilities given that the alert is real (:data:`SOURCE_TYPES`), NaN
     rows where there is none; None when the model has no source-type scorer.
+    ``label_propensity[score]`` (keys from :data:`SCORES` and ``"source_type"``) is each alert's
+    alert-time probability of having been labelled like the labels that score learnt from
+    (:class:`causal.adjust.LabelSupport`), NaN where unscored; below ``support_threshold`` the
+    score is an extrapolation. Empty (and the threshold None) for a model without one.
     """
 
     p_real: np.ndarray
@@ -64,6 +68,17 @@ class ScoreBatch:
     relative: dict = field(default_factory=dict)
     types: tuple = ()
     type_proba: np.ndarray | None = None
+    label_propensity: dict = field(default_factory=dict)
+    support_threshold: float | None = None
+
+    def extrapolated(self) -> list:
+        """Per row, the scores (names of ``label_propensity``) whose labels hardly reach it (ê below the threshold)."""
+        n = len(self.p_real)
+        if not self.label_propensity or self.support_threshold is None:
+            return [[] for _ in range(n)]
+        names = list(self.label_propensity)
+        low = np.column_stack([np.asarray(self.label_propensity[s], float) < self.support_threshold for s in names])
+        return [[names[j] for j in np.flatnonzero(r)] for r in low] if low.any() else [[] for _ in range(n)]
 
 
 def _logit(p):

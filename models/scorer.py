@@ -77,6 +77,27 @@ MIN_CONDITION_ROWS = 50
 INTRINSIC_FEATURES = tuple(f for f in FEATURES if f not in CONDITIONS)
 #: Rows of observing conditions a model keeps for its standardised ("typical conditions") scores.
 CONDITION_BANK_ROWS = 32
+#: What the label support (:class:`causal.adjust.LabelSupport`) reads of an alert when it is
+#: scored: what follow-up and eyeballing select on, less the later data (see :func:`support_covariates`).
+SUPPORT_COVARIATES = ("det_mag", "seeing", "airmass", "limit_mag", "catalogued_star")
+#: Name of the source types in a label support's scores (beside :data:`models.score.SCORES`).
+TYPE_SCORE = "source_type"
+
+
+def support_covariates(X: pd.DataFrame) -> pd.DataFrame:
+    """The alert-time covariates of the label support (:data:`SUPPORT_COVARIATES`) from feature rows.
+
+    ``det_mag`` is the magnitude of the triggering detection's absolute flux (|flux now / peak ×
+    peak|, so a negative difference has one too; the alert's own magnitude where the light curve
+    gives none), ``catalogued_star`` a PS1 source with star/galaxy score > 0.8 within 0.5″.
+    """
+    now = np.abs(X["flux_now_over_peak"].to_numpy(float) * X["peak_flux"].to_numpy(float))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        det_mag = np.where(now > 0, 23.9 - 2.5 * np.log10(np.where(now > 0, now, 1.0)), X["mag"].to_numpy(float))
+        star = (X["star_galaxy"].to_numpy(float) > 0.8) & (X["ps1_distance"].to_numpy(float) < 0.5)
+    return pd.DataFrame({"det_mag": det_mag, "seeing": X["seeing"].to_numpy(float),
+                         "airmass": X["airmass"].to_numpy(float), "limit_mag": X["limit_mag"].to_numpy(float),
+                         "catalogued_star": star.astype(float)}, index=X.index)
 
 
 def condition_bank(X: pd.DataFrame, rows: int = CONDITION_BANK_ROWS, random_state: int = 0) -> dict:
@@ -809,10 +830,15 @@ class AlertScorer:
         intrinsic scores' inputs; the reduced one scores the alerts that lack a survey-optional
         input (without it, those alerts get no type). None: no source types (models before
         2026-11-27).
+    support : causal.adjust.LabelSupport, optional
+        Alert-time label propensities on :data:`SUPPORT_COVARIATES`, per score (and
+        :data:`TYPE_SCORE`): which scores of an alert rest on labels that hardly reach alerts
+        like it (flagged as extrapolated). None: no flag (models before 2026-11-28, and scores
+        retrained on vetters' decisions).
     """
 
     def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None,
-                 reduced: dict | None = None, types: tuple | None = None):
+                 reduced: dict | None = None, types: tuple | None = None, support=None):
         missing = [s for s in SCORES if s not in scorers]
         if missing:
             raise ValueError(f"scorers missing for {missing}")
@@ -823,6 +849,10 @@ class AlertScorer:
         self.types = tuple(types) if types else None
         if self.types and self.types[1] is not None and list(self.types[0].classes_) != list(self.types[1].classes_):
             raise ValueError("the full and reduced source-type scorers know different types")
+        if support is not None and tuple(support.covariates) not in ((), SUPPORT_COVARIATES):
+            raise ValueError(f"label support reads {list(support.covariates)}, this code gives "
+                             f"{list(SUPPORT_COVARIATES)}; retrain")
+        self.support = support
         self.residualiser = residualiser
         self.model_version = version
         self.metadata = metadata or {}
@@ -873,7 +903,8 @@ class AlertScorer:
         meta = dict(self.metadata, created=None, conditions_fit={"source": source, "n_alerts": len(X),
                                                                  "data_hash": h, "from_version": base},
                     condition_bank=condition_bank(X))  # typical conditions of that survey now
-        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta, reduced=self.reduced, types=self.types)
+        return AlertScorer(self.scorers, res, f"{base}+g{h[:8]}", meta, reduced=self.reduced, types=self.types,
+                           support=self.support)
 
     def design(self, X: pd.DataFrame) -> dict:
         """Per-score input tables: raw features for P(real), residualised ones for the intrinsic scores."""
@@ -898,7 +929,7 @@ class AlertScorer:
 
     def score(self, X: pd.DataFrame, contributions: bool = True) -> ScoreBatch:
         """Scores (and, by default, contributions) for one batch of feature rows."""
-        n = len(X)
+        n, X0 = len(X), X
         thin = self.lacking_rows(X) if self.reduced and n else np.zeros(n, dtype=bool)
         if thin.any():
             # The reduced scorers learnt on residuals taken with every optional input blanked (a
@@ -949,8 +980,15 @@ class AlertScorer:
             type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"], probs["p_fast"])
             type_proba[blind] = np.nan
         relative = tuple(c for c, _ in self.residualiser.columns)
+        support, threshold = {}, None
+        if self.support is not None and self.support.scores and n:
+            # (of the alert as it came: a blanked depth is a survey's lack, not this alert's)
+            support = {s: np.where(blind, np.nan, e) for s, e in self.support.propensity(support_covariates(X0)).items()
+                       if s != TYPE_SCORE or type_proba is not None}
+            threshold = self.support.threshold
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
-                          self.model_version, {s: relative for s in INTRINSIC}, type_names, type_proba)
+                          self.model_version, {s: relative for s in INTRINSIC}, type_names, type_proba,
+                          support, threshold)
 
     def standardised_scores(self, X: pd.DataFrame) -> dict | None:
         """Scores under typical conditions: each averaged over the model's reference bank of conditions.
@@ -1009,13 +1047,17 @@ class AlertScorer:
                                                                     directory / "source_type.reduced.ubj")
         else:
             meta.pop("source_types", None)
+        if self.support is not None:
+            meta["label_support"] = dict(self.support.to_json(), covariates=list(SUPPORT_COVARIATES))
+        else:
+            meta.pop("label_support", None)
         (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         return directory
 
     @classmethod
     def load(cls, directory) -> AlertScorer:
         """Read a model directory, refusing unknown formats and feature mismatches."""
-        from causal.adjust import ConditionResidualiser
+        from causal.adjust import ConditionResidualiser, LabelSupport
 
         directory = Path(directory)
         meta = _read_metadata(directory)
@@ -1048,8 +1090,15 @@ class AlertScorer:
                 types = (_load_type_scorer(st["full"], directory, INTRINSIC_FEATURES),
                          _load_type_scorer(st["reduced"], directory, INTRINSIC_FEATURES) if "reduced" in st
                          else None)
+            support = None
+            if "label_support" in meta:
+                ls = meta["label_support"]
+                if ls.get("covariates") != list(SUPPORT_COVARIATES):
+                    raise ValueError(f"{directory}: label support reads {ls.get('covariates')}, this code gives "
+                                     f"{list(SUPPORT_COVARIATES)}; retrain")
+                support = LabelSupport.from_json(ls)
             return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
-                       reduced=reduced, types=types)
+                       reduced=reduced, types=types, support=support)
 
 
 def _json_default(o):

@@ -561,16 +561,18 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
     -------
     (AlertScorer, TrainReport)
     """
-    from causal.adjust import ConditionResidualiser, PropensityWeighter
+    from causal.adjust import ConditionResidualiser, LabelSupport, PropensityWeighter
     from models.features import FEATURES, SURVEY_OPTIONAL
     from models.score import SCORES
     from models.scorer import (
         CONDITION_SENSITIVE,
         CONDITION_TRANSFORMS,
         INTRINSIC,
+        TYPE_SCORE,
         AlertScorer,
         condition_bank,
         data_hash,
+        support_covariates,
     )
 
     X = sim.X[list(FEATURES)]
@@ -623,10 +625,17 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
             Db.loc[:, [c for c in blank if c in cols]] = np.nan
             thin = _type_estimator(random_state).fit(Db, y, sample_weight=w, groups=groups[rows])
         types = (full, thin)
+    # Where the labels reach, judged with what is known when an alert is scored (the weights'
+    # ê also reads later data): each score's alerts flagged as extrapolated.
+    now = support_covariates(X)
+    support = LabelSupport({"followed_up": PropensityWeighter().fit(now, lab),
+                            "eyeballed": PropensityWeighter().fit(now, eye)},
+                           {s: "eyeballed" if s == "p_real" else "followed_up" for s in SCORES}
+                           | ({TYPE_SCORE: "followed_up"} if types else {}))
     h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted", "eyeballed"]].astype(float))
     # Everything fitted is part of the name: the same trees on other residuals are another model.
     tag = _version_tag(h, res, *(scorers[s] for s in SCORES), *(small[s] for s in small),
-                       *(t for t in (types or ()) if t is not None))
+                       *(t for t in (types or ()) if t is not None), *support.models.values())
     version = f"xgb-sim{sim.seed}-{tag}" + ("" if adjust else "-naive")
     meta = {"training_data_hash": h, "training_source": f"stream.simulate seed={sim.seed} {sim.config}",
             "n_alerts": len(X), "n_labelled": int(lab.sum()), "n_eyeballed": int(eye.sum()),
@@ -635,7 +644,7 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
             "source_types_labelled": type_counts,
             "condition_bank": condition_bank(X, random_state=random_state)}
     model = _NaiveAlertScorer(scorers, res, version, meta) if not adjust else \
-        AlertScorer(scorers, res, version, meta, reduced=small or None, types=types)
+        AlertScorer(scorers, res, version, meta, reduced=small or None, types=types, support=support)
     return model, TrainReport(len(X), int(lab.sum()), diag.to_json(), positives, int(eye.sum()), diag_real.to_json())
 
 
@@ -788,7 +797,7 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
         # Out of fold, each row scored as the deployed model would score it: by the reduced
         # scorer where the alert lacks a group of survey-optional inputs (Rubin), else the full one.
         probe = AlertScorer(dict(base.scorers), base.residualiser, "probe", reduced=dict(base.reduced) or None,
-                            types=base.types)
+                            types=base.types)  # (no label support: these figures do not read it)
         oof = np.full(len(y), np.nan)
         for tr, te in GroupKFold(n_splits=folds).split(X, y, groups):
             probe.scorers[s], r = fit(s, X.iloc[tr], y[tr], groups[tr])
@@ -824,8 +833,11 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
                               "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",
                                                                                    "retrained", "why", "full_scorer")}
                                          for s, r in report.items()}}}
+    # The retrained scores learnt from vetters' decisions, not from the labels the base's support
+    # describes, and there is no stream here to fit theirs on: they lose the flag (the rest keep it).
+    support = base.support.without(s for s, r in report.items() if r.get("retrained")) if base.support else None
     model = AlertScorer(scorers, base.residualiser, f"{base.model_version}+v{tag}", meta, reduced=reduced or None,
-                        types=base.types)  # no vetting action names a source type: the base's are kept
+                        types=base.types, support=support)  # no vetting action names a source type: the base's kept
     return model, report
 
 
@@ -1498,6 +1510,13 @@ def cmd_train(args) -> int:
     for what, d in (("labelled", rep.ipw), ("eyeballed", rep.ipw_real)):
         print(f"IPW: ESS {d['ess']:.1f} = {d['ess_fraction']:.1%} of {what}; "
               f"{d['n_extrapolated']} alerts with ê < 0.01; max weight {d['max_weight']:.2f}")
+    if model.support is not None:  # the flag scoring will raise, on the training stream itself
+        from models.scorer import support_covariates
+
+        e = model.support.propensity(support_covariates(sim.X))
+        flagged = {s: int((v < model.support.threshold).sum()) for s, v in e.items()}
+        print(f"label support at alert time (no later data): ê < {model.support.threshold:g} "
+              f"(scores flagged as extrapolated) for {flagged} of the {len(sim.X)} alerts")
     print(f"saved to {args.out}")
     return 0
 

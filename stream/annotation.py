@@ -18,7 +18,7 @@ import fastavro
 
 from stream.alert import TAI_MINUS_UTC_S
 
-ANNOTATION_SCHEMA_VERSION = "1.1"
+ANNOTATION_SCHEMA_VERSION = "1.2"
 _SCHEMA_FILE = "vigil.annotation.v1.avsc"
 MJD_UNIX_EPOCH = 40587.0
 
@@ -35,7 +35,8 @@ def code_version() -> str:
 
 #: Fields each minor version added, at the end of the record (so that a reader of an older
 #: minor version decodes newer schemaless messages: it stops before the new fields).
-ADDED_IN = {"1.1": ("source_type", "source_type_probability", "source_type_probabilities")}
+ADDED_IN = {"1.1": ("source_type", "source_type_probability", "source_type_probabilities"),
+            "1.2": ("extrapolated", "label_propensity")}
 
 
 @lru_cache(maxsize=4)
@@ -124,6 +125,8 @@ class Annotation:
     source_type: str | None = None
     source_type_p: float | None = None
     source_types: dict = field(default_factory=dict)
+    extrapolated: tuple = ()
+    label_propensity: dict = field(default_factory=dict)
     explanation: tuple = ()
     explanation_text: dict = field(default_factory=dict)
     hsr: HSRDiagnostics = HSRDiagnostics()
@@ -166,6 +169,8 @@ class Annotation:
             "source_type": self.source_type,
             "source_type_probability": _num(self.source_type_p),
             "source_type_probabilities": {k: float(v) for k, v in self.source_types.items()},
+            "extrapolated": list(self.extrapolated),
+            "label_propensity": {k: float(v) for k, v in self.label_propensity.items()},
             "explanation": [
                 {"score": c.score, "feature": c.feature, "value": _num(c.value),
                  "contribution": float(c.contribution)}

@@ -163,6 +163,9 @@ class Pipeline:
         # Source types (if the model names them): the most likely one and every probability, per alert.
         tp = sb.type_proba
         type_rows = (tp.tolist() if tp is not None else [None] * len(alerts))
+        # Where the model's labels hardly reach (flagged, not changed), and each score's ê at alert time.
+        extrapolated = sb.extrapolated()
+        support = {s: np.asarray(e, float).tolist() for s, e in sb.label_propensity.items()}
         kinds = [a.lightcurve.kind for a in alerts]
         owner = np.repeat(np.arange(len(alerts)), [len(k) for k in kinds])
         kind = np.concatenate(kinds).astype(np.int64)
@@ -187,6 +190,8 @@ class Pipeline:
                 stage=stage_l[i], source_type=sb.types[best] if typed else None,
                 source_type_p=probs[best] if typed else None,
                 source_types=dict(zip(sb.types, probs, strict=True)) if typed else {},
+                extrapolated=tuple(extrapolated[i]) if scored else (),
+                label_propensity={s: e[i] for s, e in support.items() if math.isfinite(e[i])} if scored else {},
                 explanation=tuple(Contribution(*t) for t in items), explanation_text=text,
                 hsr=diags[i], n_detections=n_kind[DETECTION] + n_kind[PREVIOUS],
                 n_nondetections=n_kind[NONDETECTION], n_forced=n_kind[FORCED],

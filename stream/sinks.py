@@ -48,6 +48,8 @@ def flatten_annotation(r: dict) -> dict:
     flat["explanation_text"] = json.dumps(r["explanation_text"])
     flat["features"] = json.dumps(r["features"])
     flat["source_type_probabilities"] = json.dumps(r.get("source_type_probabilities", {}))
+    flat["extrapolated"] = json.dumps(r.get("extrapolated", []))
+    flat["label_propensity"] = json.dumps(r.get("label_propensity", {}))
     return flat
 
 

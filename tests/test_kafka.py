@@ -174,7 +174,7 @@ def test_alerts_in_annotations_out_one_per_alert(broker, topics, tmp_path):
     for m, r in zip(msgs, records, strict=True):
         validate_annotation(r)
         assert m.key() == r["object_id"].encode()
-        assert dict(m.headers())["vigil.schema_version"] == b"1.1"
+        assert dict(m.headers())["vigil.schema_version"] == b"1.2"
         assert r["source"]["topic"] == topics[0] and r["source"]["offset"] >= 0
     assert "vigil_consumed_total" in scraped[0] and "vigil_consumer_lag" in scraped[0]
     assert "vigil_consumer_errors_total 0" in metrics.render()

@@ -131,18 +131,24 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
         validate_annotation(r)
         assert r["model_version"] != "none"  # the shipped default model, not the placeholder rule
         assert decode_annotation(encode_annotation(r)) == r
-    # Schema evolution of the schemaless messages: a 1.0 consumer reads 1.1 messages (the fields
-    # 1.1 added come last), and a 1.0 message decodes, by its header's version, with their defaults.
-    from stream.annotation import annotation_schema
+        assert set(r["label_propensity"]) == {"p_real", "p_extragalactic", "p_fast", "source_type"}
+        assert r["extrapolated"] == [s for s, e in r["label_propensity"].items() if e < 0.01]
+    # Schema evolution of the schemaless messages: a 1.0 or 1.1 consumer reads these messages (the
+    # fields each minor version added come last), and a 1.0 message decodes, by its header's
+    # version, with their defaults.
+    from stream.annotation import ADDED_IN, annotation_schema
 
     r = records[0]
     old = fastavro.schemaless_reader(io.BytesIO(encode_annotation(r)), annotation_schema("1.0"), None)
-    assert set(old) == {k for k in r if not k.startswith("source_type")}
+    assert set(old) == set(r) - {f for fs in ADDED_IN.values() for f in fs}
+    mid = fastavro.schemaless_reader(io.BytesIO(encode_annotation(r)), annotation_schema("1.1"), None)
+    assert set(mid) == set(r) - set(ADDED_IN["1.2"]) and mid["source_type"] == r["source_type"]
     assert (old["alert_id"], old["features"], old["source"]) == (r["alert_id"], r["features"], r["source"])
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, annotation_schema("1.0"), {k: r[k] for k in old})
     back = decode_annotation(buf.getvalue(), "1.0")
     assert back["source_type"] is None and back["source_type_probabilities"] == {} and back["alert_id"] == r["alert_id"]
+    assert back["extrapolated"] == [] and back["label_propensity"] == {}
     with pytest.raises(ValueError, match="schema version '2.0'"):
         decode_annotation(buf.getvalue(), "2.0")
 

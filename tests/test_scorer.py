@@ -21,7 +21,15 @@ from models.score import (
     explain,
     feature_phrase,
 )
-from models.scorer import DEFAULT_MODEL_DIR, AlertScorer, TableScorer, XGBBinaryScorer, load, numeric_table
+from models.scorer import (
+    DEFAULT_MODEL_DIR,
+    SUPPORT_COVARIATES,
+    AlertScorer,
+    TableScorer,
+    XGBBinaryScorer,
+    load,
+    numeric_table,
+)
 from models.train import (
     SimTable,
     aurak,
@@ -65,6 +73,9 @@ def tiny_sim():
     xgal = real & (X["star_galaxy"].fillna(0) < 0.2)
     fast = real & (X["rise_rate"] > 0.8)
     vetted = rng.random(n) < 1 / (1 + np.exp(-(0.5 - X["mag"])))
+    # the triggering detection's flux, as bright as the (shifted) magnitude follow-up selects on
+    X["flux_now_over_peak"] = 1.0
+    X["peak_flux"] = 10 ** ((23.9 - (19.0 + X["mag"])) / 2.5)
     eyeballed = vetted | (rng.random(n) < 0.3)
     # simulator classes, consistent with the three truths (the source types learn from them)
     cls = np.where(~real, "bogus", np.where(xgal, np.where(fast, "fast", "sn"), np.where(fast, "flare", "constant")))
@@ -343,6 +354,50 @@ def test_source_type_scorer_contract_and_calibration():
     np.testing.assert_allclose(a, b, rtol=1e-6)
     with pytest.raises(ValueError, match="two source types"):
         XGBTypeScorer().fit(X.iloc[:10], ["cv"] * 10)
+
+
+def test_scores_beyond_the_labels_reach_are_flagged_not_changed(tiny_sim, tiny_model, tmp_path):
+    """science.md §2: alerts with ê < 0.01 are flagged as extrapolated, with ê taken from what
+    is known when the alert is scored (the weights' ê reads later data)."""
+    sb = tiny_model.score(tiny_sim.X)
+    assert set(sb.label_propensity) == {*SCORES, "source_type"} and sb.support_threshold == 0.01
+    # The intrinsic scores and the types learnt from the followed-up alerts, P(real) from the eyeballed.
+    e, e_real = sb.label_propensity["p_fast"], sb.label_propensity["p_real"]
+    np.testing.assert_array_equal(e, sb.label_propensity["source_type"])
+    assert (e_real > e).mean() > 0.95  # every followed-up alert was eyeballed, and more besides
+    lab = tiny_sim.truth["vetted"].to_numpy(bool)
+    assert abs(e.mean() - lab.mean()) < 0.01  # a fitted logistic's mean is the labelled share
+    # Follow-up picked the bright ones: 10 mag fainter than the stream, its labels do not reach
+    # (the eyeballed ones, which include a random 30 %, reach further).
+    faint = tiny_sim.X.copy()
+    faint["peak_flux"] = faint["peak_flux"] * 10 ** (-10 / 2.5)
+    fb = tiny_model.score(faint)
+    flags = fb.extrapolated()
+    assert all({"p_extragalactic", "p_fast", "source_type"} <= set(f) for f in flags)
+    assert (fb.label_propensity["p_real"] > fb.label_propensity["p_fast"]).all()
+    assert sum(bool(f) for f in sb.extrapolated()) < len(flags) / 10
+    # Flagged, not changed: the scores are those of the same model without a support.
+    bare = AlertScorer(tiny_model.scorers, tiny_model.residualiser, "v", tiny_model.metadata,
+                       reduced=tiny_model.reduced, types=tiny_model.types)
+    nb = bare.score(faint)
+    for s in SCORES:
+        np.testing.assert_array_equal(getattr(fb, s), getattr(nb, s))
+    assert nb.label_propensity == {} and nb.extrapolated() == [[]] * len(faint)
+    # Saved and loaded, the same propensities; a support reading other covariates is refused.
+    tiny_model.save(tmp_path / "m")
+    back = load(tmp_path / "m").score(faint)
+    for s in fb.label_propensity:
+        np.testing.assert_array_equal(back.label_propensity[s], fb.label_propensity[s])
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    meta["label_support"]["covariates"] = ["det_mag", "seeing"]
+    (tmp_path / "m" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="label support reads"):
+        load(tmp_path / "m")
+    meta["label_support"]["covariates"] = list(SUPPORT_COVARIATES)
+    meta["label_support"]["models"]["followed_up"]["coef"].pop()
+    (tmp_path / "m" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="coefficients do not fit"):
+        load(tmp_path / "m")
 
 
 def test_standardised_scores_average_over_the_bank_and_ignore_the_alerts_own_conditions(tiny_sim, tiny_model,
@@ -852,6 +907,13 @@ def test_default_model_scores_rubin_alerts_on_their_own_evidence():
     assert p.min() > 0.01  # not collapsed to "bogus" (≤ 0.001 before; 0.09 at reliability 0.22)
     assert p[np.argmax(rel)] > 0.9 and p[rel < 0.4].mean() < p[rel >= 0.4].mean()
     assert np.isfinite([a.features["seeing"] for a in anns]).all()  # the PSF model's width
+    # Half of them (the 25.7 mag ones) are fainter than the simulated ZTF labels reach: their
+    # intrinsic scores and types are flagged as extrapolated; the 22.7 mag ones are not.
+    e = np.array([a.label_propensity["p_fast"] for a in anns])
+    flagged = np.array([bool(a.extrapolated) for a in anns])
+    assert 0 < flagged.sum() < len(anns) and (flagged == (e < 0.01)).all()
+    assert all(a.extrapolated == ("p_extragalactic", "p_fast", "source_type") for a in anns if a.extrapolated)
+    assert all(a.label_propensity["p_real"] > a.label_propensity["p_fast"] for a in anns)
 
 
 def test_default_model_recognises_real_catalogued_asteroids():
