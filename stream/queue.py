@@ -54,7 +54,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: An alert within this distance of a known solar-system object (ZTF ``ssdistnr``; Rubin's
 #: association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them.
 KNOWN_SSO_ARCSEC = 5.0
@@ -131,7 +131,8 @@ _DDL = [
         vetted_by TEXT,
         ss_distance REAL,
         source_type TEXT,
-        source_type_p REAL
+        source_type_p REAL,
+        extrapolated TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS annotations (
         alert_id INTEGER NOT NULL,
@@ -473,6 +474,17 @@ def _migrate_4_to_5(conn) -> None:
                      "a.alert_id = objects.latest_alert_id AND a.model_version = objects.model_version)")
 
 
+def _migrate_5_to_6(conn) -> None:
+    """Version 6 keeps which of each object's scores are extrapolations (annotation schema 1.2: its
+    alert looks like none the model's labels reached), filled from its latest stored annotation."""
+    conn.execute("ALTER TABLE objects ADD COLUMN extrapolated TEXT")
+    # dialect: JSON access (both give the array's JSON text; records before 1.2 give NULL)
+    get = ("a.record::json ->> 'extrapolated'" if isinstance(conn, _PgConnection)
+           else "json_extract(a.record, '$.extrapolated')")
+    conn.execute(f"UPDATE objects SET extrapolated = (SELECT {get} FROM annotations a WHERE "
+                 "a.alert_id = objects.latest_alert_id AND a.model_version = objects.model_version)")
+
+
 def _migrate_3_to_4(conn) -> None:
     """Version 4 lets a vetter withdraw a decision: it stays in the log, marked, and counts no more."""
     conn.execute("ALTER TABLE decisions ADD COLUMN withdrawn_ms INTEGER")
@@ -503,7 +515,7 @@ def _migrate_1_to_2(conn) -> None:
 
 
 #: Upgrades of an older store, from the version they start at (each ends one version later).
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5, 5: _migrate_5_to_6}
 
 
 def _migrate(conn) -> None:
@@ -755,8 +767,8 @@ ON CONFLICT (alert_id, kind) DO NOTHING
 _UPSERT_OBJECT = """
 INSERT INTO objects (object_id, survey, ra, dec, gal_b, abs_gal_b, latest_alert_id, latest_mjd, first_mjd, band, mag,
                      status, p_real, p_extragalactic, p_fast, priority, stage, model_version, n_det, spark,
-                     updated_ms, ss_distance, source_type, source_type_p)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     updated_ms, ss_distance, source_type, source_type_p, extrapolated)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (object_id) DO UPDATE SET
     survey = excluded.survey, ra = excluded.ra, dec = excluded.dec, gal_b = excluded.gal_b,
     abs_gal_b = excluded.abs_gal_b, latest_alert_id = excluded.latest_alert_id, latest_mjd = excluded.latest_mjd,
@@ -771,7 +783,7 @@ ON CONFLICT (object_id) DO UPDATE SET
                  ELSE excluded.stage END,
     model_version = excluded.model_version,
     n_det = excluded.n_det, spark = excluded.spark, ss_distance = excluded.ss_distance,
-    source_type = excluded.source_type, source_type_p = excluded.source_type_p,
+    source_type = excluded.source_type, source_type_p = excluded.source_type_p, extrapolated = excluded.extrapolated,
     -- dialect: "IS" (null-safe equality) -> IS NOT DISTINCT FROM
     updated_ms = CASE WHEN excluded.latest_alert_id = objects.latest_alert_id
                            AND (excluded.model_version = objects.model_version
@@ -817,6 +829,7 @@ def object_row(record: dict, spark: dict, now_ms: int) -> tuple:
         int(lcs.get("n_detections") or 0), json.dumps(spark, separators=(",", ":")), now_ms,
         _num((record.get("features") or {}).get("ss_distance")),
         record.get("source_type"), _num(record.get("source_type_probability")),
+        json.dumps(record.get("extrapolated") or [], separators=(",", ":")),
     )
 
 
@@ -1114,11 +1127,19 @@ class ListQuery:
         return f"{expr} {direction}, object_id {'DESC' if reverse else 'ASC'}"
 
 
+def _object_dict(row) -> dict:
+    """An objects row as a dict, its ``extrapolated`` JSON text as a list (empty before schema 6)."""
+    d = dict(row)
+    if "extrapolated" in d:
+        d["extrapolated"] = json.loads(d["extrapolated"]) if d["extrapolated"] else []
+    return d
+
+
 #: Columns the list page needs (objects table only: the list never touches history).
 LIST_COLUMNS = ("object_id, survey, ra, dec, gal_b, latest_alert_id, latest_mjd, first_mjd, band, mag, status, "
                 "p_real, p_extragalactic, p_fast, priority, stage, n_alerts, n_det, spark, updated_ms, "
                 "snoozed_mjd, vet_real, vet_extragalactic, vet_follow_up, vetted_by, ss_distance, source_type, "
-                "source_type_p")
+                "source_type_p, extrapolated")
 
 
 @dataclass(frozen=True)
@@ -1177,7 +1198,7 @@ class QueueStore:
             [*args, per, (page - 1) * per]).fetchall()
         total = self.conn.execute(f"SELECT COUNT(*) FROM objects WHERE {where}", args).fetchone()[0]
         seen = self.seen(vetter, [r["object_id"] for r in rows]) if vetter else {}
-        return ListPage([dict(r) for r in rows], int(total), page, per, seen)
+        return ListPage([_object_dict(r) for r in rows], int(total), page, per, seen)
 
     def seen(self, vetter: str, object_ids) -> dict:
         """``object_id → vetter_views`` row for the given objects."""
@@ -1255,7 +1276,7 @@ class QueueStore:
         row = self.conn.execute("SELECT * FROM objects WHERE object_id = ?", (object_id,)).fetchone()
         if row is None:
             return None
-        obj = dict(row)
+        obj = _object_dict(row)
         ann = self.conn.execute(
             "SELECT record FROM annotations WHERE alert_id = ? ORDER BY processing_time_ms DESC, written_ms DESC "
             "LIMIT 1", (obj["latest_alert_id"],)).fetchone()
@@ -1610,11 +1631,23 @@ def type_text(source_type, p, ss_distance=None) -> str:
     return f"{words} {p:.2f}" if p is not None else words
 
 
+#: How the list and the object page name a score that is extrapolated.
+_SCORE_WORDS = {"p_real": "P(real)", "p_extragalactic": "P(extragalactic)", "p_fast": "P(fast)",
+                "source_type": "the source type"}
+
+
+def extrapolated_text(names) -> str:
+    """``"P(extragalactic), P(fast) and the source type"`` for the scores an annotation flags as
+    extrapolated (its alert looks like none the model's labels reached); ``""`` for none."""
+    words = [_SCORE_WORDS.get(n, n) for n in names]
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
+
+
 def ranked_lines(rows) -> list:
     """The ranked list as terminal lines (``vigil queue list``, ``vigil demo``).
 
     Each row is a dict with ``object_id, survey, band, mag, stage, p_real, p_extragalactic,
-    p_fast, priority, ss_distance`` (and ``source_type, source_type_p`` where known) and,
+    p_fast, priority, ss_distance`` (and ``source_type, source_type_p, extrapolated`` where known) and,
     optionally, ``age_days`` (a column then) and the vetting columns of the store
     (``vet_real, vet_extragalactic, vet_follow_up, vetted_by``).
     """
@@ -1635,6 +1668,8 @@ def ranked_lines(rows) -> list:
                                 ("xgal", r.get("vet_extragalactic") == 1),
                                 ("galactic", r.get("vet_extragalactic") == 0),
                                 ("follow-up", r.get("vet_follow_up") == 1)) if v]
+        if r.get("extrapolated"):
+            notes.append(f"extrapolated: {extrapolated_text(r['extrapolated'])}")
         if calls:
             notes.append(f"vetted {'/'.join(calls)} (last by {r.get('vetted_by')})")
         prio = num(r["priority"], 8, 3) if r["priority"] is not None else "unscored"
@@ -1673,7 +1708,7 @@ def listed(db, q: ListQuery) -> tuple:
         store.close()
     keep = ("object_id", "survey", "ra", "dec", "band", "mag", "stage", "status", *SCORES, "priority", "n_alerts",
             "latest_alert_id", "latest_mjd", "vet_real", "vet_extragalactic", "vet_follow_up", "vetted_by",
-            "ss_distance", "source_type", "source_type_p")
+            "ss_distance", "source_type", "source_type_p", "extrapolated")
     rows = [{k: r[k] for k in keep} for r in page.rows]
     for r in rows:
         r["age_days"] = None if now is None or r["latest_mjd"] is None else float(now) - float(r["latest_mjd"])

@@ -29,7 +29,17 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from stream.queue import ACTIONS, KNOWN_SSO_ARCSEC, SORTS, STAGES, ListQuery, QueueStore, analyze, type_words
+from stream.queue import (
+    ACTIONS,
+    KNOWN_SSO_ARCSEC,
+    SORTS,
+    STAGES,
+    ListQuery,
+    QueueStore,
+    analyze,
+    extrapolated_text,
+    type_words,
+)
 
 log = logging.getLogger(__name__)
 
@@ -581,7 +591,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
 
     app.jinja_env.globals.update(sparkline_svg=lambda s: Markup(sparkline_svg(s)), mjd_to_iso=mjd_to_iso,
                                  SORTS=SORTS, STAGES=STAGES, KNOWN_SSO_ARCSEC=KNOWN_SSO_ARCSEC,
-                                 type_words=type_words)
+                                 type_words=type_words, extrapolated_text=extrapolated_text)
 
     def now_mjd() -> float:
         if settings.clock == "wall":
@@ -701,6 +711,9 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         explanation_text = rec.get("explanation_text") or {}
         types = sorted((rec.get("source_type_probabilities") or {}).items(), key=lambda kv: -kv[1])
         types = [(type_words(t, obj["ss_distance"]), p) for t, p in types[:3] if p >= 0.01]
+        # Scores resting on labels that hardly reach alerts like this one (flagged, not changed).
+        extrap = list(rec.get("extrapolated") or [])
+        support = [p for s, p in (rec.get("label_propensity") or {}).items() if s in extrap]
         return render_template(
             "object.html", obj=obj, rec=rec, feats=feats, qs=qs, typical=scorer.typical(rec),
             svg_raw=Markup(lightcurve_svg(lc, "raw", trigger_mjd=trig)),
@@ -709,7 +722,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             next_url=url_for("object_page", object_id=nxt) + (f"?{qs}" if qs else "") if nxt else None,
             prev_url=url_for("object_page", object_id=prv) + (f"?{qs}" if qs else "") if prv else None,
             list_url=url_for("index") + (f"?{lqs}" if lqs else ""), now_mjd=now_mjd(),
-            feature_rows=sorted(feats.items()), types=types,
+            feature_rows=sorted(feats.items()), types=types, extrap=extrap,
+            extrap_p=min(support) if support else None,
         )
 
     @app.get("/cutout/<int:alert_id>/<kind>.png")

@@ -277,9 +277,10 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
 
     want = dict(sqlite3.connect(db).execute("SELECT object_id, ss_distance FROM objects").fetchall())
     assert any(v is not None for v in want.values())
-    get_types = "SELECT object_id, source_type, source_type_p FROM objects ORDER BY object_id"
+    get_types = "SELECT object_id, source_type, source_type_p, extrapolated FROM objects ORDER BY object_id"
     types = sqlite3.connect(db).execute(get_types).fetchall()
-    assert any(t is not None for _, t, _ in types)
+    assert any(t is not None for _, t, _, _ in types)
+    assert 0 < sum(e != "[]" for *_, e in types) < len(types)  # (the faint Rubin alerts' scores)
     # A store as version 1 wrote it: no ss_distance column, its indexes as they were.
     c = sqlite3.connect(db)
     for name in ("ix_obj_filter", "ix_obj_sort_first", "ix_dec_alert", "ix_obj_latest"):
@@ -293,6 +294,7 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     c.execute("ALTER TABLE decisions DROP COLUMN withdrawn_by")
     c.execute("ALTER TABLE objects DROP COLUMN source_type")  # (version 5)
     c.execute("ALTER TABLE objects DROP COLUMN source_type_p")
+    c.execute("ALTER TABLE objects DROP COLUMN extrapolated")  # (version 6)
     c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     c.commit()
     c.close()
@@ -1112,12 +1114,14 @@ def test_postgres_store_behaves_like_sqlite(postgres_server, batch, db):
     pd.testing.assert_frame_equal(pg.labels_frame().drop(columns=drop), sq.labels_frame().drop(columns=drop))
     _login_failure_memory(pg)
     sq.close()
-    # A version-4 store (no source types) is migrated in place, the types filled from the annotations.
-    get_types = "SELECT object_id, source_type, source_type_p FROM objects ORDER BY object_id"
+    # A version-4 store (no source types, no extrapolation flags) is migrated in place, both filled
+    # from the annotations.
+    get_types = "SELECT object_id, source_type, source_type_p, extrapolated FROM objects ORDER BY object_id"
     before = [tuple(r) for r in pg.conn.execute(get_types).fetchall()]
-    assert any(t is not None for _, t, _ in before)
+    assert any(t is not None for _, t, _, _ in before) and any(e != "[]" for *_, e in before)
     pg.conn.execute("ALTER TABLE objects DROP COLUMN source_type")
     pg.conn.execute("ALTER TABLE objects DROP COLUMN source_type_p")
+    pg.conn.execute("ALTER TABLE objects DROP COLUMN extrapolated")
     pg.conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     pg.close()
     pg = QueueStore(url)
@@ -1527,6 +1531,10 @@ def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys, 
     raw = {m: bytes(m.scorers["p_fast"].booster_.save_raw("ubj")) for m in (base, model)}
     assert raw[base] == raw[model]
     assert model.metadata["decisions_fit"]["scores"]["p_real"]["retrained"] is True
+    # The retrained scores no longer rest on the labels the base's support describes: no flag for
+    # them; P(fast) and the source types keep theirs.
+    assert set(base.support.scores) == {"p_real", "p_extragalactic", "p_fast", "source_type"}
+    assert set(model.support.scores) == {"p_fast", "source_type"}
     # It learnt the vetters' rule: out of fold, it ranks their calls far better than the model it started from.
     import models.train as mt
     from models.features import SURVEY_OPTIONAL
@@ -1703,3 +1711,40 @@ def _empty_export(tmp_path):
     QueueSink(empty).close()
     export_labels(empty, out)
     return out
+
+
+def test_extrapolated_scores_are_marked_in_the_list_the_object_page_and_the_terminal(db, client, capsys):
+    """Scores resting on labels that hardly reach an alert (annotation ``extrapolated``: the faint
+    Rubin alerts of the sample, fainter than the simulated training labels) are marked wherever a
+    vetter reads them; the others are not."""
+    from stream.cli import main
+    from stream.queue import extrapolated_text
+
+    store = QueueStore(db)
+    rows = store.list_objects(ListQuery(per_page=500)).rows
+    store.close()
+    flagged = [r for r in rows if r["extrapolated"]]
+    plain = [r for r in rows if not r["extrapolated"] and r["priority"] is not None]
+    assert flagged and plain and all(r["survey"] == "rubin" for r in flagged)
+    assert flagged[0]["extrapolated"] == ["p_extragalactic", "p_fast", "source_type"]
+    assert extrapolated_text(flagged[0]["extrapolated"]) == "P(extragalactic), P(fast) and the source type"
+    assert extrapolated_text(["p_fast"]) == "P(fast)" and extrapolated_text([]) == ""
+    assert main(["queue", "list", "--db", str(db), "--top", "500"]) == 0
+    out = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines()[2:-1]}
+    assert all("extrapolated: P(extragalactic), P(fast) and the source type" in out[r["object_id"]] for r in flagged)
+    assert not any("extrapolated" in out[r["object_id"]] for r in plain)
+    assert main(["queue", "list", "--db", str(db), "--top", "500", "--json"]) == 0
+    got = {r["object_id"]: r["extrapolated"] for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert got == {r["object_id"]: r["extrapolated"] for r in rows}
+    _login(client)
+    page = client.get("/?per_page=500").get_data(as_text=True)
+    for r in (*flagged, *plain):
+        row = re.search(rf'<tr data-object-id="{re.escape(r["object_id"])}".*?</tr>', page, re.S).group(0)
+        assert ('class="badge extrap"' in row) == bool(r["extrapolated"]), r["object_id"]
+    obj = client.get(f"/object/{flagged[0]['object_id']}").get_data(as_text=True)
+    para = re.search(r'<p class="typical" id="extrapolated">(.*?)</p>', obj, re.S).group(1)
+    assert para.startswith("Extrapolated: P(extragalactic), P(fast) and the source type.")
+    assert re.search(r"label propensity 0\.00\d\)", para)
+    assert obj.count('class="badge extrap"') == 3  # beside P(extragalactic), P(fast) and the types
+    obj = client.get(f"/object/{plain[0]['object_id']}").get_data(as_text=True)
+    assert 'id="extrapolated"' not in obj and "badge extrap" not in obj
