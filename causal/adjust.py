@@ -36,8 +36,10 @@ Assumed causal graph
 * L (labelling) depends on observables (brightness, conditions, later data, catalogue
   membership), not on C given those (selection on observables). Inverse-propensity
   weights 1/ê(v), ê(v) = P(L=1 | v) fitted on all alerts, make the labelled set stand
-  in for the whole stream. Alerts with ê < 0.01 are outside the labelled support and
-  are flagged as extrapolated.
+  in for the whole stream. Alerts with ê < 0.01 are outside the labelled support: in
+  training their weights are clipped; when an alert is scored, before its later data
+  exist, :class:`LabelSupport` judges the same with ê_now = P(L=1 | what is known now) and
+  flags its scores as extrapolated.
 
 Everything here is plain numpy/scikit-learn; every fitted quantity serialises to JSON
 arrays and coefficients (never pickle).

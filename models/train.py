@@ -1655,6 +1655,11 @@ def _evaluate_xmatch(args) -> int:
     return 0
 
 
+def _fig(v) -> str:
+    """A figure of a report line, ``--`` where there is none (one class only, nothing scored)."""
+    return f"{v:.4f}" if v is not None and np.isfinite(v) else "--"
+
+
 def _evaluate_sim(args) -> int:
     from causal.adjust import PropensityWeighter
     from models.scorer import AlertScorer, default_scorer
@@ -1673,6 +1678,29 @@ def _evaluate_sim(args) -> int:
                                 "calibration_in_the_large": calibration_in_the_large(y, p)}
         lines.append(f"{s:<16} {m['auc']:8.4f} {m['aurak']:8.4f} {m['aurak_real_bogus']:9.4f} "
                      f"{m['ece']:8.4f} {m['calibration_in_the_large']:12.4f}")
+    if sb.label_propensity:
+        # The flag of scores beyond the labels' reach: how many, and how those scores fare there.
+        ex = sb.extrapolated()
+        sup = out["label_support"] = {"flagged": {s: int(sum(s in e for e in ex)) for s in sb.label_propensity},
+                                      "scores": {}}
+        lines.append("label support: alerts whose scores are flagged extrapolated (alert-time ê < "
+                     f"{sb.support_threshold:g}): " + ", ".join(f"{s} {n} ({n / max(len(ex), 1):.1%})"
+                                                                 for s, n in sup["flagged"].items()))
+        for s, tcol in TARGETS.items():
+            flag = np.array([s in e for e in ex])
+            y, p = sim.truth[tcol].to_numpy(int), getattr(sb, s)
+            part = {}
+            for name, rows in (("flagged", flag), ("not_flagged", ~flag)):
+                yy, pp = y[rows], p[rows]
+                both = 0 < yy.sum() < len(yy)
+                ece = expected_calibration_error(yy, pp) if rows.any() else float("nan")
+                part[name] = {"n": int(rows.sum()), "auc": roc_auc(yy, pp) if both else None,
+                              "ece": ece if np.isfinite(ece) else None}
+            sup["scores"][s] = part
+            if flag.any():
+                f, o = part["flagged"], part["not_flagged"]
+                lines.append(f"  {s:<16} flagged: ROC AUC {_fig(f['auc'])}, ECE {_fig(f['ece'])} ({f['n']} alerts); "
+                             f"the rest: {_fig(o['auc'])}, {_fig(o['ece'])} ({o['n']})")
     if sb.type_proba is not None:
         out["source_types"] = st = source_type_metrics(sim.truth["class"], sb.types, sb.type_proba)
         lines.append(f"source type of the {st['n']} real alerts (given real): top-1 accuracy {st['accuracy']:.3f}, "

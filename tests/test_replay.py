@@ -358,3 +358,9 @@ def test_evaluate_simulate_json_is_json(capsys):
     assert set(out["scores"]) == {"p_real", "p_extragalactic", "p_fast"} and len(out["interventions"]) == 8
     # the shipped model names source types: their accuracy, and how they move under the interventions
     assert 0 <= out["source_types"]["accuracy"] <= 1 and len(out["source_type_shifts"]) == 4
+    # and flags the scores of alerts beyond its labels' reach, reporting how those scores fare
+    sup = out["label_support"]
+    assert set(sup["flagged"]) == {"p_real", "p_extragalactic", "p_fast", "source_type"}
+    for s, part in sup["scores"].items():
+        assert part["flagged"]["n"] == sup["flagged"][s]
+        assert part["flagged"]["n"] + part["not_flagged"]["n"] == out["n_alerts"]
