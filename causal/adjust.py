@@ -412,8 +412,9 @@ class PropensityWeighter(BaseEstimator):
         self.min_propensity = min_propensity
         self.max_quantile = max_quantile
 
-    def _prep(self, V: pd.DataFrame) -> np.ndarray:
-        X = V[list(self.columns_)].to_numpy(float)
+    def _prep(self, V) -> np.ndarray:
+        # (an array is taken to hold columns_ in order: LabelSupport converts a batch once for its models)
+        X = V[list(self.columns_)].to_numpy(float) if isinstance(V, pd.DataFrame) else np.asarray(V, float)
         miss = ~np.isfinite(X)
         X = np.where(miss, self.median_, X)
         return np.column_stack([(X - self.mean_) / self.scale_, miss[:, self.miss_cols_].astype(float)])
@@ -436,8 +437,8 @@ class PropensityWeighter(BaseEstimator):
         self.base_rate_ = float(lab.mean())
         return self
 
-    def propensity(self, V: pd.DataFrame) -> np.ndarray:
-        """ê(v) for every row (unclipped)."""
+    def propensity(self, V) -> np.ndarray:
+        """ê(v) for every row (unclipped); ``V`` a frame with :attr:`columns_`, or an array of them in order."""
         eta = self._prep(V) @ self.coef_ + self.intercept_
         return 1.0 / (1.0 + np.exp(-eta))
 
@@ -525,7 +526,8 @@ class LabelSupport:
 
     def propensity(self, V: pd.DataFrame) -> dict:
         """Score name → ê_now of each row of ``V`` (the alert-time covariates)."""
-        by_set = {name: m.propensity(V) for name, m in self.models.items() if name in self.scores.values()}
+        A = V[list(self.covariates)].to_numpy(float)  # once for every model (they read the same columns)
+        by_set = {name: m.propensity(A) for name, m in self.models.items() if name in self.scores.values()}
         return {s: by_set[name] for s, name in self.scores.items()}
 
     def without(self, scores) -> LabelSupport:
