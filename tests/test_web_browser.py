@@ -113,6 +113,11 @@ def test_pages_keep_a_phones_width(server, browser):
         assert page.evaluate(widths) == [390, 390]
         assert page.eval_on_selector("#queue", "t => t.getBoundingClientRect().width") > 390  # it scrolls, on its own
         assert page.locator("#queue .stype").count() > 0  # the most likely source type beside the object
+        # Scrolled down the list, its header row stays in sight (it scrolled away with the page).
+        top = page.eval_on_selector("#queue", """t => { const box = t.parentElement;
+            box.scrollTop = 600; return [box.scrollTop, box.getBoundingClientRect().top,
+                                         t.querySelector('thead th').getBoundingClientRect().top]; }""")
+        assert top[0] > 0 and abs(top[2] - top[1]) < 1, top
         most = sqlite3.connect(db).execute(
             "SELECT object_id FROM objects ORDER BY n_alerts DESC, object_id").fetchone()[0]
         page.goto(f"{base}/object/{most}")
