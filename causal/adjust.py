@@ -483,6 +483,9 @@ class PropensityWeighter(BaseEstimator):
                 and all(0 <= j < k for j in pw.miss_cols_)):
             raise ValueError(f"propensity model: {len(pw.coef_)} coefficients do not fit {k} covariates "
                              f"and {len(pw.miss_cols_)} missing indicators")
+        numbers = np.r_[pw.median_, pw.mean_, pw.scale_, pw.coef_, pw.intercept_, pw.base_rate_]
+        if not np.isfinite(numbers).all() or (pw.scale_ <= 0).any():
+            raise ValueError("propensity model: coefficients that are not finite, or a scale ≤ 0")
         return pw
 
 
@@ -497,6 +500,10 @@ class LabelSupport:
     later data averaged out. Below ``threshold`` the training labels hardly reach alerts like
     this one, and a score learnt from them is an extrapolation (flagged, not changed).
 
+    ê_now estimates the share of alerts *like this one in those covariates* that were labelled,
+    by a straight-line logistic: it says "fainter (or in worse seeing) than the labels", not
+    that the score's own inputs had labels near them.
+
     Parameters
     ----------
     models : dict
@@ -506,11 +513,15 @@ class LabelSupport:
         Score name → the label set it learnt from; a score absent has no flag (its labels came
         from elsewhere, such as vetters' decisions).
     threshold : float
+    full_only : tuple
+        Scores whose flag holds only for the alerts their *full* scorer scores: their reduced
+        scorer (alerts lacking a survey-optional input) learnt from other labels since.
     """
 
     models: dict
     scores: dict
     threshold: float = EXTRAPOLATION_THRESHOLD
+    full_only: tuple = ()
 
     def __post_init__(self):
         unknown = sorted(set(self.scores.values()) - set(self.models))
@@ -530,17 +541,30 @@ class LabelSupport:
         by_set = {name: m.propensity(A) for name, m in self.models.items() if name in self.scores.values()}
         return {s: by_set[name] for s, name in self.scores.items()}
 
-    def without(self, scores) -> LabelSupport:
-        """The same support with ``scores`` no longer flagged (their labels changed)."""
+    def without(self, scores, reduced=()) -> LabelSupport:
+        """The support after some scorers learnt from other labels (vetters' decisions).
+
+        ``scores``: no longer flagged at all (their full scorers changed); ``reduced``: flagged
+        only where their full scorer scores (their reduced scorer changed).
+        """
         drop = set(scores)
         keep = {s: m for s, m in self.scores.items() if s not in drop}
-        return LabelSupport({n: m for n, m in self.models.items() if n in keep.values()}, keep, self.threshold)
+        full_only = tuple(s for s in keep if s in set(self.full_only) | set(reduced))
+        return LabelSupport({n: m for n, m in self.models.items() if n in keep.values()}, keep, self.threshold,
+                            full_only)
 
     def to_json(self) -> dict:
-        return {"threshold": self.threshold, "scores": dict(self.scores),
+        return {"threshold": self.threshold, "scores": dict(self.scores), "full_only": list(self.full_only),
                 "models": {n: m.to_json() for n, m in self.models.items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> LabelSupport:
-        return cls({n: PropensityWeighter.from_json(m) for n, m in d["models"].items()}, dict(d["scores"]),
-                   float(d["threshold"]))
+        try:
+            threshold = float(d["threshold"])
+            models = {n: PropensityWeighter.from_json(m) for n, m in d["models"].items()}
+            scores, full_only = dict(d["scores"]), tuple(d.get("full_only", ()))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"label support: malformed ({type(exc).__name__}: {exc})") from None
+        if not 0 < threshold < 1:
+            raise ValueError(f"label support: threshold {threshold} is not a probability")
+        return cls(models, scores, threshold, full_only)

@@ -79,7 +79,10 @@ INTRINSIC_FEATURES = tuple(f for f in FEATURES if f not in CONDITIONS)
 CONDITION_BANK_ROWS = 32
 #: What the label support (:class:`causal.adjust.LabelSupport`) reads of an alert when it is
 #: scored: what follow-up and eyeballing select on, less the later data (see :func:`support_covariates`).
-SUPPORT_COVARIATES = ("det_mag", "seeing", "airmass", "limit_mag", "catalogued_star")
+SUPPORT_COVARIATES = ("det_mag", "seeing", "airmass", "catalogued_star")
+#: Version of how :func:`support_covariates` computes them: a model whose support was fitted on
+#: another definition is refused (its coefficients would be applied to other numbers).
+SUPPORT_DEFINITION = 2
 #: Name of the source types in a label support's scores (beside :data:`models.score.SCORES`).
 TYPE_SCORE = "source_type"
 
@@ -89,15 +92,19 @@ def support_covariates(X: pd.DataFrame) -> pd.DataFrame:
 
     ``det_mag`` is the magnitude of the triggering detection's absolute flux (|flux now / peak ×
     peak|, so a negative difference has one too; the alert's own magnitude where the light curve
-    gives none), ``catalogued_star`` a PS1 source with star/galaxy score > 0.8 within 0.5″.
+    gives none), ``catalogued_star`` 1 for a PS1 source with star/galaxy score > 0.8 within
+    0.5″, 0 for another PS1 neighbour, missing without a PS1 cross-match (a survey that sends
+    none, a cross-match outage: the propensity model has a missing-indicator for it). The
+    depth is not among them: the training alerts always had one, and a survey without it
+    (Rubin) would have been judged at the simulated median.
     """
     now = np.abs(X["flux_now_over_peak"].to_numpy(float) * X["peak_flux"].to_numpy(float))
+    sg, d = X["star_galaxy"].to_numpy(float), X["ps1_distance"].to_numpy(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         det_mag = np.where(now > 0, 23.9 - 2.5 * np.log10(np.where(now > 0, now, 1.0)), X["mag"].to_numpy(float))
-        star = (X["star_galaxy"].to_numpy(float) > 0.8) & (X["ps1_distance"].to_numpy(float) < 0.5)
+        star = np.where(np.isfinite(sg) & np.isfinite(d), ((sg > 0.8) & (d < 0.5)).astype(float), np.nan)
     return pd.DataFrame({"det_mag": det_mag, "seeing": X["seeing"].to_numpy(float),
-                         "airmass": X["airmass"].to_numpy(float), "limit_mag": X["limit_mag"].to_numpy(float),
-                         "catalogued_star": star.astype(float)}, index=X.index)
+                         "airmass": X["airmass"].to_numpy(float), "catalogued_star": star}, index=X.index)
 
 
 def condition_bank(X: pd.DataFrame, rows: int = CONDITION_BANK_ROWS, random_state: int = 0) -> dict:
@@ -852,6 +859,9 @@ class AlertScorer:
         if support is not None and tuple(support.covariates) not in ((), SUPPORT_COVARIATES):
             raise ValueError(f"label support reads {list(support.covariates)}, this code gives "
                              f"{list(SUPPORT_COVARIATES)}; retrain")
+        unknown = sorted(set(support.scores) - {*SCORES, TYPE_SCORE}) if support is not None else []
+        if unknown:
+            raise ValueError(f"label support names unknown scores {unknown}")
         self.support = support
         self.residualiser = residualiser
         self.model_version = version
@@ -985,6 +995,9 @@ class AlertScorer:
             # (of the alert as it came: a blanked depth is a survey's lack, not this alert's)
             support = {s: np.where(blind, np.nan, e) for s, e in self.support.propensity(support_covariates(X0)).items()
                        if s != TYPE_SCORE or type_proba is not None}
+            for s in self.support.full_only:  # (their reduced scorer learnt from other labels since)
+                if s in support:
+                    support[s][thin] = np.nan
             threshold = self.support.threshold
         return ScoreBatch(probs["p_real"], probs["p_extragalactic"], probs["p_fast"], tuple(FEATURES), contrib,
                           self.model_version, {s: relative for s in INTRINSIC}, type_names, type_proba,
@@ -1048,7 +1061,8 @@ class AlertScorer:
         else:
             meta.pop("source_types", None)
         if self.support is not None:
-            meta["label_support"] = dict(self.support.to_json(), covariates=list(SUPPORT_COVARIATES))
+            meta["label_support"] = dict(self.support.to_json(), covariates=list(SUPPORT_COVARIATES),
+                                         definition=SUPPORT_DEFINITION)
         else:
             meta.pop("label_support", None)
         (directory / "metadata.json").write_text(json.dumps(meta, indent=1, default=_json_default))
@@ -1093,9 +1107,10 @@ class AlertScorer:
             support = None
             if "label_support" in meta:
                 ls = meta["label_support"]
-                if ls.get("covariates") != list(SUPPORT_COVARIATES):
-                    raise ValueError(f"{directory}: label support reads {ls.get('covariates')}, this code gives "
-                                     f"{list(SUPPORT_COVARIATES)}; retrain")
+                if ls.get("covariates") != list(SUPPORT_COVARIATES) or ls.get("definition") != SUPPORT_DEFINITION:
+                    raise ValueError(f"{directory}: label support reads {ls.get('covariates')} (definition "
+                                     f"{ls.get('definition')}), this code gives {list(SUPPORT_COVARIATES)} "
+                                     f"(definition {SUPPORT_DEFINITION}); retrain")
                 support = LabelSupport.from_json(ls)
             return cls(scorers, ConditionResidualiser.from_json(meta["residualiser"]), meta["version"], meta,
                        reduced=reduced, types=types, support=support)
@@ -1116,14 +1131,22 @@ def load(directory):
 
 
 def default_scorer():
-    """The shipped default model, or the placeholder rule (with a warning) if it is missing or stale."""
-    from models.score import PlaceholderScorer
+    """The shipped default model.
 
+    Raises
+    ------
+    ValueError
+        If it is missing or does not fit this code (an install without its files, a model left
+        from another version). Annotating on regardless — with the placeholder rule, as until
+        2026-11-27 — wrote "scored" annotations of a rule, noticed only by a warning in the log
+        and ``model_version "none"``; the rule (:class:`models.score.PlaceholderScorer`) is
+        still there for whoever asks for it in code.
+    """
     try:
         return AlertScorer.load(DEFAULT_MODEL_DIR)
     except (FileNotFoundError, ValueError) as e:
-        log.warning("default model unavailable (%s); using the placeholder rule", e)
-        return PlaceholderScorer()
+        raise ValueError(f"the shipped model does not load ({e}); reinstall Vigil, or name a model "
+                         "trained by `vigil train` with --model DIR") from None
 
 
 # --------------------------------------------------------------------------- table scorer

@@ -627,11 +627,15 @@ def train_alert_model(sim: SimTable, adjust: bool = True, weight: bool = True, r
         types = (full, thin)
     # Where the labels reach, judged with what is known when an alert is scored (the weights'
     # ê also reads later data): each score's alerts flagged as extrapolated.
+    # The types are P(type | real) and learnt from the followed-up real alerts: their support is
+    # the followed-up share among real alerts like this one.
     now = support_covariates(X)
-    support = LabelSupport({"followed_up": PropensityWeighter().fit(now, lab),
-                            "eyeballed": PropensityWeighter().fit(now, eye)},
-                           {s: "eyeballed" if s == "p_real" else "followed_up" for s in SCORES}
-                           | ({TYPE_SCORE: "followed_up"} if types else {}))
+    sets = {"followed_up": PropensityWeighter().fit(now, lab), "eyeballed": PropensityWeighter().fit(now, eye)}
+    if types:
+        real = sim.truth["is_real"].to_numpy(bool)
+        sets["followed_up_real"] = PropensityWeighter().fit(now[real], lab[real])
+    support = LabelSupport(sets, {s: "eyeballed" if s == "p_real" else "followed_up" for s in SCORES}
+                           | ({TYPE_SCORE: "followed_up_real"} if types else {}))
     h = data_hash(X, sim.truth[list(TARGETS.values()) + ["vetted", "eyeballed"]].astype(float))
     # Everything fitted is part of the name: the same trees on other residuals are another model.
     tag = _version_tag(h, res, *(scorers[s] for s in SCORES), *(small[s] for s in small),
@@ -833,9 +837,14 @@ def retrain_on_decisions(base, decisions: pd.DataFrame, source: str = "", random
                               "scores": {s: {k: v for k, v in r.items() if k in ("objects", "positive", "negative",
                                                                                    "retrained", "why", "full_scorer")}
                                          for s, r in report.items()}}}
-    # The retrained scores learnt from vetters' decisions, not from the labels the base's support
-    # describes, and there is no stream here to fit theirs on: they lose the flag (the rest keep it).
-    support = base.support.without(s for s, r in report.items() if r.get("retrained")) if base.support else None
+    # The retrained scorers learnt from vetters' decisions, not from the labels the base's support
+    # describes, and there is no stream here to fit theirs on: they lose the flag — where only the
+    # reduced scorer was retrained (too few decisions with every input), only on the alerts it scores.
+    support = None
+    if base.support is not None:
+        redone = [s for s, r in report.items() if r.get("retrained")]
+        full = [s for s in redone if not report[s]["full_scorer"].startswith("kept")]
+        support = base.support.without(full, reduced=[s for s in redone if s not in full and base.reduced])
     model = AlertScorer(scorers, base.residualiser, f"{base.model_version}+v{tag}", meta, reduced=reduced or None,
                         types=base.types, support=support)  # no vetting action names a source type: the base's kept
     return model, report
@@ -1655,6 +1664,24 @@ def _evaluate_xmatch(args) -> int:
     return 0
 
 
+def _null_ece(p, draws: int = 200) -> list | None:
+    """ECE a perfectly calibrated score would show on these alerts (outcomes drawn from ``p``
+    itself): its mean and 95th percentile over ``draws``. ECE grows as the alerts get fewer, so
+    a small subset's ECE is read against this, not against a large one's."""
+    p = np.asarray(p, float)
+    p = p[np.isfinite(p)]
+    if not len(p):
+        return None
+    rng = np.random.default_rng(0)
+    e = [expected_calibration_error((rng.random(len(p)) < p).astype(int), p) for _ in range(draws)]
+    return [float(np.mean(e)), float(np.quantile(e, 0.95))]
+
+
+def _null_text(part) -> str:
+    n = part["ece_if_calibrated"]
+    return f"{n[0]:.4f}, 95 % {n[1]:.4f}" if n else "--"
+
+
 def _fig(v) -> str:
     """A figure of a report line, ``--`` where there is none (one class only, nothing scored)."""
     return f"{v:.4f}" if v is not None and np.isfinite(v) else "--"
@@ -1695,12 +1722,14 @@ def _evaluate_sim(args) -> int:
                 both = 0 < yy.sum() < len(yy)
                 ece = expected_calibration_error(yy, pp) if rows.any() else float("nan")
                 part[name] = {"n": int(rows.sum()), "auc": roc_auc(yy, pp) if both else None,
-                              "ece": ece if np.isfinite(ece) else None}
+                              "ece": ece if np.isfinite(ece) else None,
+                              "ece_if_calibrated": _null_ece(pp) if rows.any() else None}
             sup["scores"][s] = part
             if flag.any():
                 f, o = part["flagged"], part["not_flagged"]
-                lines.append(f"  {s:<16} flagged: ROC AUC {_fig(f['auc'])}, ECE {_fig(f['ece'])} ({f['n']} alerts); "
-                             f"the rest: {_fig(o['auc'])}, {_fig(o['ece'])} ({o['n']})")
+                lines.append(f"  {s:<16} flagged: ROC AUC {_fig(f['auc'])}, ECE {_fig(f['ece'])} "
+                             f"(calibrated: {_null_text(f)}; {f['n']} alerts); the rest: {_fig(o['auc'])}, "
+                             f"{_fig(o['ece'])} ({_null_text(o)}; {o['n']})")
     if sb.type_proba is not None:
         out["source_types"] = st = source_type_metrics(sim.truth["class"], sb.types, sb.type_proba)
         lines.append(f"source type of the {st['n']} real alerts (given real): top-1 accuracy {st['accuracy']:.3f}, "

@@ -72,7 +72,7 @@ class Pipeline:
     ----------
     decoder : Decoder
     scorer : object with ``score(features) -> ScoreBatch``; default the shipped model
-        (:func:`models.scorer.default_scorer`; the placeholder rule if it is missing).
+        (:func:`models.scorer.default_scorer`, which refuses to start without it).
     hsr : object with ``correct(alerts) -> (fluxes, diagnostics)``, or False
         Half-sibling regression (default: a fresh :class:`causal.hsr.HSR`, whose sibling
         store then lives as long as the pipeline); ``False`` switches it off and

@@ -475,8 +475,8 @@ def _migrate_4_to_5(conn) -> None:
 
 
 def _migrate_5_to_6(conn) -> None:
-    """Version 6 keeps which of each object's scores are extrapolations (annotation schema 1.2: its
-    alert looks like none the model's labels reached), filled from its latest stored annotation."""
+    """Version 6 keeps which of each object's scores are flagged as extrapolations (annotation schema
+    1.2: few of their labels were alerts like it), filled from its latest stored annotation."""
     conn.execute("ALTER TABLE objects ADD COLUMN extrapolated TEXT")
     # dialect: JSON access (both give the array's JSON text; records before 1.2 give NULL)
     get = ("a.record::json ->> 'extrapolated'" if isinstance(conn, _PgConnection)
@@ -1638,7 +1638,7 @@ _SCORE_WORDS = {"p_real": "P(real)", "p_extragalactic": "P(extragalactic)", "p_f
 
 def extrapolated_text(names) -> str:
     """``"P(extragalactic), P(fast) and the source type"`` for the scores an annotation flags as
-    extrapolated (its alert looks like none the model's labels reached); ``""`` for none."""
+    extrapolated (few of their labels were alerts like it); ``""`` for none."""
     words = [_SCORE_WORDS.get(n, n) for n in names]
     return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 

@@ -893,9 +893,13 @@ class _Scorer:
             return {"why": "unscored"}
         with self._lock:
             if self.model is None:
-                self.model = default_scorer()
+                try:
+                    self.model = default_scorer()
+                except ValueError as exc:  # (the service would not have started with it: say so, once)
+                    log.warning("typical-conditions scores: %s", exc)
+                    self.model = False
             model = self.model
-            if not isinstance(model, AlertScorer):  # the placeholder of a missing shipped model
+            if not isinstance(model, AlertScorer):  # no shipped model, or a rule given in code
                 return {"why": "no alert model to read them from"}
             if rec.get("model_version") != model.model_version:
                 return {"why": f"scored by {rec.get('model_version')}; this page has {model.model_version}"}

@@ -986,11 +986,17 @@ def test_typical_conditions_line_never_fails_the_page(monkeypatch):
     from models.score import PlaceholderScorer
     from stream.web import _Scorer
 
-    # Without the shipped model the service scores with the placeholder rule, version "none".
+    # Records of the placeholder rule (version "none"), or a shipped model that does not load.
     monkeypatch.setattr(models.scorer, "default_scorer", PlaceholderScorer)
     rec = {"status": "scored", "model_version": "none", "features": {}}
     assert _Scorer().typical(rec) == {"why": "no alert model to read them from"}
     assert _Scorer().typical({"status": "unscored"}) == {"why": "unscored"}
+
+    def broken():
+        raise ValueError("the shipped model does not load (gone)")
+
+    monkeypatch.setattr(models.scorer, "default_scorer", broken)
+    assert _Scorer().typical(rec) == {"why": "no alert model to read them from"}
 
 
 def test_png_encoder_roundtrip():
@@ -1571,6 +1577,11 @@ def test_vetters_decisions_retrain_the_alert_model(tmp_path, db, batch, capsys, 
     d.loc[np.flatnonzero(~lacking)[:m], "is_real"] = 0.0
     kept, rep = retrain_on_decisions(base, d)
     assert rep["p_real"]["retrained"] and rep["p_real"]["full_scorer"].startswith("kept from the base")
+    # The base's full P(real) still scores the alerts with every input, and keeps its flag there;
+    # the alerts its retrained reduced scorer scores get none.
+    assert "p_real" in kept.support.scores and kept.support.full_only == ("p_real",)
+    e = kept.score(d[list(FEATURES)].astype(float), contributions=False).label_propensity["p_real"]
+    assert np.isnan(e[lacking]).all() and np.isfinite(e[~lacking]).all()
     def raw(m_, part):
         return bytes(getattr(m_, part)["p_real"].booster_.save_raw("ubj"))
 
@@ -1726,12 +1737,12 @@ def test_extrapolated_scores_are_marked_in_the_list_the_object_page_and_the_term
     flagged = [r for r in rows if r["extrapolated"]]
     plain = [r for r in rows if not r["extrapolated"] and r["priority"] is not None]
     assert flagged and plain and all(r["survey"] == "rubin" for r in flagged)
-    assert flagged[0]["extrapolated"] == ["p_extragalactic", "p_fast", "source_type"]
-    assert extrapolated_text(flagged[0]["extrapolated"]) == "P(extragalactic), P(fast) and the source type"
+    three = [r for r in flagged if r["extrapolated"] == ["p_extragalactic", "p_fast", "source_type"]]
+    assert three and extrapolated_text(three[0]["extrapolated"]) == "P(extragalactic), P(fast) and the source type"
     assert extrapolated_text(["p_fast"]) == "P(fast)" and extrapolated_text([]) == ""
     assert main(["queue", "list", "--db", str(db), "--top", "500"]) == 0
     out = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines()[2:-1]}
-    assert all("extrapolated: P(extragalactic), P(fast) and the source type" in out[r["object_id"]] for r in flagged)
+    assert all(f"extrapolated: {extrapolated_text(r['extrapolated'])}" in out[r["object_id"]] for r in flagged)
     assert not any("extrapolated" in out[r["object_id"]] for r in plain)
     assert main(["queue", "list", "--db", str(db), "--top", "500", "--json"]) == 0
     got = {r["object_id"]: r["extrapolated"] for r in json.loads(capsys.readouterr().out)["rows"]}
@@ -1741,10 +1752,10 @@ def test_extrapolated_scores_are_marked_in_the_list_the_object_page_and_the_term
     for r in (*flagged, *plain):
         row = re.search(rf'<tr data-object-id="{re.escape(r["object_id"])}".*?</tr>', page, re.S).group(0)
         assert ('class="badge extrap"' in row) == bool(r["extrapolated"]), r["object_id"]
-    obj = client.get(f"/object/{flagged[0]['object_id']}").get_data(as_text=True)
+    obj = client.get(f"/object/{three[0]['object_id']}").get_data(as_text=True)
     para = re.search(r'<p class="typical" id="extrapolated">(.*?)</p>', obj, re.S).group(1)
     assert para.startswith("Extrapolated: P(extragalactic), P(fast) and the source type.")
-    assert re.search(r"label propensity 0\.00\d\)", para)
+    assert re.search(r"estimated share 0\.00\d, below 0\.01\)", para)
     assert obj.count('class="badge extrap"') == 3  # beside P(extragalactic), P(fast) and the types
     obj = client.get(f"/object/{plain[0]['object_id']}").get_data(as_text=True)
     assert 'id="extrapolated"' not in obj and "badge extrap" not in obj

@@ -364,3 +364,20 @@ def test_evaluate_simulate_json_is_json(capsys):
     for s, part in sup["scores"].items():
         assert part["flagged"]["n"] == sup["flagged"][s]
         assert part["flagged"]["n"] + part["not_flagged"]["n"] == out["n_alerts"]
+        low, high = part["not_flagged"]["ece_if_calibrated"]  # the reference a small subset is read against
+        assert low >= 0 and high >= 0
+    low, high = sup["scores"]["p_fast"]["not_flagged"]["ece_if_calibrated"]
+    assert 0 < low < high  # (P(fast) is unsure often enough for a calibrated score to miss by chance)
+
+
+def test_a_shipped_model_that_does_not_load_stops_the_replay(tmp_path, monkeypatch, capsys):
+    """It fell back to the placeholder rule with a warning in the log, and wrote "scored"
+    annotations of that rule (model_version "none"), exit status 0."""
+    import models.scorer
+
+    monkeypatch.setattr(models.scorer, "DEFAULT_MODEL_DIR", tmp_path / "gone")
+    out = tmp_path / "a.jsonl"
+    assert main(["replay", str(DATA / "ztf_ampel"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the shipped model does not load" in err and "--model DIR" in err
+    assert not out.exists() or out.read_text() == ""

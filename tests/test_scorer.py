@@ -361,12 +361,15 @@ def test_scores_beyond_the_labels_reach_are_flagged_not_changed(tiny_sim, tiny_m
     is known when the alert is scored (the weights' ê reads later data)."""
     sb = tiny_model.score(tiny_sim.X)
     assert set(sb.label_propensity) == {*SCORES, "source_type"} and sb.support_threshold == 0.01
-    # The intrinsic scores and the types learnt from the followed-up alerts, P(real) from the eyeballed.
+    # The intrinsic scores learnt from the followed-up alerts, the types from the followed-up real
+    # ones (they are P(type | real)), P(real) from the eyeballed.
     e, e_real = sb.label_propensity["p_fast"], sb.label_propensity["p_real"]
-    np.testing.assert_array_equal(e, sb.label_propensity["source_type"])
+    np.testing.assert_array_equal(e, sb.label_propensity["p_extragalactic"])
     assert (e_real > e).mean() > 0.95  # every followed-up alert was eyeballed, and more besides
-    lab = tiny_sim.truth["vetted"].to_numpy(bool)
+    lab, real = tiny_sim.truth["vetted"].to_numpy(bool), tiny_sim.truth["is_real"].to_numpy(bool)
     assert abs(e.mean() - lab.mean()) < 0.01  # a fitted logistic's mean is the labelled share
+    e_type = sb.label_propensity["source_type"]
+    assert abs(e_type[real].mean() - lab[real].mean()) < 0.01 and not np.array_equal(e_type, e)
     # Follow-up picked the bright ones: 10 mag fainter than the stream, its labels do not reach
     # (the eyeballed ones, which include a random 30 %, reach further).
     faint = tiny_sim.X.copy()
@@ -394,10 +397,20 @@ def test_scores_beyond_the_labels_reach_are_flagged_not_changed(tiny_sim, tiny_m
     with pytest.raises(ValueError, match="label support reads"):
         load(tmp_path / "m")
     meta["label_support"]["covariates"] = list(SUPPORT_COVARIATES)
-    meta["label_support"]["models"]["followed_up"]["coef"].pop()
+    meta["label_support"]["definition"] = 1  # same names, computed another way before
     (tmp_path / "m" / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="coefficients do not fit"):
+    with pytest.raises(ValueError, match="definition 1"):
         load(tmp_path / "m")
+    meta["label_support"]["definition"] = 2
+    for broken, says in ((lambda m: m["models"]["followed_up"]["coef"].pop(), "coefficients do not fit"),
+                         (lambda m: m["models"]["followed_up"]["scale"].__setitem__(0, 0.0), "scale ≤ 0"),
+                         (lambda m: m.pop("threshold"), "malformed"),
+                         (lambda m: m["scores"].__setitem__("p_unicorn", "followed_up"), "unknown scores")):
+        bad = json.loads(json.dumps(meta))
+        broken(bad["label_support"])
+        (tmp_path / "m" / "metadata.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=says):
+            load(tmp_path / "m")
 
 
 def test_standardised_scores_average_over_the_bank_and_ignore_the_alerts_own_conditions(tiny_sim, tiny_model,
@@ -564,6 +577,21 @@ def test_recall_at_rank_and_aurak_hand_example():
 
     m = ranking_metrics(y, s)
     assert m["recall_at_k"] == 0.5 and m["list_for_99"] == list_to_recall(y, s) == 0.75
+
+
+def test_the_ece_a_calibrated_score_would_show_grows_as_the_alerts_get_fewer():
+    """A flagged subset of 94 alerts is read against the ECE a calibrated score shows on 94, not on 5,000."""
+    from models.train import _null_ece
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0, 1, 5000)
+    small, large = _null_ece(p[:94]), _null_ece(p)
+    assert small[0] > 3 * large[0] and small[1] > small[0] > 0.02
+    # a calibrated draw lands within it; a score off by 0.15 does not
+    y = (rng.random(94) < p[:94]).astype(int)
+    assert expected_calibration_error(y, p[:94]) < small[1]
+    assert expected_calibration_error(y, np.clip(p[:94] + 0.15, 0, 1)) > small[1]
+    assert _null_ece([np.nan]) is None
 
 
 def test_expected_calibration_error_hand_example():
@@ -912,8 +940,8 @@ def test_default_model_scores_rubin_alerts_on_their_own_evidence():
     e = np.array([a.label_propensity["p_fast"] for a in anns])
     flagged = np.array([bool(a.extrapolated) for a in anns])
     assert 0 < flagged.sum() < len(anns) and (flagged == (e < 0.01)).all()
-    assert all(a.extrapolated == ("p_extragalactic", "p_fast", "source_type") for a in anns if a.extrapolated)
-    assert all(a.label_propensity["p_real"] > a.label_propensity["p_fast"] for a in anns)
+    assert all({"p_extragalactic", "p_fast", "source_type"} <= set(a.extrapolated) for a in anns if a.extrapolated)
+    assert all(a.label_propensity["p_real"] > a.label_propensity["p_fast"] for a in anns)  # eyeballed reach further
 
 
 def test_default_model_recognises_real_catalogued_asteroids():
@@ -946,6 +974,7 @@ def test_condition_regressions_refit_on_survey_alerts(tmp_path):
     base = AlertScorer.load(DEFAULT_MODEL_DIR)
     refit = base.with_conditions_fitted_on(X, source="vendored ZTF")
     assert refit.model_version.startswith(base.model_version + "+g") and refit.scorers is base.scorers
+    assert refit.support is base.support is not None  # the same labels behind the same scorers
     assert refit.metadata["conditions_fit"]["n_alerts"] == len(X)
     assert refit.residualiser.get_params() == base.residualiser.get_params()  # same loss and basis, new fit
 
