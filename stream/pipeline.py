@@ -81,8 +81,9 @@ class Pipeline:
         replay's batch size, a live consumer's timeouts) can correct an alert differently,
         most at tonight's exposure.
     clock : {"stream", "wall"}
-        What "now" is for freshness: the latest event time seen (replays rank as they
-        would have live) or the wall clock (live service).
+        What "now" is for freshness: the latest event time seen of the alert's survey (replays
+        rank as they would have live; each survey is its own stream) or the wall clock (live
+        service).
     error_budget : ErrorBudget
     """
 
@@ -97,7 +98,7 @@ class Pipeline:
         self.hsr = hsr or None
         self.clock = clock
         self.errors = error_budget or ErrorBudget()
-        self.stream_mjd = 0.0
+        self.stream_mjd: dict = {}  # survey → latest event time seen (the stream clock)
         self.code_version = code_version()
         self.companions = ExposureCompanions()  # exposure seeing across micro-batches
 
@@ -147,8 +148,11 @@ class Pipeline:
         X = alert_features(alerts, fluxes, self.companions)
         sb = self.scorer.score(X)
         mjd = np.array([a.mjd for a in alerts])
-        self.stream_mjd = max(self.stream_mjd, float(mjd.max()))
-        now = self.stream_mjd if self.clock == "stream" else time.time() / 86400.0 + 40587.0
+        survey = np.array([a.survey for a in alerts])
+        for sv in np.unique(survey):
+            self.stream_mjd[sv] = max(self.stream_mjd.get(sv, -np.inf), float(mjd[survey == sv].max()))
+        now = (np.array([self.stream_mjd[sv] for sv in survey]) if self.clock == "stream"
+               else time.time() / 86400.0 + 40587.0)
         stages = stage_of(X["days_since_first"].to_numpy())
         prio = priority(sb.p_real, sb.p_extragalactic, sb.p_fast, stages, now - mjd)
         t_ms = int(time.time() * 1000)

@@ -603,7 +603,7 @@ AGE_TOLERANCE = 0.005
 # floor it tends to (long-term, freshness 0.5: a quarter of the scores' product).
 _AGE_CANDIDATES = """
 SELECT object_id, latest_alert_id, model_version, p_real, p_extragalactic, p_fast, priority, stage, first_mjd,
-       latest_mjd
+       latest_mjd, survey
 FROM objects WHERE stage <> 'longterm'
    OR priority > ? * p_real * (0.35 + 0.65 * (1.0 - (1.0 - p_extragalactic) * (1.0 - p_fast)))"""
 # Only if nothing changed since it was read (another writer's newer alert, or a rescore by another model).
@@ -613,6 +613,16 @@ WHERE object_id = ? AND latest_alert_id = ? AND model_version = ? AND priority I
 
 def _floats(values) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], float)
+
+
+def survey_clocks(conn) -> dict:
+    """``survey → MJD of its newest alert in the store``: each survey's stream clock.
+
+    Surveys are separate streams with their own nights (a replay of ZTF 2018 beside Rubin 2025
+    made every ZTF object seven years old, and the list's ranking by freshness meaningless).
+    """
+    return {r[0]: float(r[1]) for r in conn.execute("SELECT survey, MAX(latest_mjd) FROM objects GROUP BY survey")
+            if r[1] is not None}
 
 
 def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
@@ -630,7 +640,8 @@ def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
     conn
         A store connection (:func:`connect`), for writing.
     now_mjd : float, optional
-        "Now"; default the newest alert in the store (the stream clock of a replay).
+        "Now"; default each survey's newest alert in the store (:func:`survey_clocks`: the
+        stream clock of a replay).
     stop : callable, optional
         Checked between transactions: True ends the pass (the next one goes on).
 
@@ -646,22 +657,23 @@ def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
     """
     from models.rank import STAGES, URGENCY, priority, stage_of
 
-    if now_mjd is None:
-        now_mjd = conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()[0]
-        if now_mjd is None:  # empty store
-            return 0
+    clocks = survey_clocks(conn) if now_mjd is None else {}
+    if now_mjd is None and not clocks:  # empty store
+        return 0
     floor = min(URGENCY.values()) * 0.5  # long-term urgency × the freshness of a long-past alert
     rows = conn.execute(_AGE_CANDIDATES, (floor * (1.0 + AGE_TOLERANCE),)).fetchall()
     if not rows:
         return 0
-    oid, aid, model, p_r, p_x, p_f, old, stage, first, latest = (list(c) for c in zip(*rows, strict=True))
+    oid, aid, model, p_r, p_x, p_f, old, stage, first, latest, survey = (list(c) for c in zip(*rows, strict=True))
     latest = np.asarray(latest, float)
+    now = (np.full(len(rows), float(now_mjd)) if now_mjd is not None
+           else np.array([clocks.get(sv, lt) for sv, lt in zip(survey, latest, strict=True)], float))
     first = np.array([lt if v is None else v for v, lt in zip(first, latest, strict=True)], float)
     rank = {s: i for i, s in enumerate(STAGES)}
     # A stage never goes back (a stored stage this Vigil does not know is left alone).
     new_stage = [s if rank.get(s, len(STAGES)) >= rank[str(n)] else str(n)
-                 for s, n in zip(stage, stage_of(float(now_mjd) - first), strict=True)]
-    new = priority(_floats(p_r), _floats(p_x), _floats(p_f), new_stage, float(now_mjd) - latest)
+                 for s, n in zip(stage, stage_of(now - first), strict=True)]
+    new = priority(_floats(p_r), _floats(p_x), _floats(p_f), new_stage, now - latest)
     was = _floats(old)
     moved = np.array(new_stage) != np.array(stage)
     moved |= np.isfinite(new) & np.isfinite(was) & (np.abs(new - was) > AGE_TOLERANCE * np.abs(was))
@@ -1262,9 +1274,13 @@ class QueueStore:
                                      (int(since_ms),)).fetchone()[0])
 
     def newest_mjd(self) -> float | None:
-        """Latest event time in the store (the 'stream clock' for ages)."""
+        """Latest event time in the store, of any survey."""
         row = self.conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()
         return row[0]
+
+    def survey_clocks(self) -> dict:
+        """Each survey's newest event time (its stream clock, which its objects' ages are read against)."""
+        return survey_clocks(self.conn)
 
     def n_objects(self) -> int:
         """Number of objects in the store."""
@@ -1690,20 +1706,23 @@ def cmd_list(args) -> int:
     q = ListQuery(stage=args.stage, min_p_real=args.min_p_real, min_p_extragalactic=args.min_p_extragalactic,
                   min_p_fast=args.min_p_fast, sort=args.sort, hide_vetted=args.hide_vetted,
                   hide_known_sso=args.hide_known_sso, per_page=args.top, sky=args.sky, b_cut=args.b_cut)
-    rows, total, now = listed(args.db, q)
+    rows, total, clocks = listed(args.db, q)
     if args.json:
-        print(json.dumps({"total": total, "newest_mjd": now, "rows": rows}, indent=1))
+        print(json.dumps({"total": total, "newest_mjd": max(clocks.values(), default=None),
+                          "newest_mjd_by_survey": clocks, "rows": rows}, indent=1))
         return 0
     print("\n".join(ranked_lines(rows)))
-    print(f"{len(rows)} of {total} objects" + (f"; ages against the newest alert, MJD {now:.4f}" if now else ""))
+    ages = ", ".join(f"{sv} MJD {m:.4f}" for sv, m in sorted(clocks.items()))
+    print(f"{len(rows)} of {total} objects" + (f"; ages against each survey's newest alert ({ages})" if clocks else ""))
     return 0
 
 
 def listed(db, q: ListQuery) -> tuple:
-    """``(rows, total, newest MJD)`` of the ranked list ``q`` in store ``db``: what ``queue list`` prints."""
+    """``(rows, total, {survey: newest MJD})`` of the ranked list ``q`` in store ``db``: what
+    ``queue list`` prints; each row's ``age_days`` is read against its survey's newest alert."""
     store = QueueStore(db)
     try:
-        page, now = store.list_objects(q), store.newest_mjd()
+        page, clocks = store.list_objects(q), store.survey_clocks()
     finally:
         store.close()
     keep = ("object_id", "survey", "ra", "dec", "band", "mag", "stage", "status", *SCORES, "priority", "n_alerts",
@@ -1711,8 +1730,9 @@ def listed(db, q: ListQuery) -> tuple:
             "ss_distance", "source_type", "source_type_p", "extrapolated")
     rows = [{k: r[k] for k in keep} for r in page.rows]
     for r in rows:
-        r["age_days"] = None if now is None or r["latest_mjd"] is None else float(now) - float(r["latest_mjd"])
-    return rows, page.total, now
+        now = clocks.get(r["survey"])
+        r["age_days"] = None if now is None or r["latest_mjd"] is None else now - float(r["latest_mjd"])
+    return rows, page.total, clocks
 
 
 def _count(text: str) -> int:

@@ -593,10 +593,15 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                                  SORTS=SORTS, STAGES=STAGES, KNOWN_SSO_ARCSEC=KNOWN_SSO_ARCSEC,
                                  type_words=type_words, extrapolated_text=extrapolated_text)
 
-    def now_mjd() -> float:
+    def clocks() -> dict:
+        """``survey → "now"``: the wall clock, or (stream clock) each survey's newest alert."""
         if settings.clock == "wall":
-            return time.time() / 86400.0 + MJD_UNIX_EPOCH
-        return store().newest_mjd() or (time.time() / 86400.0 + MJD_UNIX_EPOCH)
+            return {}
+        return store().survey_clocks()
+
+    def now_of(clock: dict, survey) -> float:
+        wall = time.time() / 86400.0 + MJD_UNIX_EPOCH
+        return clock.get(survey, max(clock.values(), default=wall))
 
     @app.get("/favicon.ico")
     def favicon():
@@ -658,7 +663,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         page = store().list_objects(q, vetter=g.vetter)
         if page.page > max(page.n_pages, 1):  # past the end (the list shrank, or a typed URL): its last page
             return redirect(url_for("index", **query_args(q, page=max(page.n_pages, 1))))
-        now = now_mjd()
+        clock = clocks()
         default_view = is_default_view(q)
         rows = []
         for i, r in enumerate(page.rows):
@@ -674,6 +679,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             dprio = None  # what new data did to the priority (the list's ageing alone moves it down)
             if flag == "new data" and seen["seen_priority"] is not None and r["priority"] is not None:
                 dprio = r["priority"] - seen["seen_priority"]
+            now = now_of(clock, r["survey"])
             rows.append(dict(r, rank=rank, flag=flag, moved=moved, dprio=dprio,
                              age=(now - r["first_mjd"]) if r["first_mjd"] is not None else None,
                              since_last=now - r["latest_mjd"]))
@@ -688,7 +694,8 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
                                          if page.page > 1 else None),
                                next_url=(url_for("index", **query_args(q, page=page.page + 1))
                                          if page.page < page.n_pages else None),
-                               loaded_ms=int(time.time() * 1000), now_mjd=now, clock=settings.clock)
+                               loaded_ms=int(time.time() * 1000), clocks=clock, clock=settings.clock,
+                               now_mjd=now_of(clock, None))
 
     @app.get("/object/<path:object_id>")  # (path: an id may hold "/")
     def object_page(object_id):
@@ -721,7 +728,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
             explanation_text=explanation_text, links=archive_links(obj["ra"], obj["dec"], object_id, obj["survey"]),
             next_url=url_for("object_page", object_id=nxt) + (f"?{qs}" if qs else "") if nxt else None,
             prev_url=url_for("object_page", object_id=prv) + (f"?{qs}" if qs else "") if prv else None,
-            list_url=url_for("index") + (f"?{lqs}" if lqs else ""), now_mjd=now_mjd(),
+            list_url=url_for("index") + (f"?{lqs}" if lqs else ""), now_mjd=now_of(clocks(), obj["survey"]),
             feature_rows=sorted(feats.items()), types=types, extrap=extrap,
             extrap_p=min(support) if support else None,
         )

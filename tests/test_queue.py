@@ -455,10 +455,14 @@ def test_the_list_ages_while_the_stream_is_quiet(tmp_path, batch):
         assert sink.conn.execute("SELECT object_id, priority FROM objects ORDER BY object_id").fetchall() == aged
 
 
-def test_two_replays_into_one_store_rank_by_the_newest(tmp_path, batch):
-    """A store filled from ZTF's 2018-2023 archive and then Rubin's 2025 alerts: a ZTF object
-    'first seen' years before the newest alert had kept its first-stage priority on top."""
+def test_two_replays_into_one_store_rank_each_survey_by_its_own_clock(tmp_path, batch):
+    """A store filled from ZTF's archive and then Rubin's alerts: a ZTF object 'first seen' years
+    before the newest alert had kept its first-stage priority on top (ageing fixed that); then
+    every ZTF object was aged by Rubin's newest alert, a stream that is not its own (a replay of
+    ZTF 2018 beside Rubin 2025 made every ZTF object seven years old). Each survey keeps its own
+    clock."""
     from models.rank import stage_of
+    from stream.queue import listed
 
     result, records = batch
     path = tmp_path / "q.sqlite"
@@ -470,14 +474,41 @@ def test_two_replays_into_one_store_rank_by_the_newest(tmp_path, batch):
                                    alerts=[result.alerts[i] for i in keep])
             sink.write_result(part, [records[i] for i in keep])
             sink.flush()
-    rows = QueueStore(path).list_objects(ListQuery(per_page=500)).rows
-    newest = max(r["latest_mjd"] for r in rows)
+    store = QueueStore(path)
+    rows, clocks = store.list_objects(ListQuery(per_page=500)).rows, store.survey_clocks()
+    store.close()
+    assert clocks == {sv: max(r["latest_mjd"] for r in rows if r["survey"] == sv) for sv in ("ztf", "rubin")}
     order = {"first": 0, "updating": 1, "longterm": 2}
     for r in rows:
         if r["first_mjd"] is not None and r["priority"] is not None:
-            assert order[r["stage"]] >= order[str(stage_of(newest - r["first_mjd"]))], r["object_id"]
-    top = rows[0]
-    assert newest - top["latest_mjd"] < 30, (top["object_id"], newest - top["latest_mjd"])
+            assert order[r["stage"]] >= order[str(stage_of(clocks[r["survey"]] - r["first_mjd"]))], r["object_id"]
+    # The newest ZTF object is fresh by ZTF's clock, whatever Rubin's says.
+    z = next(r for r in rows if r["survey"] == "ztf" and r["latest_mjd"] == clocks["ztf"] and r["priority"])
+    ann = next(a for a in records if a["alert_id"] == z["latest_alert_id"])
+    assert z["priority"] == pytest.approx(ann["priority"])
+    # queue list reads each row's age against its own survey's clock
+    got, _, by_survey = listed(path, ListQuery(per_page=500))
+    assert by_survey == clocks
+    assert all(g["age_days"] == pytest.approx(clocks[g["survey"]] - g["latest_mjd"]) for g in got)
+
+
+def test_the_pipelines_stream_clock_is_each_surveys_own(batch):
+    """Annotated after a newer survey's alerts, a ZTF alert's freshness is read against ZTF's
+    newest alert, not Rubin's: it gets the priority it gets alone."""
+    from stream.pipeline import Pipeline
+
+    files = _alert_files()
+    ztf = [f for f in files if "ztf_ampel" in str(f)]  # 2018-2021, years before the Rubin alerts
+    rubin = [f for f in files if "rubin" in str(f)]
+    if not (ztf and rubin):
+        pytest.skip("needs the vendored ZTF (AMPEL) and Rubin samples")
+    alone = Pipeline().process([Envelope(f.read_bytes(), str(f)) for f in ztf]).annotations
+    both = Pipeline()
+    both.process([Envelope(f.read_bytes(), str(f)) for f in rubin])
+    after = both.process([Envelope(f.read_bytes(), str(f)) for f in ztf]).annotations
+    assert set(both.stream_mjd) == {"ztf", "rubin"} and both.stream_mjd["rubin"] > both.stream_mjd["ztf"] + 365
+    assert [a.priority for a in after] == [a.priority for a in alone]
+    assert [a.stage for a in after] == [a.stage for a in alone]
 
 
 def test_decision_stores_snapshot_and_snooze_waits_for_new_data(db, batch):
