@@ -37,6 +37,14 @@ SOURCE_TYPES = {
 EXTRAGALACTIC_TYPES = ("supernova", "fast_transient", "agn")
 #: The fast source types (rise < 3 d): together they hold P(fast).
 FAST_TYPES = ("fast_transient", "flare", "cv")
+#: A known solar-system object this close (arcsec) makes an alert a known asteroid (the queue marks
+#: it so; the source types let it be one whatever the alert's history).
+KNOWN_SSO_ARCSEC = 5.0
+#: Detections at an alert's position this long (days) before it, or this many there in the survey's
+#: history, rule out a lone moving object (of the 223 real known asteroids here, none had more than 3
+#: and 3 had one earlier than this: each a chance coincidence with a source at the spot).
+STATIC_AFTER_DAYS = 0.5
+STATIC_HISTORY = 4
 
 
 @dataclass(frozen=True)

@@ -776,6 +776,34 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def _no_moving_static(proba: np.ndarray, names, X: pd.DataFrame) -> np.ndarray:
+    """No "asteroid" type for an alert whose position had detections on an earlier night.
+
+    A lone moving object cannot have been detected at the same place a night before, nor
+    several times there (the survey's history at the spot — ZTF's ``jdstarthist`` and
+    ``ndethist`` — is someone else's; see :data:`models.score.STATIC_HISTORY`), unless a known
+    solar-system object lies within :data:`models.score.KNOWN_SSO_ARCSEC` now. The simulated
+    sky never taught this: there, a Galactic source's alert always carried earlier detections in
+    its light curve, so the trees told asteroids from stars by that count alone, and real
+    stars alerting once in the packet's 30 days despite years of history (35, 278 detections at
+    the spot) were typed asteroids. The asteroid's share goes to the other types in proportion.
+    """
+    from models.score import KNOWN_SSO_ARCSEC, STATIC_AFTER_DAYS, STATIC_HISTORY
+
+    names = list(names)
+    if "asteroid" not in names or not len(proba):
+        return proba
+    static = (((X["days_since_first"].to_numpy(float) > STATIC_AFTER_DAYS)
+               | (X["n_det_history"].to_numpy(float) >= STATIC_HISTORY))
+              & ~(X["ss_distance"].to_numpy(float) <= KNOWN_SSO_ARCSEC))
+    rest = np.delete(proba[static], names.index("asteroid"), axis=1).sum(axis=1)
+    static[static] = rest > 0  # (an alert the scorer thought surely an asteroid keeps it: nothing to move it to)
+    out = proba.copy()
+    out[static, names.index("asteroid")] = 0.0
+    out[static] /= out[static].sum(axis=1, keepdims=True)
+    return out
+
+
 def _nest_types(proba: np.ndarray, names, p_extragalactic, p_fast, rounds: int = 30) -> np.ndarray:
     """Source-type probabilities made coherent with P(extragalactic) and P(fast).
 
@@ -987,6 +1015,7 @@ class AlertScorer:
                 if est is not self.types[0]:
                     B[:, self._blank[INTRINSIC[0]]] = np.nan
                 type_proba[rows] = est.predict_proba(B)
+            type_proba = _no_moving_static(type_proba, type_names, X0)
             type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"], probs["p_fast"])
             type_proba[blind] = np.nan
         relative = tuple(c for c, _ in self.residualiser.columns)

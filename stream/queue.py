@@ -52,12 +52,14 @@ from pathlib import Path
 
 import numpy as np
 
+# An alert within KNOWN_SSO_ARCSEC of a known solar-system object (ZTF ``ssdistnr``; Rubin's
+# association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them
+# (one value for the scorer's source types and the queue).
+from models.score import KNOWN_SSO_ARCSEC
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 6
-#: An alert within this distance of a known solar-system object (ZTF ``ssdistnr``; Rubin's
-#: association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them.
-KNOWN_SSO_ARCSEC = 5.0
 SCORES = ("p_real", "p_extragalactic", "p_fast")
 STAGES = ("first", "updating", "longterm")
 CUTOUT_KINDS = ("science", "template", "difference")

@@ -959,6 +959,35 @@ def test_default_model_recognises_real_catalogued_asteroids():
     assert len(sso) >= 5
     for a in sso:
         assert a.p_extragalactic < 0.1 and a.p_fast < 0.1, a.object_id
+    assert sum(a.source_type == "asteroid" for a in sso) >= len(sso) - 1
+
+
+def test_a_source_with_history_at_its_position_is_no_asteroid(monkeypatch):
+    """Real stars alerting once in their packet's 30 days but detected at the spot for years (a PS1
+    star at 0.48″ with 35 earlier detections, objects with 121 and 278) were typed asteroids: the
+    simulated stars always had earlier detections in the packet, so the trees had learnt that
+    count, not the history. A lone moving object cannot have a history at the spot."""
+    import models.scorer
+    from stream.alert import Envelope
+    from stream.pipeline import Pipeline
+
+    files = avro_files("ztf_fink") + avro_files("ztf_ampel")
+    envs = [Envelope(f.read_bytes(), str(f)) for f in files]
+    anns = Pipeline().process(envs).annotations
+
+    def static(a):
+        f = a.features
+        return ((f["days_since_first"] > 0.5 or f["n_det_history"] >= 4)
+                and not f.get("ss_distance", np.inf) <= 5.0)
+
+    stat = [a for a in anns if a.status == "scored" and static(a)]
+    assert len(stat) > 100
+    assert all(a.source_types.get("asteroid", 0.0) == 0.0 for a in stat)
+    assert all(abs(sum(a.source_types.values()) - 1) < 1e-9 for a in stat)
+    # Without the rule, some of them were asteroids (the test has something to catch).
+    monkeypatch.setattr(models.scorer, "_no_moving_static", lambda p, names, X: p)
+    before = {a.alert_id: a.source_type for a in Pipeline().process(envs).annotations}
+    assert sum(before[a.alert_id] == "asteroid" for a in stat) >= 2
 
 
 # ~130 vendored alerts are few for a median regression: the refit says so, which is not under test here.
