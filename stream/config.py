@@ -185,7 +185,8 @@ def _build(cls, table, where: str):
             kw[k] = float(v)
         elif t in (int, str, bool):
             if not isinstance(v, t) or (t is int and isinstance(v, bool)):
-                _fail(key, f"a {t.__name__}")
+                _fail(key, {int: "a whole number", str: "a string", bool: "true or false"}[t]
+                      + f", not {v!r}")
             kw[k] = v
         else:
             raise ConfigError(f"{key}: unsupported type")

@@ -82,16 +82,16 @@ def main(args) -> int:
         print(f"4. {len(anns)} annotations on topic {o.annotations_topic}, {len(dead)} dead letters on "
               f"{o.dead_letter_topic}")
     print(f"\nTop {args.top} of the ranked list (priority = P(real) x interest x urgency x freshness):")
-    if queue:  # the eyeball queue's list, as `vigil queue list` shows it (aged to the newest alert)
+    if queue:  # the eyeball queue's list, as `vigil queue list` shows it (aged to each survey's newest alert)
         from stream.queue import ListQuery, listed, ranked_lines
 
         print("\n".join(ranked_lines(listed(queue, ListQuery(per_page=args.top))[0])))
     else:
         _print_ranked(anns, args.top)
     if queue:
-        print(f"\nEyeball queue filled: {queue}\nOpen it with:  vigil queue serve --db {queue} --port 8080"
-              "  (then http://127.0.0.1:8080; token from --token or VIGIL_QUEUE_TOKEN)"
-              f"\nor list it here:  vigil queue list --db {queue}")
+        print(f"\nEyeball queue filled: {queue}\nOpen it with:  vigil queue serve --db {queue}"
+              "  (then http://127.0.0.1:8765; sign in with the token it prints, or set one with --token"
+              f" or VIGIL_QUEUE_TOKEN)\nor list it here:  vigil queue list --db {queue}")
     else:
         print("\n(eyeball-queue store not available in this build)")
     print(f"demo finished in {time.monotonic() - t0:.1f} s; broker stopped")

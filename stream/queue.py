@@ -1703,11 +1703,14 @@ def ranked_lines(rows) -> list:
 
 def cmd_list(args) -> int:
     """The ranked list in a terminal (or as JSON), as the web page's first page shows it."""
+    if args.b_cut is not None and args.sky == "all":  # (it was ignored: a filter that did nothing)
+        raise ValueError("--b-cut is the latitude cut of --sky galactic|extragalactic; give --sky too")
     if not is_url(args.db) and not Path(args.db).exists():
         raise FileNotFoundError(f"no such queue store: {args.db}")
     q = ListQuery(stage=args.stage, min_p_real=args.min_p_real, min_p_extragalactic=args.min_p_extragalactic,
                   min_p_fast=args.min_p_fast, sort=args.sort, hide_vetted=args.hide_vetted,
-                  hide_known_sso=args.hide_known_sso, per_page=args.top, sky=args.sky, b_cut=args.b_cut)
+                  hide_known_sso=args.hide_known_sso, per_page=args.top, sky=args.sky,
+                  b_cut=15.0 if args.b_cut is None else args.b_cut)
     rows, total, clocks = listed(args.db, q)
     if args.json:
         print(json.dumps({"total": total, "newest_mjd": max(clocks.values(), default=None),
@@ -1829,7 +1832,7 @@ def register(subparsers) -> None:
                         help=f"only objects with {name} ≥ P (0–1)")
     li.add_argument("--sky", choices=("all", "galactic", "extragalactic"), default="all",
                     help="by Galactic latitude: |b| below --b-cut (galactic) or not (as the web page's filter)")
-    li.add_argument("--b-cut", type=float, default=15.0, metavar="DEG", help="latitude cut of --sky (default 15)")
+    li.add_argument("--b-cut", type=float, default=None, metavar="DEG", help="latitude cut of --sky (default 15)")
     li.add_argument("--hide-vetted", action="store_true")
     li.add_argument("--hide-known-sso", action="store_true", help="leave out known asteroids")
     li.add_argument("--json", action="store_true")

@@ -46,7 +46,7 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"source": {"bootstrap_server": "x"}}, "source.bootstrap_server: unknown key"),
     ({"sources": {}}, "sources: unknown section"),
     ({"output": {"queue": "x"}}, "output.queue: unknown key"),
-    ({"source": {"batch_size": "10"}}, "source.batch_size: expected a int"),
+    ({"source": {"batch_size": "10"}}, "source.batch_size: expected a whole number, not '10'"),
     ({"source": {"topics": "t"}}, "source.topics: expected a list of strings"),
     ({"source": {"kafka": {"sasl.password": "literal"}}}, "source.kafka.sasl.password: secrets must come from"),
     ({"source": {"kafka": {"sasl.password": {"env": "VIGIL_NOT_SET_ANYWHERE"}}}},

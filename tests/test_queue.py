@@ -1715,6 +1715,9 @@ def test_queue_list_in_the_terminal_follows_the_web_lists_order_and_filters(db, 
     assert not halves[0] & halves[1]
     assert main(["queue", "list", "--db", str(db.parent / "none.sqlite")]) == 2
     assert "no such queue store" in capsys.readouterr().err
+    # A latitude cut without --sky filtered nothing, silently.
+    assert main(["queue", "list", "--db", str(db), "--b-cut", "30"]) == 2
+    assert "give --sky too" in capsys.readouterr().err
     # Out of range is refused, not clipped to 500 rows or read as "nothing passes".
     for flag, value, says in (("--top", "501", "at most 500"), ("--min-p-real", "1.5", "not a probability")):
         with pytest.raises(SystemExit):
