@@ -868,8 +868,8 @@ class AlertScorer:
     support : causal.adjust.LabelSupport, optional
         Alert-time label propensities on :data:`SUPPORT_COVARIATES`, per score (and
         :data:`TYPE_SCORE`): which scores of an alert rest on labels that hardly reach alerts
-        like it (flagged as extrapolated). None: no flag (models before 2026-11-28, and scores
-        retrained on vetters' decisions).
+        like it (flagged as extrapolated). None: no flag (models trained before the seventh
+        session, 2026-11-27; scores retrained on vetters' decisions are left out of a support).
     """
 
     def __init__(self, scorers: dict, residualiser, version: str, metadata: dict | None = None,
