@@ -313,6 +313,12 @@ class SiblingStore:
         self._pos: dict[int, tuple[float, float]] = {}
         self._cells: dict[tuple[int, int], set[int]] = {}
         self.newest_mjd = -np.inf
+        # Each survey's newest epoch, and the survey of each exposure and object: a survey's
+        # exposures are evicted against its own clock (a Rubin alert of 2025 had evicted every
+        # exposure of a ZTF replay of 2021 going on beside it).
+        self._newest: dict[str, float] = {}
+        self._exp_survey: dict[int, str] = {}
+        self._obj_survey: dict[int, str] = {}
         self._since_evict = 0
         self._zp_median = None  # (sorted groups, median zero point): rebuilt when exposures come or go
         self.visit = np.zeros(0, dtype=np.int64)  # per slot: the exposure's visit key (same time and band)
@@ -443,9 +449,15 @@ class SiblingStore:
         exp, mjd, kind = cat("exposure"), cat("mjd"), cat("kind")
         owner = np.repeat(np.arange(len(lcs), dtype=np.int64), lens)
         ok = exp >= 0
-        # Every exposure the batch names gets its slot first.
+        # Every exposure the batch names gets its slot first (and the survey of the alert naming it first).
         new = np.unique(exp[ok])
-        self._new_slots(new[self._slots(new) < 0])
+        fresh = new[self._slots(new) < 0]
+        self._new_slots(fresh)
+        if len(fresh):
+            named, at = np.unique(exp[ok], return_index=True)
+            by = owner[ok][at[np.searchsorted(named, fresh)]]
+            for e, k in zip(fresh.tolist(), by.tolist(), strict=True):
+                self._exp_survey.setdefault(e, alerts[k].survey)
         slots = np.full(len(exp), -1, dtype=np.int64)
         slots[ok] = self._slots(exp[ok])
         if ok.any():
@@ -468,6 +480,9 @@ class SiblingStore:
                 first = min(first, self._first_det[obj])
             firsts[k] = self._first_det[obj] = first
             self._last_seen[obj] = max(self._last_seen.get(obj, -np.inf), float(a.mjd))
+            self._obj_survey[obj] = a.survey
+            if np.isfinite(hi[k]):
+                self._newest[a.survey] = max(self._newest.get(a.survey, -np.inf), float(hi[k]))
             if obj not in self._pos:
                 self._pos[obj] = (a.ra, a.dec)
                 self._cells.setdefault(self._cell(a.ra, a.dec), set()).add(obj)
@@ -800,10 +815,13 @@ class SiblingStore:
     def evict(self) -> int:
         """Forget exposures older than the retention window, and objects not seen since; returns how many exposures."""
         self._since_evict = 0
-        cutoff = self.newest_mjd - self.retention_days
-        old = [e for e, s in self._slot.items() if self.meta[s, 0] < cutoff]
+        cutoff = {sv: m - self.retention_days for sv, m in self._newest.items()}
+        late = self.newest_mjd - self.retention_days  # (an exposure of no known survey)
+        old = [e for e, s in self._slot.items() if self.meta[s, 0] < cutoff.get(self._exp_survey.get(e), late)]
+        for e in old:
+            self._exp_survey.pop(e, None)
         if not old:
-            self._forget_objects(cutoff)
+            self._forget_objects(cutoff, late)
             return 0
         self._zp_median = None
         affected: dict[int, None] = {}  # objects with rows in evicted exposures (insertion-ordered)
@@ -839,13 +857,16 @@ class SiblingStore:
                 del self._vslot[v]
                 self._vfree.append(s)
                 self._vidx = None
-        self._forget_objects(cutoff)
+        self._forget_objects(cutoff, late)
         return len(old)
 
-    def _forget_objects(self, cutoff: float) -> None:
-        """Drop what is known of objects not seen since ``cutoff`` (their rows went with their exposures)."""
-        for obj in [o for o, t in self._last_seen.items() if t < cutoff and o not in self._obj_exps]:
+    def _forget_objects(self, cutoff: dict, late: float) -> None:
+        """Drop what is known of objects not seen since their survey's ``cutoff`` (else ``late``;
+        their rows went with their exposures)."""
+        for obj in [o for o, t in self._last_seen.items()
+                    if t < cutoff.get(self._obj_survey.get(o), late) and o not in self._obj_exps]:
             del self._last_seen[obj]
+            self._obj_survey.pop(obj, None)
             self._first_det.pop(obj, None)
             self._judged.pop(obj, None)
             pos = self._pos.pop(obj, None)

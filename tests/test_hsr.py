@@ -196,6 +196,31 @@ def test_eviction_forgets_old_exposures_rows_and_objects():
     assert sum(len(c) for c in store._cells.values()) == len(store._pos)
 
 
+def test_each_survey_is_evicted_by_its_own_clock():
+    """A stream of the same survey 100 days later evicts the early exposures; another survey's
+    alerts do not (they had evicted every exposure of a ZTF replay going on beside them)."""
+    import dataclasses
+
+    dec = Decoder(keep_cutouts=False)
+
+    def alerts(seed, start, survey="ztf"):
+        res = simulate(seed, nights=1, quadrants=2, mode="sparse", n_alerts=150, start_jd=start)
+        return [dataclasses.replace(dec.decode(e)[0], survey=survey) for e in res.envelopes()]
+
+    early = alerts(11, 2460200.5)
+    store = SiblingStore(retention_days=45.0)
+    store.ingest(early)
+    exps, objs = set(store._slot), set(store._pos)
+    store.ingest(alerts(12, 2460300.5, survey="rubin"))
+    store.evict()
+    assert exps <= set(store._slot) and objs <= set(store._pos)  # ZTF's clock has not moved
+    assert store._newest["ztf"] < store._newest["rubin"] - 45.0 < store.newest_mjd
+    store.ingest(alerts(13, 2460300.5))  # ZTF's own later night
+    store.evict()
+    assert not exps & set(store._slot) and not objs & set(store._pos)
+    assert set(store._exp_survey) == set(store._slot)  # nothing of the evicted exposures kept
+
+
 def test_a_column_constant_on_training_rows_keeps_its_prior_loading():
     """Seen on a real ZTF alert: the siblings' scale term was the same on every training epoch
     (one visit-level value), its rounding-level spread was standardised into a 10¹⁰ loading,
