@@ -100,6 +100,8 @@ _LOGIN_FAILURES_DDL = """CREATE TABLE IF NOT EXISTS login_failures (
         failed_ms INTEGER NOT NULL
     )"""
 _LOGIN_FAILURES_INDEX = "CREATE INDEX IF NOT EXISTS ix_login_failures ON login_failures (address, failed_ms)"
+# Each survey's newest alert (its stream clock), read on every page: by index, not a scan.
+_SURVEY_CLOCK_INDEX = "CREATE INDEX IF NOT EXISTS ix_obj_survey_latest ON objects (survey, latest_mjd)"
 _DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS objects (
@@ -208,6 +210,7 @@ _DDL = [
     "CREATE INDEX IF NOT EXISTS ix_obj_latest ON objects (latest_alert_id)",
     "CREATE INDEX IF NOT EXISTS ix_obj_updated ON objects (updated_ms)",
     "CREATE INDEX IF NOT EXISTS ix_obj_stage_prio ON objects (stage, COALESCE(priority, -1.0) DESC, object_id)",
+    _SURVEY_CLOCK_INDEX,
     # Narrow covering index of every filtered column: the page's COUNT(*) reads it, not the wide rows.
     "CREATE INDEX IF NOT EXISTS ix_obj_filter ON objects (stage, p_real, p_extragalactic, p_fast, abs_gal_b, "
     "snoozed_mjd, latest_mjd, vetted_ms, ss_distance)",
@@ -478,8 +481,10 @@ def _migrate_4_to_5(conn) -> None:
 
 def _migrate_5_to_6(conn) -> None:
     """Version 6 keeps which of each object's scores are flagged as extrapolations (annotation schema
-    1.2: few of their labels were alerts like it), filled from its latest stored annotation."""
+    1.2: few of their labels were alerts like it), filled from its latest stored annotation, and
+    indexes each survey's newest alert (the surveys' own stream clocks)."""
     conn.execute("ALTER TABLE objects ADD COLUMN extrapolated TEXT")
+    conn.execute(_SURVEY_CLOCK_INDEX)  # (and each survey's clock, since this version)
     # dialect: JSON access (both give the array's JSON text; records before 1.2 give NULL)
     get = ("a.record::json ->> 'extrapolated'" if isinstance(conn, _PgConnection)
            else "json_extract(a.record, '$.extrapolated')")
@@ -546,6 +551,12 @@ _PRUNE_CANDIDATES = """
 SELECT DISTINCT alert_id FROM {table} WHERE EXISTS (SELECT 1 FROM annotations a
     WHERE a.alert_id = {table}.alert_id AND a.event_mjd < ?)
   AND """ + _KEEP
+# The same for one survey's alerts only (each survey is aged by its own clock).
+_PRUNE_CANDIDATES_OF = """
+SELECT DISTINCT alert_id FROM {table} WHERE EXISTS (SELECT 1 FROM annotations a
+    WHERE a.alert_id = {table}.alert_id AND a.event_mjd < ?
+      AND EXISTS (SELECT 1 FROM objects s WHERE s.object_id = a.object_id AND s.survey = ?))
+  AND """ + _KEEP
 _PRUNE_DELETE = "DELETE FROM {table} WHERE alert_id IN ({marks}) AND " + _KEEP
 #: Alerts per delete transaction: each holds the write lock for a moment only, so the
 #: service's writers never wait long behind retention.
@@ -562,13 +573,14 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
     keep_days : float
         Retention window in days (> 0).
     now_mjd : float, optional
-        "Now"; default the newest alert in the store (the stream clock, so a replayed
-        archive keeps what it would have kept live).
+        "Now"; default each survey's newest alert in the store (its stream clock, so a replayed
+        archive keeps what it would have kept live, whatever other survey shares the store).
 
     Returns
     -------
     dict
-        ``{"horizon_mjd": ..., "cutouts": n deleted, "lightcurves": n deleted}``.
+        ``{"horizon_mjd": ..., "cutouts": n deleted, "lightcurves": n deleted}``; with the
+        stream clock, ``horizon_mjd`` is the latest survey's horizon and ``horizons`` each one's.
 
     Notes
     -----
@@ -581,14 +593,20 @@ def prune(conn, keep_days: float, now_mjd: float | None = None) -> dict:
     """
     if not keep_days > 0:
         raise ValueError(f"--keep-days must be > 0, not {keep_days!r}")
-    if now_mjd is None:
-        now_mjd = conn.execute("SELECT MAX(latest_mjd) FROM objects").fetchone()[0]
     out = {"horizon_mjd": None, "cutouts": 0, "lightcurves": 0}
-    if now_mjd is None:  # empty store
-        return out
-    out["horizon_mjd"] = horizon = float(now_mjd) - float(keep_days)
+    if now_mjd is not None:
+        passes = [(_PRUNE_CANDIDATES, (float(now_mjd) - float(keep_days),))]
+        out["horizon_mjd"] = float(now_mjd) - float(keep_days)
+    else:
+        clocks = survey_clocks(conn)
+        if not clocks:  # empty store
+            return out
+        out["horizons"] = {sv: m - float(keep_days) for sv, m in clocks.items()}
+        out["horizon_mjd"] = max(out["horizons"].values())
+        passes = [(_PRUNE_CANDIDATES_OF, (h, sv)) for sv, h in out["horizons"].items()]
     for table in ("cutouts", "lightcurves"):
-        ids = [r[0] for r in conn.execute(_PRUNE_CANDIDATES.format(table=table), (horizon,)).fetchall()]
+        ids = [r[0] for sql, params in passes
+               for r in conn.execute(sql.format(table=table), params).fetchall()]
         for i in range(0, len(ids), PRUNE_CHUNK):
             chunk = ids[i:i + PRUNE_CHUNK]
             with _write_transaction(conn):
@@ -623,8 +641,17 @@ def survey_clocks(conn) -> dict:
     Surveys are separate streams with their own nights (a replay of ZTF 2018 beside Rubin 2025
     made every ZTF object seven years old, and the list's ranking by freshness meaningless).
     """
-    return {r[0]: float(r[1]) for r in conn.execute("SELECT survey, MAX(latest_mjd) FROM objects GROUP BY survey")
-            if r[1] is not None}
+    return {r[0]: float(r[1]) for r in conn.execute(_SURVEY_CLOCKS) if r[0] is not None and r[1] is not None}
+
+
+# The surveys by an index skip-scan (the next survey after the last), then each one's newest alert
+# by the same index: ~0.1 ms where GROUP BY read every row (189 ms for 600,000 objects).
+_SURVEY_CLOCKS = """
+WITH RECURSIVE s(survey) AS (
+    SELECT MIN(survey) FROM objects
+    UNION ALL
+    SELECT (SELECT MIN(o.survey) FROM objects o WHERE o.survey > s.survey) FROM s WHERE s.survey IS NOT NULL)
+SELECT survey, (SELECT MAX(o.latest_mjd) FROM objects o WHERE o.survey = s.survey) FROM s"""
 
 
 def age_priorities(conn, now_mjd: float | None = None, stop=None) -> int:
@@ -1610,8 +1637,10 @@ def cmd_prune(args) -> int:
             conn.execute("VACUUM")
     finally:
         conn.close()
-    print(f"deleted {done['cutouts']} stamps and {done['lightcurves']} light curves of alerts before MJD "
-          f"{done['horizon_mjd']} (each object's latest alert and vetted alerts kept)")
+    before = (", ".join(f"{sv} MJD {h:.4f}" for sv, h in sorted(done["horizons"].items())) if "horizons" in done
+              else f"MJD {done['horizon_mjd']}")
+    print(f"deleted {done['cutouts']} stamps and {done['lightcurves']} light curves of alerts before {before} "
+          "(each object's latest alert and vetted alerts kept)")
     return 0
 
 

@@ -1249,13 +1249,17 @@ def _check_retention(target, records):
     vetted = bumped[0]
     store.record_decision(vetted["object_id"], "real", "vera", alert_id=vetted["alert_id"])
     keep_days = 1.0
-    horizon = max(r["event_mjd"] for r in everything) - keep_days
-    gone = {r["alert_id"] for r in everything if r["event_mjd"] < horizon} - latest - {vetted["alert_id"]}
+    # Each survey by its own clock: ZTF's alerts were pruned by Rubin's newest alert, years later.
+    horizons = {sv: max(r["event_mjd"] for r in everything if r["survey"] == sv) - keep_days
+                for sv in {r["survey"] for r in everything}}
+    gone = ({r["alert_id"] for r in everything if r["event_mjd"] < horizons[r["survey"]]}
+            - latest - {vetted["alert_id"]})
     assert with_cut & gone, "some pruned alert had stamps"
     n = {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("cutouts", "lightcurves", "annotations")}
     with_lc = stored("lightcurves")
     done = prune(c, keep_days)
-    assert done["horizon_mjd"] == pytest.approx(horizon)
+    assert done["horizon_mjd"] == pytest.approx(max(horizons.values()))
+    assert done["horizons"] == pytest.approx(horizons) and len(horizons) == 2
     assert stored("cutouts") == with_cut - gone and stored("lightcurves") == with_lc - gone
     assert done["cutouts"] == n["cutouts"] - c.execute("SELECT COUNT(*) FROM cutouts").fetchone()[0] > 0
     assert done["lightcurves"] == len(with_lc & gone) > 0
@@ -1793,3 +1797,22 @@ def test_extrapolated_scores_are_marked_in_the_list_the_object_page_and_the_term
     assert obj.count('class="badge extrap"') == 3  # beside P(extragalactic), P(fast) and the types
     obj = client.get(f"/object/{plain[0]['object_id']}").get_data(as_text=True)
     assert 'id="extrapolated"' not in obj and "badge extrap" not in obj
+
+
+def test_the_list_page_reads_ages_against_each_surveys_clock(db, client):
+    """The sample holds ZTF 2018-2023 and Rubin 2025 alerts: each survey's newest is 0 days old."""
+    store = QueueStore(db)
+    rows, clocks = store.list_objects(ListQuery(per_page=500)).rows, store.survey_clocks()
+    store.close()
+    assert set(clocks) == {"ztf", "rubin"} and abs(clocks["ztf"] - clocks["rubin"]) > 365
+    _login(client)
+    page = client.get("/?per_page=500").get_data(as_text=True)
+    assert all(f"{sv} MJD {m:.2f}" in page for sv, m in clocks.items())
+    for sv, m in clocks.items():
+        r = next(r for r in rows if r["survey"] == sv and r["latest_mjd"] == m)
+        row = re.search(rf'<tr data-object-id="{re.escape(r["object_id"])}".*?</tr>', page, re.S).group(0)
+        cells = re.findall(r'<td class="num">([^<]*)</td>', row)  # P(real), P(xgal), P(fast), age, last, ...
+        assert cells[4].strip() == "0.0", (sv, cells)
+        obj = client.get(f"/object/{r['object_id']}").get_data(as_text=True)
+        first = re.search(r"<th>first detection</th><td>[^<]*· ([-\d.]+|—) d ago", obj).group(1)
+        assert first == "—" or float(first) == pytest.approx(m - r["first_mjd"], abs=0.06)
