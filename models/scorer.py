@@ -788,19 +788,46 @@ def _no_moving_static(proba: np.ndarray, names, X: pd.DataFrame) -> np.ndarray:
     stars alerting once in the packet's 30 days despite years of history (35, 278 detections at
     the spot) were typed asteroids. The asteroid's share goes to the other types in proportion.
     """
-    from models.score import KNOWN_SSO_ARCSEC, STATIC_AFTER_DAYS, STATIC_HISTORY
-
     names = list(names)
     if "asteroid" not in names or not len(proba):
         return proba
-    static = (((X["days_since_first"].to_numpy(float) > STATIC_AFTER_DAYS)
-               | (X["n_det_history"].to_numpy(float) >= STATIC_HISTORY))
-              & ~(X["ss_distance"].to_numpy(float) <= KNOWN_SSO_ARCSEC))
+    static = _static_rows(X)
     rest = np.delete(proba[static], names.index("asteroid"), axis=1).sum(axis=1)
     static[static] = rest > 0  # (an alert the scorer thought surely an asteroid keeps it: nothing to move it to)
     out = proba.copy()
     out[static, names.index("asteroid")] = 0.0
     out[static] /= out[static].sum(axis=1, keepdims=True)
+    return out
+
+
+def _static_rows(X: pd.DataFrame) -> np.ndarray:
+    """Alerts with a history at their position and no known solar-system object near (see above)."""
+    from models.score import KNOWN_SSO_ARCSEC, STATIC_AFTER_DAYS, STATIC_HISTORY
+
+    n = X["n_det_history"].to_numpy(float)
+    return ((((X["days_since_first"].to_numpy(float) > STATIC_AFTER_DAYS) & (n >= 3)) | (n >= STATIC_HISTORY))
+            & ~(X["ss_distance"].to_numpy(float) <= KNOWN_SSO_ARCSEC))
+
+
+def _keep_static_off_asteroid(proba: np.ndarray, names, X: pd.DataFrame) -> np.ndarray:
+    """After the raking: a static alert's asteroid share back on its cell's other types.
+
+    The raking shares a margin evenly where every type of a side holds 0, the asteroid among
+    them; its share goes to the other Galactic, slow types (same cell: the margins hold).
+    """
+    from models.score import EXTRAGALACTIC_TYPES, FAST_TYPES
+
+    names = list(names)
+    if "asteroid" not in names or not len(proba):
+        return proba
+    j = names.index("asteroid")
+    mates = [k for k, t in enumerate(names) if t not in (*EXTRAGALACTIC_TYPES, *FAST_TYPES) and k != j]
+    rows = _static_rows(X) & (np.nan_to_num(proba[:, j]) > 0)
+    if not mates or not rows.any():
+        return proba
+    out = proba.copy()
+    out[np.ix_(rows, mates)] += out[rows, j][:, None] / len(mates)
+    out[rows, j] = 0.0
     return out
 
 
@@ -1017,6 +1044,7 @@ class AlertScorer:
                 type_proba[rows] = est.predict_proba(B)
             type_proba = _no_moving_static(type_proba, type_names, X0)
             type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"], probs["p_fast"])
+            type_proba = _keep_static_off_asteroid(type_proba, type_names, X0)
             type_proba[blind] = np.nan
         relative = tuple(c for c, _ in self.residualiser.columns)
         support, threshold = {}, None
@@ -1173,9 +1201,9 @@ def default_scorer():
     """
     try:
         return AlertScorer.load(DEFAULT_MODEL_DIR)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"the shipped model does not load ({e}); reinstall Vigil, or name a model "
-                         "trained by `vigil train` with --model DIR") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"the shipped model does not load ({e}); reinstall Vigil, or name a model trained "
+                         "by `vigil train` (--model DIR; scoring.model in a service's config)") from None
 
 
 # --------------------------------------------------------------------------- table scorer

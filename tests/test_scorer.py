@@ -962,6 +962,24 @@ def test_default_model_recognises_real_catalogued_asteroids():
     assert sum(a.source_type == "asteroid" for a in sso) >= len(sso) - 1
 
 
+def test_the_raking_does_not_hand_a_static_alert_its_asteroid_share_back():
+    """Where every type of a side holds 0, the raking shares its margin evenly, the asteroid
+    among them; a static alert's share then goes to the other Galactic, slow types."""
+    from models.scorer import _keep_static_off_asteroid, _nest_types, _no_moving_static
+
+    names = ("asteroid", "fast_transient", "flare", "pm_star", "star", "supernova")
+    X = pd.DataFrame({"days_since_first": [900.0, 0.0], "n_det_history": [35.0, 1.0], "ss_distance": [np.nan] * 2})
+    p = np.array([[0.9, 0.0, 0.0, 0.0, 0.0, 0.1]] * 2)
+    q = _no_moving_static(p, names, X)
+    assert q[0].tolist() == [0, 0, 0, 0, 0, 1.0] and q[1].tolist() == p[1].tolist()
+    r = _nest_types(q, names, np.array([0.02, 0.02]), np.array([0.01, 0.01]))
+    assert r[0, 0] > 0.3  # (the even split gave it back)
+    out = _keep_static_off_asteroid(r, names, X)
+    assert out[0, 0] == 0 and out[0, 3] == out[0, 4] > 0.45 and out[0].sum() == pytest.approx(1)
+    assert out[0, 5] == pytest.approx(r[0, 5]) and out[0, 1] + out[0, 2] == pytest.approx(0.01)  # margins hold
+    assert out[1].tolist() == r[1].tolist()  # no history: untouched
+
+
 def test_a_source_with_history_at_its_position_is_no_asteroid(monkeypatch):
     """Real stars alerting once in their packet's 30 days but detected at the spot for years (a PS1
     star at 0.48″ with 35 earlier detections, objects with 121 and 278) were typed asteroids: the
@@ -977,7 +995,7 @@ def test_a_source_with_history_at_its_position_is_no_asteroid(monkeypatch):
 
     def static(a):
         f = a.features
-        return ((f["days_since_first"] > 0.5 or f["n_det_history"] >= 4)
+        return (((f["days_since_first"] > 0.5 and f["n_det_history"] >= 3) or f["n_det_history"] >= 4)
                 and not f.get("ss_distance", np.inf) <= 5.0)
 
     stat = [a for a in anns if a.status == "scored" and static(a)]
@@ -986,6 +1004,7 @@ def test_a_source_with_history_at_its_position_is_no_asteroid(monkeypatch):
     assert all(abs(sum(a.source_types.values()) - 1) < 1e-9 for a in stat)
     # Without the rule, some of them were asteroids (the test has something to catch).
     monkeypatch.setattr(models.scorer, "_no_moving_static", lambda p, names, X: p)
+    monkeypatch.setattr(models.scorer, "_keep_static_off_asteroid", lambda p, names, X: p)
     before = {a.alert_id: a.source_type for a in Pipeline().process(envs).annotations}
     assert sum(before[a.alert_id] == "asteroid" for a in stat) >= 2
 
