@@ -65,7 +65,11 @@ COUNT_SINGULAR = {
     "days_since_last_nondet": "day since the last non-detection",
 }
 #: What a missing value means, where "no <words>" would not say it.
-MISSING_WORDS = {"days_since_last_nondet": "no earlier non-detection"}
+MISSING_WORDS = {"days_since_last_nondet": "no earlier non-detection",
+                 # measured from two or more detections: "no positional scatter" read as none at all
+                 "pos_scatter": "positional scatter unmeasured", "pos_offset_now": "offset from the mean position "
+                 "unmeasured", "rise_rate": "no rise measured", "decline_rate": "no decline measured",
+                 "colour_gr": "no same-night g − r colour"}
 
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
 #: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit

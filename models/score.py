@@ -138,7 +138,7 @@ def explain_batch(batch: ScoreBatch, X: pd.DataFrame, k: int = 3) -> list:
     (score, feature, value, contribution); ``text`` score → one sentence, e.g.
     ``"P(real)=0.91: survey real/bogus score 0.97 raises it; S/N 5.1 lowers it"`` (features
     in a vetter's words, :data:`models.features.FEATURE_WORDS`; ``items`` keep their names);
-    a missing value reads ``"no positional scatter lowers it"``; a feature the score reads
+    a missing value reads ``"positional scatter unmeasured lowers it"``; a feature the score reads
     relative to the conditions (``batch.relative``) reads ``"PSF width 2.4″ for its
     conditions raises it"``. Values are the alert's own (raw) values.
     """
@@ -187,9 +187,9 @@ def feature_phrase(name: str, value: float, relative: bool = False) -> str:
     """A feature and its value in a vetter's words, as an explanation writes them.
 
     ``"PSF width 2.4″"``, counts number first (``"1 detection"``, ``"3 bad pixels"``), a
-    missing value as what its absence means (``"no positional scatter"``: one detection has
-    none, and that is evidence too); ``relative`` adds ``" for its conditions"`` (a feature
-    the score reads relative to the observing conditions).
+    missing value as what its absence means (``"positional scatter unmeasured"``: one detection
+    has none, and that is evidence too; ``"no earlier non-detection"``); ``relative`` adds
+    ``" for its conditions"`` (a feature the score reads relative to the observing conditions).
     """
     words, unit = FEATURE_WORDS.get(name, (name, ""))
     if math.isnan(value):

@@ -267,8 +267,9 @@ def test_explanation_orders_by_size_and_names_missing_values():
     sb = ScoreBatch(np.array([0.9]), np.array([0.02]), np.array([0.1]), tuple(X.columns),
                     {"p_extragalactic": c}, "test")
     items, text = explain(sb, X, 0, k=2)
-    assert text == {"p_extragalactic": "P(extragalactic)=0.02: no positional scatter lowers it; magnitude 19.2 "
-                                       "raises it"}  # in a vetter's words (the items keep the names)
+    # in a vetter's words (the items keep the names); a scatter it could not measure is no zero scatter
+    assert text == {"p_extragalactic": "P(extragalactic)=0.02: positional scatter unmeasured lowers it; "
+                                       "magnitude 19.2 raises it"}
     assert [(f, v) for _, f, _, v in items] == [("pos_scatter", -3.1), ("mag", 0.8)]
     # A distance that is missing has no "at"; large values have no exponent.
     X = pd.DataFrame({"ss_distance": [np.nan], "peak_flux": [12345.6], "real_bogus": [8.46e-5]})
