@@ -59,7 +59,7 @@ from models.score import KNOWN_SSO_ARCSEC
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SCORES = ("p_real", "p_extragalactic", "p_fast")
 STAGES = ("first", "updating", "longterm")
 CUTOUT_KINDS = ("science", "template", "difference")
@@ -481,15 +481,18 @@ def _migrate_4_to_5(conn) -> None:
 
 def _migrate_5_to_6(conn) -> None:
     """Version 6 keeps which of each object's scores are flagged as extrapolations (annotation schema
-    1.2: few of their labels were alerts like it), filled from its latest stored annotation, and
-    indexes each survey's newest alert (the surveys' own stream clocks)."""
+    1.2: few of their labels were alerts like it), filled from its latest stored annotation."""
     conn.execute("ALTER TABLE objects ADD COLUMN extrapolated TEXT")
-    conn.execute(_SURVEY_CLOCK_INDEX)  # (and each survey's clock, since this version)
     # dialect: JSON access (both give the array's JSON text; records before 1.2 give NULL)
     get = ("a.record::json ->> 'extrapolated'" if isinstance(conn, _PgConnection)
            else "json_extract(a.record, '$.extrapolated')")
     conn.execute(f"UPDATE objects SET extrapolated = (SELECT {get} FROM annotations a WHERE "
                  "a.alert_id = objects.latest_alert_id AND a.model_version = objects.model_version)")
+
+
+def _migrate_6_to_7(conn) -> None:
+    """Version 7 indexes each survey's newest alert: the surveys' own stream clocks, read on every page."""
+    conn.execute(_SURVEY_CLOCK_INDEX)
 
 
 def _migrate_3_to_4(conn) -> None:
@@ -522,7 +525,8 @@ def _migrate_1_to_2(conn) -> None:
 
 
 #: Upgrades of an older store, from the version they start at (each ends one version later).
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5, 5: _migrate_5_to_6}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5, 5: _migrate_5_to_6,
+               6: _migrate_6_to_7}
 
 
 def _migrate(conn) -> None:
@@ -1067,8 +1071,8 @@ class QueueSink:
         except Exception as exc:  # e.g. the lock wait timed out behind another writer
             log.warning("queue retention skipped this time: %s", exc)
             return
-        log.info("queue retention (%.1f d): deleted %d stamps, %d light curves of alerts before MJD %s",
-                 self.retention_days, done["cutouts"], done["lightcurves"], done["horizon_mjd"])
+        log.info("queue retention (%.1f d): deleted %d stamps, %d light curves of alerts before %s",
+                 self.retention_days, done["cutouts"], done["lightcurves"], horizons_text(done))
 
     def close(self) -> None:
         """Commit and close."""
@@ -1627,6 +1631,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def horizons_text(done: dict) -> str:
+    """The horizon(s) a :func:`prune` cut at, in words: each survey's where it cut each at its own."""
+    if "horizons" in done:
+        return ", ".join(f"{sv} MJD {h:.4f}" for sv, h in sorted(done["horizons"].items()))
+    return f"MJD {done['horizon_mjd']}"
+
+
 def cmd_prune(args) -> int:
     if not is_url(args.db) and not Path(args.db).exists():
         raise FileNotFoundError(f"no such queue store: {args.db}")
@@ -1637,10 +1648,8 @@ def cmd_prune(args) -> int:
             conn.execute("VACUUM")
     finally:
         conn.close()
-    before = (", ".join(f"{sv} MJD {h:.4f}" for sv, h in sorted(done["horizons"].items())) if "horizons" in done
-              else f"MJD {done['horizon_mjd']}")
-    print(f"deleted {done['cutouts']} stamps and {done['lightcurves']} light curves of alerts before {before} "
-          "(each object's latest alert and vetted alerts kept)")
+    print(f"deleted {done['cutouts']} stamps and {done['lightcurves']} light curves of alerts before "
+          f"{horizons_text(done)} (each object's latest alert and vetted alerts kept)")
     return 0
 
 

@@ -305,12 +305,25 @@ def test_version_1_store_is_migrated_in_place(tmp_path, db):
     assert [tuple(r) for r in store.conn.execute(get_types).fetchall()] == types
     index_sql = dict(store.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
     assert "ss_distance" in index_sql["ix_obj_filter"] and "COALESCE(first_mjd" in index_sql["ix_obj_sort_first"]
-    assert {"ix_dec_alert", "ix_obj_latest", "ix_login_failures"} <= set(index_sql)
+    assert {"ix_dec_alert", "ix_obj_latest", "ix_login_failures", "ix_obj_survey_latest"} <= set(index_sql)
     assert store.login_failures("192.0.2.1", 600_000) == 0  # the table version 3 added
     oid = next(iter(want))
     d = store.record_decision(oid, "real", "vera")  # the columns version 4 added
     assert store.withdraw_decision(d.decision_id, "vera")["vet_real"] is None
     assert store.list_objects(ListQuery(hide_known_sso=True)).total < len(want)
+    store.close()
+    # A version-6 store gets the survey-clock index (each page reads the clocks: without it, a scan).
+    c = sqlite3.connect(db)
+    c.execute("DROP INDEX ix_obj_survey_latest")
+    c.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    c.commit()
+    c.close()
+    store = QueueStore(db)
+    from stream.queue import _SURVEY_CLOCKS
+
+    plan = " ".join(str(tuple(r)) for r in store.conn.execute("EXPLAIN QUERY PLAN " + _SURVEY_CLOCKS))
+    assert "ix_obj_survey_latest" in plan and store.survey_clocks() == {
+        sv: m for sv, m in store.conn.execute("SELECT survey, MAX(latest_mjd) FROM objects GROUP BY survey")}
     store.close()
     # A store from a newer Vigil is refused, naming its version.
     c = sqlite3.connect(db)
