@@ -69,7 +69,7 @@ MISSING_WORDS = {"days_since_last_nondet": "no earlier non-detection",
                  # measured from two or more detections: "no positional scatter" read as none at all
                  "pos_scatter": "positional scatter unmeasured", "pos_offset_now": "offset from the mean position "
                  "unmeasured", "rise_rate": "no rise measured", "decline_rate": "no decline measured",
-                 "colour_gr": "no same-night g − r colour"}
+                 "colour_gr": "g − r colour unmeasured"}
 
 #: Conditions of the observation (not of the source): what causal adjustment acts on.
 #: ``seeing`` in arcsec, ``limit_mag`` the 5σ depth (AB), ``moon_illumination`` the lit

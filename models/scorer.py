@@ -786,34 +786,9 @@ def _no_moving_static(proba: np.ndarray, names, X: pd.DataFrame) -> np.ndarray:
     sky never taught this: there, a Galactic source's alert always carried earlier detections in
     its light curve, so the trees told asteroids from stars by that count alone, and real
     stars alerting once in the packet's 30 days despite years of history (35, 278 detections at
-    the spot) were typed asteroids. The asteroid's share goes to the other types in proportion.
-    """
-    names = list(names)
-    if "asteroid" not in names or not len(proba):
-        return proba
-    static = _static_rows(X)
-    rest = np.delete(proba[static], names.index("asteroid"), axis=1).sum(axis=1)
-    static[static] = rest > 0  # (an alert the scorer thought surely an asteroid keeps it: nothing to move it to)
-    out = proba.copy()
-    out[static, names.index("asteroid")] = 0.0
-    out[static] /= out[static].sum(axis=1, keepdims=True)
-    return out
-
-
-def _static_rows(X: pd.DataFrame) -> np.ndarray:
-    """Alerts with a history at their position and no known solar-system object near (see above)."""
-    from models.score import KNOWN_SSO_ARCSEC, STATIC_AFTER_DAYS, STATIC_HISTORY
-
-    n = X["n_det_history"].to_numpy(float)
-    return ((((X["days_since_first"].to_numpy(float) > STATIC_AFTER_DAYS) & (n >= 3)) | (n >= STATIC_HISTORY))
-            & ~(X["ss_distance"].to_numpy(float) <= KNOWN_SSO_ARCSEC))
-
-
-def _keep_static_off_asteroid(proba: np.ndarray, names, X: pd.DataFrame) -> np.ndarray:
-    """After the raking: a static alert's asteroid share back on its cell's other types.
-
-    The raking shares a margin evenly where every type of a side holds 0, the asteroid among
-    them; its share goes to the other Galactic, slow types (same cell: the margins hold).
+    the spot) were typed asteroids. The asteroid's share goes to the other types of its own cell
+    (Galactic and slow: a star, a proper-motion star), in proportion, evenly where they hold
+    none: the cell never empties, so the raking's margins still hold.
     """
     from models.score import EXTRAGALACTIC_TYPES, FAST_TYPES
 
@@ -826,9 +801,25 @@ def _keep_static_off_asteroid(proba: np.ndarray, names, X: pd.DataFrame) -> np.n
     if not mates or not rows.any():
         return proba
     out = proba.copy()
-    out[np.ix_(rows, mates)] += out[rows, j][:, None] / len(mates)
+    held = out[np.ix_(rows, mates)]
+    total = held.sum(axis=1, keepdims=True)
+    share = np.where(total > 0, held / np.where(total > 0, total, 1.0), 1.0 / len(mates))
+    out[np.ix_(rows, mates)] = held + share * out[rows, j][:, None]
     out[rows, j] = 0.0
     return out
+
+
+def _static_rows(X: pd.DataFrame) -> np.ndarray:
+    """Alerts with a history at their position and no known solar-system object near (see above).
+
+    Where the survey sends no count of detections at the spot, an earlier first detection alone
+    decides.
+    """
+    from models.score import KNOWN_SSO_ARCSEC, STATIC_AFTER_DAYS, STATIC_HISTORY
+
+    n = X["n_det_history"].to_numpy(float)
+    earlier = (X["days_since_first"].to_numpy(float) > STATIC_AFTER_DAYS) & (np.isnan(n) | (n >= 3))
+    return (earlier | (n >= STATIC_HISTORY)) & ~(X["ss_distance"].to_numpy(float) <= KNOWN_SSO_ARCSEC)
 
 
 def _nest_types(proba: np.ndarray, names, p_extragalactic, p_fast, rounds: int = 30) -> np.ndarray:
@@ -1044,7 +1035,8 @@ class AlertScorer:
                 type_proba[rows] = est.predict_proba(B)
             type_proba = _no_moving_static(type_proba, type_names, X0)
             type_proba = _nest_types(type_proba, type_names, probs["p_extragalactic"], probs["p_fast"])
-            type_proba = _keep_static_off_asteroid(type_proba, type_names, X0)
+            # (again: where every Galactic type held 0, the raking shares that side evenly, the asteroid too)
+            type_proba = _no_moving_static(type_proba, type_names, X0)
             type_proba[blind] = np.nan
         relative = tuple(c for c, _ in self.residualiser.columns)
         support, threshold = {}, None
