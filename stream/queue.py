@@ -1632,7 +1632,7 @@ def cmd_export(args) -> int:
 
 
 def horizons_text(done: dict) -> str:
-    """The horizon(s) a :func:`prune` cut at, in words: each survey's where it cut each at its own."""
+    """The horizon a :func:`prune` cut at, in words (one per survey where each had its own clock)."""
     if "horizons" in done:
         return ", ".join(f"{sv} MJD {h:.4f}" for sv, h in sorted(done["horizons"].items()))
     return f"MJD {done['horizon_mjd']}"
