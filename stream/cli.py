@@ -118,6 +118,8 @@ def cmd_replay(args) -> int:
     except KeyboardInterrupt:  # the outputs hold every batch finished so far (each flushed whole)
         print("interrupted: the outputs hold the batches finished before it", file=sys.stderr)
         return 130
+    for note in counts.clock_notes():
+        print(note, file=sys.stderr)
     print(counts.line())
     return 0
 

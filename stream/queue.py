@@ -45,6 +45,7 @@ import logging
 import math
 import re
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1663,6 +1664,8 @@ def cmd_ingest(args) -> int:
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), clock="stream")
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
     counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, [QueueSink(args.db)], [], progress)
+    for note in counts.clock_notes():
+        print(note, file=sys.stderr)
     print(counts.line())
     return 0
 

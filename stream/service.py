@@ -28,6 +28,7 @@ class Counts:
     rejected: int = 0
     by_reason: collections.Counter = field(default_factory=collections.Counter)
     batches: int = 0
+    spans: dict = field(default_factory=dict)  # survey → [first, last] event MJD annotated
 
     def add(self, result) -> None:
         self.read += result.n_read
@@ -35,6 +36,16 @@ class Counts:
         self.rejected += len(result.rejected)
         self.by_reason.update(r.reason for r in result.rejected)
         self.batches += 1
+        for a in result.annotations:
+            span = self.spans.setdefault(a.survey, [a.event_mjd, a.event_mjd])
+            span[0], span[1] = min(span[0], a.event_mjd), max(span[1], a.event_mjd)
+
+    def clock_notes(self, days: float = 30.0) -> list:
+        """A line per survey whose replayed alerts span more than ``days``: the stream clock (each
+        survey's newest alert) then ages the older ones, which a replay of mixed archives hides."""
+        return [f"note: the {sv} alerts span MJD {lo:.1f}–{hi:.1f} ({hi - lo:,.0f} d); ranked by the stream "
+                f"clock, the older ones are aged against MJD {hi:.1f}, {sv}'s newest"
+                for sv, (lo, hi) in sorted(self.spans.items()) if hi - lo > days]
 
     def line(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.by_reason.items()))

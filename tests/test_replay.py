@@ -381,3 +381,18 @@ def test_a_shipped_model_that_does_not_load_stops_the_replay(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "the shipped model does not load" in err and "--model DIR" in err
     assert not out.exists() or out.read_text() == ""
+
+
+def test_a_replay_spanning_years_says_against_which_alert_it_ages_them(tmp_path, capsys):
+    """The vendored ZTF sample spans 2018-2023 and the Rubin one 2016 (HSC reprocessed) to 2025:
+    ranked by the stream clock, the older alerts are all aged against each survey's newest, which
+    a vetter looking at a list of long-term objects could not tell."""
+    assert main(["replay", str(DATA / "ztf_ampel"), str(DATA / "rubin_fink"), "--out", str(tmp_path / "a.jsonl"),
+                 "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    notes = [ln for ln in err.splitlines() if ln.startswith("note: the ")]
+    assert [n.split()[2] for n in notes] == ["rubin", "ztf"] and "aged against MJD" in notes[0]
+    assert out.strip().splitlines()[-1].startswith("read ")  # the summary stays the last line
+    assert main(["replay", str(DATA / "rubin_fink" / "lsstcam_2025-09-05"), "--out", str(tmp_path / "b.jsonl"),
+                 "--no-progress"]) == 0
+    assert "note: the" not in capsys.readouterr().err  # one night: nothing to say
