@@ -18,6 +18,8 @@ Two pieces (science.md §1):
     against a common mode that included its rows when they were judged), plus
     image-level metadata (zero point, its rms, colour coefficient, depth, seeing,
     background) and, for the current exposure, the FWHM of every alert that arrived.
+    An exposure's (a, s, c) is a posterior mean under zero-centred priors scaled by its
+    depth and ZP rms: one or two noisy siblings move it only as far as their evidence goes.
 
 :class:`HalfSiblingRegressor`
     Per target, a ridge regression of its signed flux on a small standardised sibling
@@ -64,6 +66,7 @@ _MAX_Q = 2.0**52  # a row whose quantised contribution exceeds this is dropped (
 _MAX_FLUX = 2.0e5  # µJy (mag 10.6): brighter siblings are saturated anyway
 _MIN_ERR = 1.0  # µJy: caps a sibling's weight
 _MODEL_SCATTER = 0.01
+_SCALE_PRIOR_DEFAULT = 0.01  # prior width of an exposure's scale where no ZP rms is reported
 _JUDGE_RUN = 32  # objects judged together by fixed point (a run settles in at most its length + 1 rounds)
 _CONSTANT_SPREAD = 1e-9  # relative spread below which a regression column counts as constant
 
@@ -89,25 +92,35 @@ def airmass(ra, dec, mjd, survey: str) -> np.ndarray:
         return np.where(sin_alt > 0.05, 1.0 / np.maximum(sin_alt, 0.05), np.nan)
 
 
-def _normal(sums: np.ndarray):
-    """The sums in true units and the 3 × 3 weighted normal matrices, with a whisper of ridge."""
+def _normal(sums: np.ndarray, prec: np.ndarray | None = None):
+    """The sums in true units and the 3 × 3 weighted normal matrices, with a whisper of ridge.
+
+    ``prec`` (n, 3), if given, adds each row's prior precision of (a, s, c) to the diagonal.
+    """
     S = sums / _SCALES
     M = S[:, _NORMAL].reshape(len(S), 3, 3)  # the symmetric normal matrix from its upper triangle
     # A whisper of ridge on scale and colour keeps exposures with colourless siblings solvable.
     M[:, 0, 0] += 1e-12
     M[:, 1, 1] += 1e-6 * M[:, 1, 1] + 1e-12
     M[:, 2, 2] += 1e-3 * np.maximum(M[:, 2, 2], M[:, 1, 1] * 1e-3) + 1e-12
+    if prec is not None:
+        M[:, [0, 1, 2], [0, 1, 2]] += prec
     return S, M
 
 
-def _solve(sums: np.ndarray):
-    """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings)."""
-    S, M = _normal(sums)
+def _solve(sums: np.ndarray, prec: np.ndarray | None = None):
+    """Per row of exact sums, the WLS fit of f = a + s·F + c·G; returns (coef (n, 3), n siblings).
+
+    With ``prec`` (n, 3: the prior precision of a, s and c, each centred on 0) the fitted
+    parameters are posterior means: one or two noisy siblings move an exposure's offset
+    only as far as their evidence outweighs the prior.
+    """
+    S, M = _normal(sums, prec)
     n = S[:, _COUNT]
     r = S[:, 6:9]
     # Fewer siblings, fewer parameters: offset, scale and colour from ≥ MIN_SIB_COLOUR, offset and
     # scale from ≥ MIN_SIB_SCALE, the offset alone below (a noisy scale times a bright target's
-    # flux would add more noise than it removes).
+    # flux would add more noise than it removes; measured again with the priors, 2026-11-27).
     coef = np.zeros((len(S), 3))
     full = n >= MIN_SIB_COLOUR
     if full.any():
@@ -116,18 +129,19 @@ def _solve(sums: np.ndarray):
     if two.any():
         coef[two, :2] = np.linalg.solve(M[two][:, :2, :2], r[two][:, :2, None])[:, :, 0]
     one = (n >= 1) & ~full & ~two
-    coef[one, 0] = S[one, 6] / np.where(S[one, 0] > 0, S[one, 0], 1.0)
+    p_a = 0.0 if prec is None else prec[one, 0]
+    coef[one, 0] = S[one, 6] / np.where(S[one, 0] > 0, S[one, 0] + p_a, 1.0)
     return coef, n
 
 
-def _solve_cov(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
+def _solve_cov(sums: np.ndarray, n: np.ndarray, prec: np.ndarray | None = None) -> np.ndarray:
     """Covariance (n, 3, 3) of :func:`_solve`'s (a, s, c), from the inverse normal matrix.
 
     The weights are inverse variances (photometric error ⊕ model scatter), so the inverse
-    of the weighted normal matrix is the fit's covariance; parameters a row does not fit
-    (too few siblings) have none.
+    of the weighted normal matrix is the fit's covariance (with ``prec``, the posterior's);
+    parameters a row does not fit (too few siblings) have none.
     """
-    S, M = _normal(sums)
+    S, M = _normal(sums, prec)
     cov = np.zeros((len(S), 3, 3))
     full = n >= MIN_SIB_COLOUR
     if full.any():
@@ -136,23 +150,27 @@ def _solve_cov(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
     if two.any():
         cov[two, :2, :2] = np.linalg.inv(M[two][:, :2, :2])
     one = (n >= 1) & ~full & ~two
-    cov[one, 0, 0] = 1.0 / np.where(S[one, 0] > 0, S[one, 0], np.inf)
+    p_a = 0.0 if prec is None else prec[one, 0]
+    cov[one, 0, 0] = 1.0 / np.where(S[one, 0] > 0, S[one, 0] + p_a, np.inf)
     return cov
 
 
-def _blend(coef: np.ndarray, n: np.ndarray, vsums: np.ndarray, cov: np.ndarray | None = None):
+def _blend(coef: np.ndarray, n: np.ndarray, vsums: np.ndarray, cov: np.ndarray | None = None,
+           prec: np.ndarray | None = None):
     """Per-exposure fits blended with their visit's (``vsums``), weighted by sibling counts.
 
     With ``cov`` (from :func:`_solve_cov`), it is blended too, in place, as for two
-    independent estimates (weights squared).
+    independent estimates (weights squared). ``prec``: the prior of :func:`_solve`, for
+    the visit's fit as for the exposure's.
     """
-    vcoef, vn = _solve(vsums)
+    vcoef, vn = _solve(vsums, prec)
     wt = (n / (n + VISIT_PRIOR_N))[:, None]
     use = vn >= MIN_SIB_COLOUR
     coef[use] = wt[use] * coef[use] + (1.0 - wt[use]) * vcoef[use]
     if cov is not None and use.any():
         w3 = wt[use][:, :, None]
-        cov[use] = w3**2 * cov[use] + (1.0 - w3) ** 2 * _solve_cov(vsums[use], vn[use])
+        cov[use] = w3**2 * cov[use] + (1.0 - w3) ** 2 * _solve_cov(vsums[use], vn[use],
+                                                                     None if prec is None else prec[use])
     return coef, np.where(use, np.maximum(n, vn), n)
 
 
@@ -281,13 +299,31 @@ class SiblingStore:
     quiet_chi2 : float
         A long-lived source is a sibling only if its light curve follows the exposures'
         common mode to within this reduced χ² (judged once, on its whole history).
+    offset_prior : float
+        Prior width of an exposure's offset ``a``, in units of its empty-position noise
+        (the 5σ limit / 5); an exposure without a limit has no prior on it. 0 turns all
+        the priors off (then the number of siblings decides what is fitted, as before).
+    scale_prior : float
+        Prior width of its scale ``s`` and colour term ``c``, in units of its reported
+        zero-point rms (0.01 where none is reported).
+
+    Notes
+    -----
+    The priors make each exposure's (a, s, c) a posterior mean: with one or two siblings
+    a sibling's own noise had moved a target's flux by several σ. Widths measured on the
+    real ZTF samples by the method of moments (the spread of the estimates less their
+    errors, 46 exposures with ≥ 3 siblings): offsets 0.59–0.65 × the empty-position noise,
+    scales 0.008, 0.37 × the median ZP rms; the simulator injects about 0.5 × its ZP rms.
     """
 
     _META = ("mjd", "zp", "zp_rms", "colour_coeff", "limit_mag", "seeing", "background")
 
     def __init__(self, retention_days: float = 45.0, quiet_margin_days: float = 2.0,
-                 exclusion_arcsec: float = 60.0, quiet_chi2: float = 4.0):
+                 exclusion_arcsec: float = 60.0, quiet_chi2: float = 4.0, offset_prior: float = 0.6,
+                 scale_prior: float = 0.5):
         self.retention_days = retention_days
+        self.offset_prior = offset_prior
+        self.scale_prior = scale_prior
         self.quiet_chi2 = quiet_chi2
         self.quiet_margin_days = quiet_margin_days
         self.exclusion_arcsec = exclusion_arcsec
@@ -982,8 +1018,9 @@ class SiblingStore:
             rows = np.concatenate(rows)
             self._take_out(sums, owner, slots, own, self._slots(np.concatenate([self._obj_exps[o] for o in flat])),
                            rows, self._cap)
-        coef, n = _solve(sums)
-        cov = _solve_cov(sums, n)
+        prec = self._prior_precision(slots)
+        coef, n = _solve(sums, prec)
+        cov = _solve_cov(sums, n, prec)
         # Exposures with few siblings borrow from the whole visit (every detector section read out
         # at the same time shares the exposure's zero point, seeing and colour terms): a
         # precision-weighted blend, so a well-populated section keeps its own estimate.
@@ -994,12 +1031,30 @@ class SiblingStore:
             if flat:  # rows without a visit (key 0) have no visit row: _vslots gives −1
                 self._take_out(vsums, owner, vsl, own, self._vslots(np.concatenate([self._obj_vks[o] for o in flat])),
                                rows, len(self.vsums))
-            coef, n = _blend(coef, n, vsums, cov)
+            coef, n = _blend(coef, n, vsums, cov, prec)
         a, s, c, n = coef[:, 0], coef[:, 1], coef[:, 2], n.astype(int)
         extras = _LazyExtras(self, exposures, slots, excludes, bounds)
         return [_SiblingVector({"a": a[lo:hi], "s": s[lo:hi], "c": c[lo:hi], "n": n[lo:hi], "cov": cov[lo:hi]},
                                extras, i)
                 for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+
+    def _prior_precision(self, slots: np.ndarray) -> np.ndarray | None:
+        """Per exposure (store slot, −1: none), the prior precision of (a, s, c); None: no priors.
+
+        From image-level metadata only (the limit and the ZP rms), so leave-one-out (R1)
+        holds exactly.
+        """
+        if not self.offset_prior:
+            return None
+        meta = np.full((len(slots), len(self._META)), np.nan)
+        meta[slots >= 0] = self.meta[slots[slots >= 0]]
+        noise = 10.0 ** (-0.4 * (meta[:, self._META.index("limit_mag")] - 23.9)) / 5.0  # µJy at 5σ / 5
+        zp_rms = meta[:, self._META.index("zp_rms")]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_a = np.where(np.isfinite(noise) & (noise > 0), 1.0 / (self.offset_prior * noise) ** 2, 0.0)
+            width = np.where(np.isfinite(zp_rms) & (zp_rms > 0), self.scale_prior * zp_rms, _SCALE_PRIOR_DEFAULT)
+        p_s = 1.0 / width**2
+        return np.column_stack([p_a, p_s, p_s])
 
     def _extras(self, exposures, slots, owner, excludes) -> dict:
         """Image-level columns of sibling vectors: metadata, leave-one-out seeing, ZP anomaly."""
