@@ -120,7 +120,7 @@ def _solve(sums: np.ndarray, prec: np.ndarray | None = None):
     r = S[:, 6:9]
     # Fewer siblings, fewer parameters: offset, scale and colour from ≥ MIN_SIB_COLOUR, offset and
     # scale from ≥ MIN_SIB_SCALE, the offset alone below (a noisy scale times a bright target's
-    # flux would add more noise than it removes; measured again with the priors, 2026-11-27).
+    # flux would add more noise than it removes; with the priors too: README, HSR).
     coef = np.zeros((len(S), 3))
     full = n >= MIN_SIB_COLOUR
     if full.any():
@@ -302,7 +302,7 @@ class SiblingStore:
     offset_prior : float
         Prior width of an exposure's offset ``a``, in units of its empty-position noise
         (the 5σ limit / 5); an exposure without a limit has no prior on it. 0 turns all
-        the priors off (then the number of siblings decides what is fitted, as before).
+        the priors off (the plain weighted least-squares fits).
     scale_prior : float
         Prior width of its scale ``s`` and colour term ``c``, in units of its reported
         zero-point rms (0.01 where none is reported).
