@@ -1012,10 +1012,11 @@ def test_a_source_with_history_at_its_position_is_no_asteroid(monkeypatch):
     assert len(stat) > 100
     assert all(a.source_types.get("asteroid", 0.0) == 0.0 for a in stat)
     assert all(abs(sum(a.source_types.values()) - 1) < 1e-9 for a in stat)
-    # Without the rule, some of them were asteroids (the test has something to catch).
+    # Without the rule, some of them were asteroids (the test has something to catch: 1 with the model
+    # retrained after the HSR exposure priors, 2 or more with those before).
     monkeypatch.setattr(models.scorer, "_no_moving_static", lambda p, names, X: p)
     before = {a.alert_id: a.source_type for a in Pipeline().process(envs).annotations}
-    assert sum(before[a.alert_id] == "asteroid" for a in stat) >= 2
+    assert sum(before[a.alert_id] == "asteroid" for a in stat) >= 1
 
 
 # ~130 vendored alerts are few for a median regression: the refit says so, which is not under test here.
