@@ -38,23 +38,29 @@ class JsonlSink:
             self._fh.close()
 
 
+# The annotation's lists and maps, kept nested in tables (Parquet list and map types).
+_NESTED = {"explanation": list, "explanation_text": dict, "features": dict, "source_type_probabilities": dict,
+           "extrapolated": list, "label_propensity": dict}
+
+
 def flatten_annotation(r: dict) -> dict:
-    """A flat row for tables: nested records become prefixed columns, lists/maps JSON text."""
+    """A row for tables: the nested records become prefixed columns; lists and maps stay as they are."""
     flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
     for prefix in ("hsr", "lightcurve", "source"):
         for k, v in r[prefix].items():
             flat[f"{prefix}_{k}"] = v
-    flat["explanation"] = json.dumps(r["explanation"])
-    flat["explanation_text"] = json.dumps(r["explanation_text"])
-    flat["features"] = json.dumps(r["features"])
-    flat["source_type_probabilities"] = json.dumps(r.get("source_type_probabilities", {}))
-    flat["extrapolated"] = json.dumps(r.get("extrapolated", []))
-    flat["label_propensity"] = json.dumps(r.get("label_propensity", {}))
+    for k, kind in _NESTED.items():
+        flat[k] = r.get(k, kind())  # records of schema 1.0 lack the later fields
     return flat
 
 
 def _arrow_schema():
-    """Flat Arrow schema derived from the annotation Avro schema (so all-null batches still type)."""
+    """Arrow schema derived from the annotation Avro schema (so all-null batches still type).
+
+    The top-level records (``hsr``, ``lightcurve``, ``source``) are flattened into prefixed
+    columns; arrays become Arrow lists (of structs for the explanation's records) and maps
+    Arrow maps, so a reader gets them typed instead of as JSON text to parse.
+    """
     from importlib import resources
 
     import pyarrow as pa
@@ -66,11 +72,16 @@ def _arrow_schema():
         if isinstance(t, list):
             return arrow([x for x in t if x != "null"][0])
         if isinstance(t, dict):
-            if t["type"] == "enum":
+            kind = t["type"]
+            if kind == "enum":
                 return pa.string()
-            if t["type"] in ("array", "map"):
-                return pa.string()
-            return arrow(t["type"])
+            if kind == "array":
+                return pa.list_(arrow(t["items"]))
+            if kind == "map":
+                return pa.map_(pa.string(), arrow(t["values"]))
+            if kind == "record":
+                return pa.struct([pa.field(g["name"], arrow(g["type"])) for g in t["fields"]])
+            return arrow(kind)
         return prim[t]
 
     avsc = json.loads(resources.files("stream").joinpath("schemas", "vigil.annotation.v1.avsc").read_text())

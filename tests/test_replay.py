@@ -126,6 +126,13 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
     assert line == f"read {n_files}, annotated {n_files}, rejected 0 (by reason: none)"
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == n_files == pq.read_table(pq_out).num_rows
+    # Parquet keeps the lists and maps typed (they were JSON text a reader had to parse), equal to JSON Lines.
+    rows = pq.read_table(pq_out).to_pylist()
+    for r, row in zip(records, rows, strict=True):
+        assert row["alert_id"] == r["alert_id"] and row["hsr_mode"] == r["hsr"]["mode"]
+        assert row["explanation"] == r["explanation"] and row["extrapolated"] == r["extrapolated"]
+        for k in ("explanation_text", "features", "source_type_probabilities", "label_propensity"):
+            assert dict(row[k]) == r[k], k
     assert sum("!" in r["source"]["topic"] for r in records) == len(files)  # tar members named
     for r in records:
         validate_annotation(r)
