@@ -66,7 +66,7 @@ _MAX_Q = 2.0**52  # a row whose quantised contribution exceeds this is dropped (
 _MAX_FLUX = 2.0e5  # µJy (mag 10.6): brighter siblings are saturated anyway
 _MIN_ERR = 1.0  # µJy: caps a sibling's weight
 _MODEL_SCATTER = 0.01
-_SCALE_PRIOR_DEFAULT = 0.01  # prior width of an exposure's scale where no ZP rms is reported
+_ZP_RMS_DEFAULT = 0.02  # mag: the ZP rms assumed where none is reported (real ZTF's median is 0.022)
 _JUDGE_RUN = 32  # objects judged together by fixed point (a run settles in at most its length + 1 rounds)
 _CONSTANT_SPREAD = 1e-9  # relative spread below which a regression column counts as constant
 
@@ -305,7 +305,7 @@ class SiblingStore:
         the priors off (the plain weighted least-squares fits).
     scale_prior : float
         Prior width of its scale ``s`` and colour term ``c``, in units of its reported
-        zero-point rms (0.01 where none is reported).
+        zero-point rms (of 0.02 mag where none is reported); 0: no prior on them.
 
     Notes
     -----
@@ -313,7 +313,8 @@ class SiblingStore:
     a sibling's own noise had moved a target's flux by several σ. Widths measured on the
     real ZTF samples by the method of moments (the spread of the estimates less their
     errors, 46 exposures with ≥ 3 siblings): offsets 0.59–0.65 × the empty-position noise,
-    scales 0.008, 0.37 × the median ZP rms; the simulator injects about 0.5 × its ZP rms.
+    scales 0.008, 0.37 × the median ZP rms. The simulator injects about 0.5 × its ZP rms;
+    the wider of the two is used for the scales.
     """
 
     _META = ("mjd", "zp", "zp_rms", "colour_coeff", "limit_mag", "seeing", "background")
@@ -779,6 +780,7 @@ class SiblingStore:
             return None
         visits = self._visits_of(slots)
         base = self.sums[slots]
+        prec = self._prior_precision(slots)  # as sibling_vectors() uses: the same verdicts one at a time
         vsl = self._vslots(visits)
         vbase = np.zeros_like(base)
         vbase[vsl >= 0] = self.vsums[vsl[vsl >= 0]]
@@ -831,13 +833,14 @@ class SiblingStore:
             vadd[~q_has_visit] = 0
             # Only rows whose sums changed since the last round are solved, and their objects judged, again.
             if prev is None:
-                coef, n = _blend(*_solve(base + add), vbase + vadd)
+                coef, n = _blend(*_solve(base + add, prec), vbase + vadd, prec=prec)
                 n = n.astype(int)
                 moved = np.ones(K, dtype=bool)
             else:
                 ch = ((add != prev[0]) | (vadd != prev[1])).any(axis=1)
                 if ch.any():
-                    coef[ch], n_ch = _blend(*_solve(base[ch] + add[ch]), vbase[ch] + vadd[ch])
+                    p_ch = None if prec is None else prec[ch]
+                    coef[ch], n_ch = _blend(*_solve(base[ch] + add[ch], p_ch), vbase[ch] + vadd[ch], prec=p_ch)
                     n[ch] = n_ch.astype(int)
                 moved = np.zeros(K, dtype=bool)
                 moved[owner[ch]] = True
@@ -1041,19 +1044,24 @@ class SiblingStore:
     def _prior_precision(self, slots: np.ndarray) -> np.ndarray | None:
         """Per exposure (store slot, −1: none), the prior precision of (a, s, c); None: no priors.
 
-        From image-level metadata only (the limit and the ZP rms), so leave-one-out (R1)
-        holds exactly.
+        From image-level metadata only, which carries nothing of a target's signal. Like the
+        other image-level columns it is the first value the store saw for the exposure, which
+        can be the target's own row: if only the target's row of an exposure reports a limit,
+        leaving the target out changes that exposure's prior (R1 is then not bit for bit).
+        A limit outside 10–35 mag or a ZP rms outside 0.001–1 mag is taken as missing.
         """
         if not self.offset_prior:
             return None
         meta = np.full((len(slots), len(self._META)), np.nan)
         meta[slots >= 0] = self.meta[slots[slots >= 0]]
-        noise = 10.0 ** (-0.4 * (meta[:, self._META.index("limit_mag")] - 23.9)) / 5.0  # µJy at 5σ / 5
+        limit = meta[:, self._META.index("limit_mag")]
         zp_rms = meta[:, self._META.index("zp_rms")]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p_a = np.where(np.isfinite(noise) & (noise > 0), 1.0 / (self.offset_prior * noise) ** 2, 0.0)
-            width = np.where(np.isfinite(zp_rms) & (zp_rms > 0), self.scale_prior * zp_rms, _SCALE_PRIOR_DEFAULT)
-        p_s = 1.0 / width**2
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            ok = (limit > 10.0) & (limit < 35.0)
+            noise = 10.0 ** (-0.4 * (np.where(ok, limit, 20.0) - 23.9)) / 5.0  # µJy: the 5σ limit / 5
+            p_a = np.where(ok, 1.0 / (self.offset_prior * noise) ** 2, 0.0)
+            width = self.scale_prior * np.where((zp_rms >= 0.001) & (zp_rms < 1.0), zp_rms, _ZP_RMS_DEFAULT)
+            p_s = np.where(width > 0, 1.0 / np.where(width > 0, width, 1.0) ** 2, 0.0)
         return np.column_stack([p_a, p_s, p_s])
 
     def _extras(self, exposures, slots, owner, excludes) -> dict:
@@ -1360,7 +1368,7 @@ class HalfSiblingRegressor(BaseEstimator):
         X = np.column_stack([cols[t] for t in terms])
         prior = np.array([PRIOR.get(t, 0.0) for t in terms])
         sys_ = np.zeros(len(lc))
-        alarm, rms_b, rms_a = False, None, None
+        alarm, rms_b, rms_a, excess = False, None, None, None
         if mode == "prior":
             sys_[known] = X[known] @ prior
             if n_train >= 2:
@@ -1379,13 +1387,17 @@ class HalfSiblingRegressor(BaseEstimator):
             r_in = flux[train] - self._A @ self._beta
             r_loo = self.loo_residuals(flux[train])
             alarm = bool(3.0 * np.std(r_in) < np.std(r_loo))
+            excess = max(float(np.mean(r_loo**2 - 1.0 / w)), 0.0)
             rms_b = float(np.std(flux[train]))
             rms_a = float(np.std(flux[train] - sys_[train]))
         measured = _measured(flux, lc.kind)
         corrected = np.where(has, flux - sys_, np.where(measured, flux, np.nan))
         # What the correction could not remove shows up as excess scatter on the training
         # epochs; it is added in quadrature to the photometric error of every corrected point.
-        excess = self._excess(flux, sys_, lc.flux_err, lc.band, train) if n_train >= 5 else 0.0
+        # A fit's own training residuals understate it (the fit absorbed part): its leave-one-out
+        # residuals are what a point it did not see gets.
+        if excess is None:
+            excess = self._excess(flux, sys_, lc.flux_err, lc.band, train) if n_train >= 5 else 0.0
         var_sys = _prior_variance(sib, F, source_colour(lc), known) if mode == "prior" else 0.0
         corrected_err = np.where(has, np.sqrt(lc.flux_err**2 + excess + var_sys),
                                  np.where(measured, lc.flux_err, np.nan))
@@ -1607,13 +1619,8 @@ class HalfSiblingRegressor(BaseEstimator):
         hi = np.where(valid[:, :, None], Xp, -np.inf).max(1)
         Xs = X[sel] - mu[ko]
         sys_[sel] = Xs @ prior + np.einsum("ip,ip->i", np.clip(X[sel], lo[ko], hi[ko]) - mu[ko], coef[ko] - prior)
-        # Excess variance of the training residuals (band means removed) over the photometric errors.
-        res = flux[rows] - sys_[rows]
-        key = kp * n_bands + band[rows]
-        res = res - (np.bincount(key, res, len(ks) * n_bands) / np.maximum(np.bincount(key, None, len(ks) * n_bands),
-                                                                           1))[key]
-        excess = np.maximum(np.bincount(kp, res**2, len(ks)) / cnt - np.bincount(kp, err[rows] ** 2, len(ks)) / cnt,
-                            0.0)
+        # Excess variance of the leave-one-out residuals (see correct()) over the photometric errors.
+        excess = np.maximum(np.where(valid, r_loo**2 - 1.0 / np.where(valid, w, 1.0), 0.0).sum(1) / cnt, 0.0)
         return {k: (bool(a), float(x)) for k, a, x in zip(ks.tolist(), alarm.tolist(), excess.tolist(), strict=True)}
 
     @staticmethod
