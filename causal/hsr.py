@@ -69,6 +69,7 @@ _MODEL_SCATTER = 0.01
 _ZP_RMS_DEFAULT = 0.02  # mag: the ZP rms assumed where none is reported (real ZTF's median is 0.022)
 _JUDGE_RUN = 32  # objects judged together by fixed point (a run settles in at most its length + 1 rounds)
 _CONSTANT_SPREAD = 1e-9  # relative spread below which a regression column counts as constant
+_FULL_LEVERAGE = 0.999  # a training row with this leverage is fitted by its own parameter alone
 
 
 def _obj_hash(object_id: str) -> int:
@@ -1308,10 +1309,14 @@ class HalfSiblingRegressor(BaseEstimator):
 
     def loo_residuals(self, y) -> np.ndarray:
         """Leave-one-out residuals of the last fit (closed form for ridge)."""
+        return self._loo(y)[0]
+
+    def _loo(self, y):
+        """(leave-one-out residuals, leverages) of the last fit."""
         A, w = self._A, self._w / self._s2
         H_diag = np.einsum("ij,jk,ik->i", A * w[:, None], np.linalg.inv(self._lhs), A)
         r = y - A @ self._beta
-        return r / np.clip(1.0 - H_diag, 1e-6, None)
+        return r / np.clip(1.0 - H_diag, 1e-6, None), H_diag
 
     def systematic(self, X) -> np.ndarray:
         """The systematic part of the prediction (no intercepts): what gets subtracted.
@@ -1385,9 +1390,13 @@ class HalfSiblingRegressor(BaseEstimator):
             self.terms_, self.mode_ = terms, mode
             sys_[known] = self.systematic(X[known])
             r_in = flux[train] - self._A @ self._beta
-            r_loo = self.loo_residuals(flux[train])
-            alarm = bool(3.0 * np.std(r_in) < np.std(r_loo))
-            excess = max(float(np.mean(r_loo**2 - 1.0 / w)), 0.0)
+            r_loo, lev = self._loo(flux[train])
+            # A row its own parameter fits exactly (the one row of a band, with its intercept) has no
+            # leave-one-out residual to speak of (its level in that band, not scatter): it neither
+            # raises the over-fitting alarm nor the excess.
+            ok = lev < _FULL_LEVERAGE
+            alarm = bool(ok.any() and 3.0 * np.std(r_in[ok]) < np.std(r_loo[ok]))
+            excess = max(float(np.mean(r_loo[ok] ** 2 - 1.0 / w[ok])), 0.0) if ok.any() else 0.0
             rms_b = float(np.std(flux[train]))
             rms_a = float(np.std(flux[train] - sys_[train]))
         measured = _measured(flux, lc.kind)
@@ -1578,9 +1587,10 @@ class HalfSiblingRegressor(BaseEstimator):
         valid = pad(np.ones(len(rows))) > 0
         prior = np.array([PRIOR.get(t, 0.0) for t in terms])
 
-        def std(v):  # np.std of each target's valid rows
-            m = np.where(valid, v, 0.0).sum(1) / cnt
-            return np.sqrt((np.where(valid, v - m[:, None], 0.0) ** 2).sum(1) / cnt)
+        def std(v, rows=valid):  # np.std of each target's valid rows (or of ``rows``)
+            c = np.maximum(rows.sum(1), 1)
+            m = np.where(rows, v, 0.0).sum(1) / c
+            return np.sqrt((np.where(rows, v - m[:, None], 0.0) ** 2).sum(1) / c)
 
         # As in correct(): each loading may move the prediction by about alpha × the siblings'
         # systematic amplitude, plus a floor of the photometric noise.
@@ -1610,7 +1620,8 @@ class HalfSiblingRegressor(BaseEstimator):
         # loo_residuals(): closed-form leave-one-out residuals of the ridge fit.
         H = np.einsum("knq,kqr,knr->kn", A * (w / s2[:, None])[:, :, None], np.linalg.inv(lhs), A)
         r_loo = r / np.clip(1.0 - H, 1e-6, None)
-        alarm = 3.0 * std(r) < std(r_loo)
+        ok = valid & (H < _FULL_LEVERAGE)  # see correct()
+        alarm = 3.0 * std(r, ok) < std(r_loo, ok)
         sel = known & member[owner]
         ko = np.searchsorted(ks, owner[sel])
         # Physics (the prior loadings) extrapolates; what the fit learnt beyond it only within the
@@ -1620,7 +1631,8 @@ class HalfSiblingRegressor(BaseEstimator):
         Xs = X[sel] - mu[ko]
         sys_[sel] = Xs @ prior + np.einsum("ip,ip->i", np.clip(X[sel], lo[ko], hi[ko]) - mu[ko], coef[ko] - prior)
         # Excess variance of the leave-one-out residuals (see correct()) over the photometric errors.
-        excess = np.maximum(np.where(valid, r_loo**2 - 1.0 / np.where(valid, w, 1.0), 0.0).sum(1) / cnt, 0.0)
+        excess = np.maximum(np.where(ok, r_loo**2 - 1.0 / np.where(ok, w, 1.0), 0.0).sum(1)
+                            / np.maximum(ok.sum(1), 1), 0.0)
         return {k: (bool(a), float(x)) for k, a, x in zip(ks.tolist(), alarm.tolist(), excess.tolist(), strict=True)}
 
     @staticmethod
