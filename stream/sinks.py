@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from stream.annotation import ANNOTATION_SCHEMA_VERSION
+
 
 class JsonlSink:
     """One JSON object per line; ``records`` are already-built dicts."""
@@ -39,6 +41,7 @@ class JsonlSink:
 
 
 # The annotation's lists and maps, kept nested in tables (Parquet list and map types).
+PARQUET_LAYOUT = "2"  # 1 (before 2026-11-27): the lists and maps as JSON text; 2: typed
 _NESTED = {"explanation": list, "explanation_text": dict, "features": dict, "source_type_probabilities": dict,
            "extrapolated": list, "label_propensity": dict}
 
@@ -59,7 +62,9 @@ def _arrow_schema():
 
     The top-level records (``hsr``, ``lightcurve``, ``source``) are flattened into prefixed
     columns; arrays become Arrow lists (of structs for the explanation's records) and maps
-    Arrow maps, so a reader gets them typed instead of as JSON text to parse.
+    Arrow maps, so a reader gets them typed instead of as JSON text to parse. The file's
+    metadata names the annotation schema version and this layout (``vigil.parquet_layout``):
+    files of layout 1 hold the same columns as text, and do not read as one dataset with these.
     """
     from importlib import resources
 
@@ -92,7 +97,9 @@ def _arrow_schema():
             fields += [pa.field(f"{f['name']}_{g['name']}", arrow(g["type"])) for g in t["fields"]]
         else:
             fields.append(pa.field(f["name"], arrow(t)))
-    return pa.schema(fields)
+    return pa.schema(fields, metadata={"vigil.schema": "vigil.annotation",
+                                       "vigil.schema_version": ANNOTATION_SCHEMA_VERSION,
+                                       "vigil.parquet_layout": PARQUET_LAYOUT})
 
 
 class ParquetSink:

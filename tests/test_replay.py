@@ -126,7 +126,10 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
     assert line == f"read {n_files}, annotated {n_files}, rejected 0 (by reason: none)"
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == n_files == pq.read_table(pq_out).num_rows
-    # Parquet keeps the lists and maps typed (they were JSON text a reader had to parse), equal to JSON Lines.
+    # Parquet keeps the lists and maps typed (they were JSON text a reader had to parse), equal to JSON Lines,
+    # and the file says which layout and schema version it holds.
+    meta = pq.read_schema(pq_out).metadata
+    assert meta[b"vigil.parquet_layout"] == b"2" and meta[b"vigil.schema_version"] == b"1.2"
     rows = pq.read_table(pq_out).to_pylist()
     for r, row in zip(records, rows, strict=True):
         assert row["alert_id"] == r["alert_id"] and row["hsr_mode"] == r["hsr"]["mode"]
