@@ -130,6 +130,10 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
     # and the file says which layout and schema version it holds.
     meta = pq.read_schema(pq_out).metadata
     assert meta[b"vigil.parquet_layout"] == b"2" and meta[b"vigil.schema_version"] == b"1.2"
+    from importlib import resources  # the shipped schema file names the version the records carry (it said 1.1)
+
+    avsc = json.loads(resources.files("stream").joinpath("schemas", "vigil.annotation.v1.avsc").read_text())
+    assert avsc["version"] == records[0]["annotation_schema_version"] == "1.2"
     rows = pq.read_table(pq_out).to_pylist()
     for r, row in zip(records, rows, strict=True):
         assert row["alert_id"] == r["alert_id"] and row["hsr_mode"] == r["hsr"]["mode"]
