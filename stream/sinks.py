@@ -41,7 +41,7 @@ class JsonlSink:
 
 
 # The annotation's lists and maps, kept nested in tables (Parquet list and map types).
-PARQUET_LAYOUT = "2"  # 1 (before 2026-11-27): the lists and maps as JSON text; 2: typed
+PARQUET_LAYOUT = "2"  # 1 (before 2026-11-27): lists and maps as JSON text, times as integers; 2: typed
 _NESTED = {"explanation": list, "explanation_text": dict, "features": dict, "source_type_probabilities": dict,
            "extrapolated": list, "label_propensity": dict}
 
@@ -62,7 +62,8 @@ def _arrow_schema():
 
     The top-level records (``hsr``, ``lightcurve``, ``source``) are flattened into prefixed
     columns; arrays become Arrow lists (of structs for the explanation's records) and maps
-    Arrow maps, so a reader gets them typed instead of as JSON text to parse. The file's
+    Arrow maps, so a reader gets them typed instead of as JSON text to parse; the two
+    ``*_time_ms`` columns are UTC timestamps (milliseconds), not bare integers. The file's
     metadata names the annotation schema version and this layout (``vigil.parquet_layout``):
     files of layout 1 hold the same columns as text, and do not read as one dataset with these.
     """
@@ -78,6 +79,8 @@ def _arrow_schema():
             return arrow([x for x in t if x != "null"][0])
         if isinstance(t, dict):
             kind = t["type"]
+            if t.get("logicalType") == "timestamp-millis":
+                return pa.timestamp("ms", tz="UTC")
             if kind == "enum":
                 return pa.string()
             if kind == "array":

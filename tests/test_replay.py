@@ -137,6 +137,8 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
     rows = pq.read_table(pq_out).to_pylist()
     for r, row in zip(records, rows, strict=True):
         assert row["alert_id"] == r["alert_id"] and row["hsr_mode"] == r["hsr"]["mode"]
+        for k in ("event_time_ms", "processing_time_ms"):  # UTC timestamps, to the millisecond
+            assert round(row[k].timestamp() * 1000) == r[k] and row[k].utcoffset().total_seconds() == 0
         assert row["explanation"] == r["explanation"] and row["extrapolated"] == r["extrapolated"]
         for k in ("explanation_text", "features", "source_type_probabilities", "label_propensity"):
             assert dict(row[k]) == r[k], k
