@@ -871,18 +871,28 @@ class Intervention:
     tables: tuple
     rows: tuple
     condition: str = "seeing"
+    # The last model's scores of the first and last runs: the shifts and the type shifts read the
+    # same two score batches (each was scoring both tables anew).
+    _last: list = field(default_factory=list, compare=False, repr=False)
+
+    def _scored(self, model) -> list:
+        """The common alerts scored by ``model`` in the first and in the last run."""
+        if self._last and self._last[0] is model:
+            return self._last[1]
+        out = [model.score(t.X.iloc[r].reset_index(drop=True), contributions=False)
+               for t, r in zip((self.tables[0], self.tables[-1]), (self.rows[0], self.rows[-1]), strict=True)]
+        self._last[:] = [model, out]
+        return out
 
     def _paired(self, model, scores) -> dict:
         """Per common alert, score in the last run minus in the first."""
-        out = [model.score(t.X.iloc[r].reset_index(drop=True), contributions=False)
-               for t, r in zip((self.tables[0], self.tables[-1]), (self.rows[0], self.rows[-1]), strict=True)]
+        out = self._scored(model)
         return {s: np.asarray(getattr(out[1], s), float) - np.asarray(getattr(out[0], s), float) for s in scores}
 
     def type_shift(self, model) -> dict:
         """Per source type, mean P(type | real) in the last run minus in the first (common alerts
         typed in both); empty when the model names no types."""
-        out = [model.score(t.X.iloc[r].reset_index(drop=True), contributions=False)
-               for t, r in zip((self.tables[0], self.tables[-1]), (self.rows[0], self.rows[-1]), strict=True)]
+        out = self._scored(model)
         if out[0].type_proba is None:
             return {}
         ok = np.isfinite(out[0].type_proba).all(axis=1) & np.isfinite(out[1].type_proba).all(axis=1)

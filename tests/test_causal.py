@@ -192,6 +192,21 @@ def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependen
     paired = do._paired(_ReadsOneColumn("fwhm"), ("p_fast",))["p_fast"]
     assert do.shift_interval(_ReadsOneColumn("fwhm"), mask=half)["p_fast"][0] == pytest.approx(paired[half].mean())
     assert np.isnan(do.shift_interval(_ReadsOneColumn("fwhm"), mask=~every)["p_fast"]).all()
+    # One model's shifts, per-stage shifts and type shifts read one scoring of each run (each call
+    # scored both runs anew: `vigil evaluate` scored every intervention table twice).
+    calls = []
+
+    class Counting(_ReadsOneColumn):
+        def score(self, X, contributions=False):
+            calls.append(len(X))
+            out = super().score(X, contributions)
+            out.type_proba = None
+            return out
+
+    m = Counting("fwhm")
+    assert do.shift_interval(m)["p_fast"] == (d, d_lo, d_hi)
+    do.shift_interval(m, mask=half)
+    assert do.type_shift(m) == {} and len(calls) == 2
     last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
     nights = last.tables[0].truth["night"].iloc[last.rows[0]]
     assert 0 < len(nights) < len(lo) and nights.nunique() == 1
