@@ -69,7 +69,6 @@ _MODEL_SCATTER = 0.01
 _ZP_RMS_DEFAULT = 0.02  # mag: the ZP rms assumed where none is reported (real ZTF's median is 0.022)
 _JUDGE_RUN = 32  # objects judged together by fixed point (a run settles in at most its length + 1 rounds)
 _CONSTANT_SPREAD = 1e-9  # relative spread below which a regression column counts as constant
-_FULL_LEVERAGE = 0.999  # a training row with this leverage is fitted by its own parameter alone
 
 
 def _obj_hash(object_id: str) -> int:
@@ -1296,6 +1295,7 @@ class HalfSiblingRegressor(BaseEstimator):
         for _ in range(2):  # second pass: residual excess variance from the first
             lhs = AtWA / s2 + np.diag(prec) + 1e-9 * np.eye(A.shape[1])
             beta = np.linalg.solve(lhs, AtWy / s2 + prec * b0)
+            s2_fit = s2  # the scale this lhs was built with (leverages must use it)
             r = y - A @ beta
             s2 = max(float(np.sum(w * r * r)) / max(n - len(ug), 1), 1.0)
         self.coef_ = beta[:p] / sd
@@ -1304,19 +1304,15 @@ class HalfSiblingRegressor(BaseEstimator):
         self.prior_ = np.asarray(prior, dtype=float)
         self.noise_scale_ = float(np.sqrt(s2))
         self.intercepts_ = dict(zip(ug.tolist(), beta[p:], strict=True))  # of the centred design
-        self._A, self._w, self._lhs, self._beta, self._s2 = A, w, lhs, beta, s2
+        self._A, self._w, self._lhs, self._beta, self._s2 = A, w, lhs, beta, s2_fit
         return self
 
     def loo_residuals(self, y) -> np.ndarray:
         """Leave-one-out residuals of the last fit (closed form for ridge)."""
-        return self._loo(y)[0]
-
-    def _loo(self, y):
-        """(leave-one-out residuals, leverages) of the last fit."""
         A, w = self._A, self._w / self._s2
         H_diag = np.einsum("ij,jk,ik->i", A * w[:, None], np.linalg.inv(self._lhs), A)
         r = y - A @ self._beta
-        return r / np.clip(1.0 - H_diag, 1e-6, None), H_diag
+        return r / np.clip(1.0 - H_diag, 1e-6, None)
 
     def systematic(self, X) -> np.ndarray:
         """The systematic part of the prediction (no intercepts): what gets subtracted.
@@ -1390,11 +1386,11 @@ class HalfSiblingRegressor(BaseEstimator):
             self.terms_, self.mode_ = terms, mode
             sys_[known] = self.systematic(X[known])
             r_in = flux[train] - self._A @ self._beta
-            r_loo, lev = self._loo(flux[train])
-            # A row its own parameter fits exactly (the one row of a band, with its intercept) has no
-            # leave-one-out residual to speak of (its level in that band, not scatter): it neither
-            # raises the over-fitting alarm nor the excess.
-            ok = lev < _FULL_LEVERAGE
+            r_loo = self.loo_residuals(flux[train])
+            # A band's one training row is fitted by its own intercept: its leave-one-out residual is
+            # its level in that band, not scatter, so it neither raises the alarm nor the excess.
+            _, b_inv, b_n = np.unique(lc.band[train], return_inverse=True, return_counts=True)
+            ok = b_n[b_inv] > 1
             alarm = bool(ok.any() and 3.0 * np.std(r_in[ok]) < np.std(r_loo[ok]))
             excess = max(float(np.mean(r_loo[ok] ** 2 - 1.0 / w[ok])), 0.0) if ok.any() else 0.0
             rms_b = float(np.std(flux[train]))
@@ -1614,13 +1610,16 @@ class HalfSiblingRegressor(BaseEstimator):
             lhs = AtWA / s2[:, None, None] + 1e-9 * np.eye(p + n_bands)
             lhs[:, diag_idx, diag_idx] += prec
             beta = np.linalg.solve(lhs, (AtWy / s2[:, None] + prec * b0)[:, :, None])[:, :, 0]
+            s2_fit = s2  # as in fit(): the leverages use the scale lhs was built with
             r = y - np.einsum("knq,kq->kn", A, beta)
             s2 = np.maximum((w * r * r).sum(1) / dof, 1.0)
         coef = beta[:, :p] / sd
         # loo_residuals(): closed-form leave-one-out residuals of the ridge fit.
-        H = np.einsum("knq,kqr,knr->kn", A * (w / s2[:, None])[:, :, None], np.linalg.inv(lhs), A)
+        H = np.einsum("knq,kqr,knr->kn", A * (w / s2_fit[:, None])[:, :, None], np.linalg.inv(lhs), A)
         r_loo = r / np.clip(1.0 - H, 1e-6, None)
-        ok = valid & (H < _FULL_LEVERAGE)  # see correct()
+        # A band's one training row (see correct()) counts in neither the alarm nor the excess.
+        key = kp * n_bands + band[rows]
+        ok = valid & (pad((np.bincount(key, None, len(ks) * n_bands)[key] > 1).astype(float)) > 0)
         alarm = 3.0 * std(r, ok) < std(r_loo, ok)
         sel = known & member[owner]
         ko = np.searchsorted(ks, owner[sel])

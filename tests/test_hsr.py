@@ -588,33 +588,41 @@ def test_a_fitted_corrections_error_counts_what_the_fit_did_not_see():
 
 
 def test_a_band_with_one_training_row_does_not_inflate_the_errors():
-    """A band's one training row is fitted exactly by its own intercept, so its leave-one-out residual is
-    its level in that band, not scatter: 12 quiet r rows (σ = 5 µJy) and one i row (σ = 30 µJy) 300 µJy
-    up made every corrected error 74 µJy (a review's case) and raised the over-fitting alarm; both paths
-    now leave the errors at the photometric ones and the alarm down."""
+    """A band's one training row is fitted by its own intercept, so its leave-one-out residual is its
+    level in that band, not scatter: 12 quiet r rows (σ = 5 µJy) and one i row (σ = 30 µJy) 300 µJy up
+    made every corrected error 74 µJy (a review's case) and raised the over-fitting alarm; both paths now
+    leave the errors at the photometric ones and the alarm down. The same a hundred times brighter (and
+    images 5 mag shallower): a leverage threshold missed that row (0.991, the fixed ridge), so the rows
+    are counted per band."""
     from stream.alert import DETECTION, FORCED
 
     n = 16
     mjd, exps = 60000.0 + np.arange(n), 10**11 + np.arange(n)
-    rng = np.random.default_rng(11)
-    off = rng.normal(0, 20, n)
-    sibs = [_synthetic(f"ZTF24s{j:02d}", 10.0 + 0.01 * j, np.r_[mjd, 60040.0], np.r_[off + rng.normal(0, 1, n), 0.0],
-                       np.full(n + 1, 1.0), np.r_[np.full(n, FORCED), DETECTION], np.r_[exps, 10**13 + j], 60040.0)
-            for j in range(12)]
-    flux = np.r_[off + rng.normal(0, 5, n), 500.0]
-    flux[6] += 300.0
-    err = np.full(n + 1, 5.0)
-    err[6] = 30.0
-    tgt = _synthetic("ZTF24target", 40.0, np.r_[mjd, mjd[-1] + 0.5], flux, err,
-                     np.r_[np.full(n, FORCED), DETECTION], np.r_[exps, 10**13 + 999], 60030.0)
-    band = np.array(["r"] * (n + 1))
-    band[6] = "i"
-    tgt = dataclasses.replace(tgt, lightcurve=dataclasses.replace(tgt.lightcurve, band=band))
-    h = HSR()
-    h.store.ingest([*sibs, tgt])
-    for fit in (h.fit_batch([tgt])[0], h.fit_batch([tgt], max_train=10**9)[0]):
-        assert fit.diagnostics.mode == "reduced" and fit.train[6] and not fit.diagnostics.overfit_alarm
-        np.testing.assert_allclose(fit.corrected_err[:n], err[:n], rtol=0.05)
+    for scale in (1.0, 100.0):
+        rng = np.random.default_rng(11)
+        off = rng.normal(0, 20, n) * scale
+        sibs = [_synthetic(f"ZTF24s{j:02d}", 10.0 + 0.01 * j, np.r_[mjd, 60040.0],
+                           np.r_[off + rng.normal(0, scale, n), 0.0], np.full(n + 1, scale),
+                           np.r_[np.full(n, FORCED), DETECTION], np.r_[exps, 10**13 + j], 60040.0) for j in range(12)]
+        flux = np.r_[off + rng.normal(0, 5, n) * scale, 500.0 * scale]
+        flux[6] += 300.0 * scale
+        err = np.full(n + 1, 5.0 * scale)
+        err[6] = 30.0 * scale
+        tgt = _synthetic("ZTF24target", 40.0, np.r_[mjd, mjd[-1] + 0.5], flux, err,
+                         np.r_[np.full(n, FORCED), DETECTION], np.r_[exps, 10**13 + 999], 60030.0)
+        band = np.array(["r"] * (n + 1))
+        band[6] = "i"
+        tgt = dataclasses.replace(tgt, lightcurve=dataclasses.replace(tgt.lightcurve, band=band))
+        # Everything scales with the images' noise, the offset prior's unit, too (5 mag for ×100).
+        sibs, tgt = ([dataclasses.replace(a, lightcurve=dataclasses.replace(
+            a.lightcurve, limit_mag=a.lightcurve.limit_mag - 2.5 * np.log10(scale))) for a in group]
+            for group in (sibs, [tgt]))
+        tgt = tgt[0]
+        h = HSR()
+        h.store.ingest([*sibs, tgt])
+        for fit in (h.fit_batch([tgt])[0], h.fit_batch([tgt], max_train=10**9)[0]):
+            assert fit.diagnostics.mode == "reduced" and fit.train[6] and not fit.diagnostics.overfit_alarm
+            np.testing.assert_allclose(fit.corrected_err[:n], err[:n], rtol=0.05)
 
 
 def test_validate_hsr_on_real_alerts_counts_what_it_could_not_read(tmp_path):
