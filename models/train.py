@@ -871,17 +871,19 @@ class Intervention:
     tables: tuple
     rows: tuple
     condition: str = "seeing"
-    # The last model's scores of the first and last runs: the shifts and the type shifts read the
-    # same two score batches (each was scoring both tables anew).
-    _last: list = field(default_factory=list, compare=False, repr=False)
+    # Each model's scores of the first and last runs (keyed by identity; the model is kept, so its id
+    # cannot be reused): the shifts, per-stage shifts and type shifts read the same two score batches
+    # (each call scored both tables anew). Not an init field, so dataclasses.replace starts afresh.
+    _scores: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def _scored(self, model) -> list:
         """The common alerts scored by ``model`` in the first and in the last run."""
-        if self._last and self._last[0] is model:
-            return self._last[1]
+        hit = self._scores.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1]
         out = [model.score(t.X.iloc[r].reset_index(drop=True), contributions=False)
                for t, r in zip((self.tables[0], self.tables[-1]), (self.rows[0], self.rows[-1]), strict=True)]
-        self._last[:] = [model, out]
+        self._scores[id(model)] = (model, out)
         return out
 
     def _paired(self, model, scores) -> dict:

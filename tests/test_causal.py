@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -203,10 +204,12 @@ def test_do_seeing_by_resimulation_matches_alerts_and_moves_only_seeing_dependen
             out.type_proba = None
             return out
 
-    m = Counting("fwhm")
+    m, other = Counting("fwhm"), Counting("fwhm")
     assert do.shift_interval(m)["p_fast"] == (d, d_lo, d_hi)
+    do.shift_interval(other, mask=half)  # validate alternates two scorers stage by stage
     do.shift_interval(m, mask=half)
-    assert do.type_shift(m) == {} and len(calls) == 2
+    assert do.type_shift(m) == {} and do.type_shift(other) == {} and len(calls) == 4
+    assert dataclasses.replace(do, rows=do.rows)._scores == {}  # a copy scores afresh
     last = intervene_seeing(5, seeing=(1.8, 2.8), last_nights=1, **kw)
     nights = last.tables[0].truth["night"].iloc[last.rows[0]]
     assert 0 < len(nights) < len(lo) and nights.nunique() == 1
