@@ -41,7 +41,7 @@ class JsonlSink:
 
 
 # The annotation's lists and maps, kept nested in tables (Parquet list and map types).
-PARQUET_LAYOUT = "2"  # 1 (before 2026-11-27): lists and maps as JSON text, times as integers; 2: typed
+PARQUET_LAYOUT = "2"  # files without this key (before 2026-11-27): lists and maps as JSON text, times as integers
 _NESTED = {"explanation": list, "explanation_text": dict, "features": dict, "source_type_probabilities": dict,
            "extrapolated": list, "label_propensity": dict}
 
@@ -65,7 +65,7 @@ def _arrow_schema():
     Arrow maps, so a reader gets them typed instead of as JSON text to parse; the two
     ``*_time_ms`` columns are UTC timestamps (milliseconds), not bare integers. The file's
     metadata names the annotation schema version and this layout (``vigil.parquet_layout``):
-    files of layout 1 hold the same columns as text, and do not read as one dataset with these.
+    files without it hold the same columns as text, and do not read as one dataset with these.
     """
     from importlib import resources
 
