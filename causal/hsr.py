@@ -1678,7 +1678,7 @@ class HSR:
     """
 
     def __init__(self, store: SiblingStore | None = None, regressor: HalfSiblingRegressor | None = None):
-        self.store = store or SiblingStore()
+        self.store = store if store is not None else SiblingStore()
         self.regressor = regressor or HalfSiblingRegressor()
 
     def fit_one(self, a, max_train: int | None = None) -> TargetFit:

@@ -223,7 +223,7 @@ class Decoder:
 
     def __init__(self, schemas: SchemaRegistry | None = None, ztf_schema=None,
                  max_message_bytes: int = 16 * 2**20, keep_cutouts: bool = True):
-        self.schemas = schemas or SchemaRegistry()
+        self.schemas = schemas if schemas is not None else SchemaRegistry()
         self.ztf_schema = ztf_schema
         self.max_message_bytes = max_message_bytes
         self.keep_cutouts = keep_cutouts

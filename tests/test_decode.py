@@ -947,3 +947,15 @@ def test_median_is_numpys_bit_for_bit():
             a[rng.integers(n)] = np.nan
             assert np.isnan(median(a))
     assert np.isnan(median([]))
+
+
+def test_a_registry_given_empty_and_filled_later_is_the_one_decoded_with(rubin_files):
+    """A decoder keeps the registry it was given even while that is empty (``len`` 0 is falsy: an empty
+    registry had been swapped for a fresh one of the decoder's own, blind to what was added to it later)."""
+    schema, (rec,) = _read(rubin_files[0])
+    reg = SchemaRegistry()
+    dec = Decoder(schemas=reg)
+    reg.add(909, schema)
+    assert dec.schemas is reg
+    a = _decode_one(dec, frame_confluent(909, encode_schemaless(rec, reg.get(909))))
+    assert isinstance(a, Alert), a

@@ -661,3 +661,13 @@ def test_rows_of_an_unknown_exposure_pass_through_uncorrected():
         feats[on] = anns[0].features
     assert feats[True]["n_det"] == feats[False]["n_det"] == lc.n_detections
     assert feats[True]["days_since_first"] == feats[False]["days_since_first"] > 0
+
+
+def test_a_store_given_to_hsr_is_used_even_while_empty(sim):
+    """``HSR(store=...)`` keeps the store it is given: an empty one (``len`` 0, falsy) had been replaced by a
+    default store, so its settings (retention, priors, ...) were silently ignored."""
+    store = SiblingStore(offset_prior=0.0, retention_days=10.0)
+    h = HSR(store=store)
+    assert h.store is store
+    h.correct(sim[1][:50])
+    assert len(store) > 0
