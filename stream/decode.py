@@ -942,8 +942,14 @@ def _ztf_lightcurves(items, check: bool = True) -> list:
     is_first = np.zeros(len(vals), dtype=bool)
     is_first[first] = True
     pmag, sig, lim = v[10], v[11], v[8]
-    det = ~is_first & np.isfinite(pmag) & np.isfinite(sig)
-    lim_ok = ~is_first & ~det & (lim > 0)
+    # A row with a magnitude is a detection; one that lacks its error or a readable sign cannot be
+    # used, and is dropped rather than read as an upper limit or given a guessed sign.
+    measured = ~is_first & np.isfinite(pmag)
+    sound = np.zeros(len(vals), dtype=bool)
+    rows = np.flatnonzero(measured & np.isfinite(sig))
+    sound[rows] = [str(signs[i]).strip().lower() in _SIGNS for i in rows.tolist()]
+    det = measured & sound
+    lim_ok = ~is_first & ~measured & (lim > 0)
     keep = is_first | det | lim_ok
     kind = np.where(is_first, DETECTION, np.where(det, PREVIOUS, NONDETECTION))
     m = _ztf_block(v[:, keep], kind[keep])

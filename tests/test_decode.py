@@ -959,3 +959,36 @@ def test_a_registry_given_empty_and_filled_later_is_the_one_decoded_with(rubin_f
     assert dec.schemas is reg
     a = _decode_one(dec, frame_confluent(909, encode_schemaless(rec, reg.get(909))))
     assert isinstance(a, Alert), a
+
+
+def test_an_earlier_ztf_detection_without_its_error_or_sign_is_dropped_not_guessed(ztf_files):
+    """A history detection lacking ``sigmapsf`` had become an upper limit at its ``diffmaglim``, and one
+    with a null or unreadable ``isdiffpos`` a positive flux, whatever it was; both are left out now."""
+    for f in ztf_files:
+        schema, (rec,) = _read(f)
+        dets = [j for j, p in enumerate(rec.get("prv_candidates") or []) if p["magpsf"] is not None
+                and p.get("diffmaglim") is not None and p["sigmapsf"] is not None]
+        if len(dets) >= 3:
+            break
+    else:
+        pytest.skip("no vendored ZTF alert with three earlier detections")
+    dec = Decoder()
+
+    def decoded(mutate):
+        r = copy.deepcopy(rec)
+        mutate(r["prv_candidates"])
+        buf = io.BytesIO()
+        fastavro.writer(buf, schema, [r])
+        a = _decode_one(dec, buf.getvalue())
+        assert isinstance(a, Alert), a
+        return a.lightcurve
+
+    base = decoded(lambda p: None)
+    for key, value in (("sigmapsf", None), ("isdiffpos", None), ("isdiffpos", "x")):
+        lc = decoded(lambda p, key=key, value=value: p[dets[0]].update({key: value}))
+        assert (lc.kind == PREVIOUS).sum() == (base.kind == PREVIOUS).sum() - 1, (key, value)
+        assert (lc.kind == NONDETECTION).sum() == (base.kind == NONDETECTION).sum(), (key, value)
+        assert len(lc) == len(base) - 1
+    # Every readable spelling of the sign still counts (a negative one as negative).
+    lc = decoded(lambda p: p[dets[0]].update(isdiffpos="0"))
+    assert (lc.kind == PREVIOUS).sum() == (base.kind == PREVIOUS).sum() and (lc.flux[lc.kind == PREVIOUS] < 0).any()
