@@ -1422,12 +1422,16 @@ def _object_id(v, ids) -> str:
     return s
 
 
-def _rubin_exposure(s: dict, ids=(None, None)):
+def _rubin_exposure(s: dict, ids=(None, None), strict: bool = True):
+    """(exposure key, visit, detector); −1s where unknown. A key out of range rejects the alert
+    (``strict``: its own detection) or leaves a history row's exposure unknown (not the alert)."""
     visit, det = s.get("visit"), s.get("detector")
     if visit is not None and det is not None:
         key = int(visit) * 1000 + int(det)
         if not (0 <= int(det) < 1000 and abs(key) <= INT64_MAX):
             # the key must stay a 64-bit integer: it is a long in the annotation schema
+            if not strict:
+                return -1, -1, -1
             raise DecodeError("bad_value", f"visit={visit} detector={det}: exposure key out of range",
                               *ids)
         return key, int(visit), int(det)
@@ -1507,7 +1511,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     rows = _Rows()
 
     def add_source(s, kind):
-        e, v, d = _rubin_exposure(s, ids)
+        e, v, d = _rubin_exposure(s, ids, strict=kind == DETECTION)
         fl = _first(s, "psfFlux", "psFlux")
         # (A record Rubin has withdrawn, marked invalid from schema 9 on, is no measurement.)
         if fl is None or _first(s, "midpointMjdTai", "midPointTai") is None or \
@@ -1533,7 +1537,7 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         if _first(s, "midpointMjdTai", "midPointTai") is None or noise is None:
             continue
         t = _rubin_time(s)
-        e, _, _ = _rubin_exposure(s, ids)
+        e, _, _ = _rubin_exposure(s, ids, strict=False)
         rows.add(mjd=float(t), band=str(_first(s, "band", "filterName", default="?")), flux=np.nan,
                  flux_err=float(noise) * NJY_TO_UJY, kind=NONDETECTION, exposure=e)
 

@@ -992,3 +992,36 @@ def test_an_earlier_ztf_detection_without_its_error_or_sign_is_dropped_not_guess
     # Every readable spelling of the sign still counts (a negative one as negative).
     lc = decoded(lambda p: p[dets[0]].update(isdiffpos="0"))
     assert (lc.kind == PREVIOUS).sum() == (base.kind == PREVIOUS).sum() and (lc.flux[lc.kind == PREVIOUS] < 0).any()
+
+
+def test_a_rubin_history_row_with_an_impossible_exposure_key_costs_that_key_not_the_alert(rubin_files):
+    for f in rubin_files:
+        schema, (rec,) = _read(f)
+        if "detector" in rec["diaSource"] and "prvDiaSources" in rec:
+            break
+    else:
+        pytest.skip("no vendored Rubin alert whose schema names the detector")
+    # An earlier detection: the alert's own, a day before (the vendored alerts have no history).
+    rec = copy.deepcopy(rec)
+    prv = copy.deepcopy(rec["diaSource"])
+    prv["midpointMjdTai"] -= 1.0
+    prv["diaSourceId"] -= 1
+    rec["prvDiaSources"] = [prv]
+    dec = Decoder()
+
+    def decoded(r):
+        buf = io.BytesIO()
+        fastavro.writer(buf, schema, [r])
+        return _decode_one(dec, buf.getvalue())
+
+    base = decoded(rec)
+    r = copy.deepcopy(rec)
+    r["prvDiaSources"][0]["detector"] = 5000
+    a = decoded(r)
+    assert isinstance(a, Alert), a  # was: Rejected bad_value for the whole alert
+    assert len(a.lightcurve) == len(base.lightcurve)
+    assert (a.lightcurve.exposure == -1).sum() == (base.lightcurve.exposure == -1).sum() + 1
+    r = copy.deepcopy(rec)
+    r["diaSource"]["detector"] = 5000  # the alert's own detection must have a sound key
+    rej = decoded(r)
+    assert isinstance(rej, Rejected) and rej.reason == "bad_value" and "exposure key out of range" in rej.detail
