@@ -502,8 +502,11 @@ class Decoder:
             return None
 
 
-#: Most records one message's container may hold (survey containers hold one alert).
+#: Most records one message's container may hold (survey containers hold one alert), or one per
+#: :data:`BYTES_PER_RECORD` of the message where that is more: a file of many real alerts decodes,
+#: a few bytes claiming millions of tiny records do not.
 MAX_RECORDS_PER_MESSAGE = 1000
+BYTES_PER_RECORD = 1024
 #: Writer schemas larger than this are vetted and parsed for each message, not kept.
 MAX_CACHED_SCHEMA_BYTES = 256 * 1024
 #: Deepest nesting of types a writer schema may have (ZTF's and Rubin's are < 10 deep).
@@ -589,8 +592,9 @@ def _vet_writer_schema(schema) -> None:
 def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
     """Raise ``DecodeError`` for a container block that claims too many records or inflates too far.
 
-    The blocks may hold at most :data:`MAX_RECORDS_PER_MESSAGE` records together (survey
-    containers hold one; a 2 MB container of 2 million one-byte records cost 384 MB to read), and a
+    The blocks may hold at most :data:`MAX_RECORDS_PER_MESSAGE` records together, or one per
+    :data:`BYTES_PER_RECORD` of the message if that is more (survey containers hold one; a 2 MB
+    container of 2 million one-byte records cost 384 MB to read), and a
     compressed block must be one stream that inflates to at most ``limit`` bytes (fastavro
     inflates whole blocks, and decompresses streams written one after another). Bytes after
     a complete block that do not form a whole block of their own (a file with something
@@ -605,6 +609,7 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
     if codec not in makers:
         raise DecodeError("corrupt_avro", f"container codec {codec!r} not accepted (null, deflate, bzip2, xz)")
     n_bytes = len(buf.getbuffer())
+    most = max(MAX_RECORDS_PER_MESSAGE, n_bytes // BYTES_PER_RECORD)
     total = records = 0
     end = None  # where the last block that ended in the sync marker ended
 
@@ -625,8 +630,12 @@ def _vet_blocks(buf, codec: str, sync: bytes, limit: int) -> None:
         if end is not None and (count < 0 or size < 0 or buf.tell() + size + 16 > n_bytes):
             raise trailing()
         records += count
-        if count < 0 or records > MAX_RECORDS_PER_MESSAGE:
-            raise DecodeError("corrupt_avro", f"blocks claim {records} records (at most {MAX_RECORDS_PER_MESSAGE})")
+        if count < 0:
+            raise DecodeError("corrupt_avro", f"a block claims {count} records")
+        if records > most:
+            raise DecodeError("oversize", f"blocks claim {records} records (at most {most} in a message of "
+                                          f"{n_bytes} bytes: {MAX_RECORDS_PER_MESSAGE}, or one per "
+                                          f"{BYTES_PER_RECORD} bytes)")
         data = buf.read(max(size, 0))
         if makers[codec] is not None:
             d = makers[codec]()

@@ -1025,3 +1025,15 @@ def test_a_rubin_history_row_with_an_impossible_exposure_key_costs_that_key_not_
     r["diaSource"]["detector"] = 5000  # the alert's own detection must have a sound key
     rej = decoded(r)
     assert isinstance(rej, Rejected) and rej.reason == "bad_value" and "exposure key out of range" in rej.detail
+
+
+def test_a_file_of_more_than_a_thousand_real_alerts_decodes():
+    """A container of 1,001 alerts (distinct candids, ~4 MB) had become one ``corrupt_avro`` rejection: the
+    record cap was a flat 1,000 and not the message's size; a few bytes claiming many records still fail."""
+    path = avro_files("ztf_ampel", "alerts_2021720_programid1_nocutouts")[0]
+    schema, (rec,) = _read(path)
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [dict(rec, candid=rec["candid"] + k) for k in range(1001)])
+    out = Decoder().decode(Envelope(buf.getvalue()))
+    assert len(out) == 1001 and all(isinstance(a, Alert) for a in out), out[:1]
+    assert len({a.alert_id for a in out}) == 1001
