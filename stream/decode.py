@@ -1555,7 +1555,9 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
     ctx = Context(
         real_bogus=_real_bogus(_first(src, "reliability")),
         real_bogus_version="reliability" if math.isfinite(_real_bogus(src.get("reliability"))) else "",
-        ps1_distance=_f(dobj.get("nearbyObj1Dist")),
+        # (Schemas up to v7 name the nearest Rubin data-release Object, ``nearbyObj1Dist``: a deeper
+        # catalogue than PS1, whose distances the models learnt; Rubin alerts carry no PS1 match.)
+        ps1_distance=np.nan,
         extendedness=_f(src.get("extendedness")),
         n_bad_pixels=float(sum(bool(src.get(k)) for k in _RUBIN_CENTRE_FLAGS))
         if any(k in src for k in _RUBIN_CENTRE_FLAGS) else np.nan,

@@ -1037,3 +1037,24 @@ def test_a_file_of_more_than_a_thousand_real_alerts_decodes():
     out = Decoder().decode(Envelope(buf.getvalue()))
     assert len(out) == 1001 and all(isinstance(a, Alert) for a in out), out[:1]
     assert len({a.alert_id for a in out}) == 1001
+
+
+def test_rubin_alerts_carry_no_ps1_distance():
+    """Old Rubin schemas' ``nearbyObj1Dist`` is the nearest Rubin data-release Object, not a PS1 source:
+    it had filled the PS1 distance the models read (and the explanations name)."""
+    root = SHARED / "rubin_alert_schema_lsst" / "schema"
+    seen = 0
+    for f in sorted(root.glob("*/*/sample_data/fakeAlert.avro")):
+        schema, recs = _read(f)
+        for rec in recs:
+            if "nearbyObj1Dist" not in (rec.get("diaObject") or {}):
+                continue
+            seen += 1
+            rec = copy.deepcopy(rec)
+            rec["diaObject"]["nearbyObj1Dist"] = 0.4
+            buf = io.BytesIO()
+            fastavro.writer(buf, schema, [rec])
+            a = _decode_one(Decoder(), buf.getvalue())
+            assert isinstance(a, Alert) and np.isnan(a.context.ps1_distance), f
+    if not seen:
+        pytest.skip(f"no Rubin sample alert with diaObject.nearbyObj1Dist under {root}")
