@@ -371,6 +371,11 @@ class Decoder:
             raise DecodeError("oversize", f"{len(payload)} bytes > limit {self.max_message_bytes}")
         if payload[:4] == CONTAINER_MAGIC:
             return self._container(payload)
+        if len(payload) < 4 and CONTAINER_MAGIC.startswith(payload):
+            raise DecodeError("truncated", f"{len(payload)} bytes: cut inside an Avro container's magic")
+        if payload[0] == 0 and len(payload) < 5 and self.ztf_schema is None:
+            raise DecodeError("truncated", f"{len(payload)} bytes: a Confluent frame (magic 0x00) cut inside "
+                                           "its 4-byte schema id")
         if payload[0] == 0 and len(payload) >= 5 and (len(self.schemas) or self.ztf_schema is None):
             (schema_id,) = struct.unpack(">I", payload[1:5])
             schema = self.schemas.get(schema_id)

@@ -1058,3 +1058,11 @@ def test_rubin_alerts_carry_no_ps1_distance():
             assert isinstance(a, Alert) and np.isnan(a.context.ps1_distance), f
     if not seen:
         pytest.skip(f"no Rubin sample alert with diaObject.nearbyObj1Dist under {root}")
+
+
+def test_a_message_cut_inside_its_framing_is_truncated_not_a_bad_magic_byte():
+    for payload in (b"\x00", b"\x00\x00\x00", b"\x00\x00\x00\x03", b"O", b"Obj"):
+        (rej,) = Decoder().decode(Envelope(payload))
+        assert isinstance(rej, Rejected) and rej.reason == "truncated", (payload, rej)
+    (rej,) = Decoder().decode(Envelope(b"Ob!"))
+    assert rej.reason == "bad_magic_byte"
