@@ -338,3 +338,81 @@ def test_a_vetter_keeps_her_place_in_chromium(server, browser):
     assert page.locator("#toast.show").count() == 0
     assert not errors, errors
     context.close()
+
+
+def test_calls_go_in_key_order_and_a_page_is_left_only_once_they_are_saved(server, browser, monkeypatch):
+    """A review's two cases, with another writer holding the store's lock: (1) r then b had gone as two
+    requests at once, and the store could keep bogus-then-real (the object "real", its row "bogus");
+    (2) b then j left the page at once, and when the store refused the call as busy nobody was told."""
+    import time
+
+    import stream.queue as Q
+
+    base, db = server
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    errors, sent = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: sent.append(time.monotonic()) if r.url.endswith("/api/decision") else None)
+    page.goto(base + "/login")
+    _submit_login(page, "Wes")
+    rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
+    target = next(o for o in rows[12:] if not any(d[0] == o for d in _decisions(db)))
+    page.goto(f"{base}/object/{target}")
+    page.wait_for_load_state("load")
+
+    def hold(seconds):
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        return lock, time.monotonic() + seconds
+
+    lock, until = hold(1.0)
+    page.keyboard.press("r")
+    page.keyboard.press("b")
+    page.wait_for_timeout(500)
+    assert len(sent) == 1  # the second call waits for the first
+    time.sleep(max(until - time.monotonic(), 0))
+    lock.rollback()
+    page.wait_for_function("document.querySelectorAll('#decisions li:not(.muted)').length >= 2")
+    assert len(sent) == 2
+    mine = [a for o, a, _ in _decisions(db) if o == target]  # in decision_id order
+    assert mine == ["real", "bogus"]
+    assert page.locator(".vetbar .current .lab.no").count() == 1
+
+    # A call the store refuses (busy past its timeout), then j: the page stays and says so.
+    monkeypatch.setattr(Q, "BUSY_TIMEOUT_MS", 600)
+    url = page.url
+    lock, until = hold(2.5)
+    page.keyboard.press("g")
+    page.keyboard.press("j")
+    page.wait_for_selector("#toast.err")
+    assert "not saved" in page.inner_text("#toast")
+    time.sleep(max(until - time.monotonic(), 0))
+    lock.rollback()
+    page.wait_for_timeout(500)
+    assert page.url == url
+    assert [a for o, a, _ in _decisions(db) if o == target] == ["real", "bogus"]
+    page.keyboard.press("j")  # nothing pending now: j moves on
+    page.wait_for_url(lambda u: u != url)
+    assert not errors, errors
+
+
+def test_a_snooze_shown_in_the_list_does_not_hold_j_on_its_page(server, browser):
+    """With "show snoozed", a snoozed row stays in view; it had counted as gone, so j past the last row
+    reloaded the same page (cursor back on row 0) every time instead of turning to the next."""
+    base, db = server
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base + "/login")
+    _submit_login(page, "Xia")
+    page.goto(base + "/?show_snoozed=1&per_page=5&page=3")
+    page.wait_for_selector("#queue tbody tr[data-object-id]")
+    assert page.locator("#next-page").count() == 1
+    for _ in range(4):
+        page.keyboard.press("j")
+    last = page.eval_on_selector("tr.cursor", "r => r.dataset.objectId")
+    page.keyboard.press("s")
+    page.wait_for_selector(f'#queue tbody tr[data-object-id="{last}"].snoozed')
+    page.keyboard.press("j")
+    page.wait_for_url(lambda u: "page=4" in u)
+    assert not errors, errors

@@ -61,20 +61,35 @@
     } catch (e) { return null; }
   }
 
+  // A page's calls go one at a time, in key order: sent at once, "r" then "b" could be stored
+  // bogus-then-real while the store was busy, and the object keep the call its vetter replaced.
+  var chain = Promise.resolve(), failed = 0;
   function decide(objectId, alertId, action) {
     last = null;  // z acts on this call once it is saved, never on the one before it
     pending++;
-    return fetch("/api/decision", {
-      method: "POST", credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
-      body: JSON.stringify({ object_id: objectId, alert_id: alertId, action: action })
+    var call = chain.then(function () {
+      return fetch("/api/decision", {
+        method: "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json" },
+        body: JSON.stringify({ object_id: objectId, alert_id: alertId, action: action })
+      });
     }).then(answer).then(function (j) {
       pending--;
       last = j.decision_id;
       lastObject = objectId;
       toast(objectId + ": " + action.replace(/_/g, " ") + " (z: undo)");
       return j;
-    }, function (e) { pending--; toast("not saved: " + e.message, true); throw e; });
+    }, function (e) { pending--; failed++; toast("not saved: " + e.message, true); throw e; });
+    chain = call.then(null, function () {});  // the next call waits for this one, saved or not
+    return call;
+  }
+  // Leave the page only once its calls are saved; if one was not, stay, so its message is seen
+  // (a call refused as "busy" after the page had gone was lost without a word).
+  function go(leave) {
+    if (!pending) { leave(); return; }
+    var before = failed;
+    toast("saving…");
+    chain.then(function () { if (failed === before) leave(); });
   }
 
   // z withdraws this page's last call (kept in the store's log, marked); the page then reloads
@@ -131,7 +146,8 @@
     // Decided rows that leave this view (hidden once vetted, or snoozed): the next page then starts
     // earlier than its number says, so "next" reloads this page instead of skipping objects.
     var gone = 0;
-    var hideVetted = new URLSearchParams(location.search).get("hide_vetted") === "1";  // as the server reads it
+    var query = new URLSearchParams(location.search);  // as the server reads it
+    var hideVetted = query.get("hide_vetted") === "1", showSnoozed = query.get("show_snoozed") === "1";
     document.addEventListener("keydown", function (ev) {
       if (typing(ev) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
       var k = ev.key;
@@ -139,22 +155,27 @@
       if (k === "Enter" && t && (t.tagName === "A" || t.tagName === "BUTTON")) return;  // the focused control's own
       if (k === "j") {
         if (cur < rows.length - 1) { cur++; show(); }
-        else if (gone) { location.reload(); }
-        else { var n = document.getElementById("next-page"); if (n) location = n.href; }
+        else if (gone) { go(function () { location.reload(); }); }
+        else { var n = document.getElementById("next-page"); if (n) go(function () { location = n.href; }); }
       } else if (k === "k") {
         if (cur > 0) { cur--; show(); }
-        else { var p = document.getElementById("prev-page"); if (p) { remember(p.href, null, "last"); location = p.href; } }
+        else {
+          var p = document.getElementById("prev-page");
+          if (p) go(function () { remember(p.href, null, "last"); location = p.href; });
+        }
       } else if (k === "z") {
         undo();
       } else if ((k === "o" || k === "Enter") && cur >= 0) {
-        remember(null, rows[cur].dataset.objectId, cur);
-        location = rows[cur].dataset.href;
+        var opened = rows[cur], at = cur;
+        go(function () { remember(null, opened.dataset.objectId, at); location = opened.dataset.href; });
       } else if (KEYS[k] && cur >= 0) {
         var row = rows[cur], action = KEYS[k];
         decide(row.dataset.objectId, row.dataset.alertId, action).then(function () {
           showLabel(row.querySelector("td.vet"), action, LABEL[action]);
           if (action === "snooze") row.classList.add("snoozed");
-          if ((hideVetted || action === "snooze") && !row.dataset.gone) { row.dataset.gone = "1"; gone++; }
+          // Left the view: a call (it sets "vetted") under "hide vetted", a snooze unless snoozed ones show.
+          var leaves = action === "snooze" ? !showSnoozed : hideVetted;
+          if (leaves && !row.dataset.gone) { row.dataset.gone = "1"; gone++; }
         }, function () {});
       } else { return; }
       ev.preventDefault();
@@ -214,9 +235,9 @@
     document.addEventListener("keydown", function (ev) {
       if (typing(ev) || ev.ctrlKey || ev.metaKey || ev.altKey) return;
       var k = ev.key;
-      if (k === "j" && body.dataset.next) location = body.dataset.next;
-      else if (k === "k" && body.dataset.prev) location = body.dataset.prev;
-      else if (k === "u" || k === "Escape") { back(); location = body.dataset.list; }
+      if (k === "j" && body.dataset.next) go(function () { location = body.dataset.next; });
+      else if (k === "k" && body.dataset.prev) go(function () { location = body.dataset.prev; });
+      else if (k === "u" || k === "Escape") go(function () { back(); location = body.dataset.list; });
       else if (k === "z") undo();
       else if (KEYS[k]) act(KEYS[k]);
       else return;
