@@ -971,21 +971,48 @@ class QueueSink:
                 for kind in CUTOUT_KINDS:
                     data = (alert.cutouts or {}).get(kind)
                     if data:
-                        cut_rows.append((int(rec["alert_id"]), kind, bytes(data)))
+                        cut_rows.append((int(rec["alert_id"]), kind, bytes(data), rec["object_id"]))
             ann_rows.append(annotation_row(rec, now_ms))
             obj_rows.append(object_row(rec, spark, now_ms))
         self._begin()
         c = self.conn
         try:
+            ann_rows, lc_rows, cut_rows, obj_rows = self._own_ids(ann_rows, lc_rows, cut_rows, obj_rows)
             c.executemany(_UPSERT_ANNOTATION, ann_rows)
             c.executemany(_UPSERT_LIGHTCURVE, lc_rows)
-            c.executemany(_UPSERT_CUTOUT, cut_rows)
+            c.executemany(_UPSERT_CUTOUT, [r[:3] for r in cut_rows])
             c.executemany(_UPSERT_OBJECT, obj_rows)
             c.executemany(_COUNT_ALERTS, [(oid,) for oid in sorted({r[0] for r in obj_rows})])
         except BaseException:
             self._rollback()  # all or nothing: a later flush()/close() must not commit half a batch
             raise
         self.n_written += len(records)
+
+    def _own_ids(self, ann_rows, lc_rows, cut_rows, obj_rows):
+        """The rows less those of alerts whose id another object already holds (in the store, or
+        earlier in the batch): a colliding or crafted id must not point an object at another's
+        annotation, light curve and stamps, nor, under another model version, put its own
+        annotation on that object's page. The first object to bring an id keeps it."""
+        ids = sorted({int(r[0]) for r in ann_rows})
+        owner: dict[int, str] = {}
+        for lo in range(0, len(ids), 500):
+            chunk = ids[lo:lo + 500]
+            for r in self.conn.execute("SELECT DISTINCT alert_id, object_id FROM annotations WHERE alert_id IN "
+                                       f"({','.join('?' * len(chunk))})", chunk):
+                owner.setdefault(int(r[0]), r[1])
+        keep = []
+        for r in ann_rows:
+            keep.append(owner.setdefault(int(r[0]), r[2]) == r[2])
+        if all(keep):
+            return ann_rows, lc_rows, cut_rows, obj_rows
+        dropped = [(r[0], r[2]) for r, k in zip(ann_rows, keep, strict=True) if not k]
+        log.warning("queue store: %d alert(s) not stored, their ids held by another object (first: alert %s of %r, "
+                    "held by %r)", len(dropped), dropped[0][0], dropped[0][1], owner[int(dropped[0][0])])
+        bad = set(dropped)
+        return ([r for r, k in zip(ann_rows, keep, strict=True) if k],
+                [r for r in lc_rows if (r[0], r[1]) not in bad],
+                [r for r in cut_rows if (r[0], r[3]) not in bad],
+                [r for r in obj_rows if (r[6], r[0]) not in bad])
 
     def write(self, records) -> None:
         """Plain-record path (no alerts: no light curve, cutouts or sparkline)."""
@@ -1327,14 +1354,18 @@ class QueueStore:
         if row is None:
             return None
         obj = _object_dict(row)
+        # Each by alert id *and* object (alert ids are the survey's; see _own_ids); the stamps have no
+        # object of their own: they are the object's if its light curve of that alert is.
+        aid = obj["latest_alert_id"]
         ann = self.conn.execute(
-            "SELECT record FROM annotations WHERE alert_id = ? ORDER BY processing_time_ms DESC, written_ms DESC "
-            "LIMIT 1", (obj["latest_alert_id"],)).fetchone()
+            "SELECT record FROM annotations WHERE alert_id = ? AND object_id = ? "
+            "ORDER BY processing_time_ms DESC, written_ms DESC LIMIT 1", (aid, object_id)).fetchone()
         obj["record"] = json.loads(ann["record"]) if ann else {}
-        lc = self.conn.execute("SELECT data FROM lightcurves WHERE alert_id = ?", (obj["latest_alert_id"],)).fetchone()
+        lc = self.conn.execute("SELECT data FROM lightcurves WHERE alert_id = ? AND object_id = ?",
+                               (aid, object_id)).fetchone()
         obj["lightcurve"] = json.loads(lc["data"]) if lc else None
-        stored = {r["kind"] for r in self.conn.execute("SELECT kind FROM cutouts WHERE alert_id = ?",
-                                                         (obj["latest_alert_id"],))}
+        stored = {r["kind"] for r in self.conn.execute("SELECT kind FROM cutouts WHERE alert_id = ?", (aid,))} \
+            if lc else set()
         obj["cutout_kinds"] = [k for k in CUTOUT_KINDS if k in stored]
         obj["history"] = [dict(r) for r in self.conn.execute(
             "SELECT alert_id, model_version, event_mjd, status, p_real, p_extragalactic, p_fast, priority, stage "

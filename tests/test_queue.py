@@ -132,6 +132,30 @@ def test_an_alert_id_that_comes_back_under_another_object_takes_nothing_over(tmp
     assert after["lightcurves"] == before["lightcurves"] and after["cutouts"] == before["cutouts"]
     assert [r[2] for r in after["annotations"]] == [victim["object_id"]]  # (alert_id, model_version, object_id, ...)
     assert after["annotations"] == before["annotations"]
+    # Nor under another model version, and the intruder's object is not pointed at the victim's rows (a
+    # review: its page showed the victim's record, light curve and stamps; under another model, the
+    # victim's page showed the intruder's explanations).
+    again = dict(intruder, model_version="other-model-v2")
+    with QueueSink(db) as sink:
+        sink.write_result(type(result)(annotations=[None], alerts=[other]), [again])
+        sink.flush()
+    c = sqlite3.connect(db)
+    assert c.execute("SELECT DISTINCT object_id FROM annotations WHERE alert_id = ?",
+                     (victim["alert_id"],)).fetchall() == [(victim["object_id"],)]
+    assert c.execute("SELECT COUNT(*) FROM objects WHERE latest_alert_id = ? AND object_id <> ?",
+                     (victim["alert_id"], victim["object_id"])).fetchone()[0] == 0
+    c.close()
+    store = QueueStore(db)
+    try:
+        page = store.get_object(victim["object_id"])
+        assert page["record"]["object_id"] == victim["object_id"]
+        assert page["record"]["model_version"] != "other-model-v2"
+        theirs = store.get_object(intruder["object_id"])
+        if theirs is not None:  # the intruder's object from the batch: its own rows only
+            assert theirs["latest_alert_id"] != victim["alert_id"]
+            assert theirs["record"].get("object_id", intruder["object_id"]) == intruder["object_id"]
+    finally:
+        store.close()
 
 
 def test_a_batch_that_fails_half_way_is_not_committed_by_close(tmp_path, batch, monkeypatch):
@@ -946,7 +970,8 @@ def test_list_page_order_flags_and_polling(client, db, batch):
     # (Newest in the store, sure of everything and young: the list re-ages priorities from the scores.)
     rec = next(r for r in records if r["object_id"] == ids[-1])
     t = max(r["event_mjd"] for r in records) + 1.0
-    newer = dict(copy.deepcopy(rec), alert_id=rec["alert_id"] + 7, event_mjd=t, priority=1.0, stage="first",
+    fresh_id = max(r["alert_id"] for r in records) + 7  # an id no other object holds (the store keeps ids apart)
+    newer = dict(copy.deepcopy(rec), alert_id=fresh_id, event_mjd=t, priority=1.0, stage="first",
                  p_real=1.0, p_extragalactic=1.0, p_fast=1.0, lightcurve=dict(rec["lightcurve"], first_mjd=t))
     with QueueSink(db) as sink:
         sink.write([newer, _unscored(records[0], "NEWOBJ", 5)])
