@@ -1854,3 +1854,23 @@ def test_the_list_page_reads_ages_against_each_surveys_clock(db, client):
         obj = client.get(f"/object/{r['object_id']}").get_data(as_text=True)
         first = re.search(r"<th>first detection</th><td>[^<]*· ([-\d.]+|—) d ago", obj).group(1)
         assert first == "—" or float(first) == pytest.approx(m - r["first_mjd"], abs=0.06)
+
+
+def test_a_login_ends_its_hours_after_it_began_however_often_the_page_polls(db, monkeypatch):
+    """The session cookie's expiry is renewed by every request and an open list polls every 10 s, so a
+    tab left open had stayed logged in for ever; a login now lasts SESSION_HOURS from the login."""
+    import stream.web as W
+
+    app = W.create_app(db, token=TOKEN)
+    app.config["TESTING"] = True
+    c = app.test_client()
+    _login(c)
+    assert c.get("/api/changes?since=0").status_code == 200
+    t = [W.time.time()]
+    monkeypatch.setattr(W.time, "time", lambda: t[0])
+    for hours in (3, 4, W.SESSION_HOURS - 7 - 0.01):  # polled all along: still in just before its end
+        t[0] += hours * 3600
+        assert c.get("/api/changes?since=0").status_code == 200, hours
+    t[0] += 60
+    assert c.get("/api/changes?since=0").status_code == 401
+    assert c.get("/").status_code == 302  # the page: to the login form
