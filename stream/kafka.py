@@ -753,6 +753,10 @@ def _warn_if_unreachable(client, bootstrap: str, topics=()) -> None:
 # --------------------------------------------------------------------------- vigil produce
 
 
+def _ztf_key(rec) -> bytes:
+    return str(rec.get("objectId")).encode()
+
+
 def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "container", ztf_schema=None,
                   rubin_schemas=None, settings=None) -> dict:
     """Push archived alerts into a topic so any archive can be replayed as a stream.
@@ -813,7 +817,7 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                     if "candidate" in rec:
                         if ztf_format == "schemaless":
                             try:
-                                out.append((encode_schemaless(rec, ztf_schema), "ztf-schemaless"))
+                                out.append((encode_schemaless(rec, ztf_schema), "ztf-schemaless", _ztf_key(rec)))
                             except (ValueError, TypeError, KeyError) as e:
                                 left = producer.flush(60)  # what went before is delivered, then stop
                                 raise ValueError(f"{env.source}: this alert does not fit --ztf-schema ({e}); "
@@ -822,8 +826,7 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                         else:
                             buf = io.BytesIO()
                             fastavro.writer(buf, reader.writer_schema, [rec])
-                            out.append((buf.getvalue(), "ztf-container"))
-                        key = str(rec.get("objectId")).encode()
+                            out.append((buf.getvalue(), "ztf-container", _ztf_key(rec)))
                     else:
                         try:  # keyed by object, as the decoder names it (ssObjectId where no diaObjectId)
                             key = rubin_object_id(rec).encode()
@@ -837,12 +840,12 @@ def produce_files(paths, topic: str, bootstrap: str, ztf_format: str = "containe
                         sid = int(m.group(1)) * 100 + int(m.group(2)) if m else None
                         if rubin_schemas is not None and sid is not None and rubin_schemas.get(sid) is not None:
                             out.append((frame_confluent(sid, encode_schemaless(rec, rubin_schemas.get(sid))),
-                                        "rubin-confluent"))
+                                        "rubin-confluent", key))
                         else:
                             buf = io.BytesIO()
                             fastavro.writer(buf, reader.writer_schema, [rec])
-                            out.append((buf.getvalue(), "rubin-container"))
-                for value, how in out:
+                            out.append((buf.getvalue(), "rubin-container", key))
+                for value, how, key in out:  # each record with its own object's key
                     send(value, key)
                     counts[how] = counts.get(how, 0) + 1
                 continue

@@ -683,3 +683,34 @@ def test_librdkafka_log_goes_through_logging_once_per_kind_of_failure(caplog):
     assert [f.filter(r) for r in rec[:3]] == [True, False, False]
     time.sleep(0.06)
     assert f.filter(rec[3]) and rec[3].getMessage().endswith("(2 like it in the last 0.05 s not shown)")
+
+
+def test_each_record_of_a_many_alert_container_is_produced_with_its_own_key(broker, topics, tmp_path):
+    """``vigil produce`` of one container holding three alerts had keyed all three by the last one's object."""
+    import io
+
+    import fastavro
+
+    files = avro_files("ztf_ampel")[:3]
+    recs, schema = [], None
+    for f in files:
+        r = fastavro.reader(open(f, "rb"))
+        schema = schema or r.writer_schema
+        recs += list(r)
+    assert len({r["objectId"] for r in recs}) == 3
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, recs)
+    path = tmp_path / "three.avro"
+    path.write_bytes(buf.getvalue())
+    assert produce_files([path], topics[0], broker.bootstrap) == {"ztf-container": 3}
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"k3-{topics[0]}",
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([topics[0]])
+    got, deadline = [], time.monotonic() + 30
+    while len(got) < 3 and time.monotonic() < deadline:
+        m = consumer.poll(0.5)
+        if m is not None and not m.error():
+            (rec,) = list(fastavro.reader(io.BytesIO(m.value())))
+            got.append((m.key(), rec["objectId"].encode()))
+    consumer.close()
+    assert len(got) == 3 and all(k == o for k, o in got), got
