@@ -113,11 +113,28 @@ def cmd_replay(args) -> int:
     sinks = _annotation_sinks(args.out) + ([store] if store is not None else [])
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
+    # SIGTERM (what schedulers send) stops a replay as Ctrl-C does: it had killed the process before the
+    # outputs were closed, leaving a Parquet file without its footer (unreadable) and no summary.
+    stopped = []
+
+    def terminate(signum, frame):
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress)
     except KeyboardInterrupt:  # the outputs hold every batch finished so far (each flushed whole)
-        print("interrupted: the outputs hold the batches finished before it", file=sys.stderr)
-        return 130
+        print(f"{'terminated' if stopped else 'interrupted'}: the outputs hold the batches finished before it",
+              file=sys.stderr)
+        return 143 if stopped else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
     for note in counts.clock_notes():
         print(note, file=sys.stderr)
     print(counts.line())

@@ -412,3 +412,38 @@ def test_a_replay_spanning_years_says_against_which_alert_it_ages_them(tmp_path,
     assert main(["replay", str(DATA / "rubin_fink" / "lsstcam_2025-09-05"), "--out", str(tmp_path / "b.jsonl"),
                  "--no-progress"]) == 0
     assert "note: the" not in capsys.readouterr().err  # one night: nothing to say
+
+
+def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path):
+    """SIGTERM (what schedulers send) had killed ``vigil replay`` before its outputs were closed: the
+    Parquet file had no footer (unreadable), and nothing was said. It now stops as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    files = avro_files("ztf_fink") + avro_files("ztf_ampel")
+    assert files
+    src = tmp_path / "alerts"
+    src.mkdir()
+    for copy_no in range(6):  # enough that the replay is still running when the signal comes
+        for k, f in enumerate(files):
+            (src / f"{copy_no}_{k}.avro").symlink_to(f)
+    out_pq, out_js = tmp_path / "a.parquet", tmp_path / "a.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "replay", str(src), "--out", str(out_pq),
+                             "--out", str(out_js), "--batch-size", "5", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(DATA.parent.parent), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out_js.exists() and out_js.stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the replay ended before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, err[-2000:])
+    assert "terminated: the outputs hold the batches finished before it" in err
+    lines = out_js.read_text().splitlines()
+    table = pq.read_table(out_pq)  # readable: the footer was written
+    assert 0 < table.num_rows == len(lines) < 6 * len(files)
