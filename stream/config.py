@@ -241,6 +241,21 @@ def same_cluster_as_source(cfg: Config) -> bool:
     return not out or bool(brokers(out) & brokers(cfg.source.bootstrap_servers))
 
 
+#: librdkafka settings that say how to reach and log in to a cluster (not how to consume from it).
+_CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "ssl_", "enable.ssl.", "enable.sasl.", "socket.",
+                        "broker.address.", "client.dns.")
+
+
+def output_kafka_settings(cfg: Config) -> dict:
+    """librdkafka settings of the output producers: ``[output.kafka]``, and where the outputs go to
+    the source's cluster (no ``output.bootstrap_servers``) the connection and login settings of
+    ``[source.kafka]`` under them: a SASL/SSL cluster had been read with them and written without."""
+    if cfg.output.bootstrap_servers:
+        return dict(cfg.output.kafka)
+    inherited = {k: v for k, v in cfg.source.kafka.items() if k.startswith(_CONNECTION_PREFIXES)}
+    return {**inherited, **cfg.output.kafka}
+
+
 def check_topic_name(name: str, key: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` unless ``name`` is a topic name a broker accepts."""
     if not _TOPIC_NAME.fullmatch(name) or len(name) > 249:

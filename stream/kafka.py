@@ -585,7 +585,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
     -------
     stream.service.Counts
     """
-    from stream.config import ConfigError, load_configured_model, same_cluster_as_source
+    from stream.config import ConfigError, load_configured_model, output_kafka_settings, same_cluster_as_source
     from stream.decode import Decoder, SchemaRegistry, load_ztf_schema
     from stream.pipeline import ErrorBudget, Pipeline
     from stream.service import Counts, drive
@@ -645,8 +645,9 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
         source.close()  # leave the group at once rather than at the session timeout
         raise
     try:
-        sinks = [AnnotationTopicSink(out_bootstrap, ann_topic, o.kafka)]
-        dlq = DeadLetterSink(out_bootstrap, dlq_topic, o.kafka)
+        out_kafka = output_kafka_settings(cfg)
+        sinks = [AnnotationTopicSink(out_bootstrap, ann_topic, out_kafka)]
+        dlq = DeadLetterSink(out_bootstrap, dlq_topic, out_kafka)
     except KafkaException as e:
         source.close()
         if server is not None:

@@ -209,3 +209,21 @@ def test_a_queue_store_that_cannot_be_opened_names_the_key(tmp_path, capsys):
     assert main(["run", "--config", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"vigil: error: output.queue_db: cannot open the queue store {tmp_path}" in err and "Traceback" not in err
+
+
+def test_outputs_on_the_source_cluster_log_in_as_the_source_does(monkeypatch):
+    """With no ``output.bootstrap_servers`` the producers write to the source's cluster; the SASL/SSL
+    settings of ``[source.kafka]`` had not reached them (read with a login, written without one)."""
+    from stream.config import output_kafka_settings
+
+    monkeypatch.setenv("VIGIL_TEST_PW", "p")
+    source = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u",
+              "sasl.password": {"env": "VIGIL_TEST_PW"}, "ssl.ca.location": "/ca.pem", "fetch.max.bytes": 1024,
+              "session.timeout.ms": 45000}
+    same = parse_config({"source": {"kafka": source}, "output": {"kafka": {"linger.ms": 20, "sasl.username": "w"}}})
+    assert output_kafka_settings(same) == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                                           "sasl.username": "w", "sasl.password": "p", "ssl.ca.location": "/ca.pem",
+                                           "linger.ms": 20}  # the output's own win; consumer settings stay behind
+    other = parse_config({"source": {"kafka": source},
+                          "output": {"bootstrap_servers": "ours:9092", "kafka": {"linger.ms": 20}}})
+    assert output_kafka_settings(other) == {"linger.ms": 20}  # another cluster: its own settings only

@@ -714,3 +714,23 @@ def test_each_record_of_a_many_alert_container_is_produced_with_its_own_key(brok
             got.append((m.key(), rec["objectId"].encode()))
     consumer.close()
     assert len(got) == 3 and all(k == o for k, o in got), got
+
+
+def test_the_service_writes_to_the_source_cluster_with_the_sources_login(broker, topics, monkeypatch):
+    """The producers of a service whose outputs share the source's cluster get the connection settings of
+    ``[source.kafka]`` (here a harmless one the embedded broker accepts; SASL/SSL go the same way)."""
+    import stream.kafka as K
+
+    seen = []
+    for name in ("AnnotationTopicSink", "DeadLetterSink"):
+        real = getattr(K, name)
+
+        def spy(bootstrap, topic, kafka, _real=real):
+            seen.append(dict(kafka))
+            return _real(bootstrap, topic, kafka)
+
+        monkeypatch.setattr(K, name, spy)
+    cfg = _config(broker, topics, source={"kafka": dict(FAST_GROUP_SETTINGS, **{"socket.keepalive.enable": True})},
+                  output={"queue_db": ""})
+    run_service(cfg, until=lambda counts: True)
+    assert len(seen) == 2 and all(k.get("socket.keepalive.enable") is True for k in seen), seen
