@@ -21,6 +21,15 @@ def _is_tar(p: Path) -> bool:
     return p.name.endswith(TAR_SUFFIXES)
 
 
+def _dir_key(p: Path):
+    """A directory's identity (device, inode), or None if it cannot be looked at."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def expand_paths(paths, skipped: list | None = None) -> list[Path]:
     """Files to read, in a stable order: directories are walked, archives kept whole.
 
@@ -34,8 +43,17 @@ def expand_paths(paths, skipped: list | None = None) -> list[Path]:
         if p.is_dir():
             # A subdirectory that cannot be listed is kept as an entry: reading it fails, and it
             # is rejected as unreadable rather than silently missing from the count.
-            for root, dirs, files in os.walk(p, onerror=lambda e: out.append(Path(e.filename))):
-                dirs.sort()
+            # Linked subdirectories are followed (a night linked into an archive tree had been left out
+            # without a word), each directory once: a link back up the tree does not loop.
+            seen = {_dir_key(p)}
+            for root, dirs, files in os.walk(p, onerror=lambda e: out.append(Path(e.filename)), followlinks=True):
+                keep = []
+                for d in sorted(dirs):
+                    key = _dir_key(Path(root) / d)
+                    if key is None or key not in seen:
+                        keep.append(d)
+                        seen.add(key)
+                dirs[:] = keep
                 for f in sorted(files):
                     q = Path(root) / f
                     if q.name.endswith(AVRO_SUFFIXES) or _is_tar(q):

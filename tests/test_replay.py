@@ -336,6 +336,25 @@ def test_a_subdirectory_that_cannot_be_listed_is_an_unreadable_input(tmp_path, m
     assert envs[1].source.endswith("locked") and "cannot be listed" in envs[1].unreadable
 
 
+def test_linked_subdirectories_are_read_once_and_a_link_up_the_tree_does_not_loop(tmp_path):
+    """A night linked into the tree (``night2 -> ../other``) had been left out without a word."""
+    from stream.sources import iter_envelopes
+
+    files = avro_files("ztf_fink", "2018-12-02_schema3.2")[:3]
+    top, other = tmp_path / "top", tmp_path / "other"
+    top.mkdir()
+    other.mkdir()
+    (top / "a.avro").write_bytes(files[0].read_bytes())
+    for f in files[1:]:
+        (other / f.name).write_bytes(f.read_bytes())
+    (top / "night2").symlink_to(other, target_is_directory=True)
+    (top / "again").symlink_to(other, target_is_directory=True)  # the same night twice: read once
+    (top / "up").symlink_to(tmp_path, target_is_directory=True)  # holds top itself: no loop
+    envs = list(iter_envelopes([top]))
+    assert all(e.unreadable is None for e in envs)
+    assert sorted(e.payload for e in envs) == sorted(f.read_bytes() for f in files)
+
+
 def test_outputs_of_an_earlier_run_do_not_survive_and_a_bad_queue_costs_nothing(tmp_path, capsys):
     """A CLI review's cases: a rerun with no annotation left the old Parquet file in place; a
     --queue that is no database truncated the --out files, then failed without naming the flag."""
