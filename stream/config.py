@@ -141,8 +141,12 @@ def _resolve_secrets(table: dict, where: str) -> dict:
         key = f"{where}.{k}"
         if isinstance(v, dict):
             if set(v) not in ({"env"}, {"file"}) or not isinstance(next(iter(v.values())), str):
+                # TOML reads an unquoted dotted key (security.protocol = ...) as a nested table.
+                inner = next(iter(v), "")
+                hint = (f" (an unquoted dotted key? write \"{k}.{inner}\" = ..., quoted, as librdkafka names it)"
+                        if v and set(v) - {"env", "file"} else "")
                 raise ConfigError(f"{key}: librdkafka settings must be scalars, {{ env = \"VAR\" }} "
-                                  "or { file = \"PATH\" }")
+                                  f"or {{ file = \"PATH\" }}{hint}")
             if "env" in v:
                 if v["env"] not in os.environ:
                     raise ConfigError(f"{key}: environment variable {v['env']} is not set")
@@ -309,8 +313,9 @@ def validate(cfg: Config) -> None:
     src, svc, out = cfg.source, cfg.service, cfg.output
     if not 1 <= src.batch_size <= MAX_BATCH_SIZE:
         raise ConfigError(f"source.batch_size: must be 1 … {MAX_BATCH_SIZE} (librdkafka's most per call)")
-    if not (0 < src.batch_timeout_s < math.inf):
-        raise ConfigError("source.batch_timeout_s: must be > 0 (a wait that never ends ignores stop signals)")
+    if not (0 < src.batch_timeout_s <= 1.0):
+        raise ConfigError(f"source.batch_timeout_s: {src.batch_timeout_s}: must be > 0 and at most 1 s (the "
+                          "consumer polls at most that long, so that stop signals are seen promptly)")
     if src.max_message_bytes < 1:
         raise ConfigError("source.max_message_bytes: must be ≥ 1")
     if not src.topics or not all(src.topics):
@@ -348,9 +353,11 @@ def validate(cfg: Config) -> None:
     for k, instead in _OWNED_PRODUCER_KEYS.items():
         if k in out.kafka:
             raise ConfigError(f"output.kafka.{k}: set by Vigil (use {instead})")
-    acks = cfg.output.kafka.get("acks", cfg.output.kafka.get("request.required.acks"))
-    if acks is not None and str(acks) not in ("all", "-1"):
-        raise ConfigError("output.kafka.acks: must be 'all' (-1): offsets move only once every output is durable")
+    for name in ("acks", "request.required.acks"):  # each spelling: librdkafka keeps the last one given
+        acks = cfg.output.kafka.get(name)
+        if acks is not None and str(acks) not in ("all", "-1"):
+            raise ConfigError(f"output.kafka.{name}: must be 'all' (-1): offsets move only once every output is "
+                              "durable")
     if cfg.replay is not None:
         rc, times = cfg.replay, {}
         if not _TOPIC_NAME.fullmatch(rc.namespace):

@@ -59,7 +59,7 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"scoring": {"modle": "m"}}, "scoring.modle: unknown key"),
     ({"scoring": {"model": "/nonexistent/model"}}, "scoring.model: no model directory"),
     # values that load but would break the service later, or silently
-    ({"source": {"batch_timeout_s": -1}}, "source.batch_timeout_s: must be > 0"),
+    ({"source": {"batch_timeout_s": -1}}, "source.batch_timeout_s: -1"),
     ({"source": {"max_message_bytes": 0}}, "source.max_message_bytes: must be ≥ 1"),
     ({"source": {"topics": [""]}}, "source.topics: at least one topic, none empty"),
     ({"source": {"auto_offset_reset": "oldest"}}, "source.auto_offset_reset: one of"),
@@ -68,6 +68,8 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"source": {"kafka": {"enable.auto.commit": False}}}, "source.kafka.enable.auto.commit: set by Vigil"),
     ({"source": {"kafka": {"auto.offset.reset": "latest"}}}, "(use source.auto_offset_reset)"),
     ({"output": {"kafka": {"acks": 0}}}, "output.kafka.acks: must be 'all'"),
+    ({"output": {"kafka": {"acks": "all", "request.required.acks": 1}}},  # the alias had slipped past
+     "output.kafka.request.required.acks: must be 'all'"),
     ({"replay": {"start": "yesterday"}}, "replay.start: Invalid isoformat"),
     ({"replay": {"start": "1697673600"}}, "replay.start: '1697673600' looks like Unix seconds"),
     ({"replay": {"start": "2023-10-20T00:00:00Z", "end": "2023-10-19T00:00:00Z"}}, "replay.end: 2023-10-19"),
@@ -85,7 +87,8 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"source": {"topics": ["t", "t"]}}, "source.topics: 't' is listed twice"),
     ({"source": {"topics": ["^a["]}}, "source.topics: '^a[' is not a valid pattern"),
     ({"source": {"batch_size": 1_000_001}}, "source.batch_size: must be 1 … 1000000"),
-    ({"source": {"batch_timeout_s": float("inf")}}, "source.batch_timeout_s: must be > 0"),
+    ({"source": {"batch_timeout_s": float("inf")}}, "source.batch_timeout_s: inf: must be > 0"),
+    ({"source": {"batch_timeout_s": 5.0}}, "source.batch_timeout_s: 5.0: must be > 0 and at most 1 s"),  # was capped
     ({"source": {"kafka": {"metadata.broker.list": "h:9092"}}}, "(use source.bootstrap_servers)"),
     ({"source": {"kafka": {"ssl.key.pem": "-----BEGIN"}}}, "source.kafka.ssl.key.pem: secrets must come from"),
     ({"service": {"log_interval_s": float("nan")}}, "service.log_interval_s: must be > 0"),
@@ -227,3 +230,12 @@ def test_outputs_on_the_source_cluster_log_in_as_the_source_does(monkeypatch):
     other = parse_config({"source": {"kafka": source},
                           "output": {"bootstrap_servers": "ours:9092", "kafka": {"linger.ms": 20}}})
     assert output_kafka_settings(other) == {"linger.ms": 20}  # another cluster: its own settings only
+
+
+def test_an_unquoted_dotted_librdkafka_key_is_named_as_such(tmp_path):
+    """TOML reads ``security.protocol = "SASL_SSL"`` as a table ``security``; the error had blamed its value."""
+    p = tmp_path / "dotted.toml"
+    p.write_text('[source.kafka]\nsecurity.protocol = "SASL_SSL"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "source.kafka.security" in str(e.value) and '"security.protocol" = ..., quoted' in str(e.value)
