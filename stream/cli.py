@@ -133,8 +133,8 @@ def cmd_replay(args) -> int:
               file=sys.stderr)
         return 143 if stopped else 130
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, before)
+        if main_thread:  # (None: a handler not set from Python, e.g. by an embedding program; default then)
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
     for note in counts.clock_notes():
         print(note, file=sys.stderr)
     print(counts.line())

@@ -539,7 +539,7 @@ def create_app(db, token: str, clock: str = "stream", secure_cookie: bool = Fals
         logged_in = session.get("auth") == token_tag and session.get("vetter")
         # A login lasts SESSION_HOURS from the login itself: the cookie's own expiry is renewed by every
         # request, and an open list polls every 10 s, so by that alone a tab left open never logged out.
-        if logged_in and not 0 <= time.time() * 1000 - float(session.get("login_ms") or 0) < SESSION_HOURS * 3.6e6:
+        if logged_in and time.time() * 1000 - float(session.get("login_ms") or 0) >= SESSION_HOURS * 3.6e6:
             session.clear()
             logged_in = False
         h = request.headers.get("Authorization", "")
