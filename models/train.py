@@ -75,7 +75,8 @@ def recall_at_rank(y, score) -> np.ndarray:
     order = np.argsort(-s, kind="stable")
     ys, ss = y[order], s[order]
     # Tie groups: spread each group's positives evenly over its ranks.
-    starts = np.r_[0, np.flatnonzero(np.diff(ss) != 0) + 1]
+    # (Compared, not differenced: −inf − −inf is NaN, which had split the NaN scores into groups of one.)
+    starts = np.r_[0, np.flatnonzero(ss[1:] != ss[:-1]) + 1]
     ends = np.r_[starts[1:], n]
     cum = np.empty(n)
     before = 0.0

@@ -573,6 +573,10 @@ def test_recall_at_rank_and_aurak_hand_example():
     # ties count as random order: expected recall, whatever the input order
     np.testing.assert_allclose(recall_at_rank([1, 0], [0.5, 0.5]), [0.5, 1.0])
     assert aurak([0, 1], [0.5, 0.5]) == aurak([1, 0], [0.5, 0.5]) == pytest.approx(0.75)
+    # ... NaN scores too (last, as one tie): they had been split into groups of one, kept in input order
+    nan = float("nan")
+    np.testing.assert_allclose(recall_at_rank([1, 0, 0], [nan, nan, 0.9]), [0.0, 0.5, 1.0])
+    assert aurak([1, 0, 0], [nan, nan, 0.9]) == aurak([0, 1, 0], [nan, nan, 0.9])
     # recall at K = number of positives (2): 0.5; 99 % of the positives are found at rank 3 of 4
     from models.train import list_to_recall, ranking_metrics
 
