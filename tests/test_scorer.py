@@ -664,6 +664,30 @@ def test_table_columns_can_be_left_out(tmp_path, capsys):
     assert "--drop is for training" in capsys.readouterr().err
 
 
+def test_a_saved_row_index_a_repeated_column_and_a_split_word_in_a_name(tmp_path, capsys, caplog):
+    """A review's cases: a row index written by pandas (``Unnamed: 0``: the label, in a file sorted by it)
+    was a feature; a header naming a column twice was renamed ``x.1`` without a word (a scorer then read a
+    column of zeros); and any column with "split" in its name was left out."""
+    df = _table_csv(tmp_path / "t.csv").sort_values("label")
+    df["n_split_detections"] = np.arange(len(df)) % 3
+    df.to_csv(tmp_path / "indexed.csv")  # pandas's default: the row index as a first, unnamed column
+    args = ["--label-column", "label", "--positive", "good,AGN,galactic,pm", "--negative", "garbage",
+            "--id-column", "ATLAS_ID"]
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--table", str(tmp_path / "indexed.csv"), *args, "--out", str(tmp_path / "m")]) == 0
+    assert TableScorer.load(tmp_path / "m").features == ("rb_pix", "magdet_std", "ebv_sfd", "z", "CV",
+                                                         "n_split_detections")
+    assert "Unnamed: 0 have no name in the header" in caplog.text
+    text = (tmp_path / "t.csv").read_text().splitlines()
+    (tmp_path / "twice.csv").write_text("\n".join(f"0,{line}" if k else f"rb_pix,{line}"
+                                                   for k, line in enumerate(text)) + "\n")
+    for cmd in (["train", "--table", str(tmp_path / "twice.csv"), *args, "--out", str(tmp_path / "m2")],
+                ["score", "--table", str(tmp_path / "twice.csv"), "--model", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "s.csv")]):
+        assert main(cmd) == 2
+        assert "names column(s) ['rb_pix'] more than once" in capsys.readouterr().err
+
+
 def test_table_commands_refuse_what_would_leak_or_mislead(tmp_path, capsys):
     df = _table_csv(tmp_path / "t.csv")
     train = ["train", "--table", str(tmp_path / "t.csv"), "--label-column", "label", "--negative", "garbage",
