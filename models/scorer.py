@@ -1284,9 +1284,11 @@ def as_number_column(col: pd.Series) -> pd.Series | None:
     if not bad.any():
         return num.astype(float)
     if bad.sum() <= 0.1 * filled.sum():
+        # The row as the table has it (its index: a file's data rows from 0), not a filtered view's position.
+        at = col.index[int(np.flatnonzero(bad.to_numpy())[0])]
+        where = f"data row {int(at) + 1}" if isinstance(at, (int, np.integer)) else f"row {at!r}"
         raise ValueError(f"column {col.name!r}: {int(bad.sum())} value(s) are not numbers (e.g. "
-                         f"{text[bad].iloc[0]!r} in row {int(np.flatnonzero(bad.to_numpy())[0]) + 1}); "
-                         "fix them, or drop the column")
+                         f"{text[bad].iloc[0]!r} in {where}); fix them, or drop the column")
     return None
 
 

@@ -258,11 +258,14 @@ def labelled_table(df: pd.DataFrame, label_column: str, positive, negative, id_c
     unknown = sorted(seen - pos - neg)
     if unknown:
         log.info("ignoring rows with labels %s", unknown)
+    if not given.all():
+        log.info("ignoring %d row(s) with a blank label", int((~given).sum()))
     keep = given & np.isin(lab, sorted(pos | neg))
     if not (keep & np.isin(lab, sorted(pos))).any() or not (keep & np.isin(lab, sorted(neg))).any():
         raise ValueError(f"no row of column {label_column!r} is of the positive class or none of the negative")
+    # Columns judged on the selected rows with the file's row numbers, so that an error names the file's row.
+    feats = feature_columns(df.loc[keep], exclude={label_column, id_column, *exclude})
     sub = df.loc[keep].reset_index(drop=True)
-    feats = feature_columns(sub, exclude={label_column, id_column, *exclude})
     if not feats:
         raise ValueError("no numeric feature columns in the table")
     if id_column:

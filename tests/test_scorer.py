@@ -802,7 +802,11 @@ def test_table_mistakes_are_named_not_silently_dropped(tmp_path, capsys):
     spoilt = df.astype({"rb_pix": object})
     spoilt.loc[7, "rb_pix"] = "n/a?"  # one bad cell used to drop the whole column without a word
     code, out = train(spoilt)
-    assert code == 2 and "column 'rb_pix': 1 value(s) are not numbers (e.g. 'n/a?' in row 8)" in out.err
+    assert code == 2 and "column 'rb_pix': 1 value(s) are not numbers (e.g. 'n/a?' in data row 8)" in out.err
+    # ... the file's row, also when rows before it are of other labels (it had counted the selected rows only)
+    spoilt.loc[:6, "label"] = "unrelated"
+    code, out = train(spoilt)
+    assert code == 2 and "in data row 8)" in out.err
     blank_bool = df.astype({"CV": object})
     blank_bool.loc[2, "CV"] = None  # a blank turns True/False into text: still a feature
     code, out = train(blank_bool)
