@@ -21,6 +21,23 @@ def _is_tar(p: Path) -> bool:
     return p.name.endswith(TAR_SUFFIXES)
 
 
+def _name(text) -> str:
+    """A file or archive member's name as text every output can hold.
+
+    A name that is not UTF-8 (a Latin-1 tar member, a file from an old system) arrives with
+    lone surrogates, which no UTF-8 encoder takes: written into an annotation's source it
+    had stopped the replay and lost the batch. Its undecodable bytes are written as ``\\xNN``.
+    """
+    text = str(text)
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def _dir_key(p: Path):
     """A directory's identity (device, inode), or None if it cannot be looked at."""
     try:
@@ -82,17 +99,17 @@ def iter_envelopes(paths, expanded: bool = False):
             yield from _tar_envelopes(p)
             continue
         if p.is_dir():  # only a subdirectory os.walk could not list comes here
-            yield Envelope(b"", str(p), unreadable="a directory that cannot be listed (permission?)")
+            yield Envelope(b"", _name(p), unreadable="a directory that cannot be listed (permission?)")
             continue
         try:
             ts = int(p.stat().st_mtime * 1000)
-            yield Envelope(p.read_bytes(), str(p), timestamp_ms=ts)
+            yield Envelope(p.read_bytes(), _name(p), timestamp_ms=ts)
         except OSError as e:
-            yield Envelope(b"", str(p), unreadable=f"{type(e).__name__}: {e.strerror or e}")
+            yield Envelope(b"", _name(p), unreadable=f"{type(e).__name__}: {e.strerror or e}")
 
 
 def _tar_envelopes(p: Path):
-    name, last = str(p), "its start"
+    name, last = _name(p), "its start"
     try:
         with tarfile.open(p, "r|*") as tar:
             for member in tar:
@@ -100,12 +117,13 @@ def _tar_envelopes(p: Path):
                     continue
                 if not member.isfile():  # said, not skipped: an alert stored as a link is not read
                     what = "a link" if member.issym() or member.islnk() else "not a regular file"
-                    yield Envelope(b"", f"{p}!{member.name}", unreadable=f"archive: member is {what} (not followed)")
+                    yield Envelope(b"", _name(f"{p}!{member.name}"),
+                                   unreadable=f"archive: member is {what} (not followed)")
                     continue
-                name = f"{p}!{member.name}"
+                name = _name(f"{p}!{member.name}")
                 fh = tar.extractfile(member)
                 yield Envelope(fh.read(), name, timestamp_ms=int(member.mtime * 1000))
-                name, last = str(p), member.name
+                name, last = _name(p), _name(member.name)
             # A streamed tar stops quietly at a damaged or missing header: it must end in
             # zero blocks (its end marker, then padding), or members were lost.
             damage = _tar_tail(tar.fileobj)

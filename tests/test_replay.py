@@ -466,3 +466,30 @@ def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path):
     lines = out_js.read_text().splitlines()
     table = pq.read_table(out_pq)  # readable: the footer was written
     assert 0 < table.num_rows == len(lines) < 6 * len(files)
+
+
+def test_a_file_or_archive_member_name_that_is_not_utf8_does_not_stop_the_replay(tmp_path):
+    """A Latin-1 name arrives with lone surrogates, which no UTF-8 writer takes: in an annotation's source it
+    had stopped ``vigil replay`` with every output of the batch lost (N = A + R broken)."""
+    import os
+    import tarfile
+
+    files = avro_files("ztf_fink", "2018-12-02_schema3.2")[:2]
+    d = tmp_path / "night"
+    d.mkdir()
+    (d / "ok.avro").write_bytes(files[0].read_bytes())
+    bad = os.fsdecode(bytes(d) + b"/caf\xe9.avro")  # a name that is not UTF-8
+    with open(bad, "wb") as fh:
+        fh.write(files[1].read_bytes())
+    tar = tmp_path / "night.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:  # raw Latin-1 names
+        t.add(files[0], arcname="ok.avro")
+        t.add(files[1], arcname="caf\xe9.avro")
+    for src in (d, tar):
+        out, rej = tmp_path / f"{src.name}.jsonl", tmp_path / f"{src.name}.rej.jsonl"
+        assert main(["replay", str(src), "--out", str(out), "--out", str(out.with_suffix(".parquet")),
+                     "--rejected", str(rej), "--no-progress"]) == 0
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(recs) == 2, src
+        assert any("caf\\xe9.avro" in r["source"]["topic"] for r in recs), [r["source"] for r in recs]
+        assert pq.read_table(out.with_suffix(".parquet")).num_rows == 2
