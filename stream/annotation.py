@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,6 +18,8 @@ from importlib import resources
 import fastavro
 
 from stream.alert import TAI_MINUS_UTC_S
+
+log = logging.getLogger(__name__)
 
 ANNOTATION_SCHEMA_VERSION = "1.2"
 _SCHEMA_FILE = "vigil.annotation.v1.avsc"
@@ -203,14 +206,31 @@ def encode_annotation(record: dict) -> bytes:
     return buf.getvalue()
 
 
+_NEWER_SEEN: set = set()
+
+
 def decode_annotation(data: bytes, version: str = ANNOTATION_SCHEMA_VERSION) -> dict:
     """Inverse of :func:`encode_annotation` (timestamps come back as Unix milliseconds).
 
     ``version`` is the writer's (the message's ``vigil.schema_version`` header): a message an
     older Vigil wrote is decoded with its own schema, and the fields added since get their
-    defaults, so every record comes back in this version's shape.
+    defaults, so every record comes back in this version's shape. A message of a newer minor
+    version of the same major one is read with this version's schema: minor versions only add
+    fields at the end, which it leaves unread (logged once per version). Another major version
+    is refused.
     """
-    rec = fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(version), annotation_schema())
+    writer = version
+    if version not in ("1.0", *ADDED_IN):
+        major, _, minor = str(version).partition(".")
+        mine = ANNOTATION_SCHEMA_VERSION.split(".")
+        if not (major == mine[0] and minor.isdigit() and int(minor) > int(mine[1])):
+            annotation_schema(version)  # raises, naming the versions this Vigil reads
+        if version not in _NEWER_SEEN:
+            _NEWER_SEEN.add(version)
+            log.warning("annotation schema version %s is newer than this Vigil's %s: its fields added since are "
+                        "left unread", version, ANNOTATION_SCHEMA_VERSION)
+        writer = ANNOTATION_SCHEMA_VERSION
+    rec = fastavro.schemaless_reader(io.BytesIO(data), annotation_schema(writer), annotation_schema())
     for k in ("event_time_ms", "processing_time_ms"):
         if hasattr(rec[k], "timestamp"):
             rec[k] = round(rec[k].timestamp() * 1000)

@@ -14,7 +14,7 @@ import time
 import fastavro
 import pyarrow.parquet as pq
 import pytest
-from conftest import DATA, SHARED, avro_files, needs_shared
+from conftest import DATA, ROOT, SHARED, avro_files, needs_shared
 
 from stream.alert import Envelope
 from stream.annotation import decode_annotation, encode_annotation, validate_annotation
@@ -167,6 +167,15 @@ def test_replay_cli_on_vendored_sample_with_tarball(tmp_path, capsys):
     assert back["extrapolated"] == [] and back["label_propensity"] == {}
     with pytest.raises(ValueError, match="schema version '2.0'"):
         decode_annotation(buf.getvalue(), "2.0")
+    # A newer minor version (a field added at the end, with its default) is read with this version's
+    # schema, its new field left unread (it had been refused, so a 1.3 producer stopped every 1.2 reader).
+    raw = json.loads((ROOT / "stream" / "schemas" / "vigil.annotation.v1.avsc").read_text())
+    raw["fields"].append({"name": "added_in_1_3", "type": "double", "default": 0.0})
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(raw), dict(r, added_in_1_3=2.5))
+    assert decode_annotation(buf.getvalue(), "1.3") == r
+    with pytest.raises(ValueError, match="schema version '0.9'"):
+        decode_annotation(buf.getvalue(), "0.9")
 
 
 def test_replay_reconciliation_counts_rejections(tmp_path, capsys):
