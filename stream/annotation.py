@@ -26,14 +26,38 @@ _SCHEMA_FILE = "vigil.annotation.v1.avsc"
 MJD_UNIX_EPOCH = 40587.0
 
 
+@lru_cache(maxsize=1)
 def code_version() -> str:
-    """Installed Vigil version (``importlib.metadata``), or ``"dev"``."""
+    """Installed Vigil version and a digest of its code: ``"0.1.0+c<8 hex>"`` (``"dev"`` uninstalled).
+
+    The version number alone said "0.1.0" through every change that moved scores; the digest
+    of the Python sources of ``stream``, ``models`` and ``causal`` (and the shipped model files)
+    tells any two builds apart, from a git checkout or a wheel alike.
+    """
+    import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("vigil")
+        number = version("vigil")
     except PackageNotFoundError:
-        return "dev"
+        number = "dev"
+    h = hashlib.sha256()
+    for pkg in ("stream", "models", "causal"):
+        root = resources.files(pkg)
+        for path in sorted(_walk(root), key=lambda p: p[0]):
+            h.update(path[0].encode() + b"\0" + path[1].read_bytes())
+    return f"{number}+c{h.hexdigest()[:8]}"
+
+
+def _walk(root, prefix: str = ""):
+    """(relative name, resource) of the Python sources and model files under ``root``."""
+    for item in root.iterdir():
+        name = f"{prefix}{item.name}"
+        if item.is_dir():
+            if item.name != "__pycache__":
+                yield from _walk(item, name + "/")
+        elif item.name.endswith((".py", ".json", ".ubj", ".avsc")):
+            yield name, item
 
 
 #: Fields each minor version added, at the end of the record (so that a reader of an older

@@ -502,3 +502,28 @@ def test_a_file_or_archive_member_name_that_is_not_utf8_does_not_stop_the_replay
         assert len(recs) == 2, src
         assert any("caf\\xe9.avro" in r["source"]["topic"] for r in recs), [r["source"] for r in recs]
         assert pq.read_table(out.with_suffix(".parquet")).num_rows == 2
+
+
+def test_the_code_version_tells_builds_apart(tmp_path, monkeypatch):
+    """Every record had said code_version "0.1.0" through every change that moved scores."""
+    import shutil
+    from importlib import resources
+
+    from stream import annotation as A
+
+    v = A.code_version()
+    assert re.fullmatch(r"(\d+\.\d+\.\d+|dev)\+c[0-9a-f]{8}", v), v
+    # The same sources with one byte changed give another digest.
+    copy_root = tmp_path / "pkgs"
+    for pkg in ("stream", "models", "causal"):
+        shutil.copytree(resources.files(pkg), copy_root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    files = {pkg: copy_root / pkg for pkg in ("stream", "models", "causal")}
+    monkeypatch.setattr(A.resources, "files", lambda pkg: files[pkg])
+    A.code_version.cache_clear()
+    try:
+        assert A.code_version() == v
+        (copy_root / "models" / "rank.py").write_text((copy_root / "models" / "rank.py").read_text() + "\n")
+        A.code_version.cache_clear()
+        assert A.code_version() != v
+    finally:
+        A.code_version.cache_clear()
