@@ -66,6 +66,8 @@ class Envelope:
         Why the source could not read these bytes at all (a file's permission, a broken
         link, a damaged archive); the payload is then empty and the envelope is rejected
         as ``unreadable``, so the input is accounted for and the rest goes on.
+    headers : tuple of (str, bytes) or None
+        The Kafka message's own headers, if any (a dead letter carries them on).
     """
 
     payload: bytes
@@ -75,6 +77,7 @@ class Envelope:
     timestamp_ms: int = -1
     key: bytes | None = None
     unreadable: str | None = None
+    headers: tuple | None = None
 
 
 @dataclass(frozen=True, eq=False)

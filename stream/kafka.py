@@ -84,7 +84,9 @@ MAX_POLL_INTERVAL_MS = 600_000
 
 def _envelope(msg) -> Envelope:
     ts_type, ts = msg.timestamp()
-    return Envelope(msg.value() or b"", msg.topic(), msg.partition(), msg.offset(), ts if ts_type else -1, msg.key())
+    h = msg.headers()
+    return Envelope(msg.value() or b"", msg.topic(), msg.partition(), msg.offset(), ts if ts_type else -1, msg.key(),
+                    headers=tuple(h) if h else None)
 
 
 class Stats:
@@ -406,13 +408,18 @@ class DeadLetterSink(_ProducerSink):
         sent: set = set()  # messages whose payload a dead letter of this batch already carries
         for r in rejected:
             e = r.envelope
-            headers = [
-                ("vigil.reason", r.reason.encode()), ("vigil.stage", r.stage.encode()),
-                ("vigil.detail", r.detail.encode()[:2000]), ("vigil.source.topic", e.source.encode()),
-                ("vigil.source.partition", str(e.partition).encode()), ("vigil.source.offset", str(e.offset).encode()),
-            ]
+            # The message's own headers first, as they came; then the why. (A detail cut at 2,000 bytes
+            # drops a character it would split, so the header stays UTF-8.)
+            headers = [*(e.headers or ()),
+                       ("vigil.reason", r.reason.encode()), ("vigil.stage", r.stage.encode()),
+                       ("vigil.detail", r.detail.encode()[:2000].decode("utf-8", "ignore").encode()),
+                       ("vigil.source.topic", e.source.encode()), ("vigil.source.partition", str(e.partition).encode()),
+                       ("vigil.source.offset", str(e.offset).encode()),
+                       ("vigil.source.timestamp_ms", str(e.timestamp_ms).encode())]
             if r.alert_id is not None:
                 headers.append(("vigil.alert_id", str(r.alert_id).encode()))
+            if r.object_id is not None:
+                headers.append(("vigil.object_id", r.object_id.encode("utf-8", "backslashreplace")))
             payload = e.payload
             ident = (e.source, e.partition, e.offset) if e.offset is not None else id(e)
             again = ident in sent

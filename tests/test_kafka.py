@@ -186,7 +186,8 @@ def test_bad_messages_go_to_dead_letter_with_reason_and_original_bytes(broker, t
     bad = [b"", b"garbage bytes", good[0][:500], b"\x00\x00\x00\x03\x84junk"]
     p = Producer({"bootstrap.servers": broker.bootstrap})
     for i, payload in enumerate(good + bad):
-        p.produce(topics[0], value=payload, key=f"k{i}".encode(), partition=0)
+        p.produce(topics[0], value=payload, key=f"k{i}".encode(), partition=0, headers=[("orig", f"h{i}".encode())],
+                  timestamp=1_700_000_000_000 + i)
     p.flush(10)
     n = len(good) + len(bad)
     counts = run_service(_config(broker, topics), until=lambda c: c.read >= n)
@@ -204,6 +205,9 @@ def test_bad_messages_go_to_dead_letter_with_reason_and_original_bytes(broker, t
         assert h["vigil.source.partition"] == b"0" and h["vigil.detail"]
         assert (m.value() or b"") == bad[offset - len(good)]  # original bytes, unchanged
         assert m.key() == f"k{offset}".encode()
+        # ... with the message's own headers and time (a review: they had been dropped)
+        assert h["orig"] == f"h{offset}".encode() and m.headers()[0] == ("orig", f"h{offset}".encode())
+        assert h["vigil.source.timestamp_ms"] == str(1_700_000_000_000 + offset).encode()
 
 
 def test_oversized_and_unencodable_inputs_are_dead_lettered_and_the_stream_goes_on(broker, topics):
@@ -734,3 +738,19 @@ def test_the_service_writes_to_the_source_cluster_with_the_sources_login(broker,
                   output={"queue_db": ""})
     run_service(cfg, until=lambda counts: True)
     assert len(seen) == 2 and all(k.get("socket.keepalive.enable") is True for k in seen), seen
+
+
+def test_a_dead_letter_names_the_object_and_cuts_a_long_detail_between_characters(broker, topics):
+    from stream.alert import Envelope, Rejected
+    from stream.kafka import DeadLetterSink
+
+    sink = DeadLetterSink(broker.bootstrap, topics[2])
+    env = Envelope(b"payload", "alerts", 0, 7, 1_700_000_000_000, b"k")
+    long_detail = "x" + "é" * 1500
+    sink.write_rejected([Rejected(env, "process", "bad_value", long_detail, alert_id=42, object_id="ZTF24aaaaaaa")])
+    sink.flush()
+    sink.close()
+    (m,) = read_topic(broker.bootstrap, topics[2], 1)
+    h = dict(m.headers())
+    assert h["vigil.object_id"] == b"ZTF24aaaaaaa" and h["vigil.alert_id"] == b"42"
+    assert h["vigil.detail"].decode("utf-8") == "x" + "é" * 999  # ≤ 2,000 bytes, not cut inside an é (it had been)
