@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-from stream.alert import PIXEL_SCALE, TAI_MINUS_UTC_S, median
+from stream.alert import PIXEL_SCALE, median, tai_minus_utc_s
 
 # Column order is part of every saved model's metadata; append, never reorder.
 FEATURES = (
@@ -492,7 +492,7 @@ def sky_geometry(ra, dec, mjd, site, scale: str = "utc") -> dict:
 
     lat, lon, _ = site
     ra, dec, mjd = (np.asarray(v, dtype=float) for v in (ra, dec, mjd))
-    jd = mjd + 2400000.5 - (TAI_MINUS_UTC_S / 86400.0 if scale == "tai" else 0.0)
+    jd = mjd + 2400000.5 - (tai_minus_utc_s(mjd) / 86400.0 if scale == "tai" else 0.0)
     lst = _gmst_deg(jd) + lon
     m_ra, m_dec, m_lam, m_beta = moon_position(jd)
     _, _, s_lam = sun_position(jd)

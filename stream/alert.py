@@ -12,8 +12,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Light-curve row kinds. A row is one measurement of the target at one epoch.
-#: TAI − UTC (s) since 2017: Rubin times are TAI; Unix times, ZTF's and the ephemerides' are UTC.
-TAI_MINUS_UTC_S = 37.0
+# Rubin times are TAI; Unix times, ZTF's and the ephemerides' are UTC.
+#: The leap seconds of this century: (UTC MJD from which, TAI − UTC in s). Earlier times get 32 s.
+_LEAP_SECONDS = ((51179.0, 32.0), (53736.0, 33.0), (54832.0, 34.0), (56109.0, 35.0), (57204.0, 36.0),
+                 (57754.0, 37.0))
+
+
+def tai_minus_utc_s(mjd):
+    """TAI − UTC in seconds at ``mjd`` (either scale: they differ by < 1 min), array or scalar.
+
+    A constant 37 s put Rubin's reprocessed HSC alerts of 2016 (36 s then) one second out.
+    Leap seconds after 2017 would need adding here (none has been announced).
+    """
+    starts = np.array([m for m, _ in _LEAP_SECONDS])
+    values = np.array([32.0] + [v for _, v in _LEAP_SECONDS])
+    out = values[np.searchsorted(starts, np.asarray(mjd, dtype=float), side="right")]
+    return float(out) if np.ndim(out) == 0 else out
 
 DETECTION = 0  # the alert's own (triggering) detection
 PREVIOUS = 1  # an earlier detection carried in the alert's history

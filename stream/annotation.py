@@ -17,7 +17,7 @@ from importlib import resources
 
 import fastavro
 
-from stream.alert import TAI_MINUS_UTC_S
+from stream.alert import tai_minus_utc_s
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ def annotation_schema(version: str = ANNOTATION_SCHEMA_VERSION) -> dict:
 
 
 def mjd_to_unix_ms(mjd: float, scale: str = "utc") -> int:
-    """Unix milliseconds (UTC) of an MJD in ``scale`` ("utc", or "tai": Rubin's, 37 s ahead)."""
+    """Unix milliseconds (UTC) of an MJD in ``scale`` ("utc", or "tai": Rubin's, 37 s ahead since 2017)."""
     if scale == "tai":
-        mjd = mjd - TAI_MINUS_UTC_S / 86400.0
+        mjd = mjd - tai_minus_utc_s(mjd) / 86400.0
     return int(round((mjd - MJD_UNIX_EPOCH) * 86400000.0))
 
 

@@ -608,7 +608,8 @@ def test_ztf_damaged_run_positions_come_from_the_earlier_detections():
 
 def test_rubin_withdrawn_history_is_dropped_and_event_times_are_utc(rubin_files, tmp_path):
     """Schema 9 on marks invalid records with timeWithdrawnMjdTai: no measurements. Annotation
-    times (timestamp-millis) are UTC, Rubin's own TAI less 37 s. An empty schema directory is refused."""
+    times (timestamp-millis) are UTC, Rubin's own TAI less TAI − UTC (37 s since 2017). An empty schema
+    directory is refused."""
     from stream.annotation import mjd_to_unix_ms
 
     dec = Decoder()
@@ -621,7 +622,12 @@ def test_rubin_withdrawn_history_is_dropped_and_event_times_are_utc(rubin_files,
     b = dec.to_alert(dict(copy.deepcopy(rec), prvDiaSources=[gone]), Envelope(b"", "x"))
     assert (a.lightcurve.n_detections, b.lightcurve.n_detections) == (2, 1)
     assert a.time_scale == "tai"
-    assert mjd_to_unix_ms(a.mjd, "tai") == mjd_to_unix_ms(a.mjd) - 37_000
+    # 37 s since 2017, 36 s before (this vendored alert is of Rubin's reprocessed HSC data of 2016, which
+    # had been put a second out), 35 s before mid-2015
+    assert mjd_to_unix_ms(60900.0, "tai") == mjd_to_unix_ms(60900.0) - 37_000
+    assert a.mjd < 57754 and mjd_to_unix_ms(a.mjd, "tai") == mjd_to_unix_ms(a.mjd) - 36_000
+    assert mjd_to_unix_ms(57454.5, "tai") == mjd_to_unix_ms(57454.5) - 36_000
+    assert mjd_to_unix_ms(57000.0, "tai") == mjd_to_unix_ms(57000.0) - 35_000
     (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match="holds no Rubin alert schema"):
         SchemaRegistry.from_dir(tmp_path / "none")
