@@ -773,7 +773,7 @@ def _complete_model(directory):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def _no_moving_static(proba: np.ndarray, names, X: pd.DataFrame) -> np.ndarray:

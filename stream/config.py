@@ -17,12 +17,11 @@ import dataclasses
 import math
 import os
 import re
+import tomllib
 import typing
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-
-import tomllib
 
 
 class ConfigError(ValueError):
@@ -44,7 +43,7 @@ def parse_time_ms(text: str) -> int:
         return int(text)
     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 

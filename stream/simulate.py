@@ -562,7 +562,7 @@ def _mag(flux):
 
 def jd_to_datetime(jd: float) -> _dt.datetime:
     """JD (UTC) → timezone-aware :class:`datetime.datetime`."""
-    return _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc) + _dt.timedelta(days=float(jd) - JD_UNIX0)
+    return _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC) + _dt.timedelta(days=float(jd) - JD_UNIX0)
 
 
 def object_id(index: int, year: int, seed: int) -> str:
