@@ -251,9 +251,10 @@ _CONNECTION_PREFIXES = ("security.", "sasl.", "ssl.", "ssl_", "enable.ssl.", "en
 
 def output_kafka_settings(cfg: Config) -> dict:
     """librdkafka settings of the output producers: ``[output.kafka]``, and where the outputs go to
-    the source's cluster (no ``output.bootstrap_servers``) the connection and login settings of
-    ``[source.kafka]`` under them: a SASL/SSL cluster had been read with them and written without."""
-    if cfg.output.bootstrap_servers:
+    the source's cluster (no ``output.bootstrap_servers``, or one naming a broker of the source's)
+    the connection and login settings of ``[source.kafka]`` under them: a SASL/SSL cluster had
+    been read with them and written without."""
+    if not same_cluster_as_source(cfg):
         return dict(cfg.output.kafka)
     inherited = {k: v for k, v in cfg.source.kafka.items() if k.startswith(_CONNECTION_PREFIXES)}
     return {**inherited, **cfg.output.kafka}

@@ -230,6 +230,9 @@ def test_outputs_on_the_source_cluster_log_in_as_the_source_does(monkeypatch):
     other = parse_config({"source": {"kafka": source},
                           "output": {"bootstrap_servers": "ours:9092", "kafka": {"linger.ms": 20}}})
     assert output_kafka_settings(other) == {"linger.ms": 20}  # another cluster: its own settings only
+    named = parse_config({"source": {"bootstrap_servers": "b1:9092,b2:9092", "kafka": source},
+                          "output": {"bootstrap_servers": "B2:9092", "kafka": {"linger.ms": 20}}})
+    assert output_kafka_settings(named)["security.protocol"] == "SASL_SSL"  # the source's cluster, named
 
 
 def test_an_unquoted_dotted_librdkafka_key_is_named_as_such(tmp_path):
