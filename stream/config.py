@@ -178,6 +178,8 @@ def _build(cls, table, where: str):
         key, t = f"{where}.{k}", hints[k]
         if k == "kafka":
             kw[k] = _resolve_secrets(v, key) if isinstance(v, dict) else _fail(key, "a table")
+        elif k == "queue_db":
+            kw[k] = _queue_db(v, key)
         elif t is tuple:
             if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
                 _fail(key, "a list of strings")
@@ -194,6 +196,29 @@ def _build(cls, table, where: str):
         else:
             raise ConfigError(f"{key}: unsupported type")
     return cls(**kw)
+
+
+def _queue_db(v, key: str) -> str:
+    """A queue store's path or URL; a database password comes from the environment or a file, as
+    Kafka secrets do: ``{ env = "VAR" }`` / ``{ file = "PATH" }`` (the whole URL), or libpq's own
+    ``PGPASSWORD`` / ``~/.pgpass``."""
+    if isinstance(v, dict):
+        return str(_resolve_secrets({"queue_db": v}, key.rsplit(".", 1)[0])["queue_db"])
+    if not isinstance(v, str):
+        _fail(key, f"a string, {{ env = \"VAR\" }} or {{ file = \"PATH\" }}, not {v!r}")
+    from urllib.parse import parse_qs, urlsplit
+
+    low = v.lower()
+    if low.startswith(("postgresql://", "postgres://")):
+        try:
+            parts = urlsplit(v)
+            secret = parts.password is not None or "password" in parse_qs(parts.query)
+        except ValueError:  # a malformed URL: the store names it when it opens
+            secret = False
+        if secret:
+            raise ConfigError(f"{key}: a password written in the file; give the URL as {{ env = \"VAR\" }} or "
+                              "{ file = \"PATH\" }, or leave it out and use PGPASSWORD or ~/.pgpass")
+    return v
 
 
 def _fail(key, what):

@@ -242,3 +242,19 @@ def test_an_unquoted_dotted_librdkafka_key_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert "source.kafka.security" in str(e.value) and '"security.protocol" = ..., quoted' in str(e.value)
+
+
+def test_a_queue_database_password_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    """Only Kafka secrets had been kept out of the file: a PostgreSQL password in queue_db loaded silently,
+    and queue_db had no env/file form."""
+    for url in ("postgresql://vigil:hunter2@db.example.org/vigil", "postgres://db.example.org/vigil?password=x"):
+        with pytest.raises(ConfigError, match="output.queue_db: a password written in the file"):
+            parse_config({"output": {"queue_db": url}})
+    assert parse_config({"output": {"queue_db": "postgresql://vigil@db.example.org/vigil"}}).output.queue_db \
+        == "postgresql://vigil@db.example.org/vigil"  # no password: PGPASSWORD or ~/.pgpass
+    monkeypatch.setenv("VIGIL_TEST_DB", "postgresql://vigil:hunter2@db.example.org/vigil")
+    (tmp_path / "db.txt").write_text("replay.sqlite\n")
+    cfg = parse_config({"output": {"queue_db": {"env": "VIGIL_TEST_DB"}},
+                        "replay": {"queue_db": {"file": str(tmp_path / "db.txt")}}})
+    assert cfg.output.queue_db == "postgresql://vigil:hunter2@db.example.org/vigil"
+    assert cfg.replay.queue_db == "replay.sqlite"
