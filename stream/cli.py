@@ -164,10 +164,44 @@ def cmd_run(args) -> int:
                 if given:
                     msg = re.sub(rf"\b{re.escape(key)}\b", flag, msg)
             raise ValueError(msg) from None
+    if args.check:
+        return _check_config(args.config, cfg)
     stop = StopFlag()
     stop.install()
     counts = run_service(cfg, stop, replay=args.replay or bool(args.start or args.end))
     print(counts.line())
+    return 0
+
+
+def _check_config(path, cfg) -> int:
+    """``vigil run --check``: what the service would load, loaded, and said; nothing is started.
+
+    The config is already parsed, validated and its secrets read; here the schemas and the model
+    are opened too. No broker is contacted. Secrets are not printed (librdkafka settings by name only).
+    """
+    from stream.config import ConfigError, load_configured_model, output_kafka_settings, same_cluster_as_source
+    from stream.decode import SchemaRegistry, load_ztf_schema
+    from stream.queue import redacted
+
+    s, o = cfg.source, cfg.output
+    for key, load, value in (("source.schema_dir", SchemaRegistry.from_dir, s.schema_dir),
+                             ("source.ztf_schema", load_ztf_schema, s.ztf_schema)):
+        if value:
+            try:
+                load(value)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{key}: {e}") from None
+    model = load_configured_model(cfg)
+    version = model.model_version if model is not None else "the shipped default"
+    out_cluster = "the source's" if same_cluster_as_source(cfg) else o.bootstrap_servers
+    print(f"config OK: {path} (nothing started, no broker contacted)")
+    print(f"  source: {s.bootstrap_servers} topics {', '.join(s.topics)} group {s.group_id}; "
+          f"librdkafka: {', '.join(sorted(s.kafka)) or 'defaults'}")
+    print(f"  outputs on {out_cluster} cluster: {o.annotations_topic}, dead letters {o.dead_letter_topic}; "
+          f"librdkafka: {', '.join(sorted(output_kafka_settings(cfg))) or 'defaults'}")
+    print(f"  queue store: {redacted(o.queue_db) if o.queue_db else 'none'}; model: {version}")
+    if cfg.replay is not None:
+        print(f"  [replay] {cfg.replay.start} → {cfg.replay.end}, outputs suffixed .{cfg.replay.namespace}")
     return 0
 
 
@@ -247,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(without --until, the end is the config's [replay] end, else 'end')")
     p.add_argument("--until", dest="end", help="replay until this time (ISO-8601) or 'end' "
                    "(without --from, the start is the config's [replay] start, else 'earliest')")
+    p.add_argument("--check", action="store_true", help="load and check the config (secrets, schemas, model), "
+                   "say what it would run, and exit; no broker is contacted")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("produce", help="push archived alerts into a Kafka topic")

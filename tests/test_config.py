@@ -258,3 +258,22 @@ def test_a_queue_database_password_comes_from_the_environment_or_a_file(tmp_path
                         "replay": {"queue_db": {"file": str(tmp_path / "db.txt")}}})
     assert cfg.output.queue_db == "postgresql://vigil:hunter2@db.example.org/vigil"
     assert cfg.replay.queue_db == "replay.sqlite"
+
+
+def test_run_check_loads_everything_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    """``vigil run --config X --check``: secrets, schemas and the model are loaded, nothing is started and no
+    secret is printed; a config that would fail says so by key, as ``vigil run`` would."""
+    from stream.cli import main
+
+    monkeypatch.setenv("VIGIL_TEST_PW", "s3cret")
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[source]\nbootstrap_servers = "nowhere.invalid:9092"\n[source.kafka]\n'
+                  '"sasl.password" = { env = "VIGIL_TEST_PW" }\n"security.protocol" = "SASL_SSL"\n'
+                  f'[scoring]\nmodel = "{ROOT / "models" / "default_model"}"\n')
+    assert main(["run", "--config", str(ok), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "config OK" in out and "sasl.password" in out and "s3cret" not in out and "xgb-" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[source]\nschema_dir = "/nonexistent"\n')
+    assert main(["run", "--config", str(bad), "--check"]) == 2
+    assert "source.schema_dir" in capsys.readouterr().err
