@@ -1433,6 +1433,10 @@ def _object_id(v, ids) -> str:
         raise DecodeError("bad_value", f"object id of {len(s)} characters (> {MAX_OBJECT_ID_CHARS})", ids[0])
     if not s.isprintable():
         raise DecodeError("bad_value", f"object id {s!r}: not printable", ids[0])
+    # The queue page addresses an object by its id in the URL path, where a browser resolves "." and
+    # ".." segments: such an object's page could never be opened (no survey's ids have them).
+    if any(seg in (".", "..") for seg in s.replace("\\", "/").split("/")):
+        raise DecodeError("bad_value", f"object id {s!r}: a '.' or '..' path segment", *ids)
     return s
 
 

@@ -213,7 +213,9 @@ def test_impossible_history_values_and_repeats_do_not_reach_the_features():
     # Ids a terminal would obey, or 100 kB of them, and an error too small to be measured.
     for change, words in ((dict(objectId="ZTF\x1b[2J"), "not printable"), (dict(objectId="Z" * 100_000),
                                                                               "object id of 100000 characters"),
-                          (dict(candidate=dict(c, sigmapsf=1e-39)), "sigmapsf=1e-39")):
+                          (dict(candidate=dict(c, sigmapsf=1e-39)), "sigmapsf=1e-39"),
+                          # the queue page's URL path would resolve it away (a review: its page 404'd)
+                          (dict(objectId="a/../../x"), "a '.' or '..' path segment")):
         rej = dec.to_alert(dict(copy.deepcopy(rec), **change), Envelope(b"", "x"))
         assert isinstance(rej, Rejected) and rej.reason == "bad_value" and words in rej.detail, (change, rej)
         assert rej.object_id is None or len(str(rej.object_id)) < 100
