@@ -190,9 +190,12 @@ def lightcurve_features(alerts, corrected_flux=None) -> dict:
            "n_nondet": np.maximum(n_nondet, np.bincount(g[f_non], minlength=n)).astype(float),
            "n_forced": np.bincount(g[forced], minlength=n).astype(float)}
     with np.errstate(invalid="ignore", divide="ignore"):
+        # The first detection: listed ones, and forced points at ≥ 5σ before the alert (they count as
+        # detections and may shape the light curve; left out here, a Rubin alert with precovery
+        # photometry and no survey first-detection time was "first" stage with days of shape).
         tmin = np.full(n, np.inf)
-        np.minimum.at(tmin, g[det], mjd[det])
-        first = np.fmin(first_known, np.where(n_det > 0, tmin, np.nan))
+        np.minimum.at(tmin, g[det | f_det], mjd[det | f_det])
+        first = np.fmin(first_known, np.where(np.isfinite(tmin), tmin, np.nan))
         out["days_since_first"] = np.where(np.isfinite(first), now - first, 0.0)
         sel = (nondet | f_non) & (mjd < now[g])
         tmax = np.full(n, -np.inf)

@@ -36,7 +36,7 @@ def ref_lightcurve_features(lc, now_mjd: float, first_det_mjd: float, flux=None)
     out = {"n_det": max(int(det.sum()), now_det + int(f_det.sum())),
            "n_nondet": max(int((lc.kind == NONDETECTION).sum()), int(f_non.sum())),
            "n_forced": int((lc.kind == FORCED).sum())}
-    td = lc.mjd[det]
+    td = lc.mjd[det | f_det]  # forced points at ≥ 5σ are detections too
     first = np.nanmin([first_det_mjd, td.min() if len(td) else np.nan]) if len(td) or np.isfinite(first_det_mjd) \
         else np.nan
     out["days_since_first"] = now_mjd - first if np.isfinite(first) else 0.0
@@ -152,6 +152,19 @@ def test_counts_and_shape_come_from_forced_photometry_when_the_history_lacks_the
     # ... and so does the light-curve shape, from those forced detections and the alert's own.
     several = feats["n_det"] > 2
     assert several.any() and np.isfinite(feats["amplitude_mag"][several]).all()
+    # ... and the time since the first detection, also without the survey's own first-detection time (Rubin's
+    # is null): it had been 0 (stage "first") for an alert whose shape spanned days of forced detections.
+    import dataclasses
+
+    blind = [dataclasses.replace(a, context=dataclasses.replace(a.context, first_det_mjd=np.nan)) for a in alerts]
+    got = lightcurve_features(blind)["days_since_first"]
+    for i, a in enumerate(blind):
+        lc = a.lightcurve
+        before = (lc.kind == FORCED) & (lc.mjd < a.mjd) & np.isfinite(lc.flux) & (lc.flux_err > 0)
+        early = lc.mjd[before & (np.abs(lc.flux) >= 5 * lc.flux_err)]
+        assert got[i] == pytest.approx(a.mjd - early.min() if len(early) else 0.0)
+    assert (got[several] > 0).all()
+    _check(blind)
 
 
 def test_batch_features_of_an_empty_batch():
