@@ -1560,7 +1560,6 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
                  flux_err=float(noise) * NJY_TO_UJY, kind=NONDETECTION, exposure=e)
 
     dobj = rec.get("diaObject") or {}
-    snr = _first(src, "snr")
     ctx = Context(
         real_bogus=_real_bogus(_first(src, "reliability")),
         real_bogus_version="reliability" if math.isfinite(_real_bogus(src.get("reliability"))) else "",
@@ -1570,7 +1569,9 @@ def _rubin_alert(rec: dict, version: str, keep_cutouts: bool) -> Alert:
         extendedness=_f(src.get("extendedness")),
         n_bad_pixels=float(sum(bool(src.get(k)) for k in _RUBIN_CENTRE_FLAGS))
         if any(k in src for k in _RUBIN_CENTRE_FLAGS) else np.nan,
-        snr=_f(snr) if snr is not None else (abs(flux) / ferr if ferr > 0 else np.nan),
+        # The PSF flux's S/N, as ZTF's 1.0857/sigmapsf is: Rubin's own ``snr`` is the detection's
+        # significance, which differs for dipoles (an HSC dipole: 5.4 against 0.0015).
+        snr=abs(flux) / ferr if ferr > 0 else np.nan,
         n_det_history=int(_first(dobj, "nDiaSources", default=-1)),
         first_det_mjd=_mjd_or_nan(_first(dobj, "firstDiaSourceMjdTai")),
         mag=float(23.9 - 2.5 * math.log10(flux)) if flux > 0 else np.nan,

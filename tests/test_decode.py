@@ -1074,3 +1074,14 @@ def test_a_message_cut_inside_its_framing_is_truncated_not_a_bad_magic_byte():
         assert isinstance(rej, Rejected) and rej.reason == "truncated", (payload, rej)
     (rej,) = Decoder().decode(Envelope(b"Ob!"))
     assert rej.reason == "bad_magic_byte"
+
+
+def test_rubin_snr_is_the_psf_fluxs_as_ztfs_is(rubin_files):
+    """ZTF's S/N feature is its PSF flux's (1.0857 / sigmapsf); Rubin's ``snr`` field is the detection's
+    significance, which differs for dipoles (a review: up to 3,772 times the PSF flux's S/N)."""
+    dec = Decoder()
+    for f in rubin_files:
+        schema, (rec,) = _read(f)
+        a = _decode_one(dec, f.read_bytes())
+        s = rec["diaSource"]
+        assert a.context.snr == pytest.approx(abs(s["psfFlux"]) / s["psfFluxErr"]), f
