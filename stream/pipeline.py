@@ -81,7 +81,7 @@ class Pipeline:
         replay's batch size, a live consumer's timeouts) can correct an alert differently,
         most at tonight's exposure.
     clock : {"stream", "wall"}
-        What "now" is for freshness: the latest event time seen of the alert's survey (replays
+        What "now" is for freshness: the latest event time of the alert's survey seen up to it (replays
         rank as they would have live; each survey is its own stream) or the wall clock (live
         service).
     error_budget : ErrorBudget
@@ -149,10 +149,15 @@ class Pipeline:
         sb = self.scorer.score(X)
         mjd = np.array([a.mjd for a in alerts])
         survey = np.array([a.survey for a in alerts])
+        # The stream clock as each alert arrived: the newest time seen up to it, in arrival order (the
+        # batch's newest alert had aged the earlier alerts of its batch, so priorities depended on how
+        # the stream was cut into batches).
+        seen = np.empty(len(alerts))
         for sv in np.unique(survey):
-            self.stream_mjd[sv] = max(self.stream_mjd.get(sv, -np.inf), float(mjd[survey == sv].max()))
-        now = (np.array([self.stream_mjd[sv] for sv in survey]) if self.clock == "stream"
-               else time.time() / 86400.0 + 40587.0)
+            m = survey == sv
+            seen[m] = np.maximum.accumulate(np.maximum(mjd[m], self.stream_mjd.get(sv, -np.inf)))
+            self.stream_mjd[sv] = float(seen[m][-1])
+        now = seen if self.clock == "stream" else time.time() / 86400.0 + 40587.0
         stages = stage_of(X["days_since_first"].to_numpy())
         prio = priority(sb.p_real, sb.p_extragalactic, sb.p_fast, stages, now - mjd)
         t_ms = int(time.time() * 1000)
