@@ -4,7 +4,9 @@ One run measures, on the same alerts (the real ZTF schema-4.02 alerts of 2023-10
 ``../shared/data/ztf_alerts_fink_broker`` — or ``tests/data`` with a note when that is absent — and
 alerts from :func:`stream.simulate.simulate`):
 
-1. the floor: bare ``fastavro.reader`` decode of the same messages (records materialised);
+1. the floor: bare fastavro decode of the same messages (records materialised), each writer
+   schema parsed once as any stream reader would (and, for comparison, ``fastavro.reader``, which
+   re-parses it for every message);
 2. offline replay end to end: ``Pipeline.process`` in micro-batches of 500 through
    :func:`stream.service.drive`, annotation records, Avro encoding (what the Kafka sink sends)
    and a JSON Lines file sink — and its ratio to the floor (for the pipeline as shipped, floor and
@@ -102,6 +104,41 @@ def floor_rate(payloads) -> float:
     for p in payloads:
         for _rec in fastavro.reader(io.BytesIO(p)):
             n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def floor_once_rate(payloads) -> float:
+    """The like-for-like floor: fastavro decode with each writer schema parsed once, as any stream
+    reader (Vigil's decoder included) would; ``fastavro.reader`` re-parses the ~22 kB ZTF schema for
+    every message (~150 µs of the floor above). The header is read, then each block's records with
+    ``schemaless_reader``; a compressed container falls back on ``fastavro.reader``."""
+    import fastavro
+
+    header = fastavro.parse_schema({"type": "record", "name": "org.apache.avro.file.Header", "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
+    long_ = fastavro.parse_schema("long")
+    parsed: dict = {}
+    t0 = time.perf_counter()
+    n = 0
+    for p in payloads:
+        buf = io.BytesIO(p)
+        meta = fastavro.schemaless_reader(buf, header, None)["meta"]
+        if meta.get("avro.codec", b"null") not in (b"null", b""):
+            n += sum(1 for _ in fastavro.reader(io.BytesIO(p)))
+            continue
+        text = meta["avro.schema"]
+        schema = parsed.get(text)
+        if schema is None:
+            schema = parsed[text] = fastavro.parse_schema(json.loads(text))
+        while buf.tell() < len(p):
+            count = fastavro.schemaless_reader(buf, long_, None)
+            fastavro.schemaless_reader(buf, long_, None)  # the block's size
+            for _ in range(count):
+                fastavro.schemaless_reader(buf, schema, None)
+                n += 1
+            buf.read(16)  # the sync marker
     return n / (time.perf_counter() - t0)
 
 
@@ -460,7 +497,9 @@ def kafka_bench(real, cfg, tmp: Path, hsr: bool = True) -> dict:
             span = (ts.max() - ts.min()) / 1000.0 if n > 1 else float("nan")
             out[f"procs{nproc}"] = {
                 "annotations": n, "complete": ok,
-                "alerts_per_s": (n - 1) / span if n > 1 and span > 0 else float("nan"),
+                # The first batch was processed before its stamp, the clock's start: only the alerts
+                # stamped after it count (n − 1 had counted its 500 in an untimed span: +5 % at 10,000).
+                "alerts_per_s": float((ts > ts.min()).sum()) / span if n > 1 and span > 0 else float("nan"),
                 "alerts_per_s_incl_startup": n / ((ts.max() - t_start) / 1000.0) if n else float("nan"),
                 "pinned": "service on CPU 1, broker + bench on CPU 0" if cpus else "unpinned",
                 "summaries": [_read_line(lf) for _, lf in svcs],
@@ -658,22 +697,28 @@ def report(r: dict) -> str:
 
     for ds in ("real", "sim"):
         d = r["data"][ds]
-        add(f"1 floor [{ds}]", f"fastavro decode ({d['n']} msgs)", f"{d['floor']:,.0f} alerts/s")
+        add(f"1 floor [{ds}]", f"fastavro.reader decode ({d['n']} msgs; re-parses the schema each message)",
+            f"{d['floor']:,.0f} alerts/s")
+        add(f"1 floor [{ds}]", "fastavro decode, each writer schema parsed once (like for like: the floor)",
+            f"{d['floor_once']:,.0f} alerts/s")
         if d.get("cavro") is not None:
             add(f"1 floor [{ds}]", "cavro decode (extra row)", f"{d['cavro']:,.0f} alerts/s")
         rp = d["replay"]
-        ratio = rp["alerts_per_s"] / d["floor_hsr_n"]
+        ratio = rp["alerts_per_s"] / d["floor_once_hsr_n"]
+        loose = rp["alerts_per_s"] / d["floor_hsr_n"]
         tag = "HSR on" if rp["hsr"] else "HSR off"
         which = f"first {rp['read']}" if d.get("hsr_part", True) else f"all {rp['read']}"
         add(f"2 replay [{ds}]", f"Pipeline() as shipped ({tag}), {which} alerts",
             f"{rp['alerts_per_s']:,.0f} alerts/s")
-        add(f"2 replay [{ds}]", f"  ratio to floor on those {rp['read']} ({d['floor_hsr_n']:,.0f}/s)", f"{ratio:.0%}",
-            ">= 60%", ratio >= 0.6)
+        add(f"2 replay [{ds}]", f"  ratio to floor on those {rp['read']} ({d['floor_once_hsr_n']:,.0f}/s)",
+            f"{ratio:.0%}", ">= 60%", ratio >= 0.6)
+        add(f"2 replay [{ds}]", f"  (to fastavro.reader's {d['floor_hsr_n']:,.0f}/s, as reported until 2026-11-27)",
+            f"{loose:.0%}")
         if len(d.get("ratio_pairs", ())) > 1:
             add(f"2 replay [{ds}]", "  ratio of each (floor, replay) pair",
                 " ".join(f"{p[1] / p[0]:.0%}" for p in d["ratio_pairs"]))
         rp = d["replay_nohsr"]
-        ratio = rp["alerts_per_s"] / d["floor"]
+        ratio = rp["alerts_per_s"] / d["floor_once"]
         add(f"2 replay [{ds}]", f"Pipeline(hsr=False), {rp['read']} alerts", f"{rp['alerts_per_s']:,.0f} alerts/s")
         add(f"2 replay [{ds}]", "  ratio to floor", f"{ratio:.0%}", ">= 60%", ratio >= 0.6)
     k = r.get("kafka")
@@ -811,13 +856,16 @@ def main(argv=None) -> int:
         # The VM's speed drifts by several per cent within a minute: floor and replay alternate
         # ``ratio_reps`` times and the median ratio is reported, with every pair.
         pairs = []
+        floor_once_rate(hp[:50])
         for _ in range(cfg["ratio_reps"]):
             f = floor_rate(hp)
+            fo = floor_once_rate(hp)
             rp = replay_rate(hp, tmp, hsr=None)
-            pairs.append((rp["alerts_per_s"] / f, f, rp))
+            pairs.append((rp["alerts_per_s"] / fo, f, rp, fo))
         pairs.sort(key=lambda x: x[0])
-        _, d["floor_hsr_n"], d["replay"] = pairs[len(pairs) // 2]
-        d["ratio_pairs"] = [(round(f), round(rp["alerts_per_s"])) for _, f, rp in pairs]
+        _, d["floor_hsr_n"], d["replay"], d["floor_once_hsr_n"] = pairs[len(pairs) // 2]
+        d["ratio_pairs"] = [(round(fo), round(rp["alerts_per_s"])) for _, f, rp, fo in pairs]
+        d["floor_once"] = floor_once_rate(payloads)
         say(f"{name}: replay (default) {d['replay']['alerts_per_s']:,.0f}/s; stages")
         d["stages"] = stage_costs(once, tmp, len(hp))
         r["data"][name] = d
