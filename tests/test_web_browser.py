@@ -85,6 +85,16 @@ def _decisions(db) -> list:
         c.close()
 
 
+def _signed_in(browser, base: str, vetter: str):
+    """A fresh page signed in as ``vetter`` on the ranked list, and the list its script errors go to."""
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    errors: list = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base + "/login")
+    _submit_login(page, vetter)
+    return page, errors
+
+
 def _submit_login(page, vetter: str) -> None:
     """Fill the login form the page shows and wait for the ranked list."""
     page.fill("#vetter", vetter)
@@ -220,11 +230,7 @@ def test_undoing_a_call_in_chromium(server, browser):
     """z withdraws the page's last call (the list and the object page), and so does the object page's
     button; the labels go back to what the standing decisions say."""
     base, db = server
-    page = browser.new_page(viewport={"width": 1500, "height": 950})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/login")
-    _submit_login(page, "Uma")
+    page, errors = _signed_in(browser, base, "Uma")
     rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
     target = next(o for o in rows[5:] if not any(d[0] == o for d in _decisions(db)))
     page.focus(f'#queue tbody tr[data-object-id="{target}"] a')
@@ -349,12 +355,9 @@ def test_calls_go_in_key_order_and_a_page_is_left_only_once_they_are_saved(serve
     import stream.queue as Q
 
     base, db = server
-    page = browser.new_page(viewport={"width": 1500, "height": 950})
-    errors, sent = [], []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, errors = _signed_in(browser, base, "Wes")
+    sent = []
     page.on("request", lambda r: sent.append(time.monotonic()) if r.url.endswith("/api/decision") else None)
-    page.goto(base + "/login")
-    _submit_login(page, "Wes")
     rows = page.eval_on_selector_all("#queue tbody tr[data-object-id]", "rs => rs.map(r => r.dataset.objectId)")
     target = next(o for o in rows[12:] if not any(d[0] == o for d in _decisions(db)))
     page.goto(f"{base}/object/{target}")
@@ -400,11 +403,7 @@ def test_a_snooze_shown_in_the_list_does_not_hold_j_on_its_page(server, browser)
     """With "show snoozed", a snoozed row stays in view; it had counted as gone, so j past the last row
     reloaded the same page (cursor back on row 0) every time instead of turning to the next."""
     base, db = server
-    page = browser.new_page(viewport={"width": 1500, "height": 950})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/login")
-    _submit_login(page, "Xia")
+    page, errors = _signed_in(browser, base, "Xia")
     page.goto(base + "/?show_snoozed=1&per_page=5&page=3")
     page.wait_for_selector("#queue tbody tr[data-object-id]")
     assert page.locator("#next-page").count() == 1
