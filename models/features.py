@@ -49,9 +49,12 @@ FEATURE_WORDS = {
     "n_det_history": ("detections in the survey's history", ""),
     "days_since_first": ("days since the first detection", ""),
     "days_since_last_nondet": ("days since the last non-detection", ""), "peak_flux": ("peak flux", " µJy"),
-    "flux_now_over_peak": ("flux now / peak", ""), "amplitude_mag": ("amplitude", " mag"),
-    "rise_rate": ("rise rate", " mag/d"), "decline_rate": ("decline rate", " mag/d"),
-    "colour_gr": ("g − r colour", " mag"), "frac_negative": ("share of negative detections", ""),
+    # The shape is measured on the size of the difference flux: for a source fainter than its reference a
+    # "rise" is a fading, so the words say what was measured (README, known limits).
+    "flux_now_over_peak": ("flux now / peak", ""), "amplitude_mag": ("amplitude of |difference flux|", " mag"),
+    "rise_rate": ("rise rate of |difference flux|", " mag/d"),
+    "decline_rate": ("decline rate of |difference flux|", " mag/d"),
+    "colour_gr": ("g − r colour of |difference flux|", " mag"), "frac_negative": ("share of negative detections", ""),
     "pos_scatter": ("positional scatter", "″"), "pos_offset_now": ("offset from the mean position", "″"),
     "seeing": ("seeing", "″"), "airmass": ("airmass", ""), "moon_illumination": ("Moon illumination", ""),
     "moon_separation": ("Moon at", "°"), "det_seeing": ("seeing of the detections", "″"),
