@@ -1377,8 +1377,8 @@ class _Quad:
                           0.02, 0.999)
         drb_real = np.clip(1 - rng.beta(0.35, 6, nd) * (1 + 0.5 * np.clip(see - SEEING_MEDIAN, 0, None)), 0, 1)
         magap = mag + nrm(0, 1, nd) * (0.03 + sigmag)
-        x = np.clip((o["ra"][jj] - self.ex["ra_center"].iloc[0]) * np.cos(np.radians(o["dec"][jj])) * 3600 / PIXSCALE
-                    + QUAD_NX / 2, 1, QUAD_NX)
+        dra = (o["ra"][jj] - self.ex["ra_center"].iloc[0] + 180.0) % 360.0 - 180.0  # a quadrant across RA 0
+        x = np.clip(dra * np.cos(np.radians(o["dec"][jj])) * 3600 / PIXSCALE + QUAD_NX / 2, 1, QUAD_NX)
         y = np.clip((o["dec"][jj] - self.ex["dec_center"].iloc[0]) * 3600 / PIXSCALE + QUAD_NY / 2, 1, QUAD_NY)
         lim = ex["diffmaglim"].to_numpy()[ee]
         det_count = np.cumsum(self.det, axis=1)[jj, ee]
@@ -1399,7 +1399,8 @@ class _Quad:
             "drb": np.where(bog, rng.beta(0.5, 2.5, nd), drb_real),
             "sumrat": np.where(bog, u(0.3, 0.9, nd), u(0.85, 1.0, nd)),
             "magapbig": magap - np.where(host, 0.1, 0.02), "sigmagapbig": sigmag * 1.5 + 0.01,
-            "scorr": a * u(0.9, 1.3, nd), "dsnrms": u(3, 8, nd), "ssnrms": u(8, 20, nd),
+            "scorr": np.maximum(a * u(0.9, 1.3, nd), 5.0),  # (ZTF alerts only at scorr ≥ 5)
+            "dsnrms": u(3, 8, nd), "ssnrms": u(8, 20, nd),
             "ndethist": self.ndet_pre[jj] + det_count, "ncovhist": self.ncov_pre[jj] + ee + 1,
             "jdstarthist": np.where(np.isfinite(self.jdstart_pre[jj]), self.jdstart_pre[jj], first_sim),
             "jdendhist": self.t[ee],
@@ -1434,7 +1435,9 @@ class _Quad:
         for k in range(len(ex)):
             fid = int(cols["fid"][k])
             dt = jd_to_datetime(cols["jd"][k])
-            fname = (f"ztf_{dt:%Y%m%d}{int(round((cols['jd'][k] % 1) * 1e6)):06d}_{self.field:06d}_z{BANDS[fid]}"
+            # The UT day's fraction (JD days start at noon).
+            frac = int(round(((cols["jd"][k] - 0.5) % 1) * 1e6))
+            fname = (f"ztf_{dt:%Y%m%d}{frac:06d}_{self.field:06d}_z{BANDS[fid]}"
                      f"_c{ccd:02d}_o_q{q}_scimrefdiffimg.fits")
             rfid = self.field * 10**6 + ccd * 10**4 + fid * 100 + self.rcid
             base = {"jd": cols["jd"][k], "fid": fid, "pid": int(cols["pid"][k]), "diffmaglim": cols["diffmaglim"][k],

@@ -438,3 +438,18 @@ def test_flare_difference_flux_is_blue_on_a_red_star():
     gr = -2.5 * np.log10(q[0] / q[1])
     assert gr == pytest.approx(FLARE_GR, abs=1e-9)  # the hot flare's colour, not the star's
     assert gr < 0
+
+
+def test_a_quadrant_across_ra_zero_and_the_alert_fields_real_ztf_keeps():
+    """A review's cases: xpos/mindtoedge of a quadrant straddling RA 0° were clipped to its edge; the difference
+    image's file name carried the day fraction from noon, not UT midnight; scorr fell below ZTF's cut of 5."""
+    r = simulate(21, nights=1, quadrants=1, mode="dense", history_days=0)
+    ra_c = r.exposures.ra_center.iloc[0]
+    cands = [a["candidate"] for a in r.alerts()]
+    assert cands and (ra_c > 359.0 or ra_c < 1.0)  # this seed's quadrant is at RA ~0°
+    x = np.array([c["xpos"] for c in cands])
+    assert ((x > 1.0) & (x < 3072.0)).all(), (x.min(), x.max())
+    assert min(c["scorr"] for c in cands) >= 5.0
+    c = cands[0]
+    frac = int(c["pdiffimfilename"].split("_")[1][8:])
+    assert abs(frac / 1e6 - (c["jd"] - 0.5) % 1) < 2e-6, (c["pdiffimfilename"], c["jd"])
