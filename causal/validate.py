@@ -17,7 +17,6 @@ counts per exposure and whether the correction added noise to quiet histories.
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -277,16 +276,18 @@ def _real_report(out: dict) -> str:
 
 
 def cmd_validate_hsr(args) -> int:
+    from stream.sinks import print_json
+
     if args.real:
         out = run_real(args.real)
         if args.json:
-            print(json.dumps(out, indent=2))
+            print_json(out, indent=2)
         else:
             print(_real_report(out))
         return 0
     checks = run(args.seed, args.quadrants)
     if args.json:
-        print(json.dumps(checks, indent=2))
+        print_json(checks, indent=2)
     else:
         print(f"{'check':<46} {'figure':<44} {'target':<28} result")
         for c in checks:

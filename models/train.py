@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -1462,17 +1461,9 @@ def evaluate_xmatch(paths, model=None, n_boot: int = 2000) -> dict:
 
 
 def _write_json(obj) -> None:
-    def clean(o):  # NaN/inf are not JSON: null
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        if isinstance(o, np.generic):
-            o = o.item()
-        return None if isinstance(o, float) and not math.isfinite(o) else o
+    from stream.sinks import print_json
 
-    json.dump(clean(obj), sys.stdout, indent=1, allow_nan=False, default=str)
-    print()
+    print_json(obj)
 
 
 def _check_model_out(out, kind: str) -> None:
@@ -1498,6 +1489,14 @@ def cmd_train(args) -> int:
     if args.model and not (args.refit_conditions or args.labels):
         raise ValueError("--model goes with --refit-conditions or --labels")
     _check_model_out(args.out, "table" if args.table else "alert")  # before the training, not after
+    if args.refit_conditions or args.labels:  # a derived model never replaces the one it is derived from
+        from models.scorer import DEFAULT_MODEL_DIR
+
+        base = Path(args.model or DEFAULT_MODEL_DIR).resolve()
+        if Path(args.out).resolve() == base:
+            which = "--model" if args.model else "the shipped default"
+            raise ValueError(f"--out {args.out}: the model it is derived from ({which}); write it to another "
+                             "directory")
     if args.labels:
         from models.scorer import DEFAULT_MODEL_DIR, AlertScorer
 

@@ -39,8 +39,8 @@ def _annotation_sinks(outs):
 def files_to_read(paths) -> list:
     """The files a replay reads (directories walked once), warning about what it will not read.
 
-    Said on stderr: files of a walked directory not named like alerts or archives, or nothing
-    to read at all. The list goes to :class:`stream.sources.FileSource` as it is.
+    Said on stderr: files of a walked directory not named like alerts or archives; nothing to read
+    at all is an error. The list goes to :class:`stream.sources.FileSource` as it is.
     """
     from stream.sources import AVRO_SUFFIXES, TAR_SUFFIXES, expand_paths
 
@@ -51,8 +51,8 @@ def files_to_read(paths) -> list:
         names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         print(f"vigil: warning: {len(skipped)} file(s) not read, not named like alerts or archives ({kinds}): "
               f"{names}", file=sys.stderr)
-    if not files:
-        print("vigil: warning: nothing to read in " + " ".join(map(str, paths)), file=sys.stderr)
+    if not files:  # an error, before any output is opened (a sink empties its file)
+        raise ValueError("nothing to read in " + " ".join(map(str, paths)))
     return files
 
 
@@ -60,6 +60,23 @@ def _check_suffix(flag: str, path, suffixes) -> None:
     """Refuse an output whose name promises a format that will not be written (``a.csv`` of JSON Lines)."""
     if not str(path).endswith(suffixes):
         raise ValueError(f"{flag} {path}: name it {' or '.join('*' + x for x in suffixes)} (the format written)")
+
+
+def _check_writable(outputs, inputs) -> None:
+    """Refuse, before any output is created (each sink empties its file), an output that cannot be
+    written (a directory; a missing folder) or that is one of the inputs: a bad ``--rejected`` had
+    emptied the ``--out`` files opened before it, and ``--out`` naming an input had emptied it."""
+    read = {Path(p).resolve() for p in inputs}
+    for flag, path in outputs:
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"{flag} {path}: a directory, not a file")
+        if not p.resolve().parent.is_dir():
+            raise ValueError(f"{flag} {path}: no folder {p.resolve().parent}")
+        if p.resolve() in read:
+            raise ValueError(f"{flag} {path}: also one of the files to read")
 
 
 def _check_distinct(outputs) -> None:
@@ -98,8 +115,10 @@ def cmd_replay(args) -> int:
         _check_suffix("--out", o, (".jsonl", ".ndjson", ".parquet"))
     if args.rejected:
         _check_suffix("--rejected", args.rejected, (".jsonl", ".ndjson"))
-    _check_distinct([("--out", o) for o in args.out or ()] + [("--rejected", args.rejected), ("--queue", args.queue)])
+    outputs = [("--out", o) for o in args.out or ()] + [("--rejected", args.rejected)]
+    _check_distinct([*outputs, ("--queue", args.queue)])
     files = files_to_read(args.paths)
+    _check_writable(outputs, files)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     store = None
     if args.queue:  # opened first: a store that cannot be opened must not cost the --out files
@@ -240,9 +259,13 @@ def cmd_broker(args) -> int:
         while not stopping and broker.proc.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
-        pass
+        stopping.append(1)
     finally:
+        died = None if stopping else broker.proc.poll()
         broker.stop()
+    if died is not None:  # it ended without being asked to: not a success
+        print(f"vigil: error: the broker process ended by itself (exit status {died})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -330,6 +353,9 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: no traceback
+        print("vigil: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`... | head`): not an error of ours
         import os
 

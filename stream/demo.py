@@ -7,6 +7,7 @@ prints the top of the ranked list, and stops what it started.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +75,9 @@ def main(args) -> int:
         stop.install()
         counts = run_service(cfg, stop, until=lambda c: c.read >= n)
         print(f"3. service: {counts.line()}")
+        if stop():  # Ctrl-C or SIGTERM: say so, not a ranked list of what little was done
+            print("demo interrupted; broker stopped", file=sys.stderr)
+            return 130
         msgs = read_topic(broker.bootstrap, o.annotations_topic, counts.annotated)
         # each message in the schema version its header names (a topic may span an upgrade)
         anns = [decode_annotation(m.value(), dict(m.headers() or ())["vigil.schema_version"].decode()) for m in msgs]

@@ -1785,8 +1785,10 @@ def cmd_list(args) -> int:
                   b_cut=15.0 if args.b_cut is None else args.b_cut)
     rows, total, clocks = listed(args.db, q)
     if args.json:
-        print(json.dumps({"total": total, "newest_mjd": max(clocks.values(), default=None),
-                          "newest_mjd_by_survey": clocks, "rows": rows}, indent=1))
+        from stream.sinks import print_json
+
+        print_json({"total": total, "newest_mjd": max(clocks.values(), default=None),
+                    "newest_mjd_by_survey": clocks, "rows": rows})
         return 0
     print("\n".join(ranked_lines(rows)))
     ages = ", ".join(f"{sv} MJD {m:.4f}" for sv, m in sorted(clocks.items()))

@@ -15,6 +15,26 @@ import msgspec
 from stream.annotation import ANNOTATION_SCHEMA_VERSION
 
 
+def print_json(obj, indent: int = 1) -> None:
+    """``obj`` on stdout as strict JSON (what ``--json`` promises): NaN and ±inf become null, numpy
+    scalars plain numbers, anything else not JSON its text."""
+    import math
+
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if hasattr(o, "item") and not isinstance(o, (str, bytes)):  # numpy scalars
+            try:
+                o = o.item()
+            except (TypeError, ValueError):
+                return str(o)
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+
+    print(json.dumps(clean(obj), indent=indent, allow_nan=False, default=str))
+
+
 class JsonlSink:
     """One JSON object per line; ``records`` are already-built dicts."""
 

@@ -383,6 +383,20 @@ def test_outputs_of_an_earlier_run_do_not_survive_and_a_bad_queue_costs_nothing(
     assert f"--queue {notdb}: cannot open it as a queue store" in capsys.readouterr().err
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 3  # untouched
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+    # Nor does a --rejected that is a directory, an output naming an input, or nothing to read (a later
+    # review's cases: each had emptied the --out files before failing, or "succeeded" reading nothing).
+    (tmp_path / "d.jsonl").mkdir()
+    (tmp_path / "empty").mkdir()
+    kept = tmp_path / "in.jsonl"
+    kept.write_text("precious\n")
+    for argv, words in (([*map(str, good), *out, "--rejected", str(tmp_path / "d.jsonl")], "a directory"),
+                        ([*map(str, good), str(kept), *out, "--rejected", str(kept)], "also one of the files"),
+                        ([str(tmp_path / "empty"), *out], "nothing to read")):
+        assert main(["replay", *argv, "--no-progress"]) == 2, argv
+        assert words in capsys.readouterr().err
+        assert pq.read_table(tmp_path / "a.parquet").num_rows == 3, argv
+        assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+    assert kept.read_text() == "precious\n"
 
 
 def test_sizes_of_zero_and_ports_out_of_range_are_refused(capsys):
@@ -527,3 +541,63 @@ def test_the_code_version_tells_builds_apart(tmp_path, monkeypatch):
         assert A.code_version() != v
     finally:
         A.code_version.cache_clear()
+
+
+def test_ctrl_c_a_dying_broker_and_a_derived_model_over_its_base_are_said_plainly(tmp_path, capsys, monkeypatch):
+    """A CLI review's cases: Ctrl-C in most commands printed a traceback; `vigil broker` exited 0 when its
+    broker process died; `train --refit-conditions` could write over the model it derives from (the shipped
+    default included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import stream.queue as Q
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Q, "cmd_list", interrupted)
+    parser_db = tmp_path / "q.sqlite"
+    assert main(["queue", "list", "--db", str(parser_db)]) == 130
+    err = capsys.readouterr().err
+    assert "vigil: interrupted" in err and "Traceback" not in err
+    # the shipped model, and a --model, are never the --out of a model derived from them
+    from models.scorer import DEFAULT_MODEL_DIR
+
+    shipped = str(DEFAULT_MODEL_DIR)
+    for argv in (["--out", shipped], ["--model", shipped, "--out", shipped]):
+        assert main(["train", "--refit-conditions", str(DATA / "ztf_fink"), *argv]) == 2
+        assert "the model it is derived from" in capsys.readouterr().err
+    # a broker process that dies: exit 1 and said
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "broker", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        assert proc.stdout.readline().startswith("bootstrap.servers=")
+        kids = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert kids
+        for k in kids:
+            os.kill(k, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "ended by itself" in err
+
+
+def test_json_outputs_are_strict(capsys):
+    """``--json`` of `validate hsr` and `queue list` had used plain json.dumps: a NaN figure would have been
+    written as NaN, which JSON readers refuse."""
+    import numpy as np
+
+    from stream.sinks import print_json
+
+    print_json({"a": float("nan"), "b": [np.float64("inf"), np.int64(3), 1.5], "c": np.bool_(True)})
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON")) == \
+        {"a": None, "b": [None, 3, 1.5], "c": True}
