@@ -1601,6 +1601,8 @@ def cmd_score(args) -> int:
 
     if Path(args.out).resolve() == Path(args.table).resolve():
         raise ValueError(f"--out {args.out} is the input table: choose another file")
+    if not str(args.out).lower().endswith(".csv"):  # it is written as CSV whatever its name says
+        raise ValueError(f"--out {args.out}: name it *.csv (the format written)")
     model = TableScorer.load(args.model)
     idc = args.id_column or model.metadata.get("id_column")
     df = read_table(args.table, idc)
@@ -1616,6 +1618,11 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    # One kind of evaluation a run: the others' inputs had been ignored without a word.
+    modes = [flag for flag, given in (("--simulate", args.simulate), ("--table", args.table),
+                                      ("--xmatch-labels", args.xmatch_labels)) if given]
+    if len(modes) > 1:
+        raise ValueError(f"give one of --simulate, --table or --xmatch-labels, not {' and '.join(modes)}")
     if args.simulate:
         return _evaluate_sim(args)
     if args.xmatch_labels:
@@ -1663,6 +1670,8 @@ def cmd_evaluate(args) -> int:
             print(f"{model.model_version} on {len(t.y)} rows ({int(t.y.sum())} positive)")
             print("\n".join(ranking_lines(metrics)))
         return 0
+    if args.cv < 2:
+        raise ValueError(f"--cv {args.cv}: grouped cross-validation needs at least 2 folds")
     rep = cross_validate_table(t, folds=args.cv, baseline=args.baseline, baseline_column=bcol)
     if args.json:
         _write_json({"n": rep.n, "n_positive": rep.n_positive, "folds": rep.folds, "metrics": rep.metrics})
@@ -1812,6 +1821,9 @@ def cmd_validate_causal(args) -> int:
         return _validate_causal_real(args)
     if args.model:
         raise ValueError("--model is for --real (the simulated checks train their own scorers)")
+    for flag, given in (("--alerts-only", args.alerts_only), ("--refit-conditions", args.refit_conditions)):
+        if given:  # (it had started the simulated validation, ignoring it)
+            raise ValueError(f"{flag} is for --real")
     checks, by_stage = validate_causal(args.train_seed, args.test_seed, **_sim_kwargs(args))
     if args.json:
         _write_json({"checks": [{"check": c.name, "value": c.value, "target": c.target, "pass": c.passed,
@@ -1942,7 +1954,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="AUC, recall at rank K / AuRaK and calibration of a model")
     _add_table_args(p)
     p.add_argument("--model", help="trained model directory (default for --simulate: the shipped model)")
-    p.add_argument("--cv", type=int, default=5, help="grouped CV folds when no --model is given")
+    p.add_argument("--cv", type=int, default=5, help="grouped CV folds when no --model is given (default 5)")
     p.add_argument("--baseline", choices=["hgb", "none"], default="hgb", help="ML baseline trained the same way")
     p.add_argument("--baseline-column", help="survey score column as baseline ordering (default: rb_pix if present)")
     p.add_argument("--simulate", action="store_true", help="evaluate an alert model on a simulated stream")

@@ -601,3 +601,23 @@ def test_json_outputs_are_strict(capsys):
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON")) == \
         {"a": None, "b": [None, 3, 1.5], "c": True}
+
+
+def test_evaluate_and_validate_refuse_flags_they_would_ignore(capsys):
+    for argv, words in ((["evaluate", "--simulate", "--table", "x.csv"], "not --simulate and --table"),
+                        (["evaluate", "--xmatch-labels", "x.parquet", "--table", "x.csv"], "--table and --xmatch"),
+                        (["validate", "causal", "--alerts-only"], "--alerts-only is for --real"),
+                        (["validate", "causal", "--refit-conditions"], "--refit-conditions is for --real")):
+        assert main(argv) == 2, argv
+        assert words in capsys.readouterr().err, argv
+
+
+def test_score_writes_csv_only_under_a_csv_name_and_cv_needs_two_folds(tmp_path, capsys):
+    out = str(tmp_path / "s.parquet")
+    assert main(["score", "--table", str(tmp_path / "t.csv"), "--model", "m", "--out", out]) == 2
+    assert "name it *.csv" in capsys.readouterr().err
+    table = tmp_path / "t.csv"
+    table.write_text("id,label,x\n" + "".join(f"{i},{'ab'[i % 2]},{i}\n" for i in range(40)))
+    assert main(["evaluate", "--table", str(table), "--label-column", "label", "--positive", "a", "--negative", "b",
+                 "--id-column", "id", "--cv", "1"]) == 2
+    assert "--cv 1: grouped cross-validation needs at least 2 folds" in capsys.readouterr().err
