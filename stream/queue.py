@@ -1639,6 +1639,9 @@ def cmd_serve(args) -> int:
         print(f"vigil queue: warning: {args.db} does not exist; serving an empty queue that `vigil run` or "
               "`vigil replay --queue` will fill (check the path if you meant an existing store)", flush=True)
     token = queue_token(args.token, args.token_file)
+    if token and len(token) < 16:  # it guards every decision; a short one is guessed (logins are throttled, not barred)
+        print(f"vigil queue: warning: the access token has {len(token)} characters; use 16 or more "
+              "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(18))')", file=sys.stderr, flush=True)
     if not token:
         # Never serve unauthenticated: make a one-off token and tell the operator.
         token = secrets.token_urlsafe(18)
@@ -1823,6 +1826,23 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _finite(lo: float, hi: float):
+    """argparse type: a number in [lo, hi] (NaN and ±inf refused: a filter of them matched nothing)."""
+    def parse(text: str) -> float:
+        import argparse
+        import math
+
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a number from {lo:g} to {hi:g}")
+        return v
+
+    return parse
+
+
 def _top(text: str) -> int:
     """argparse type: rows of ``queue list`` (1–500, the page size the store serves)."""
     n = _positive(text)
@@ -1881,7 +1901,7 @@ def register(subparsers) -> None:
     s.add_argument("--token", help="access token (default: the contents of --token-file, then "
                                    "$VIGIL_QUEUE_TOKEN, else random)")
     s.add_argument("--token-file", help="file holding the access token")
-    s.add_argument("--workers", type=int, default=0,
+    s.add_argument("--workers", type=_count, default=0,
                    help="serve with gunicorn, this many worker processes (default 0: Flask's built-in server)")
     s.add_argument("--clock", choices=("stream", "wall"), default="stream",
                    help="ages relative to the newest alert in the store (stream) or to now (wall)")
@@ -1906,7 +1926,8 @@ def register(subparsers) -> None:
                         help=f"only objects with {name} ≥ P (0–1)")
     li.add_argument("--sky", choices=("all", "galactic", "extragalactic"), default="all",
                     help="by Galactic latitude: |b| below --b-cut (galactic) or not (as the web page's filter)")
-    li.add_argument("--b-cut", type=float, default=None, metavar="DEG", help="latitude cut of --sky (default 15)")
+    li.add_argument("--b-cut", type=_finite(0.0, 90.0), default=None, metavar="DEG",
+                    help="latitude cut of --sky (default 15)")
     li.add_argument("--hide-vetted", action="store_true")
     li.add_argument("--hide-known-sso", action="store_true", help="leave out known asteroids")
     li.add_argument("--json", action="store_true")
@@ -1920,7 +1941,7 @@ def register(subparsers) -> None:
     r = sub.add_parser("prune", help="delete stamps and light curves of old alerts (retention)")
     r.add_argument("--db", required=True)
     r.add_argument("--keep-days", type=float, required=True, help="retention window in days")
-    r.add_argument("--now-mjd", type=float, help="'now' (default: the newest alert in the store)")
+    r.add_argument("--now-mjd", type=_finite(0.0, 1e6), help="'now' (default: the newest alert in the store)")
     r.add_argument("--vacuum", action="store_true",
                    help="SQLite: also shrink the file (rewrites it under the write lock: stop the service first)")
     r.set_defaults(func=cmd_prune)

@@ -621,3 +621,13 @@ def test_score_writes_csv_only_under_a_csv_name_and_cv_needs_two_folds(tmp_path,
     assert main(["evaluate", "--table", str(table), "--label-column", "label", "--positive", "a", "--negative", "b",
                  "--id-column", "id", "--cv", "1"]) == 2
     assert "--cv 1: grouped cross-validation needs at least 2 folds" in capsys.readouterr().err
+
+
+def test_queue_flags_out_of_range_are_refused_by_name(tmp_path, capsys):
+    for argv, flag in ((["queue", "list", "--db", "q.sqlite", "--sky", "galactic", "--b-cut", "nan"], "--b-cut"),
+                       (["queue", "list", "--db", "q.sqlite", "--sky", "galactic", "--b-cut", "100"], "--b-cut"),
+                       (["queue", "prune", "--db", "q.sqlite", "--now-mjd", "inf"], "--now-mjd"),
+                       (["queue", "serve", "--db", "q.sqlite", "--workers", "-1"], "--workers")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and flag in capsys.readouterr().err, argv
