@@ -1851,16 +1851,9 @@ def _validate_causal_real(args) -> int:
     model = AlertScorer.load(args.model) if args.model else None
     checks, fig = validate_causal_real(args.real, model, history=not args.alerts_only,
                                        refit_conditions=args.refit_conditions)
-    if args.json:
-        def strict(v):  # JSON has no NaN
-            if isinstance(v, dict):
-                return {k: strict(x) for k, x in v.items()}
-            if isinstance(v, list | tuple):
-                return [strict(x) for x in v]
-            return None if isinstance(v, float) and not np.isfinite(v) else v
-
-        _write_json(strict({"figures": fig, "checks": [{"check": c.name, "value": c.value, "target": c.target,
-                                                         "pass": c.passed} for c in checks]}))
+    if args.json:  # (strict JSON: _write_json writes NaN as null)
+        _write_json({"figures": fig, "checks": [{"check": c.name, "value": c.value, "target": c.target,
+                                                 "pass": c.passed} for c in checks]})
     else:
         held = ", ".join(fig["controls"]) or "nothing"
         what = "alerts and earlier detections (re-created from the alerts' histories)" if fig["history"] else "alerts"

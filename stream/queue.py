@@ -1826,8 +1826,9 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _finite(lo: float, hi: float):
-    """argparse type: a number in [lo, hi] (NaN and ±inf refused: a filter of them matched nothing)."""
+def _finite(lo: float, hi: float, what: str = ""):
+    """argparse type: a number in [lo, hi] (NaN and ±inf refused: a filter of them matched nothing);
+    ``what`` names such a number in the message ("a probability")."""
     def parse(text: str) -> float:
         import argparse
         import math
@@ -1837,10 +1838,14 @@ def _finite(lo: float, hi: float):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not (math.isfinite(v) and lo <= v <= hi):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a number from {lo:g} to {hi:g}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what or 'a number'} ({lo:g} to {hi:g})")
         return v
 
     return parse
+
+
+#: argparse type: a probability in [0, 1].
+_probability = _finite(0.0, 1.0, "a probability")
 
 
 def _top(text: str) -> int:
@@ -1854,17 +1859,6 @@ def _top(text: str) -> int:
     return n
 
 
-def _probability(text: str) -> float:
-    """argparse type: a probability in [0, 1]."""
-    import argparse
-
-    try:
-        p = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= p <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability (0 to 1)")
-    return p
 
 
 def _positive(text: str) -> int:
