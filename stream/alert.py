@@ -24,10 +24,12 @@ def tai_minus_utc_s(mjd):
     A constant 37 s put Rubin's reprocessed HSC alerts of 2016 (36 s then) one second out.
     Leap seconds after 2017 would need adding here (none has been announced).
     """
-    starts = np.array([m for m, _ in _LEAP_SECONDS])
-    values = np.array([32.0] + [v for _, v in _LEAP_SECONDS])
-    out = values[np.searchsorted(starts, np.asarray(mjd, dtype=float), side="right")]
+    out = _LEAP_VALUES[np.searchsorted(_LEAP_STARTS, np.asarray(mjd, dtype=float), side="right")]
     return float(out) if np.ndim(out) == 0 else out
+
+
+_LEAP_STARTS = np.array([m for m, _ in _LEAP_SECONDS])  # (built once: it runs for every Rubin annotation)
+_LEAP_VALUES = np.array([32.0] + [v for _, v in _LEAP_SECONDS])
 
 DETECTION = 0  # the alert's own (triggering) detection
 PREVIOUS = 1  # an earlier detection carried in the alert's history
