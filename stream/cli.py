@@ -132,28 +132,36 @@ def cmd_replay(args) -> int:
     sinks = _annotation_sinks(args.out) + ([store] if store is not None else [])
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
-    # SIGTERM (what schedulers send) stops a replay as Ctrl-C does: it had killed the process before the
-    # outputs were closed, leaving a Parquet file without its footer (unreadable) and no summary.
+    # SIGTERM (what schedulers send) and Ctrl-C stop a replay after the batch in flight, which every
+    # output then holds: SIGTERM had killed the process before the outputs were closed (a Parquet file
+    # without its footer), and an exception raised inside the handler could land between two outputs'
+    # writes (a batch in the Parquet file but not in the JSON Lines). A second signal stops at once.
     stopped = []
 
-    def terminate(signum, frame):
+    def on_signal(signum, frame):
         stopped.append(signum)
-        raise KeyboardInterrupt
+        if len(stopped) > 1:
+            raise KeyboardInterrupt
 
     import signal
     import threading
 
     main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
-        counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress)
-    except KeyboardInterrupt:  # the outputs hold every batch finished so far (each flushed whole)
-        print(f"{'terminated' if stopped else 'interrupted'}: the outputs hold the batches finished before it",
-              file=sys.stderr)
-        return 143 if stopped else 130
+        counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress,
+                       stop=lambda: bool(stopped))
+    except KeyboardInterrupt:  # the second signal, or Ctrl-C where no handler could be set
+        print("interrupted: the outputs hold the batches finished before it; the batch in flight may be in "
+              "some of them only", file=sys.stderr)
+        return 143 if stopped[:1] == [signal.SIGTERM] else 130
     finally:
-        if main_thread:  # (None: a handler not set from Python, e.g. by an embedding program; default then)
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+        for sig, handler in before.items():  # (None: a handler not set from Python; default then)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if stopped:
+        print(f"{'terminated' if stopped[0] == signal.SIGTERM else 'interrupted'}: the outputs hold the batches "
+              "finished before it", file=sys.stderr)
+        return 143 if stopped[0] == signal.SIGTERM else 130
     for note in counts.clock_notes():
         print(note, file=sys.stderr)
     print(counts.line())

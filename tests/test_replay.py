@@ -456,9 +456,12 @@ def test_a_replay_spanning_years_says_against_which_alert_it_ages_them(tmp_path,
     assert "note: the" not in capsys.readouterr().err  # one night: nothing to say
 
 
-def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path, signame):
     """SIGTERM (what schedulers send) had killed ``vigil replay`` before its outputs were closed: the
-    Parquet file had no footer (unreadable), and nothing was said. It now stops as Ctrl-C does."""
+    Parquet file had no footer (unreadable), and nothing was said. Then, stopped by an exception from the
+    signal handler, a batch could be in the Parquet file but not in the JSON Lines (the handler ran between
+    the two writes). Either signal now ends the replay after the batch in flight, in every output."""
     import os
     import signal
     import subprocess
@@ -482,13 +485,43 @@ def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the replay ended before it could be signalled"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, (proc.returncode, err[-2000:])
-    assert "terminated: the outputs hold the batches finished before it" in err
+    assert proc.returncode == (143 if signame == "SIGTERM" else 130), (proc.returncode, err[-2000:])
+    word = "terminated" if signame == "SIGTERM" else "interrupted"
+    assert f"{word}: the outputs hold the batches finished before it\n" in err, err[-2000:]
     lines = out_js.read_text().splitlines()
     table = pq.read_table(out_pq)  # readable: the footer was written
     assert 0 < table.num_rows == len(lines) < 6 * len(files)
+
+
+def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, monkeypatch, capsys):
+    """The SIGTERM handler had raised an exception, which lands wherever the process is: here between the
+    Parquet and the JSON Lines writes of a batch, which then was in one output and not the other. The
+    signal is delivered (to this process, by itself) inside the second output's write of the second batch."""
+    import os
+    import signal
+
+    from stream.sinks import JsonlSink
+
+    write = JsonlSink.write
+    calls = []
+
+    def write_signalled(self, records):
+        calls.append(len(records))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, before this output has the batch
+        write(self, records)
+
+    monkeypatch.setattr(JsonlSink, "write", write_signalled)
+    out_pq, out_js = tmp_path / "a.parquet", tmp_path / "a.jsonl"
+    rc = main(["replay", str(DATA / "ztf_fink"), "--out", str(out_pq), "--out", str(out_js), "--batch-size", "3",
+               "--no-progress"])
+    assert rc == 143
+    assert "terminated: the outputs hold the batches finished before it" in capsys.readouterr().err
+    assert len(calls) == 2  # stopped after the batch in flight
+    assert pq.read_table(out_pq).num_rows == len(out_js.read_text().splitlines()) == sum(calls)
 
 
 def test_a_file_or_archive_member_name_that_is_not_utf8_does_not_stop_the_replay(tmp_path):
