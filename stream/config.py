@@ -69,6 +69,7 @@ class SourceConfig:
     batch_timeout_s: float = 1.0
     max_message_bytes: int = 16 * 2**20
     auto_offset_reset: str = "earliest"
+    avro_backend: str = "auto"  # what reads containers: auto (cavro where installed), fastavro or cavro
     kafka: dict = field(default_factory=dict)  # librdkafka consumer settings, passed through
 
 
@@ -356,6 +357,12 @@ def validate(cfg: Config) -> None:
     _check_output_topics(cfg)
     if src.auto_offset_reset not in OFFSET_RESETS:
         raise ConfigError(f"source.auto_offset_reset: one of {', '.join(OFFSET_RESETS)}")
+    from stream.decode import Decoder
+
+    try:
+        Decoder(avro_backend=src.avro_backend)
+    except ValueError as e:
+        raise ConfigError(f"source.{e}") from None
     if svc.error_budget < 0:
         raise ConfigError("service.error_budget: must be ≥ 0")
     if not 0 <= svc.metrics_port <= 65535:

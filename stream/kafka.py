@@ -609,7 +609,7 @@ def run_service(cfg, stop: StopFlag | None = None, replay: bool = False, until=N
 
     decoder = Decoder(schemas=loaded("source.schema_dir", SchemaRegistry.from_dir, s.schema_dir),
                       ztf_schema=loaded("source.ztf_schema", load_ztf_schema, s.ztf_schema),
-                      max_message_bytes=s.max_message_bytes)
+                      max_message_bytes=s.max_message_bytes, avro_backend=s.avro_backend)
     # A replay ranks by event time: by the wall clock every past alert would look stale.
     pipeline = Pipeline(decoder, scorer=load_configured_model(cfg), clock="stream" if replay else cfg.service.clock,
                         error_budget=ErrorBudget(cfg.service.error_budget))

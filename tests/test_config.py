@@ -63,6 +63,7 @@ def test_a_config_path_that_cannot_be_read_is_one_clear_line(tmp_path, capsys):
     ({"source": {"max_message_bytes": 0}}, "source.max_message_bytes: must be ≥ 1"),
     ({"source": {"topics": [""]}}, "source.topics: at least one topic, none empty"),
     ({"source": {"auto_offset_reset": "oldest"}}, "source.auto_offset_reset: one of"),
+    ({"source": {"avro_backend": "fast"}}, "source.avro_backend 'fast': one of auto, fastavro, cavro"),
     ({"service": {"error_budget": -1}}, "service.error_budget: must be ≥ 0"),
     ({"service": {"metrics_port": 99999}}, "service.metrics_port"),
     ({"source": {"kafka": {"enable.auto.commit": False}}}, "source.kafka.enable.auto.commit: set by Vigil"),
