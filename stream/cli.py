@@ -17,6 +17,10 @@ PLUGIN_MODULES: tuple = ("stream.queue", "stream.simulate", "models.train", "cau
 def _decoder(args):
     from stream.decode import Decoder, SchemaRegistry, load_ztf_schema
 
+    try:  # the choice is checked first (argparse has checked the spelling)
+        Decoder(avro_backend=args.avro_backend)
+    except ValueError as e:
+        raise ValueError(f"--avro-backend {args.avro_backend}: {str(e).split(': ', 1)[-1]}") from None
     schemas = SchemaRegistry.from_dir(args.schema_dir) if args.schema_dir else None
     ztf = load_ztf_schema(args.ztf_schema) if args.ztf_schema else None
     return Decoder(schemas=schemas, ztf_schema=ztf, avro_backend=args.avro_backend)
@@ -107,7 +111,7 @@ def _scorer(args):
 
 def cmd_replay(args) -> int:
     from stream.pipeline import Pipeline
-    from stream.service import Progress, drive
+    from stream.service import Progress
     from stream.sinks import JsonlSink
     from stream.sources import FileSource, count_files
 
@@ -136,40 +140,70 @@ def cmd_replay(args) -> int:
     sinks = _annotation_sinks(args.out) + ([store] if store is not None else [])
     rejected = [JsonlSink(args.rejected)] if args.rejected else []
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
-    # SIGTERM (what schedulers send) and Ctrl-C stop a replay after the batch in flight, which every
-    # output then holds: SIGTERM had killed the process before the outputs were closed (a Parquet file
-    # without its footer), and an exception raised inside the handler could land between two outputs'
-    # writes (a batch in the Parquet file but not in the JSON Lines). A second signal stops at once.
+    counts, signame = drive_stoppable(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected,
+                                      progress)
+    if signame is not None:
+        return _stopped(counts, signame)
+    for note in counts.clock_notes():
+        print(note, file=sys.stderr)
+    print(counts.line())
+    return 0
+
+
+def drive_stoppable(source, pipeline, sinks, rejected=(), progress=None):
+    """:func:`stream.service.drive` that SIGTERM and Ctrl-C stop after the batch in flight.
+
+    SIGTERM (what schedulers send) had killed a replay before its outputs were closed (a Parquet
+    file without its footer); an exception raised from a signal handler lands wherever the process
+    is, e.g. between two outputs' writes of one batch. So the first signal is only noted (the batch
+    in flight is finished and written to every output, then the run ends) and a second stops at
+    once. Ctrl-C is left alone where the process was started ignoring it (``nohup``, ``&``).
+
+    Returns
+    -------
+    (Counts or None, str or None)
+        The counts and None for a run to its end; the counts and the signal's name for a run
+        stopped after a batch; None and the name for one stopped at once.
+    """
+    import os
+    import signal
+    import threading
+
+    from stream.service import drive
+
     stopped = []
 
     def on_signal(signum, frame):
         stopped.append(signum)
         if len(stopped) > 1:
             raise KeyboardInterrupt
+        # (os.write: print() may be the very call this handler interrupted)
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the batch in flight "
+                    "(again to stop at once)\n".encode())
 
-    import signal
-    import threading
-
+    sigs = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
     main_thread = threading.current_thread() is threading.main_thread()
-    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    before = {sig: signal.signal(sig, on_signal) for sig in sigs} if main_thread else {}
     try:
-        counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, sinks, rejected, progress,
-                       stop=lambda: bool(stopped))
+        counts = drive(source, pipeline, sinks, rejected, progress, stop=lambda: bool(stopped))
     except KeyboardInterrupt:  # the second signal, or Ctrl-C where no handler could be set
-        print("interrupted: the outputs hold the batches finished before it; the batch in flight may be in "
-              "some of them only", file=sys.stderr)
-        return 143 if stopped[:1] == [signal.SIGTERM] else 130
+        return None, signal.Signals(stopped[0]).name if stopped else "SIGINT"
     finally:
         for sig, handler in before.items():  # (None: a handler not set from Python; default then)
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    if stopped:
-        print(f"{'terminated' if stopped[0] == signal.SIGTERM else 'interrupted'}: the outputs hold the batches "
-              "finished before it", file=sys.stderr)
-        return 143 if stopped[0] == signal.SIGTERM else 130
-    for note in counts.clock_notes():
-        print(note, file=sys.stderr)
-    print(counts.line())
-    return 0
+    return counts, signal.Signals(stopped[0]).name if stopped else None
+
+
+def _stopped(counts, signame: str) -> int:
+    """Say how a run stopped by ``signame`` left its outputs (and its counts, if it has them): 143 or 130."""
+    word = "terminated" if signame == "SIGTERM" else "interrupted"
+    if counts is None:
+        print(f"{word}: the outputs hold the batches finished before it; the batch in flight may be in some of "
+              "them only", file=sys.stderr)
+    else:
+        print(f"{word}: the outputs hold the batches finished before it", file=sys.stderr)
+        print(counts.line())
+    return 143 if signame == "SIGTERM" else 130
 
 
 def cmd_run(args) -> int:

@@ -502,14 +502,16 @@ class Decoder:
     def _cavro_schema(self, text: bytes):
         """The writer schema for cavro, or None: fastavro then reads this schema's containers.
 
-        Vetted (:func:`_vet_writer_schema`) before it gets here. cavro is stricter than fastavro
-        about schemas: ZTF's give ``null`` defaults to unions that list ``null`` second, which
-        the options below let pass (defaults play no part in reading a writer's own records).
+        Vetted (:func:`_vet_writer_schema`) before it gets here. What cavro reads differently from
+        fastavro is kept from it (see :func:`_cavro_layout`). cavro is stricter about schemas: ZTF's
+        give ``null`` defaults to unions that list ``null`` second, which the options let pass
+        (defaults play no part in reading a writer's own records).
         """
         if self.avro_backend != "cavro":
             return None
         try:
-            return cavro.Schema(text.decode(), options=_CAVRO_OPTIONS)
+            layout = _cavro_layout(json.loads(text))
+            return None if layout is None else cavro.Schema(json.dumps(layout), options=_CAVRO_OPTIONS)
         except Exception as e:  # noqa: BLE001 - a schema cavro will not take is fastavro's to read
             log.debug("cavro refuses a writer schema (%s: %s); fastavro reads it", type(e).__name__, e)
             return None
@@ -554,6 +556,54 @@ class Decoder:
             return (records, version) if records else None
         except Exception:  # the checked path decides what is wrong
             return None
+
+
+#: Logical types cavro reads to the same values as fastavro (checked one by one); a schema with any
+#: other (``local-timestamp-*`` come back as ints, ``uuid`` on ``fixed`` as a UUID) is fastavro's.
+_CAVRO_LOGICAL = {"timestamp-millis", "timestamp-micros", "date", "time-millis", "time-micros", "decimal"}
+
+
+def _cavro_layout(s):
+    """``s`` (a schema as JSON values) for cavro, or None where fastavro must read it.
+
+    Plain ``int`` becomes ``long``: the two share their encoding, and cavro cuts an int's varint
+    to 32 bits where fastavro keeps the whole value (a writer that breaks the spec: a ZTF ``fid``
+    of 2³² + 1 was band ``g`` to cavro, unknown to fastavro).
+    """
+    if isinstance(s, list):
+        out = [_cavro_layout(b) for b in s]
+        return None if any(b is None for b in out) else out
+    if isinstance(s, str):
+        return "long" if s == "int" else s
+    if not isinstance(s, dict):
+        return s
+    logical = s.get("logicalType")
+    t = s.get("type")
+    if logical is not None and not (logical in _CAVRO_LOGICAL or (logical == "uuid" and t == "string")):
+        return None
+    out = dict(s)
+    if t in ("record", "error"):
+        fields = []
+        for f in s.get("fields", ()):
+            ft = _cavro_layout(f.get("type"))
+            if ft is None:
+                return None
+            fields.append({**f, "type": ft})
+        out["fields"] = fields
+    elif t in ("array", "map"):
+        key = "items" if t == "array" else "values"
+        inner = _cavro_layout(s.get(key))
+        if inner is None:
+            return None
+        out[key] = inner
+    elif isinstance(t, (dict, list)):
+        inner = _cavro_layout(t)
+        if inner is None:
+            return None
+        out["type"] = inner
+    elif t == "int" and logical is None:
+        out["type"] = "long"
+    return out
 
 
 #: cavro's schema options: let the ZTF schemas' ``null`` defaults of ``[type, "null"]`` unions pass,

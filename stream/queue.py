@@ -1689,15 +1689,18 @@ def cmd_prune(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from stream.cli import _decoder, _scorer, files_to_read
+    from stream.cli import _decoder, _scorer, _stopped, drive_stoppable, files_to_read
     from stream.pipeline import Pipeline
-    from stream.service import Progress, drive
+    from stream.service import Progress
     from stream.sources import FileSource, count_files
 
     files = files_to_read(args.paths)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), clock="stream")
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
-    counts = drive(FileSource(files, args.batch_size, expanded=True), pipeline, [QueueSink(args.db)], [], progress)
+    counts, signame = drive_stoppable(FileSource(files, args.batch_size, expanded=True), pipeline,
+                                      [QueueSink(args.db)], [], progress)
+    if signame is not None:  # (the store commits per batch: a batch is in it whole or not at all)
+        return _stopped(counts, signame)
     for note in counts.clock_notes():
         print(note, file=sys.stderr)
     print(counts.line())

@@ -189,7 +189,7 @@ def drive(source, pipeline, annotation_sinks=(), rejected_sinks=(), progress: Pr
         for closer in (source.close, *(s.close for s in sinks)):
             try:
                 closer()
-            except Exception as exc:
+            except BaseException as exc:  # a second Ctrl-C too: the other outputs are still closed
                 log.error("closing %s failed: %r", getattr(closer, "__self__", closer), exc)
                 close_error = close_error or exc
         if progress is not None:

@@ -1142,3 +1142,30 @@ def test_the_avro_backend_is_chosen_and_checked(monkeypatch):
     assert Decoder().avro_backend == "fastavro"
     with pytest.raises(ValueError, match="cavro package is not installed"):
         Decoder(avro_backend="cavro")
+
+
+@pytest.mark.skipif(__import__("stream.decode", fromlist=["cavro"]).cavro is None, reason="cavro is not installed")
+def test_what_cavro_reads_differently_is_left_to_fastavro():
+    """cavro cuts an ``int`` to 32 bits where fastavro keeps the whole varint (a writer breaking the spec),
+    and reads some logical types to other values: ints are read as longs (same encoding), and schemas
+    with such logical types go to fastavro. Both backends then give the same records."""
+    big = 2**32 + 7
+    cases = {  # schema, body
+        "int beyond 32 bits": ({"type": "record", "name": "r", "fields": [
+            {"name": "a", "type": "int"}, {"name": "b", "type": ["null", "int"]},
+            {"name": "c", "type": {"type": "array", "items": "int"}}]},
+            _zz(big) + _zz(1) + _zz(-big) + _zz(1) + _zz(big) + _zz(0)),
+        "local-timestamp-millis": ({"type": "record", "name": "r", "fields": [
+            {"name": "t", "type": {"type": "long", "logicalType": "local-timestamp-millis"}}]}, _zz(1697677323456)),
+        "uuid on fixed": ({"type": "record", "name": "r", "fields": [
+            {"name": "u", "type": {"type": "fixed", "name": "U", "size": 16, "logicalType": "uuid"}}]},
+            b"0123456789abcdef"),
+    }
+    dec, ref = Decoder(avro_backend="cavro"), Decoder(avro_backend="fastavro")
+    for name, (schema, body) in cases.items():
+        payload = _raw_container(schema, body, 1)
+        got, want = _fast(dec, payload), _fast(ref, payload)
+        assert got is not None and _same(got[0], want[0]), (name, got, want)
+        assert _same(want[0], list(fastavro.reader(io.BytesIO(payload)))), name
+        assert (dec._vet_container(payload)[2][3] is None) == (name != "int beyond 32 bits"), name
+    assert _fast(dec, _raw_container(*cases["int beyond 32 bits"], 1))[0] == [{"a": big, "b": -big, "c": [big]}]

@@ -524,6 +524,76 @@ def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, 
     assert pq.read_table(out_pq).num_rows == len(out_js.read_text().splitlines()) == sum(calls)
 
 
+def test_a_second_signal_stops_at_once_with_the_outputs_closed(tmp_path, monkeypatch, capfd):
+    """SIGTERM, then Ctrl-C before the batch is done: the run stops inside the batch, says that batch may be in
+    some outputs only, keeps SIGTERM's exit code, and still closes every output (the Parquet file is readable)."""
+    import os
+    import signal
+
+    from stream.sinks import JsonlSink
+
+    write = JsonlSink.write
+    calls = []
+
+    def write_signalled(self, records):
+        calls.append(len(records))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the second handler raises here
+        write(self, records)
+
+    monkeypatch.setattr(JsonlSink, "write", write_signalled)
+    out_pq, out_js = tmp_path / "a.parquet", tmp_path / "a.jsonl"
+    rc = main(["replay", str(DATA / "ztf_fink"), "--out", str(out_pq), "--out", str(out_js), "--batch-size", "3",
+               "--no-progress"])
+    err = capfd.readouterr().err  # (the handler writes to the file descriptor)
+    assert rc == 143, err
+    assert "SIGTERM: stopping after the batch in flight (again to stop at once)" in err
+    assert "terminated: the outputs hold the batches finished before it; the batch in flight may be in some" in err
+    assert pq.read_table(out_pq).num_rows == calls[0] + calls[1]  # closed: readable, with the batch in flight
+    assert len(out_js.read_text().splitlines()) == calls[0]
+
+
+def test_queue_ingest_stops_after_the_batch_in_flight_on_sigterm(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import sqlite3
+
+    from stream.pipeline import Pipeline
+
+    process = Pipeline.process
+    batches = []
+
+    def process_signalled(self, batch):
+        batches.append(len(batch))
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return process(self, batch)
+
+    monkeypatch.setattr(Pipeline, "process", process_signalled)
+    db = tmp_path / "q.sqlite"
+    rc = main(["queue", "ingest", str(DATA / "ztf_fink"), "--db", str(db), "--batch-size", "3", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 143, err
+    assert "terminated: the outputs hold the batches finished before it" in err
+    assert batches == [3, 3] and out.startswith("read 6,")
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from annotations").fetchone()[0] == 6
+
+
+def test_avro_backend_cavro_without_cavro_names_the_flag(tmp_path, monkeypatch, capsys):
+    import stream.decode as D
+
+    monkeypatch.setattr(D, "cavro", None)
+    rc = main(["replay", str(DATA / "ztf_fink"), "--out", str(tmp_path / "a.jsonl"), "--avro-backend", "cavro"])
+    assert rc == 2
+    assert "--avro-backend cavro: the cavro package is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_a_file_or_archive_member_name_that_is_not_utf8_does_not_stop_the_replay(tmp_path):
     """A Latin-1 name arrives with lone surrogates, which no UTF-8 writer takes: in an annotation's source it
     had stopped ``vigil replay`` with every output of the batch lost (N = A + R broken)."""
