@@ -110,6 +110,17 @@ def floor_rate(payloads) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _container_schemas():
+    """The Avro object-container header and a bare long, parsed by fastavro (the floors read frames with them)."""
+    import fastavro
+
+    header = fastavro.parse_schema({"type": "record", "name": "org.apache.avro.file.Header", "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
+    return header, fastavro.parse_schema("long")
+
+
 def floor_once_rate(payloads) -> float:
     """The like-for-like floor: fastavro decode with each writer schema parsed once, as any stream
     reader (Vigil's decoder included) would; ``fastavro.reader`` re-parses the ~22 kB ZTF schema for
@@ -117,11 +128,7 @@ def floor_once_rate(payloads) -> float:
     ``schemaless_reader``; a compressed container falls back on ``fastavro.reader``."""
     import fastavro
 
-    header = fastavro.parse_schema({"type": "record", "name": "org.apache.avro.file.Header", "fields": [
-        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
-        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
-        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
-    long_ = fastavro.parse_schema("long")
+    header, long_ = _container_schemas()
     parsed: dict = {}
     t0 = time.perf_counter()
     n = 0
@@ -155,11 +162,7 @@ def cavro_rate(payloads):
         return None
     import fastavro
 
-    header = fastavro.parse_schema({"type": "record", "name": "org.apache.avro.file.Header", "fields": [
-        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
-        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
-        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
-    long_ = fastavro.parse_schema("long")
+    header, long_ = _container_schemas()
     parsed: dict = {}
     t0 = time.perf_counter()
     n = 0

@@ -495,12 +495,10 @@ def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path, si
     assert 0 < table.num_rows == len(lines) < 6 * len(files)
 
 
-def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, monkeypatch, capsys):
-    """The SIGTERM handler had raised an exception, which lands wherever the process is: here between the
-    Parquet and the JSON Lines writes of a batch, which then was in one output and not the other. The
-    signal is delivered (to this process, by itself) inside the second output's write of the second batch."""
+def _signal_in_second_jsonl_write(monkeypatch, *signals) -> list:
+    """Make the JSON Lines sink deliver ``signals`` to this process inside its second write, before
+    writing; returns the list of each write's record count."""
     import os
-    import signal
 
     from stream.sinks import JsonlSink
 
@@ -510,11 +508,22 @@ def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, 
     def write_signalled(self, records):
         calls.append(len(records))
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)  # the handler runs here, before this output has the batch
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.05)  # the handler runs here, before this output has the batch
         write(self, records)
 
     monkeypatch.setattr(JsonlSink, "write", write_signalled)
+    return calls
+
+
+def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, monkeypatch, capsys):
+    """The SIGTERM handler had raised an exception, which lands wherever the process is: here between the
+    Parquet and the JSON Lines writes of a batch, which then was in one output and not the other. The
+    signal is delivered (to this process, by itself) inside the second output's write of the second batch."""
+    import signal
+
+    calls = _signal_in_second_jsonl_write(monkeypatch, signal.SIGTERM)
     out_pq, out_js = tmp_path / "a.parquet", tmp_path / "a.jsonl"
     rc = main(["replay", str(DATA / "ztf_fink"), "--out", str(out_pq), "--out", str(out_js), "--batch-size", "3",
                "--no-progress"])
@@ -527,24 +536,9 @@ def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, 
 def test_a_second_signal_stops_at_once_with_the_outputs_closed(tmp_path, monkeypatch, capfd):
     """SIGTERM, then Ctrl-C before the batch is done: the run stops inside the batch, says that batch may be in
     some outputs only, keeps SIGTERM's exit code, and still closes every output (the Parquet file is readable)."""
-    import os
     import signal
 
-    from stream.sinks import JsonlSink
-
-    write = JsonlSink.write
-    calls = []
-
-    def write_signalled(self, records):
-        calls.append(len(records))
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the second handler raises here
-        write(self, records)
-
-    monkeypatch.setattr(JsonlSink, "write", write_signalled)
+    calls = _signal_in_second_jsonl_write(monkeypatch, signal.SIGTERM, signal.SIGINT)  # the second one raises
     out_pq, out_js = tmp_path / "a.parquet", tmp_path / "a.jsonl"
     rc = main(["replay", str(DATA / "ztf_fink"), "--out", str(out_pq), "--out", str(out_js), "--batch-size", "3",
                "--no-progress"])
