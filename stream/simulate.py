@@ -161,6 +161,7 @@ import gzip
 import hashlib
 import io
 import math
+import shutil
 import struct
 import tarfile
 import time
@@ -1753,7 +1754,29 @@ def _write(res: SimResult, out: Path, fmt: str) -> dict:
     if alerts_dir.is_dir() and any(alerts_dir.iterdir()):
         # New alerts beside old ones would not match the truth tables written next to them.
         raise FileExistsError(f"{alerts_dir} already holds alerts: give an empty or new output directory")
-    alerts_dir.mkdir(exist_ok=True)
+    # Written beside, then renamed: a run cut short (Ctrl-C, a kill) leaves no half-filled alerts
+    # directory, which a rerun would refuse and a replay would read without its truth tables. What a
+    # killed run left there is removed by the next one.
+    final_dir, alerts_dir = alerts_dir, out / ".alerts.partial"
+    if alerts_dir.exists():
+        shutil.rmtree(alerts_dir)
+    alerts_dir.mkdir()
+    try:
+        n = _write_alerts(res, alerts_dir, fmt)
+        for name, df in (("truth", res.truth), ("exposures", res.exposures), ("objects", res.objects),
+                         ("photometry", res.photometry)):
+            df.to_parquet(out / f"{name}.parquet", index=False)
+        if final_dir.is_dir():
+            final_dir.rmdir()  # empty (checked above)
+        alerts_dir.rename(final_dir)
+    except BaseException:
+        shutil.rmtree(alerts_dir, ignore_errors=True)
+        raise
+    return {"alerts": n, "seconds": time.perf_counter() - t0}
+
+
+def _write_alerts(res: SimResult, alerts_dir: Path, fmt: str) -> int:
+    """The alert files (or nightly tarballs) of ``res`` in ``alerts_dir``; returns how many alerts."""
     nights = dict(zip(res.exposures["pid"], res.exposures["night_date"], strict=True))
     n = 0
     tar = raw = gz = None
@@ -1786,10 +1809,7 @@ def _write(res: SimResult, out: Path, fmt: str) -> dict:
             tar.close()
             gz.close()
             raw.close()
-    for name, df in (("truth", res.truth), ("exposures", res.exposures), ("objects", res.objects),
-                     ("photometry", res.photometry)):
-        df.to_parquet(out / f"{name}.parquet", index=False)
-    return {"alerts": n, "seconds": time.perf_counter() - t0}
+    return n
 
 
 # --------------------------------------------------------------------------- summary

@@ -453,3 +453,31 @@ def test_a_quadrant_across_ra_zero_and_the_alert_fields_real_ztf_keeps():
     c = cands[0]
     frac = int(c["pdiffimfilename"].split("_")[1][8:])
     assert abs(frac / 1e6 - (c["jd"] - 0.5) % 1) < 2e-6, (c["pdiffimfilename"], c["jd"])
+
+
+@pytest.mark.parametrize("fmt", ["files", "tarballs"])
+def test_a_write_cut_short_leaves_no_half_filled_alerts_directory(tmp_path, monkeypatch, fmt):
+    """Ctrl-C while the alerts were written had left a partial ``alerts/`` without truth tables, which a rerun
+    refused ("already holds alerts") and a replay would read. They are written beside and renamed at the end."""
+    from stream.simulate import SimResult
+
+    res = simulate(5, nights=1, quadrants=1, mode="sparse", n_alerts=30)
+    payloads = SimResult.payloads
+
+    def cut_short(self):
+        for k, item in enumerate(payloads(self)):
+            if k == 10:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(SimResult, "payloads", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        res.write(tmp_path, fmt)
+    assert not (tmp_path / "alerts").exists() and not (tmp_path / ".alerts.partial").exists()
+    (tmp_path / ".alerts.partial").mkdir()  # as a killed run leaves it
+    (tmp_path / ".alerts.partial" / "stale.avro").write_bytes(b"x")
+    monkeypatch.setattr(SimResult, "payloads", payloads)
+    info = res.write(tmp_path, fmt)  # the rerun is not refused
+    assert info["alerts"] == len(res.truth) == 30
+    assert not (tmp_path / ".alerts.partial").exists() and (tmp_path / "truth.parquet").exists()
+    assert sum(1 for _ in iter_envelopes([tmp_path / "alerts"])) == 30
