@@ -153,14 +153,16 @@ def floor_once_rate(payloads) -> float:
 
 
 def cavro_rate(payloads):
-    """cavro's floor, like for like: each writer schema parsed once (with the decoder's options), then
+    """cavro's floor, like for like: each writer schema parsed once (as the decoder gives it to cavro), then
     each block's records read from its bytes, as Vigil's decoder does where cavro is installed.
     None where cavro is not installed (it is optional). Containers only (the bench's data are)."""
-    from stream.decode import _CAVRO_OPTIONS, cavro
+    from stream.decode import Decoder, cavro
 
     if cavro is None:
         return None
     import fastavro
+
+    dec = Decoder(avro_backend="cavro")  # its schema for cavro: ints read as longs, as it reads them
 
     header, long_ = _container_schemas()
     parsed: dict = {}
@@ -172,7 +174,7 @@ def cavro_rate(payloads):
         text = meta["avro.schema"]
         schema = parsed.get(text)
         if schema is None:
-            schema = parsed[text] = cavro.Schema(text.decode(), options=_CAVRO_OPTIONS)
+            schema = parsed[text] = dec._cavro_schema(text)
         view = memoryview(p)
         while buf.tell() < len(p):
             count = fastavro.schemaless_reader(buf, long_, None)

@@ -245,9 +245,9 @@ class Decoder:
         self.ztf_schema = ztf_schema
         self.max_message_bytes = max_message_bytes
         self.keep_cutouts = keep_cutouts
-        self.avro_backend = "cavro" if avro_backend == "auto" and cavro is not None else avro_backend
-        if self.avro_backend == "auto":
-            self.avro_backend = "fastavro"
+        if avro_backend == "auto":
+            avro_backend = "fastavro" if cavro is None else "cavro"
+        self.avro_backend = avro_backend
         # (length, first and last 256 bytes of the writer-schema JSON) → (JSON, parsed schema, version).
         # Hashing the whole ~22 kB text of a ZTF schema took ~11 µs a message; the full text is
         # still compared (a memcmp) before an entry is used.
