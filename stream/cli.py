@@ -230,7 +230,7 @@ def cmd_run(args) -> int:
                     msg = re.sub(rf"\b{re.escape(key)}\b", flag, msg)
             raise ValueError(msg) from None
     if args.check:
-        return _check_config(args.config, cfg)
+        return _check_config(args.config, cfg, replay=args.replay or bool(args.start or args.end))
     stop = StopFlag()
     stop.install()
     counts = run_service(cfg, stop, replay=args.replay or bool(args.start or args.end))
@@ -238,7 +238,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _check_config(path, cfg) -> int:
+def _check_config(path, cfg, replay: bool = False) -> int:
     """``vigil run --check``: what the service would load, loaded, and said; nothing is started.
 
     The config is already parsed, validated and its secrets read; here the schemas and the model
@@ -266,7 +266,15 @@ def _check_config(path, cfg) -> int:
     print(f"  outputs on {out_cluster} cluster: {o.annotations_topic}, dead letters {o.dead_letter_topic}; "
           f"librdkafka: {', '.join(sorted(output_kafka_settings(cfg))) or 'defaults'}")
     print(f"  queue store: {redacted(o.queue_db) if o.queue_db else 'none'}; model: {version}")
-    if cfg.replay is not None:
+    if replay:  # what `vigil run --replay` (or --from/--until) would do instead of the live service
+        from stream.config import ReplayConfig
+
+        rc = cfg.replay or ReplayConfig()
+        whole = "" if cfg.replay is not None else " (no [replay] section: the whole topic)"
+        print(f"  replay{whole}: {rc.start} → {rc.end} under group {rc.group_id}, never committing; outputs "
+              f"{o.annotations_topic}.{rc.namespace}, {o.dead_letter_topic}.{rc.namespace}; queue store: "
+              f"{redacted(rc.queue_db) if rc.queue_db else 'none'}")
+    elif cfg.replay is not None:
         print(f"  [replay] {cfg.replay.start} → {cfg.replay.end}, outputs suffixed .{cfg.replay.namespace}")
     return 0
 
@@ -327,9 +335,17 @@ def _count_of_rows(text: str) -> int:
     return n
 
 
+def _version() -> str:
+    """The version annotations carry as ``code_version``: the release plus a digest of the code and models."""
+    from stream.annotation import code_version
+
+    return code_version()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vigil", description="Real-time annotator for astronomical alert streams.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    ap.add_argument("--version", action="version", version=f"vigil {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("replay", help="annotate archived alerts (Avro files, directories, tarballs)")
@@ -357,9 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("produce", help="push archived alerts into a Kafka topic")
     p.add_argument("paths", nargs="+")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--bootstrap", default="127.0.0.1:9092")
-    p.add_argument("--ztf-format", choices=["container", "schemaless"], default="container")
+    p.add_argument("--topic", required=True, help="the topic to write the alerts to")
+    p.add_argument("--bootstrap", default="127.0.0.1:9092",
+                   help="broker address (default: %(default)s; `vigil broker` prints the embedded one's)")
+    p.add_argument("--ztf-format", choices=["container", "schemaless"], default="container",
+                   help="ZTF messages as one-alert Avro containers, as ZTF sends them, or schemaless (needs "
+                        "--ztf-schema) (default: %(default)s)")
     _add_decoder_args(p, backend=False)
     p.set_defaults(func=cmd_produce)
 
@@ -408,7 +427,9 @@ def main(argv=None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no complaint at exit's flush)
         return 0
-    except (ValueError, OSError, sqlite3.DatabaseError) as e:
+    except (ValueError, OSError, sqlite3.DatabaseError, ImportError) as e:
+        # (ImportError: an optional extra not installed, e.g. psycopg for a postgresql:// store; its
+        # message says what to install)
         if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
             raise  # Vigil's own SQL is wrong: a bug, with its traceback
         # Usage, configuration and environment errors (a path that is a directory, a file

@@ -7,6 +7,7 @@ prints the top of the ranked list, and stops what it started.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import replace
@@ -93,9 +94,10 @@ def main(args) -> int:
     else:
         _print_ranked(anns, args.top)
     if queue:
-        print(f"\nEyeball queue filled: {queue}\nOpen it with:  vigil queue serve --db {queue}"
+        vigil = _command_name()
+        print(f"\nEyeball queue filled: {queue}\nOpen it with:  {vigil} queue serve --db {queue}"
               "  (then http://127.0.0.1:8765; sign in with the token it prints, or set one with --token"
-              f" or VIGIL_QUEUE_TOKEN)\nor list it here:  vigil queue list --db {queue}")
+              f" or VIGIL_QUEUE_TOKEN)\nor list it here:  {vigil} queue list --db {queue}")
     else:
         print("\n(eyeball-queue store not available in this build)")
     print(f"demo finished in {time.monotonic() - t0:.1f} s; broker stopped")
@@ -121,3 +123,12 @@ def _print_ranked(anns, top: int) -> None:
              "p_fast": a["p_fast"], "priority": a["priority"],
              "ss_distance": (a.get("features") or {}).get("ss_distance")} for a in sorted(anns, key=key)[:top]]
     print("\n".join(ranked_lines(rows)))
+
+
+def _command_name() -> str:
+    """``vigil`` as it was typed (``.venv/bin/vigil`` after the README's install, which activates no
+    environment, so a bare ``vigil`` would not be found); ``vigil`` when run as a module."""
+    import shlex
+
+    typed = sys.argv[0] if sys.argv else ""
+    return shlex.quote(typed) if os.path.basename(typed) == "vigil" else "vigil"

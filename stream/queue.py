@@ -1646,6 +1646,11 @@ def cmd_serve(args) -> int:
         # Never serve unauthenticated: make a one-off token and tell the operator.
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
+    if args.workers:  # said before "serving", not after it
+        try:
+            import gunicorn  # noqa: F401
+        except ImportError:
+            raise ImportError("--workers needs gunicorn: pip install 'vigil[serve]'") from None
     app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie,
                      proxy_hops=args.proxy_hops, model=args.model)
     how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\

@@ -278,3 +278,56 @@ def test_run_check_loads_everything_and_starts_nothing(tmp_path, capsys, monkeyp
     bad.write_text('[source]\nschema_dir = "/nonexistent"\n')
     assert main(["run", "--config", str(bad), "--check"]) == 2
     assert "source.schema_dir" in capsys.readouterr().err
+
+
+def test_run_check_says_what_a_replay_would_do(tmp_path, capsys):
+    """``--check --replay`` had printed the live service's group, as plain ``--check`` does."""
+    from stream.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[source]\ngroup_id = "live"\n')
+    assert main(["run", "--config", str(cfg), "--check", "--replay"]) == 0
+    out = capsys.readouterr().out
+    assert ("replay (no [replay] section: the whole topic): earliest → end under group vigil-replay, never "
+            "committing; outputs vigil.annotations.replay, vigil.deadletter.replay") in out
+    cfg.write_text('[source]\ngroup_id = "live"\n[replay]\ngroup_id = "night"\nnamespace = "r1"\n')
+    assert main(["run", "--config", str(cfg), "--check", "--from", "2023-10-19T00:00:00Z"]) == 0
+    out = capsys.readouterr().out
+    assert "replay: 2023-10-19T00:00:00Z → end under group night" in out and "vigil.annotations.r1" in out
+    assert main(["run", "--config", str(cfg), "--check"]) == 0
+    assert "under group" not in capsys.readouterr().out
+
+
+def test_a_missing_optional_extra_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """A postgresql:// store without psycopg, or --workers without gunicorn, had ended in a 29-line traceback
+    (and ``queue serve`` had first said it was serving)."""
+    import sys
+
+    from stream.cli import main
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as where it is not installed
+    monkeypatch.setitem(sys.modules, "gunicorn", None)
+    assert main(["queue", "list", "--db", "postgresql://vigil@127.0.0.1:5/vigil"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == ("vigil: error: ImportError: a postgresql:// queue store needs psycopg 3: "
+                           "pip install 'vigil[postgres]'")
+    assert main(["queue", "serve", "--db", str(tmp_path / "q.sqlite"), "--workers", "2", "--token", "x" * 20]) == 2
+    out, err = capsys.readouterr()
+    assert "needs gunicorn: pip install 'vigil[serve]'" in err and "Traceback" not in err
+    assert "vigil queue: serving" not in out
+
+
+def test_version_and_the_demo_names_the_command_as_typed(monkeypatch, capsys):
+    import sys
+
+    from stream.annotation import code_version
+    from stream.cli import main
+    from stream.demo import _command_name
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vigil {code_version()}"
+    monkeypatch.setattr(sys, "argv", [".venv/bin/vigil", "demo"])
+    assert _command_name() == ".venv/bin/vigil"  # the README installs without activating the environment
+    monkeypatch.setattr(sys, "argv", ["/path/to/stream/cli.py", "demo"])
+    assert _command_name() == "vigil"
