@@ -126,7 +126,8 @@ def cmd_replay(args) -> int:
     outputs = [("--out", o) for o in args.out or ()] + [("--rejected", args.rejected)]
     _check_distinct([*outputs, ("--queue", args.queue)])
     files = files_to_read(args.paths)
-    _check_writable(outputs, files)
+    # (a SQLite store in a missing folder had been made, folder and all, where --out is refused)
+    _check_writable(outputs + ([("--queue", args.queue)] if args.queue and "://" not in args.queue else []), files)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), hsr=False if args.no_hsr else None, clock="stream")
     store = None
     if args.queue:  # opened first: a store that cannot be opened must not cost the --out files

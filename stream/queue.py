@@ -1694,12 +1694,14 @@ def cmd_prune(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from stream.cli import _decoder, _scorer, _stopped, drive_stoppable, files_to_read
+    from stream.cli import _check_writable, _decoder, _scorer, _stopped, drive_stoppable, files_to_read
     from stream.pipeline import Pipeline
     from stream.service import Progress
     from stream.sources import FileSource, count_files
 
     files = files_to_read(args.paths)
+    if not is_url(args.db):  # a missing folder is refused, as replay's outputs are
+        _check_writable([("--db", args.db)], files)
     pipeline = Pipeline(_decoder(args), scorer=_scorer(args), clock="stream")
     progress = Progress(count_files(files), enabled=False if args.no_progress else None)
     counts, signame = drive_stoppable(FileSource(files, args.batch_size, expanded=True), pipeline,

@@ -728,3 +728,15 @@ def test_queue_flags_out_of_range_are_refused_by_name(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and flag in capsys.readouterr().err, argv
+
+
+def test_a_queue_store_in_a_missing_folder_is_refused_as_other_outputs_are(tmp_path, capsys):
+    """``--out`` in a missing folder was refused; ``--queue`` (and ``queue ingest --db``) made the folder."""
+    store = tmp_path / "nope" / "q.sqlite"
+    assert main(["replay", str(DATA / "ztf_fink"), "--queue", str(store), "--no-progress"]) == 2
+    assert f"--queue {store}: no folder {store.parent}" in capsys.readouterr().err
+    assert main(["queue", "ingest", str(DATA / "ztf_fink"), "--db", str(store), "--no-progress"]) == 2
+    assert f"--db {store}: no folder {store.parent}" in capsys.readouterr().err
+    assert not store.parent.exists()
+    assert main(["replay", str(DATA / "ztf_fink"), "--queue", str(tmp_path), "--no-progress"]) == 2
+    assert "a directory, not a file" in capsys.readouterr().err
