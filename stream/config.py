@@ -166,6 +166,17 @@ def _resolve_secrets(table: dict, where: str) -> dict:
     return out
 
 
+def _env_secrets(table, where: str):
+    """``(key, variable)`` of each ``{ env = "VAR" }`` value in a parsed TOML table, at any depth."""
+    if not isinstance(table, dict):
+        return
+    if set(table) == {"env"} and isinstance(table["env"], str):
+        yield where, table["env"]
+        return
+    for k, v in table.items():
+        yield from _env_secrets(v, f"{where}.{k}" if where else k)
+
+
 def _build(cls, table, where: str):
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -233,9 +244,15 @@ _SECTIONS = {"source": SourceConfig, "output": OutputConfig, "service": ServiceC
 def parse_config(data: dict, where: str = "config") -> Config:
     """Build a :class:`Config` from a parsed TOML table."""
     kw = {}
-    for k, v in data.items():
+    for k in data:
         if k not in _SECTIONS:
             raise ConfigError(f"{k}: unknown section (known: {', '.join(_SECTIONS)})")
+    # Every secret whose environment variable is unset, named at once (one at a time had taken a
+    # deployment as many rounds as it has credentials).
+    unset = [f"{key} ({var})" for key, var in _env_secrets(data, "") if var not in os.environ]
+    if len(unset) > 1:
+        raise ConfigError(f"environment variables not set: {', '.join(unset)}")
+    for k, v in data.items():
         kw[k] = _build(_SECTIONS[k], v, k)
     cfg = Config(**kw)
     validate(cfg)

@@ -331,3 +331,19 @@ def test_version_and_the_demo_names_the_command_as_typed(monkeypatch, capsys):
     assert _command_name() == ".venv/bin/vigil"  # the README installs without activating the environment
     monkeypatch.setattr(sys, "argv", ["/path/to/stream/cli.py", "demo"])
     assert _command_name() == "vigil"
+
+
+def test_every_unset_secret_variable_is_named_at_once(monkeypatch):
+    """``deploy/rubin.toml`` had taken three rounds: each run named one unset variable."""
+    for var in ("VIGIL_T_USER", "VIGIL_T_PW", "VIGIL_T_OUT_PW"):
+        monkeypatch.delenv(var, raising=False)
+    data = {"source": {"kafka": {"sasl.username": {"env": "VIGIL_T_USER"}, "sasl.password": {"env": "VIGIL_T_PW"}}},
+            "output": {"bootstrap_servers": "other:9092", "kafka": {"sasl.password": {"env": "VIGIL_T_OUT_PW"}}}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert str(e.value) == ("environment variables not set: source.kafka.sasl.username (VIGIL_T_USER), "
+                            "source.kafka.sasl.password (VIGIL_T_PW), output.kafka.sasl.password (VIGIL_T_OUT_PW)")
+    monkeypatch.setenv("VIGIL_T_USER", "u")
+    monkeypatch.setenv("VIGIL_T_PW", "p")
+    with pytest.raises(ConfigError, match=r"^output.kafka.sasl.password: environment variable VIGIL_T_OUT_PW is not"):
+        parse_config(data)  # one left: said as before, by its key
