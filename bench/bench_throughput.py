@@ -128,6 +128,39 @@ def floor_once_rate(payloads) -> float:
     ``schemaless_reader``; a compressed container falls back on ``fastavro.reader``."""
     import fastavro
 
+    def read_block(buf, schema, count, size, payload):
+        for _ in range(count):
+            fastavro.schemaless_reader(buf, schema, None)
+
+    return _blocks_rate(payloads, lambda text: fastavro.parse_schema(json.loads(text)), read_block)
+
+
+def cavro_rate(payloads):
+    """cavro's floor, like for like: each writer schema parsed once (as the decoder gives it to cavro), then
+    each block's records read from its bytes, as Vigil's decoder does where cavro is installed.
+    None where cavro is not installed (it is optional)."""
+    from stream.decode import Decoder, cavro
+
+    if cavro is None:
+        return None
+    dec = Decoder(avro_backend="cavro")  # its schema for cavro: ints read as longs, as it reads them
+
+    def read_block(buf, schema, count, size, payload):
+        start = buf.tell()
+        reader = cavro.MemoryReader(memoryview(payload)[start:start + size])
+        for _ in range(count):
+            schema.binary_read(reader)
+        buf.seek(start + size)
+
+    return _blocks_rate(payloads, dec._cavro_schema, read_block)
+
+
+def _blocks_rate(payloads, parse, read_block) -> float:
+    """Records a second of containers read block by block: the header by fastavro, each writer schema
+    ``parse``d once, each block's ``count`` records by ``read_block`` (which leaves ``buf`` after the
+    block); a compressed container is read by ``fastavro.reader``."""
+    import fastavro
+
     header, long_ = _container_schemas()
     parsed: dict = {}
     t0 = time.perf_counter()
@@ -141,50 +174,13 @@ def floor_once_rate(payloads) -> float:
         text = meta["avro.schema"]
         schema = parsed.get(text)
         if schema is None:
-            schema = parsed[text] = fastavro.parse_schema(json.loads(text))
-        while buf.tell() < len(p):
-            count = fastavro.schemaless_reader(buf, long_, None)
-            fastavro.schemaless_reader(buf, long_, None)  # the block's size
-            for _ in range(count):
-                fastavro.schemaless_reader(buf, schema, None)
-                n += 1
-            buf.read(16)  # the sync marker
-    return n / (time.perf_counter() - t0)
-
-
-def cavro_rate(payloads):
-    """cavro's floor, like for like: each writer schema parsed once (as the decoder gives it to cavro), then
-    each block's records read from its bytes, as Vigil's decoder does where cavro is installed.
-    None where cavro is not installed (it is optional). Containers only (the bench's data are)."""
-    from stream.decode import Decoder, cavro
-
-    if cavro is None:
-        return None
-    import fastavro
-
-    dec = Decoder(avro_backend="cavro")  # its schema for cavro: ints read as longs, as it reads them
-
-    header, long_ = _container_schemas()
-    parsed: dict = {}
-    t0 = time.perf_counter()
-    n = 0
-    for p in payloads:
-        buf = io.BytesIO(p)
-        meta = fastavro.schemaless_reader(buf, header, None)["meta"]
-        text = meta["avro.schema"]
-        schema = parsed.get(text)
-        if schema is None:
-            schema = parsed[text] = dec._cavro_schema(text)
-        view = memoryview(p)
+            schema = parsed[text] = parse(text)
         while buf.tell() < len(p):
             count = fastavro.schemaless_reader(buf, long_, None)
             size = fastavro.schemaless_reader(buf, long_, None)
-            start = buf.tell()
-            reader = cavro.MemoryReader(view[start:start + size])
-            for _ in range(count):
-                schema.binary_read(reader)
-                n += 1
-            buf.seek(start + size + 16)  # the block, then its sync marker
+            read_block(buf, schema, count, size, p)
+            n += count
+            buf.read(16)  # the sync marker
     return n / (time.perf_counter() - t0)
 
 
