@@ -898,7 +898,7 @@ def main(argv=None) -> int:
         d = {"n": len(payloads)}
         floor_rate(payloads[:50])
         d["floor"] = floor_rate(payloads)
-        cavro_rate(payloads[:50])  # (warm: the first call parses the schema for cavro, ~10 ms)
+        cavro_rate(payloads[:50])  # warm-up, as for fastavro.reader above: a first call runs slower
         d["cavro"] = cavro_rate(payloads)
         say(f"{name}: floor {d['floor']:,.0f}/s; replaying with HSR off")
         d["replay_nohsr"] = replay_rate(payloads, tmp, hsr=False, backend="fastavro")  # like the floor
