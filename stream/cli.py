@@ -8,6 +8,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from stream import MissingExtra
+
 log = logging.getLogger("vigil")
 
 #: Modules that add subcommands (see ``register`` in each).
@@ -50,11 +52,15 @@ def files_to_read(paths) -> list:
     Said on stderr: files of a walked directory not named like alerts or archives; nothing to read
     at all is an error. The list goes to :class:`stream.sources.FileSource` as it is.
     """
-    from stream.sources import AVRO_SUFFIXES, TAR_SUFFIXES, expand_paths
+    from stream.sources import AVRO_SUFFIXES, PARTIAL_DIR, TAR_SUFFIXES, expand_paths
 
     skipped: list = []
     files = expand_paths(paths, skipped)
     kinds = ", ".join("*" + x for x in AVRO_SUFFIXES + TAR_SUFFIXES)
+    for d in [p for p in skipped if p.name == PARTIAL_DIR]:
+        skipped.remove(d)
+        print(f"vigil: warning: {d} not read: the alerts of a `vigil simulate` that was stopped before it "
+              "finished (no truth tables; a rerun removes it)", file=sys.stderr)
     if skipped:
         names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         print(f"vigil: warning: {len(skipped)} file(s) not read, not named like alerts or archives ({kinds}): "
@@ -158,7 +164,9 @@ def drive_stoppable(source, pipeline, sinks, rejected=(), progress=None):
     file without its footer); an exception raised from a signal handler lands wherever the process
     is, e.g. between two outputs' writes of one batch. So the first signal is only noted (the batch
     in flight is finished and written to every output, then the run ends) and a second stops at
-    once. Ctrl-C is left alone where the process was started ignoring it (``nohup``, ``&``).
+    once. A queue store waiting for another writer's lock stops waiting at the first signal (the
+    batch in flight is then not in the store). A signal the process was started ignoring (a
+    background job of a script ignores Ctrl-C) is left ignored.
 
     Returns
     -------
@@ -170,6 +178,7 @@ def drive_stoppable(source, pipeline, sinks, rejected=(), progress=None):
     import signal
     import threading
 
+    from stream.queue import _errors, _is_lock_wait
     from stream.service import drive
 
     stopped = []
@@ -178,21 +187,37 @@ def drive_stoppable(source, pipeline, sinks, rejected=(), progress=None):
         stopped.append(signum)
         if len(stopped) > 1:
             raise KeyboardInterrupt
-        # (os.write: print() may be the very call this handler interrupted)
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the batch in flight "
-                    "(again to stop at once)\n".encode())
+        try:  # (os.write: print() may be the very call this handler interrupted)
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after the batch in flight "
+                        "(again to stop at once)\n".encode())
+        except OSError:  # stderr gone (a closed pipe): the handler must not raise where it lands
+            pass
 
-    sigs = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    def stop():
+        return bool(stopped)
+
+    # A signal ignored when the process started (a background job of a script) stays ignored.
+    sigs = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
     main_thread = threading.current_thread() is threading.main_thread()
     before = {sig: signal.signal(sig, on_signal) for sig in sigs} if main_thread else {}
+    for s in sinks:  # a queue store waiting for another writer's lock stops waiting at the signal
+        if hasattr(s, "give_up"):
+            s.give_up = stop
     try:
-        counts = drive(source, pipeline, sinks, rejected, progress, stop=lambda: bool(stopped))
+        counts = drive(source, pipeline, sinks, rejected, progress, stop=stop)
     except KeyboardInterrupt:  # the second signal, or Ctrl-C where no handler could be set
-        return None, signal.Signals(stopped[0]).name if stopped else "SIGINT"
+        counts = None
+    except Exception as exc:
+        if not (stopped and isinstance(exc, _errors("LockNotAvailable")) and _is_lock_wait(exc)):
+            raise
+        log.warning("stopped while waiting for the queue store's write lock (%s): the batch in flight is not "
+                    "in the store", exc)
+        counts = None
     finally:
         for sig, handler in before.items():  # (None: a handler not set from Python; default then)
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    return counts, signal.Signals(stopped[0]).name if stopped else None
+    name = signal.Signals(stopped[0]).name if stopped else ("SIGINT" if counts is None else None)
+    return counts, name
 
 
 def _stopped(counts, signame: str) -> int:
@@ -203,6 +228,8 @@ def _stopped(counts, signame: str) -> int:
               "them only", file=sys.stderr)
     else:
         print(f"{word}: the outputs hold the batches finished before it", file=sys.stderr)
+        for note in counts.clock_notes():
+            print(note, file=sys.stderr)
         print(counts.line())
     return 143 if signame == "SIGTERM" else 130
 
@@ -336,17 +363,21 @@ def _count_of_rows(text: str) -> int:
     return n
 
 
-def _version() -> str:
-    """The version annotations carry as ``code_version``: the release plus a digest of the code and models."""
-    from stream.annotation import code_version
+class _Version(argparse.Action):
+    """``--version``: the version annotations carry as ``code_version`` (the release plus a digest of
+    the code and models), worked out only when asked for (it reads every package file)."""
 
-    return code_version()
+    def __call__(self, parser, namespace, values, option_string=None):
+        from stream.annotation import code_version
+
+        print(f"vigil {code_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vigil", description="Real-time annotator for astronomical alert streams.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    ap.add_argument("--version", action="version", version=f"vigil {_version()}")
+    ap.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("replay", help="annotate archived alerts (Avro files, directories, tarballs)")
@@ -428,9 +459,9 @@ def main(argv=None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no complaint at exit's flush)
         return 0
-    except (ValueError, OSError, sqlite3.DatabaseError, ImportError) as e:
-        # (ImportError: an optional extra not installed, e.g. psycopg for a postgresql:// store; its
-        # message says what to install)
+    except (ValueError, OSError, sqlite3.DatabaseError, MissingExtra) as e:
+        # (MissingExtra: an optional extra not installed, e.g. psycopg for a postgresql:// store; its
+        # message says what to install. Any other ImportError is a bug, with its traceback.)
         if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
             raise  # Vigil's own SQL is wrong: a bug, with its traceback
         # Usage, configuration and environment errors (a path that is a directory, a file
@@ -453,7 +484,7 @@ def main(argv=None) -> int:
 def _fail(e: BaseException, verbose: bool) -> None:
     if verbose:
         logging.getLogger("vigil").exception("failed")
-    what = "" if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: "
+    what = "" if isinstance(e, (ValueError, FileNotFoundError, MissingExtra)) else f"{type(e).__name__}: "
     print(f"vigil: error: {what}{e}", file=sys.stderr)
 
 

@@ -166,15 +166,18 @@ def _resolve_secrets(table: dict, where: str) -> dict:
     return out
 
 
-def _env_secrets(table, where: str):
-    """``(key, variable)`` of each ``{ env = "VAR" }`` value in a parsed TOML table, at any depth."""
-    if not isinstance(table, dict):
-        return
-    if set(table) == {"env"} and isinstance(table["env"], str):
-        yield where, table["env"]
-        return
-    for k, v in table.items():
-        yield from _env_secrets(v, f"{where}.{k}" if where else k)
+def _env_secrets(data: dict):
+    """``(key, variable)`` of each ``{ env = "VAR" }`` value where the config takes one: librdkafka
+    settings (``[*.kafka]``) and the queue store (``queue_db``)."""
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        kafka = table.get("kafka")
+        places = [(f"{section}.kafka.{k}", v) for k, v in kafka.items()] if isinstance(kafka, dict) else []
+        places.append((f"{section}.queue_db", table.get("queue_db")))
+        for key, v in places:
+            if isinstance(v, dict) and set(v) == {"env"} and isinstance(v["env"], str):
+                yield key, v["env"]
 
 
 def _build(cls, table, where: str):
@@ -249,7 +252,7 @@ def parse_config(data: dict, where: str = "config") -> Config:
             raise ConfigError(f"{k}: unknown section (known: {', '.join(_SECTIONS)})")
     # Every secret whose environment variable is unset, named at once (one at a time had taken a
     # deployment as many rounds as it has credentials).
-    unset = [f"{key} ({var})" for key, var in _env_secrets(data, "") if var not in os.environ]
+    unset = [f"{key} ({var})" for key, var in _env_secrets(data) if var not in os.environ]
     if len(unset) > 1:
         raise ConfigError(f"environment variables not set: {', '.join(unset)}")
     for k, v in data.items():

@@ -57,6 +57,7 @@ import numpy as np
 # association to an ``ssObject``) is marked as a known asteroid in the list, which can hide them
 # (one value for the scorer's source types and the queue).
 from models.score import KNOWN_SSO_ARCSEC
+from stream import MissingExtra
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ class _PgConnection:
         try:
             import psycopg
         except ImportError as exc:  # an optional extra: say how to get it
-            raise ImportError("a postgresql:// queue store needs psycopg 3: pip install 'vigil[postgres]'") from exc
+            raise MissingExtra("a postgresql:// queue store needs psycopg 3: pip install 'vigil[postgres]'") from exc
         self._pg = psycopg.connect(url, autocommit=True, row_factory=_pg_rows, connect_timeout=10)
 
     @staticmethod
@@ -1650,7 +1651,7 @@ def cmd_serve(args) -> int:
         try:
             import gunicorn  # noqa: F401
         except ImportError:
-            raise ImportError("--workers needs gunicorn: pip install 'vigil[serve]'") from None
+            raise MissingExtra("--workers needs gunicorn: pip install 'vigil[serve]'") from None
     app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie,
                      proxy_hops=args.proxy_hops, model=args.model)
     how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\

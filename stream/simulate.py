@@ -163,6 +163,7 @@ import io
 import math
 import shutil
 import struct
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ from stream.simulate_schema import (
     record_schema,
     ztf_alert_schema,
 )
+from stream.sources import PARTIAL_DIR
 
 # --------------------------------------------------------------------------- constants
 
@@ -1754,10 +1756,12 @@ def _write(res: SimResult, out: Path, fmt: str) -> dict:
     if alerts_dir.is_dir() and any(alerts_dir.iterdir()):
         # New alerts beside old ones would not match the truth tables written next to them.
         raise FileExistsError(f"{alerts_dir} already holds alerts: give an empty or new output directory")
+    if alerts_dir.exists() and not alerts_dir.is_dir():
+        raise FileExistsError(f"{alerts_dir} is a file: give an empty or new output directory")
     # Written beside, then renamed: a run cut short (Ctrl-C, a kill) leaves no half-filled alerts
     # directory, which a rerun would refuse and a replay would read without its truth tables. What a
     # killed run left there is removed by the next one.
-    final_dir, alerts_dir = alerts_dir, out / ".alerts.partial"
+    final_dir, alerts_dir = alerts_dir, out / PARTIAL_DIR
     if alerts_dir.exists():
         shutil.rmtree(alerts_dir)
     alerts_dir.mkdir()
@@ -1859,6 +1863,10 @@ def _summary(res: SimResult) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+class _Terminated(Exception):
+    """SIGTERM while ``vigil simulate`` writes."""
+
+
 def cmd_simulate(args) -> int:
     """``vigil simulate``: run, write, print counts, timings, systematic RMS and the class mix."""
     t0 = time.perf_counter()
@@ -1872,7 +1880,22 @@ def cmd_simulate(args) -> int:
                    n_alerts=args.n_alerts, history_days=args.history_days, sys_scale=args.sys_scale,
                    cadence=args.cadence)
     t1 = time.perf_counter()
-    info = res.write(args.out, args.format)
+    # SIGTERM too removes the alerts written so far (as Ctrl-C does), not only what a rerun would.
+    import signal
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    before = signal.signal(signal.SIGTERM, terminate) if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN \
+        else None
+    try:
+        info = res.write(args.out, args.format)
+    except _Terminated:
+        print("terminated: the alerts written so far were removed", file=sys.stderr)
+        return 143
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
     t2 = time.perf_counter()
     ex = res.exposures
     print(f"wrote {info['alerts']} alerts ({res.truth['objectId'].nunique()} objects, {len(ex)} pids, "

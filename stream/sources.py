@@ -47,12 +47,17 @@ def _dir_key(p: Path):
     return st.st_dev, st.st_ino
 
 
+#: Where ``vigil simulate`` writes its alerts before renaming them ``alerts``: in a walked directory
+#: it is skipped (a killed run's alerts, without their truth tables).
+PARTIAL_DIR = ".alerts.partial"
+
+
 def expand_paths(paths, skipped: list | None = None) -> list[Path]:
     """Files to read, in a stable order: directories are walked, archives kept whole.
 
     In a walked directory only alert files (:data:`AVRO_SUFFIXES`) and archives are read;
-    the others are appended to ``skipped`` when it is given. A file named on its own is
-    always read.
+    the others, and a :data:`PARTIAL_DIR` directory, are appended to ``skipped`` when it is
+    given. A file named on its own is always read.
     """
     out = []
     for raw in paths:
@@ -66,6 +71,10 @@ def expand_paths(paths, skipped: list | None = None) -> list[Path]:
             for root, dirs, files in os.walk(p, onerror=lambda e: out.append(Path(e.filename)), followlinks=True):
                 keep = []
                 for d in sorted(dirs):
+                    if d == PARTIAL_DIR:  # what a killed `vigil simulate` left: alerts without truth tables
+                        if skipped is not None:
+                            skipped.append(Path(root) / d)
+                        continue
                     key = _dir_key(Path(root) / d)
                     if key is None or key not in seen:
                         keep.append(d)

@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
+from stream import MissingExtra
 from stream.queue import (
     ACTIONS,
     KNOWN_SSO_ARCSEC,
@@ -935,7 +936,7 @@ def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> 
     try:
         from gunicorn.app.base import BaseApplication
     except ImportError as exc:
-        raise ImportError("--workers needs gunicorn: pip install 'vigil[serve]'") from exc
+        raise MissingExtra("--workers needs gunicorn: pip install 'vigil[serve]'") from exc
 
     class _Server(BaseApplication):
         def load_config(self):

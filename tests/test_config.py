@@ -309,12 +309,14 @@ def test_a_missing_optional_extra_is_one_line_not_a_traceback(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "gunicorn", None)
     assert main(["queue", "list", "--db", "postgresql://vigil@127.0.0.1:5/vigil"]) == 2
     out, err = capsys.readouterr()
-    assert err.strip() == ("vigil: error: ImportError: a postgresql:// queue store needs psycopg 3: "
-                           "pip install 'vigil[postgres]'")
+    assert err.strip() == "vigil: error: a postgresql:// queue store needs psycopg 3: pip install 'vigil[postgres]'"
     assert main(["queue", "serve", "--db", str(tmp_path / "q.sqlite"), "--workers", "2", "--token", "x" * 20]) == 2
     out, err = capsys.readouterr()
     assert "needs gunicorn: pip install 'vigil[serve]'" in err and "Traceback" not in err
     assert "vigil queue: serving" not in out
+    monkeypatch.setitem(sys.modules, "stream.pipeline", None)  # any other ImportError is a bug: its traceback stays
+    with pytest.raises(ImportError):
+        main(["replay", str(tmp_path), "--rejected", str(tmp_path / "r.jsonl")])
 
 
 def test_version_and_the_demo_names_the_command_as_typed(monkeypatch, capsys):
@@ -347,3 +349,16 @@ def test_every_unset_secret_variable_is_named_at_once(monkeypatch):
     monkeypatch.setenv("VIGIL_T_PW", "p")
     with pytest.raises(ConfigError, match=r"^output.kafka.sasl.password: environment variable VIGIL_T_OUT_PW is not"):
         parse_config(data)  # one left: said as before, by its key
+
+
+
+def test_unset_variables_are_gathered_only_where_a_secret_may_be(monkeypatch):
+    """A ``{ env = ... }`` where no secret is taken (``source.group_id``) is that key's error, not one more unset
+    variable to set before hearing of it."""
+    monkeypatch.delenv("VIGIL_T_A", raising=False)
+    monkeypatch.delenv("VIGIL_T_B", raising=False)
+    data = {"source": {"group_id": {"env": "VIGIL_T_A"}, "kafka": {"sasl.password": {"env": "VIGIL_T_B"}}},
+            "output": {"queue_db": {"env": "VIGIL_T_A"}}}
+    with pytest.raises(ConfigError, match=r"^environment variables not set: source.kafka.sasl.password \(VIGIL_T_B\), "
+                                          r"output.queue_db \(VIGIL_T_A\)$"):
+        parse_config(data)

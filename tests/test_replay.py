@@ -478,7 +478,10 @@ def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path, si
     proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "replay", str(src), "--out", str(out_pq),
                              "--out", str(out_js), "--batch-size", "5", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=str(DATA.parent.parent), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            cwd=str(DATA.parent.parent), env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            # (as from a terminal, whatever ignores the test run itself: a script's
+                            # background job ignores Ctrl-C, and so would the replay)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out_js.exists() and out_js.stat().st_size > 0:
@@ -493,6 +496,17 @@ def test_sigterm_stops_a_replay_with_readable_outputs_and_a_summary(tmp_path, si
     lines = out_js.read_text().splitlines()
     table = pq.read_table(out_pq)  # readable: the footer was written
     assert 0 < table.num_rows == len(lines) < 6 * len(files)
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Ctrl-C as Python sets it up, for the test: a test run started as a script's background job ignores
+    it, and so would the command under test."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def _signal_in_second_jsonl_write(monkeypatch, *signals) -> list:
@@ -517,7 +531,7 @@ def _signal_in_second_jsonl_write(monkeypatch, *signals) -> list:
     return calls
 
 
-def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, monkeypatch, capsys):
+def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, monkeypatch, capsys, python_ctrl_c):
     """The SIGTERM handler had raised an exception, which lands wherever the process is: here between the
     Parquet and the JSON Lines writes of a batch, which then was in one output and not the other. The
     signal is delivered (to this process, by itself) inside the second output's write of the second batch."""
@@ -533,7 +547,7 @@ def test_a_signal_between_two_outputs_writes_leaves_the_batch_in_both(tmp_path, 
     assert pq.read_table(out_pq).num_rows == len(out_js.read_text().splitlines()) == sum(calls)
 
 
-def test_a_second_signal_stops_at_once_with_the_outputs_closed(tmp_path, monkeypatch, capfd):
+def test_a_second_signal_stops_at_once_with_the_outputs_closed(tmp_path, monkeypatch, capfd, python_ctrl_c):
     """SIGTERM, then Ctrl-C before the batch is done: the run stops inside the batch, says that batch may be in
     some outputs only, keeps SIGTERM's exit code, and still closes every output (the Parquet file is readable)."""
     import signal
@@ -740,3 +754,56 @@ def test_a_queue_store_in_a_missing_folder_is_refused_as_other_outputs_are(tmp_p
     assert not store.parent.exists()
     assert main(["replay", str(DATA / "ztf_fink"), "--queue", str(tmp_path), "--no-progress"]) == 2
     assert "a directory, not a file" in capsys.readouterr().err
+
+
+def test_an_interrupted_close_still_closes_the_other_outputs(tmp_path, monkeypatch, python_ctrl_c):
+    """Ctrl-C inside one output's close had skipped the closes after it (``drive`` caught only Exception there):
+    the Parquet file after it would have no footer but for the garbage collector."""
+    from stream.sinks import JsonlSink, ParquetSink
+
+    close_jsonl, close_parquet, closed = JsonlSink.close, ParquetSink.close, []
+
+    def interrupted(self):
+        close_jsonl(self)
+        raise KeyboardInterrupt
+
+    def spied(self):
+        closed.append(self)
+        close_parquet(self)
+
+    monkeypatch.setattr(JsonlSink, "close", interrupted)
+    monkeypatch.setattr(ParquetSink, "close", spied)
+    out_js, out_pq = tmp_path / "a.jsonl", tmp_path / "a.parquet"
+    rc = main(["replay", str(DATA / "ztf_fink"), "--out", str(out_js), "--out", str(out_pq), "--no-progress"])
+    assert rc == 130 and len(closed) == 1
+    assert pq.read_table(out_pq).num_rows == len(out_js.read_text().splitlines()) > 0
+
+
+def test_sigterm_ends_a_wait_for_the_queue_stores_lock(tmp_path, monkeypatch, capsys):
+    """Another writer holding the store's lock kept ``queue ingest`` waiting after SIGTERM (up to 4 minutes, past
+    any scheduler's grace period): the store now stops waiting at the signal, as the live service's does."""
+    import os
+    import signal
+    import sqlite3
+    import threading
+
+    import stream.queue as Q
+
+    monkeypatch.setattr(Q, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(Q, "LOCK_PATIENCE_S", 15.0)  # (bounded: a wait that ignored the signal ends in an error)
+    db = tmp_path / "q.sqlite"
+    Q.QueueStore(db).close()  # the store exists, then another writer takes its lock
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        rc = main(["queue", "ingest", str(DATA / "ztf_fink"), "--db", str(db), "--no-progress"])
+    finally:
+        timer.cancel()
+        other.rollback()
+        other.close()
+    assert rc == 143 and time.monotonic() - t0 < 30
+    assert "terminated: the outputs hold the batches finished before it; the batch in flight may be in some" in \
+        capsys.readouterr().err

@@ -11,7 +11,7 @@ import fastavro
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED
+from conftest import DATA, SHARED
 
 from stream.alert import DETECTION, FORCED, NONDETECTION, PREVIOUS, Alert, Envelope
 from stream.decode import Decoder
@@ -481,3 +481,44 @@ def test_a_write_cut_short_leaves_no_half_filled_alerts_directory(tmp_path, monk
     assert info["alerts"] == len(res.truth) == 30
     assert not (tmp_path / ".alerts.partial").exists() and (tmp_path / "truth.parquet").exists()
     assert sum(1 for _ in iter_envelopes([tmp_path / "alerts"])) == 30
+
+
+def test_a_killed_runs_partial_alerts_are_not_replayed_and_sigterm_cleans_up(tmp_path, monkeypatch, capsys):
+    """A SIGTERM'd ``vigil simulate`` had left ``.alerts.partial`` (only Ctrl-C cleaned up), which ``vigil replay
+    DIR`` then read without a word, truth tables or not. SIGTERM now cleans up too, and a replay of the directory
+    skips a partial folder (a ``kill -9`` can still leave one), saying why."""
+    import os
+    import signal
+
+    from stream.cli import main
+    from stream.simulate import SimResult
+
+    payloads = SimResult.payloads
+
+    def terminated(self):
+        for k, item in enumerate(payloads(self)):
+            if k == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield item
+
+    monkeypatch.setattr(SimResult, "payloads", terminated)
+    out = tmp_path / "sim"
+    rc = main(["simulate", "--seed", "5", "--out", str(out), "--nights", "1", "--quadrants", "1", "--mode", "sparse",
+               "--n-alerts", "30"])
+    assert rc == 143 and "terminated: the alerts written so far were removed" in capsys.readouterr().err
+    assert not (out / "alerts").exists() and not (out / ".alerts.partial").exists()
+    # as a kill -9 leaves it
+    (out / ".alerts.partial").mkdir()
+    real = sorted((DATA / "ztf_fink").rglob("*.avro"))[0]
+    (out / ".alerts.partial" / real.name).write_bytes(real.read_bytes())
+    (out / "alerts").mkdir()
+    (out / "alerts" / real.name).write_bytes(real.read_bytes())
+    assert main(["replay", str(out), "--rejected", str(tmp_path / "r.jsonl"), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("read 1,") and ".alerts.partial not read: the alerts of a `vigil simulate`" in cap.err
+    (out / "alerts" / real.name).unlink()
+    (out / "alerts").rmdir()
+    (out / "alerts").write_text("x")  # a file where the alerts go: said before anything is written
+    with pytest.raises(FileExistsError, match="is a file"):
+        simulate(5, nights=1, quadrants=1, mode="sparse", n_alerts=5).write(out)
+    assert not (out / "truth.parquet").exists()
