@@ -1633,7 +1633,7 @@ def export_labels(db, out) -> int:
 def cmd_serve(args) -> int:
     import secrets
 
-    from stream.web import create_app, queue_token
+    from stream.web import create_app, gunicorn_base, queue_token
 
     if not is_url(args.db) and not Path(args.db).exists():
         # Not refused: the web page may start before the service that fills the store (compose).
@@ -1648,10 +1648,7 @@ def cmd_serve(args) -> int:
         token = secrets.token_urlsafe(18)
         print(f"vigil queue: no --token/VIGIL_QUEUE_TOKEN given; this run's token is: {token}", flush=True)
     if args.workers:  # said before "serving", not after it
-        try:
-            import gunicorn  # noqa: F401
-        except ImportError:
-            raise MissingExtra("--workers needs gunicorn: pip install 'vigil[serve]'") from None
+        gunicorn_base()
     app = create_app(args.db, token=token, clock=args.clock, secure_cookie=args.secure_cookie,
                      proxy_hops=args.proxy_hops, model=args.model)
     how = f"{args.workers} gunicorn workers" if args.workers else "the built-in server (one machine; --workers N "\

@@ -927,16 +927,22 @@ class _Scorer:
         return {"scores": {s: float(v[0]) for s, v in out.items()}, "n": len(model.metadata["condition_bank"]["rows"])}
 
 
+def gunicorn_base():
+    """gunicorn's application base class, or :class:`stream.MissingExtra` saying how to install it."""
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError as exc:
+        raise MissingExtra("--workers needs gunicorn: pip install 'vigil[serve]'") from exc
+    return BaseApplication
+
+
 def serve_workers(app, host: str, port: int, workers: int, threads: int = 4) -> None:
     """Serve ``app`` with gunicorn: ``workers`` processes of ``threads`` threads (blocks until stopped).
 
     The production counterpart of Flask's built-in server, which is for one user on a laptop.
     Sessions work across workers because the signing key derives from the token.
     """
-    try:
-        from gunicorn.app.base import BaseApplication
-    except ImportError as exc:
-        raise MissingExtra("--workers needs gunicorn: pip install 'vigil[serve]'") from exc
+    BaseApplication = gunicorn_base()
 
     class _Server(BaseApplication):
         def load_config(self):
